@@ -1,0 +1,18 @@
+"""teonspeed: Muon, TEON and HTMuon for DeepSpeed and Megatron-core jobs.
+
+    import teonspeed
+    opt = teonspeed.TEON(model, lr=0.02, adamw_lr=3e-4)
+    print(opt.plan)
+"""
+from .config import OptimizerConfig, make_config
+from .fused import FusedLayout, annotate_model, gated_mlp_layout, mla_kv_up_layout, qkv_layout
+from .grouping import LayerRef, layer_ref
+from .optim import HTMuon, Muon, OrthoOptimizer, TEON
+from .ortho import heavy_tail, orthogonalize
+from .plan import Plan, plan
+
+__version__ = "0.1.0"
+
+__all__ = ["orthogonalize", "heavy_tail", "Muon", "TEON", "HTMuon", "OrthoOptimizer", "OptimizerConfig",
+           "make_config", "plan", "Plan", "LayerRef", "layer_ref", "FusedLayout", "qkv_layout",
+           "gated_mlp_layout", "mla_kv_up_layout", "annotate_model"]

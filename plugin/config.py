@@ -1,0 +1,133 @@
+"""The one options object: every entry point (Python, DeepSpeed JSON, Megatron config, launch YAML)
+converts into `OptimizerConfig` and is validated here, once, before any optimizer state exists."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from .ortho import HEAVY_TAIL_METHODS, ORTHOGONALIZERS
+
+LR_SCALES = ("spectral", "fan_ratio", "rms_match", "none")
+NS_DTYPES = ("auto", "fp32", "bf16")
+PARALLEL_MODES = ("distributed", "replicated")
+OPTIMIZER_KINDS = ("muon", "teon", "htmuon")
+
+# The attention projections that produce queries, keys and values, by the layer types that
+# `grouping.layer_types` assigns (MLA's up-projections play the same role as q/k/v).
+QKV_TYPES = ("q", "k", "v", "q_up", "k_up", "v_up")
+
+
+@dataclass
+class OptimizerConfig:
+    """Options of Muon, TEON and HTMuon. `None` means "the default of that optimizer" (see DEFAULTS)."""
+
+    lr: float = 0.02
+    """Learning rate of the orthogonalized matrices (units: spectral norm per step before lr_scale)."""
+    momentum: float = 0.95
+    """EMA momentum β: M ← βM + (1−β)G."""
+    nesterov: bool = True
+    """Orthogonalize (1−β)G + βM instead of M."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of the orthogonalized matrices: W ← W(1 − lr·wd)."""
+    orthogonalizer: Optional[str] = None
+    """ns5 | polar_express | svd. Default: ns5 for Muon, polar_express for TEON (the paper's), ns5 for HTMuon."""
+    ns_steps: Optional[int] = None
+    """Iterations of ns5/polar_express (default 5)."""
+    ns_dtype: str = "auto"
+    """Compute dtype of the iteration: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    lr_scale: Optional[str] = None
+    """spectral √max(1,m/n) | fan_ratio √(m/n) | rms_match 0.2·√max(m,n) | none.
+    Default: spectral for Muon and HTMuon, fan_ratio for TEON (the paper's)."""
+    teon_k: Optional[int] = None
+    """TEON group size: matrices of one type from this many consecutive blocks are stacked. Muon: 1."""
+    teon_mode: int = 1
+    """Unfolding mode: 1 concatenates along the input dim (the paper's), 2 along the output dim."""
+    teon_types: Tuple[str, ...] = QKV_TYPES
+    """Layer types that TEON stacks; everything else gets per-matrix Muon. See grouping.LAYER_TYPES."""
+    split_fused: bool = True
+    """Split fused QKV / gated-MLP weights into their parts before orthogonalizing."""
+    ht_power: float = 0.125
+    """HTMuon exponent p in U Σᵖ Vᵀ (0 is Muon, 1 is momentum SGD)."""
+    ht_method: str = "svd"
+    """HTMuon transform: svd (exact) or ns (polar(N)·(NᵀN)^{p/2}; needs p = 2⁻ᵏ)."""
+    ht_interval: int = 1
+    """HTMuon: heavy-tailed update every this many steps, plain orthogonalization in between."""
+    adamw_lr: float = 3e-4
+    adamw_betas: Tuple[float, float] = (0.9, 0.95)
+    adamw_eps: float = 1e-8
+    adamw_weight_decay: float = 0.0
+    skip_nonfinite: bool = True
+    """Skip the whole step (weights and state untouched, with a warning) when a gradient is NaN/Inf."""
+    parallel_mode: str = "distributed"
+    """distributed: each group is orthogonalized once, by one owner rank; replicated: every rank
+    gathers and computes everything (the simple baseline)."""
+    grouping_rule: Optional[Callable[[str], Any]] = field(default=None, repr=False)
+    """Optional callable name -> grouping.LayerRef | None that overrides the built-in name rules."""
+
+    def validate(self) -> "OptimizerConfig":
+        def need(cond: bool, option: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"teonspeed: option {option!r} {msg}")
+
+        need(self.lr >= 0, "lr", f"must be >= 0, got {self.lr}")
+        need(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        need(self.orthogonalizer in ORTHOGONALIZERS, "orthogonalizer",
+             f"must be one of {ORTHOGONALIZERS}, got {self.orthogonalizer!r}")
+        need(self.ns_steps is None or (isinstance(self.ns_steps, int) and self.ns_steps >= 1), "ns_steps",
+             f"must be a positive integer, got {self.ns_steps!r}")
+        need(self.ns_dtype in NS_DTYPES, "ns_dtype", f"must be one of {NS_DTYPES}, got {self.ns_dtype!r}")
+        need(self.lr_scale in LR_SCALES, "lr_scale", f"must be one of {LR_SCALES}, got {self.lr_scale!r}")
+        need(isinstance(self.teon_k, int) and self.teon_k >= 1, "teon_k",
+             f"must be an integer >= 1, got {self.teon_k!r}")
+        need(self.teon_mode in (1, 2), "teon_mode", f"must be 1 or 2, got {self.teon_mode!r}")
+        need(self.ht_power >= 0, "ht_power", f"must be >= 0, got {self.ht_power}")
+        need(self.ht_method in HEAVY_TAIL_METHODS, "ht_method",
+             f"must be one of {HEAVY_TAIL_METHODS}, got {self.ht_method!r}")
+        need(isinstance(self.ht_interval, int) and self.ht_interval >= 1, "ht_interval",
+             f"must be an integer >= 1, got {self.ht_interval!r}")
+        need(self.adamw_lr >= 0, "adamw_lr", f"must be >= 0, got {self.adamw_lr}")
+        need(len(tuple(self.adamw_betas)) == 2 and all(0 <= b < 1 for b in self.adamw_betas), "adamw_betas",
+             f"must be two numbers in [0, 1), got {self.adamw_betas!r}")
+        need(self.adamw_eps > 0, "adamw_eps", f"must be > 0, got {self.adamw_eps}")
+        need(self.parallel_mode in PARALLEL_MODES, "parallel_mode",
+             f"must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}")
+        self.teon_types = tuple(self.teon_types)
+        self.adamw_betas = tuple(self.adamw_betas)
+        if self.ht_method == "ns":
+            from .ortho import _num_square_roots
+            try:
+                _num_square_roots(self.ht_power)
+            except ValueError as err:
+                raise ValueError(f"teonspeed: option 'ht_power' {err}") from None
+        return self
+
+
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "muon": {"orthogonalizer": "ns5", "lr_scale": "spectral", "teon_k": 1},
+    "teon": {"orthogonalizer": "polar_express", "lr_scale": "fan_ratio", "teon_k": 2},
+    "htmuon": {"orthogonalizer": "ns5", "lr_scale": "spectral", "teon_k": 1},
+}
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
+
+
+def make_config(kind: str, options: Mapping[str, Any]) -> OptimizerConfig:
+    """Build and validate the config of optimizer `kind` from user options, naming any unknown key."""
+    kind = kind.lower()
+    if kind not in OPTIMIZER_KINDS:
+        raise ValueError(f"teonspeed: unknown optimizer {kind!r}; choose one of {OPTIMIZER_KINDS}")
+    unknown = [k for k in options if k not in OPTION_NAMES]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, OPTION_NAMES, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"teonspeed: unknown option(s) {', '.join(hints)} for {kind}; "
+                         f"valid options are: {', '.join(OPTION_NAMES)}")
+    if kind == "muon" and options.get("teon_k", 1) != 1:
+        raise ValueError("teonspeed: option 'teon_k' must be 1 for Muon; use teonspeed.TEON to stack layers")
+    values = dict(DEFAULTS[kind])
+    values.update({k: v for k, v in options.items() if v is not None or k not in DEFAULTS[kind]})
+    return OptimizerConfig(**values).validate()

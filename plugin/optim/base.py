@@ -1,0 +1,264 @@
+"""The one step shared by Muon, TEON and HTMuon; they differ only in their defaults and their rule.
+
+    1. check every gradient is finite (else skip the step untouched)
+    2. momentum, element-wise, on each parameter (works on shards as well as on full tensors)
+    3. for each group of matrices: read the momentum matrices, stack, transform, split, scale
+       (where that happens — here or on an owner rank — is the runner's business)
+    4. W ← W(1 − lr·wd) − lr·update, and an AdamW step for the non-matrix parameters
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from ..config import OptimizerConfig, make_config
+from ..fused import LAYOUT_ATTR, annotate_model
+from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
+from ..ortho import heavy_tail, orthogonalize
+from ..parallel.local import LocalRunner
+from .scaling import lr_multiplier
+from .updates import adamw_step, momentum_direction
+
+# Keys a user's param group may override, and the internal group key each one sets.
+_ORTHO_GROUP_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "nesterov": "nesterov"}
+_ADAMW_GROUP_KEYS = {"adamw_lr": "lr", "adamw_weight_decay": "weight_decay", "adamw_betas": "betas",
+                     "adamw_eps": "eps"}
+_ROUTE_KEY = "route"  # "ortho" | "adamw": force every parameter of a user group to one side
+
+
+class OrthoOptimizer(torch.optim.Optimizer):
+    """Orthogonalized-update optimizer with an AdamW part for the non-matrix parameters.
+
+    params: an nn.Module (its fused weights are annotated and split automatically), an iterable of
+    (name, parameter) pairs such as `model.named_parameters()`, or a list of param-group dicts whose
+    "params" hold (name, parameter) pairs or parameters (unnamed ones are named param_<i>). A group
+    may set `route` ("ortho"/"adamw") and override lr, weight_decay, momentum, nesterov, adamw_lr,
+    adamw_weight_decay, adamw_betas, adamw_eps.
+    """
+
+    kind = "muon"
+
+    def __init__(self, params, **options: Any) -> None:
+        self.config: OptimizerConfig = make_config(self.kind, options)
+        user_groups = _normalize_params(params)
+        self._names: Dict[int, str] = {}
+        named: List[Tuple[str, torch.Tensor]] = []
+        force_route: Dict[str, str] = {}
+        for group in user_groups:
+            for name, p in group["named"]:
+                if id(p) in self._names:
+                    raise ValueError(f"teonspeed: parameter {name!r} appears twice in the param groups")
+                self._names[id(p)] = name
+                named.append((name, p))
+                if _ROUTE_KEY in group:
+                    force_route[name] = group[_ROUTE_KEY]
+        self.grouping: GroupingResult = self._build_grouping(named, force_route)
+        route = {r.name: r.route for r in self.grouping.routing}
+        super().__init__(self._internal_groups(user_groups, route), {})
+        self._params_by_name = {n: p for n, p in named}
+        self._runner = LocalRunner()
+
+    # -- construction -------------------------------------------------------------------------
+    def _build_grouping(self, named, force_route) -> GroupingResult:
+        c = self.config
+        return build_groups(named, teon_k=c.teon_k, teon_mode=c.teon_mode, teon_types=c.teon_types,
+                            split_fused=c.split_fused, grouping_rule=c.grouping_rule, force_route=force_route)
+
+    def _internal_groups(self, user_groups, route) -> List[Dict[str, Any]]:
+        c = self.config
+        out = []
+        for group in user_groups:
+            overrides = group["overrides"]
+            for side in ("ortho", "adamw"):
+                members = [(n, p) for n, p in group["named"] if route[n] == side]
+                if not members:
+                    continue
+                if side == "ortho":
+                    g = dict(lr=c.lr, weight_decay=c.weight_decay, momentum=c.momentum, nesterov=c.nesterov)
+                    keys = _ORTHO_GROUP_KEYS
+                else:
+                    g = dict(lr=c.adamw_lr, weight_decay=c.adamw_weight_decay, betas=c.adamw_betas, eps=c.adamw_eps)
+                    keys = _ADAMW_GROUP_KEYS
+                g.update({keys[k]: v for k, v in overrides.items() if k in keys})
+                g.update(params=[p for _, p in members], names=[n for n, _ in members], route=side, step=0)
+                out.append(g)
+        return out
+
+    # -- the step -----------------------------------------------------------------------------
+    def transform(self, stacked: torch.Tensor, step: int) -> torch.Tensor:
+        """The rule: what a stack of momentum matrices (B, m, n) becomes. Muon/TEON: the polar factor."""
+        c = self.config
+        return orthogonalize(stacked, c.orthogonalizer, c.ns_steps, _compute_dtype(c.ns_dtype))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.config.skip_nonfinite and not self._grads_finite():
+            return loss
+        updates = self._ortho_updates()
+        for group in self.param_groups:
+            group["step"] += 1
+            if group["route"] == "ortho":
+                for p in group["params"]:
+                    update = updates.get(self._names[id(p)])
+                    if update is not None:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                        p.add_(update, alpha=-group["lr"])
+            else:
+                self._adamw_group(group)
+        return loss
+
+    def _grads_finite(self) -> bool:
+        bad = [self._names[id(p)] for g in self.param_groups for p in g["params"]
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if not self._runner.all_finite(not bad):
+            where = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") if bad else "another rank's parameters"
+            warnings.warn(f"teonspeed: non-finite gradient in {where}; step skipped, weights and optimizer "
+                          f"state unchanged", RuntimeWarning, stacklevel=3)
+            return False
+        return True
+
+    def _ortho_updates(self) -> Dict[str, torch.Tensor]:
+        """Name -> the scaled orthogonalized update of every matrix parameter that has a gradient."""
+        directions: Dict[str, torch.Tensor] = {}
+        for group in self.param_groups:
+            if group["route"] != "ortho":
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                directions[self._names[id(p)]] = momentum_direction(
+                    p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
+        updates = {n: torch.zeros_like(d) for n, d in directions.items()}
+        groups = []
+        for g in self.grouping.groups:
+            present = [m for m in g.members if m.name in directions]
+            if len(present) == len(g.members):
+                groups.append(g)
+            else:  # a TEON group whose members did not all get gradients: member by member
+                groups.extend(OrthoGroup((m,), g.mode) for m in present)
+        step = self._ortho_step_count()
+        scale = self.config.lr_scale
+
+        def read(m: MatrixRef) -> torch.Tensor:
+            return matrix_view(directions[m.name], m, self._params_by_name[m.name])
+
+        def write(m: MatrixRef, value: torch.Tensor) -> None:
+            target = updates[m.name]
+            write_matrix(target, m, self._params_by_name[m.name], value * lr_multiplier(scale, *m.shape))
+
+        self._runner.run(groups, read, write, lambda x: self.transform(x, step))
+        return updates
+
+    def _ortho_step_count(self) -> int:
+        """Steps taken so far by the orthogonalized groups (the same in all of them)."""
+        return next((g["step"] for g in self.param_groups if g["route"] == "ortho"), 0)
+
+    def _adamw_group(self, group: Dict[str, Any]) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                       group["betas"], group["eps"], group["weight_decay"])
+
+    # -- introspection --------------------------------------------------------------------------
+    @property
+    def plan(self):
+        from ..plan import Plan
+        return Plan(self.kind, self.config, self.grouping)
+
+
+class HeavyTailMixin:
+    """HTMuon's rule: U Σᵖ Vᵀ every `ht_interval` steps, the plain polar factor in between."""
+
+    def transform(self, stacked: torch.Tensor, step: int) -> torch.Tensor:
+        c = self.config
+        if step % c.ht_interval != 0:
+            return super().transform(stacked, step)
+        return heavy_tail(stacked, c.ht_power, c.ht_method, c.orthogonalizer, c.ns_steps,
+                          _compute_dtype(c.ns_dtype))
+
+
+def _compute_dtype(ns_dtype: str) -> Optional[torch.dtype]:
+    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[ns_dtype]
+
+
+def matrix_view(t: torch.Tensor, m: MatrixRef, param: torch.Tensor) -> torch.Tensor:
+    """The (rows × cols) matrix of `m` inside tensor `t` shaped like `param` (a copy for fused parts)."""
+    if m.expert_index is not None:
+        t = t[m.expert_index]
+    if t.ndim > 2:
+        t = t.reshape(t.size(0), -1)
+    if m.part is not None:
+        t = t.index_select(0, _part_rows(param, m, t.size(0)).to(t.device))
+    return t
+
+
+def write_matrix(target: torch.Tensor, m: MatrixRef, param: torch.Tensor, value: torch.Tensor) -> None:
+    """Store `value` as matrix `m` of `target` (shaped like `param`), in the fused layout if any."""
+    if m.expert_index is not None:
+        target = target[m.expert_index]
+    if target.ndim > 2:
+        target = target.view(target.size(0), -1)
+    if m.part is None:
+        target.copy_(value)
+    else:
+        target.index_copy_(0, _part_rows(param, m, target.size(0)).to(target.device), value.to(target.dtype))
+
+
+def _part_rows(param: torch.Tensor, m: MatrixRef, num_rows: int) -> torch.Tensor:
+    layout = getattr(param, LAYOUT_ATTR)
+    return dict(layout.part_rows(num_rows))[m.part]
+
+
+def _normalize_params(params) -> List[Dict[str, Any]]:
+    """User params -> [{"named": [(name, p)], "overrides": {...}, ["route": ...]}]."""
+    if isinstance(params, torch.nn.Module):
+        annotate_model(params)
+        params = params.named_parameters()
+    params = list(params)
+    if not params:
+        raise ValueError("teonspeed: the optimizer got an empty parameter list")
+    if not isinstance(params[0], dict):
+        params = [{"params": params}]
+    allowed = set(_ORTHO_GROUP_KEYS) | set(_ADAMW_GROUP_KEYS) | {"params", "names", _ROUTE_KEY}
+    counter = 0
+    out = []
+    for group in params:
+        unknown = sorted(set(group) - allowed)
+        if unknown:
+            raise ValueError(f"teonspeed: unknown param-group key(s) {unknown}; a group may set: {sorted(allowed)}")
+        if _ROUTE_KEY in group and group[_ROUTE_KEY] not in ("ortho", "adamw"):
+            raise ValueError(f"teonspeed: param-group 'route' must be 'ortho' or 'adamw', got {group[_ROUTE_KEY]!r}")
+        items = list(group["params"])
+        names = list(group.get("names", []))
+        named = []
+        for i, item in enumerate(items):
+            if isinstance(item, tuple):
+                named.append((item[0], item[1]))
+            else:
+                if i < len(names):
+                    name = names[i]
+                else:
+                    name, counter = f"param_{counter}", counter + 1
+                named.append((name, item))
+        entry = {"named": [(n, p) for n, p in named if p.requires_grad],
+                 "overrides": {k: v for k, v in group.items() if k not in ("params", "names", _ROUTE_KEY)}}
+        if _ROUTE_KEY in group:
+            entry[_ROUTE_KEY] = group[_ROUTE_KEY]
+        out.append(entry)
+    return out

@@ -1,0 +1,65 @@
+"""What the optimizer will do, printable before training: routing, groups, fallbacks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Tuple
+
+import torch
+
+from .config import OptimizerConfig, make_config
+from .grouping import GroupingResult
+
+
+@dataclass
+class Plan:
+    optimizer: str
+    config: OptimizerConfig
+    grouping: GroupingResult
+
+    @property
+    def groups(self):
+        return self.grouping.groups
+
+    @property
+    def teon_groups(self):
+        return [g for g in self.grouping.groups if g.is_teon]
+
+    def route_of(self, name: str) -> str:
+        return next(r.route for r in self.grouping.routing if r.name == name)
+
+    def __str__(self) -> str:
+        c = self.config
+        steps = "" if c.orthogonalizer == "svd" else f" x{c.ns_steps or 5}"
+        head = (f"teonspeed plan: {self.optimizer} (orthogonalizer={c.orthogonalizer}{steps}, lr_scale={c.lr_scale}, "
+                f"teon_k={c.teon_k}, teon_mode={c.teon_mode}")
+        if self.optimizer == "htmuon":
+            head += f", ht_power={c.ht_power}, ht_method={c.ht_method}, ht_interval={c.ht_interval}"
+        lines = [head + ")"]
+        adamw = [r for r in self.grouping.routing if r.route == "adamw"]
+        lines.append(f"  AdamW ({len(adamw)} parameters):")
+        lines += [f"    {r.name:<60} {str(r.shape):<16} {r.reason}" for r in adamw]
+        ortho = [r for r in self.grouping.routing if r.route == "ortho"]
+        lines.append(f"  Orthogonalized ({len(ortho)} parameters):")
+        lines += [f"    {r.name:<60} {str(r.shape):<16} {r.reason}" for r in ortho]
+        teon = self.teon_groups
+        lines.append(f"  Groups: {len(self.groups)} ({len(teon)} TEON stacks, {len(self.groups) - len(teon)} single)")
+        for g in self.groups:
+            tag = f"TEON x{len(g.members)}" if g.is_teon else "Muon"
+            lines.append(f"    {tag:<8} {g.members[0].layer.layer_type:<9} {str(g.stacked_shape):<14} "
+                         + " + ".join(m.label for m in g.members))
+        if self.grouping.notes:
+            lines.append("  Notes:")
+            lines += [f"    {n}" for n in self.grouping.notes]
+        return "\n".join(lines)
+
+
+def plan(params: Any, optimizer: str = "teon", **options: Any) -> Plan:
+    """The routing and groups that `optimizer` ("muon" | "teon" | "htmuon") would use for `params`
+    (a model or named parameters), without building any state. print() it to see it."""
+    from .optim.base import _normalize_params
+    config = make_config(optimizer, options)
+    named = [(n, p) for g in _normalize_params(params) for n, p in g["named"]]
+    from .grouping import build_groups
+    grouping = build_groups(named, teon_k=config.teon_k, teon_mode=config.teon_mode, teon_types=config.teon_types,
+                            split_fused=config.split_fused, grouping_rule=config.grouping_rule)
+    return Plan(optimizer.lower(), config, grouping)
