@@ -9,10 +9,13 @@ from .fused import FusedLayout, annotate_model, gated_mlp_layout, mla_kv_up_layo
 from .grouping import LayerRef, layer_ref
 from .optim import HTMuon, Muon, OrthoOptimizer, TEON
 from .ortho import heavy_tail, orthogonalize
+from .parallel.context import ParallelContext, megatron_context
+from .parallel.shard_spec import ShardSpec, megatron_shard_specs
 from .plan import Plan, plan
 
 __version__ = "0.1.0"
 
 __all__ = ["orthogonalize", "heavy_tail", "Muon", "TEON", "HTMuon", "OrthoOptimizer", "OptimizerConfig",
            "make_config", "plan", "Plan", "LayerRef", "layer_ref", "FusedLayout", "qkv_layout",
-           "gated_mlp_layout", "mla_kv_up_layout", "annotate_model"]
+           "gated_mlp_layout", "mla_kv_up_layout", "annotate_model", "ShardSpec", "ParallelContext",
+           "megatron_context", "megatron_shard_specs"]

@@ -60,6 +60,9 @@ class OptimizerConfig:
     adamw_weight_decay: float = 0.0
     skip_nonfinite: bool = True
     """Skip the whole step (weights and state untouched, with a warning) when a gradient is NaN/Inf."""
+    cut_groups_at_stage_boundary: bool = False
+    """Pipeline parallelism: let a TEON group that would span two stages fall back to Muon instead of
+    refusing the layout (the update then depends on the PP size; `plan` lists the cut groups)."""
     parallel_mode: str = "distributed"
     """distributed: each group is orthogonalized once, by one owner rank; replicated: every rank
     gathers and computes everything (the simple baseline)."""

@@ -106,6 +106,8 @@ class GroupingResult:
     routing: List[Routing]
     groups: List[OrthoGroup]
     notes: List[str] = field(default_factory=list)
+    partial: List[Tuple[Tuple[int, ...], Tuple[str, ...]]] = field(default_factory=list)
+    """TEON windows that fell back to Muon: (missing blocks, labels of the members present)."""
 
     def ortho_names(self) -> List[str]:
         return [r.name for r in self.routing if r.route == "ortho"]
@@ -144,12 +146,13 @@ def build_groups(named_params: Iterable[Tuple[str, torch.Tensor]], teon_k: int =
                  teon_types: Sequence[str] = (), split_fused: bool = True,
                  grouping_rule: Optional[Callable[[str], Optional[LayerRef]]] = None,
                  full_shape: Optional[Callable[[str, torch.Tensor], Tuple[int, ...]]] = None,
-                 block_offset: Optional[Callable[[str], int]] = None,
+                 relocate: Optional[Callable[[str, LayerRef], LayerRef]] = None,
                  force_route: Optional[Dict[str, str]] = None) -> GroupingResult:
     """Route every parameter and form the orthogonalization groups (deterministic, name-sorted).
 
-    full_shape(name, p) gives the unsharded shape (default p.shape); block_offset(name) is added to the
-    block index parsed from the name (pipeline stages number their layers locally); force_route maps a
+    full_shape(name, p) gives the unsharded shape (default p.shape); relocate(name, ref) turns the local
+    block / expert numbers parsed from a name into global ones (pipeline stages number their layers
+    locally, expert-parallel ranks their experts); force_route maps a
     name to "adamw"/"ortho" when the user's param groups say so.
     """
     routing: List[Routing] = []
@@ -168,13 +171,14 @@ def build_groups(named_params: Iterable[Tuple[str, torch.Tensor]], teon_k: int =
         ref = grouping_rule(name) if grouping_rule else None
         if ref is None:
             ref = layer_ref(name)
-        if ref.block is not None and block_offset is not None:
-            ref = LayerRef(ref.layer_type, ref.block + block_offset(name), ref.expert)
+        if relocate is not None:
+            ref = relocate(name, ref)
         layout: Optional[FusedLayout] = getattr(p, LAYOUT_ATTR, None) if split_fused else None
         routing.append(Routing(name, shape, "ortho", _ortho_reason(ref, layout)))
         matrices.extend(_matrices_of(name, shape, ref, layout))
-    groups = _stack(matrices, teon_k, teon_mode, set(teon_types), notes)
-    return GroupingResult(routing, groups, notes)
+    partial: List[Tuple[Tuple[int, ...], Tuple[str, ...]]] = []
+    groups = _stack(matrices, teon_k, teon_mode, set(teon_types), notes, partial)
+    return GroupingResult(routing, groups, notes, partial)
 
 
 def _ortho_reason(ref: LayerRef, layout: Optional[FusedLayout]) -> str:
@@ -206,8 +210,8 @@ def _matrices_of(name: str, shape: Tuple[int, ...], ref: LayerRef,
     return out
 
 
-def _stack(matrices: List[MatrixRef], k: int, mode: int, stacked_types: set,
-           notes: List[str]) -> List[OrthoGroup]:
+def _stack(matrices: List[MatrixRef], k: int, mode: int, stacked_types: set, notes: List[str],
+           partial: List[Tuple[Tuple[int, ...], Tuple[str, ...]]]) -> List[OrthoGroup]:
     singles: List[MatrixRef] = []
     by_key: Dict[Tuple, List[MatrixRef]] = {}
     for m in matrices:
@@ -228,6 +232,8 @@ def _stack(matrices: List[MatrixRef], k: int, mode: int, stacked_types: set,
             window = [blocks.get(b) for b in range(start, start + k)]
             present = [m for m in window if m is not None]
             if len(present) < k:
+                missing = tuple(b for b in range(start, start + k) if b not in blocks)
+                partial.append((missing, tuple(m.label for m in present)))
                 for m in present:
                     notes.append(f"{m.label}: no TEON partner in blocks {start}..{start + k - 1} "
                                  f"(only {len(present)} of {k} present), falls back to Muon")

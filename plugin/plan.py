@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Tuple
+from typing import Any, Optional
 
 import torch
 
@@ -15,6 +15,7 @@ class Plan:
     optimizer: str
     config: OptimizerConfig
     grouping: GroupingResult
+    runner: Optional[Any] = None  # a DistributedRunner in a parallel run: owners and bytes per rank
 
     @property
     def groups(self):
@@ -43,10 +44,16 @@ class Plan:
         lines += [f"    {r.name:<60} {str(r.shape):<16} {r.reason}" for r in ortho]
         teon = self.teon_groups
         lines.append(f"  Groups: {len(self.groups)} ({len(teon)} TEON stacks, {len(self.groups) - len(teon)} single)")
+        owners = self.runner.describe(self.groups) if hasattr(self.runner, "describe") else {}
         for g in self.groups:
             tag = f"TEON x{len(g.members)}" if g.is_teon else "Muon"
+            where = f" [owner: {owners[id(g)]}]" if id(g) in owners else ""
             lines.append(f"    {tag:<8} {g.members[0].layer.layer_type:<9} {str(g.stacked_shape):<14} "
-                         + " + ".join(m.label for m in g.members))
+                         + " + ".join(m.label for m in g.members) + where)
+        if hasattr(self.runner, "expected_bytes"):
+            sent, received = self.runner.expected_bytes(self.groups)
+            lines.append(f"  This rank per step: sends {sent:,} bytes, receives {received:,} bytes "
+                         f"(parallel_mode={self.config.parallel_mode})")
         if self.grouping.notes:
             lines.append("  Notes:")
             lines += [f"    {n}" for n in self.grouping.notes]

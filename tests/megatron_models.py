@@ -23,7 +23,7 @@ def tiny_config(num_layers=4, hidden=32, heads=4, groups=2, ffn=48, gated=True, 
         use_cpu_initialization=True, params_dtype=torch.float32, gradient_accumulation_fusion=False,
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        hidden_dropout=0.0, attention_dropout=0.0, batch_p2p_comm=False, **extra)
+        hidden_dropout=0.0, attention_dropout=0.0, batch_p2p_comm=False, pipeline_dtype=torch.float32, **extra)
 
 
 def tiny_gpt(config=None, seed=1234, pre_process=True, post_process=True, **kwargs):

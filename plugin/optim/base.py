@@ -17,7 +17,10 @@ from ..config import OptimizerConfig, make_config
 from ..fused import LAYOUT_ATTR, annotate_model
 from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
+from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
+from ..parallel.distributed import DistributedRunner
 from ..parallel.local import LocalRunner
+from ..parallel.topology import build_topology
 from .scaling import lr_multiplier
 from .updates import adamw_step, momentum_direction
 
@@ -40,8 +43,11 @@ class OrthoOptimizer(torch.optim.Optimizer):
 
     kind = "muon"
 
-    def __init__(self, params, **options: Any) -> None:
+    def __init__(self, params, *, parallel: Optional[ParallelContext] = None, **options: Any) -> None:
         self.config: OptimizerConfig = make_config(self.kind, options)
+        if parallel is None and isinstance(params, torch.nn.Module):
+            parallel = megatron_context(params)
+        self.parallel = parallel or ParallelContext()
         user_groups = _normalize_params(params)
         self._names: Dict[int, str] = {}
         named: List[Tuple[str, torch.Tensor]] = []
@@ -55,16 +61,32 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 if _ROUTE_KEY in group:
                     force_route[name] = group[_ROUTE_KEY]
         self.grouping: GroupingResult = self._build_grouping(named, force_route)
+        check_stage_cuts(self.grouping, self.parallel, self.config.teon_k, self.config.cut_groups_at_stage_boundary)
         route = {r.name: r.route for r in self.grouping.routing}
         super().__init__(self._internal_groups(user_groups, route), {})
         self._params_by_name = {n: p for n, p in named}
-        self._runner = LocalRunner()
+        self._runner = self._make_runner()
+
+    def _make_runner(self):
+        ctx = self.parallel
+        if not ctx.distributed:
+            return LocalRunner()
+        # Collective over the world: every rank builds its optimizer at the same point.
+        topologies = {"dense": build_topology(ctx.tp_group, ctx.dp_group),
+                      "expert": build_topology(ctx.expert_tp_group, ctx.expert_dp_group)}
+        return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps or 5)
+
+    @property
+    def comm_stats(self):
+        """Bytes sent/received and FLOPs of the last step on this rank (None in a single process)."""
+        return getattr(self._runner, "stats", None)
 
     # -- construction -------------------------------------------------------------------------
     def _build_grouping(self, named, force_route) -> GroupingResult:
         c = self.config
         return build_groups(named, teon_k=c.teon_k, teon_mode=c.teon_mode, teon_types=c.teon_types,
-                            split_fused=c.split_fused, grouping_rule=c.grouping_rule, force_route=force_route)
+                            split_fused=c.split_fused, grouping_rule=c.grouping_rule, force_route=force_route,
+                            full_shape=self.parallel.full_shape, relocate=self.parallel.relocate)
 
     def _internal_groups(self, user_groups, route) -> List[Dict[str, Any]]:
         c = self.config
@@ -179,7 +201,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
     @property
     def plan(self):
         from ..plan import Plan
-        return Plan(self.kind, self.config, self.grouping)
+        return Plan(self.kind, self.config, self.grouping, self._runner)
 
 
 class HeavyTailMixin:

@@ -1,0 +1,272 @@
+"""The parallel step: gather each group's tensor-parallel shards onto one owner rank, orthogonalize the
+full stacked matrix there, and send every rank its shard of the update.
+
+    phase A  all_to_all over tp×dp: each rank sends its shards of the groups owned by a TP peer of its
+             own data-parallel replica (the replicas hold identical gradients, so one copy suffices)
+    compute  each owner transforms its groups, same-shape stacks batched into one call
+    phase B  all_to_all over tp×dp: each owner sends every rank (all replicas) its shard of each update
+
+Owners are chosen by `owners.assign_owners` on the iteration's FLOPs, the same on every rank, so no
+metadata is exchanged: both sides of every message derive its layout from the shared plan.
+"replicated" mode instead all-gathers every shard over TP and computes everything on every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..grouping import MatrixRef, OrthoGroup
+from ..ortho.unfold import fold, unfold
+from .local import ReadFn, TransformFn, WriteFn, bucket_by_shape, transform_groups
+from .owners import assign_owners, ns_flops
+from .shard_spec import ShardSpec, assemble, shard_of
+from .topology import Topology
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent and received in the optimizer's collectives (last step, and in total)."""
+    sent: int = 0
+    received: int = 0
+    total_sent: int = 0
+    total_received: int = 0
+    flops: float = 0.0  # transform FLOPs (estimated) computed on this rank in the last step
+
+    def start_step(self) -> None:
+        self.sent = self.received = 0
+        self.flops = 0.0
+
+    def add(self, sent: int, received: int) -> None:
+        self.sent += sent
+        self.received += received
+        self.total_sent += sent
+        self.total_received += received
+
+
+@dataclass
+class _Placement:
+    """Where a member matrix's shards live: its TP split, for this topology."""
+    dim: Optional[int]
+    stride: int
+
+
+class DistributedRunner:
+    def __init__(self, topologies: Dict[str, Topology], specs: Dict[str, ShardSpec], mode: str,
+                 ns_steps: int, world_group: Optional[dist.ProcessGroup] = None) -> None:
+        self.topologies = topologies  # "dense" and "expert"
+        self.specs = specs
+        self.mode = mode
+        self.ns_steps = ns_steps
+        self.world_group = world_group
+        self.stats = CommStats()
+
+    # -- shared by every rank ---------------------------------------------------------------------
+    def all_finite(self, local_finite: bool) -> bool:
+        flag = torch.tensor([1 if local_finite else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.world_group)
+        return bool(flag.item())
+
+    def owners(self, groups: Sequence[OrthoGroup], topology: Topology) -> List[int]:
+        return assign_owners([ns_flops(g.stacked_shape, self.ns_steps) for g in groups], topology.work_size)
+
+    def topology_of(self, group: OrthoGroup) -> str:
+        return "expert" if self.specs.get(group.members[0].name, ShardSpec()).is_expert else "dense"
+
+    def placement(self, m: MatrixRef, topology: Topology) -> _Placement:
+        spec = self.specs.get(m.name, ShardSpec())
+        if spec.tp_partition_dim is None or topology.tp_size == 1:
+            return _Placement(None, 1)
+        dim = spec.tp_partition_dim - (1 if m.expert_index is not None else 0)
+        # A part of a fused weight is split per shard, so the parts' shards are plain contiguous pieces.
+        return _Placement(dim, 1 if m.part is not None else spec.tp_partition_stride)
+
+    def shard_numel(self, m: MatrixRef, topology: Topology) -> int:
+        full = m.shape[0] * m.shape[1]
+        return full if self.placement(m, topology).dim is None else full // topology.tp_size
+
+    def describe(self, groups: Sequence[OrthoGroup]) -> Dict[int, str]:
+        """id(group) -> "work rank r (tp t, replica d)" of the rank that computes it."""
+        out = {}
+        for key, topo_groups in self._by_topology(groups).items():
+            topology = self.topologies[key]
+            owners = self.owners(topo_groups, topology) if self.mode == "distributed" else None
+            for i, g in enumerate(topo_groups):
+                if owners is None:
+                    out[id(g)] = f"every rank ({key})"
+                else:
+                    tp, replica = topology.positions[owners[i]]
+                    out[id(g)] = f"{key} work rank {owners[i]} (tp {tp}, replica {replica})"
+        return out
+
+    def expected_bytes(self, groups: Sequence[OrthoGroup], itemsize: int = 4) -> Tuple[int, int]:
+        """(sent, received) bytes of one step on this rank, from the plan alone."""
+        sent = received = 0
+        for key, topo_groups in self._by_topology(groups).items():
+            topology = self.topologies[key]
+            me, peers = topology.work_rank, topology.replica_peers()
+            if self.mode == "replicated":
+                n = sum(self.shard_numel(m, topology) for g in topo_groups for m in g.members
+                        if self.placement(m, topology).dim is not None)
+                sent += n * (topology.tp_size - 1)
+                received += n * (topology.tp_size - 1)
+                continue
+            for g, owner in zip(topo_groups, self.owners(topo_groups, topology)):
+                for m in g.members:
+                    n = self.shard_numel(m, topology)
+                    sharded = self.placement(m, topology).dim is not None
+                    if owner == me:
+                        received += n * (len(peers) - 1) if sharded else 0
+                        sent += n * (topology.work_size - 1)
+                    else:
+                        sent += n if sharded and owner in peers else 0
+                        received += n
+        return sent * itemsize, received * itemsize
+
+    def _by_topology(self, groups: Sequence[OrthoGroup]) -> Dict[str, List[OrthoGroup]]:
+        by_topology: Dict[str, List[OrthoGroup]] = {}
+        for g in groups:
+            by_topology.setdefault(self.topology_of(g), []).append(g)
+        return dict(sorted(by_topology.items()))
+
+    # -- the step ------------------------------------------------------------------------------------
+    def run(self, groups: Sequence[OrthoGroup], read: ReadFn, write: WriteFn, transform: TransformFn) -> None:
+        self.stats.start_step()
+        # Every rank of a topology holds the same group list (same names and shapes); the topologies are
+        # visited in a fixed order so the collectives match across ranks.
+        for key, topo_groups in self._by_topology(groups).items():
+            topology = self.topologies[key]
+            if self.mode == "replicated":
+                self._run_replicated(topo_groups, topology, read, write, transform)
+            else:
+                self._run_owner_compute(topo_groups, topology, read, write, transform)
+
+    def _run_replicated(self, groups, topology, read, write, transform) -> None:
+        members = [m for g in groups for m in g.members]
+        locals_ = [read(m) for m in members]
+        fulls = self._all_gather_tp(members, locals_, topology)
+        self._compute(groups, fulls, transform, write, topology)
+
+    def _run_owner_compute(self, groups, topology, read, write, transform) -> None:
+        owners = self.owners(groups, topology)
+        me = topology.work_rank
+        peers = topology.replica_peers()
+        sharded = lambda m: self.placement(m, topology).dim is not None  # noqa: E731
+
+        # phase A: my shards of the groups my replica peers own -> them
+        send: List[List[torch.Tensor]] = [[] for _ in range(topology.work_size)]
+        recv_sizes = [0] * topology.work_size
+        for g, owner in zip(groups, owners):
+            for m in g.members:
+                if not sharded(m):
+                    continue
+                if owner != me and owner in peers:
+                    send[owner].append(read(m).reshape(-1))
+                if owner == me:
+                    for q in peers:
+                        if q != me:
+                            recv_sizes[q] += self.shard_numel(m, topology)
+        dtype = read(groups[0].members[0]).dtype if groups else torch.float32
+        received = self._all_to_all(send, recv_sizes, topology, dtype)
+
+        # compute my groups on full matrices
+        mine = [(g, i) for i, (g, owner) in enumerate(zip(groups, owners)) if owner == me]
+        fulls: Dict[Tuple[int, int], torch.Tensor] = {}
+        offsets = [0] * topology.work_size
+        for g, gi in mine:
+            for mi, m in enumerate(g.members):
+                local = read(m)
+                if not sharded(m):
+                    fulls[(gi, mi)] = local
+                    continue
+                shards = []
+                for q in peers:
+                    if q == me:
+                        shards.append(local)
+                    else:
+                        n = local.numel()
+                        shards.append(received[q][offsets[q]:offsets[q] + n].view_as(local))
+                        offsets[q] += n
+                p = self.placement(m, topology)
+                fulls[(gi, mi)] = assemble(shards, p.dim, p.stride)
+        updates: Dict[Tuple[int, int], torch.Tensor] = {}
+        index = {id(g): gi for g, gi in mine}
+        for bucket in bucket_by_shape([g for g, _ in mine]).values():
+            stacked = [unfold([fulls[(index[id(g)], mi)] for mi in range(len(g.members))], g.mode) for g in bucket]
+            for g, out in zip(bucket, transform_groups(bucket, stacked, transform)):
+                self.stats.flops += ns_flops(g.stacked_shape, self.ns_steps)
+                for mi, piece in enumerate(fold(out, g.mode, len(g.members))):
+                    updates[(index[id(g)], mi)] = piece
+
+        # phase B: every rank's shard of my updates -> it; theirs -> me
+        send = [[] for _ in range(topology.work_size)]
+        recv_sizes = [0] * topology.work_size
+        for gi, (g, owner) in enumerate(zip(groups, owners)):
+            for mi, m in enumerate(g.members):
+                if owner == me:
+                    for q in range(topology.work_size):
+                        if q != me:
+                            send[q].append(self._shard_for(updates[(gi, mi)], m, topology, q).reshape(-1))
+                else:
+                    recv_sizes[owner] += self.shard_numel(m, topology)
+        received = self._all_to_all(send, recv_sizes, topology, dtype)
+        offsets = [0] * topology.work_size
+        for gi, (g, owner) in enumerate(zip(groups, owners)):
+            for mi, m in enumerate(g.members):
+                if owner == me:
+                    write(m, self._shard_for(updates[(gi, mi)], m, topology, me))
+                else:
+                    n = self.shard_numel(m, topology)
+                    local = read(m)
+                    write(m, received[owner][offsets[owner]:offsets[owner] + n].view_as(local))
+                    offsets[owner] += n
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _shard_for(self, full: torch.Tensor, m: MatrixRef, topology: Topology, work_rank: int) -> torch.Tensor:
+        p = self.placement(m, topology)
+        return shard_of(full, p.dim, topology.positions[work_rank][0], topology.tp_size, p.stride)
+
+    def _compute(self, groups, fulls: List[torch.Tensor], transform, write, topology) -> None:
+        """Replicated mode: every rank transforms every group and keeps its own shard."""
+        starts, position = {}, 0
+        for g in groups:
+            starts[id(g)] = position
+            position += len(g.members)
+        for bucket in bucket_by_shape(groups).values():
+            stacked = [unfold(fulls[starts[id(g)]:starts[id(g)] + len(g.members)], g.mode) for g in bucket]
+            for g, out in zip(bucket, transform_groups(bucket, stacked, transform)):
+                self.stats.flops += ns_flops(g.stacked_shape, self.ns_steps)
+                for m, piece in zip(g.members, fold(out, g.mode, len(g.members))):
+                    write(m, self._shard_for(piece, m, topology, topology.work_rank))
+
+    def _all_gather_tp(self, members, locals_, topology) -> List[torch.Tensor]:
+        if topology.tp_size == 1:
+            return locals_
+        flat = torch.cat([t.reshape(-1) for t in locals_]) if locals_ else torch.zeros(0)
+        gathered = [torch.empty_like(flat) for _ in range(topology.tp_size)]
+        dist.all_gather(gathered, flat, group=topology.tp_group)
+        self.stats.add(flat.numel() * flat.element_size() * (topology.tp_size - 1),
+                       flat.numel() * flat.element_size() * (topology.tp_size - 1))
+        fulls, offset = [], 0
+        for m, local in zip(members, locals_):
+            n = local.numel()
+            shards = [gathered[t][offset:offset + n].view_as(local) for t in range(topology.tp_size)]
+            offset += n
+            p = self.placement(m, topology)
+            fulls.append(local if p.dim is None else assemble(shards, p.dim, p.stride))
+        return fulls
+
+    def _all_to_all(self, send: List[List[torch.Tensor]], recv_sizes: List[int], topology: Topology,
+                    dtype: torch.dtype) -> List[torch.Tensor]:
+        """One batched exchange (every work rank takes part, even with nothing to send); returns the
+        flat buffer received from each work rank."""
+        send_flat = [torch.cat(parts) if parts else torch.zeros(0, dtype=dtype) for parts in send]
+        send_sizes = [t.numel() for t in send_flat]
+        out = torch.empty(sum(recv_sizes), dtype=dtype)
+        if topology.work_size > 1:
+            dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes, group=topology.work_group)
+        itemsize = out.element_size()
+        self.stats.add(sum(send_sizes) * itemsize, sum(recv_sizes) * itemsize)
+        return list(out.split(recv_sizes))

@@ -1,0 +1,191 @@
+"""The parallel step equals the single-process step on the full model, for every topology.
+
+Each rank builds a tiny megatron-core GPT for its (TP, PP, EP) position, so shard specs, layer offsets
+and expert offsets come from Megatron itself. Weights and gradients are deterministic functions of the
+*global* parameter name, cut into shards with Megatron's own rule, so the full model (one process) and
+every sharded layout start from, and receive, exactly the same numbers.
+"""
+import re
+import zlib
+
+import pytest
+import torch
+
+import megatron_models as mm
+import teonspeed
+from teonspeed.parallel.shard_spec import assemble, megatron_shard_specs, shard_of
+from teonspeed.testing.harness import run_ranks
+
+OPTIMIZERS = {"muon": teonspeed.Muon, "teon": teonspeed.TEON, "htmuon": teonspeed.HTMuon}
+STEPS = 3
+
+
+def global_name(name, spec):
+    name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + spec.layer_offset}.", name, count=1)
+    return re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{int(m.group(1)) + spec.expert_offset}.", name)
+
+
+def full_tensor(name, shape, salt):
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 7919 * salt)
+    return torch.randn(shape, generator=g) * 0.1
+
+
+def train(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, num_layers=4, mode="distributed",
+          options=None):
+    from megatron.core import parallel_state as ps
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep)
+    extra = dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="allgather") if moe else {}
+    config = mm.tiny_config(num_layers=num_layers, tp=tp, pp=pp, expert_model_parallel_size=ep, **extra)
+    model = mm.tiny_gpt(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    specs = megatron_shard_specs(model)
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    etp_rank, etp_size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+
+    def local_of(name, p, salt):
+        spec = specs[name]
+        r, size = (etp_rank, etp_size) if spec.is_expert else (tp_rank, tp_size)
+        full_shape = list(p.shape)
+        if spec.tp_partition_dim is not None:
+            full_shape[spec.tp_partition_dim] *= size
+        full = full_tensor(global_name(name, spec), full_shape, salt)
+        return shard_of(full, spec.tp_partition_dim, r, size, spec.tp_partition_stride)
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(local_of(name, p, 0))
+    opt = OPTIMIZERS[optimizer](model, lr=0.02, adamw_lr=1e-3, weight_decay=0.01, parallel_mode=mode,
+                                **(options or {}))
+    for step in range(1, STEPS + 1):
+        for name, p in model.named_parameters():
+            p.grad = local_of(name, p, step)
+        opt.step()
+    out = {}
+    for name, p in model.named_parameters():
+        spec = specs[name]
+        out[global_name(name, spec)] = (p.detach().clone(), spec.tp_partition_dim, spec.tp_partition_stride,
+                                        etp_rank if spec.is_expert else tp_rank, ps.get_data_parallel_rank())
+    stats = opt.comm_stats
+    return out, (stats.sent, stats.received, stats.flops) if stats else None, \
+        (opt._runner.expected_bytes(opt.grouping.groups) if stats else None), str(opt.plan)
+
+
+def gather_full(results):
+    """Global name -> full tensor, assembled from the TP shards of data-parallel replica 0, after
+    checking every replica holds identical values."""
+    shards = {}
+    for params, *_ in results:
+        for name, (t, dim, stride, tp_rank, dp_rank) in params.items():
+            shards.setdefault(name, {}).setdefault(dp_rank, {})[tp_rank] = (t, dim, stride)
+    full = {}
+    for name, by_dp in shards.items():
+        replicas = []
+        for dp_rank in sorted(by_dp):
+            by_tp = by_dp[dp_rank]
+            dim, stride = by_tp[0][1], by_tp[0][2]
+            replicas.append(assemble([by_tp[r][0] for r in sorted(by_tp)], dim, stride) if dim is not None
+                            else by_tp[0][0])
+        for other in replicas[1:]:
+            assert torch.equal(other, replicas[0]), f"{name} differs across data-parallel replicas"
+        full[name] = replicas[0]
+    return full
+
+
+def reference(optimizer, moe=False, num_layers=4, options=None):
+    return gather_full(run_ranks(train, 1, optimizer=optimizer, moe=moe, num_layers=num_layers, options=options,
+                                 timeout=120))
+
+
+def assert_same_model(got, ref, tol=1e-5):
+    assert set(got) == set(ref)
+    for name in ref:
+        err = (got[name] - ref[name]).norm() / ref[name].norm()
+        assert err <= tol, f"{name}: relative error {err:.2e}"
+
+
+TOPOLOGIES = [
+    pytest.param(dict(tp=2), 2, id="TP2"),
+    pytest.param(dict(pp=2), 2, id="PP2"),
+    pytest.param(dict(), 2, id="DP2"),
+    pytest.param(dict(tp=2, pp=2), 4, id="TP2xPP2"),
+    pytest.param(dict(tp=2), 4, id="TP2xDP2"),
+]
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("layout,world_size", TOPOLOGIES)
+def test_sharded_step_equals_single_process(layout, world_size, optimizer):
+    got = gather_full(run_ranks(train, world_size, optimizer=optimizer, timeout=120, **layout))
+    assert_same_model(got, reference(optimizer))
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_expert_parallel_step_equals_single_process(optimizer):
+    got = gather_full(run_ranks(train, 2, ep=2, moe=True, optimizer=optimizer, timeout=120))
+    ref = reference(optimizer, moe=True)
+    assert any("local_experts.3." in n for n in ref)
+    assert_same_model(got, ref)
+
+
+def test_eight_ranks_tp2_pp2_dp2():
+    got = gather_full(run_ranks(train, 8, tp=2, pp=2, optimizer="teon", timeout=180))
+    assert_same_model(got, reference("teon"))
+
+
+def test_distributed_equals_replicated():
+    a = gather_full(run_ranks(train, 4, tp=2, optimizer="teon", timeout=120))
+    b = gather_full(run_ranks(train, 4, tp=2, optimizer="teon", mode="replicated", timeout=120))
+    assert_same_model(a, b, tol=1e-6)
+
+
+def test_byte_counter_matches_the_analytical_count():
+    """TP=2 x DP=2: in total, phase A moves each sharded member's other TP shard to its owner once, and
+    phase B sends each of the 3 other ranks its shard of every update (independent of who owns what)."""
+    results = run_ranks(train, 4, tp=2, optimizer="teon", timeout=120)
+    plan_groups = teonspeed.plan(_full_named_params(), "teon").groups
+    shard_bytes = sum(4 * m.shape[0] * m.shape[1] // 2 for g in plan_groups for m in g.members)
+    expected_total = shard_bytes * 1 + shard_bytes * 3  # phase A: tp-1 = 1 shard; phase B: world-1 = 3 shards
+    sent = [r[1][0] for r in results]
+    received = [r[1][1] for r in results]
+    assert sum(sent) == sum(received) == expected_total
+    for r in results:  # each rank's counter equals what its own plan predicts
+        assert (r[1][0], r[1][1]) == r[2]
+
+
+def _full_named_params():
+    """Names and full shapes of the tiny GPT's matrices (every matrix is TP-sharded in Megatron)."""
+    heads, groups, hd, hidden, ffn = 4, 2, 8, 32, 48
+    named = []
+    for b in range(4):
+        qkv = torch.zeros((heads + 2 * groups) * hd, hidden)
+        setattr(qkv, teonspeed.fused.LAYOUT_ATTR, teonspeed.qkv_layout(heads, groups, hd))
+        fc1 = torch.zeros(2 * ffn, hidden)
+        setattr(fc1, teonspeed.fused.LAYOUT_ATTR, teonspeed.gated_mlp_layout())
+        named += [(f"decoder.layers.{b}.self_attention.linear_qkv.weight", qkv),
+                  (f"decoder.layers.{b}.self_attention.linear_proj.weight", torch.zeros(hidden, hidden)),
+                  (f"decoder.layers.{b}.mlp.linear_fc1.weight", fc1),
+                  (f"decoder.layers.{b}.mlp.linear_fc2.weight", torch.zeros(hidden, ffn))]
+    return [(n, p.requires_grad_()) for n, p in named]
+
+
+def test_ns_flops_are_balanced_across_ranks():
+    results = run_ranks(train, 4, tp=2, optimizer="teon", num_layers=8, timeout=120)
+    flops = [r[1][2] for r in results]
+    mean = sum(flops) / len(flops)
+    assert max(flops) <= 1.10 * mean and min(flops) >= 0.90 * mean, flops
+
+
+def test_plan_shows_owners_and_bytes_per_rank():
+    plan_text = run_ranks(train, 2, tp=2, optimizer="teon", timeout=120)[0][3]
+    assert "owner: dense work rank" in plan_text and "This rank per step: sends" in plan_text
+
+
+def test_a_teon_group_spanning_pipeline_stages_is_rejected_before_any_step():
+    with pytest.raises(Exception, match="another pipeline stage(.|\n)*teon_k"):
+        run_ranks(train, 2, pp=2, num_layers=6, optimizer="teon", timeout=120)
+
+
+def test_cutting_at_the_stage_boundary_is_an_opt_in():
+    results = run_ranks(train, 2, pp=2, num_layers=6, optimizer="teon", timeout=120,
+                        options={"cut_groups_at_stage_boundary": True})
+    assert any("falls back to Muon" in r[3] for r in results)
