@@ -72,12 +72,13 @@ def _child(rank, world_size, port, backend, env, write_fd, fn, args, kwargs, tim
             payload = ("ok", fn(rank, world_size, *args, **kwargs))
         except BaseException:  # noqa: BLE001 - everything is reported to the parent
             payload = ("error", traceback.format_exc())
-        finally:
-            _teardown()
+        # Report before tearing down, so a crash in a library's exit path cannot lose the result.
         data = pickle.dumps(payload)
         _write_all(write_fd, struct.pack("!Q", len(data)) + data)
+        os.close(write_fd)
+        _teardown()
         status = 0
-    except BaseException:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001 - e.g. init_process_group failed: report it if the pipe is open
         try:
             data = pickle.dumps(("error", traceback.format_exc()))
             _write_all(write_fd, struct.pack("!Q", len(data)) + data)
