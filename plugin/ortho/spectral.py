@@ -4,10 +4,8 @@ from __future__ import annotations
 import torch
 
 
-def _svd(x: torch.Tensor):
-    work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
-    return U, S, Vh
+def _svd(x: torch.Tensor, dtype: torch.dtype):
+    return torch.linalg.svd(x.to(dtype), full_matrices=False)
 
 
 def _numerical_rank_mask(S: torch.Tensor, m: int, n: int) -> torch.Tensor:
@@ -19,15 +17,20 @@ def _numerical_rank_mask(S: torch.Tensor, m: int, n: int) -> torch.Tensor:
 
 
 def polar_svd(x: torch.Tensor) -> torch.Tensor:
-    """U Vᵀ of x = U Σ Vᵀ (the exact orthogonal polar factor), batched; fp32 or fp64 result."""
-    U, S, Vh = _svd(x)
+    """U Vᵀ of x = U Σ Vᵀ (the exact orthogonal polar factor), batched; fp64 result.
+
+    The SVD runs in fp64: it is the reference, and in fp32 the rank cut below would drop genuine
+    directions of ill-conditioned full-rank matrices (square Gaussians reach σ_min/σ_max ≈ 1e-5).
+    """
+    U, S, Vh = _svd(x, torch.float64)
     keep = _numerical_rank_mask(S, x.size(-2), x.size(-1)).to(S.dtype)
     return (U * keep.unsqueeze(-2)) @ Vh
 
 
 def heavy_tail_svd(x: torch.Tensor, power: float) -> torch.Tensor:
-    """HTMuon's update U diag(σᵖ) Vᵀ, exact via the SVD (not renormalised, as in the authors' code)."""
-    U, S, Vh = _svd(x)
+    """HTMuon's update U diag(σᵖ) Vᵀ, exact via the SVD (not renormalised, as in the authors' code).
+    fp32 SVD as in the authors' code (fp64 for fp64 input): it runs every step of training."""
+    U, S, Vh = _svd(x, torch.float64 if x.dtype == torch.float64 else torch.float32)
     keep = _numerical_rank_mask(S, x.size(-2), x.size(-1))
     S_p = torch.where(keep, S.clamp_min(0).pow(power), torch.zeros_like(S))
     return (U * S_p.unsqueeze(-2)) @ Vh

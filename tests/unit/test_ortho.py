@@ -137,3 +137,12 @@ def test_matrix_square_root():
     a = Q @ torch.diag(torch.linspace(0.2, 3.0, 20, dtype=torch.float64)) @ Q.T
     root = matrix_root_newton_schulz(a, steps=12)
     torch.testing.assert_close(root @ root, a, rtol=1e-8, atol=1e-8)
+
+
+def test_svd_keeps_every_direction_of_an_ill_conditioned_full_rank_matrix():
+    g = torch.Generator().manual_seed(8)
+    U, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    x = (U @ torch.diag(torch.logspace(0, -6, 64, dtype=torch.float64)) @ V.T).float()  # σ_min/σ_max = 1e-6
+    s = torch.linalg.svdvals(orthogonalize(x, "svd").double())
+    assert (s - 1).abs().max() < 1e-4
