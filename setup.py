@@ -11,8 +11,9 @@ setup(
     version="0.1.0",
     description="Muon, TEON and HTMuon optimizers, parallel-aware, for DeepSpeed and Megatron-core",
     python_requires=">=3.10",
-    package_dir={"teonspeed": "plugin"},
-    packages=["teonspeed", "teonspeed.ortho", "teonspeed.optim", "teonspeed.parallel", "teonspeed.testing"],
+    package_dir={"teonspeed": "plugin", "teonspeed.patches": "patches"},
+    packages=["teonspeed", "teonspeed.ortho", "teonspeed.optim", "teonspeed.parallel", "teonspeed.testing",
+              "teonspeed.patches"],
     install_requires=[
         "torch==2.13.0",
         "numpy",

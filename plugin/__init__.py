@@ -15,6 +15,10 @@ from .plan import Plan, plan
 
 __version__ = "0.1.0"
 
+from . import deepspeed  # noqa: E402  (the integration module; it imports DeepSpeed only when used)
+
+deepspeed._register_if_installed()
+
 __all__ = ["orthogonalize", "heavy_tail", "Muon", "TEON", "HTMuon", "OrthoOptimizer", "OptimizerConfig",
            "make_config", "plan", "Plan", "LayerRef", "layer_ref", "FusedLayout", "qkv_layout",
            "gated_mlp_layout", "mla_kv_up_layout", "annotate_model", "ShardSpec", "ParallelContext",

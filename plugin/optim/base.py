@@ -14,11 +14,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from ..config import OptimizerConfig, make_config
-from ..fused import LAYOUT_ATTR, annotate_model
+from ..fused import LAYOUT_ATTR, FusedLayout, annotate_model
 from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
 from ..parallel.distributed import DistributedRunner
+from ..parallel.flat import FlatPartition
 from ..parallel.local import LocalRunner
 from ..parallel.topology import build_topology
 from .scaling import lr_multiplier
@@ -65,7 +66,33 @@ class OrthoOptimizer(torch.optim.Optimizer):
         route = {r.name: r.route for r in self.grouping.routing}
         super().__init__(self._internal_groups(user_groups, route), {})
         self._params_by_name = {n: p for n, p in named}
+        self._layouts = {n: getattr(p, LAYOUT_ATTR, None) for n, p in named}
+        self._flat: Dict[int, FlatPartition] = {}  # id(flat partition tensor) -> its layout (ZeRO-1/2)
         self._runner = self._make_runner()
+
+    # -- hooks for wrappers that replace the parameters (DeepSpeed's fp32 masters, ZeRO partitions) ----
+    def rebind(self, pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """(new, old): `new` (e.g. an fp32 master copy) now stands for parameter `old`."""
+        for new, old in pairs:
+            name = self._names[id(old)]
+            self._names[id(new)] = name
+            self._params_by_name[name] = new
+
+    def attach_flat_partitions(self, partitions: Dict[int, FlatPartition]) -> None:
+        """ZeRO-1/2: each param group now holds one flat partition; `partitions` maps the id of that
+        tensor to its layout. A TEON group must then live inside one param group (they are stepped one
+        group at a time)."""
+        owner = {}
+        for key, fp in partitions.items():
+            for name in fp.names():
+                owner[name] = key
+        for g in self.grouping.groups:
+            keys = {owner.get(m.name) for m in g.members}
+            if len(keys) > 1:
+                raise ValueError("teonspeed: under ZeRO-1/2 the members of a TEON group must be in the same param "
+                                 "group; " + " + ".join(m.label for m in g.members) + " are not. Put them in one group "
+                                 "or set teon_k=1")
+        self._flat = dict(partitions)
 
     def _make_runner(self):
         ctx = self.parallel
@@ -104,6 +131,14 @@ class OrthoOptimizer(torch.optim.Optimizer):
                     g = dict(lr=c.adamw_lr, weight_decay=c.adamw_weight_decay, betas=c.adamw_betas, eps=c.adamw_eps)
                     keys = _ADAMW_GROUP_KEYS
                 g.update({keys[k]: v for k, v in overrides.items() if k in keys})
+                # group["lr"] is the *scheduled* lr, the same in every group so that any LR scheduler
+                # (absolute ones like DeepSpeed's WarmupLR included) drives both sides; AdamW groups
+                # keep their own lr as a fixed ratio to it.
+                base_lr = overrides.get("lr", c.lr)
+                if side == "adamw" and base_lr > 0:
+                    g.update(lr_ratio=g["lr"] / base_lr, lr=base_lr)
+                else:
+                    g.update(lr_ratio=1.0)
                 g.update(params=[p for _, p in members], names=[n for n, _ in members], route=side, step=0)
                 out.append(g)
         return out
@@ -122,21 +157,59 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.config.skip_nonfinite and not self._grads_finite():
             return loss
-        updates = self._ortho_updates()
+        if self._flat:
+            self._flat_step()
+            return loss
+        directions = self._momentum_directions()
+        updates = self._ortho_updates(directions)
         for group in self.param_groups:
             group["step"] += 1
             if group["route"] == "ortho":
                 for p in group["params"]:
                     update = updates.get(self._names[id(p)])
                     if update is not None:
-                        p.mul_(1 - group["lr"] * group["weight_decay"])
-                        p.add_(update, alpha=-group["lr"])
+                        _apply(p, update, group)
             else:
-                self._adamw_group(group)
+                for p in group["params"]:
+                    self._adamw(p, group)
         return loss
 
+    def _momentum_directions(self) -> Dict[str, torch.Tensor]:
+        directions: Dict[str, torch.Tensor] = {}
+        for group in self.param_groups:
+            if group["route"] != "ortho":
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    directions[self._names[id(p)]] = self._momentum(p, group)
+        return directions
+
+    def _momentum(self, p: torch.Tensor, group: Dict[str, Any]) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return momentum_direction(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
+
+    def _flat_step(self) -> None:
+        """ZeRO-1/2: the param groups hold flat DP partitions (DeepSpeed steps them one group at a time)."""
+        for group in self.param_groups:
+            group["step"] += 1
+            flat = group["params"][0]
+            if flat.grad is None:
+                continue
+            if group["route"] == "adamw":
+                self._adamw(flat, group)
+                continue
+            partition = self._flat[id(flat)]
+            full, received = partition.all_gather(self._momentum(flat, group))
+            updates = self._ortho_updates(partition.unflatten(full), step=group["step"] - 1)
+            stats = self.comm_stats
+            if stats is not None:
+                stats.add(received, received)  # all-gather: each partition goes to the dp-1 others
+            _apply(flat, partition.local_slice(updates, like=flat), group)
+
     def _grads_finite(self) -> bool:
-        bad = [self._names[id(p)] for g in self.param_groups for p in g["params"]
+        bad = [self._names.get(id(p), "a flat ZeRO partition") for g in self.param_groups for p in g["params"]
                if p.grad is not None and not torch.isfinite(p.grad).all()]
         if not self._runner.all_finite(not bad):
             where = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") if bad else "another rank's parameters"
@@ -145,20 +218,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
             return False
         return True
 
-    def _ortho_updates(self) -> Dict[str, torch.Tensor]:
-        """Name -> the scaled orthogonalized update of every matrix parameter that has a gradient."""
-        directions: Dict[str, torch.Tensor] = {}
-        for group in self.param_groups:
-            if group["route"] != "ortho":
-                continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                directions[self._names[id(p)]] = momentum_direction(
-                    p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
+    def _ortho_updates(self, directions: Dict[str, torch.Tensor], step: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Name -> the scaled orthogonalized update, for every matrix parameter with a direction."""
         updates = {n: torch.zeros_like(d) for n, d in directions.items()}
         groups = []
         for g in self.grouping.groups:
@@ -167,15 +228,14 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 groups.append(g)
             else:  # a TEON group whose members did not all get gradients: member by member
                 groups.extend(OrthoGroup((m,), g.mode) for m in present)
-        step = self._ortho_step_count()
+        step = self._ortho_step_count() if step is None else step
         scale = self.config.lr_scale
 
         def read(m: MatrixRef) -> torch.Tensor:
-            return matrix_view(directions[m.name], m, self._params_by_name[m.name])
+            return matrix_view(directions[m.name], m, self._layouts[m.name])
 
         def write(m: MatrixRef, value: torch.Tensor) -> None:
-            target = updates[m.name]
-            write_matrix(target, m, self._params_by_name[m.name], value * lr_multiplier(scale, *m.shape))
+            write_matrix(updates[m.name], m, self._layouts[m.name], value * lr_multiplier(scale, *m.shape))
 
         self._runner.run(groups, read, write, lambda x: self.transform(x, step))
         return updates
@@ -184,18 +244,17 @@ class OrthoOptimizer(torch.optim.Optimizer):
         """Steps taken so far by the orthogonalized groups (the same in all of them)."""
         return next((g["step"] for g in self.param_groups if g["route"] == "ortho"), 0)
 
-    def _adamw_group(self, group: Dict[str, Any]) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "exp_avg" not in state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                       group["betas"], group["eps"], group["weight_decay"])
+    def _adamw(self, p: torch.Tensor, group: Dict[str, Any]) -> None:
+        if p.grad is None:
+            return
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"] * group["lr_ratio"],
+                   group["betas"], group["eps"], group["weight_decay"])
 
     # -- introspection --------------------------------------------------------------------------
     @property
@@ -219,19 +278,25 @@ def _compute_dtype(ns_dtype: str) -> Optional[torch.dtype]:
     return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[ns_dtype]
 
 
-def matrix_view(t: torch.Tensor, m: MatrixRef, param: torch.Tensor) -> torch.Tensor:
-    """The (rows × cols) matrix of `m` inside tensor `t` shaped like `param` (a copy for fused parts)."""
+def _apply(p: torch.Tensor, update: torch.Tensor, group: Dict[str, Any]) -> None:
+    lr = group["lr"] * group["lr_ratio"]
+    p.mul_(1 - lr * group["weight_decay"])
+    p.add_(update, alpha=-lr)
+
+
+def matrix_view(t: torch.Tensor, m: MatrixRef, layout: Optional[FusedLayout]) -> torch.Tensor:
+    """The (rows × cols) matrix of `m` inside tensor `t` (a copy for fused parts)."""
     if m.expert_index is not None:
         t = t[m.expert_index]
     if t.ndim > 2:
         t = t.reshape(t.size(0), -1)
     if m.part is not None:
-        t = t.index_select(0, _part_rows(param, m, t.size(0)).to(t.device))
+        t = t.index_select(0, _part_rows(layout, m, t.size(0)).to(t.device))
     return t
 
 
-def write_matrix(target: torch.Tensor, m: MatrixRef, param: torch.Tensor, value: torch.Tensor) -> None:
-    """Store `value` as matrix `m` of `target` (shaped like `param`), in the fused layout if any."""
+def write_matrix(target: torch.Tensor, m: MatrixRef, layout: Optional[FusedLayout], value: torch.Tensor) -> None:
+    """Store `value` as matrix `m` of `target`, in the fused layout if any."""
     if m.expert_index is not None:
         target = target[m.expert_index]
     if target.ndim > 2:
@@ -239,11 +304,10 @@ def write_matrix(target: torch.Tensor, m: MatrixRef, param: torch.Tensor, value:
     if m.part is None:
         target.copy_(value)
     else:
-        target.index_copy_(0, _part_rows(param, m, target.size(0)).to(target.device), value.to(target.dtype))
+        target.index_copy_(0, _part_rows(layout, m, target.size(0)).to(target.device), value.to(target.dtype))
 
 
-def _part_rows(param: torch.Tensor, m: MatrixRef, num_rows: int) -> torch.Tensor:
-    layout = getattr(param, LAYOUT_ATTR)
+def _part_rows(layout: FusedLayout, m: MatrixRef, num_rows: int) -> torch.Tensor:
     return dict(layout.part_rows(num_rows))[m.part]
 
 

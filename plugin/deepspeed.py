@@ -1,0 +1,177 @@
+"""DeepSpeed integration: `"optimizer": {"type": "TEON", "params": {...}}` in a DeepSpeed config.
+
+    import teonspeed                      # registers the types (patches/deepspeed_0_19.py)
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                             config="ds_config.json", mpu=teonspeed.deepspeed.MegatronMPU())
+
+Types: "TEON", "TeonspeedMuon", "TeonspeedHTMuon". DeepSpeed lower-cases "Muon" to its own built-in
+optimizer, so ours carry a prefix that cannot collide. ZeRO stages 0, 1 and 2 (fp32, bf16) are supported;
+stage 3 is refused. This module builds the optimizer and describes DeepSpeed's buffers to it; the changes
+to DeepSpeed's classes themselves live in patches/.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .optim import HTMuon, Muon, OrthoOptimizer, TEON
+from .parallel.context import ParallelContext
+from .parallel.flat import FlatEntry, FlatPartition
+from .parallel.shard_spec import megatron_shard_specs
+
+DEEPSPEED_TYPES = {"TEON": TEON, "TeonspeedMuon": Muon, "TeonspeedHTMuon": HTMuon}
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+
+
+class MegatronMPU:
+    """DeepSpeed's `mpu` interface over megatron.core.parallel_state (DeepSpeed asks for
+    get_model_parallel_*; Megatron calls the same thing get_tensor_model_parallel_*)."""
+
+    def __init__(self):
+        from megatron.core import parallel_state
+        self.ps = parallel_state
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self.ps.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_rank(self):
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+
+def build_optimizer(engine, model_parameters) -> OrthoOptimizer:
+    """What DeepSpeed's engine calls for our config types (see patches/deepspeed_0_19.py)."""
+    name = engine.optimizer_name()
+    stage = engine.zero_optimization_stage()
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ValueError(f"teonspeed: optimizer {name!r} supports ZeRO stages {SUPPORTED_ZERO_STAGES}, got "
+                         f"zero_optimization.stage={stage}; use stage 1 or 2 to partition optimizer state")
+    options = dict(engine.optimizer_params() or {})
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    groups = _named_groups(model_parameters, names)
+    for group in groups:
+        for _, p in group["params"]:
+            if getattr(p, "use_muon", False):
+                # DeepSpeed's ZeRO applies its own muon_update to tagged parameters of an optimizer whose
+                # class name contains "muon": untag, so only our step runs.
+                p.use_muon = False
+    parallel = deepspeed_context(engine)
+    return DEEPSPEED_TYPES[name](groups, parallel=parallel, **options)
+
+
+def deepspeed_context(engine) -> ParallelContext:
+    """The layout the engine runs with: TP from its mpu (if any), DP from the engine's DP group."""
+    mpu = getattr(engine, "mpu", None)
+    tp_group = mpu.get_model_parallel_group() if mpu is not None else None
+    dp_group = engine.data_parallel_group if getattr(engine, "data_parallel_group", None) is not None else (
+        mpu.get_data_parallel_group() if mpu is not None else None)
+    if dp_group is None and dist.is_initialized():
+        dp_group = dist.group.WORLD
+    config = getattr(engine.module, "config", None)
+    return ParallelContext(specs=megatron_shard_specs(engine.module), tp_group=tp_group, dp_group=dp_group,
+                           num_layers=getattr(config, "num_layers", None))
+
+
+def _named_groups(model_parameters, names: Dict[int, str]) -> List[Dict[str, Any]]:
+    items = list(model_parameters)
+    if items and isinstance(items[0], dict):
+        return [dict(g, params=[_named(p, names) for p in g["params"]]) for g in items]
+    return [{"params": [_named(p, names) for p in items]}]
+
+
+def _named(p: torch.Tensor, names: Dict[int, str]):
+    if id(p) not in names:
+        raise ValueError("teonspeed: a parameter given to deepspeed.initialize is not in the model's "
+                         "named_parameters(); teonspeed needs names to group layers")
+    return (names[id(p)], p)
+
+
+# -- describing DeepSpeed's replacement buffers to the optimizer --------------------------------------
+
+def attach_zero_stage_1_2(zero_optimizer) -> None:
+    """DeepSpeedZeroOptimizer: each group is flattened (with per-parameter alignment padding) and cut
+    into equal DP partitions; the inner optimizer holds this rank's fp32 partition."""
+    opt: OrthoOptimizer = zero_optimizer.optimizer
+    partitions = {}
+    for i, params in enumerate(zero_optimizer.round_robin_bit16_groups):
+        offsets = zero_optimizer.round_robin_bit16_offsets[i]
+        group = zero_optimizer.real_dp_process_group[i]
+        partitions[id(zero_optimizer.single_partition_of_fp32_groups[i])] = FlatPartition(
+            entries=[FlatEntry(opt._names[id(p)], off, tuple(p.shape)) for p, off in zip(params, offsets)],
+            partition_size=int(zero_optimizer.partition_size[i]), dp_group=group,
+            dp_rank=dist.get_rank(group=group), dp_size=dist.get_world_size(group=group))
+    opt.attach_flat_partitions(partitions)
+
+
+def attach_bf16_optimizer(bf16_optimizer) -> None:
+    """BF16_Optimizer (bf16 with ZeRO-1): flat groups padded at the end only, equal DP partitions."""
+    opt: OrthoOptimizer = bf16_optimizer.optimizer
+    partitions = {}
+    for i, params in enumerate(bf16_optimizer.bf16_groups):
+        group = bf16_optimizer.real_dp_process_group[i]
+        size = dist.get_world_size(group=group)
+        entries, offset = [], 0
+        for p in params:
+            entries.append(FlatEntry(opt._names[id(p)], offset, tuple(p.shape)))
+            offset += p.numel()
+        partitions[id(bf16_optimizer.fp32_groups_flat_partition[i])] = FlatPartition(
+            entries=entries, partition_size=bf16_optimizer.bf16_groups_flat[i].numel() // size, dp_group=group,
+            dp_rank=dist.get_rank(group=group), dp_size=size)
+    opt.attach_flat_partitions(partitions)
+
+
+def attach_unfused_fp32_masters(wrapper) -> None:
+    """FP16_UnfusedOptimizer (bf16, stage 0): one fp32 master copy per parameter."""
+    wrapper.optimizer.rebind((master, low) for masters, lows in zip(wrapper.fp32_groups, wrapper.fp16_groups)
+                             for master, low in zip(masters, lows))
+
+
+def register() -> None:
+    """Apply the DeepSpeed patch (idempotent); refuses DeepSpeed versions it was not written for."""
+    from .patches import deepspeed_0_19
+    deepspeed_0_19.apply()
+
+
+def _register_if_installed() -> None:
+    """At `import teonspeed`: register when DeepSpeed is installed; an unsupported version only warns
+    here (and raises when `register()` is called explicitly)."""
+    import importlib.util
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    from .patches import deepspeed_0_19
+    try:
+        deepspeed_0_19.apply()
+    except deepspeed_0_19.UnsupportedVersion as err:
+        warnings.warn(str(err), RuntimeWarning, stacklevel=3)

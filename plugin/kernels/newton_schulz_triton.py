@@ -1,0 +1,344 @@
+"""Batched Newton–Schulz in Triton: a symmetric (lower-triangle-only) Gram kernel and a fused update.
+
+One quintic step X ← a X + (b A + c A²) X with A = X Xᵀ becomes two kernel kinds, three launches,
+each launch covering every matrix of the batch (grid axis 1 is the batch index):
+
+    _sym_kernel  out = α · P Pᵀ + β · C      (C optional, symmetric, same shape as out)
+        step 1:  A = X Xᵀ                    (P = X, α = 1, no C)
+        step 2:  B = c · A A + b · A          (P = A: A is symmetric, so A Aᵀ = A A; α = c, C = A, β = b)
+        Only the tiles (i, j) with i >= j are computed; each stores its tile at (i, j) and the
+        transpose at (j, i). The diagonal tiles are symmetrised, so A and B are exactly symmetric.
+    _update_kernel  X' = a · X + B X          (a GEMM whose epilogue adds a · X)
+
+Accumulation is fp32; A, B and X are stored in the compute dtype, as in the torch path
+(teonspeed.ortho.newton_schulz), which `newton_schulz_triton` matches in contract: same
+normalisation (‖X‖_F · schedule.input_margin + 1e-7, in fp32), same wide orientation (tall inputs are
+transposed), same per-step (a, b, c) triples, result in compute_dtype.
+
+Under TRITON_INTERPRET=1 (CPU tests) the bf16 operands are upcast to fp32 before tl.dot: the
+interpreter's bf16 dot is wrong (shared/research/feasibility.md). bf16 products are exact in fp32, so
+this computes what the GPU's bf16 MMA with fp32 accumulation does (up to summation order).
+
+The kernels are decorated with triton.jit on first use, not at import, so whether they are compiled
+or interpreted follows TRITON_INTERPRET at the time of the first call, whatever the import order.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ortho.coefficients import Schedule
+from ..ortho.newton_schulz import NORM_EPS, newton_schulz
+
+SUPPORTED_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------- kernels
+# Plain functions; `_kernels()` wraps them with triton.jit lazily.
+
+def _sym_kernel(p_ptr, c_ptr, out_ptr, pairs_ptr,
+                M, K,
+                s_pb, s_pm, s_pk,
+                s_cb, s_cm, s_cn,
+                s_ob, s_om, s_on,
+                alpha, beta,
+                HAS_C: tl.constexpr, MIRROR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    ti = tl.load(pairs_ptr + 2 * pid)
+    tj = tl.load(pairs_ptr + 2 * pid + 1)
+    rows_i = ti * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_j = tj * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    p_base = p_ptr + bid * s_pb
+    mask_i = rows_i < M
+    mask_j = rows_j < M
+    acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < K
+        lhs = tl.load(p_base + rows_i[:, None] * s_pm + kk[None, :] * s_pk,
+                      mask=mask_i[:, None] & mask_k[None, :], other=0.0)
+        rhs = tl.load(p_base + rows_j[None, :] * s_pm + kk[:, None] * s_pk,
+                      mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+        if UPCAST:
+            lhs = lhs.to(tl.float32)
+            rhs = rhs.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(lhs, rhs, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lhs, rhs, acc)
+    out = acc * alpha
+    if HAS_C:
+        c_tile = tl.load(c_ptr + bid * s_cb + rows_i[:, None] * s_cm + rows_j[None, :] * s_cn,
+                         mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+        out = out + beta * c_tile.to(tl.float32)
+    if ti == tj:
+        out = 0.5 * (out + tl.trans(out))
+    if RNE_BF16:  # interpreter only: its fp32 -> bf16 cast truncates; round to nearest even first
+        bits = out.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        out = bits.to(tl.float32, bitcast=True)
+    o_base = out_ptr + bid * s_ob
+    res = out.to(out_ptr.dtype.element_ty)
+    tl.store(o_base + rows_i[:, None] * s_om + rows_j[None, :] * s_on, res,
+             mask=mask_i[:, None] & mask_j[None, :])
+    if MIRROR:
+        if ti != tj:
+            tl.store(o_base + rows_j[:, None] * s_om + rows_i[None, :] * s_on, tl.trans(res),
+                     mask=mask_j[:, None] & mask_i[None, :])
+
+
+def _update_kernel(b_ptr, x_ptr, out_ptr,
+                   M, N,
+                   s_bb, s_bm, s_bk,
+                   s_xb, s_xm, s_xn,
+                   s_ob, s_om, s_on,
+                   a_coef,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    bid = tl.program_id(1).to(tl.int64)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pm = pid // num_n
+    pn = pid % num_n
+    rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    b_base = b_ptr + bid * s_bb
+    x_base = x_ptr + bid * s_xb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, M, BLOCK_K):  # B is M x M: the reduction runs over M
+        kk = k0 + rk
+        mask_k = kk < M
+        lhs = tl.load(b_base + rm[:, None] * s_bm + kk[None, :] * s_bk,
+                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        rhs = tl.load(x_base + kk[:, None] * s_xm + rn[None, :] * s_xn,
+                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            lhs = lhs.to(tl.float32)
+            rhs = rhs.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(lhs, rhs, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lhs, rhs, acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    x_tile = tl.load(x_base + rm[:, None] * s_xm + rn[None, :] * s_xn, mask=mask, other=0.0)
+    out = acc + a_coef * x_tile.to(tl.float32)
+    if RNE_BF16:
+        bits = out.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        out = bits.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + bid * s_ob + rm[:, None] * s_om + rn[None, :] * s_on,
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_JITTED: Dict[bool, Tuple[object, object]] = {}
+
+
+def _kernels():
+    """(sym, update) wrapped by triton.jit for the current TRITON_INTERPRET mode."""
+    mode = interpreting()
+    if mode not in _JITTED:
+        _JITTED[mode] = (triton.jit(_sym_kernel), triton.jit(_update_kernel))
+    return _JITTED[mode]
+
+
+# --------------------------------------------------------------------------------------- launch helpers
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch options. sym_m: the square tile of the symmetric kernel; upd_*: the update GEMM."""
+
+    sym_m: int = 128
+    sym_k: int = 64
+    upd_m: int = 128
+    upd_n: int = 128
+    upd_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def _pow2_clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+def default_blocks(m: int, n: int) -> Blocks:
+    """Tiles for a wide (m <= n) problem. tl.dot needs every block dim >= 16; small matrices get
+    smaller tiles so that masked-off lanes do not dominate. Interpreted runs use the same rule (the
+    interpreter is fastest with big tiles, which this picks for the small test shapes anyway)."""
+    return Blocks(sym_m=_pow2_clamp(m, 16, 128), sym_k=_pow2_clamp(n, 16, 64),
+                  upd_m=_pow2_clamp(m, 16, 128), upd_n=_pow2_clamp(n, 16, 128), upd_k=_pow2_clamp(m, 16, 64))
+
+
+def lower_tile_pairs(num_tiles: int) -> List[Tuple[int, int]]:
+    """The (i, j) tile pairs the symmetric kernel computes, i >= j, in program-id order:
+    num_tiles·(num_tiles+1)/2 programs per matrix instead of num_tiles²."""
+    return [(i, j) for i in range(num_tiles) for j in range(i + 1)]
+
+
+_PAIRS_CACHE: Dict[Tuple[int, str], torch.Tensor] = {}
+
+
+def _pairs_tensor(num_tiles: int, device: torch.device) -> torch.Tensor:
+    key = (num_tiles, str(device))
+    t = _PAIRS_CACHE.get(key)
+    if t is None:
+        t = torch.tensor(lower_tile_pairs(num_tiles), dtype=torch.int32).reshape(-1).to(device)
+        _PAIRS_CACHE[key] = t
+    return t
+
+
+def sym_grid(m: int, batch: int, block_m: int) -> Tuple[int, int]:
+    """Launch grid of the symmetric kernel: (lower-triangle tile pairs, batch)."""
+    t = triton.cdiv(m, block_m)
+    return (t * (t + 1) // 2, batch)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype != torch.float32
+
+
+def _rne_bf16(dtype: torch.dtype) -> bool:
+    # Triton 3.9's interpreter casts fp32 -> bf16 by truncation (cast_impl ignores the rounding mode);
+    # compiled kernels round to nearest even. Rounding by hand keeps the interpreted run faithful.
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _check_3d(t: torch.Tensor, name: str) -> None:
+    if t.ndim != 3:
+        raise ValueError(f"{name} must be (batch, rows, cols), got shape {tuple(t.shape)}")
+
+
+def sym_matmul(p: torch.Tensor, *, alpha: float = 1.0, c: Optional[torch.Tensor] = None, beta: float = 0.0,
+               out: Optional[torch.Tensor] = None, block_m: Optional[int] = None,
+               block_k: Optional[int] = None, mirror: bool = True, num_warps: int = 8,
+               num_stages: int = 3) -> torch.Tensor:
+    """out = α · P Pᵀ + β · C for a batch P of shape (B, m, k); C (B, m, m) must be symmetric.
+
+    Computes the lower-triangle tiles only and mirrors them (mirror=False leaves the strictly-upper
+    tiles of `out` untouched, which is how the tests see that they were never computed).
+    """
+    _check_3d(p, "p")
+    batch, m, k = p.shape
+    if out is None:
+        out = torch.empty((batch, m, m), dtype=p.dtype, device=p.device)
+    if c is not None:
+        _check_3d(c, "c")
+        if c.shape != out.shape:
+            raise ValueError(f"c must have shape {tuple(out.shape)}, got {tuple(c.shape)}")
+    if batch == 0 or m == 0:
+        return out
+    bm = block_m or _pow2_clamp(m, 16, 128)
+    bk = block_k or _pow2_clamp(k, 16, 64)
+    grid = sym_grid(m, batch, bm)
+    pairs = _pairs_tensor(triton.cdiv(m, bm), p.device)
+    sym, _ = _kernels()
+    cc = c if c is not None else out  # never read when HAS_C is False
+    sym[grid](p, cc, out, pairs, m, k,
+              p.stride(0), p.stride(1), p.stride(2),
+              cc.stride(0), cc.stride(1), cc.stride(2),
+              out.stride(0), out.stride(1), out.stride(2),
+              float(alpha), float(beta),
+              HAS_C=c is not None, MIRROR=mirror, UPCAST=_upcast(p.dtype), IEEE=p.dtype == torch.float32,
+              RNE_BF16=_rne_bf16(out.dtype),
+              BLOCK_M=bm, BLOCK_K=bk, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def ns_update(b: torch.Tensor, x: torch.Tensor, a: float, *, out: Optional[torch.Tensor] = None,
+              block_m: Optional[int] = None, block_n: Optional[int] = None, block_k: Optional[int] = None,
+              num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+    """out = a · X + B X for batches B (Bt, m, m) and X (Bt, m, n). `out` must not alias X."""
+    _check_3d(b, "b")
+    _check_3d(x, "x")
+    batch, m, n = x.shape
+    if b.shape != (batch, m, m):
+        raise ValueError(f"b must have shape {(batch, m, m)}, got {tuple(b.shape)}")
+    if out is None:
+        out = torch.empty_like(x)
+    if out.data_ptr() == x.data_ptr() and x.numel() > 0:
+        raise ValueError("ns_update cannot write in place: out aliases x")
+    if batch == 0 or m == 0 or n == 0:
+        return out
+    bm = block_m or _pow2_clamp(m, 16, 128)
+    bn = block_n or _pow2_clamp(n, 16, 128)
+    bk = block_k or _pow2_clamp(m, 16, 64)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), batch)
+    _, upd = _kernels()
+    upd[grid](b, x, out, m, n,
+              b.stride(0), b.stride(1), b.stride(2),
+              x.stride(0), x.stride(1), x.stride(2),
+              out.stride(0), out.stride(1), out.stride(2),
+              float(a),
+              UPCAST=_upcast(x.dtype), IEEE=x.dtype == torch.float32, RNE_BF16=_rne_bf16(out.dtype),
+              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+# --------------------------------------------------------------------------------------- public entry
+
+def newton_schulz_triton(x: torch.Tensor, schedule: Schedule, compute_dtype: torch.dtype,
+                         blocks: Optional[Blocks] = None) -> torch.Tensor:
+    """Same contract as teonspeed.ortho.newton_schulz.newton_schulz: x of shape (..., m, n), the
+    schedule's quintics, result in compute_dtype with x's shape. float64 is delegated to the torch
+    path (tensor-core kernels bring nothing there)."""
+    if x.ndim < 2:
+        raise ValueError(f"orthogonalize needs a (..., m, n) tensor, got shape {tuple(x.shape)}")
+    if compute_dtype == torch.float64 or x.dtype == torch.float64:
+        return newton_schulz(x, schedule, compute_dtype)
+    if compute_dtype not in SUPPORTED_COMPUTE_DTYPES:
+        raise ValueError(f"newton_schulz_triton: compute_dtype must be one of {SUPPORTED_COMPUTE_DTYPES}, "
+                         f"got {compute_dtype}")
+    lead = x.shape[:-2]
+    tall = x.size(-2) > x.size(-1)
+    X = x.to(torch.float32)
+    if tall:
+        X = X.mT
+    m, n = X.shape[-2], X.shape[-1]
+    X = X.reshape(-1, m, n)
+    norm = torch.linalg.matrix_norm(X, ord="fro", keepdim=True)
+    X = (X / (norm * schedule.input_margin + NORM_EPS)).to(compute_dtype).contiguous()
+    if X.numel() > 0:
+        bl = blocks or default_blocks(m, n)
+        batch = X.shape[0]
+        A = torch.empty((batch, m, m), dtype=compute_dtype, device=X.device)
+        B = torch.empty_like(A)
+        Y = torch.empty_like(X)
+        launch = dict(num_warps=bl.num_warps, num_stages=bl.num_stages)
+        for a, b, c in schedule.steps:
+            sym_matmul(X, out=A, block_m=bl.sym_m, block_k=bl.sym_k, **launch)
+            sym_matmul(A, alpha=c, c=A, beta=b, out=B, block_m=bl.sym_m, block_k=_pow2_clamp(m, 16, bl.sym_k),
+                       **launch)
+            ns_update(B, X, a, out=Y, block_m=bl.upd_m, block_n=bl.upd_n, block_k=bl.upd_k, **launch)
+            X, Y = Y, X
+    X = X.reshape(*lead, m, n)
+    if tall:
+        X = X.mT
+    return X
+
+
+def flops_per_step(m: int, n: int, symmetric: bool) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one quintic step on a wide (m <= n) matrix.
+
+    symmetric=True counts what the Triton path executes: X Xᵀ as m²n and A A as m³ (half of the
+    2m²n and 2m³ of a full product: only one triangle of tiles is computed; the diagonal tiles'
+    redundant half is ignored), plus 2m²n for B X. symmetric=False counts the full products, which is
+    what the torch path executes: 4m²n + 2m³. Elementwise epilogues are not counted.
+    """
+    m, n = min(m, n), max(m, n)
+    if symmetric:
+        return m * m * n + m ** 3 + 2 * m * m * n
+    return 2 * m * m * n + 2 * m ** 3 + 2 * m * m * n
