@@ -91,3 +91,30 @@ def train(rank, world_size, config, steps=5, model_fn=TinyLM, checkpoint=None, m
             engine.save_checkpoint(checkpoint["dir"])
     params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
     return losses, params, type(engine.optimizer).__name__, type(engine.basic_optimizer).__name__
+
+
+def train_megatron(rank, world_size, config, tp=1, steps=3):
+    """A tiny megatron-core GPT at TP=`tp` inside the DeepSpeed engine, DeepSpeed's mpu given by teonspeed's
+    adapter over megatron.core.parallel_state. Returns the (TP-rank, partition) of each parameter too."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    import megatron_models as mm
+    from teonspeed.deepspeed import MegatronMPU
+    deepspeed.init_distributed(dist_backend="gloo")
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    model = mm.tiny_gpt(mm.tiny_config(tp=tp))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(config),
+                                      mpu=MegatronMPU())
+    dp_rank = ps.get_data_parallel_rank()
+    losses = []
+    for step in range(steps):
+        tokens, position_ids, labels = mm.batch(seed=100 * step + dp_rank)
+        loss = engine(tokens, position_ids, None, labels=labels).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    params = {n: (p.detach().float().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
+                  else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
+              for n, p in engine.module.named_parameters()}
+    return losses, params, dp_rank

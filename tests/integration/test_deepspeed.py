@@ -202,3 +202,18 @@ def test_deepspeed_launcher_trains_from_a_json_config(tmp_path):
 def _free_port():
     from teonspeed.testing.harness import free_port
     return free_port()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_megatron_tp2_dp2_through_the_engine_equals_tp1(stage):
+    from teonspeed.parallel.shard_spec import assemble
+    config = h.ds_config("TEON", stage=stage)
+    ref = run_ranks(h.train_megatron, 2, config, timeout=180)  # TP=1 x DP=2
+    got = run_ranks(h.train_megatron, 4, config, tp=2, timeout=180)  # TP=2 x DP=2
+    assert got[0][0] == pytest.approx(ref[0][0], rel=1e-5)
+    replica0 = [r[1] for r in got if r[2] == 0]
+    for name, (full, *_rest) in ref[0][1].items():
+        shards = sorted((p[name] for p in replica0), key=lambda s: s[3])
+        dim, stride = shards[0][1], shards[0][2]
+        tensor = assemble([s[0] for s in shards], dim, stride) if dim is not None else shards[0][0]
+        assert rel(tensor, full) <= 1e-5, name
