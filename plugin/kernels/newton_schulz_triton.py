@@ -19,13 +19,12 @@ Under TRITON_INTERPRET=1 (CPU tests) the bf16 operands are upcast to fp32 before
 interpreter's bf16 dot is wrong (shared/research/feasibility.md). bf16 products are exact in fp32, so
 this computes what the GPU's bf16 MMA with fp32 accumulation does (up to summation order).
 
-The kernels are decorated with triton.jit on first use, not at import, so whether they are compiled
-or interpreted follows TRITON_INTERPRET at the time of the first call, whatever the import order.
+The kernels are decorated with triton.jit on first use, not at import. Interpreted runs still need
+TRITON_INTERPRET=1 before triton is first imported (see `interpreter_ready`); compiled runs need a GPU.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -34,12 +33,21 @@ import triton.language as tl
 
 from ..ortho.coefficients import Schedule
 from ..ortho.newton_schulz import NORM_EPS, newton_schulz
+from .tiling import Blocks, default_blocks, lower_tile_pairs, pow2_clamp as _pow2_clamp, sym_grid
 
 SUPPORTED_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreter_ready() -> bool:
+    """Whether triton itself was imported with TRITON_INTERPRET=1. Its standard library (tl.zeros,
+    tl.cdiv, ...) is wrapped for the interpreter at *triton's* import, so setting the variable later
+    is not enough: the interpreted kernel then fails with "Cannot call @triton.jit'd outside of the
+    scope of a kernel"."""
+    return type(tl.zeros).__name__ == "InterpretedFunction"
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -151,43 +159,16 @@ _JITTED: Dict[bool, Tuple[object, object]] = {}
 def _kernels():
     """(sym, update) wrapped by triton.jit for the current TRITON_INTERPRET mode."""
     mode = interpreting()
+    if mode and not interpreter_ready():
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported (torch._dynamo, for one, "
+                           "imports it): set it before the first import of torch/triton, e.g. in the "
+                           "environment of a fresh process")
     if mode not in _JITTED:
         _JITTED[mode] = (triton.jit(_sym_kernel), triton.jit(_update_kernel))
     return _JITTED[mode]
 
 
 # --------------------------------------------------------------------------------------- launch helpers
-
-@dataclass(frozen=True)
-class Blocks:
-    """Tile sizes and launch options. sym_m: the square tile of the symmetric kernel; upd_*: the update GEMM."""
-
-    sym_m: int = 128
-    sym_k: int = 64
-    upd_m: int = 128
-    upd_n: int = 128
-    upd_k: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-
-
-def _pow2_clamp(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
-
-
-def default_blocks(m: int, n: int) -> Blocks:
-    """Tiles for a wide (m <= n) problem. tl.dot needs every block dim >= 16; small matrices get
-    smaller tiles so that masked-off lanes do not dominate. Interpreted runs use the same rule (the
-    interpreter is fastest with big tiles, which this picks for the small test shapes anyway)."""
-    return Blocks(sym_m=_pow2_clamp(m, 16, 128), sym_k=_pow2_clamp(n, 16, 64),
-                  upd_m=_pow2_clamp(m, 16, 128), upd_n=_pow2_clamp(n, 16, 128), upd_k=_pow2_clamp(m, 16, 64))
-
-
-def lower_tile_pairs(num_tiles: int) -> List[Tuple[int, int]]:
-    """The (i, j) tile pairs the symmetric kernel computes, i >= j, in program-id order:
-    num_tiles·(num_tiles+1)/2 programs per matrix instead of num_tiles²."""
-    return [(i, j) for i in range(num_tiles) for j in range(i + 1)]
-
 
 _PAIRS_CACHE: Dict[Tuple[int, str], torch.Tensor] = {}
 
@@ -199,12 +180,6 @@ def _pairs_tensor(num_tiles: int, device: torch.device) -> torch.Tensor:
         t = torch.tensor(lower_tile_pairs(num_tiles), dtype=torch.int32).reshape(-1).to(device)
         _PAIRS_CACHE[key] = t
     return t
-
-
-def sym_grid(m: int, batch: int, block_m: int) -> Tuple[int, int]:
-    """Launch grid of the symmetric kernel: (lower-triangle tile pairs, batch)."""
-    t = triton.cdiv(m, block_m)
-    return (t * (t + 1) // 2, batch)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -328,17 +303,3 @@ def newton_schulz_triton(x: torch.Tensor, schedule: Schedule, compute_dtype: tor
     if tall:
         X = X.mT
     return X
-
-
-def flops_per_step(m: int, n: int, symmetric: bool) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one quintic step on a wide (m <= n) matrix.
-
-    symmetric=True counts what the Triton path executes: X Xᵀ as m²n and A A as m³ (half of the
-    2m²n and 2m³ of a full product: only one triangle of tiles is computed; the diagonal tiles'
-    redundant half is ignored), plus 2m²n for B X. symmetric=False counts the full products, which is
-    what the torch path executes: 4m²n + 2m³. Elementwise epilogues are not counted.
-    """
-    m, n = min(m, n), max(m, n)
-    if symmetric:
-        return m * m * n + m ** 3 + 2 * m * m * n
-    return 2 * m * m * n + 2 * m ** 3 + 2 * m * m * n

@@ -36,14 +36,17 @@ def _patch_deepspeed() -> None:
 
 def _patch_megatron() -> None:
     try:
+        from megatron.core.optimizer import clip_grads, grad_scaler
+        from megatron.core.optimizer import optimizer as megatron_optimizer
         from megatron.core.pipeline_parallel import schedules
         from megatron.core.transformer import utils as transformer_utils
         from megatron.core.transformer.moe import moe_utils
     except ImportError:
         return
     moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
-    # Modules that allocate with device="cuda" (pipeline buffers, the default causal mask).
-    for module in (schedules, transformer_utils):
+    # Modules that allocate with device="cuda" (pipeline buffers, the default causal mask, the optimizer
+    # wrappers' loss-scale and overflow tensors).
+    for module in (schedules, transformer_utils, megatron_optimizer, clip_grads, grad_scaler):
         if not isinstance(module.torch, _CpuTorchProxy):
             module.torch = _CpuTorchProxy(module.torch)
 

@@ -217,3 +217,14 @@ def test_megatron_tp2_dp2_through_the_engine_equals_tp1(stage):
         dim, stride = shards[0][1], shards[0][2]
         tensor = assemble([s[0] for s in shards], dim, stride) if dim is not None else shards[0][0]
         assert rel(tensor, full) <= 1e-5, name
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_deepspeed_configs_train(path):
+    config = json.loads(path.read_text())
+    config["train_micro_batch_size_per_gpu"] = 2
+    config["scheduler"]["params"].update(total_num_steps=10, warmup_num_steps=1)
+    losses, _, final, basic = run(config, steps=2)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    expected = {"TEON": "TEON", "TeonspeedMuon": "Muon", "TeonspeedHTMuon": "HTMuon", "AdamW": "AdamW"}
+    assert basic == expected[config["optimizer"]["type"]]

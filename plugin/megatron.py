@@ -1,0 +1,116 @@
+"""Megatron-core integration: the same entry point as Megatron's own builder.
+
+    from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+    config = TeonOptimizerConfig(optimizer="teon", lr=0.02, adamw_lr=3e-4, weight_decay=0.1, clip_grad=1.0)
+    optimizer = get_megatron_optimizer(config, model_chunks)   # a MegatronOptimizer
+    success, grad_norm, num_zeros = optimizer.step()
+
+`TeonOptimizerConfig` is Megatron's `OptimizerConfig` plus teonspeed's options. Megatron's own Muon fields
+keep their meaning: muon_momentum → momentum, muon_use_nesterov → nesterov (Megatron's default is off),
+muon_num_ns_steps → ns_steps, muon_split_qkv → split_fused; adam_beta1/2 and adam_eps configure the AdamW
+part, `lr` is the scheduled lr of both parts and `adamw_lr` (default: lr) the AdamW part's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .config import QKV_TYPES
+from .fused import annotate_model
+from .optim import HTMuon, Muon, OrthoOptimizer, TEON
+from .parallel.context import ParallelContext
+from .parallel.shard_spec import megatron_shard_specs
+
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer, MegatronOptimizer
+
+MEGATRON_TYPES = {"muon": Muon, "teon": TEON, "htmuon": HTMuon}
+
+
+@dataclass
+class TeonOptimizerConfig(OptimizerConfig):
+    """Megatron's OptimizerConfig with `optimizer` in {"teon", "muon", "htmuon"} and teonspeed's options."""
+
+    optimizer: str = "teon"
+    adamw_lr: Optional[float] = None
+    """lr of the AdamW part (embeddings, output head, norms, biases); None: the same as `lr`."""
+    orthogonalizer: Optional[str] = None
+    ns_dtype: str = "auto"
+    lr_scale: Optional[str] = None
+    teon_k: Optional[int] = None
+    teon_mode: int = 1
+    teon_types: Tuple[str, ...] = QKV_TYPES
+    ht_power: float = 0.125
+    ht_method: str = "svd"
+    ht_interval: int = 1
+    parallel_mode: str = "distributed"
+    cut_groups_at_stage_boundary: bool = False
+
+
+def teonspeed_options(config: TeonOptimizerConfig) -> Dict[str, Any]:
+    """The teonspeed options a TeonOptimizerConfig stands for (validated by the optimizer)."""
+    lr = config.lr if config.lr is not None else 0.02
+    options = dict(
+        lr=lr, weight_decay=config.weight_decay, momentum=config.muon_momentum, nesterov=config.muon_use_nesterov,
+        ns_steps=config.muon_num_ns_steps, split_fused=config.muon_split_qkv,
+        adamw_lr=config.adamw_lr if config.adamw_lr is not None else lr,
+        adamw_betas=(config.adam_beta1, config.adam_beta2), adamw_eps=config.adam_eps,
+        adamw_weight_decay=config.weight_decay, orthogonalizer=config.orthogonalizer, ns_dtype=config.ns_dtype,
+        lr_scale=config.lr_scale, teon_mode=config.teon_mode, teon_types=config.teon_types,
+        parallel_mode=config.parallel_mode, cut_groups_at_stage_boundary=config.cut_groups_at_stage_boundary)
+    if config.optimizer != "muon":
+        options["teon_k"] = config.teon_k
+    if config.optimizer == "htmuon":
+        options.update(ht_power=config.ht_power, ht_method=config.ht_method, ht_interval=config.ht_interval)
+    return options
+
+
+def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch.nn.Module],
+                           **unused: Any) -> MegatronOptimizer:
+    """Build teonspeed's optimizer for Megatron model chunks (DDP-wrapped or not), wrapped like Megatron's
+    own: FP32Optimizer in fp32, Float16OptimizerWithFloat16Params (fp32 main params) in bf16/fp16."""
+    kind = config.optimizer.lower()
+    if kind not in MEGATRON_TYPES:
+        raise ValueError(f"teonspeed: TeonOptimizerConfig.optimizer must be one of {sorted(MEGATRON_TYPES)}, "
+                         f"got {config.optimizer!r}; use megatron.core.optimizer.get_megatron_optimizer for Adam/SGD")
+    if config.use_distributed_optimizer:
+        raise ValueError("teonspeed: use_distributed_optimizer=True is not supported (Megatron's distributed "
+                         "optimizer hands out flat byte ranges); set it to False: teonspeed already spreads the "
+                         "orthogonalization over the data-parallel ranks")
+    named, specs = [], {}
+    for i, chunk in enumerate(model_chunks):
+        annotate_model(chunk)
+        prefix = f"chunk{i}." if len(model_chunks) > 1 else ""
+        specs.update({prefix + n: s for n, s in megatron_shard_specs(chunk).items()})
+        named += [(prefix + n, p) for n, p in chunk.named_parameters() if p.requires_grad]
+    first = model_chunks[0]
+    model_config = getattr(getattr(first, "module", first), "config", None)
+    parallel = ParallelContext(
+        specs=specs, tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
+        expert_tp_group=parallel_state.get_expert_tensor_parallel_group(),
+        expert_dp_group=parallel_state.get_expert_data_parallel_group(),
+        num_layers=getattr(model_config, "num_layers", None))
+    optimizer: OrthoOptimizer = MEGATRON_TYPES[kind](named, parallel=parallel, **teonspeed_options(config))
+    if not (config.bf16 or config.fp16):
+        return FP32Optimizer(optimizer, config, init_state_fn=lambda opt, config=None: None)
+    wrapper = Float16OptimizerWithFloat16Params(optimizer, config, grad_scaler=_grad_scaler(config),
+                                                init_state_fn=lambda opt, config=None: None)
+    # Megatron swapped the bf16/fp16 parameters for fp32 main copies in the param groups.
+    optimizer.rebind(zip((p for g in wrapper.fp32_from_float16_groups for p in g),
+                         (p for g in wrapper.float16_groups for p in g)))
+    return wrapper
+
+
+def _grad_scaler(config: OptimizerConfig):
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+    if config.bf16:
+        return None
+    if config.loss_scale:
+        return ConstantGradScaler(config.loss_scale)
+    return DynamicGradScaler(initial_scale=config.initial_loss_scale, min_scale=config.min_loss_scale,
+                             growth_factor=2.0, backoff_factor=0.5, growth_interval=config.loss_scale_window,
+                             hysteresis=config.hysteresis)

@@ -1,0 +1,309 @@
+"""Triton Newton–Schulz kernels (teonspeed.kernels), checked on the CPU through Triton's interpreter.
+
+The interpreter only works when TRITON_INTERPRET=1 is set before triton's first import, and in a
+pytest session triton is often already imported (torch._dynamo imports it). Setting the variable for
+the whole session would also leak into every later test and subprocess, and on a GPU machine turn
+their Triton kernels into interpreted ones. So the interpreted checks run in ONE fresh subprocess
+(this file run as a script, `--worker`), which reports a JSON verdict per check; each check is then
+a separate pytest test here. Everything else runs in-process and never runs a kernel.
+
+Skipped, with the reason shown, only when triton is not importable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    # Before torch/triton are imported: the worker process is the interpreter's.
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from teonspeed import kernels  # noqa: E402
+from teonspeed.kernels import flops_per_step, lower_tile_pairs, sym_grid  # noqa: E402
+from teonspeed.ortho.coefficients import Schedule, schedule_for  # noqa: E402
+from teonspeed.ortho.newton_schulz import newton_schulz  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+NEEDS_TRITON = pytest.mark.skipif(not kernels.triton_importable(),
+                                  reason=f"triton is not importable ({kernels.TRITON_IMPORT_ERROR})")
+WORKER_TIMEOUT_S = 240
+
+
+# ----------------------------------------------------------------------------- in-process, no kernel runs
+
+def test_lower_tile_pairs_cover_one_triangle_once():
+    for t in (1, 2, 3, 5):
+        pairs = lower_tile_pairs(t)
+        assert len(pairs) == len(set(pairs)) == t * (t + 1) // 2
+        assert all(i >= j for i, j in pairs)
+        assert set(pairs) == {(i, j) for i in range(t) for j in range(t) if i >= j}
+    assert sym_grid(40, 3, 16) == (6, 3)  # 3 row tiles: 6 programs per matrix, not 9
+    assert sym_grid(16, 1, 16) == (1, 1)
+
+
+def test_flop_convention():
+    m, n = 64, 256
+    full = flops_per_step(m, n, symmetric=False)
+    half = flops_per_step(m, n, symmetric=True)
+    assert full == 2 * m * m * n + 2 * m ** 3 + 2 * m * m * n
+    assert half == m * m * n + m ** 3 + 2 * m * m * n
+    assert flops_per_step(n, m, symmetric=True) == half  # tall inputs run transposed
+
+
+def test_import_without_triton_never_fails():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, teonspeed.kernels as k\n"
+            "assert not k.triton_importable() and not k.triton_available(torch.zeros(2, 2))\n"
+            "assert k.lower_tile_pairs(2) == [(0, 0), (1, 0), (1, 1)]\n"
+            "try:\n"
+            "    k.newton_schulz_triton(torch.zeros(2, 2), None, torch.float32)\n"
+            "except ImportError as e:\n"
+            "    print('OK', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@NEEDS_TRITON
+def test_triton_available_rules(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels.triton_available(torch.zeros(2, 2))  # CPU tensor, no interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # In this process triton was imported without the interpreter, which then cannot run.
+    assert kernels.triton_available(torch.zeros(2, 2)) == kernels.interpreter_ready()
+
+
+@NEEDS_TRITON
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the session itself runs the interpreter")
+def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
+    """The real (not interpreted) code path: both kernels lower to PTX and a cubin for an H100 with
+    tensor-core MMA, using the ptxas inside the triton wheel. No GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from teonspeed.kernels import newton_schulz_triton as _  # noqa: F401  (module is loaded)
+    impl = sys.modules["teonspeed.kernels.newton_schulz_triton"]
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sym, upd = impl._kernels()
+    ints = lambda names: {n: "i32" for n in names}  # noqa: E731
+    flags = dict(UPCAST=False, IEEE=False, RNE_BF16=False)
+    sym_sig = {"p_ptr": "*bf16", "c_ptr": "*bf16", "out_ptr": "*bf16", "pairs_ptr": "*i32",
+               **ints(["M", "K", "s_pb", "s_pm", "s_pk", "s_cb", "s_cm", "s_cn", "s_ob", "s_om", "s_on"]),
+               "alpha": "fp32", "beta": "fp32"}
+    sym_const = dict(HAS_C=True, MIRROR=True, BLOCK_M=128, BLOCK_K=64, **flags)
+    upd_sig = {"b_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16",
+               **ints(["M", "N", "s_bb", "s_bm", "s_bk", "s_xb", "s_xm", "s_xn", "s_ob", "s_om", "s_on"]),
+               "a_coef": "fp32"}
+    upd_const = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, **flags)
+    for fn, sig, const in ((sym, sym_sig, sym_const), (upd, upd_sig, upd_const)):
+        sig = {**sig, **{k: "constexpr" for k in const}}
+        src = triton.compiler.ASTSource(fn, sig, constexprs=const)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+        assert len(compiled.asm["cubin"]) > 0
+        assert "mma" in compiled.asm["ptx"], f"{fn.__name__}: no tensor-core MMA in the PTX"
+
+
+# ----------------------------------------------------------------------------- interpreted checks (worker)
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _impl():
+    return sys.modules["teonspeed.kernels.newton_schulz_triton"]
+
+
+def _check_sym_matches_gram():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 24, generator=g)  # 3 row tiles of 16, the last one masked
+    a = kernels.sym_matmul(x, block_m=16, block_k=16)
+    assert (a - x @ x.mT).abs().max().item() < 1e-4
+    assert torch.equal(a, a.mT), "A must be exactly symmetric"
+    xb = x.to(torch.bfloat16)
+    ab = kernels.sym_matmul(xb, block_m=16, block_k=16)
+    ref = (xb.float() @ xb.float().mT).to(torch.bfloat16)
+    assert ab.dtype == torch.bfloat16 and torch.equal(ab, ab.mT)
+    assert _rel(ab, ref) < 4e-3
+
+
+def _check_sym_computes_lower_tiles_only():
+    impl = _impl()
+    launched = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(tuple(grid))
+            return self.kernel[grid]
+
+    real = impl._kernels
+    sym, upd = real()
+    impl._kernels = lambda: (Spy(sym), upd)
+    try:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 40, 24, generator=g)
+        out = torch.full((2, 40, 40), float("nan"))
+        kernels.sym_matmul(x, out=out, block_m=16, block_k=16, mirror=False)
+    finally:
+        impl._kernels = real
+    assert launched == [(6, 2)], launched  # 3·4/2 tile programs per matrix, one launch for the batch
+    ref = x @ x.mT
+    for i in range(3):
+        for j in range(3):
+            tile = out[:, 16 * i:16 * (i + 1), 16 * j:16 * (j + 1)]
+            want = ref[:, 16 * i:16 * (i + 1), 16 * j:16 * (j + 1)]
+            if i >= j:
+                assert (tile - want).abs().max().item() < 1e-4, (i, j)
+            else:
+                assert torch.isnan(tile).all(), f"upper tile {(i, j)} was written"
+
+
+def _check_sym_with_c_is_b_update():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 40, 56, generator=g) / 8
+    a = x @ x.mT
+    b, c = -4.775, 2.0315
+    out = kernels.sym_matmul(a, alpha=c, c=a, beta=b, block_m=16, block_k=16)
+    assert (out - (b * a + c * a @ a)).abs().max().item() < 1e-4
+    assert torch.equal(out, out.mT)
+
+
+def _check_ns_update():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 56, generator=g)
+    bm = torch.randn(2, 40, 40, generator=g)
+    out = kernels.ns_update(bm, x, 3.4445, block_m=16, block_n=16, block_k=16)
+    assert (out - (3.4445 * x + bm @ x)).abs().max().item() < 1e-3
+
+
+def _matches_torch(method: str, dtype: torch.dtype, shape):
+    def check():
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(*shape, generator=g)
+        sched = schedule_for(method, 5)
+        y = kernels.newton_schulz_triton(x, sched, dtype)
+        ref = newton_schulz(x, sched, dtype)
+        assert y.shape == x.shape and y.dtype == dtype
+        if dtype == torch.float32:
+            assert (y - ref).abs().max().item() < 1e-4
+            return
+        # bf16: the kernels round A, B and X once each, like torch's 2-D path (addmm). Torch's batched
+        # path rounds b·A and A·A separately, so compare batched inputs matrix by matrix with the 2-D
+        # path, and check against the fp64 iteration that the kernels are no worse than torch batched.
+        per_matrix = torch.stack([newton_schulz(xi, sched, dtype) for xi in x.reshape(-1, *shape[-2:])])
+        assert _rel(y.reshape(per_matrix.shape), per_matrix) < 1e-2
+        exact = newton_schulz(x.double(), sched, torch.float64)
+        assert _rel(y, exact) <= 1.5 * _rel(ref, exact) + 2e-3
+    return check
+
+
+def _check_small_blocks_multi_tile():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 40, 56, generator=g)  # 3 x 4 tiles of 16, both edges masked
+    sched = schedule_for("polar_express", 5)
+    small = kernels.Blocks(sym_m=16, sym_k=16, upd_m=16, upd_n=16, upd_k=16, num_warps=4, num_stages=2)
+    y = kernels.newton_schulz_triton(x, sched, torch.float32, blocks=small)
+    assert (y - newton_schulz(x, sched, torch.float32)).abs().max().item() < 1e-4
+    yb = kernels.newton_schulz_triton(x, sched, torch.bfloat16, blocks=small)
+    per_matrix = torch.stack([newton_schulz(xi, sched, torch.bfloat16) for xi in x])
+    assert _rel(yb, per_matrix) < 1e-2
+
+
+def _check_leading_dims_tall_and_zero():
+    g = torch.Generator().manual_seed(6)
+    sched = schedule_for("ns5", 5)
+    for shape in ((2, 2, 16, 32), (2, 48, 16)):
+        x = torch.randn(*shape, generator=g)
+        y = kernels.newton_schulz_triton(x, sched, torch.float32)
+        assert y.shape == x.shape
+        assert (y - newton_schulz(x, sched, torch.float32)).abs().max().item() < 1e-4
+    z = torch.zeros(2, 16, 32)
+    z[1] = torch.randn(16, 32, generator=g)
+    yz = kernels.newton_schulz_triton(z, sched, torch.bfloat16)
+    assert torch.count_nonzero(yz[0]) == 0, "a zero matrix must stay zero"
+    assert torch.isfinite(yz).all()
+
+
+def _check_per_step_coefficients_and_margin():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 32, generator=g)
+    custom = Schedule("custom", ((3.0, -3.2, 1.2), (2.0, -1.5, 0.5), (1.875, -1.25, 0.375)), 1.3)
+    y = kernels.newton_schulz_triton(x, custom, torch.float32)
+    assert (y - newton_schulz(x, custom, torch.float32)).abs().max().item() < 1e-5
+    swapped = Schedule("swapped", tuple(reversed(custom.steps)), 1.3)
+    assert (y - kernels.newton_schulz_triton(x, swapped, torch.float32)).abs().max().item() > 1e-3
+
+
+def _check_fp64_delegates_and_available():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    sched = schedule_for("ns5", 5)
+    assert torch.equal(kernels.newton_schulz_triton(x, sched, torch.float64), newton_schulz(x, sched, torch.float64))
+    assert kernels.triton_available(torch.zeros(2, 2)) and kernels.interpreter_ready()
+
+
+CHECKS: Dict[str, Callable[[], None]] = {
+    "sym_matches_gram": _check_sym_matches_gram,
+    "sym_computes_lower_tiles_only": _check_sym_computes_lower_tiles_only,
+    "sym_with_c_is_b_update": _check_sym_with_c_is_b_update,
+    "ns_update": _check_ns_update,
+    "small_blocks_multi_tile": _check_small_blocks_multi_tile,
+    "leading_dims_tall_and_zero": _check_leading_dims_tall_and_zero,
+    "per_step_coefficients_and_margin": _check_per_step_coefficients_and_margin,
+    "fp64_delegates_and_available": _check_fp64_delegates_and_available,
+}
+for _method in ("ns5", "polar_express"):
+    for _dtype in (torch.float32, torch.bfloat16):
+        for _shape in ((16, 32), (32, 16), (3, 16, 48)):
+            _name = f"matches_torch[{_method}-{str(_dtype).split('.')[-1]}-{'x'.join(map(str, _shape))}]"
+            CHECKS[_name] = _matches_torch(_method, _dtype, _shape)
+
+
+def _worker(out_path: str) -> None:
+    torch.manual_seed(0)
+    results = {}
+    for name, fn in CHECKS.items():
+        t0 = time.perf_counter()
+        try:
+            fn()
+            results[name] = {"ok": True, "s": time.perf_counter() - t0}
+        except Exception:  # report every check, never stop at the first failure
+            results[name] = {"ok": False, "s": time.perf_counter() - t0, "error": traceback.format_exc()}
+    Path(out_path).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted_results():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHDYNAMO_DISABLE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "results.json"
+        env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton_cache")
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(out)], capture_output=True, text=True,
+                              env=env, cwd=str(REPO), timeout=WORKER_TIMEOUT_S)
+        if proc.returncode != 0 or not out.exists():
+            pytest.fail(f"interpreter worker failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_interpreted(name, interpreted_results):
+    result = interpreted_results[name]
+    assert result["ok"], f"{name} failed in the TRITON_INTERPRET=1 worker:\n{result.get('error')}"
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker(sys.argv[sys.argv.index("--worker") + 1])
