@@ -95,13 +95,21 @@ def _train_recording_lr(rank, world_size, config, steps):
     return lrs, {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_engine_with_clipping_scheduler_and_accumulation_equals_a_plain_loop(stage):
+SCHEDULERS = {
+    "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 3, "warmup_type": "linear"},
+    "WarmupDecayLR": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 2, "total_num_steps": 5,
+                      "warmup_type": "linear"},
+    "WarmupCosineLR": {"total_num_steps": 5, "warmup_num_steps": 2, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1},
+}
+
+
+@pytest.mark.parametrize("stage,scheduler", [(0, "WarmupLR"), (2, "WarmupLR"), (2, "WarmupDecayLR"),
+                                             (2, "WarmupCosineLR")])
+def test_engine_with_clipping_scheduler_and_accumulation_equals_a_plain_loop(stage, scheduler):
     params_cfg = {"lr": 0.02, "adamw_lr": 3e-3, "weight_decay": 0.1}
     config = h.ds_config("TEON", stage=stage, params=params_cfg, gradient_clipping=0.05,
                          gradient_accumulation_steps=2,
-                         scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02,
-                                                                   "warmup_num_steps": 3, "warmup_type": "linear"}})
+                         scheduler={"type": scheduler, "params": SCHEDULERS[scheduler]})
     lrs, params = run_ranks(_train_recording_lr, 2, config, 4, timeout=120)[0]
     assert all(len(set(step)) == 1 for step in lrs)  # one schedule drives the AdamW and the matrix groups
     assert lrs[0][0] == 0.0 and lrs[-1][0] > 0
