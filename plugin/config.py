@@ -66,6 +66,9 @@ class OptimizerConfig:
     parallel_mode: str = "distributed"
     """distributed: each group is orthogonalized once, by one owner rank; replicated: every rank
     gathers and computes everything (the simple baseline)."""
+    overlap_waves: int = 2
+    """distributed mode: exchange in this many waves, so one wave's transform overlaps the next wave's
+    gather and the previous wave's scatter (1: no overlap, the fewest collectives)."""
     grouping_rule: Optional[Callable[[str], Any]] = field(default=None, repr=False)
     """Optional callable name -> grouping.LayerRef | None that overrides the built-in name rules."""
 
@@ -97,6 +100,8 @@ class OptimizerConfig:
         need(self.adamw_eps > 0, "adamw_eps", f"must be > 0, got {self.adamw_eps}")
         need(self.parallel_mode in PARALLEL_MODES, "parallel_mode",
              f"must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}")
+        need(isinstance(self.overlap_waves, int) and self.overlap_waves >= 1, "overlap_waves",
+             f"must be an integer >= 1, got {self.overlap_waves!r}")
         self.teon_types = tuple(self.teon_types)
         self.adamw_betas = tuple(self.adamw_betas)
         if self.ht_method == "ns":

@@ -101,7 +101,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
         # Collective over the world: every rank builds its optimizer at the same point.
         topologies = {"dense": build_topology(ctx.tp_group, ctx.dp_group),
                       "expert": build_topology(ctx.expert_tp_group, ctx.expert_dp_group)}
-        return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps or 5)
+        return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps or 5,
+                                 waves=self.config.overlap_waves)
 
     @property
     def comm_stats(self):

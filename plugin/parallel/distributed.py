@@ -7,7 +7,9 @@ full stacked matrix there, and send every rank its shard of the update.
     phase B  all_to_all over tp×dp: each owner sends every rank (all replicas) its shard of each update
 
 Owners are chosen by `owners.assign_owners` on the iteration's FLOPs, the same on every rank, so no
-metadata is exchanged: both sides of every message derive its layout from the shared plan.
+metadata is exchanged: both sides of every message derive its layout from the shared plan. The groups
+go in `waves` (asynchronous collectives): wave k is transformed while wave k+1's shards travel to their
+owners and wave k-1's updates travel back.
 "replicated" mode instead all-gathers every shard over TP and computes everything on every rank.
 """
 from __future__ import annotations
@@ -55,13 +57,14 @@ class _Placement:
 
 class DistributedRunner:
     def __init__(self, topologies: Dict[str, Topology], specs: Dict[str, ShardSpec], mode: str,
-                 ns_steps: int, world_group: Optional[dist.ProcessGroup] = None) -> None:
+                 ns_steps: int, world_group: Optional[dist.ProcessGroup] = None, waves: int = 2) -> None:
         self.topologies = topologies  # "dense" and "expert"
         self.specs = specs
         self.mode = mode
         self.ns_steps = ns_steps
         self.world_group = world_group
         self.stats = CommStats()
+        self.waves = max(1, waves)  # owner-compute exchanges in this many overlapped waves
 
     # -- shared by every rank ---------------------------------------------------------------------
     def all_finite(self, local_finite: bool) -> bool:
@@ -150,17 +153,34 @@ class DistributedRunner:
         self._compute(groups, fulls, transform, write, topology)
 
     def _run_owner_compute(self, groups, topology, read, write, transform) -> None:
+        """Waves of groups: while the owners transform wave k, the shards of wave k+1 travel to their
+        owners and the updates of wave k-1 travel back (asynchronous all_to_alls)."""
         owners = self.owners(groups, topology)
-        me = topology.work_rank
-        peers = topology.replica_peers()
-        sharded = lambda m: self.placement(m, topology).dim is not None  # noqa: E731
+        dtype = read(groups[0].members[0]).dtype if groups else torch.float32
+        waves = _split_waves(groups, [ns_flops(g.stacked_shape, self.ns_steps) for g in groups], self.waves)
+        incoming = self._send_shards(groups, owners, waves[0], topology, read, dtype) if waves else None
+        outgoing = []
+        for k, wave in enumerate(waves):
+            received = incoming.wait()
+            if k + 1 < len(waves):
+                incoming = self._send_shards(groups, owners, waves[k + 1], topology, read, dtype)
+            updates = self._transform_owned(groups, owners, wave, received, topology, read, transform)
+            outgoing.append((wave, updates, self._send_updates(groups, owners, wave, updates, topology, dtype)))
+        for wave, updates, exchange in outgoing:
+            self._write_updates(groups, owners, wave, updates, exchange.wait(), topology, read, write)
 
-        # phase A: my shards of the groups my replica peers own -> them
+    def _sharded(self, m: MatrixRef, topology: Topology) -> bool:
+        return self.placement(m, topology).dim is not None
+
+    def _send_shards(self, groups, owners, wave, topology, read, dtype) -> "_Exchange":
+        """Phase A: my shards of this wave's groups owned by a TP peer of my own replica -> that owner."""
+        me, peers = topology.work_rank, topology.replica_peers()
         send: List[List[torch.Tensor]] = [[] for _ in range(topology.work_size)]
         recv_sizes = [0] * topology.work_size
-        for g, owner in zip(groups, owners):
-            for m in g.members:
-                if not sharded(m):
+        for gi in wave:
+            owner = owners[gi]
+            for m in groups[gi].members:
+                if not self._sharded(m, topology):
                     continue
                 if owner != me and owner in peers:
                     send[owner].append(read(m).reshape(-1))
@@ -168,17 +188,19 @@ class DistributedRunner:
                     for q in peers:
                         if q != me:
                             recv_sizes[q] += self.shard_numel(m, topology)
-        dtype = read(groups[0].members[0]).dtype if groups else torch.float32
-        received = self._all_to_all(send, recv_sizes, topology, dtype)
+        return self._all_to_all(send, recv_sizes, topology, dtype)
 
-        # compute my groups on full matrices
-        mine = [(g, i) for i, (g, owner) in enumerate(zip(groups, owners)) if owner == me]
-        fulls: Dict[Tuple[int, int], torch.Tensor] = {}
+    def _transform_owned(self, groups, owners, wave, received, topology, read, transform):
+        """Assemble the full members of the groups I own in this wave, transform them (same-shape stacks
+        batched), and return (group index, member index) -> full update."""
+        me, peers = topology.work_rank, topology.replica_peers()
         offsets = [0] * topology.work_size
-        for g, gi in mine:
-            for mi, m in enumerate(g.members):
+        fulls: Dict[Tuple[int, int], torch.Tensor] = {}
+        mine = [gi for gi in wave if owners[gi] == me]
+        for gi in mine:
+            for mi, m in enumerate(groups[gi].members):
                 local = read(m)
-                if not sharded(m):
+                if not self._sharded(m, topology):
                     fulls[(gi, mi)] = local
                     continue
                 shards = []
@@ -192,35 +214,41 @@ class DistributedRunner:
                 p = self.placement(m, topology)
                 fulls[(gi, mi)] = assemble(shards, p.dim, p.stride)
         updates: Dict[Tuple[int, int], torch.Tensor] = {}
-        index = {id(g): gi for g, gi in mine}
-        for bucket in bucket_by_shape([g for g, _ in mine]).values():
+        index = {id(groups[gi]): gi for gi in mine}
+        for bucket in bucket_by_shape([groups[gi] for gi in mine]).values():
             stacked = [unfold([fulls[(index[id(g)], mi)] for mi in range(len(g.members))], g.mode) for g in bucket]
             for g, out in zip(bucket, transform_groups(bucket, stacked, transform)):
                 self.stats.flops += ns_flops(g.stacked_shape, self.ns_steps)
                 for mi, piece in enumerate(fold(out, g.mode, len(g.members))):
                     updates[(index[id(g)], mi)] = piece
+        return updates
 
-        # phase B: every rank's shard of my updates -> it; theirs -> me
-        send = [[] for _ in range(topology.work_size)]
+    def _send_updates(self, groups, owners, wave, updates, topology, dtype) -> "_Exchange":
+        """Phase B: every rank's shard of the updates I own -> it (all replicas)."""
+        me = topology.work_rank
+        send: List[List[torch.Tensor]] = [[] for _ in range(topology.work_size)]
         recv_sizes = [0] * topology.work_size
-        for gi, (g, owner) in enumerate(zip(groups, owners)):
-            for mi, m in enumerate(g.members):
-                if owner == me:
+        for gi in wave:
+            for mi, m in enumerate(groups[gi].members):
+                if owners[gi] == me:
                     for q in range(topology.work_size):
                         if q != me:
                             send[q].append(self._shard_for(updates[(gi, mi)], m, topology, q).reshape(-1))
                 else:
-                    recv_sizes[owner] += self.shard_numel(m, topology)
-        received = self._all_to_all(send, recv_sizes, topology, dtype)
+                    recv_sizes[owners[gi]] += self.shard_numel(m, topology)
+        return self._all_to_all(send, recv_sizes, topology, dtype)
+
+    def _write_updates(self, groups, owners, wave, updates, received, topology, read, write) -> None:
+        me = topology.work_rank
         offsets = [0] * topology.work_size
-        for gi, (g, owner) in enumerate(zip(groups, owners)):
-            for mi, m in enumerate(g.members):
+        for gi in wave:
+            owner = owners[gi]
+            for mi, m in enumerate(groups[gi].members):
                 if owner == me:
                     write(m, self._shard_for(updates[(gi, mi)], m, topology, me))
                 else:
                     n = self.shard_numel(m, topology)
-                    local = read(m)
-                    write(m, received[owner][offsets[owner]:offsets[owner] + n].view_as(local))
+                    write(m, received[owner][offsets[owner]:offsets[owner] + n].view_as(read(m)))
                     offsets[owner] += n
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -259,14 +287,43 @@ class DistributedRunner:
         return fulls
 
     def _all_to_all(self, send: List[List[torch.Tensor]], recv_sizes: List[int], topology: Topology,
-                    dtype: torch.dtype) -> List[torch.Tensor]:
-        """One batched exchange (every work rank takes part, even with nothing to send); returns the
-        flat buffer received from each work rank."""
+                    dtype: torch.dtype) -> "_Exchange":
+        """Start one batched exchange (every work rank takes part, even with nothing to send)."""
         send_flat = [torch.cat(parts) if parts else torch.zeros(0, dtype=dtype) for parts in send]
         send_sizes = [t.numel() for t in send_flat]
         out = torch.empty(sum(recv_sizes), dtype=dtype)
+        work = None
         if topology.work_size > 1:
-            dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes, group=topology.work_group)
+            work = dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes,
+                                          group=topology.work_group, async_op=True)
         itemsize = out.element_size()
         self.stats.add(sum(send_sizes) * itemsize, sum(recv_sizes) * itemsize)
-        return list(out.split(recv_sizes))
+        return _Exchange(work, out, recv_sizes)
+
+
+class _Exchange:
+    """An all_to_all in flight; wait() gives the flat buffer received from each work rank."""
+
+    def __init__(self, work, out: torch.Tensor, recv_sizes: List[int]) -> None:
+        self.work, self.out, self.recv_sizes = work, out, recv_sizes
+
+    def wait(self) -> List[torch.Tensor]:
+        if self.work is not None:
+            self.work.wait()
+        return list(self.out.split(self.recv_sizes))
+
+
+def _split_waves(groups: Sequence[OrthoGroup], costs: Sequence[float], waves: int) -> List[List[int]]:
+    """Group indices cut into at most `waves` consecutive runs of about equal cost (the same on every
+    rank: it depends only on the shared plan)."""
+    if not groups:
+        return []
+    total = sum(costs) or 1.0
+    out: List[List[int]] = [[]]
+    acc = 0.0
+    for i, cost in enumerate(costs):
+        if out[-1] and acc >= total * len(out) / waves and len(out) < waves:
+            out.append([])
+        out[-1].append(i)
+        acc += cost
+    return out

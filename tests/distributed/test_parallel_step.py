@@ -189,3 +189,10 @@ def test_cutting_at_the_stage_boundary_is_an_opt_in():
     results = run_ranks(train, 2, pp=2, num_layers=6, optimizer="teon", timeout=120,
                         options={"cut_groups_at_stage_boundary": True})
     assert any("falls back to Muon" in r[3] for r in results)
+
+
+@pytest.mark.parametrize("waves", [1, 3])
+def test_overlap_waves_do_not_change_the_update(waves):
+    a = gather_full(run_ranks(train, 4, tp=2, optimizer="teon", options={"overlap_waves": waves}, timeout=120))
+    b = gather_full(run_ranks(train, 4, tp=2, optimizer="teon", mode="replicated", timeout=120))
+    assert_same_model(a, b, tol=1e-6)
