@@ -32,8 +32,8 @@ cpu_shims.apply()
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig  # noqa: E402
 
 import teonspeed  # noqa: E402
 
@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per data-parallel rank per step")
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 64, or the model config's)")
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
@@ -78,9 +78,36 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--model-config", default=None,
+                   help="configs/models/<name>.yaml (a name, a path or a layout): the architecture; replaces "
+                        "--vocab/--hidden/--layers/--heads/--groups/--ffn")
+    p.add_argument("--data-dir", default=None,
+                   help="Megatron indexed datasets from launch/prepare_data.py (train/valid .bin/.idx and "
+                        "tokenizer.json); default: tokenize the embedded corpus in memory")
     args = p.parse_args()
     args.name = args.name or f"{args.optimizer}_tp{args.tp}"
+    args.transformer, args.gpt = model_fields(args)
+    t = args.transformer
+    args.layers, args.hidden, args.heads, args.ffn = (t["num_layers"], t["hidden_size"], t["num_attention_heads"],
+                                                      t["ffn_hidden_size"])
+    args.groups = t.get("num_query_groups") or args.heads
+    args.vocab = args.gpt["vocab_size"]
+    args.seq = args.seq or args.gpt["seq_length"]
     return args
+
+
+def model_fields(args) -> tuple[dict, dict]:
+    """(TransformerConfig fields, GPTModel fields): the --model-config YAML's `transformer` and `model`
+    sections (read by launch/memory.py, which also estimates their memory), else the flags."""
+    if args.model_config:
+        from memory import load_model_config
+        cfg = load_model_config(args.model_config)
+        return dict(cfg["transformer"]), dict(cfg["model"])
+    return (dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                 num_query_groups=args.groups, ffn_hidden_size=args.ffn, gated_linear_unit=True,
+                 add_bias_linear=False, normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0),
+            dict(vocab_size=args.vocab, seq_length=args.seq or 64, position_embedding_type="rope",
+                 share_embeddings_and_output_weights=False, activation="silu"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,6 +199,39 @@ class TrainBatches:
         return windows(self.stream, starts, self.seq)
 
 
+class IndexedBatches:
+    """Megatron GPTDataset samples (shuffled windows of seq + 1 tokens over the documents): step i of DP
+    rank r takes samples (i * dp + r) * batch ... + batch - 1, so the replicas read disjoint samples
+    and the TP ranks of one replica the same ones."""
+
+    def __init__(self, dataset, batch: int, dp_rank: int, dp: int):
+        self.dataset, self.batch, self.dp_rank, self.dp, self.step = dataset, batch, dp_rank, dp, 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = (self.step * self.dp + self.dp_rank) * self.batch
+        self.step += 1
+        return stack_samples([self.dataset[first + i] for i in range(self.batch)])
+
+
+def stack_samples(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([s["tokens"] for s in samples]), torch.stack([s["labels"] for s in samples])
+
+
+def indexed_data(args, dp: int, dp_rank: int):
+    """(tokenizer, train batches, validation batches) from --data-dir. Every rank builds the datasets
+    (global rank 0 writes the sample-index cache first, the others then read it)."""
+    from prepare_data import MegatronTokenizerAdapter, gpt_dataset
+    data = Path(args.data_dir)
+    tok = MegatronTokenizerAdapter(data / "tokenizer.json")
+    train = gpt_dataset(data / "train", tok, args.seq, num_samples=args.steps * args.micro_batch * dp, seed=args.seed)
+    valid = gpt_dataset(data / "valid", tok, args.seq, seed=args.seed, split="valid")
+    n = min(args.eval_batches, len(valid) // args.micro_batch)
+    val_set = [stack_samples([valid[i * args.micro_batch + j] for j in range(args.micro_batch)]) for i in range(n)]
+    log(f"data: {data} (Megatron indexed datasets), {len(train)} train / {len(valid)} validation samples of "
+        f"{args.seq} + 1 tokens, vocab {tok.vocab_size}")
+    return tok, IndexedBatches(train, args.micro_batch, dp_rank, dp), val_set
+
+
 def val_batches(stream: torch.Tensor, seq: int, batch: int, count: int) -> list:
     """A fixed set of evenly spaced validation windows, the same at every evaluation."""
     n = count * batch
@@ -182,23 +242,50 @@ def val_batches(stream: torch.Tensor, seq: int, batch: int, count: int) -> list:
 # ---------------------------------------------------------------------------------------------------
 # Model and optimizer
 # ---------------------------------------------------------------------------------------------------
+ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
+
+
+class SDPACoreAttention(torch.nn.Module):
+    """Causal attention by torch's scaled_dot_product_attention, for MLA on CPU: megatron-core 0.16.1's
+    local DotProductAttention takes no k_channels/v_channels (MLA's query/key and value head sizes differ)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [s, b, n, d] -> [b, n, s, d]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)  # [s, b, n * d_v]
+
+
 def build_model(args, vocab_size: int) -> GPTModel:
-    """LLaMA-style: RMSNorm, SwiGLU, RoPE, no biases, grouped-query attention, untied output layer."""
-    config = TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.groups, ffn_hidden_size=args.ffn, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, normalization="RMSNorm",
-        hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=args.tp,
+    """By default LLaMA-style: RMSNorm, SwiGLU, RoPE, no biases, grouped-query attention, untied output
+    layer; with --model-config whatever configs/models/<name>.yaml describes (GPT-2, MoE, ...)."""
+    fields = dict(args.transformer)
+    config_class = MLATransformerConfig if fields.pop("multi_latent_attention", False) else TransformerConfig
+    config = config_class(
+        **fields, activation_func=ACTIVATIONS[args.gpt["activation"]], tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=1, params_dtype=torch.float32, pipeline_dtype=torch.float32,
         # CPU: build full weights on the CPU and slice them (same init at any TP), no fused CUDA kernels.
         use_cpu_initialization=True, gradient_accumulation_fusion=False, masked_softmax_fusion=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         batch_p2p_comm=False)
     cpu_shims.megatron_seed(args.seed)  # model_parallel_cuda_manual_seed without CUDA
-    spec = get_gpt_layer_local_spec(num_experts=None, moe_grouped_gemm=False)
+    # One spec per layer: dense, MoE (moe_layer_freq) or MLA, all with megatron-core's local modules.
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
+    if config.multi_latent_attention:
+        import megatron.core.transformer.multi_latent_attention as mla
+        mla.HAVE_TE = False  # TE is absent; its stand-in would make MLA's isinstance(.., TELinear) fail
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                     max_sequence_length=args.seq, pre_process=True, post_process=True,
-                    position_embedding_type="rope", share_embeddings_and_output_weights=False)
+                    position_embedding_type=args.gpt["position_embedding_type"],
+                    share_embeddings_and_output_weights=args.gpt["share_embeddings_and_output_weights"],
+                    rotary_base=args.gpt.get("rotary_base", 10000))
 
 
 def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -326,18 +413,26 @@ def main() -> None:
         random.seed(args.seed)
         torch.manual_seed(args.seed)
 
-        # Data: the stdlib corpus, a fixed 95/5 split, a BPE tokenizer trained on the training part.
-        docs = load_documents()
-        train_docs, val_docs = split_documents(docs)
-        digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()[:12]
-        tok = build_tokenizer(train_docs, args.vocab, run_dir / "tokenizer.json")
-        train_stream, val_stream = encode(tok, train_docs), encode(tok, val_docs)
-        log(f"corpus: {len(CORPUS_MODULES)} stdlib modules, {sum(map(len, docs)) / 1e6:.2f} MB, sha256 {digest}; "
-            f"{len(train_docs)}/{len(val_docs)} train/val documents, {len(train_stream)}/{len(val_stream)} tokens, "
-            f"vocab {tok.get_vocab_size()}")
+        if args.data_dir:
+            # Data: Megatron indexed datasets written by launch/prepare_data.py.
+            tok, batches, val_set = indexed_data(args, dp, dp_rank)
+            vocab_size = tok.vocab_size
+        else:
+            # Data: the stdlib corpus, a fixed 95/5 split, a BPE tokenizer trained on the training part.
+            docs = load_documents()
+            train_docs, val_docs = split_documents(docs)
+            digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()[:12]
+            tok = build_tokenizer(train_docs, args.vocab, run_dir / "tokenizer.json")
+            train_stream, val_stream = encode(tok, train_docs), encode(tok, val_docs)
+            vocab_size = tok.get_vocab_size()
+            log(f"corpus: {len(CORPUS_MODULES)} stdlib modules, {sum(map(len, docs)) / 1e6:.2f} MB, sha256 {digest}; "
+                f"{len(train_docs)}/{len(val_docs)} train/val documents, {len(train_stream)}/{len(val_stream)} tokens, "
+                f"vocab {vocab_size}")
+            batches = TrainBatches(train_stream, args.seq, args.micro_batch, args.seed, dp_rank)
+            val_set = val_batches(val_stream, args.seq, args.micro_batch, args.eval_batches)
 
         # Model and optimizer.
-        model = build_model(args, padded_vocab(tok.get_vocab_size(), args.tp))
+        model = build_model(args, padded_vocab(vocab_size, args.tp))
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.groups} groups, "
             f"ffn {args.ffn}, seq {args.seq}; {n_params / 1e6:.3f} M parameters on this rank; "
@@ -346,8 +441,6 @@ def main() -> None:
         log(opt.plan if hasattr(opt, "plan") else f"optimizer: torch.optim.AdamW lr={args.adamw_lr}")
 
         # Train.
-        batches = TrainBatches(train_stream, args.seq, args.micro_batch, args.seed, dp_rank)
-        val_set = val_batches(val_stream, args.seq, args.micro_batch, args.eval_batches)
         tokens_per_step = dp * args.micro_batch * args.seq
         rows, window = [], []  # rows: one per step for metrics.csv; window: train losses since the last table row
         log(f"\n{args.steps} steps of {tokens_per_step} tokens, optimizer {args.optimizer}\n{HEADER}\n{'-' * len(HEADER)}")
@@ -382,6 +475,7 @@ def main() -> None:
             f"(train {t_train:.1f} s, {args.steps * tokens_per_step / t_train:.0f} tokens/s; "
             f"total {time.perf_counter() - t_start:.1f} s)")
         if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)  # (--data-dir: no tokenizer was written there)
             write_csv(rows, run_dir / "metrics.csv")
             plot(rows, run_dir / "loss.png", f"{args.optimizer}, TP={args.tp} x DP={dp}, {args.steps} steps")
             log(f"wrote {run_dir / 'metrics.csv'} and {run_dir / 'loss.png'}")

@@ -147,3 +147,23 @@ def test_embedded_mode_uses_pretrain_split(tmp_path, monkeypatch):
         assert [ds[i].tolist() for i in range(len(ds))] == expected(tok, split)
         assert manifest["splits"][name]["documents"] == len(split)
     assert json.loads((tmp_path / "emb" / "manifest.json").read_text())["eod"] == tok.token_to_id(pdata.EOD)
+
+
+# launch/plot.py, the other end of a run's data: metrics.csv -> one PNG of several runs.
+def test_plot_reads_columns_from_header(tmp_path, capsys):
+    import plot
+    a, b = tmp_path / "run_a", tmp_path / "run_b"
+    a.mkdir(), b.mkdir()
+    (a / "metrics.csv").write_text("step,train_loss,val_loss,lr,tokens_per_s\n0,,7.0,,\n1,6.9,,0.1,100\n"
+                                   "2,6.5,,0.1,\n3,6.1,6.2,0.1,100\n")
+    # another column order, an extra column, no tokens_per_s: read by name from the header
+    (b / "metrics.csv").write_text("lr,val_loss,step,grad_norm,train_loss\n0.1,,1,1.0,6.8\n0.1,6.0,2,0.9,6.4\n")
+    cols = plot.read_metrics(a / "metrics.csv")
+    assert cols["val_loss"] == [7.0, None, None, 6.2] and cols["train_loss"][0] is None
+    out = tmp_path / "curves.png"
+    assert plot.main([str(a), str(b / "metrics.csv"), "--out", str(out), "--smooth", "2"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "run_a: train_loss 6.1000 @ step 3, val_loss 6.2000 @ step 3" in printed
+    assert "run_b: val_loss 6.0000 @ step 2, train_loss 6.4000 @ step 2" in printed
+    assert plot.smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]

@@ -138,7 +138,7 @@ def _rank_params(rank, world, name, tp=1, pp=1, ep=1):
 
 @pytest.mark.parametrize("name, tp, pp, ep", [
     ("llama_tiny", 2, 1, 1), ("gpt2_130m", 2, 1, 1), ("moe_tiny", 2, 1, 1), ("moe_tiny", 1, 1, 2),
-    ("llama_tiny", 1, 2, 1), ("gpt2_130m", 1, 2, 1),
+    ("llama_tiny", 1, 2, 1), ("gpt2_130m", 1, 2, 1), ("gpt2_tiny", 2, 1, 1),
 ])
 def test_per_rank_parameters_match_megatron(name, tp, pp, ep):
     """Per rank: TP splits (vocab padded to 128 x TP), EP's local experts, PP stages (tied embeddings:

@@ -63,18 +63,18 @@ def test_two_nodes_two_ranks(monkeypatch, capsys, tmp_path):
                SLURM_GPUS_ON_NODE=2, SLURM_JOB_ID=4242)
     layout = slurm.slurm_layout()
     assert (layout.hosts, layout.master_addr, layout.node_rank) == (["gpu07", "gpu08"], "gpu07", 1)
-    assert (layout.nnodes, layout.nproc_per_node, layout.world_size, layout.master_port) == (2, 2, 4, 24242)
+    assert (layout.nnodes, layout.nproc_per_node, layout.world_size, layout.master_port) == (2, 2, 4, 14242)
 
     hostfile = tmp_path / "hostfile"
     assert slurm.main(["--dry-run", "--torchrun", "torchrun", "--hostfile", str(hostfile), "--",
                        "--tp", "2", "--name", "two words"]) == 0
     summary, nodes = parse_dry_run(capsys.readouterr().out)
-    assert "2 nodes x 2 processes = world 4" in summary and "master gpu07:24242" in summary
+    assert "2 nodes x 2 processes = world 4" in summary and "master gpu07:14242" in summary
     assert [n for n, _ in nodes] == [("0", "gpu07"), ("1", "gpu08")]
     for rank, (_, cmd) in enumerate(nodes):
         assert cmd[0] == "torchrun"
         assert flags(cmd) == {"nnodes": "2", "node_rank": str(rank), "master_addr": "gpu07",
-                              "master_port": "24242", "nproc_per_node": "2"}
+                              "master_port": "14242", "nproc_per_node": "2"}
         assert cmd[-5].endswith("launch/pretrain.py")
         assert cmd[-4:] == ["--tp", "2", "--name", "two words"]
     assert hostfile.read_text() == "gpu07 slots=2\ngpu08 slots=2\n"
