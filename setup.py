@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"teonspeed": "plugin", "teonspeed.patches": "patches"},
     packages=["teonspeed", "teonspeed.ortho", "teonspeed.optim", "teonspeed.parallel", "teonspeed.testing",
-              "teonspeed.patches"],
+              "teonspeed.patches", "teonspeed.kernels"],
     install_requires=[
         "torch==2.13.0",
         "numpy",
@@ -23,7 +23,7 @@ setup(
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core>=0.16.1,<0.17"],
         "launch": ["tokenizers>=0.19", "tqdm", "matplotlib", "pyyaml"],
-        "dev": ["pytest>=8", "deepspeed==0.19.8", "megatron-core>=0.16.1,<0.17", "tokenizers>=0.19"],
+        "dev": ["pytest>=8", "deepspeed==0.19.8", "megatron-core>=0.16.1,<0.17", "tokenizers>=0.19", "triton>=3.4"],
         "triton": ["triton>=3.4"],
         # NVIDIA apex is not on PyPI (the PyPI "apex" is an unrelated web toolkit): build it from source.
         "apex": [],

@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from .ortho import HEAVY_TAIL_METHODS, ORTHOGONALIZERS
+from .ortho import HEAVY_TAIL_METHODS, NS_BACKENDS, ORTHOGONALIZERS
 
 LR_SCALES = ("spectral", "fan_ratio", "rms_match", "none")
 NS_DTYPES = ("auto", "fp32", "bf16")
@@ -37,6 +37,9 @@ class OptimizerConfig:
     """Iterations of ns5/polar_express (default 5)."""
     ns_dtype: str = "auto"
     """Compute dtype of the iteration: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    ns_backend: str = "auto"
+    """Newton–Schulz implementation: auto (the Triton kernels of teonspeed.kernels for CUDA tensors when
+    triton imports, torch otherwise), torch, or triton (an error where it cannot run)."""
     lr_scale: Optional[str] = None
     """spectral √max(1,m/n) | fan_ratio √(m/n) | rms_match 0.2·√max(m,n) | none.
     Default: spectral for Muon and HTMuon, fan_ratio for TEON (the paper's)."""
@@ -85,6 +88,7 @@ class OptimizerConfig:
         need(self.ns_steps is None or (isinstance(self.ns_steps, int) and self.ns_steps >= 1), "ns_steps",
              f"must be a positive integer, got {self.ns_steps!r}")
         need(self.ns_dtype in NS_DTYPES, "ns_dtype", f"must be one of {NS_DTYPES}, got {self.ns_dtype!r}")
+        need(self.ns_backend in NS_BACKENDS, "ns_backend", f"must be one of {NS_BACKENDS}, got {self.ns_backend!r}")
         need(self.lr_scale in LR_SCALES, "lr_scale", f"must be one of {LR_SCALES}, got {self.lr_scale!r}")
         need(isinstance(self.teon_k, int) and self.teon_k >= 1, "teon_k",
              f"must be an integer >= 1, got {self.teon_k!r}")

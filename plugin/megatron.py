@@ -39,6 +39,7 @@ class TeonOptimizerConfig(OptimizerConfig):
     """lr of the AdamW part (embeddings, output head, norms, biases); None: the same as `lr`."""
     orthogonalizer: Optional[str] = None
     ns_dtype: str = "auto"
+    ns_backend: str = "auto"
     lr_scale: Optional[str] = None
     teon_k: Optional[int] = None
     teon_mode: int = 1
@@ -59,6 +60,7 @@ def teonspeed_options(config: TeonOptimizerConfig) -> Dict[str, Any]:
         adamw_lr=config.adamw_lr if config.adamw_lr is not None else lr,
         adamw_betas=(config.adam_beta1, config.adam_beta2), adamw_eps=config.adam_eps,
         adamw_weight_decay=config.weight_decay, orthogonalizer=config.orthogonalizer, ns_dtype=config.ns_dtype,
+        ns_backend=config.ns_backend,
         lr_scale=config.lr_scale, teon_mode=config.teon_mode, teon_types=config.teon_types,
         parallel_mode=config.parallel_mode, cut_groups_at_stage_boundary=config.cut_groups_at_stage_boundary)
     if config.optimizer != "muon":

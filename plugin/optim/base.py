@@ -148,7 +148,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
     def transform(self, stacked: torch.Tensor, step: int) -> torch.Tensor:
         """The rule: what a stack of momentum matrices (B, m, n) becomes. Muon/TEON: the polar factor."""
         c = self.config
-        return orthogonalize(stacked, c.orthogonalizer, c.ns_steps, _compute_dtype(c.ns_dtype))
+        return orthogonalize(stacked, c.orthogonalizer, c.ns_steps, _compute_dtype(c.ns_dtype), c.ns_backend)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -272,7 +272,7 @@ class HeavyTailMixin:
         if step % c.ht_interval != 0:
             return super().transform(stacked, step)
         return heavy_tail(stacked, c.ht_power, c.ht_method, c.orthogonalizer, c.ns_steps,
-                          _compute_dtype(c.ns_dtype))
+                          _compute_dtype(c.ns_dtype), backend=c.ns_backend)
 
 
 def _compute_dtype(ns_dtype: str) -> Optional[torch.dtype]:

@@ -17,6 +17,7 @@ from .newton_schulz import newton_schulz
 from .spectral import heavy_tail_svd, matrix_root_newton_schulz, polar_svd
 
 ORTHOGONALIZERS = ("ns5", "polar_express", "svd")
+NS_BACKENDS = ("auto", "torch", "triton")
 HEAVY_TAIL_METHODS = ("svd", "ns")
 DEFAULT_STEPS = {"ns5": 5, "polar_express": 5}
 
@@ -29,12 +30,31 @@ def default_compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if x.device.type == "cuda" else torch.float32
 
 
+def _newton_schulz_impl(x: torch.Tensor, backend: str):
+    """The Newton–Schulz implementation for `x`: "torch" (this package), "triton" (teonspeed.kernels;
+    an error where it cannot run) or "auto" (triton for CUDA tensors when it imports, else torch).
+    "auto" never imports triton for a CPU tensor."""
+    if backend not in NS_BACKENDS:
+        raise ValueError(f"ns_backend must be one of {NS_BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return newton_schulz
+    from ..kernels import TRITON_IMPORT_ERROR, newton_schulz_triton, triton_available
+    if triton_available(x):
+        return newton_schulz_triton
+    if backend == "triton":
+        why = TRITON_IMPORT_ERROR or "the tensor is not on a CUDA device (and TRITON_INTERPRET=1 is not in effect)"
+        raise RuntimeError(f"ns_backend='triton' cannot run here: {why}")
+    return newton_schulz
+
+
 def orthogonalize(x: torch.Tensor, method: str = "ns5", steps: Optional[int] = None,
-                  compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                  compute_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
     """The (approximate) orthogonal polar factor of every matrix in x, shape (..., m, n).
 
     method: "ns5" (Jordan's quintic, 5 steps by default), "polar_express" (per-step optimal quintics,
     5 steps by default) or "svd" (exact U Vᵀ). Zero matrices map to zero.
+    backend: the Newton–Schulz implementation, "auto" | "torch" | "triton" (see _newton_schulz_impl);
+    ignored for "svd".
     """
     if method not in ORTHOGONALIZERS:
         raise ValueError(f"orthogonalizer must be one of {ORTHOGONALIZERS}, got {method!r}")
@@ -46,12 +66,12 @@ def orthogonalize(x: torch.Tensor, method: str = "ns5", steps: Optional[int] = N
         return polar_svd(x).to(x.dtype)
     schedule = schedule_for(method, DEFAULT_STEPS[method] if steps is None else steps)
     dtype = compute_dtype or default_compute_dtype(x)
-    return newton_schulz(x, schedule, dtype).to(x.dtype)
+    return _newton_schulz_impl(x, backend)(x, schedule, dtype).to(x.dtype)
 
 
 def heavy_tail(x: torch.Tensor, power: float, method: str = "svd", orthogonalizer: str = "ns5",
                steps: Optional[int] = None, compute_dtype: Optional[torch.dtype] = None,
-               root_steps: int = 8) -> torch.Tensor:
+               root_steps: int = 8, backend: str = "auto") -> torch.Tensor:
     """HTMuon's heavy-tailed transform U diag(σᵖ) Vᵀ of every matrix in x.
 
     method="svd" is exact. method="ns" is the authors' cheaper form polar(x) · (xᵀx)^{p/2}, with the
@@ -65,7 +85,7 @@ def heavy_tail(x: torch.Tensor, power: float, method: str = "svd", orthogonalize
     if method == "svd":
         return heavy_tail_svd(x, power).to(x.dtype)
     num_roots = _num_square_roots(power)
-    polar = orthogonalize(x, orthogonalizer, steps, compute_dtype).to(torch.float32)
+    polar = orthogonalize(x, orthogonalizer, steps, compute_dtype, backend).to(torch.float32)
     work = x.to(torch.float32)
     wide = x.size(-2) <= x.size(-1)
     gram = work @ work.mT if wide else work.mT @ work
@@ -89,6 +109,6 @@ def _num_square_roots(power: float) -> int:
     return int(round(k)) + 1
 
 
-__all__ = ["orthogonalize", "heavy_tail", "ORTHOGONALIZERS", "HEAVY_TAIL_METHODS", "JORDAN_NS5",
+__all__ = ["orthogonalize", "heavy_tail", "ORTHOGONALIZERS", "HEAVY_TAIL_METHODS", "NS_BACKENDS", "JORDAN_NS5",
            "POLAR_EXPRESS_CANONICAL_8", "Schedule", "schedule_for", "newton_schulz", "polar_svd",
            "heavy_tail_svd", "matrix_root_newton_schulz", "default_compute_dtype"]

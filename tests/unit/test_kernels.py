@@ -115,6 +115,28 @@ def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
         assert "mma" in compiled.asm["ptx"], f"{fn.__name__}: no tensor-core MMA in the PTX"
 
 
+@NEEDS_TRITON
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled-kernel check: needs a CUDA device "
+                    "(the interpreted checks below cover the CPU)")
+@pytest.mark.parametrize("method", ["ns5", "polar_express"])
+def test_cuda_compiled_kernels_match_torch(method):
+    sched = schedule_for(method, 5)
+    g = torch.Generator("cuda").manual_seed(0)
+    for shape in ((4, 256, 512), (1024, 1024), (3, 768, 300)):
+        x = torch.randn(*shape, device="cuda", generator=g)
+        y32 = kernels.newton_schulz_triton(x, sched, torch.float32)
+        assert _rel(y32, newton_schulz(x, sched, torch.float32)) < 1e-4, shape
+        y16 = kernels.newton_schulz_triton(x, sched, torch.bfloat16)
+        per_matrix = torch.stack([newton_schulz(xi, sched, torch.bfloat16) for xi in x.reshape(-1, *shape[-2:])])
+        assert _rel(y16.reshape(per_matrix.shape), per_matrix) < 2e-2, shape
+    p = torch.randn(2, 300, 200, device="cuda", generator=g)
+    out = torch.full((2, 300, 300), float("nan"), device="cuda")
+    kernels.sym_matmul(p, out=out, block_m=128, block_k=64, mirror=False)
+    lower = torch.ones(3, 3, dtype=torch.bool).tril().repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :300]
+    assert torch.isnan(out[:, ~lower]).all() and torch.isfinite(out[:, lower]).all()
+    assert (out[:, lower] - (p @ p.mT)[:, lower]).abs().max().item() < 1e-3
+
+
 # ----------------------------------------------------------------------------- interpreted checks (worker)
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,297 @@
+"""Step time and peak memory of teonspeed.TEON / Muon / HTMuon vs torch.optim.AdamW on LLaMA parameter sets.
+
+    .venv/bin/python bench/optimizer_step.py                        # CPU: --sizes 130m; GPU: 130m,1b
+    .venv/bin/python bench/optimizer_step.py --sizes tiny,130m --repeats 3
+    .venv/bin/python bench/optimizer_step.py --optimizers adamw,muon
+
+Writes bench/results/optimizer_step_cpu.{json,md} (or optimizer_step_gpu.* on CUDA). A run restricted
+with --sizes tiny alone writes optimizer_step_<cpu|gpu>_tiny.* so that a smoke run never overwrites the
+real table.
+
+What is measured. Each (size, optimizer) runs in a fresh subprocess, so its memory high-water mark is
+its own. The process builds the parameters of a HF-style LLaMA (model.embed_tokens.weight,
+model.layers.N.self_attn.{q,k,v,o}_proj.weight, model.layers.N.mlp.{gate,up,down}_proj.weight, the two
+RMSNorm gains per layer, model.norm.weight and an untied lm_head.weight) in fp32 with random fp32
+gradients, builds the optimizer through the public API (teonspeed.TEON(named_params) etc., library
+defaults), runs `--warmup` steps (the first allocates the optimizer state; its time is reported as
+first step), then times `--repeats` more steps (median and min). Gradients stay fixed between steps.
+  - GPU: CUDA-synchronised wall time; memory = torch.cuda.max_memory_allocated during the steps minus
+    the memory allocated before the first step (parameters + gradients), i.e. optimizer state plus
+    step temporaries. AdamW is fused=True.
+  - CPU: wall time; memory = the rise of the process's resident-set high-water mark (VmHWM) over the
+    steps, which also counts allocator slack; AdamW is torch's default (foreach) implementation.
+  - state MiB: the bytes of the tensors held in optimizer.state after the steps (exact, both devices).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# name: (hidden, layers, heads, ffn, vocab)
+SIZES: Dict[str, Tuple[int, int, int, int, int]] = {
+    "tiny": (128, 2, 4, 352, 1024),
+    "130m": (768, 12, 12, 2048, 32000),
+    "1b": (2048, 24, 32, 5461, 32000),
+}
+OPTIMIZERS = ("adamw", "muon", "teon", "htmuon")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)} (default: 130m on CPU, 130m,1b on GPU)")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after warmup (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per (size, optimizer) subprocess")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--worker", nargs=2, metavar=("SIZE", "OPTIMIZER"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def llama_param_shapes(size: str) -> List[Tuple[str, Tuple[int, ...]]]:
+    hidden, layers, _heads, ffn, vocab = SIZES[size]
+    shapes: List[Tuple[str, Tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        pre = f"model.layers.{i}"
+        for proj in ("q", "k", "v", "o"):
+            shapes.append((f"{pre}.self_attn.{proj}_proj.weight", (hidden, hidden)))
+        shapes += [(f"{pre}.mlp.gate_proj.weight", (ffn, hidden)), (f"{pre}.mlp.up_proj.weight", (ffn, hidden)),
+                   (f"{pre}.mlp.down_proj.weight", (hidden, ffn)),
+                   (f"{pre}.input_layernorm.weight", (hidden,)), (f"{pre}.post_attention_layernorm.weight", (hidden,))]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def num_params(size: str) -> int:
+    total = 0
+    for _, shape in llama_param_shapes(size):
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+# ----------------------------------------------------------------------------------------- worker
+
+def _vm_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _state_bytes(opt) -> int:
+    seen, total = set(), 0
+
+    def visit(v):
+        nonlocal total
+        if hasattr(v, "untyped_storage") and hasattr(v, "nbytes"):
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), v.nbytes)
+            if key not in seen:
+                seen.add(key)
+                total += v.nbytes
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+
+    for st in opt.state.values():
+        visit(st)
+    return total
+
+
+def worker(size: str, name: str, args: argparse.Namespace) -> dict:
+    import torch
+    import teonspeed
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator(device=device).manual_seed(0)
+    named = []
+    for pname, shape in llama_param_shapes(size):
+        p = torch.nn.Parameter(torch.randn(*shape, device=device, generator=gen) * 0.02)
+        p.grad = torch.randn(*shape, device=device, generator=gen) * 1e-3
+        named.append((pname, p))
+    if name == "adamw":
+        kw = {"fused": True} if cuda else {}
+        opt = torch.optim.AdamW([p for _, p in named], lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0, **kw)
+        label = "torch.optim.AdamW" + (" (fused)" if cuda else " (foreach)")
+    else:
+        cls = {"muon": teonspeed.Muon, "teon": teonspeed.TEON, "htmuon": teonspeed.HTMuon}[name]
+        opt = cls(named)
+        c = opt.config
+        label = (f"teonspeed.{cls.__name__} (orthogonalizer={c.orthogonalizer} x{c.ns_steps or 5}, "
+                 f"ns_dtype={c.ns_dtype}, teon_k={c.teon_k}"
+                 + (f", ht_method={c.ht_method}, ht_power={c.ht_power}" if name == "htmuon" else "") + ")")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = (_vm_kib("VmHWM") or 0) * 1024
+    step_ms = []
+    for _ in range(args.warmup + args.repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        sync()
+        step_ms.append(1e3 * (time.perf_counter() - t0))
+    if cuda:
+        peak_extra = torch.cuda.max_memory_allocated() - base
+        mem_kind = "cuda max_memory_allocated - allocated before the first step"
+    else:
+        hwm = _vm_kib("VmHWM")
+        peak_extra = (hwm * 1024 - base) if hwm is not None else None
+        mem_kind = "rise of the process RSS high-water mark (VmHWM) over the steps"
+    timed = step_ms[args.warmup:] or step_ms
+    return {
+        "size": size, "optimizer": name, "label": label, "device": str(device),
+        "num_params": num_params(size), "first_step_ms": step_ms[0],
+        "median_ms": statistics.median(timed), "min_ms": min(timed), "timed_steps": len(timed),
+        "all_steps_ms": step_ms,
+        "peak_extra_mib": None if peak_extra is None else peak_extra / 2 ** 20, "peak_memory_measure": mem_kind,
+        "state_mib": _state_bytes(opt) / 2 ** 20,
+        "param_mib": sum(p.numel() * p.element_size() for _, p in named) / 2 ** 20,
+    }
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+def machine_info(device: str) -> dict:
+    import torch
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "device": device,
+        "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                                  if ln.startswith("model name")), "")
+    except OSError:
+        info["cpu_model"] = ""
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    try:
+        import teonspeed
+        info["teonspeed"] = teonspeed.__version__
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent).stdout.strip()
+        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                                cwd=Path(__file__).parent).stdout.strip())
+    except Exception:  # noqa: BLE001 - metadata only
+        pass
+    return info
+
+
+def fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(info: dict, rows: List[dict], args: argparse.Namespace) -> str:
+    where = info.get("gpu") or f"{info.get('cpu_model') or 'CPU'}, {args.threads} torch threads"
+    lines = [f"# Optimizer step time and memory ({info['device']})", "",
+             f"{where}; torch {info['torch']}, Python {info['python']}, {info['platform']}, "
+             f"{info['cpu_count']} CPUs; {info['date']}; git {info.get('git_commit', '?')[:12]}"
+             f"{' (dirty tree)' if info.get('git_dirty') else ''}; load average at the end: {info['loadavg_1_5_15']}.",
+             "",
+             f"LLaMA parameter sets with HF names, fp32 parameters and random fp32 gradients; library defaults; "
+             f"{args.warmup} warmup step(s) (the first allocates the state: *first step*), then {args.repeats} timed "
+             "steps (median, min). Each (size, optimizer) runs in its own process. *extra peak MiB*: "
+             + ("CUDA max_memory_allocated during the steps minus what was allocated before (parameters and "
+                "gradients): optimizer state plus step temporaries." if info["device"] == "cuda" else
+                "the rise of the process's resident-set high-water mark over the steps (state plus temporaries, "
+                "including allocator slack). CPU timings on a shared 2-core machine vary by up to ~2x between runs.")
+             + " *state MiB*: tensors held in optimizer.state.", "",
+             "| size | params | optimizer | median ms | min ms | first step ms | extra peak MiB | state MiB | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r.get('num_params', 0) / 1e6:.1f}M | {r.get('label', r['optimizer'])} | "
+                     f"{fmt(r.get('median_ms'), '.1f')} | {fmt(r.get('min_ms'), '.1f')} | "
+                     f"{fmt(r.get('first_step_ms'), '.1f')} | {fmt(r.get('peak_extra_mib'), '.0f')} | "
+                     f"{fmt(r.get('state_mib'), '.0f')} | {r.get('status', 'measured')} |")
+    lines.append("")
+    lines.append("Sizes: " + "; ".join(f"{s} = hidden {h}, {nl} layers, {nh} heads, ffn {f}, vocab {v}"
+                                       for s, (h, nl, nh, f, v) in SIZES.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args)), flush=True)
+        return 0
+    sizes = (args.sizes or ("130m,1b" if args.device == "cuda" else "130m")).split(",")
+    names = args.optimizers.split(",")
+    bad = [s for s in sizes if s not in SIZES] + [o for o in names if o not in OPTIMIZERS]
+    if bad:
+        print(f"unknown size/optimizer: {bad}", file=sys.stderr)
+        return 2
+    rows = []
+    for size in sizes:
+        for name in names:
+            cmd = [sys.executable, __file__, "--worker", size, name, "--device", args.device,
+                   "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+            env = {**os.environ, "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1")}
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                result = next((json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if result is None:
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                    result = {"size": size, "optimizer": name, "num_params": num_params(size),
+                              "status": f"failed (rc {proc.returncode}): {tail[0][:200]}"}
+            except subprocess.TimeoutExpired:
+                result = {"size": size, "optimizer": name, "num_params": num_params(size),
+                          "status": f"timed out after {args.timeout} s"}
+            result.setdefault("status", "measured")
+            result["wall_s"] = time.perf_counter() - t0
+            rows.append(result)
+            print(f"{size:5s} {name:7s} median {fmt(result.get('median_ms'), '9.1f')} ms  "
+                  f"first {fmt(result.get('first_step_ms'), '9.1f')} ms  extra peak "
+                  f"{fmt(result.get('peak_extra_mib'), '7.0f')} MiB  state {fmt(result.get('state_mib'), '6.0f')} MiB  "
+                  f"{result['status']}", flush=True)
+    info = machine_info(args.device)
+    dev = "gpu" if args.device == "cuda" else "cpu"
+    stem = f"optimizer_step_{dev}" + ("_tiny" if sizes == ["tiny"] else "")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": info, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+               "sizes": {s: dict(zip(("hidden", "layers", "heads", "ffn", "vocab"), SIZES[s])) for s in sizes},
+               "rows": rows}
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out_dir / f"{stem}.md").write_text(markdown(info, rows, args))
+    print(f"wrote {args.out_dir / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
