@@ -41,3 +41,16 @@ def batch(seed=0, batch_size=2):
     labels = torch.randint(0, VOCAB, (batch_size, SEQ), generator=g)
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(batch_size, SEQ)
     return tokens, position_ids, labels
+
+
+def full_params_of_replica0(results, name_index=1, dp_index=2):
+    """Global parameters from the ranks of data-parallel replica 0; each rank's result holds, at
+    `name_index`, name -> (tensor, partition_dim or None, partition_stride, tp_rank)."""
+    from teonspeed.parallel.shard_spec import assemble
+    replica0 = [r[name_index] for r in results if r[dp_index] == 0]
+    out = {}
+    for name in replica0[0]:
+        shards = sorted((p[name] for p in replica0), key=lambda s: s[3])
+        dim, stride = shards[0][1], shards[0][2]
+        out[name] = assemble([s[0] for s in shards], dim, stride) if dim is not None else shards[0][0]
+    return out

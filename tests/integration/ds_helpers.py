@@ -11,38 +11,13 @@ from teonspeed.testing import cpu_shims
 cpu_shims.apply()
 
 import deepspeed  # noqa: E402
+from tiny_models import TinyLlama  # noqa: E402
 
 VOCAB, SEQ, HIDDEN = 48, 8, 16
 
 
-class TinyLM(torch.nn.Module):
-    def __init__(self, layers=2, d=HIDDEN, kv=8, ffn=24):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed_tokens = torch.nn.Embedding(VOCAB, d)
-        self.layers = torch.nn.ModuleList()
-        for _ in range(layers):
-            block = torch.nn.Module()
-            block.self_attn = torch.nn.Module()
-            for name, rows in (("q_proj", d), ("k_proj", kv), ("v_proj", kv), ("o_proj", d)):
-                setattr(block.self_attn, name, torch.nn.Linear(d if name != "o_proj" else d, rows if name != "o_proj" else d, bias=False))
-            block.self_attn.o_proj = torch.nn.Linear(d + 2 * kv, d, bias=False)
-            block.mlp = torch.nn.Module()
-            block.mlp.up_proj = torch.nn.Linear(d, ffn, bias=False)
-            block.mlp.down_proj = torch.nn.Linear(ffn, d, bias=False)
-            block.norm = torch.nn.LayerNorm(d)
-            self.layers.append(block)
-        self.lm_head = torch.nn.Linear(d, VOCAB, bias=False)
-
-    def forward(self, tokens, labels):
-        h = self.embed_tokens(tokens)
-        for b in self.layers:
-            x = b.norm(h)
-            a = b.self_attn
-            h = h + a.o_proj(torch.cat([a.q_proj(x), torch.tanh(a.k_proj(x)), a.v_proj(x)], dim=-1))
-            h = h + b.mlp.down_proj(torch.nn.functional.silu(b.mlp.up_proj(x)))
-        logits = self.lm_head(h).float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+def TinyLM():
+    return TinyLlama(layers=2, d=HIDDEN, kv=8, ffn=24, vocab=VOCAB)
 
 
 def batch(step, rank, micro=0):

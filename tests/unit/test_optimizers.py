@@ -9,26 +9,7 @@ import torch
 
 import teonspeed
 from teonspeed.fused import LAYOUT_ATTR, qkv_layout, split
-
-
-class TinyLlama(torch.nn.Module):
-    """Hugging Face LLaMA-style names: embed_tokens, layers.N.self_attn.{q,k,v,o}_proj, mlp, norm, lm_head."""
-
-    def __init__(self, layers=4, d=16, kv=8, ffn=24, vocab=32):
-        super().__init__()
-        self.embed_tokens = torch.nn.Embedding(vocab, d)
-        self.layers = torch.nn.ModuleList()
-        for _ in range(layers):
-            block = torch.nn.Module()
-            block.self_attn = torch.nn.Module()
-            for name, rows in (("q_proj", d), ("k_proj", kv), ("v_proj", kv), ("o_proj", d)):
-                setattr(block.self_attn, name, torch.nn.Linear(d, rows, bias=False))
-            block.mlp = torch.nn.Module()
-            block.mlp.gate_proj = torch.nn.Linear(d, ffn, bias=False)
-            block.mlp.down_proj = torch.nn.Linear(ffn, d, bias=False)
-            block.norm = torch.nn.LayerNorm(d)
-            self.layers.append(block)
-        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+from tiny_models import TinyLlama
 
 
 def model_with_grads(seed=0, **kw):
@@ -253,14 +234,11 @@ def test_state_dict_round_trip_resumes_identically(cls):
 def test_step_with_closure_returns_the_loss():
     model = TinyLlama()
     opt = teonspeed.TEON(model)
-    tokens = torch.randint(0, 32, (4,))
+    tokens = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
 
     def closure():
         opt.zero_grad()
-        h = model.embed_tokens(tokens)
-        for block in model.layers:
-            h = h + block.self_attn.o_proj(block.self_attn.q_proj(h)) + block.mlp.down_proj(block.mlp.gate_proj(h))
-        loss = model.lm_head(h).logsumexp(-1).mean()
+        loss = model(tokens, tokens.roll(-1, dims=1))
         loss.backward()
         return loss
 
