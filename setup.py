@@ -22,7 +22,7 @@ setup(
         # The integrations: the versions this code and its patches were written for.
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core>=0.16.1,<0.17"],
-        "launch": ["tokenizers>=0.19", "tqdm", "matplotlib", "pyyaml"],
+        "launch": ["tokenizers>=0.19", "tqdm", "matplotlib", "pyyaml", "tensorboard>=2.14"],
         "dev": ["pytest>=8", "deepspeed==0.19.8", "megatron-core>=0.16.1,<0.17", "tokenizers>=0.19", "triton>=3.4"],
         "triton": ["triton>=3.4"],
         # NVIDIA apex is not on PyPI (the PyPI "apex" is an unrelated web toolkit): build it from source.

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
+from .fused import annotate_model
 from .optim import HTMuon, Muon, OrthoOptimizer, TEON
 from .parallel.context import ParallelContext
 from .parallel.flat import FlatEntry, FlatPartition
@@ -79,6 +80,7 @@ def build_optimizer(engine, model_parameters) -> OrthoOptimizer:
         raise ValueError(f"teonspeed: optimizer {name!r} supports ZeRO stages {SUPPORTED_ZERO_STAGES}, got "
                          f"zero_optimization.stage={stage}; use stage 1 or 2 to partition optimizer state")
     options = dict(engine.optimizer_params() or {})
+    annotate_model(engine.module)  # tag Megatron's fused QKV / gated-MLP weights so they are split
     names = {id(p): n for n, p in engine.module.named_parameters()}
     groups = _named_groups(model_parameters, names)
     for group in groups:

@@ -98,13 +98,22 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
         num_layers=getattr(model_config, "num_layers", None))
     optimizer: OrthoOptimizer = MEGATRON_TYPES[kind](named, parallel=parallel, **teonspeed_options(config))
     if not (config.bf16 or config.fp16):
-        return FP32Optimizer(optimizer, config, init_state_fn=lambda opt, config=None: None)
+        return TeonFP32Optimizer(optimizer, config, init_state_fn=lambda opt, config=None: None)
     wrapper = Float16OptimizerWithFloat16Params(optimizer, config, grad_scaler=_grad_scaler(config),
                                                 init_state_fn=lambda opt, config=None: None)
     # Megatron swapped the bf16/fp16 parameters for fp32 main copies in the param groups.
     optimizer.rebind(zip((p for g in wrapper.fp32_from_float16_groups for p in g),
                          (p for g in wrapper.float16_groups for p in g)))
     return wrapper
+
+
+class TeonFP32Optimizer(FP32Optimizer):
+    """Megatron's FP32Optimizer around a teonspeed optimizer. Its state dict is ours whole: Megatron's
+    own loader matches param groups by (wd_mult, lr_mult, ...) keys, which cannot tell our matrix and
+    AdamW groups apart."""
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
 
 
 def _grad_scaler(config: OptimizerConfig):

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The main job: set up .venv, then pretrain a tiny LLaMA-style megatron-core GPT with TEON on 2 CPU
-# processes (data parallel 2 by default). Extra arguments go to launch/pretrain.py, e.g.
+# processes (data parallel 2 by default) through DeepSpeed's engine (ZeRO stage 1). Extra arguments go to
+# launch/pretrain.py, e.g.
 #   bash scripts/pretrain.sh --tp 2            # tensor parallel 2 instead of data parallel 2
 #   bash scripts/pretrain.sh --optimizer adamw # the baseline
-# Writes runs/<name>/{metrics.csv,loss.png,tokenizer.json}.
+#   bash scripts/pretrain.sh --pp 2            # pipeline parallel 2 (Megatron backend: DDP + 1F1B schedule)
+#   bash scripts/pretrain.sh --save-every 50 --keep-last 2; bash scripts/pretrain.sh --resume
+# Writes runs/<name>/{metrics.csv,loss.png,tokenizer.json} (+ checkpoints/, tensorboard/ if installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -12,5 +15,5 @@ NPROC="${NPROC:-2}"
 # One thread per process: the two ranks share two cores. The BPE trainer runs on rank 0 only.
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 # Megatron warns at import that Apex / Transformer Engine are missing (expected on CPU): hide UserWarnings.
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning}"
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning,ignore::FutureWarning}"
 exec "$VENV/bin/torchrun" --standalone --nproc_per_node="$NPROC" launch/pretrain.py "$@"

@@ -24,6 +24,7 @@ def apply() -> None:
     torch.cuda.current_device = lambda: "cpu"  # Megatron builds buffers on torch.cuda.current_device()
     _patch_deepspeed()
     _patch_megatron()
+    _patch_megatron_tied_embeddings()
 
 
 def _patch_deepspeed() -> None:
@@ -49,6 +50,34 @@ def _patch_megatron() -> None:
     for module in (schedules, transformer_utils, megatron_optimizer, clip_grads, grad_scaler):
         if not isinstance(module.torch, _CpuTorchProxy):
             module.torch = _CpuTorchProxy(module.torch)
+
+
+def _patch_megatron_tied_embeddings() -> None:
+    """Tied input/output embeddings under pipeline parallelism: LanguageModule.setup_embeddings_and_output_layer
+    moves the last stage's copy with `weight.data.cuda()` before all-reducing it with the first stage's.
+    During that call only, Tensor.cuda() returns the tensor itself (a method, so the module proxy cannot)."""
+    try:
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+    except ImportError:
+        return
+    original = LanguageModule.setup_embeddings_and_output_layer
+    if getattr(original, "_teonspeed_cpu", False):
+        return
+    import functools
+
+    import torch
+
+    @functools.wraps(original)
+    def on_cpu(self, *args, **kwargs):
+        real = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = real
+
+    on_cpu._teonspeed_cpu = True
+    LanguageModule.setup_embeddings_and_output_layer = on_cpu
 
 
 def megatron_seed(seed: int) -> None:

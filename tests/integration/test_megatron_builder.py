@@ -1,4 +1,6 @@
 """teonspeed.megatron.get_megatron_optimizer: a MegatronOptimizer over Megatron DDP's main_grad buffers."""
+import copy
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, sa
 def test_tp2_dp2_equals_tp1_dp2(optimizer, tol):
     ref = run_ranks(train, 2, optimizer=optimizer, timeout=180)
     got = run_ranks(train, 4, tp=2, optimizer=optimizer, timeout=180)
-    assert got[0][3] == "FP32Optimizer" and got[0][4][0] == (True, None, None)
+    assert got[0][3] == "TeonFP32Optimizer" and got[0][4][0] == (True, None, None)
     assert got[0][0] == pytest.approx(ref[0][0], rel=1e-5)
     sharded = mm.full_params_of_replica0(got)
     for name, (full, *_rest) in ref[0][1].items():
@@ -66,3 +68,31 @@ def test_megatrons_lr_scheduler_drives_both_parts():
 def test_distributed_optimizer_is_refused_with_the_fix():
     with pytest.raises(RankError, match="use_distributed_optimizer=True is not supported"):
         run_ranks(train, 2, use_distributed_optimizer=True, timeout=120)
+
+
+def _state_round_trip(rank, world_size):
+    from megatron.core import parallel_state as ps
+    from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+    ps.initialize_model_parallel()
+    results = []
+    models, opts = [], []
+    for _ in range(2):
+        model = mm.tiny_gpt()
+        models.append(model)
+        opts.append(get_megatron_optimizer(TeonOptimizerConfig(lr=0.02, clip_grad=0.0), [model]))
+    for step in range(4):
+        if step == 2:  # the second optimizer takes over the first one's state and weights
+            opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))  # torch would share tensors
+            models[1].load_state_dict(models[0].state_dict())
+        for model, opt in zip(models, opts):
+            if step < 2 and model is models[1]:
+                continue
+            opt.zero_grad()
+            tokens, position_ids, labels = mm.batch(seed=step)
+            model(tokens, position_ids, None, labels=labels).mean().backward()
+            opt.step()
+    return [torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters())]
+
+
+def test_state_dict_round_trip_through_megatrons_wrapper():
+    assert all(run_ranks(_state_round_trip, 1, timeout=120)[0])

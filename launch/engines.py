@@ -1,0 +1,228 @@
+"""The two training backends of launch/pretrain.py, behind one small interface:
+
+    backend.train_step(micro_batches) -> this rank's mean loss (None on a rank without the loss: not the
+                                          last pipeline stage)
+    backend.lr() -> the lr of the step about to run (the orthogonalized matrices'; AdamW's for adamw)
+    backend.evaluate_losses(batches) -> this rank's validation losses (empty where there are none)
+    backend.save(root, tag, state) / backend.load(root, tag)
+    backend.model -> the bare megatron-core GPTModel (this rank's part)
+
+- DeepSpeedBackend: deepspeed.initialize over the megatron-core model (ZeRO 0/1/2, gradient clipping,
+  accumulation, WarmupCosineLR), the optimizer from the DeepSpeed config ("TEON" / "TeonspeedMuon" /
+  "TeonspeedHTMuon" / "AdamW"), teonspeed.deepspeed.MegatronMPU for tensor parallelism.
+- MegatronBackend: Megatron DDP + teonspeed.megatron.get_megatron_optimizer + OptimizerParamScheduler,
+  steps driven by megatron.core.pipeline_parallel.get_forward_backward_func() (1F1B across pipeline
+  stages, gradient accumulation as micro-batches). DeepSpeed's engine cannot drive megatron-core's
+  pipeline schedules (its own pipeline engine needs a deepspeed.pipe.PipelineModule), so pipeline
+  parallelism runs here.
+"""
+from __future__ import annotations
+
+import copy
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def forward_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    position_ids = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
+    # With labels megatron returns the per-token cross-entropy [b, s] (vocab-parallel under TP).
+    return model(tokens, position_ids, None, labels=labels).float().mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed
+# ---------------------------------------------------------------------------------------------------
+def deepspeed_config(args, dp: int) -> Dict[str, Any]:
+    """The DeepSpeed config of this run: --ds-config's JSON (if given) with the CLI's batch sizes and
+    steps, and the CLI's optimizer / lr / ZeRO / clipping where given explicitly; else built from the CLI."""
+    ortho = {"teon": "TEON", "muon": "TeonspeedMuon", "htmuon": "TeonspeedHTMuon"}
+    if args.optimizer == "adamw":
+        optimizer = {"type": "AdamW", "params": {"lr": args.adamw_lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                 "weight_decay": args.weight_decay, "torch_adam": True}}
+    else:
+        params = {"lr": args.lr, "adamw_lr": args.adamw_lr, "weight_decay": args.weight_decay}
+        if args.optimizer != "muon" and args.teon_k is not None:
+            params["teon_k"] = args.teon_k
+        optimizer = {"type": ortho[args.optimizer], "params": params}
+    scheduler = {"type": "WarmupCosineLR",
+                 "params": {"total_num_steps": args.steps, "warmup_num_steps": args.warmup, "warmup_min_ratio": 0.0,
+                            "cos_min_ratio": args.min_lr_ratio, "warmup_type": "linear"}}
+    if args.ds_config_dict is not None:
+        config = copy.deepcopy(args.ds_config_dict)
+        given = args.explicit
+        if "optimizer" not in config or given & {"optimizer", "lr", "adamw_lr", "weight_decay", "teon_k"}:
+            config["optimizer"] = optimizer
+        if "scheduler" not in config:
+            config["scheduler"] = scheduler
+        else:
+            sp = config["scheduler"].setdefault("params", {})
+            if "total_num_steps" in sp or config["scheduler"].get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
+                sp["total_num_steps"] = args.steps
+            if "warmup" in given:
+                sp["warmup_num_steps"] = args.warmup
+        if "zero_stage" in given or "zero_optimization" not in config:
+            config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+        if "clip_grad" in given or "gradient_clipping" not in config:
+            config["gradient_clipping"] = args.clip_grad
+    else:
+        config = {"optimizer": optimizer, "scheduler": scheduler, "zero_optimization": {"stage": args.zero_stage},
+                  "gradient_clipping": args.clip_grad}
+    config.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accumulation x DP
+    config.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps=args.grad_accum,
+                  steps_per_print=10 ** 9, wall_clock_breakdown=False)
+    return config
+
+
+class DeepSpeedBackend:
+    name = "deepspeed"
+
+    def __init__(self, model, config: Dict[str, Any]):
+        import deepspeed
+
+        import teonspeed
+        from teonspeed.deepspeed import MegatronMPU
+        self.config = config
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=copy.deepcopy(config), mpu=MegatronMPU())
+        self.model = self.engine.module
+
+    @property
+    def basic_optimizer(self):
+        return self.engine.basic_optimizer
+
+    def lr(self) -> float:
+        # (engine.get_lr() warns before the scheduler's first step; the groups hold the same value)
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    def train_step(self, micro_batches: List[Batch]) -> Optional[float]:
+        total = 0.0
+        for tokens, labels in micro_batches:
+            loss = forward_loss(self.engine, tokens, labels)
+            self.engine.backward(loss)
+            self.engine.step()  # steps the optimizer and the scheduler at the accumulation boundary
+            total += loss.item()
+        return total / len(micro_batches)
+
+    @torch.no_grad()
+    def evaluate_losses(self, batches: List[Batch]) -> List[float]:
+        self.model.eval()
+        losses = [forward_loss(self.model, *b).item() for b in batches]
+        self.model.train()
+        return losses
+
+    def save(self, root: Path, tag: str, state: Dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=dict(state), save_latest=False)
+
+    def load(self, root: Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(root), tag=tag)
+        if path is None:
+            raise SystemExit(f"--resume: DeepSpeed could not load the checkpoint {root / tag}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Megatron
+# ---------------------------------------------------------------------------------------------------
+def _loss_func(output_tensor: torch.Tensor):
+    loss = output_tensor.float().mean()
+    return loss, {"lm loss": loss.detach().clone()}  # (the schedule divides `loss` in place)
+
+
+def _forward_step(data_iterator, model):
+    tokens, labels = next(data_iterator)
+    position_ids = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
+    return model(tokens, position_ids, None, labels=labels), _loss_func
+
+
+class MegatronBackend:
+    name = "megatron"
+
+    def __init__(self, model, args):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.model, self.args = model, args
+        self.config = model.config
+        self.ddp = DistributedDataParallel(self.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        # The schedule calls this after the last backward: DP all-reduce (finish_grad_sync), tied-embedding
+        # grads between the first and last pipeline stages.
+        self.config.finalize_model_grads_func = finalize_model_grads
+        clip = args.clip_grad
+        if clip > 0 and not torch.cuda.is_available():
+            clip = 0.0  # megatron's clip_grad_norm_fp32 asserts torch.cuda.FloatTensor grads
+            self.clip_note = "gradient clipping off: megatron's clip_grad needs CUDA"
+        else:
+            self.clip_note = None
+        if args.optimizer == "adamw":
+            from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+            cfg = OptimizerConfig(optimizer="adam", lr=args.adamw_lr, min_lr=args.adamw_lr * args.min_lr_ratio,
+                                  weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.95, clip_grad=clip)
+            self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
+            peak = args.adamw_lr
+        else:
+            from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+            extra = {"teon_k": args.teon_k} if args.optimizer != "muon" and args.teon_k is not None else {}
+            cfg = TeonOptimizerConfig(optimizer=args.optimizer, lr=args.lr, min_lr=args.lr * args.min_lr_ratio,
+                                      adamw_lr=args.adamw_lr, weight_decay=args.weight_decay, clip_grad=clip,
+                                      muon_use_nesterov=True, **extra)
+            self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
+            peak = args.lr
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=peak, min_lr=peak * args.min_lr_ratio, lr_warmup_steps=min(args.warmup, args.steps - 1),
+            lr_decay_steps=max(args.steps, 1), lr_decay_style="cosine", start_wd=args.weight_decay,
+            end_wd=args.weight_decay, wd_incr_steps=args.steps, wd_incr_style="constant")
+        self.forward_backward = get_forward_backward_func()
+        self.last_stage = ps.is_pipeline_last_stage()
+        self.ps = ps
+
+    @property
+    def basic_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _run(self, batches: List[Batch], forward_only: bool):
+        return self.forward_backward(
+            forward_step_func=_forward_step, data_iterator=iter(batches), model=[self.ddp],
+            num_microbatches=len(batches), seq_length=batches[0][0].size(1), micro_batch_size=batches[0][0].size(0),
+            forward_only=forward_only)
+
+    def train_step(self, micro_batches: List[Batch]) -> Optional[float]:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(micro_batches, forward_only=False)
+        self.optimizer.step()
+        self.scheduler.step(increment=1)
+        if not self.last_stage:
+            return None
+        return float(sum(float(o["lm loss"]) for o in outputs) / len(outputs))
+
+    @torch.no_grad()
+    def evaluate_losses(self, batches: List[Batch]) -> List[float]:
+        if not batches:
+            return []
+        self.ddp.eval()
+        outputs = self._run(batches, forward_only=True)
+        self.ddp.train()
+        return [float(o["lm loss"]) for o in outputs] if self.last_stage else []
+
+    def _file(self, root: Path, tag: str) -> Path:
+        return Path(root) / tag / f"megatron_rank{dist.get_rank():05d}.pt"
+
+    def save(self, root: Path, tag: str, state: Dict[str, Any]) -> None:
+        torch.save({"model": self.ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "state": dict(state)}, self._file(root, tag))
+
+    def load(self, root: Path, tag: str) -> None:
+        ckpt = torch.load(self._file(root, tag), weights_only=False)
+        self.ddp.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
