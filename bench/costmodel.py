@@ -1,0 +1,438 @@
+"""Analytical cost model of the TEON/Muon optimizer step at cluster scale: owner-compute ("distributed")
+vs every-rank-computes ("replicated"), against the forward/backward time of a training step.
+
+    .venv/bin/python bench/costmodel.py                 # writes bench/results/costmodel.{json,md,png}
+    .venv/bin/python bench/costmodel.py --optimizer muon --ns-efficiency 0.3
+
+Nothing here is measured on a GPU. Every constant is a field of `Assumptions` (printed into the outputs).
+The structure of the model follows the implementation (plugin/parallel/distributed.py) exactly:
+
+  groups     the optimizer's groups of one pipeline stage, from the model's matrix shapes: TEON stacks
+             q/k/v of `teon_k` consecutive layers, every other matrix (o, gate, up, down, each expert's)
+             is its own Muon group; embeddings / lm_head / norms go to AdamW (not modelled: same in both
+             modes). FLOPs per group = teonspeed.parallel.owners.ns_flops (steps·(4m²n + 2m³)).
+  owners     teonspeed.parallel.owners.assign_owners (the same LPT) over the work group W = TP × DP
+             (experts: expert-TP × expert-DP), so the busiest rank's FLOPs include the real imbalance:
+             when W exceeds the number of groups, the busiest rank holds the largest group and the
+             compute stops shrinking with W.
+  bytes      per rank, the same sums as DistributedRunner.expected_bytes (phase A: the rank's shards
+             of groups owned by a TP peer of its replica; phase B: its shard of every update it does
+             not own, and (W-1) shards of each update it owns); replicated: an all-gather over TP of
+             (T-1) shards each way. `per_rank_bytes` is checked against expected_bytes in
+             tests/unit/test_costmodel.py.
+  time       compute = FLOPs / (peak · ns_efficiency); comm = bytes / bandwidth, split into the part that
+             stays in a node (NVLink) and the part that leaves it (InfiniBand), plus a latency per
+             collective; distributed overlaps compute and comm by `overlap` (2 waves); a memory-bound
+             element-wise part (momentum, update) is added to both modes.
+  training   forward+backward = 6 · active params · global batch tokens / (GPUs · peak · train_mfu);
+             overhead % = optimizer step / forward+backward.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+
+try:
+    from teonspeed.parallel.owners import assign_owners, ns_flops
+except ImportError:  # pragma: no cover - the package not installed: the same two functions
+    import heapq
+
+    def ns_flops(shape, steps):
+        m, n = sorted(shape)
+        return steps * (4.0 * m * m * n + 2.0 * m ** 3)
+
+    def assign_owners(costs, num_ranks):
+        order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+        heap = [(0.0, r) for r in range(num_ranks)]
+        owners = [0] * len(costs)
+        for i in order:
+            load, rank = heapq.heappop(heap)
+            owners[i] = rank
+            heapq.heappush(heap, (load + costs[i], rank))
+        return owners
+
+
+@dataclass
+class Assumptions:
+    """Every constant of the model. GPU numbers are H100 SXM datasheet values, not measurements."""
+    peak_flops: float = 989e12
+    """bf16 dense tensor-core peak per GPU (H100 SXM)."""
+    ns_efficiency: float = 0.45
+    """Achieved fraction of peak for the Newton–Schulz matmuls (bf16, batched same-shape stacks; large
+    square-ish matrices reach 0.6-0.7, small ones much less)."""
+    train_mfu: float = 0.40
+    """Model-FLOPs utilisation of forward+backward (typical for Megatron LLaMA training)."""
+    global_batch_tokens: int = 4 * 1024 * 1024
+    """Tokens per optimizer step, fixed as the GPU count grows (strong scaling: the worst case for the
+    optimizer's share)."""
+    gpus_per_node: int = 8
+    nvlink_bw: float = 450e9
+    """Bytes/s per GPU per direction inside a node (NVLink 4: 900 GB/s bidirectional)."""
+    ib_bw: float = 50e9
+    """Bytes/s per GPU per direction across nodes (400 Gb/s NDR InfiniBand per GPU)."""
+    latency_intra: float = 15e-6
+    """Seconds per collective inside a node."""
+    latency_inter: float = 40e-6
+    """Seconds per collective that leaves the node."""
+    latency_per_peer: float = 0.5e-6
+    """Extra seconds per peer of an all_to_all (NCCL issues one send/recv pair per peer)."""
+    comm_itemsize: int = 4
+    """Bytes per element exchanged: the momentum dtype (fp32, as implemented)."""
+    hbm_bw: float = 3.35e12
+    """HBM bytes/s for the element-wise part."""
+    elementwise_bytes_per_param: int = 40
+    """Bytes touched per local matrix element by momentum + weight update (fp32 grad, momentum, master)."""
+    ns_steps: int = 5
+    teon_k: int = 2
+    overlap_waves: int = 2
+    overlap: float = 0.5
+    """Fraction of the shorter of (compute, comm) hidden behind the longer in distributed mode (2 waves:
+    the first gather and the last scatter are never hidden)."""
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int  # dense MLP width (0: every layer is MoE)
+    vocab: int
+    tp: int = 1
+    pp: int = 1
+    experts: int = 0
+    expert_ffn: int = 0
+    topk: int = 0
+    ep: int = 1
+
+    def matrices_per_layer(self) -> Dict[str, Tuple[int, int]]:
+        """Full (out, in) shapes of one layer's dense matrices (fused qkv / gate-up split in parts)."""
+        h, d = self.hidden, self.head_dim
+        out = {"q": (self.heads * d, h), "k": (self.kv_heads * d, h), "v": (self.kv_heads * d, h),
+               "o": (h, self.heads * d)}
+        if self.ffn:
+            out.update(gate=(self.ffn, h), up=(self.ffn, h), down=(h, self.ffn))
+        return out
+
+    def expert_matrices(self) -> Dict[str, Tuple[int, int]]:
+        h, f = self.hidden, self.expert_ffn
+        return {"gate": (f, h), "up": (f, h), "down": (h, f)} if self.experts else {}
+
+    def params(self) -> Tuple[float, float]:
+        """(total, active per token) parameters, embeddings and untied lm_head included."""
+        dense = sum(a * b for a, b in self.matrices_per_layer().values()) * self.layers
+        expert = sum(a * b for a, b in self.expert_matrices().values()) * self.layers
+        emb = 2 * self.vocab * self.hidden
+        router = self.layers * self.experts * self.hidden
+        total = dense + expert * self.experts + emb + router
+        active = dense + expert * self.topk + emb + router
+        return float(total), float(active)
+
+    def min_gpus(self) -> int:
+        return self.tp * self.pp * (self.ep if self.experts else 1)
+
+
+MODELS: Dict[str, ModelSpec] = {
+    "llama-1b": ModelSpec("LLaMA-1B (3.2-1B shapes, untied lm_head)", 2048, 16, 32, 8, 64, 8192, 128256, tp=1, pp=1),
+    "llama-7b": ModelSpec("LLaMA-7B (2-7B shapes)", 4096, 32, 32, 32, 128, 11008, 32000, tp=2, pp=1),
+    "llama-70b": ModelSpec("LLaMA-70B (3-70B shapes)", 8192, 80, 64, 8, 128, 28672, 128256, tp=8, pp=4),
+    "moe-64e": ModelSpec("MoE 64 experts top-8 (OLMoE-like)", 2048, 16, 16, 16, 128, 0, 50304, tp=1, pp=1,
+                         experts=64, expert_ffn=1024, topk=8, ep=8),
+}
+GPUS = [8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+@dataclass
+class Group:
+    """One orthogonalization group: its stacked shape and the full element count of its members."""
+    stacked: Tuple[int, int]
+    elements: int
+    sharded: bool  # members split over the topology's TP
+
+
+def stage_groups(model: ModelSpec, optimizer: str, a: Assumptions, expert: bool = False) -> List[Group]:
+    """The groups of one pipeline stage (expert=True: of one expert-parallel rank's experts)."""
+    layers = model.layers // model.pp
+    k = a.teon_k if optimizer == "teon" else 1
+    out: List[Group] = []
+    if expert:
+        for _ in range(layers * (model.experts // model.ep)):
+            for shape in model.expert_matrices().values():
+                out.append(Group(shape, shape[0] * shape[1], False))  # expert TP = 1
+        return out
+    mats = model.matrices_per_layer()
+    sharded = model.tp > 1
+    for name, (m, n) in mats.items():
+        if k > 1 and name in ("q", "k", "v"):
+            full, rest = divmod(layers, k)
+            out += [Group((m, n * k), m * n * k, sharded) for _ in range(full)]
+            if rest:
+                out.append(Group((m, n * rest), m * n * rest, sharded))
+        else:
+            out += [Group((m, n), m * n, sharded) for _ in range(layers)]
+    return out
+
+
+@dataclass
+class RankCost:
+    flops: List[float]
+    sent_a: List[float]
+    recv_a: List[float]
+    sent_b: List[float]
+    recv_b: List[float]
+
+    @property
+    def sent(self) -> List[float]:
+        return [x + y for x, y in zip(self.sent_a, self.sent_b)]
+
+    @property
+    def received(self) -> List[float]:
+        return [x + y for x, y in zip(self.recv_a, self.recv_b)]
+
+
+def per_rank_bytes(groups: Sequence[Group], tp: int, dp: int, ns_steps: int, itemsize: int = 4,
+                   mode: str = "distributed") -> RankCost:
+    """FLOPs and bytes (phase A / phase B) of every work rank q = tp_rank + T·replica, as
+    DistributedRunner.expected_bytes counts them."""
+    w = tp * dp
+    costs = [ns_flops(g.stacked, ns_steps) for g in groups]
+    shard = [(g.elements // tp if (g.sharded and tp > 1) else g.elements) * itemsize for g in groups]
+    if mode == "replicated":
+        gathered = sum(s for s, g in zip(shard, groups) if g.sharded and tp > 1) * (tp - 1)
+        return RankCost([sum(costs)] * w, [0.0] * w, [0.0] * w, [float(gathered)] * w, [float(gathered)] * w)
+    owners = assign_owners(costs, w)
+    flops = [0.0] * w
+    owned = [0.0] * w
+    owned_sharded = [0.0] * w
+    for c, s, g, o in zip(costs, shard, groups, owners):
+        flops[o] += c
+        owned[o] += s
+        if g.sharded and tp > 1:
+            owned_sharded[o] += s
+    replica_sharded = [0.0] * dp
+    for q in range(w):
+        replica_sharded[q // tp] += owned_sharded[q]
+    total = float(sum(shard))
+    sent_a = [replica_sharded[q // tp] - owned_sharded[q] for q in range(w)]
+    recv_a = [(tp - 1) * owned_sharded[q] for q in range(w)]
+    sent_b = [(w - 1) * owned[q] for q in range(w)]
+    recv_b = [total - owned[q] for q in range(w)]
+    return RankCost(flops, sent_a, recv_a, sent_b, recv_b)
+
+
+def _on_node_fraction(global_ranks: Sequence[int], gpus_per_node: int) -> List[float]:
+    """Per member: fraction of its peers (in the work group) that share its node."""
+    nodes = [r // gpus_per_node for r in global_ranks]
+    count = Counter(nodes)
+    w = len(global_ranks)
+    return [(count[n] - 1) / (w - 1) if w > 1 else 0.0 for n in nodes]
+
+
+def topology_time(groups: Sequence[Group], tp: int, dp: int, stride: int, mode: str, a: Assumptions) -> Dict[str, float]:
+    """Optimizer-step time of one topology (seconds), for the busiest rank. `stride`: distance in
+    global ranks between consecutive TP groups of the work group (dense: tp; experts: ep·etp)."""
+    if not groups:
+        return dict(compute=0.0, comm=0.0, latency=0.0, total=0.0, flops=0.0, bytes=0.0, imbalance=1.0,
+                    whatif_allgather=0.0)
+    w = tp * dp
+    rc = per_rank_bytes(groups, tp, dp, a.ns_steps, a.comm_itemsize, mode)
+    rate = a.peak_flops * a.ns_efficiency
+    global_ranks = [(q % tp) + stride * (q // tp) for q in range(w)]
+    on = _on_node_fraction(global_ranks, a.gpus_per_node)
+    tp_intra = tp <= a.gpus_per_node
+    spans_nodes = any(f < 1.0 for f in on) and w > 1
+    tp_bw = a.nvlink_bw if tp_intra else a.ib_bw
+    worst = dict(total=-1.0)
+    for q in range(w):
+        compute = rc.flops[q] / rate
+        if mode == "replicated":
+            comm = rc.sent_b[q] / tp_bw if tp > 1 else 0.0
+            n_coll, lat = (1 if tp > 1 else 0), (a.latency_intra if tp_intra else a.latency_inter)
+            latency = n_coll * lat
+            total = compute + comm + latency
+        else:
+            comm_a = max(rc.sent_a[q], rc.recv_a[q]) / tp_bw
+            f = on[q]
+            comm_b = max(max(rc.sent_b[q], rc.recv_b[q]) * f / a.nvlink_bw,
+                         max(rc.sent_b[q], rc.recv_b[q]) * (1 - f) / a.ib_bw)
+            comm = comm_a + comm_b
+            n_coll = 2 * a.overlap_waves if w > 1 else 0
+            lat = (a.latency_inter if spans_nodes else a.latency_intra) + a.latency_per_peer * (w - 1)
+            latency = n_coll * lat
+            total = max(compute, comm) + (1 - a.overlap) * min(compute, comm) + latency
+        if mode == "distributed":
+            # What-if (not implemented): phase B as an all-gather over the work group (ring/tree, every
+            # rank sends ~ what it receives) instead of the owner sending W-1 copies of its updates.
+            ag = rc.recv_b[q] * on[q] / a.nvlink_bw + rc.recv_b[q] * (1 - on[q]) / a.ib_bw
+            comm_ag = comm_a + ag
+            whatif = max(compute, comm_ag) + (1 - a.overlap) * min(compute, comm_ag) + latency
+        else:
+            whatif = total
+        if total > worst["total"]:
+            worst = dict(compute=compute, comm=comm, latency=latency, total=total, flops=rc.flops[q],
+                         bytes=max(rc.sent[q], rc.received[q]))
+        worst["whatif_allgather"] = max(worst.get("whatif_allgather", 0.0), whatif)
+    mean = sum(rc.flops) / w
+    worst["imbalance"] = max(rc.flops) / mean if mean else 1.0
+    worst["ideal_flops"] = sum(rc.flops) / w if mode == "distributed" else sum(rc.flops)
+    return worst
+
+
+def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumptions) -> Optional[Dict[str, float]]:
+    """Optimizer-step and forward/backward time per step on `gpus` GPUs (None: layout does not fit)."""
+    if gpus % model.min_gpus():
+        return None
+    dp = gpus // (model.tp * model.pp)
+    dense = topology_time(stage_groups(model, optimizer, a), model.tp, dp, model.tp, mode, a)
+    expert = dict(total=0.0, compute=0.0, comm=0.0, latency=0.0, flops=0.0, bytes=0.0, whatif_allgather=0.0)
+    local_elems = sum(g.elements for g in stage_groups(model, optimizer, a)) / model.tp
+    if model.experts:
+        edp = gpus // (model.ep * model.pp)  # expert TP = 1
+        eg = stage_groups(model, optimizer, a, expert=True)
+        expert = topology_time(eg, 1, edp, model.ep, mode, a)
+        local_elems += sum(g.elements for g in eg)
+    elementwise = local_elems * a.elementwise_bytes_per_param / a.hbm_bw
+    opt_time = dense["total"] + expert["total"] + elementwise
+    total_params, active = model.params()
+    fwd_bwd = 6 * active * a.global_batch_tokens / (gpus * a.peak_flops * a.train_mfu)
+    return dict(gpus=gpus, tp=model.tp, pp=model.pp, dp=dp, optimizer_s=opt_time, fwd_bwd_s=fwd_bwd,
+                overhead_pct=100 * opt_time / fwd_bwd, compute_s=dense["compute"] + expert["compute"],
+                comm_s=dense["comm"] + expert["comm"], latency_s=dense["latency"] + expert["latency"],
+                elementwise_s=elementwise, busiest_rank_flops=dense["flops"] + expert["flops"],
+                busiest_rank_bytes=dense["bytes"] + expert["bytes"], dense_imbalance=dense["imbalance"],
+                whatif_allgather_s=dense["whatif_allgather"] + expert["whatif_allgather"] + elementwise,
+                whatif_allgather_pct=100 * (dense["whatif_allgather"] + expert["whatif_allgather"] + elementwise)
+                / fwd_bwd)
+
+
+def predict(a: Assumptions, optimizer: str = "teon", models: Sequence[str] = tuple(MODELS),
+            gpus: Sequence[int] = GPUS) -> Dict[str, Dict[str, List[Dict[str, float]]]]:
+    out: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
+    for key in models:
+        out[key] = {}
+        for mode in ("distributed", "replicated"):
+            out[key][mode] = [r for n in gpus if (r := step_cost(MODELS[key], n, optimizer, mode, a)) is not None]
+    return out
+
+
+# -- calibration on the CPU measurements of bench/scaling.py ------------------------------------------
+def calibrate_cpu(scaling: Dict, cores: int = 2) -> Dict[str, float]:
+    """Effective NS FLOP rate of one CPU rank (from the single-process runs: all step time counted as
+    NS, so a lower bound) and gloo loopback bandwidth (least squares of the distributed runs' extra time
+    over their bytes, after removing the predicted compute with ranks sharing `cores` cores)."""
+    runs = scaling.get("runs", {})
+    singles = [r for r in runs.values() if r["world"] == 1]
+    if not singles:
+        return {}
+    rate = sorted(r["total_flops"] / (r["step_ms_max_rank"] / 1e3) for r in singles)[len(singles) // 2]
+    xs, ys = [], []
+    for r in runs.values():
+        if r["mode"] != "distributed" or r["world"] == 1:
+            continue
+        slowdown = max(1.0, r["world"] / cores)
+        compute = max(r["flops_per_rank"]) / rate * slowdown
+        nbytes = max(max(s, v) for s, v in zip(r["sent_per_rank"], r["received_per_rank"]))
+        xs.append(nbytes)
+        ys.append(r["step_ms_max_rank"] / 1e3 - compute)
+    bw = None
+    if xs and sum(x * x for x in xs) > 0:
+        slope = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+        bw = 1 / slope if slope > 0 else None
+    return dict(cpu_ns_flops_per_s=rate, gloo_bytes_per_s=bw, n_runs=len(xs),
+                note="fitted on a shared, oversubscribed 2-core machine: order-of-magnitude only")
+
+
+# -- outputs --------------------------------------------------------------------------------------------
+def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = dict(assumptions=dataclasses.asdict(a), optimizer=optimizer,
+                models={k: dict(dataclasses.asdict(MODELS[k]), total_params=MODELS[k].params()[0],
+                                active_params=MODELS[k].params()[1]) for k in pred},
+                predictions=pred, cpu_calibration=calib)
+    (out_dir / "costmodel.json").write_text(json.dumps(data, indent=1) + "\n")
+    lines = [f"# Predicted optimizer-step overhead ({optimizer}), owner-compute vs replicated", "",
+             "A model, not a measurement: H100 datasheet constants and the assumptions below; the group lists, "
+             "owner assignment (LPT) and per-rank bytes are those of the implementation.", "",
+             "Assumptions: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in dataclasses.asdict(a).items()) + ".", ""]
+    for key, by_mode in pred.items():
+        m = MODELS[key]
+        total, active = m.params()
+        lines += [f"## {m.name}: {total / 1e9:.1f}B params ({active / 1e9:.1f}B active), TP={m.tp}, PP={m.pp}"
+                  + (f", EP={m.ep}" if m.experts else ""), "",
+                  "| GPUs | DP | fwd+bwd s | distributed: step ms | compute ms | comm ms | FLOPs max/mean | overhead % "
+                  "| replicated: step ms | compute ms | overhead % | what-if all-gather phase B: overhead % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        rep = {r["gpus"]: r for r in by_mode["replicated"]}
+        for d in by_mode["distributed"]:
+            r = rep[d["gpus"]]
+            lines.append(f"| {d['gpus']} | {d['dp']} | {d['fwd_bwd_s']:.2f} | {1e3 * d['optimizer_s']:.0f} | "
+                         f"{1e3 * d['compute_s']:.0f} | {1e3 * d['comm_s']:.0f} | {d['dense_imbalance']:.2f} | "
+                         f"{d['overhead_pct']:.1f} | {1e3 * r['optimizer_s']:.0f} | {1e3 * r['compute_s']:.0f} | "
+                         f"{r['overhead_pct']:.1f} | {d['whatif_allgather_pct']:.1f} |")
+        lines.append("")
+    if calib:
+        lines += ["## CPU calibration (bench/results/scaling_cpu.json)", "",
+                  f"Effective NS rate of one CPU rank ≈ {calib['cpu_ns_flops_per_s'] / 1e9:.2f} GFLOP/s (fp32, "
+                  "whole step counted as NS: a lower bound); gloo loopback ≈ "
+                  + (f"{calib['gloo_bytes_per_s'] / 1e6:.0f} MB/s" if calib.get("gloo_bytes_per_s") else "not fitted")
+                  + f" from {calib['n_runs']} distributed runs. {calib['note']}. These numbers only check the "
+                  "model's structure; the GPU predictions use the constants above.", ""]
+    lines += ["*FLOPs max/mean*: LPT load balance of the dense groups at that work-group size (above 1.1 there are "
+              "fewer groups than ranks, or a few large ones). *what-if*: phase B as an all-gather (each rank sends "
+              "about what it receives) instead of the owner sending W-1 copies; not implemented.", ""]
+    (out_dir / "costmodel.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for color, (key, by_mode) in zip(colors, pred.items()):
+        for mode, style in (("distributed", "-"), ("replicated", "--")):
+            rows = by_mode[mode]
+            ax.plot([r["gpus"] for r in rows], [r["overhead_pct"] for r in rows], style, marker="o", ms=3,
+                    color=color, label=f"{key} {mode}")
+        rows = by_mode["distributed"]
+        ax.plot([r["gpus"] for r in rows], [r["whatif_allgather_pct"] for r in rows], ":", lw=1, color=color,
+                label=f"{key} what-if all-gather B")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("GPUs (H100)")
+    ax.set_ylabel("optimizer step / (forward+backward), %")
+    ax.set_title(f"Predicted {optimizer.upper()} step overhead, {a.global_batch_tokens / 2**20:.0f}M tokens/step")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "costmodel.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--optimizer", default="teon", choices=["teon", "muon"])
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    for f in dataclasses.fields(Assumptions):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    a = Assumptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Assumptions)})
+    pred = predict(a, args.optimizer)
+    scaling = RESULTS_DIR / "scaling_cpu.json"
+    calib = calibrate_cpu(json.loads(scaling.read_text())) if scaling.exists() else {}
+    write_outputs(pred, a, args.optimizer, calib, args.out_dir)
+    print((args.out_dir / "costmodel.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

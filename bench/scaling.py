@@ -1,0 +1,285 @@
+"""Scaling of the distributed optimizer step on CPU/gloo: per-rank Newton–Schulz FLOPs, bytes moved and
+step time of teonspeed.TEON / Muon at 1, 2, 4 and 8 ranks, TP, DP and TP×DP layouts,
+parallel_mode "distributed" (owner-compute) vs "replicated".
+
+    .venv/bin/python bench/scaling.py                          # every layout below (a few minutes on 2 cores)
+    .venv/bin/python bench/scaling.py --layouts 1x1,2x1,1x2 --optimizers teon --modes distributed
+    .venv/bin/python bench/scaling.py --max-ranks 4            # skip the 8-rank layouts
+
+A layout "TxD" is tensor-parallel size T times data-parallel size D (T·D ranks, forked with
+teonspeed.testing.harness.run_ranks, gloo on loopback). Every rank builds a megatron-core GPT
+(hidden 128, 8 layers, 8 heads, 4 query groups, ffn 352, gated; the tests' tiny_gpt at a larger size)
+for its TP position, so the shard layout is Megatron's own; gradients are deterministic functions of the
+global parameter name (identical on every DP replica, like averaged gradients). Each rank runs
+`--warmup` steps and then `--steps` timed steps (barrier, then wall time of opt.step(); median).
+
+Per rank it records `opt.comm_stats` (NS FLOPs computed on the rank, bytes sent and received by the
+optimizer's collectives, counted as the collectives' payloads), the plan's prediction
+(`expected_bytes`), and the rank's own shard bytes of the orthogonalized matrices (fp32). A single
+process has no comm_stats: its FLOPs are the plan's total.
+
+Results are merged into bench/results/scaling_cpu.{json,md} (keyed by optimizer, mode, layout), so the
+script can be run in several short pieces.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Dict, List
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "tests"))  # megatron_models (the tests' tiny megatron-core GPT)
+
+MODEL = dict(num_layers=8, hidden=128, heads=8, groups=4, ffn=352)
+LAYOUTS = ["1x1", "2x1", "1x2", "4x1", "1x4", "2x2", "2x4", "4x2", "1x8"]  # "TxD"; TP=8 needs 8 query groups
+GOAL_FLOPS, GOAL_BYTES = 1.10, 2.0
+
+
+def _global_name(name, spec):
+    return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + spec.layer_offset}.", name, count=1)
+
+
+def _full_tensor(name, shape, salt):
+    import torch
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 7919 * salt)
+    return torch.randn(shape, generator=g) * 0.1
+
+
+def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmup: int, steps: int,
+           num_layers: int = MODEL["num_layers"]) -> Dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    import megatron_models as mm
+    import teonspeed
+    from megatron.core import parallel_state as ps
+    from teonspeed.parallel.owners import ns_flops
+    from teonspeed.parallel.shard_spec import megatron_shard_specs, shard_of
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    config = mm.tiny_config(num_layers=num_layers, hidden=MODEL["hidden"], heads=MODEL["heads"],
+                            groups=MODEL["groups"], ffn=MODEL["ffn"], tp=tp)
+    model = mm.tiny_gpt(config)
+    specs = megatron_shard_specs(model)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+
+    def local_of(name, p, salt):
+        spec = specs[name]
+        shape = list(p.shape)
+        if spec.tp_partition_dim is not None:
+            shape[spec.tp_partition_dim] *= tp
+        full = _full_tensor(_global_name(name, spec), shape, salt)
+        return shard_of(full, spec.tp_partition_dim, tp_rank, tp, spec.tp_partition_stride)
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(local_of(name, p, 0))
+            p.grad = local_of(name, p, 1)
+    cls = {"teon": teonspeed.TEON, "muon": teonspeed.Muon}[optimizer]
+    opt = cls(model, lr=0.02, adamw_lr=1e-3, parallel_mode=mode)
+    groups = opt.grouping.groups
+    ns_steps = opt.config.ns_steps or 5
+    total_flops = sum(ns_flops(g.stacked_shape, ns_steps) for g in groups)
+    full_bytes = sum(4 * m.shape[0] * m.shape[1] for g in groups for m in g.members)
+    runner = opt._runner
+    if hasattr(runner, "shard_numel"):
+        topo = runner.topologies["dense"]
+        shard_bytes = sum(4 * runner.shard_numel(m, topo) for g in groups for m in g.members)
+        expected = runner.expected_bytes(groups)
+    else:
+        shard_bytes, expected = full_bytes, (0, 0)
+    times, cpu_times = [], []
+    for i in range(warmup + steps):
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        opt.step()
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        if i >= warmup:
+            times.append(dt)
+            cpu_times.append(dc)
+    stats = opt.comm_stats
+    owned = None
+    if stats is not None and mode == "distributed":
+        owners = runner.owners(groups, runner.topologies["dense"])
+        owned = sum(1 for o in owners if o == runner.topologies["dense"].work_rank)
+    return dict(rank=rank, tp_rank=tp_rank, dp_rank=ps.get_data_parallel_rank(),
+                flops=stats.flops if stats is not None else total_flops,
+                sent=stats.sent if stats is not None else 0, received=stats.received if stats is not None else 0,
+                expected_sent=expected[0], expected_received=expected[1],
+                shard_bytes=shard_bytes, full_bytes=full_bytes, total_flops=total_flops,
+                groups=len(groups), owned_groups=owned, step_s=statistics.median(times), step_s_all=times,
+                cpu_s=statistics.median(cpu_times))
+
+
+def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, dp: int,
+              num_layers: int = MODEL["num_layers"]) -> Dict[str, Any]:
+    flops = [r["flops"] for r in ranks]
+    mean = sum(flops) / len(flops)
+    total = ranks[0]["total_flops"]
+    shard = max(r["shard_bytes"] for r in ranks)
+    sent = max(r["sent"] for r in ranks)
+    received = max(r["received"] for r in ranks)
+    return dict(
+        optimizer=optimizer, mode=mode, layout=f"{tp}x{dp}", tp=tp, dp=dp, world=tp * dp, num_layers=num_layers,
+        groups=ranks[0]["groups"], owned_groups=[r["owned_groups"] for r in ranks],
+        total_flops=total, flops_per_rank=flops,
+        flops_max_over_mean=max(flops) / mean if mean else None,
+        flops_max_over_ideal=max(flops) / (total / (tp * dp)),
+        shard_bytes=shard, full_matrix_bytes=ranks[0]["full_bytes"],
+        sent_per_rank=[r["sent"] for r in ranks], received_per_rank=[r["received"] for r in ranks],
+        max_sent_over_shard=sent / shard, max_received_over_shard=received / shard,
+        max_sent_plus_received_over_shard=max(r["sent"] + r["received"] for r in ranks) / shard,
+        counter_equals_plan=all((r["sent"], r["received"]) == (r["expected_sent"], r["expected_received"])
+                                for r in ranks) if tp * dp > 1 else None,
+        step_ms_median_per_rank=[1e3 * r["step_s"] for r in ranks],
+        step_ms_max_rank=1e3 * max(r["step_s"] for r in ranks),
+        cpu_ms_max_rank=1e3 * max(r["cpu_s"] for r in ranks),
+    )
+
+
+def machine() -> Dict[str, Any]:
+    import torch
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip()
+    except OSError:
+        git = "?"
+    return dict(cpu=cpu, cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+                platform=platform.platform(), git=git,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                load_average=[round(x, 2) for x in os.getloadavg()],
+                note="shared 2-core machine, busy with another long CPU benchmark during the run; "
+                     "up to 8 single-threaded rank processes share 2 cores, so step times measure "
+                     "oversubscribed CPU + loopback gloo, not scaling of a real cluster")
+
+
+def write_md(data: Dict[str, Any], path: Path) -> None:
+    m = data["machine"]
+    lines = ["# Distributed optimizer step: scaling on CPU/gloo", "",
+             f"{m['cpu']}, {m['cpus']} CPUs; torch {m['torch']}, Python {m['python']}; {m['date']}; git {m['git']}; "
+             f"load average at the end: {m['load_average']}.", "",
+             f"**Note:** {m['note']}. FLOPs and bytes are exact counters and do not depend on the load.", "",
+             f"Model: megatron-core GPT, hidden {MODEL['hidden']}, {MODEL['num_layers']} layers, {MODEL['heads']} heads, "
+             f"{MODEL['groups']} query groups, ffn {MODEL['ffn']} (gated); fp32. Layout TxD = tensor-parallel T × data-parallel D. "
+             "*FLOPs max/mean*: load balance of the per-rank Newton–Schulz FLOPs; *max/ideal*: the busiest rank against "
+             "total/ranks. *shard*: the rank's own fp32 bytes of the orthogonalized matrices (= full matrices when T = 1). "
+             "*sent/shard*, *recv/shard*: the busiest rank's bytes per step over its shard. *plan*: the counter equals "
+             "`expected_bytes` on every rank. *step ms*: median wall time of the timed steps, slowest rank (oversubscribed: "
+             "unreliable); *CPU ms*: median CPU time of the step (process_time, includes gloo's polling), busiest rank.", "",
+             "| optimizer | mode | layout | layers | ranks | groups | FLOPs/rank max (M) | FLOPs max/mean | max/ideal | shard KiB | "
+             "sent/shard | recv/shard | (sent+recv)/shard | plan | step ms | CPU ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(data["runs"].values(), key=lambda r: (-r.get("num_layers", 8), r["optimizer"], r["world"], r["tp"], r["mode"])):
+        lines.append(
+            f"| {r['optimizer']} | {r['mode']} | {r['layout']} | {r.get('num_layers', MODEL['num_layers'])} | "
+            f"{r['world']} | {r['groups']} | "
+            f"{max(r['flops_per_rank']) / 1e6:.0f} | {r['flops_max_over_mean']:.2f} | {r['flops_max_over_ideal']:.2f} | "
+            f"{r['shard_bytes'] / 1024:.0f} | {r['max_sent_over_shard']:.2f} | {r['max_received_over_shard']:.2f} | "
+            f"{r['max_sent_plus_received_over_shard']:.2f} | "
+            f"{'-' if r['counter_equals_plan'] is None else ('yes' if r['counter_equals_plan'] else 'NO')} | "
+            f"{r['step_ms_max_rank']:.0f} | {r.get('cpu_ms_max_rank', float('nan')):.0f} |")
+    lines += ["", "## Goals (from the issue): FLOPs/rank within 10% of total/ranks; bytes/rank ≤ 2× the rank's shard", ""]
+    lines += data.get("verdict", [])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def verdict(runs: Dict[str, Dict[str, Any]]) -> List[str]:
+    out = []
+    dist_runs = [r for r in runs.values() if r["mode"] == "distributed" and r["world"] > 1]
+    rep_runs = [r for r in runs.values() if r["mode"] == "replicated" and r["world"] > 1]
+    ok_f = [r for r in dist_runs if r["flops_max_over_ideal"] <= GOAL_FLOPS]
+    bad_f = [r for r in dist_runs if r["flops_max_over_ideal"] > GOAL_FLOPS]
+    ok_b = [r for r in dist_runs if max(r["max_sent_over_shard"], r["max_received_over_shard"]) <= GOAL_BYTES]
+    out.append(f"- distributed, FLOPs goal (busiest rank ≤ 1.10 × total/ranks): met in {len(ok_f)}/{len(dist_runs)} runs"
+               + (": not met in " + ", ".join(f"{r['optimizer']} {r['layout']} ({r['flops_max_over_ideal']:.2f}, "
+                                              f"{r['groups']} groups on {r['world']} ranks)" for r in bad_f)
+                  if bad_f else "") + ".")
+    out.append(f"- distributed, bytes goal per direction (sent and received each ≤ 2 × shard on every rank): met in "
+               f"{len(ok_b)}/{len(dist_runs)} runs. Sent+received together reaches up to "
+               f"{max((r['max_sent_plus_received_over_shard'] for r in dist_runs), default=0):.2f} × shard.")
+    if rep_runs:
+        out.append("- replicated: every rank computes every group (FLOPs max/ideal = ranks: "
+                   + ", ".join(f"{r['optimizer']} {r['layout']} {r['flops_max_over_ideal']:.1f}" for r in rep_runs)
+                   + "); it moves (T−1) × shard each way (all-gather over TP) and nothing over DP.")
+    return out
+
+
+def save(data: Dict[str, Any], out_dir: Path) -> None:
+    data["model"] = MODEL
+    data["machine"] = machine()
+    data["verdict"] = verdict(data["runs"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scaling_cpu.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_md(data, out_dir / "scaling_cpu.md")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of TxD")
+    p.add_argument("--optimizers", default="teon,muon")
+    p.add_argument("--modes", default="distributed,replicated")
+    p.add_argument("--max-ranks", type=int, default=8)
+    p.add_argument("--layers", type=int, default=MODEL["num_layers"],
+                   help="decoder layers (fewer: fewer groups per rank, to show the LPT imbalance)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--fresh", action="store_true", help="do not merge with an existing scaling_cpu.json")
+    args = p.parse_args(argv)
+
+    import warnings
+    warnings.filterwarnings("ignore")  # megatron-core's deprecation warnings, once per rank
+    import torch
+    torch.set_num_threads(1)  # before any tensor op: the ranks are forked
+    import megatron_models  # noqa: F401  (import once in the parent; the children inherit it)
+    import teonspeed  # noqa: F401
+    from teonspeed.testing.harness import run_ranks
+
+    out_json = args.out_dir / "scaling_cpu.json"
+    data = {"runs": {}}
+    if out_json.exists() and not args.fresh:
+        data = json.loads(out_json.read_text())
+    for optimizer in args.optimizers.split(","):
+        for layout in args.layouts.split(","):
+            tp, dp = (int(x) for x in layout.split("x"))
+            if tp * dp > args.max_ranks:
+                continue
+            for mode in args.modes.split(","):
+                if tp * dp == 1 and mode == "replicated":
+                    continue  # one process: no parallel mode
+                t0 = time.time()
+                ranks = run_ranks(worker, tp * dp, tp, optimizer, mode, args.warmup, args.steps, args.layers,
+                                  timeout=args.timeout)
+                row = summarize(ranks, optimizer, mode, tp, dp, args.layers)
+                suffix = "" if args.layers == MODEL["num_layers"] else f"/L{args.layers}"
+                data["runs"][f"{optimizer}/{mode}/{layout}{suffix}"] = row
+                print(f"{optimizer:5s} {mode:11s} {layout:4s} flops max/ideal {row['flops_max_over_ideal']:.2f} "
+                      f"max/mean {row['flops_max_over_mean']:.2f} sent/shard {row['max_sent_over_shard']:.2f} "
+                      f"recv/shard {row['max_received_over_shard']:.2f} plan={row['counter_equals_plan']} "
+                      f"step {row['step_ms_max_rank']:.0f} ms cpu {row['cpu_ms_max_rank']:.0f} ms ({time.time() - t0:.1f} s)", flush=True)
+                save(data, args.out_dir)  # after every run, so an interrupted sweep keeps what it measured
+    save(data, args.out_dir)
+    print("\n".join(data["verdict"]))
+    print(f"wrote {out_json} and scaling_cpu.md")
+
+
+if __name__ == "__main__":
+    main()

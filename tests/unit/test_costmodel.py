@@ -1,0 +1,122 @@
+"""Invariants of the optimizer-step cost model (bench/costmodel.py), and its byte count against the
+implementation's own prediction (DistributedRunner.expected_bytes, which needs no process group)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import teonspeed
+from teonspeed.parallel.distributed import DistributedRunner
+from teonspeed.parallel.topology import Topology
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import costmodel as cm  # noqa: E402
+
+H, F, KV = 64, 96, 32
+TINY = cm.ModelSpec("tiny", hidden=H, layers=4, heads=4, kv_heads=2, head_dim=16, ffn=F, vocab=100)
+
+
+def _hf_named_params(layers=4):
+    shapes = {"self_attn.q_proj": (H, H), "self_attn.k_proj": (KV, H), "self_attn.v_proj": (KV, H),
+              "self_attn.o_proj": (H, H), "mlp.gate_proj": (F, H), "mlp.up_proj": (F, H), "mlp.down_proj": (H, F)}
+    named = [("model.embed_tokens.weight", torch.zeros(100, H))]
+    for b in range(layers):
+        named += [(f"model.layers.{b}.{n}.weight", torch.zeros(s)) for n, s in shapes.items()]
+    named.append(("lm_head.weight", torch.zeros(100, H)))
+    return [(n, p.requires_grad_()) for n, p in named]
+
+
+def _specs(named):
+    """Megatron's split: q/k/v/gate/up column-parallel (dim 0), o/down row-parallel (dim 1)."""
+    row = ("o_proj", "down_proj")
+    return {n: teonspeed.ShardSpec(tp_partition_dim=1 if any(r in n for r in row) else 0) for n, _ in named}
+
+
+def _runner(specs, tp, dp, rank, mode):
+    positions = [(q % tp, q // tp) for q in range(tp * dp)]
+    topo = Topology(None, tp, rank % tp, None, tp * dp, rank, positions)
+    return DistributedRunner({"dense": topo, "expert": topo}, specs, mode, ns_steps=5)
+
+
+@pytest.mark.parametrize("optimizer", ["teon", "muon"])
+def test_stage_groups_match_the_plan(optimizer):
+    plan_groups = teonspeed.plan(_hf_named_params(), optimizer).groups
+    model_groups = cm.stage_groups(TINY, optimizer, cm.Assumptions())
+    assert sorted(g.stacked_shape for g in plan_groups) == sorted(g.stacked for g in model_groups)
+
+
+@pytest.mark.parametrize("mode", ["distributed", "replicated"])
+@pytest.mark.parametrize("tp,dp", [(2, 1), (1, 4), (2, 2), (4, 2)])
+def test_per_rank_bytes_equal_expected_bytes_of_the_runner(tp, dp, mode):
+    named = _hf_named_params()
+    specs = _specs(named)
+    groups = teonspeed.plan(named, "teon").groups
+    as_model = [cm.Group(g.stacked_shape, sum(m.shape[0] * m.shape[1] for m in g.members), True) for g in groups]
+    rc = cm.per_rank_bytes(as_model, tp, dp, ns_steps=5, itemsize=4, mode=mode)
+    for q in range(tp * dp):
+        assert _runner(specs, tp, dp, q, mode).expected_bytes(groups) == (rc.sent[q], rc.received[q]), q
+
+
+@pytest.mark.parametrize("tp,dp", [(2, 2), (8, 4), (1, 16)])
+def test_total_traffic_is_the_readme_count(tp, dp):
+    """Summed over ranks: (T-1) + (W-1) shard volumes per matrix, whoever owns what."""
+    groups = cm.stage_groups(cm.MODELS["llama-7b"], "teon", cm.Assumptions())
+    groups = [cm.Group(g.stacked, g.elements, tp > 1) for g in groups]
+    rc = cm.per_rank_bytes(groups, tp, dp, ns_steps=5, itemsize=4)
+    shard = sum(g.elements // tp for g in groups) * 4
+    w = tp * dp
+    assert sum(rc.sent) == sum(rc.received) == pytest.approx(shard * ((tp - 1) + (w - 1)))
+    assert sum(rc.flops) == pytest.approx(sum(cm.ns_flops(g.stacked, 5) for g in groups))
+
+
+def test_replicated_computes_at_least_as_much_as_distributed():
+    a = cm.Assumptions()
+    for key, model in cm.MODELS.items():
+        for n in cm.GPUS:
+            d = cm.step_cost(model, n, "teon", "distributed", a)
+            r = cm.step_cost(model, n, "teon", "replicated", a)
+            if d is None:
+                assert r is None
+                continue
+            assert r["compute_s"] >= d["compute_s"] - 1e-12, (key, n)
+            assert r["busiest_rank_flops"] >= d["busiest_rank_flops"], (key, n)
+
+
+def test_distributed_compute_scales_as_one_over_ranks_while_groups_outnumber_ranks():
+    """70B, TP=8, PP=4: 20 layers per stage, ~130 groups; the busiest rank's FLOPs halve with the ranks
+    until the work group is no longer much smaller than the group count."""
+    a = cm.Assumptions()
+    model = cm.MODELS["llama-70b"]
+    groups = cm.stage_groups(model, "teon", a)
+    total = sum(cm.ns_flops(g.stacked, a.ns_steps) for g in groups)
+    for n in (32, 64):
+        d = cm.step_cost(model, n, "teon", "distributed", a)
+        w = model.tp * (n // (model.tp * model.pp))
+        assert d["busiest_rank_flops"] == pytest.approx(total / w, rel=0.05)
+    # and it stops scaling once ranks outnumber groups: the busiest rank holds the largest group
+    d = cm.step_cost(model, 1024, "teon", "distributed", a)
+    assert d["busiest_rank_flops"] == pytest.approx(max(cm.ns_flops(g.stacked, a.ns_steps) for g in groups))
+
+
+def test_replicated_compute_does_not_shrink_with_data_parallelism():
+    a = cm.Assumptions()
+    model = cm.MODELS["llama-7b"]
+    times = [cm.step_cost(model, n, "teon", "replicated", a)["compute_s"] for n in (8, 64, 1024)]
+    assert times[0] == pytest.approx(times[1]) == pytest.approx(times[2])
+
+
+def test_parameter_counts_and_layouts():
+    assert cm.MODELS["llama-7b"].params()[0] == pytest.approx(6.74e9, rel=0.02)
+    assert cm.MODELS["llama-70b"].params()[0] == pytest.approx(70.6e9, rel=0.02)
+    total, active = cm.MODELS["moe-64e"].params()
+    assert active < total / 3
+    assert cm.step_cost(cm.MODELS["llama-70b"], 16, "teon", "distributed", cm.Assumptions()) is None  # TP8×PP4
+
+
+def test_overhead_is_step_time_over_forward_backward():
+    a = cm.Assumptions()
+    d = cm.step_cost(cm.MODELS["llama-1b"], 8, "teon", "distributed", a)
+    assert d["overhead_pct"] == pytest.approx(100 * d["optimizer_s"] / d["fwd_bwd_s"])
+    total, active = cm.MODELS["llama-1b"].params()
+    assert d["fwd_bwd_s"] == pytest.approx(6 * active * a.global_batch_tokens / (8 * a.peak_flops * a.train_mfu))
