@@ -41,24 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 
-try:
-    from teonspeed.parallel.owners import assign_owners, ns_flops
-except ImportError:  # pragma: no cover - the package not installed: the same two functions
-    import heapq
-
-    def ns_flops(shape, steps):
-        m, n = sorted(shape)
-        return steps * (4.0 * m * m * n + 2.0 * m ** 3)
-
-    def assign_owners(costs, num_ranks):
-        order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
-        heap = [(0.0, r) for r in range(num_ranks)]
-        owners = [0] * len(costs)
-        for i in order:
-            load, rank = heapq.heappop(heap)
-            owners[i] = rank
-            heapq.heappush(heap, (load + costs[i], rank))
-        return owners
+from teonspeed.parallel.owners import assign_owners, ns_flops  # the implementation's own rules
 
 
 @dataclass
