@@ -28,12 +28,10 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -46,16 +44,6 @@ LAYOUTS = ["1x1", "2x1", "1x2", "4x1", "1x4", "2x2", "2x4", "4x2", "1x8"]  # "Tx
 GOAL_FLOPS, GOAL_BYTES = 1.10, 2.0
 
 
-def _global_name(name, spec):
-    return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + spec.layer_offset}.", name, count=1)
-
-
-def _full_tensor(name, shape, salt):
-    import torch
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 7919 * salt)
-    return torch.randn(shape, generator=g) * 0.1
-
-
 def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmup: int, steps: int,
            num_layers: int = MODEL["num_layers"]) -> Dict[str, Any]:
     import torch
@@ -64,7 +52,8 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
     import teonspeed
     from megatron.core import parallel_state as ps
     from teonspeed.parallel.owners import ns_flops
-    from teonspeed.parallel.shard_spec import megatron_shard_specs, shard_of
+    from teonspeed.parallel.shard_spec import megatron_shard_specs
+    from teonspeed.testing.synthetic import local_tensor
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     config = mm.tiny_config(num_layers=num_layers, hidden=MODEL["hidden"], heads=MODEL["heads"],
@@ -74,12 +63,7 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
     tp_rank = ps.get_tensor_model_parallel_rank()
 
     def local_of(name, p, salt):
-        spec = specs[name]
-        shape = list(p.shape)
-        if spec.tp_partition_dim is not None:
-            shape[spec.tp_partition_dim] *= tp
-        full = _full_tensor(_global_name(name, spec), shape, salt)
-        return shard_of(full, spec.tp_partition_dim, tp_rank, tp, spec.tp_partition_stride)
+        return local_tensor(name, p, specs[name], tp_rank, tp, salt)
 
     with torch.no_grad():
         for name, p in model.named_parameters():

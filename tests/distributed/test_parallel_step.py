@@ -5,29 +5,17 @@ and expert offsets come from Megatron itself. Weights and gradients are determin
 *global* parameter name, cut into shards with Megatron's own rule, so the full model (one process) and
 every sharded layout start from, and receive, exactly the same numbers.
 """
-import re
-import zlib
-
 import pytest
 import torch
 
 import megatron_models as mm
 import teonspeed
-from teonspeed.parallel.shard_spec import assemble, megatron_shard_specs, shard_of
+from teonspeed.parallel.shard_spec import assemble, megatron_shard_specs
 from teonspeed.testing.harness import run_ranks
+from teonspeed.testing.synthetic import global_name, local_tensor
 
 OPTIMIZERS = {"muon": teonspeed.Muon, "teon": teonspeed.TEON, "htmuon": teonspeed.HTMuon}
 STEPS = 3
-
-
-def global_name(name, spec):
-    name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + spec.layer_offset}.", name, count=1)
-    return re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{int(m.group(1)) + spec.expert_offset}.", name)
-
-
-def full_tensor(name, shape, salt):
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 7919 * salt)
-    return torch.randn(shape, generator=g) * 0.1
 
 
 def train(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, num_layers=4, mode="distributed",
@@ -45,11 +33,7 @@ def train(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, num_l
     def local_of(name, p, salt):
         spec = specs[name]
         r, size = (etp_rank, etp_size) if spec.is_expert else (tp_rank, tp_size)
-        full_shape = list(p.shape)
-        if spec.tp_partition_dim is not None:
-            full_shape[spec.tp_partition_dim] *= size
-        full = full_tensor(global_name(name, spec), full_shape, salt)
-        return shard_of(full, spec.tp_partition_dim, r, size, spec.tp_partition_stride)
+        return local_tensor(name, p, spec, r, size, salt)
 
     with torch.no_grad():
         for name, p in model.named_parameters():
