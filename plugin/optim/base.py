@@ -62,7 +62,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 if _ROUTE_KEY in group:
                     force_route[name] = group[_ROUTE_KEY]
         self.grouping: GroupingResult = self._build_grouping(named, force_route)
-        check_stage_cuts(self.grouping, self.parallel, self.config.teon_k, self.config.cut_groups_at_stage_boundary)
+        check_stage_cuts(self.grouping, self.parallel, self.config.cut_groups_at_stage_boundary)
         route = {r.name: r.route for r in self.grouping.routing}
         super().__init__(self._internal_groups(user_groups, route), {})
         self._params_by_name = {n: p for n, p in named}

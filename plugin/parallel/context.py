@@ -62,7 +62,7 @@ def megatron_context(model: torch.nn.Module) -> Optional[ParallelContext]:
     )
 
 
-def check_stage_cuts(grouping: GroupingResult, context: ParallelContext, teon_k: int, allow_cut: bool) -> None:
+def check_stage_cuts(grouping: GroupingResult, context: ParallelContext, allow_cut: bool) -> None:
     """A TEON window whose missing partner lives on another pipeline stage changes the update with the
     PP size: refuse it (before any state exists) unless the user opted in to cutting at stages."""
     if context.num_layers is None or allow_cut:
