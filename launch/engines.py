@@ -26,11 +26,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from launch.schedule import megatron_scheduler
+
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 def forward_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    position_ids = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
+    device = next(model.parameters()).device
+    tokens, labels = tokens.to(device), labels.to(device)
+    position_ids = torch.arange(tokens.size(1), device=device).unsqueeze(0).expand_as(tokens)
     # With labels megatron returns the per-token cross-entropy [b, s] (vocab-parallel under TP).
     return model(tokens, position_ids, None, labels=labels).float().mean()
 
@@ -50,29 +54,20 @@ def deepspeed_config(args, dp: int) -> Dict[str, Any]:
         if args.optimizer != "muon" and args.teon_k is not None:
             params["teon_k"] = args.teon_k
         optimizer = {"type": ortho[args.optimizer], "params": params}
-    scheduler = {"type": "WarmupCosineLR",
-                 "params": {"total_num_steps": args.steps, "warmup_num_steps": args.warmup, "warmup_min_ratio": 0.0,
-                            "cos_min_ratio": args.min_lr_ratio, "warmup_type": "linear"}}
     if args.ds_config_dict is not None:
         config = copy.deepcopy(args.ds_config_dict)
         given = args.explicit
         if "optimizer" not in config or given & {"optimizer", "lr", "adamw_lr", "weight_decay", "teon_k"}:
             config["optimizer"] = optimizer
-        if "scheduler" not in config:
-            config["scheduler"] = scheduler
-        else:
-            sp = config["scheduler"].setdefault("params", {})
-            if "total_num_steps" in sp or config["scheduler"].get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
-                sp["total_num_steps"] = args.steps
-            if "warmup" in given:
-                sp["warmup_num_steps"] = args.warmup
         if "zero_stage" in given or "zero_optimization" not in config:
             config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
         if "clip_grad" in given or "gradient_clipping" not in config:
             config["gradient_clipping"] = args.clip_grad
     else:
-        config = {"optimizer": optimizer, "scheduler": scheduler, "zero_optimization": {"stage": args.zero_stage},
+        config = {"optimizer": optimizer, "zero_optimization": {"stage": args.zero_stage},
                   "gradient_clipping": args.clip_grad}
+    # The lr schedule is launch/schedule.py's (validated in launch/options.py), passed to initialize().
+    config.pop("scheduler", None)
     config.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accumulation x DP
     config.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps=args.grad_accum,
                   steps_per_print=10 ** 9, wall_clock_breakdown=False)
@@ -82,14 +77,15 @@ def deepspeed_config(args, dp: int) -> Dict[str, Any]:
 class DeepSpeedBackend:
     name = "deepspeed"
 
-    def __init__(self, model, config: Dict[str, Any]):
+    def __init__(self, model, config: Dict[str, Any], lr_scheduler):
         import deepspeed
 
-        import teonspeed
+        import teonspeed  # noqa: F401  (registers the optimizer types)
         from teonspeed.deepspeed import MegatronMPU
         self.config = config
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=copy.deepcopy(config), mpu=MegatronMPU())
+            model=model, model_parameters=model.parameters(), config=copy.deepcopy(config), mpu=MegatronMPU(),
+            lr_scheduler=lr_scheduler)
         self.model = self.engine.module
 
     @property
@@ -135,7 +131,9 @@ def _loss_func(output_tensor: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     tokens, labels = next(data_iterator)
-    position_ids = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
+    device = next(model.parameters()).device
+    tokens, labels = tokens.to(device), labels.to(device)
+    position_ids = torch.arange(tokens.size(1), device=device).unsqueeze(0).expand_as(tokens)
     return model(tokens, position_ids, None, labels=labels), _loss_func
 
 
@@ -145,7 +143,6 @@ class MegatronBackend:
     def __init__(self, model, args):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.model, self.args = model, args
@@ -174,10 +171,7 @@ class MegatronBackend:
                                       muon_use_nesterov=True, **extra)
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
             peak = args.lr
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=peak, min_lr=peak * args.min_lr_ratio, lr_warmup_steps=min(args.warmup, args.steps - 1),
-            lr_decay_steps=max(args.steps, 1), lr_decay_style="cosine", start_wd=args.weight_decay,
-            end_wd=args.weight_decay, wd_incr_steps=args.steps, wd_incr_style="constant")
+        self.scheduler = megatron_scheduler(self.optimizer, args, peak)
         self.forward_backward = get_forward_backward_func()
         self.last_stage = ps.is_pipeline_last_stage()
         self.ps = ps

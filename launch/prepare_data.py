@@ -2,16 +2,16 @@
 
     # your own text: .txt files (one document per file, or per line / per paragraph) and JSONL files
     # (one document per line, field "text"); a byte-level BPE is trained on them unless --tokenizer is given
-    .venv/bin/python launch/prepare_data.py --input corpus/ more.jsonl --output-prefix data/mycorpus \\
+    .venv/bin/python -m launch.prepare_data --input corpus/ more.jsonl --output-prefix data/mycorpus \\
         --vocab-size 32000 --workers 8
 
     # with an existing tokenizer.json (Hugging Face `tokenizers` format)
-    .venv/bin/python launch/prepare_data.py --input train.jsonl.gz --tokenizer tokenizer.json \\
+    .venv/bin/python -m launch.prepare_data --input train.jsonl.gz --tokenizer tokenizer.json \\
         --output-prefix data/train
 
-    # the embedded default corpus of launch/pretrain.py (stdlib sources), with its fixed 95/5 split:
+    # the embedded default corpus (launch/corpus.py) (stdlib sources), with its fixed 95/5 split:
     # writes data/embedded/{tokenizer.json,train.bin,train.idx,valid.bin,valid.idx,manifest.json}
-    .venv/bin/python launch/prepare_data.py --embedded --output-dir data/embedded --vocab-size 1024
+    .venv/bin/python -m launch.prepare_data --embedded --output-dir data/embedded --vocab-size 1024
 
 The files are written by megatron-core's own `IndexedDatasetBuilder`, one sequence per document, each
 document's tokens followed by the end-of-document token, so `megatron.core.datasets.IndexedDataset`
@@ -34,9 +34,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
+from launch.corpus import CORPUS_MODULES, EOT, VAL_EVERY, load_documents, split_documents
+
 LAUNCH = Path(__file__).resolve().parent
 REPO = LAUNCH.parent
-EOD = "<|endoftext|>"  # the same end-of-text token as launch/pretrain.py (EOT there)
+EOD = EOT  # the end-of-document token, the same as the on-the-fly tokenizer's
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 
@@ -318,16 +320,10 @@ def write_indexed_dataset(docs: Iterable[str], tok, prefix: str | Path, workers:
 # The embedded corpus of launch/pretrain.py
 # ---------------------------------------------------------------------------------------------------
 def embedded_corpus():
-    """(train_docs, val_docs, info) of launch/pretrain.py's corpus, with its fixed split. Imported from
-    pretrain.py (not copied) so both always agree; importing it loads megatron-core (a few seconds)."""
-    if str(LAUNCH) not in sys.path:
-        sys.path.insert(0, str(LAUNCH))
-    import pretrain
-    if pretrain.EOT != EOD:
-        raise SystemExit(f"launch/pretrain.py's EOT {pretrain.EOT!r} differs from {EOD!r}")
-    docs = pretrain.load_documents()
-    train, val = pretrain.split_documents(docs)
-    info = {"modules": list(pretrain.CORPUS_MODULES), "val_every": pretrain.VAL_EVERY,
+    """(train_docs, val_docs, info) of the embedded corpus (launch/corpus.py), with its fixed split."""
+    docs = load_documents()
+    train, val = split_documents(docs)
+    info = {"modules": list(CORPUS_MODULES), "val_every": VAL_EVERY,
             "sha256": hashlib.sha256("\0".join(docs).encode()).hexdigest()[:12],
             "python": sys.version.split()[0]}
     return train, val, info

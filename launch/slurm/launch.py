@@ -1,10 +1,11 @@
-"""Start launch/pretrain.py (or another torchrun script) on every node of a SLURM allocation.
+"""Start `-m launch.pretrain` (or another torchrun script) on every node of a SLURM allocation.
 
 Run once per node (srun --ntasks-per-node=1, as launch/slurm/pretrain.sbatch does); each copy reads the
-SLURM environment, derives the rendezvous and replaces itself with this node's torchrun:
+SLURM environment, checks the setup with launch/pretrain.py's own validator (launch/options.py) for the
+allocation's world size, derives the rendezvous and replaces itself with this node's torchrun:
 
-    srun python launch/slurm/launch.py [--nproc-per-node 8] -- --optimizer teon --tp 2 ...
-    python launch/slurm/launch.py --dry-run -- --tp 2        # print every node's command, run nothing
+    srun python -m launch.slurm.launch [--nproc-per-node 8] -- --optimizer teon --tp 2 ...
+    python -m launch.slurm.launch --dry-run -- --tp 2        # check, print every node's command, run nothing
 
     MASTER_ADDR  first host of SLURM_JOB_NODELIST (bracket ranges expanded here: scontrol is not needed)
     MASTER_PORT  --master-port, else 10000 + SLURM_JOB_ID % 20000 (below Linux's ephemeral ports; two
@@ -12,9 +13,9 @@ SLURM environment, derives the rendezvous and replaces itself with this node's t
     node rank    SLURM_NODEID        nnodes  SLURM_JOB_NUM_NODES / SLURM_NNODES (else the node list's length)
     GPUs / node  --nproc-per-node, else SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE ("8" or "h100:8"), else 1
 
-Everything after `--` goes to the script unchanged. Without SLURM variables it describes a single node
-(localhost), which is also how the tests run it. --hostfile PATH also writes a DeepSpeed hostfile
-("host slots=N" per node, see launch/hostfile.example) for the same allocation.
+Everything after `--` goes to the script unchanged. Without SLURM variables (no SLURM_JOB_NODELIST) there
+is no allocation to plan: --dry-run refuses, a real launch runs on this host alone and says so. --hostfile
+PATH also writes a DeepSpeed hostfile ("host slots=N" per node, see launch/hostfile.example).
 """
 from __future__ import annotations
 
@@ -28,8 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+if __name__ == "__main__" and not __package__:
+    # `python launch/slurm/launch.py`: run as the module `launch.slurm.launch`.
+    import runpy
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+    runpy.run_module("launch.slurm.launch", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
+from launch.options import check, summary as run_summary  # noqa: E402  (light: no torch, no megatron)
+
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_SCRIPT = REPO / "launch" / "pretrain.py"
+DEFAULT_MODULE = "launch.pretrain"
 DEFAULT_PORT = 29500
 
 
@@ -139,13 +149,15 @@ def slurm_layout(env: Optional[Mapping[str, str]] = None, nproc_per_node: Option
 
 
 def torchrun_command(layout: Layout, node_rank: int, script_args: Sequence[str] = (),
-                     script: str | Path = DEFAULT_SCRIPT, torchrun: Optional[Sequence[str]] = None) -> List[str]:
-    """One node's command: torchrun with a static rendezvous at MASTER_ADDR:MASTER_PORT."""
+                     script: Optional[str | Path] = None, torchrun: Optional[Sequence[str]] = None) -> List[str]:
+    """One node's command: torchrun with a static rendezvous at MASTER_ADDR:MASTER_PORT, running `script`
+    (a path), by default the module launch.pretrain (from the repository root)."""
+    target = [str(script)] if script is not None else ["-m", DEFAULT_MODULE]
     return [*(torchrun or default_torchrun()),
             f"--nnodes={layout.nnodes}", f"--node_rank={node_rank}",
             f"--master_addr={layout.master_addr}", f"--master_port={layout.master_port}",
             f"--nproc_per_node={layout.nproc_per_node}",
-            str(script), *script_args]
+            *target, *script_args]
 
 
 def default_torchrun() -> List[str]:
@@ -155,14 +167,6 @@ def default_torchrun() -> List[str]:
         return [str(beside)]
     found = shutil.which("torchrun")
     return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
-
-
-def _shown(path: Path) -> str:
-    """A path relative to the working directory when it lies under it (shorter commands), else absolute."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def hostfile_text(layout: Layout) -> str:
@@ -180,7 +184,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes (GPUs) per node")
     p.add_argument("--master-port", type=int, default=None)
     p.add_argument("--master-addr", default=None, help="default: the first host of the node list")
-    p.add_argument("--script", default=_shown(DEFAULT_SCRIPT), help="the torchrun target (default launch/pretrain.py)")
+    p.add_argument("--script", default=None,
+                   help="a torchrun target script (default: the module launch.pretrain, whose arguments are checked "
+                        "before anything starts)")
     p.add_argument("--torchrun", default=None, help="torchrun executable (default: the one beside this Python)")
     p.add_argument("--dry-run", action="store_true", help="print every node's command and exit")
     p.add_argument("--hostfile", default=None, help="also write a DeepSpeed hostfile for this allocation")
@@ -190,8 +196,19 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, script_args = parse_args(argv)
+    outside = not (os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST"))
+    if outside and args.dry_run:
+        raise SystemExit("error: --dry-run: no SLURM allocation in the environment (SLURM_JOB_NODELIST is unset); run "
+                         "it inside `salloc --nodes=N --gpus-per-node=G`, or set SLURM_JOB_NODELIST, "
+                         "SLURM_JOB_NUM_NODES and SLURM_GPUS_ON_NODE (or --nproc-per-node) to plan one")
     layout = slurm_layout(nproc_per_node=args.nproc_per_node, master_port=args.master_port,
                           master_addr=args.master_addr)
+    if outside:
+        print(f"[launch] no SLURM variables: running on this host alone, {layout.nproc_per_node} process(es)",
+              file=sys.stderr)
+    run = check(script_args, layout.world_size) if args.script is None else None  # before anything starts
+    if run is not None and run.device == "cpu" and _gpus_from_env(os.environ):
+        run.notes.append("warning: the allocation has GPUs but the run is on --device cpu; add --device cuda")
     torchrun = shlex.split(args.torchrun) if args.torchrun else default_torchrun()
     commands = [torchrun_command(layout, r, script_args, args.script, torchrun) for r in range(layout.nnodes)]
     summary = (f"{layout.nnodes} nodes x {layout.nproc_per_node} processes = world {layout.world_size}; "
@@ -200,10 +217,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Path(args.hostfile).write_text(hostfile_text(layout))
     if args.dry_run:
         print(f"# {summary}")
+        if run is not None:
+            for note in run.notes:
+                print(f"# {note}")
+            print(f"# run: {run_summary(run)}; run directory {Path(run.runs_dir) / run.name}")
         for rank, (host, cmd) in enumerate(zip(layout.hosts, commands)):
             print(f"# node {rank}: {host}")
             print(shlex.join(cmd))
         return 0
+    if run is not None:
+        for note in run.notes:
+            print(f"[launch] {note}", file=sys.stderr)
     cmd = commands[layout.node_rank]
     print(f"[launch node {layout.node_rank} {layout.hosts[layout.node_rank]}] {summary}\n  {shlex.join(cmd)}",
           file=sys.stderr, flush=True)

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "launch"))
 
-import prepare_data as pdata  # noqa: E402
+from launch import prepare_data as pdata  # noqa: E402
 
 DOCS = [
     "def add(a, b):\n    return a + b\n",
@@ -131,14 +130,14 @@ def test_gpt_dataset_serves_windows(built, epochs):
 
 
 def test_embedded_mode_uses_pretrain_split(tmp_path, monkeypatch):
-    """--embedded imports the corpus and the split from launch/pretrain.py (here with a stand-in corpus,
-    to keep the test fast) and writes train/valid datasets with the split's documents."""
-    import pretrain
+    """--embedded takes the corpus and the split from launch/corpus.py, as launch/pretrain.py does (here
+    with a stand-in corpus, to keep the test fast) and writes train/valid datasets with the split's documents."""
+    from launch import corpus
     docs = [f"def f{i}(x):\n    return x * {i}\n" for i in range(45)]
-    monkeypatch.setattr(pretrain, "load_documents", lambda: docs)
+    monkeypatch.setattr(pdata, "load_documents", lambda: docs)
     manifest = pdata.main(["--embedded", "--output-dir", str(tmp_path / "emb"), "--vocab-size", "300",
                            "--workers", "1", "--no-progress"])
-    train, val = pretrain.split_documents(docs)
+    train, val = corpus.split_documents(docs)
     assert (len(train), len(val)) == (43, 2)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     tok = pdata.load_tokenizer(tmp_path / "emb" / "tokenizer.json")
@@ -151,7 +150,7 @@ def test_embedded_mode_uses_pretrain_split(tmp_path, monkeypatch):
 
 # launch/plot.py, the other end of a run's data: metrics.csv -> one PNG of several runs.
 def test_plot_reads_columns_from_header(tmp_path, capsys):
-    import plot
+    from launch import plot
     a, b = tmp_path / "run_a", tmp_path / "run_b"
     a.mkdir(), b.mkdir()
     (a / "metrics.csv").write_text("step,train_loss,val_loss,lr,tokens_per_s\n0,,7.0,,\n1,6.9,,0.1,100\n"

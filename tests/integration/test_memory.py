@@ -10,9 +10,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "launch"))
 
-import memory as mem  # noqa: E402
+from launch import memory as mem  # noqa: E402
 from teonspeed.grouping import adamw_reason  # noqa: E402
 from teonspeed.testing import cpu_shims  # noqa: E402
 from teonspeed.testing.harness import run_ranks  # noqa: E402

@@ -5,6 +5,7 @@ Most runs call pretrain.main() in ranks forked by run_ranks (the parent has impo
 to start 2 ranks); one runs the script under torchrun, as scripts/pretrain.sh does."""
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,14 @@ import pytest
 from teonspeed.testing.harness import RankError, free_port, run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "launch"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pretrain  # noqa: E402
-import prepare_data  # noqa: E402
+from launch import corpus, prepare_data, pretrain  # noqa: E402
+from launch import options as launch_options  # noqa: E402
+from teonspeed.testing import cpu_shims  # noqa: E402
+
+cpu_shims.apply()  # what pretrain.main does under --device cpu; the forked ranks inherit the imports
+from launch import train as _train  # noqa: E402,F401  (megatron, deepspeed: imported once in the parent)
 
 TINY = ["--micro-batch", "4", "--seq", "32", "--eval-batches", "4", "--eval-every", "1000", "--log-every", "1000",
         "--progress", "off", "--no-tensorboard", "--no-plot"]
@@ -32,9 +36,9 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     docs = []
     for name in ("argparse", "csv", "textwrap", "shlex"):
-        docs += pretrain.re.split(r"\n(?=(?:def|class) )", inspect.getsource(importlib.import_module(name)))
+        docs += re.split(r"\n(?=(?:def|class) )", inspect.getsource(importlib.import_module(name)))
     docs = [d for d in docs if d.strip()]
-    train, valid = pretrain.split_documents(docs)
+    train, valid = corpus.split_documents(docs)
     tok = prepare_data.train_bpe(train, 512)
     tok.save(str(out / "tokenizer.json"))
     prepare_data.write_indexed_dataset(train, tok, out / "train", progress=False)
@@ -153,7 +157,7 @@ def test_torchrun_runs_the_script_and_writes_the_run_directory(data_dir, tmp_pat
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TORCHDYNAMO_DISABLE="1",
                PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning")
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=1", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(REPO / "launch" / "pretrain.py"), "--data-dir", str(data_dir),
+           f"--master_port={free_port()}", "-m", "launch.pretrain", "--data-dir", str(data_dir),
            "--runs-dir", str(tmp_path), "--name", "tr", "--steps", "6", "--warmup", "1", "--micro-batch", "4",
            "--seq", "32", "--eval-batches", "2", "--eval-every", "3", "--log-every", "2", "--save-every", "3",
            "--progress", "on", "--zero-stage", "2"]
@@ -174,20 +178,20 @@ def test_torchrun_runs_the_script_and_writes_the_run_directory(data_dir, tmp_pat
 
 
 def test_ds_config_json_is_kept_and_the_cli_sets_batch_sizes_and_steps():
-    from engines import deepspeed_config
+    from launch.engines import deepspeed_config
     path = REPO / "configs" / "deepspeed" / "teon_zero2_bf16.json"
-    args = pretrain.parse_args(["--ds-config", str(path), "--steps", "30", "--micro-batch", "2", "--grad-accum", "3"])
-    pretrain.validate(args, 2)
+    args = launch_options.parse_args(["--ds-config", str(path), "--steps", "30", "--micro-batch", "2", "--grad-accum", "3"])
+    launch_options.validate(args, 2)
     config = deepspeed_config(args, dp=2)
     assert config["optimizer"] == args.ds_config_dict["optimizer"] and config["zero_optimization"]["stage"] == 2
     assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 1.0
     assert config["scheduler"]["params"]["total_num_steps"] == 30
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (2, 3)
     # Explicit flags win over the JSON; without --ds-config the CLI builds the whole config.
-    args = pretrain.parse_args(["--ds-config", str(path), "--optimizer", "muon", "--lr", "0.05", "--zero-stage", "1"])
-    pretrain.validate(args, 2)
+    args = launch_options.parse_args(["--ds-config", str(path), "--optimizer", "muon", "--lr", "0.05", "--zero-stage", "1"])
+    launch_options.validate(args, 2)
     config = deepspeed_config(args, dp=2)
     assert config["optimizer"]["type"] == "TeonspeedMuon" and config["optimizer"]["params"]["lr"] == 0.05
     assert config["zero_optimization"]["stage"] == 1
-    config = deepspeed_config(pretrain.parse_args(["--optimizer", "adamw"]), dp=2)
+    config = deepspeed_config(launch_options.parse_args(["--optimizer", "adamw"]), dp=2)
     assert config["optimizer"]["type"] == "AdamW" and config["scheduler"]["type"] == "WarmupCosineLR"

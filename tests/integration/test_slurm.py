@@ -1,6 +1,5 @@
 """launch/slurm/launch.py: SLURM environment -> one torchrun command per node; and a real run of the
 generated single-node command (1 node x 2 processes, gloo, CPU) on a trivial all-reduce script."""
-import importlib.util
 import os
 import re
 import shlex
@@ -13,10 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("slurm_launch", REPO / "launch" / "slurm" / "launch.py")
-slurm = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = slurm  # dataclasses look their module up by name
-spec.loader.exec_module(slurm)
+from launch.slurm import launch as slurm  # noqa: E402
 
 SLURM_VARS = ["SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "SLURM_NODEID",
               "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_JOB_ID"]

@@ -1,0 +1,369 @@
+"""The command line of `python -m launch.pretrain` and the one check of a run's setup.
+
+`check(argv, world)` parses and validates everything a run depends on (the flags, the model config's
+keys, the parallel layout against the model's shapes, the data directory and its tokenizer, the
+DeepSpeed JSON, the batch and the lr schedule, the run directory) and is called, before any process
+is spawned or any library heavier than PyYAML is imported, by launch/pretrain.py, by
+`launch/slurm/launch.py --dry-run` (and before it execs torchrun), by launch/memory.py and by
+scripts/pretrain.sh (`python -m launch.options --world N ARGS`). A bad setup is one line naming the
+option and the fix (ConfigError, a SystemExit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from launch.configs import REPO, ConfigError, model_sections
+
+DESCRIPTION = "Pretrain a megatron-core GPT (LLaMA, GPT-2, MoE, MLA) with TEON, Muon, HTMuon or AdamW."
+EPILOG = """examples:
+  bash scripts/pretrain.sh                              # 2 CPU processes, TEON, the embedded corpus
+  bash scripts/pretrain.sh --tp 2 --optimizer adamw     # same global batch, tensor parallel 2
+  torchrun --nproc_per_node=8 -m launch.pretrain --device cuda --model-config llama_60m
+  python -m launch.options --world 16 --model-config llama_1b --tp 2 --pp 2   # check a setup only
+"""
+ORTHO_TYPES = {"teon": "TEON", "muon": "TeonspeedMuon", "htmuon": "TeonspeedHTMuon"}
+# DeepSpeed 0.19's built-in optimizer types (deepspeed/runtime/config.py; DeepSpeed lower-cases them).
+DEEPSPEED_TYPES = ("Adagrad", "Adam", "AdamW", "Lamb", "MuAdam", "MuAdamW", "MuSGD", "Lion", "Muon",
+                   "OneBitAdam", "ZeroOneAdam", "OneBitLamb")
+DEFAULT_GLOBAL_BATCH = 32  # sequences per optimizer step, whatever the layout
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.pretrain", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default=None,
+                   help="run directory under --runs-dir (default: <optimizer>_tp<tp>[_pp<pp>], with -2, -3, ... "
+                        "appended when taken; --resume picks the newest)")
+    p.add_argument("--runs-dir", default=str(REPO / "runs"), help="where run directories go (default: runs/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory given by --name")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu (gloo, Megatron's CUDA calls shimmed) or cuda (NCCL, one GPU per process)")
+    p.add_argument("--optimizer", default="teon", choices=["teon", "muon", "htmuon", "adamw"])
+    p.add_argument("--backend", default=None, choices=["deepspeed", "megatron"],
+                   help="deepspeed (default at --pp 1) or megatron (required at --pp > 1 and --ep > 1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (--backend megatron)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models, --backend megatron)")
+    p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2],
+                   help="DeepSpeed ZeRO stage (--backend deepspeed; the Megatron backend has no ZeRO)")
+    p.add_argument("--ds-config", default=None,
+                   help="DeepSpeed JSON to start from (configs/deepspeed/*.json); the CLI sets batch sizes and "
+                        "steps, and optimizer/lr/ZeRO/clipping where given")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: --steps / 10)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help=f"sequences per optimizer step over all ranks (default {DEFAULT_GLOBAL_BATCH}, or "
+                        "--micro-batch x DP x --grad-accum when --micro-batch is given): the same at any layout")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per data-parallel rank per micro-batch (default: --global-batch / (DP x "
+                        "--grad-accum))")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step (DeepSpeed gradient accumulation; Megatron micro-batches)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 64, or the model config's)")
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--groups", type=int, default=2, help="query groups (GQA)")
+    p.add_argument("--ffn", type=int, default=172)
+    p.add_argument("--lr", type=float, default=0.02, help="peak lr of the orthogonalized matrices")
+    p.add_argument("--adamw-lr", type=float, default=3e-3, help="peak lr of the AdamW part (and of --optimizer adamw)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--teon-k", type=int, default=None,
+                   help="TEON/HTMuon group size (default 2 for TEON); must divide the layers per pipeline stage")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the K newest checkpoints (0: all)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step (saving a checkpoint there with --save-every), keeping the schedule "
+                        "of --steps; continue with the same command plus --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in runs/<name>/checkpoints (if any)")
+    p.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
+                   help="tqdm progress bar on rank 0 (auto: when stderr is a terminal)")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard event files")
+    p.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    p.add_argument("--model-config", default=None,
+                   help="configs/models/<name>.yaml (a name, a path or a layout): the architecture; replaces "
+                        "--vocab/--hidden/--layers/--heads/--groups/--ffn")
+    p.add_argument("--data-dir", default=None,
+                   help="Megatron indexed datasets from launch/prepare_data.py (train/valid .bin/.idx and "
+                        "tokenizer.json); default: tokenize the embedded corpus in memory")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags plus the model's fields (`args.transformer`, `args.gpt`); nothing checked against the
+    world yet (see validate)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    # The options typed on the command line (not defaulted): a config's values win over the defaults only.
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    args.explicit = set(vars(quiet.parse_args(argv)))
+    args.argv = argv
+    args.backend = args.backend or ("megatron" if args.pp > 1 or args.ep > 1 else "deepspeed")
+    if args.model_config:
+        args.transformer, args.gpt, _ = model_sections(args.model_config)
+    else:
+        args.transformer = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                                num_query_groups=args.groups, ffn_hidden_size=args.ffn, gated_linear_unit=True,
+                                add_bias_linear=False, normalization="RMSNorm", hidden_dropout=0.0,
+                                attention_dropout=0.0)
+        args.gpt = dict(vocab_size=args.vocab, seq_length=args.seq or 64, position_embedding_type="rope",
+                        share_embeddings_and_output_weights=False, activation="silu")
+    t = args.transformer
+    args.layers, args.hidden, args.heads, args.ffn = (t["num_layers"], t["hidden_size"], t["num_attention_heads"],
+                                                      t["ffn_hidden_size"])
+    args.groups = t.get("num_query_groups") or args.heads
+    args.vocab = args.gpt["vocab_size"]
+    args.seq = args.seq or args.gpt["seq_length"]
+    args.ds_config_dict = None
+    args.notes = []  # what changed from what the user asked, printed by rank 0 at the start
+    return args
+
+
+def _moe_layers(t: dict) -> List[bool]:
+    freq = t.get("moe_layer_freq", 1)
+    if not t.get("num_moe_experts"):
+        return [False] * t["num_layers"]
+    return [i % freq == 0 for i in range(t["num_layers"])] if isinstance(freq, int) else [bool(f) for f in freq]
+
+
+def check_shapes(args, world: int) -> int:
+    """The layout against the world and the model's shapes (Megatron's divisibility rules); returns DP."""
+    for flag in ("tp", "pp", "ep"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    t = args.transformer
+    layout = args.tp * args.pp * args.ep
+    if world % layout:
+        raise ConfigError(f"the parallel layout --tp {args.tp} x --pp {args.pp} x --ep {args.ep} = {layout} does not "
+                          f"divide the world size {world} (processes); choose sizes whose product divides {world}")
+    if t["num_layers"] % args.pp:
+        raise ConfigError(f"--pp {args.pp} does not divide num_layers={t['num_layers']}; use a --pp that divides it")
+    if args.heads % args.tp or args.groups % args.tp:
+        raise ConfigError(f"--tp {args.tp} must divide the attention heads ({args.heads}) and query groups "
+                          f"({args.groups}); use a --tp that divides both")
+    moe = _moe_layers(t)
+    if not all(moe) and args.ffn % args.tp:
+        raise ConfigError(f"--tp {args.tp} does not divide ffn_hidden_size={args.ffn} (Megatron splits the MLP over "
+                          "TP); use a --tp that divides it, or a model config with a TP-friendly ffn_hidden_size")
+    experts = t.get("num_moe_experts")
+    if args.ep > 1 and not experts:
+        raise ConfigError(f"--ep {args.ep} needs a MoE model (num_moe_experts in --model-config); use --ep 1")
+    if experts:
+        if experts % args.ep:
+            raise ConfigError(f"--ep {args.ep} does not divide num_moe_experts={experts}; use an --ep that divides it")
+        moe_ffn = t.get("moe_ffn_hidden_size") or args.ffn
+        etp = t.get("expert_tensor_parallel_size") or args.tp
+        if moe_ffn % etp:
+            raise ConfigError(f"expert tensor parallel {etp} does not divide moe_ffn_hidden_size={moe_ffn}; use a "
+                              "--tp that divides it")
+        if args.tp > 1 and args.device == "cpu":
+            raise ConfigError(f"MoE with --tp {args.tp} needs sequence parallelism, which needs Transformer Engine or "
+                              "apex (not available on CPU); use --tp 1 (and --ep for expert parallelism)")
+    if args.optimizer in ("teon", "htmuon") and args.pp > 1:
+        k = args.teon_k if args.teon_k is not None else (2 if args.optimizer == "teon" else 1)
+        per_stage = t["num_layers"] // args.pp
+        if per_stage % k:
+            raise ConfigError(f"--teon-k {k} does not divide the {per_stage} layers per pipeline stage "
+                              f"(num_layers={t['num_layers']}, --pp {args.pp}): a TEON group would span two stages; "
+                              f"use a --teon-k that divides {per_stage}, or a smaller --pp")
+    return world // (args.tp * args.pp)
+
+
+def check_batch(args, dp: int) -> None:
+    """The global batch (sequences per step) is fixed across layouts; the micro-batch follows from it."""
+    given_global, given_micro = args.global_batch is not None, args.micro_batch is not None
+    per_micro = dp * args.grad_accum
+    if given_micro and args.micro_batch < 1:
+        raise ConfigError(f"--micro-batch must be at least 1, got {args.micro_batch}")
+    if given_global and args.global_batch < 1:
+        raise ConfigError(f"--global-batch must be at least 1, got {args.global_batch}")
+    if given_micro and given_global and args.micro_batch * per_micro != args.global_batch:
+        raise ConfigError(f"--global-batch {args.global_batch} != --micro-batch {args.micro_batch} x DP {dp} x "
+                          f"--grad-accum {args.grad_accum}; give only one of --global-batch and --micro-batch")
+    if given_micro:
+        args.global_batch = args.micro_batch * per_micro
+        return
+    args.global_batch = args.global_batch if given_global else DEFAULT_GLOBAL_BATCH
+    if args.global_batch % per_micro:
+        raise ConfigError(f"--global-batch {args.global_batch} is not a multiple of DP {dp} x --grad-accum "
+                          f"{args.grad_accum} = {per_micro}; choose a global batch that is, or set --micro-batch")
+    args.micro_batch = args.global_batch // per_micro
+
+
+def check_schedule(args) -> None:
+    """Warmup and decay follow --steps and --warmup; a --ds-config schedule that does not fit the run is
+    replaced, with a note. Sets args.warmup and args.min_lr_ratio."""
+    default_warmup = args.steps // 10
+    sched = (args.ds_config_dict or {}).get("scheduler")
+    if sched is not None:
+        kind, params = sched.get("type"), sched.get("params") or {}
+        if kind != "WarmupCosineLR":
+            raise ConfigError(f"--ds-config {args.ds_config}: scheduler {kind!r}: the launcher schedules the lr itself "
+                              "(linear warmup, cosine decay: --warmup, --steps, --min-lr-ratio), the same in both "
+                              "backends; use WarmupCosineLR or drop the 'scheduler' block")
+        total = params.get("total_num_steps")
+        if total is not None and total != args.steps:
+            args.notes.append(f"warning: --ds-config scheduler.total_num_steps={total} differs from --steps "
+                              f"{args.steps}: the lr decays over --steps")
+        json_warmup = params.get("warmup_num_steps")
+        if args.warmup is None and json_warmup is not None:
+            if json_warmup < args.steps:
+                args.warmup = json_warmup
+            else:
+                args.notes.append(f"warning: --ds-config scheduler.warmup_num_steps={json_warmup} does not fit --steps "
+                                  f"{args.steps} (warmup would never end): warming up over {default_warmup} steps "
+                                  "instead (set --warmup to choose)")
+        if "min_lr_ratio" not in args.explicit and "cos_min_ratio" in params:
+            args.min_lr_ratio = params["cos_min_ratio"]
+    if args.warmup is None:
+        args.warmup = default_warmup
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.warmup >= args.steps:
+        args.notes.append(f"warning: --warmup {args.warmup} >= --steps {args.steps}: the lr never reaches its peak")
+
+
+def check_ds_config(args) -> None:
+    path = Path(args.ds_config)
+    if not path.is_file():
+        raise ConfigError(f"--ds-config {path} does not exist (ready ones: configs/deepspeed/*.json)")
+    try:
+        args.ds_config_dict = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--ds-config {path} is not valid JSON: {err}") from None
+    stage = (args.ds_config_dict.get("zero_optimization") or {}).get("stage", 0)
+    if "zero_stage" not in args.explicit and stage not in (0, 1, 2):
+        raise ConfigError(f"--ds-config {path}: zero_optimization.stage={stage}; teonspeed supports ZeRO stages "
+                          "0, 1 and 2 (set it there, or pass --zero-stage)")
+    kind = (args.ds_config_dict.get("optimizer") or {}).get("type")
+    known = {t.lower() for t in (*ORTHO_TYPES.values(), *DEEPSPEED_TYPES)}
+    if kind is not None and str(kind).lower() not in known:
+        raise ConfigError(f"--ds-config {path}: unknown optimizer type {kind!r}; teonspeed's are "
+                          f"{', '.join(ORTHO_TYPES.values())} (DeepSpeed's own: {', '.join(DEEPSPEED_TYPES)})")
+
+
+def tokenizer_vocab(path: Path) -> int:
+    """The vocabulary size of a tokenizers JSON file (its vocab plus added tokens), read without loading it."""
+    tok = json.loads(path.read_text())
+    ids = set((tok.get("model") or {}).get("vocab", {}).values())
+    ids |= {a["id"] for a in tok.get("added_tokens") or []}
+    return len(ids)
+
+
+def check_data(args) -> None:
+    data = Path(args.data_dir)
+    if not data.is_dir():
+        raise ConfigError(f"--data-dir {data} does not exist; write it with "
+                          f"`python -m launch.prepare_data --embedded --output-dir {data}` (or --input ... "
+                          "--output-prefix)")
+    missing = [f for f in ("tokenizer.json", "train.bin", "train.idx", "valid.bin", "valid.idx")
+               if not (data / f).is_file()]
+    if missing:
+        raise ConfigError(f"--data-dir {data} lacks {', '.join(missing)}; write it with "
+                          f"`python -m launch.prepare_data --embedded --output-dir {data}`")
+    try:
+        vocab = tokenizer_vocab(data / "tokenizer.json")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--data-dir {data}: tokenizer.json is not a tokenizers file ({err})") from None
+    if args.model_config and vocab != args.vocab:
+        args.notes.append(f"vocab: the model uses the tokenizer's {vocab} tokens (--data-dir {data}); the model "
+                          f"config says {args.vocab}")
+
+
+def run_name(args) -> str:
+    """--name, or the first free <optimizer>_tp<tp>[_pp<pp>][-N] (the newest taken one with --resume); an
+    existing --name is refused unless --resume or --overwrite."""
+    runs = Path(args.runs_dir)
+    if args.name is not None:
+        run = runs / args.name
+        if run.exists() and any(run.iterdir()) and not (args.resume or args.overwrite):
+            raise ConfigError(f"run directory {run} exists; pass --resume to continue it, --overwrite to replace it, "
+                              "or another --name")
+        return args.name
+    base = f"{args.optimizer}_tp{args.tp}" + (f"_pp{args.pp}" if args.pp > 1 else "")
+    names = [base] + [f"{base}-{i}" for i in range(2, 10_000)]
+    taken = [n for n in names if (runs / n).exists()]
+    if args.resume and taken:
+        return max(taken, key=lambda n: (runs / n).stat().st_mtime)
+    return next(n for n in names if not (runs / n).exists())
+
+
+def validate(args, world: int) -> argparse.Namespace:
+    """Every check that needs no process group and no heavy import; fills in the derived settings
+    (dp, micro_batch/global_batch, warmup, name). Raises ConfigError naming the option and the fix."""
+    for flag in ("steps", "grad_accum"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ConfigError(f"--stop-at must be at least 1, got {args.stop_at}")
+    for flag in ("save_every", "keep_last"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.backend == "deepspeed" and args.pp > 1:
+        raise ConfigError(f"--pp {args.pp} needs --backend megatron: DeepSpeed's engine cannot drive megatron-core's "
+                          "pipeline schedules (use --backend megatron, or --pp 1)")
+    if args.backend == "deepspeed" and args.ep > 1:
+        raise ConfigError(f"--ep {args.ep} needs --backend megatron: DeepSpeed's engine would average the expert "
+                          "gradients over all data-parallel ranks (use --backend megatron, or --ep 1)")
+    if args.backend == "megatron" and args.ds_config:
+        raise ConfigError("--ds-config is for --backend deepspeed; drop it or use --backend deepspeed")
+    if args.backend == "megatron" and "zero_stage" in args.explicit:
+        raise ConfigError(f"--zero-stage {args.zero_stage} is DeepSpeed's: the Megatron backend (--pp > 1 or --ep > 1) "
+                          "runs Megatron DDP without a distributed optimizer; drop --zero-stage")
+    if args.keep_last and not args.save_every:
+        raise ConfigError("--keep-last needs --save-every N")
+    args.dp = check_shapes(args, world)
+    if args.ds_config:
+        check_ds_config(args)
+    if args.data_dir:
+        check_data(args)
+    check_batch(args, args.dp)
+    check_schedule(args)
+    args.name = run_name(args)
+    return args
+
+
+def check(argv: Optional[Sequence[str]], world: int) -> argparse.Namespace:
+    """parse_args + validate: what every entry point calls before it spawns or builds anything."""
+    return validate(parse_args(argv), world)
+
+
+def summary(args) -> str:
+    """One line: the layout, the batch in tokens and the schedule (printed at the start of a run)."""
+    peak = f"lr {args.adamw_lr:g}" if args.optimizer == "adamw" else f"lr {args.lr:g} (AdamW part {args.adamw_lr:g})"
+    return (f"{args.optimizer} on TP={args.tp} x PP={args.pp} x DP={args.dp}" + (f" (EP={args.ep})" if args.ep > 1 else "")
+            + f", backend {args.backend}; batch {args.global_batch} sequences x {args.seq} tokens = "
+            f"{args.global_batch * args.seq} tokens/step (micro-batch {args.micro_batch} x DP {args.dp} x accumulation "
+            f"{args.grad_accum}); {peak}, warmup {args.warmup} steps, cosine to {args.min_lr_ratio:g}x over "
+            f"{args.steps} steps")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m launch.options --world N ARGS`: check a setup for N processes and print its summary."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    world = 1
+    if argv[:1] == ["--world"] and len(argv) > 1:
+        world, argv = int(argv[1]), argv[2:]
+    args = check(argv, world)
+    for note in args.notes:
+        print(note)
+    print(f"ok: {summary(args)}; run directory {Path(args.runs_dir) / args.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
