@@ -11,6 +11,7 @@ option and the fix (ConfigError, a SystemExit).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default=str(REPO / "runs"), help="where run directories go (default: runs/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory given by --name")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cpu (gloo, Megatron's CUDA calls shimmed) or cuda (NCCL, one GPU per process)")
+                   help="cpu (gloo) or cuda (NCCL, one GPU per process)")
     p.add_argument("--optimizer", default="teon", choices=["teon", "muon", "htmuon", "adamw"])
     p.add_argument("--backend", default=None, choices=["deepspeed", "megatron"],
                    help="deepspeed (default at --pp 1) or megatron (required at --pp > 1 and --ep > 1)")
@@ -170,9 +171,16 @@ def check_shapes(args, world: int) -> int:
         if moe_ffn % etp:
             raise ConfigError(f"expert tensor parallel {etp} does not divide moe_ffn_hidden_size={moe_ffn}; use a "
                               "--tp that divides it")
+        if t.get("moe_grouped_gemm") and importlib.util.find_spec("grouped_gemm") is None:
+            raise ConfigError("transformer.moe_grouped_gemm: true needs the grouped_gemm package (megatron-core's local "
+                              "GroupedMLP; the launcher builds without Transformer Engine); install it, or set "
+                              "moe_grouped_gemm: false in the model config")
         if args.tp > 1 and args.device == "cpu":
             raise ConfigError(f"MoE with --tp {args.tp} needs sequence parallelism, which needs Transformer Engine or "
                               "apex (not available on CPU); use --tp 1 (and --ep for expert parallelism)")
+        if args.tp > 1 and not t.get("sequence_parallel"):
+            raise ConfigError(f"MoE with --tp {args.tp} needs sequence parallelism (Megatron's rule); set "
+                              "transformer.sequence_parallel: true in the model config, or use --tp 1")
     if args.optimizer in ("teon", "htmuon") and args.pp > 1:
         k = args.teon_k if args.teon_k is not None else (2 if args.optimizer == "teon" else 1)
         per_stage = t["num_layers"] // args.pp

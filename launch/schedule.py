@@ -30,9 +30,16 @@ def megatron_scheduler(optimizer, args, peak: float):
     """Megatron's OptimizerParamScheduler with the same sequence: its step count starts at 0 with init_lr
     (0 here), so it is advanced once before the first step, which then runs at lr_factor(0)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    scheduler = OptimizerParamScheduler(
+
+    class AdvancedOnce(OptimizerParamScheduler):
+        def load_state_dict(self, state_dict):
+            self.num_steps = 0  # megatron's load adds the saved count to the current one
+            super().load_state_dict(state_dict)
+
+    scheduler = AdvancedOnce(
         optimizer, init_lr=0.0, max_lr=peak, min_lr=peak * args.min_lr_ratio, lr_warmup_steps=args.warmup,
-        lr_decay_steps=args.steps, lr_decay_style="cosine", start_wd=args.weight_decay,
+        # (megatron asserts warmup < decay steps; a warmup as long as the run never reaches the decay anyway)
+        lr_decay_steps=max(args.steps, args.warmup + 1), lr_decay_style="cosine", start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=args.steps, wd_incr_style="constant")
     scheduler.step(increment=1)
     return scheduler

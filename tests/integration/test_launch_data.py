@@ -4,7 +4,6 @@ The files are read back with megatron-core's IndexedDataset (exact tokens: the t
 EOD, per document) and served by its GPTDataset (windows of seq_length + 1 tokens), on CPU."""
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -83,6 +83,10 @@ def test_resume_continues_exactly(backend, extra, data_dir, tmp_path):
     resumed = train(common + ["--name", "split", "--resume"])
     assert resumed["start"] == 5 and len(first["losses"]) == 5 and len(resumed["losses"]) == 5
     assert first["losses"] + resumed["losses"] == full["losses"]
+    # The lr of every step is launch/schedule.py's in both backends (never 0 at the start), also after resume.
+    from launch.schedule import lr_factor
+    assert full["lrs"] == pytest.approx([0.02 * lr_factor(i, 3, 10, 0.1) for i in range(10)], rel=1e-12)
+    assert first["lrs"] + resumed["lrs"] == full["lrs"] and full["lrs"][0] > 0
     assert resumed["vals"][-1] == full["vals"][-1]
     rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(11))  # the CSV continues the checkpoint's rows
@@ -139,7 +143,7 @@ def test_bad_layout_is_refused(argv, world, match, tmp_path, monkeypatch):
 
 def test_missing_data_dir_is_refused(tmp_path, monkeypatch):
     _refused(["--data-dir", str(tmp_path / "nowhere")],
-             r"--data-dir .*nowhere does not exist; write it with `launch/prepare_data.py --embedded",
+             r"--data-dir .*nowhere does not exist; write it with `python -m launch.prepare_data --embedded",
              tmp_path=tmp_path, monkeypatch=monkeypatch)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "tokenizer.json").write_text("{}")
@@ -185,7 +189,9 @@ def test_ds_config_json_is_kept_and_the_cli_sets_batch_sizes_and_steps():
     config = deepspeed_config(args, dp=2)
     assert config["optimizer"] == args.ds_config_dict["optimizer"] and config["zero_optimization"]["stage"] == 2
     assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 1.0
-    assert config["scheduler"]["params"]["total_num_steps"] == 30
+    assert "scheduler" not in config  # launch/schedule.py's, passed to deepspeed.initialize
+    assert (args.warmup, args.min_lr_ratio) == (3, 0.1)  # the JSON's 500 does not fit 30 steps: --steps / 10
+    assert any("warmup_num_steps=500 does not fit --steps 30" in n for n in args.notes)
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (2, 3)
     # Explicit flags win over the JSON; without --ds-config the CLI builds the whole config.
     args = launch_options.parse_args(["--ds-config", str(path), "--optimizer", "muon", "--lr", "0.05", "--zero-stage", "1"])
@@ -194,4 +200,4 @@ def test_ds_config_json_is_kept_and_the_cli_sets_batch_sizes_and_steps():
     assert config["optimizer"]["type"] == "TeonspeedMuon" and config["optimizer"]["params"]["lr"] == 0.05
     assert config["zero_optimization"]["stage"] == 1
     config = deepspeed_config(launch_options.parse_args(["--optimizer", "adamw"]), dp=2)
-    assert config["optimizer"]["type"] == "AdamW" and config["scheduler"]["type"] == "WarmupCosineLR"
+    assert config["optimizer"]["type"] == "AdamW"

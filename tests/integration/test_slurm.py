@@ -44,10 +44,12 @@ def fake_slurm(monkeypatch, **values):
 
 
 def parse_dry_run(out):
+    """(the allocation's summary, the run's lines, [((node rank, host), command)])."""
     lines = out.strip().splitlines()
-    summary = lines[0]
-    nodes = [(re.match(r"# node (\d+): (\S+)", a).groups(), shlex.split(b)) for a, b in zip(lines[1::2], lines[2::2])]
-    return summary, nodes
+    first = next(i for i, line in enumerate(lines) if line.startswith("# node "))
+    head, body = lines[:first], lines[first:]
+    nodes = [(re.match(r"# node (\d+): (\S+)", a).groups(), shlex.split(b)) for a, b in zip(body[0::2], body[1::2])]
+    return head[0], nodes
 
 
 def flags(cmd):
@@ -71,7 +73,7 @@ def test_two_nodes_two_ranks(monkeypatch, capsys, tmp_path):
         assert cmd[0] == "torchrun"
         assert flags(cmd) == {"nnodes": "2", "node_rank": str(rank), "master_addr": "gpu07",
                               "master_port": "14242", "nproc_per_node": "2"}
-        assert cmd[-5].endswith("launch/pretrain.py")
+        assert cmd[-6:-4] == ["-m", "launch.pretrain"]
         assert cmd[-4:] == ["--tp", "2", "--name", "two words"]
     assert hostfile.read_text() == "gpu07 slots=2\ngpu08 slots=2\n"
 
@@ -98,7 +100,7 @@ def test_sbatch_script():
     first_command = next(i for i, line in enumerate(text.splitlines())
                          if line.strip() and not line.startswith("#"))
     assert all(i < first_command for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH"))
-    assert re.search(r'^srun .*python" launch/slurm/launch\.py -- "\$@"$', text, re.M)
+    assert re.search(r'^srun .*python" -m launch\.slurm\.launch -- "\$@"$', text, re.M)
     subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm" / "pretrain.sbatch")], check=True)
 
 
