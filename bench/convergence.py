@@ -74,12 +74,12 @@ class Run:
 def prepare_data(data_dir: Path) -> None:
     if (data_dir / "train.idx").exists() or any(data_dir.glob("*train*.idx")):
         return
-    subprocess.run([str(PY), "launch/prepare_data.py", "--embedded", "--output-dir", str(data_dir)], cwd=REPO,
+    subprocess.run([str(PY), "-m", "launch.prepare_data", "--embedded", "--output-dir", str(data_dir)], cwd=REPO,
                    check=True)
 
 
 def _rank_main(rank, world_size, argv):
-    import pretrain
+    from launch import pretrain
     return pretrain.main(argv)
 
 
@@ -88,7 +88,8 @@ def launch(run: Run, data_dir: Path, eval_every: int, log) -> Run:
     torch, DeepSpeed and Megatron once: a run starts in ~0.1 s instead of ~20 s under torchrun)."""
     from teonspeed.testing.harness import RankError, run_ranks
     argv = ["--optimizer", run.optimizer, "--steps", str(run.steps), "--seed", str(run.seed), "--name", run.name,
-            "--eval-every", str(eval_every), "--data-dir", str(data_dir), "--progress", "off", "--no-plot"]
+            "--eval-every", str(eval_every), "--data-dir", str(data_dir), "--progress", "off", "--no-plot",
+            "--overwrite"]
     argv += ["--adamw-lr", str(run.lr)] if run.optimizer == "adamw" else \
         ["--lr", str(run.lr), "--adamw-lr", str(ADAMW_LR_FOR_MATRIX_OPTIMIZERS)]
     if run.teon_k:
@@ -115,8 +116,10 @@ def _prepare_parent() -> None:
     warnings.filterwarnings("ignore")
     import torch
     torch.set_num_threads(1)
-    sys.path.insert(0, str(REPO / "launch"))
-    import pretrain  # noqa: F401  (megatron, deepspeed, teonspeed)
+    sys.path.insert(0, str(REPO))
+    from teonspeed.testing import cpu_shims
+    cpu_shims.apply()  # (what launch.pretrain does under --device cpu, once here for the forked ranks)
+    from launch import pretrain, train  # noqa: F401  (megatron, deepspeed, teonspeed)
 
 
 def steps_to_reach(curve: List[List[float]], target: float) -> Optional[float]:

@@ -100,7 +100,8 @@ def build_matrix():
 
 
 def readme_text():
-    return re.sub(r"`\s*\n\s*", "` ", (REPO / "README.md").read_text()).replace("\n   ", " ")
+    """README.md with list items' continuation lines joined (commands in backticks span lines)."""
+    return re.sub(r"\n {2,}(?=\S)", " ", (REPO / "README.md").read_text())
 
 
 @pytest.mark.parametrize("config,tp,pp,ep", build_matrix())
@@ -295,7 +296,8 @@ def test_both_backends_schedule_the_same_lr_sequence(steps, warmup):
             advance(sched)
         sequences.append(lrs)
     assert sequences[0] == pytest.approx(expected, rel=1e-12) and sequences[1] == pytest.approx(expected, rel=1e-12)
-    assert min(expected) > 0 and expected[-1] == pytest.approx(0.05)
+    assert min(expected) > 0
+    assert expected[-1] == pytest.approx(0.05 if warmup < steps else 0.5)  # (a warmup as long as the run: warned)
     if warmup:
         assert expected[warmup - 1] == pytest.approx(0.5) and expected[0] == pytest.approx(0.5 / warmup)
 
