@@ -321,6 +321,7 @@ class Training:
     grad_bytes: int = 4                     # fp32 main grads
     master_bytes: int = 4                   # fp32 master weights (0 for pure fp32 training: use weight_bytes 4)
     state_bytes: int = 4                    # fp32 optimizer states
+    activation_bytes: int = 2               # bf16 activations (4: an fp32 run)
     overhead_gib: float = 1.0               # CUDA context, allocator, libraries
 
 
@@ -384,7 +385,8 @@ def activation_bytes(spec: ModelSpec, par: Parallel, train: Training, stage: int
     if stage == par.pp - 1:
         logits = 6 * s * b * spec.padded_vocab(par.tp) / par.tp  # bf16 logits + fp32 copy for the loss
         logits += 4 * s * b * spec.hidden_size / (par.tp if par.sp else 1)  # final norm and head inputs
-    return {"activations": acts, "logits": logits, "in_flight": in_flight}
+    scale = train.activation_bytes / 2  # the per-layer terms count 16-bit activations
+    return {"activations": acts * scale, "logits": logits, "in_flight": in_flight}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -537,7 +539,8 @@ def setup_from_launch(argv: Sequence[str], world: int, overhead_gib: float = 1.0
                      optimizer=args.optimizer, zero_stage=args.zero_stage if deepspeed else 0,
                      recompute=granularity or "none", flash_attention=False,
                      teon_k=args.teon_k or (2 if args.optimizer == "teon" else 1),
-                     weight_bytes=2 if bf16 else 4, master_bytes=4 if bf16 else 0, overhead_gib=overhead_gib)
+                     weight_bytes=2 if bf16 else 4, master_bytes=4 if bf16 else 0, activation_bytes=2 if bf16 else 4,
+                     overhead_gib=overhead_gib)
     return spec, par, train
 
 

@@ -70,11 +70,14 @@ def test_tiny_configs_train_and_the_loss_goes_down(config, data_dir, tmp_path):
 # (b) resume: 10 steps == 5 steps, save, resume, 5 steps (fp32, CPU): the same losses
 @pytest.mark.parametrize("backend,extra", [("deepspeed", ["--zero-stage", "1", "--grad-accum", "2"]),
                                            ("megatron", ["--grad-accum", "2"])])
-def test_resume_continues_exactly(backend, extra, data_dir, tmp_path):
+def test_resume_continues_exactly(backend, extra, data_dir, tmp_path, capfd):
     common = ["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps", "10", "--warmup", "3",
               "--backend", backend, *extra, *TINY]
     full = train(common + ["--name", "full"])
+    capfd.readouterr()
     first = train(common + ["--name", "split", "--save-every", "5", "--stop-at", "5"])
+    assert "stopped at step 5 of 10 (--stop-at); continue with the same command plus --resume (and --name split)" \
+        in capfd.readouterr().out
     ckpts = tmp_path / "split" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000005"]  # (+ DeepSpeed's scripts)
     # A save that died halfway (no marker; a temp dir) must never be picked.
