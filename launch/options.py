@@ -332,6 +332,8 @@ def validate(args, world: int) -> argparse.Namespace:
     if args.backend == "megatron" and "zero_stage" in args.explicit:
         raise ConfigError(f"--zero-stage {args.zero_stage} is DeepSpeed's: the Megatron backend (--pp > 1 or --ep > 1) "
                           "runs Megatron DDP without a distributed optimizer; drop --zero-stage")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run directory and --overwrite replaces it; give one of them")
     if args.keep_last and not args.save_every:
         raise ConfigError("--keep-last needs --save-every N")
     args.dp = check_shapes(args, world)
