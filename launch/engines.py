@@ -8,10 +8,10 @@
     backend.model -> the bare megatron-core GPTModel (this rank's part)
 
 - DeepSpeedBackend: deepspeed.initialize over the megatron-core model (ZeRO 0/1/2, gradient clipping,
-  accumulation, WarmupCosineLR), the optimizer from the DeepSpeed config ("TEON" / "TeonspeedMuon" /
-  "TeonspeedHTMuon" / "AdamW"), teonspeed.deepspeed.MegatronMPU for tensor parallelism.
-- MegatronBackend: Megatron DDP + teonspeed.megatron.get_megatron_optimizer + OptimizerParamScheduler,
-  steps driven by megatron.core.pipeline_parallel.get_forward_backward_func() (1F1B across pipeline
+  accumulation, launch/schedule.py's lr), the optimizer from the DeepSpeed config ("TEON" /
+  "TeonspeedMuon" / "TeonspeedHTMuon" / "AdamW"), teonspeed.deepspeed.MegatronMPU for tensor parallelism.
+- MegatronBackend: Megatron DDP + teonspeed.megatron.get_megatron_optimizer + OptimizerParamScheduler
+  (launch/schedule.py's sequence), steps driven by megatron.core.pipeline_parallel.get_forward_backward_func() (1F1B across pipeline
   stages, gradient accumulation as micro-batches). DeepSpeed's engine cannot drive megatron-core's
   pipeline schedules (its own pipeline engine needs a deepspeed.pipe.PipelineModule), so pipeline
   parallelism runs here.
@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import copy
-from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
