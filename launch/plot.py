@@ -1,8 +1,8 @@
 """Loss curves of several runs in one PNG.
 
-    .venv/bin/python launch/plot.py                                  # every runs/*/metrics.csv
-    .venv/bin/python launch/plot.py teon_tp1 adamw_tp1 --out runs/teon_vs_adamw.png
-    .venv/bin/python launch/plot.py runs/a/metrics.csv other/dir --smooth 20 --x tokens
+    .venv/bin/python -m launch.plot                                  # every runs/*/metrics.csv
+    .venv/bin/python -m launch.plot teon_tp1 adamw_tp1 --out runs/teon_vs_adamw.png
+    .venv/bin/python -m launch.plot runs/a/metrics.csv other/dir --smooth 20 --x tokens
 
 A run is a name under runs/, a run directory, or a metrics.csv as launch/pretrain.py writes it. The
 columns are read from each file's header: `step` is the x axis (or a tokens column, --x tokens), every
