@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule of --steps: for time-limited allocations; continue with --resume")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in runs/<name>/checkpoints (if any)")
+    p.add_argument("--resume-strict", action="store_true",
+                   help="with --resume: stop if the latest checkpoint does not verify, instead of falling back to "
+                        "the newest one that does")
     p.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
                    help="tqdm progress bar on rank 0 (auto: when stderr is a terminal)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard event files")
@@ -149,6 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
     args.explicit = set(vars(quiet.parse_args(argv)))
+    args.resume = args.resume or args.resume_strict
     args.backend = args.backend or ("megatron" if args.pp > 1 else "deepspeed")
     args.name = args.name or f"{args.optimizer}_tp{args.tp}" + (f"_pp{args.pp}" if args.pp > 1 else "")
     args.transformer, args.gpt = model_fields(args)
@@ -322,6 +326,13 @@ def shutdown(owned: bool) -> None:
         parallel_state.destroy_model_parallel()
     if owned and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def checkpoint_config(args) -> dict:
+    """What a resume must not change: the model's shape and the optimizer's options (checked on --resume)."""
+    return {"model": {"transformer": args.transformer, "gpt": args.gpt},
+            "optimizer": {k: getattr(args, k) for k in ("optimizer", "lr", "adamw_lr", "weight_decay", "teon_k",
+                                                         "clip_grad", "ds_config")}}
 
 
 def log(*args) -> None:
@@ -570,7 +581,8 @@ def main(argv=None) -> dict:
         ckpt_root = run_dir / "checkpoints"
         layout = dict(backend=args.backend, world=dist.get_world_size(), tp=args.tp, pp=args.pp, ep=args.ep,
                       zero_stage=args.zero_stage if args.backend == "deepspeed" else None)
-        resume_from = checkpoint.latest_checkpoint(ckpt_root) if args.resume else None
+        run_config = checkpoint_config(args)
+        resume_from = checkpoint.select_for_resume(ckpt_root, args.resume_strict, log) if args.resume else None
         if args.resume and resume_from is None:
             log(f"--resume: no complete checkpoint in {ckpt_root}; starting from step 0")
         random.seed(args.seed)
@@ -622,7 +634,7 @@ def main(argv=None) -> dict:
         # Resume.
         start, rows = 0, []
         if resume_from is not None:
-            state = checkpoint.load(resume_from, backend, layout)
+            state = checkpoint.load(resume_from, backend, layout, run_config)
             start = state["step"]
             batches.skip(state["micro_batches"])
             if (resume_from / "metrics.csv").exists():
@@ -678,7 +690,8 @@ def main(argv=None) -> dict:
                     write_csv(rows, run_dir / "metrics.csv")
                 path = checkpoint.save(ckpt_root, done, backend,
                                        {"step": done, "micro_batches": done * args.grad_accum},
-                                       run_dir / "metrics.csv", layout, keep_last=args.keep_last)
+                                       run_dir / "metrics.csv", layout, keep_last=args.keep_last,
+                                       config=run_config)
                 out(f"saved {path}")
         t_train = time.perf_counter() - t_train
         progress.close()
