@@ -215,7 +215,8 @@ class MegatronBackend:
                     "scheduler": self.scheduler.state_dict(), "state": dict(state)}, self._file(root, tag))
 
     def load(self, root: Path, tag: str) -> None:
-        ckpt = torch.load(self._file(root, tag), weights_only=False)
+        # weights_only: a checkpoint on shared storage is outside input; ours holds tensors and plain values only.
+        ckpt = torch.load(self._file(root, tag), weights_only=True)
         self.ddp.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

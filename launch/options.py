@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of --steps; continue with the same command plus --resume")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in runs/<name>/checkpoints (if any)")
+    p.add_argument("--resume-strict", action="store_true",
+                   help="like --resume, but stop if the latest checkpoint does not verify instead of falling back "
+                        "to the newest one that does")
     p.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
                    help="tqdm progress bar on rank 0 (auto: when stderr is a terminal)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard event files")
@@ -113,6 +116,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         action.default = argparse.SUPPRESS
     args.explicit = set(vars(quiet.parse_args(argv)))
     args.argv = argv
+    args.resume = args.resume or args.resume_strict
     args.backend = args.backend or ("megatron" if args.pp > 1 or args.ep > 1 else "deepspeed")
     if args.model_config:
         args.transformer, args.gpt, _ = model_sections(args.model_config)
