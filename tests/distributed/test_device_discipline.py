@@ -108,3 +108,23 @@ def test_the_recorder_catches_a_cpu_buffer_and_a_cpu_tensor_in_a_collective():
         with DeviceRecorder():
             dist.all_reduce(cpu_tensor)
     assert dist.all_reduce is not None and "record" not in dist.all_reduce.__name__  # restored
+
+
+def megatron_builder_step(rank, world_size):
+    """Megatron's own wrapper (FP32Optimizer from teonspeed.megatron.get_megatron_optimizer) around our
+    step. clip_grad=0: Megatron's grad-norm code asks for 'cuda' by name, which the stand-in cannot be;
+    Megatron's bf16 wrapper checks for torch.cuda tensor types, so only the fp32 wrapper runs here."""
+    from megatron.core import parallel_state as ps
+    from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    model = to_standin(mm.tiny_gpt(mm.tiny_config(num_layers=4, tp=2)))
+    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer="teon", lr=0.02, clip_grad=0.0), [model])
+    set_standin_grads(model.parameters())
+    with DeviceRecorder() as rec:
+        opt.step()
+    return rec.collectives, len(rec.host_reads)
+
+
+def test_megatron_builder_step_keeps_every_tensor_on_the_device():
+    for collectives, reads in run_ranks(megatron_builder_step, 2, timeout=60):
+        assert collectives[0] == "all_reduce" and "all_to_all_single" in collectives and reads == 1
