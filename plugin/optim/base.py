@@ -247,12 +247,14 @@ class OrthoOptimizer(torch.optim.Optimizer):
         if cached is not None:
             return cached
         lines: Dict[str, List[str]] = {"dense": [], "expert": []}
-        for i, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             for p in group["params"]:
-                name = self._names.get(id(p), f"flat partition of param group {i}")
-                if self._flat or group["route"] != "ortho":
-                    lines["dense"].append(f"{group['route']} {name} {tuple(p.shape)} {p.dtype} "
-                                          f"grad={p.grad is not None}")
+                if id(p) in self._flat:  # ZeRO-1/2: what the partition stands for, not its (padded) size
+                    members = " ".join(f"{e.name}{e.shape}" for e in self._flat[id(p)].entries)
+                    lines["dense"].append(f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}")
+                elif self._flat or group["route"] != "ortho":
+                    lines["dense"].append(f"{group['route']} {self._names.get(id(p), '?')} {tuple(p.shape)} "
+                                          f"{p.dtype} grad={p.grad is not None}")
         if not self._flat:
             with_grad = {n for n, p in self._params_by_name.items() if p.grad is not None}
             dtypes = {n: p.dtype for n, p in self._params_by_name.items()}
