@@ -100,10 +100,12 @@ def build_step_group(topologies: Dict[str, Topology], pipeline_group: Optional[d
     components = _connected_components([set(pp) | {r for w in work.values() for r in w} for work, pp in everyone])
     group = dist.group.WORLD
     if len(components) > 1:
+        group = None  # a rank alone needs no collective
         for ranks in components:  # every rank creates every group, in the same order
-            created = dist.new_group(list(ranks))
-            if me in ranks:
-                group = created
+            if len(ranks) > 1:
+                created = dist.new_group(list(ranks))
+                if me in ranks:
+                    group = created
     ranks = next(c for c in components if me in c)
     index = {r: i for i, r in enumerate(ranks)}
     work_groups = sorted({(k, tuple(index[r] for r in w)) for r in ranks for k, w in everyone[r][0].items()})

@@ -43,7 +43,7 @@ CASES = [
 
 @pytest.mark.parametrize("layout,world_size", CASES)
 def test_parallel_step_keeps_every_tensor_on_the_device(layout, world_size):
-    results = run_ranks(megatron_step, world_size, timeout=120, **layout)
+    results = run_ranks(megatron_step, world_size, timeout=30, **layout)
     for reads, collectives in results:
         assert reads == [1] * len(reads), f"host reads per step: {reads}"  # the one flag + digest read
         assert all(c and c[0] == "all_reduce" for c in collectives), collectives  # then the exchanges

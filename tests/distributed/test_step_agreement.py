@@ -127,3 +127,22 @@ def test_distributed_mode_forced_in_a_world_of_one_runs_the_exchange_and_equals_
     assert runner == "DistributedRunner" and plain_runner == "LocalRunner"
     for name in plain:
         torch.testing.assert_close(forced[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def independent_ranks(rank, world_size):
+    """No parallel context in a 2-rank job (each rank its own optimizer, e.g. under DDP): each rank is its
+    own step group, with no collective and no communicator created for it."""
+    model = TinyLlama(layers=2, seed=rank)
+    opt = teonspeed.Muon(model.named_parameters())
+    grads(model, 0)
+    if rank == 1:
+        model.layers[0].mlp.gate_proj.weight.grad[0, 0] = float("inf")
+    before = model.layers[1].mlp.down_proj.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="step skipped") if rank == 1 else _nothing():
+        opt.step()
+    sg = opt._runner.step_group
+    return sg.group is None, sg.size, not torch.equal(before, model.layers[1].mlp.down_proj.weight)
+
+
+def test_ranks_without_a_shared_step_decide_alone():
+    assert run_ranks(independent_ranks, 2, timeout=60) == [(True, 1, True), (True, 1, False)]
