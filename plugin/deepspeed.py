@@ -87,7 +87,8 @@ def build_optimizer(engine, model_parameters) -> OrthoOptimizer:
         raise ValueError(f"teonspeed: optimizer {name!r} does not support ZeRO-Offload "
                          f"(zero_optimization.offload_optimizer.device={offload_device!r}): its exchange needs the "
                          f"optimizer partitions on the GPU. Remove zero_optimization.offload_optimizer (or set its "
-                         f"device to \"none\"); ZeRO-1/2 already partition the optimizer state over data-parallel ranks")
+                         f"device to \"none\"); ZeRO-1/2 already partition the optimizer state over "
+                         f"data-parallel ranks")
     options = dict(engine.optimizer_params() or {})
     annotate_model(engine.module)  # tag Megatron's fused QKV / gated-MLP weights so they are split
     names = {id(p): n for n, p in engine.module.named_parameters()}

@@ -75,7 +75,8 @@ class DeviceRecorder(TorchFunctionMode):
             for t in _tensors((args, {k: v for k, v in kwargs.items() if k != "group"})):
                 if t.device != self.device:
                     raise DeviceError(f"dist.{name} got a tensor on {t.device} (shape {tuple(t.shape)}, "
-                                      f"{t.dtype}); the process group's device is {self.device}. Called from {_where()}")
+                                      f"{t.dtype}); the process group's device is {self.device}. "
+                                      f"Called from {_where()}")
             self.collectives.append(name)
             return _Done() if kwargs.get("async_op") else None
         return record
