@@ -79,6 +79,16 @@ def build_optimizer(engine, model_parameters) -> OrthoOptimizer:
     if stage not in SUPPORTED_ZERO_STAGES:
         raise ValueError(f"teonspeed: optimizer {name!r} supports ZeRO stages {SUPPORTED_ZERO_STAGES}, got "
                          f"zero_optimization.stage={stage}; use stage 1 or 2 to partition optimizer state")
+    offload = engine.zero_offload_optimizer() if hasattr(engine, "zero_offload_optimizer") else None
+    offload_device = str(getattr(getattr(offload, "device", None), "value", getattr(offload, "device", "none")))
+    if offload is not None and offload_device not in ("none", "None"):
+        # ZeRO-Offload keeps the partitions on the host while NCCL moves only device tensors, and the
+        # step would run the orthogonalization on the CPU: refused rather than slow or broken.
+        raise ValueError(f"teonspeed: optimizer {name!r} does not support ZeRO-Offload "
+                         f"(zero_optimization.offload_optimizer.device={offload_device!r}): its exchange needs the "
+                         f"optimizer partitions on the GPU. Remove zero_optimization.offload_optimizer (or set its "
+                         f"device to \"none\"); ZeRO-1/2 already partition the optimizer state over "
+                         f"data-parallel ranks")
     options = dict(engine.optimizer_params() or {})
     annotate_model(engine.module)  # tag Megatron's fused QKV / gated-MLP weights so they are split
     names = {id(p): n for n, p in engine.module.named_parameters()}
@@ -101,9 +111,11 @@ def deepspeed_context(engine) -> ParallelContext:
         mpu.get_data_parallel_group() if mpu is not None else None)
     if dp_group is None and dist.is_initialized():
         dp_group = dist.group.WORLD
+    pp_group = (mpu.get_pipeline_model_parallel_group()
+                if mpu is not None and hasattr(mpu, "get_pipeline_model_parallel_group") else None)
     config = getattr(engine.module, "config", None)
     return ParallelContext(specs=megatron_shard_specs(engine.module), tp_group=tp_group, dp_group=dp_group,
-                           num_layers=getattr(config, "num_layers", None))
+                           pipeline_group=pp_group, num_layers=getattr(config, "num_layers", None))
 
 
 def _named_groups(model_parameters, names: Dict[int, str]) -> List[Dict[str, Any]]:

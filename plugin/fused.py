@@ -10,6 +10,7 @@ each part of a shard is exactly that rank's shard of the part.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -22,25 +23,35 @@ class FusedLayout:
     part_names: Tuple[str, ...]
     unit_sizes: Optional[Tuple[int, ...]] = None  # rows of each part per unit; None = equal blocks
 
-    def part_rows(self, num_rows: int) -> List[Tuple[str, torch.Tensor]]:
-        """Row indices of each part in a (local or full) fused weight with `num_rows` rows."""
+    def part_rows(self, num_rows: int, device: Optional[torch.device] = None) -> List[Tuple[str, torch.Tensor]]:
+        """Row indices of each part in a (local or full) fused weight with `num_rows` rows, on `device`
+        (the device of the weight they index; made once per layout, size and device)."""
+        return _part_rows(self, num_rows, torch.device("cpu") if device is None else torch.device(device))
+
+    def _rows(self, num_rows: int, device: torch.device) -> List[Tuple[str, torch.Tensor]]:
         if self.unit_sizes is None:
             k = len(self.part_names)
             if num_rows % k:
                 raise ValueError(f"fused weight with {num_rows} rows cannot be split into {k} equal parts "
                                  f"{self.part_names}")
             size = num_rows // k
-            return [(name, torch.arange(i * size, (i + 1) * size)) for i, name in enumerate(self.part_names)]
+            return [(name, torch.arange(i * size, (i + 1) * size, device=device))
+                    for i, name in enumerate(self.part_names)]
         unit = sum(self.unit_sizes)
         if num_rows % unit:
             raise ValueError(f"fused weight with {num_rows} rows is not a whole number of units of "
                              f"{dict(zip(self.part_names, self.unit_sizes))} rows")
-        starts = torch.arange(num_rows // unit).unsqueeze(1) * unit
+        starts = torch.arange(num_rows // unit, device=device).unsqueeze(1) * unit
         out, offset = [], 0
         for name, size in zip(self.part_names, self.unit_sizes):
-            out.append((name, (starts + offset + torch.arange(size)).reshape(-1)))
+            out.append((name, (starts + offset + torch.arange(size, device=device)).reshape(-1)))
             offset += size
         return out
+
+
+@lru_cache(maxsize=512)
+def _part_rows(layout: FusedLayout, num_rows: int, device: torch.device) -> List[Tuple[str, torch.Tensor]]:
+    return layout._rows(num_rows, device)
 
 
 def qkv_layout(num_heads: int, num_query_groups: int, head_dim: int) -> FusedLayout:
@@ -63,7 +74,7 @@ def mla_kv_up_layout(qk_head_dim: int, v_head_dim: int) -> FusedLayout:
 
 def split(x: torch.Tensor, layout: FusedLayout) -> Dict[str, torch.Tensor]:
     """The parts of a fused matrix (rows along dim 0), each a new contiguous tensor."""
-    return {name: x.index_select(0, rows.to(x.device)) for name, rows in layout.part_rows(x.size(0))}
+    return {name: x.index_select(0, rows) for name, rows in layout.part_rows(x.size(0), x.device)}
 
 
 def fuse(parts: Dict[str, torch.Tensor], layout: FusedLayout) -> torch.Tensor:
@@ -71,8 +82,8 @@ def fuse(parts: Dict[str, torch.Tensor], layout: FusedLayout) -> torch.Tensor:
     num_rows = sum(p.size(0) for p in parts.values())
     first = next(iter(parts.values()))
     out = first.new_empty((num_rows,) + tuple(first.shape[1:]))
-    for name, rows in layout.part_rows(num_rows):
-        out.index_copy_(0, rows.to(out.device), parts[name])
+    for name, rows in layout.part_rows(num_rows, out.device):
+        out.index_copy_(0, rows, parts[name])
     return out
 
 

@@ -95,6 +95,7 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
         dp_group=parallel_state.get_data_parallel_group(),
         expert_tp_group=parallel_state.get_expert_tensor_parallel_group(),
         expert_dp_group=parallel_state.get_expert_data_parallel_group(),
+        pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         num_layers=getattr(model_config, "num_layers", None))
     optimizer: OrthoOptimizer = MEGATRON_TYPES[kind](named, parallel=parallel, **teonspeed_options(config))
     if not (config.bf16 or config.fp16):

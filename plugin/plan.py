@@ -44,13 +44,13 @@ class Plan:
         lines += [f"    {r.name:<60} {str(r.shape):<16} {r.reason}" for r in ortho]
         teon = self.teon_groups
         lines.append(f"  Groups: {len(self.groups)} ({len(teon)} TEON stacks, {len(self.groups) - len(teon)} single)")
-        owners = self.runner.describe(self.groups) if hasattr(self.runner, "describe") else {}
+        owners = self.runner.describe(self.groups) if self.runner is not None else {}
         for g in self.groups:
             tag = f"TEON x{len(g.members)}" if g.is_teon else "Muon"
             where = f" [owner: {owners[id(g)]}]" if id(g) in owners else ""
             lines.append(f"    {tag:<8} {g.members[0].layer.layer_type:<9} {str(g.stacked_shape):<14} "
                          + " + ".join(m.label for m in g.members) + where)
-        if hasattr(self.runner, "expected_bytes"):
+        if getattr(self.runner, "stats", None) is not None:  # a parallel run
             sent, received = self.runner.expected_bytes(self.groups)
             lines.append(f"  This rank per step: sends {sent:,} bytes, receives {received:,} bytes "
                          f"(parallel_mode={self.config.parallel_mode})")

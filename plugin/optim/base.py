@@ -8,10 +8,12 @@
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from ..config import OptimizerConfig, make_config
 from ..fused import LAYOUT_ATTR, FusedLayout, annotate_model
@@ -20,8 +22,8 @@ from ..ortho import heavy_tail, orthogonalize
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import FlatPartition
-from ..parallel.local import LocalRunner
-from ..parallel.topology import build_topology
+from ..parallel.local import LocalRunner, MatrixIO, Runner, StepCheck
+from ..parallel.topology import build_step_group, build_topology
 from .scaling import lr_multiplier
 from .updates import adamw_step, momentum_direction
 
@@ -46,6 +48,9 @@ class OrthoOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, *, parallel: Optional[ParallelContext] = None, **options: Any) -> None:
         self.config: OptimizerConfig = make_config(self.kind, options)
+        # parallel_mode="distributed" named explicitly: run the exchange code even in a world of one rank
+        # (one GPU with an NCCL group exercises it); otherwise a one-rank world takes the local path.
+        self._mode_forced = options.get("parallel_mode") == "distributed"
         if parallel is None and isinstance(params, torch.nn.Module):
             parallel = megatron_context(params)
         self.parallel = parallel or ParallelContext()
@@ -68,7 +73,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._params_by_name = {n: p for n, p in named}
         self._layouts = {n: getattr(p, LAYOUT_ATTR, None) for n, p in named}
         self._flat: Dict[int, FlatPartition] = {}  # id(flat partition tensor) -> its layout (ZeRO-1/2)
-        self._runner = self._make_runner()
+        self._runner: Runner = self._make_runner()
+        self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
 
     # -- hooks for wrappers that replace the parameters (DeepSpeed's fp32 masters, ZeRO partitions) ----
     def rebind(self, pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -94,20 +100,21 @@ class OrthoOptimizer(torch.optim.Optimizer):
                                  "or set teon_k=1")
         self._flat = dict(partitions)
 
-    def _make_runner(self):
+    def _make_runner(self) -> Runner:
         ctx = self.parallel
-        if not ctx.distributed:
+        if not (ctx.distributed or (self._mode_forced and dist.is_initialized())):
             return LocalRunner()
         # Collective over the world: every rank builds its optimizer at the same point.
         topologies = {"dense": build_topology(ctx.tp_group, ctx.dp_group),
                       "expert": build_topology(ctx.expert_tp_group, ctx.expert_dp_group)}
         return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps or 5,
+                                 step_group=build_step_group(topologies, ctx.pipeline_group),
                                  waves=self.config.overlap_waves)
 
     @property
     def comm_stats(self):
         """Bytes sent/received and FLOPs of the last step on this rank (None in a single process)."""
-        return getattr(self._runner, "stats", None)
+        return self._runner.stats
 
     # -- construction -------------------------------------------------------------------------
     def _build_grouping(self, named, force_route) -> GroupingResult:
@@ -156,7 +163,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.config.skip_nonfinite and not self._grads_finite():
+        if not self._check_step():
             return loss
         if self._flat:
             self._flat_step()
@@ -209,26 +216,74 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 stats.add(received, received)  # all-gather: each partition goes to the dp-1 others
             _apply(flat, partition.local_slice(updates, like=flat), group)
 
-    def _grads_finite(self) -> bool:
-        bad = [self._names.get(id(p), "a flat ZeRO partition") for g in self.param_groups for p in g["params"]
-               if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if not self._runner.all_finite(not bad):
-            where = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") if bad else "another rank's parameters"
-            warnings.warn(f"teonspeed: non-finite gradient in {where}; step skipped, weights and optimizer "
-                          f"state unchanged", RuntimeWarning, stacklevel=3)
-            return False
-        return True
+    def _check_step(self) -> bool:
+        """Before anything changes: are all gradients finite on every rank sharing this step, and do
+        those ranks agree on the step's plan? One device reduction, one collective, one host read."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not params or (not self.config.skip_nonfinite and isinstance(self._runner, LocalRunner)):
+            return True
+        device = (grads[0] if grads else params[0]).device
+        if self.config.skip_nonfinite and grads:
+            finite = torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
+        else:
+            finite = torch.ones((), dtype=torch.bool, device=device)
+        digests, lines = self._step_plan(params)
+        if self._runner.check_step(StepCheck(finite, digests, lambda: lines)):
+            return True
+        # The skip path only (rare): name the culprits, one host read per gradient.
+        bad = [self._names.get(id(p), "a flat ZeRO partition") for p in params
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        where = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") if bad else "another rank's parameters"
+        warnings.warn(f"teonspeed: non-finite gradient in {where}; step skipped, weights and optimizer "
+                      f"state unchanged", RuntimeWarning, stacklevel=4)
+        return False
+
+    def _step_plan(self, params: List[torch.Tensor]) -> Tuple[Dict[str, int], Dict[str, List[str]]]:
+        """This rank's plan of the step, per topology, as text lines and their digests: the groups it
+        will run (members, shapes, dtypes) and which parameters have a gradient. Cached per pattern."""
+        key = tuple((p.grad is not None, p.dtype, tuple(p.shape)) for p in params)
+        cached = self._plan_cache.get(key)
+        if cached is not None:
+            return cached
+        lines: Dict[str, List[str]] = {"dense": [], "expert": []}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in self._flat:  # ZeRO-1/2: what the partition stands for, not its (padded) size
+                    members = " ".join(f"{e.name}{e.shape}" for e in self._flat[id(p)].entries)
+                    lines["dense"].append(f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}")
+                elif self._flat or group["route"] != "ortho":
+                    lines["dense"].append(f"{group['route']} {self._names.get(id(p), '?')} {tuple(p.shape)} "
+                                          f"{p.dtype} grad={p.grad is not None}")
+        if not self._flat:
+            with_grad = {n for n, p in self._params_by_name.items() if p.grad is not None}
+            dtypes = {n: p.dtype for n, p in self._params_by_name.items()}
+            for g in self._groups_for(with_grad):
+                lines[self._runner.topology_of(g)].append(
+                    f"group mode {g.mode}: " + " + ".join(f"{m.label} {m.shape} {dtypes[m.name]}" for m in g.members))
+        digests = {k: int.from_bytes(hashlib.blake2b("\n".join(v).encode(), digest_size=8).digest(), "big") >> 2
+                   for k, v in lines.items()}
+        if len(self._plan_cache) > 64:
+            self._plan_cache.clear()
+        self._plan_cache[key] = (digests, lines)
+        return digests, lines
+
+    def _groups_for(self, names) -> List[OrthoGroup]:
+        """The groups a step runs when the matrices `names` have a direction: whole TEON groups, or member
+        by member where a TEON group did not get all its gradients."""
+        groups = []
+        for g in self.grouping.groups:
+            present = [m for m in g.members if m.name in names]
+            if len(present) == len(g.members):
+                groups.append(g)
+            else:
+                groups.extend(OrthoGroup((m,), g.mode) for m in present)
+        return groups
 
     def _ortho_updates(self, directions: Dict[str, torch.Tensor], step: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """Name -> the scaled orthogonalized update, for every matrix parameter with a direction."""
         updates = {n: torch.zeros_like(d) for n, d in directions.items()}
-        groups = []
-        for g in self.grouping.groups:
-            present = [m for m in g.members if m.name in directions]
-            if len(present) == len(g.members):
-                groups.append(g)
-            else:  # a TEON group whose members did not all get gradients: member by member
-                groups.extend(OrthoGroup((m,), g.mode) for m in present)
+        groups = self._groups_for(directions)
         step = self._ortho_step_count() if step is None else step
         scale = self.config.lr_scale
 
@@ -238,7 +293,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
         def write(m: MatrixRef, value: torch.Tensor) -> None:
             write_matrix(updates[m.name], m, self._layouts[m.name], value * lr_multiplier(scale, *m.shape))
 
-        self._runner.run(groups, read, write, lambda x: self.transform(x, step))
+        self._runner.run(groups, MatrixIO(read=read, write=write, transform=lambda x: self.transform(x, step),
+                                          source=lambda m: directions[m.name]))
         return updates
 
     def _ortho_step_count(self) -> int:
@@ -292,7 +348,7 @@ def matrix_view(t: torch.Tensor, m: MatrixRef, layout: Optional[FusedLayout]) ->
     if t.ndim > 2:
         t = t.reshape(t.size(0), -1)
     if m.part is not None:
-        t = t.index_select(0, _part_rows(layout, m, t.size(0)).to(t.device))
+        t = t.index_select(0, _part_rows(layout, m, t.size(0), t.device))
     return t
 
 
@@ -305,11 +361,11 @@ def write_matrix(target: torch.Tensor, m: MatrixRef, layout: Optional[FusedLayou
     if m.part is None:
         target.copy_(value)
     else:
-        target.index_copy_(0, _part_rows(layout, m, target.size(0)).to(target.device), value.to(target.dtype))
+        target.index_copy_(0, _part_rows(layout, m, target.size(0), target.device), value.to(target.dtype))
 
 
-def _part_rows(layout: FusedLayout, m: MatrixRef, num_rows: int) -> torch.Tensor:
-    return dict(layout.part_rows(num_rows))[m.part]
+def _part_rows(layout: FusedLayout, m: MatrixRef, num_rows: int, device: torch.device) -> torch.Tensor:
+    return dict(layout.part_rows(num_rows, device))[m.part]
 
 
 def _normalize_params(params) -> List[Dict[str, Any]]:

@@ -20,6 +20,8 @@ class ParallelContext:
     dp_group: Optional[dist.ProcessGroup] = None
     expert_tp_group: Optional[dist.ProcessGroup] = None
     expert_dp_group: Optional[dist.ProcessGroup] = None
+    pipeline_group: Optional[dist.ProcessGroup] = None
+    """The model's pipeline-parallel group: the stages skip a non-finite step together."""
     num_layers: Optional[int] = None
     """Layers of the whole model (all pipeline stages): lets a stage tell a cut TEON group from an odd
     last layer."""
@@ -58,6 +60,7 @@ def megatron_context(model: torch.nn.Module) -> Optional[ParallelContext]:
         dp_group=ps.get_data_parallel_group(),
         expert_tp_group=ps.get_expert_tensor_parallel_group(),
         expert_dp_group=ps.get_expert_data_parallel_group(),
+        pipeline_group=ps.get_pipeline_model_parallel_group(),
         num_layers=getattr(config, "num_layers", None),
     )
 

@@ -22,10 +22,10 @@ import torch.distributed as dist
 
 from ..grouping import MatrixRef, OrthoGroup
 from ..ortho.unfold import fold, unfold
-from .local import ReadFn, TransformFn, WriteFn, bucket_by_shape, transform_groups
+from .local import MatrixIO, StepCheck, bucket_by_shape, transform_groups
 from .owners import assign_owners, ns_flops
 from .shard_spec import ShardSpec, assemble, shard_of
-from .topology import Topology
+from .topology import StepGroup, Topology
 
 
 @dataclass
@@ -48,29 +48,85 @@ class CommStats:
         self.total_received += received
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Placement:
     """Where a member matrix's shards live: its TP split, for this topology."""
     dim: Optional[int]
     stride: int
 
 
+@dataclass(frozen=True)
+class _TopologyPlan:
+    """One topology's share of a step, the same on every rank of its work group: the groups, their
+    owners, the work group, and the dtype/device every exchange buffer is created with (the promoted
+    dtype of the members, the device of the data)."""
+    groups: Sequence[OrthoGroup]
+    owners: List[int]
+    topology: Topology
+    dtype: torch.dtype
+    device: torch.device
+
+
+INT64_MAX = 2 ** 63 - 1
+
+
+class PlanMismatch(RuntimeError):
+    """Ranks that share a step would run different plans (different parameters have gradients)."""
+
+
 class DistributedRunner:
     def __init__(self, topologies: Dict[str, Topology], specs: Dict[str, ShardSpec], mode: str,
-                 ns_steps: int, world_group: Optional[dist.ProcessGroup] = None, waves: int = 2) -> None:
+                 ns_steps: int, *, step_group: Optional[StepGroup] = None, waves: int = 2) -> None:
         self.topologies = topologies  # "dense" and "expert"
         self.specs = specs
         self.mode = mode
         self.ns_steps = ns_steps
-        self.world_group = world_group
+        self.step_group = step_group
         self.stats = CommStats()
         self.waves = max(1, waves)  # owner-compute exchanges in this many overlapped waves
 
     # -- shared by every rank ---------------------------------------------------------------------
-    def all_finite(self, local_finite: bool) -> bool:
-        flag = torch.tensor([1 if local_finite else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.world_group)
-        return bool(flag.item())
+    def check_step(self, check: StepCheck) -> bool:
+        """ONE all-reduce (MIN over the step group) and ONE host read per step carry both the non-finite
+        decision and every rank's plan digest: slot 0 the finite flag, then one slot per (topology,
+        rank) holding that rank's digest (INT64_MAX, the MIN identity, everywhere else)."""
+        sg = self.step_group or StepGroup(None, 1, 0, tuple((k, (0,)) for k in sorted(self.topologies)))
+        keys = sorted(self.topologies)
+        flags = torch.full((1 + len(keys) * sg.size,), INT64_MAX, dtype=torch.int64, device=check.finite.device)
+        flags[0].copy_(check.finite)
+        for i, key in enumerate(keys):
+            flags[1 + i * sg.size + sg.rank] = check.digests.get(key, 0)
+        if sg.group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=sg.group)
+        values = flags.tolist()  # the step's one host read
+        for key, members in sg.work_groups:
+            seen = {values[1 + keys.index(key) * sg.size + j] for j in members}
+            if len(seen) > 1:  # every rank sees the same values, so every rank raises here
+                self._raise_plan_mismatch(key, members, values, keys, sg, check)
+        return bool(values[0])
+
+    def _raise_plan_mismatch(self, key, members, values, keys, sg: StepGroup, check: StepCheck) -> None:
+        # Only now, a second (diagnostic) collective: every rank's plan, to name the first difference.
+        lines: List = [None] * sg.size
+        mine = check.plan_lines()
+        if sg.group is not None:
+            dist.all_gather_object(lines, mine, group=sg.group)
+        else:
+            lines = [mine]
+        digest = [values[1 + keys.index(key) * sg.size + j] for j in members]
+        a = members[0]
+        b = next(j for j, d in zip(members, digest) if d != digest[0])
+        la, lb = lines[a].get(key, []), lines[b].get(key, [])
+        first = next((i for i, (x, y) in enumerate(zip(la, lb)) if x != y), min(len(la), len(lb)))
+        what_a = la[first] if first < len(la) else "(nothing)"
+        what_b = lb[first] if first < len(lb) else "(nothing)"
+        raise PlanMismatch(
+            f"teonspeed: the ranks sharing this optimizer step disagree on its plan ({key} parameters): rank "
+            f"{sg.ranks[a]} has {what_a!r} where rank {sg.ranks[b]} has {what_b!r}. Usually a parameter got a "
+            f"gradient on some ranks and not on others (an unused layer, a branch taken on one rank only); "
+            f"the owners and message layouts would diverge and corrupt the weights. Give every rank the same "
+            f"set of gradients (e.g. zero-fill unused parameters' grads on every rank, or set "
+            f"requires_grad=False on all of them)")
 
     def owners(self, groups: Sequence[OrthoGroup], topology: Topology) -> List[int]:
         return assign_owners([ns_flops(g.stacked_shape, self.ns_steps) for g in groups], topology.work_size)
@@ -135,144 +191,169 @@ class DistributedRunner:
         return dict(sorted(by_topology.items()))
 
     # -- the step ------------------------------------------------------------------------------------
-    def run(self, groups: Sequence[OrthoGroup], read: ReadFn, write: WriteFn, transform: TransformFn) -> None:
+    def run(self, groups: Sequence[OrthoGroup], io: MatrixIO) -> None:
         self.stats.start_step()
-        # Every rank of a topology holds the same group list (same names and shapes); the topologies are
-        # visited in a fixed order so the collectives match across ranks.
+        # Every rank of a topology holds the same group list (same names, shapes and dtypes: checked by
+        # check_step); the topologies are visited in a fixed order so the collectives match across ranks.
         for key, topo_groups in self._by_topology(groups).items():
             topology = self.topologies[key]
+            dtype = io.group_dtype(topo_groups[0])
+            for g in topo_groups[1:]:
+                dtype = torch.promote_types(dtype, io.group_dtype(g))
+            owners = self.owners(topo_groups, topology) if self.mode == "distributed" else []
+            plan = _TopologyPlan(topo_groups, owners, topology, dtype, io.source(topo_groups[0].members[0]).device)
             if self.mode == "replicated":
-                self._run_replicated(topo_groups, topology, read, write, transform)
+                self._run_replicated(plan, io)
             else:
-                self._run_owner_compute(topo_groups, topology, read, write, transform)
+                self._run_owner_compute(plan, io)
 
-    def _run_replicated(self, groups, topology, read, write, transform) -> None:
-        members = [m for g in groups for m in g.members]
-        locals_ = [read(m) for m in members]
-        fulls = self._all_gather_tp(members, locals_, topology)
-        self._compute(groups, fulls, transform, write, topology)
+    def _run_replicated(self, plan: _TopologyPlan, io: MatrixIO) -> None:
+        members = [m for g in plan.groups for m in g.members]
+        fulls = self._all_gather_tp(members, [io.read(m) for m in members], plan)
+        self._compute(plan, fulls, io)
 
-    def _run_owner_compute(self, groups, topology, read, write, transform) -> None:
+    def _run_owner_compute(self, plan: _TopologyPlan, io: MatrixIO) -> None:
         """Waves of groups: while the owners transform wave k, the shards of wave k+1 travel to their
         owners and the updates of wave k-1 travel back (asynchronous all_to_alls)."""
-        owners = self.owners(groups, topology)
-        dtype = read(groups[0].members[0]).dtype if groups else torch.float32
-        waves = _split_waves(groups, [ns_flops(g.stacked_shape, self.ns_steps) for g in groups], self.waves)
-        incoming = self._send_shards(groups, owners, waves[0], topology, read, dtype) if waves else None
+        waves = _split_waves(plan.groups, [ns_flops(g.stacked_shape, self.ns_steps) for g in plan.groups],
+                             self.waves)
+        incoming = self._send_shards(plan, waves[0], io) if waves else None
         outgoing = []
         for k, wave in enumerate(waves):
             received = incoming.wait()
             if k + 1 < len(waves):
-                incoming = self._send_shards(groups, owners, waves[k + 1], topology, read, dtype)
-            updates = self._transform_owned(groups, owners, wave, received, topology, read, transform)
-            outgoing.append((wave, updates, self._send_updates(groups, owners, wave, updates, topology, dtype)))
+                incoming = self._send_shards(plan, waves[k + 1], io)
+            updates = self._transform_owned(plan, wave, received, io)
+            outgoing.append((wave, updates, self._send_updates(plan, wave, updates)))
         for wave, updates, exchange in outgoing:
-            self._write_updates(groups, owners, wave, updates, exchange.wait(), topology, read, write)
+            self._write_updates(plan, wave, updates, exchange.wait(), io)
 
     def _sharded(self, m: MatrixRef, topology: Topology) -> bool:
         return self.placement(m, topology).dim is not None
 
-    def _send_shards(self, groups, owners, wave, topology, read, dtype) -> "_Exchange":
+    def _send_shards(self, plan: _TopologyPlan, wave: List[int], io: MatrixIO) -> "_Exchange":
         """Phase A: my shards of this wave's groups owned by a TP peer of my own replica -> that owner."""
+        topology = plan.topology
         me, peers = topology.work_rank, topology.replica_peers()
         send: List[List[torch.Tensor]] = [[] for _ in range(topology.work_size)]
         recv_sizes = [0] * topology.work_size
         for gi in wave:
-            owner = owners[gi]
-            for m in groups[gi].members:
+            owner = plan.owners[gi]
+            for m in plan.groups[gi].members:
                 if not self._sharded(m, topology):
                     continue
                 if owner != me and owner in peers:
-                    send[owner].append(read(m).reshape(-1))
+                    send[owner].append(io.read(m).reshape(-1).to(plan.dtype))
                 if owner == me:
                     for q in peers:
                         if q != me:
                             recv_sizes[q] += self.shard_numel(m, topology)
-        return self._all_to_all(send, recv_sizes, topology, dtype)
+        return self._all_to_all(send, recv_sizes, plan)
 
-    def _transform_owned(self, groups, owners, wave, received, topology, read, transform):
-        """Assemble the full members of the groups I own in this wave, transform them (same-shape stacks
-        batched), and return (group index, member index) -> full update."""
+    def _transform_owned(self, plan: _TopologyPlan, wave: List[int], received: List[torch.Tensor],
+                         io: MatrixIO) -> Dict[Tuple[int, int], torch.Tensor]:
+        """Assemble the full members of the groups I own in this wave, transform them (same-shape, same-
+        dtype stacks batched), and return (group index, member index) -> full update."""
+        groups, topology = plan.groups, plan.topology
         me, peers = topology.work_rank, topology.replica_peers()
         offsets = [0] * topology.work_size
         fulls: Dict[Tuple[int, int], torch.Tensor] = {}
-        mine = [gi for gi in wave if owners[gi] == me]
+        mine = [gi for gi in wave if plan.owners[gi] == me]
         for gi in mine:
             for mi, m in enumerate(groups[gi].members):
-                local = read(m)
+                local = io.read(m)
                 if not self._sharded(m, topology):
                     fulls[(gi, mi)] = local
                     continue
                 shards = []
                 for q in peers:
                     if q == me:
-                        shards.append(local)
+                        shards.append(local.to(plan.dtype))
                     else:
                         n = local.numel()
-                        shards.append(received[q][offsets[q]:offsets[q] + n].view_as(local))
+                        shards.append(received[q][offsets[q]:offsets[q] + n].view(local.shape))
                         offsets[q] += n
                 p = self.placement(m, topology)
                 fulls[(gi, mi)] = assemble(shards, p.dim, p.stride)
         updates: Dict[Tuple[int, int], torch.Tensor] = {}
         index = {id(groups[gi]): gi for gi in mine}
-        for bucket in bucket_by_shape([groups[gi] for gi in mine]).values():
-            stacked = [unfold([fulls[(index[id(g)], mi)] for mi in range(len(g.members))], g.mode) for g in bucket]
-            for g, out in zip(bucket, transform_groups(bucket, stacked, transform)):
+        for (_, dtype), bucket in bucket_by_shape([groups[gi] for gi in mine], io).items():
+            stacked = [unfold([fulls[(index[id(g)], mi)].to(dtype) for mi in range(len(g.members))], g.mode)
+                       for g in bucket]
+            for g, out in zip(bucket, transform_groups(stacked, io.transform)):
                 self.stats.flops += ns_flops(g.stacked_shape, self.ns_steps)
                 for mi, piece in enumerate(fold(out, g.mode, len(g.members))):
                     updates[(index[id(g)], mi)] = piece
         return updates
 
-    def _send_updates(self, groups, owners, wave, updates, topology, dtype) -> "_Exchange":
+    def _send_updates(self, plan: _TopologyPlan, wave: List[int],
+                      updates: Dict[Tuple[int, int], torch.Tensor]) -> "_Exchange":
         """Phase B: every rank's shard of the updates I own -> it (all replicas)."""
+        topology = plan.topology
         me = topology.work_rank
         send: List[List[torch.Tensor]] = [[] for _ in range(topology.work_size)]
         recv_sizes = [0] * topology.work_size
         for gi in wave:
-            for mi, m in enumerate(groups[gi].members):
-                if owners[gi] == me:
+            for mi, m in enumerate(plan.groups[gi].members):
+                if plan.owners[gi] == me:
                     for q in range(topology.work_size):
                         if q != me:
-                            send[q].append(self._shard_for(updates[(gi, mi)], m, topology, q).reshape(-1))
+                            shard = self._shard_for(updates[(gi, mi)], m, topology, q)
+                            send[q].append(shard.reshape(-1).to(plan.dtype))
                 else:
-                    recv_sizes[owners[gi]] += self.shard_numel(m, topology)
-        return self._all_to_all(send, recv_sizes, topology, dtype)
+                    recv_sizes[plan.owners[gi]] += self.shard_numel(m, topology)
+        return self._all_to_all(send, recv_sizes, plan)
 
-    def _write_updates(self, groups, owners, wave, updates, received, topology, read, write) -> None:
+    def _write_updates(self, plan: _TopologyPlan, wave: List[int], updates, received: List[torch.Tensor],
+                       io: MatrixIO) -> None:
+        topology = plan.topology
         me = topology.work_rank
         offsets = [0] * topology.work_size
         for gi in wave:
-            owner = owners[gi]
-            for mi, m in enumerate(groups[gi].members):
+            owner = plan.owners[gi]
+            for mi, m in enumerate(plan.groups[gi].members):
                 if owner == me:
-                    write(m, self._shard_for(updates[(gi, mi)], m, topology, me))
+                    io.write(m, self._shard_for(updates[(gi, mi)], m, topology, me))
                 else:
                     n = self.shard_numel(m, topology)
-                    write(m, received[owner][offsets[owner]:offsets[owner] + n].view_as(read(m)))
+                    io.write(m, received[owner][offsets[owner]:offsets[owner] + n].view(self._shard_shape(m, topology)))
                     offsets[owner] += n
 
     # -- helpers --------------------------------------------------------------------------------------
+    def _shard_shape(self, m: MatrixRef, topology: Topology) -> Tuple[int, int]:
+        rows, cols = m.shape
+        dim = self.placement(m, topology).dim
+        if dim is None:
+            return rows, cols
+        if dim not in (0, 1):
+            raise ValueError(f"teonspeed: {m.label} is split along dim {dim} of its matrix view; only 0 or 1 work")
+        return (rows // topology.tp_size, cols) if dim == 0 else (rows, cols // topology.tp_size)
+
     def _shard_for(self, full: torch.Tensor, m: MatrixRef, topology: Topology, work_rank: int) -> torch.Tensor:
         p = self.placement(m, topology)
         return shard_of(full, p.dim, topology.positions[work_rank][0], topology.tp_size, p.stride)
 
-    def _compute(self, groups, fulls: List[torch.Tensor], transform, write, topology) -> None:
+    def _compute(self, plan: _TopologyPlan, fulls: List[torch.Tensor], io: MatrixIO) -> None:
         """Replicated mode: every rank transforms every group and keeps its own shard."""
+        topology = plan.topology
         starts, position = {}, 0
-        for g in groups:
+        for g in plan.groups:
             starts[id(g)] = position
             position += len(g.members)
-        for bucket in bucket_by_shape(groups).values():
-            stacked = [unfold(fulls[starts[id(g)]:starts[id(g)] + len(g.members)], g.mode) for g in bucket]
-            for g, out in zip(bucket, transform_groups(bucket, stacked, transform)):
+        for (_, dtype), bucket in bucket_by_shape(plan.groups, io).items():
+            stacked = [unfold([f.to(dtype) for f in fulls[starts[id(g)]:starts[id(g)] + len(g.members)]], g.mode)
+                       for g in bucket]
+            for g, out in zip(bucket, transform_groups(stacked, io.transform)):
                 self.stats.flops += ns_flops(g.stacked_shape, self.ns_steps)
                 for m, piece in zip(g.members, fold(out, g.mode, len(g.members))):
-                    write(m, self._shard_for(piece, m, topology, topology.work_rank))
+                    io.write(m, self._shard_for(piece, m, topology, topology.work_rank))
 
-    def _all_gather_tp(self, members, locals_, topology) -> List[torch.Tensor]:
-        if topology.tp_size == 1:
+    def _all_gather_tp(self, members, locals_, plan: _TopologyPlan) -> List[torch.Tensor]:
+        topology = plan.topology
+        if topology.tp_group is None:
             return locals_
-        flat = torch.cat([t.reshape(-1) for t in locals_]) if locals_ else torch.zeros(0)
+        flat = (torch.cat([t.reshape(-1).to(plan.dtype) for t in locals_]) if locals_
+                else torch.zeros(0, dtype=plan.dtype, device=plan.device))
         gathered = [torch.empty_like(flat) for _ in range(topology.tp_size)]
         dist.all_gather(gathered, flat, group=topology.tp_group)
         self.stats.add(flat.numel() * flat.element_size() * (topology.tp_size - 1),
@@ -280,20 +361,22 @@ class DistributedRunner:
         fulls, offset = [], 0
         for m, local in zip(members, locals_):
             n = local.numel()
-            shards = [gathered[t][offset:offset + n].view_as(local) for t in range(topology.tp_size)]
+            shards = [gathered[t][offset:offset + n].view(local.shape) for t in range(topology.tp_size)]
             offset += n
             p = self.placement(m, topology)
             fulls.append(local if p.dim is None else assemble(shards, p.dim, p.stride))
         return fulls
 
-    def _all_to_all(self, send: List[List[torch.Tensor]], recv_sizes: List[int], topology: Topology,
-                    dtype: torch.dtype) -> "_Exchange":
-        """Start one batched exchange (every work rank takes part, even with nothing to send)."""
-        send_flat = [torch.cat(parts) if parts else torch.zeros(0, dtype=dtype) for parts in send]
+    def _all_to_all(self, send: List[List[torch.Tensor]], recv_sizes: List[int], plan: _TopologyPlan) -> "_Exchange":
+        """Start one batched exchange (every work rank takes part, even with nothing to send). Every
+        buffer lives on the data's device (NCCL takes nothing else), in the plan's exchange dtype."""
+        topology = plan.topology
+        send_flat = [torch.cat(parts) if parts else torch.empty(0, dtype=plan.dtype, device=plan.device)
+                     for parts in send]
         send_sizes = [t.numel() for t in send_flat]
-        out = torch.empty(sum(recv_sizes), dtype=dtype)
+        out = torch.empty(sum(recv_sizes), dtype=plan.dtype, device=plan.device)
         work = None
-        if topology.work_size > 1:
+        if topology.work_group is not None:
             work = dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes,
                                           group=topology.work_group, async_op=True)
         itemsize = out.element_size()
