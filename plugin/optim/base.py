@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -19,8 +20,9 @@ from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
 from ..parallel.distributed import DistributedRunner
-from ..parallel.flat import FlatPartition
+from ..parallel.flat import FlatPartition, FlatStep, gather_work_ranks, plan_partition
 from ..parallel.local import LocalRunner
+from ..parallel.owners import ns_flops
 from ..parallel.topology import build_topology
 from .scaling import lr_multiplier
 from .updates import adamw_step, momentum_direction
@@ -68,6 +70,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._params_by_name = {n: p for n, p in named}
         self._layouts = {n: getattr(p, LAYOUT_ATTR, None) for n, p in named}
         self._flat: Dict[int, FlatPartition] = {}  # id(flat partition tensor) -> its layout (ZeRO-1/2)
+        self._flat_steps: Dict[int, FlatStep] = {}  # id(flat partition tensor) -> its planned step
         self._runner = self._make_runner()
 
     # -- hooks for wrappers that replace the parameters (DeepSpeed's fp32 masters, ZeRO partitions) ----
@@ -78,10 +81,12 @@ class OrthoOptimizer(torch.optim.Optimizer):
             self._names[id(new)] = name
             self._params_by_name[name] = new
 
-    def attach_flat_partitions(self, partitions: Dict[int, FlatPartition]) -> None:
+    def attach_flat_partitions(self, partitions: Dict[int, FlatPartition], device: Optional[torch.device] = None
+                               ) -> None:
         """ZeRO-1/2: each param group now holds one flat partition; `partitions` maps the id of that
         tensor to its layout. A TEON group must then live inside one param group (they are stepped one
-        group at a time)."""
+        group at a time). Plans who orthogonalizes what (a collective over tp × dp: every rank attaches
+        at the same point); `device` is the partitions' device."""
         owner = {}
         for key, fp in partitions.items():
             for name in fp.names():
@@ -93,6 +98,30 @@ class OrthoOptimizer(torch.optim.Optimizer):
                                  "group; " + " + ".join(m.label for m in g.members) + " are not. Put them in one group "
                                  "or set teon_k=1")
         self._flat = dict(partitions)
+        self._flat_steps = {key: self._plan_flat(fp, device or torch.device("cpu")) for key, fp in partitions.items()}
+
+    def _plan_flat(self, partition: FlatPartition, device: torch.device) -> FlatStep:
+        topology = getattr(self._runner, "topologies", {}).get("dense")
+        tp_size, tp_rank = (topology.tp_size, topology.tp_rank) if topology is not None else (1, 0)
+        work_group, work_size, me = ((topology.work_group, topology.work_size, topology.work_rank)
+                                     if topology is not None else (None, 1, 0))
+        names = set(partition.names())
+        if topology is not None and any(self._runner.topology_of(g) != "dense" for g in self.grouping.groups
+                                        if g.members[0].name in names):
+            raise ValueError("teonspeed: expert-parallel weights in a ZeRO-1/2 param group are not supported; "
+                             "use ZeRO stage 0 for expert-parallel models")
+        work_rank = gather_work_ranks(partition, tp_rank, tp_size, work_group, work_size, device)
+        steps = self.config.ns_steps or 5
+        plan = plan_partition(partition, self.grouping.groups, work_rank, tp_size,
+                              cost=lambda g: ns_flops(g.stacked_shape, steps),
+                              tp_sharded=lambda m: topology is not None and
+                              self._runner.placement(m, topology).dim is not None)
+        return FlatStep(plan, partition, me, work_group)
+
+    @property
+    def zero_plans(self):
+        """ZeRO-1/2: the plan of each flat partition (jobs local or cut, owners, bytes, FLOP balance)."""
+        return [s.plan for s in self._flat_steps.values()]
 
     def _make_runner(self):
         ctx = self.parallel
@@ -193,21 +222,35 @@ class OrthoOptimizer(torch.optim.Optimizer):
 
     def _flat_step(self) -> None:
         """ZeRO-1/2: the param groups hold flat DP partitions (DeepSpeed steps them one group at a time)."""
+        stats = self.comm_stats
+        first = next(iter(self._flat))
         for group in self.param_groups:
             group["step"] += 1
             flat = group["params"][0]
+            if stats is not None and id(flat) == first:  # DeepSpeed steps the groups in order, one per call
+                stats.start_step()
             if flat.grad is None:
                 continue
             if group["route"] == "adamw":
                 self._adamw(flat, group)
                 continue
-            partition = self._flat[id(flat)]
-            full, received = partition.all_gather(self._momentum(flat, group))
-            updates = self._ortho_updates(partition.unflatten(full), step=group["step"] - 1)
-            stats = self.comm_stats
+            step = group["step"] - 1
+            update, sent, received, flops = self._flat_steps[id(flat)].run(
+                self._momentum(flat, group), lambda x: self.transform(x, step),
+                read=lambda m, unit: matrix_view(unit, _in_unit(m), self._layouts[m.name]),
+                write=lambda m, unit, value: write_matrix(unit, _in_unit(m), self._layouts[m.name], value),
+                placement=self._flat_placement, scale=lambda m: lr_multiplier(self.config.lr_scale, *m.shape))
             if stats is not None:
-                stats.add(received, received)  # all-gather: each partition goes to the dp-1 others
-            _apply(flat, partition.local_slice(updates, like=flat), group)
+                stats.add(sent, received)
+                stats.flops += flops
+            _apply(flat, update, group)
+
+    def _flat_placement(self, m: MatrixRef):
+        topology = getattr(self._runner, "topologies", {}).get("dense")
+        if topology is None:
+            return None, 1
+        p = self._runner.placement(m, topology)
+        return p.dim, p.stride
 
     def _grads_finite(self) -> bool:
         bad = [self._names.get(id(p), "a flat ZeRO partition") for g in self.param_groups for p in g["params"]
@@ -273,6 +316,11 @@ class HeavyTailMixin:
             return super().transform(stacked, step)
         return heavy_tail(stacked, c.ht_power, c.ht_method, c.orthogonalizer, c.ns_steps,
                           _compute_dtype(c.ns_dtype), backend=c.ns_backend)
+
+
+def _in_unit(m: MatrixRef) -> MatrixRef:
+    """`m` as read from its ZeRO unit tensor, which already is the expert's slice of a 3-D weight."""
+    return m if m.expert_index is None else dataclasses.replace(m, expert_index=None)
 
 
 def _compute_dtype(ns_dtype: str) -> Optional[torch.dtype]:
