@@ -123,6 +123,11 @@ class OrthoOptimizer(torch.optim.Optimizer):
         """ZeRO-1/2: the plan of each flat partition (jobs local or cut, owners, bytes, FLOP balance)."""
         return [s.plan for s in self._flat_steps.values()]
 
+    def zero_expected_bytes(self) -> Tuple[int, int]:
+        """ZeRO-1/2: (sent, received) bytes of one step on this rank, predicted by the plans (fp32 masters)."""
+        pairs = [s.expected_bytes(4) for s in self._flat_steps.values()]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
     def _make_runner(self):
         ctx = self.parallel
         if not ctx.distributed:

@@ -90,6 +90,13 @@ class FlatStep:
         self.plan, self.partition, self.me, self.work_group = plan, partition, me, work_group
         self.moves = bool(plan.exchanged_jobs())
 
+    def expected_bytes(self, itemsize: int) -> Tuple[int, int]:
+        """(sent, received) bytes of one step on this rank, from the plan alone."""
+        if not self.moves:
+            return 0, 0
+        sent, received = self.plan.bytes_per_rank(itemsize)
+        return sent[self.me], received[self.me]
+
     def run(self, direction: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], read: ReadUnit,
             write: WriteUnit, placement: Placement, scale: Callable[[MatrixRef], float]):
         """The update of this rank's partition, and (bytes sent, bytes received, FLOPs computed)."""

@@ -234,3 +234,15 @@ def test_shipped_deepspeed_configs_train(path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     expected = {"TEON": "TEON", "TeonspeedMuon": "Muon", "TeonspeedHTMuon": "HTMuon", "AdamW": "AdamW"}
     assert basic == expected[config["optimizer"]["type"]]
+
+
+@pytest.mark.parametrize("stage,world_size", [(1, 3), (2, 2)])
+def test_zero_moves_only_the_cut_matrices_as_planned(stage, world_size):
+    results = run_ranks(h.train_comm, world_size, h.ds_config("TEON", stage=stage), timeout=120)
+    jobs = results[0][3]
+    assert any(cut for cut, _ in jobs) and not all(cut for cut, _ in jobs)
+    for measured, predicted, all_gather, rank_jobs in results:
+        assert rank_jobs == jobs  # every rank derived the same plan
+        assert measured == predicted
+        assert measured[1] < all_gather  # less than the old momentum all-gather alone received
+    assert sum(r[0][0] for r in results) == sum(r[0][1] for r in results) > 0
