@@ -246,3 +246,14 @@ def test_zero_moves_only_the_cut_matrices_as_planned(stage, world_size):
         assert measured == predicted
         assert measured[1] < all_gather  # less than the old momentum all-gather alone received
     assert sum(r[0][0] for r in results) == sum(r[0][1] for r in results) > 0
+
+
+def test_megatron_tp2_dp2_zero_1_and_2_equal_zero_0():
+    """The flat step's TP gather among the ranks holding a partition index, and its cut-job exchange over
+    tp x dp, give ZeRO-0's update."""
+    import megatron_models as mm
+    results = {s: mm.full_params_of_replica0(run_ranks(h.train_megatron, 4, h.ds_config("TEON", stage=s), tp=2,
+                                                        timeout=180)) for s in (0, 1, 2)}
+    for stage in (1, 2):
+        for name, p in results[0].items():
+            assert rel(results[stage][name], p) <= 1e-5, (stage, name)
