@@ -20,7 +20,7 @@ from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
 from ..parallel.distributed import DistributedRunner
-from ..parallel.flat import FlatPartition, FlatStep, gather_work_ranks, plan_partition
+from ..parallel.flat import BucketShard, FlatPartition, FlatStep, gather_work_ranks, plan_partition
 from ..parallel.local import LocalRunner
 from ..parallel.owners import ns_flops
 from ..parallel.topology import build_topology
@@ -71,6 +71,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._layouts = {n: getattr(p, LAYOUT_ATTR, None) for n, p in named}
         self._flat: Dict[int, FlatPartition] = {}  # id(flat partition tensor) -> its layout (ZeRO-1/2)
         self._flat_steps: Dict[int, FlatStep] = {}  # id(flat partition tensor) -> its planned step
+        self._buckets: List[Tuple[BucketShard, FlatStep]] = []  # Megatron distributed optimizer
         self._runner = self._make_runner()
 
     # -- hooks for wrappers that replace the parameters (DeepSpeed's fp32 masters, ZeRO partitions) ----
@@ -100,6 +101,13 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._flat = dict(partitions)
         self._flat_steps = {key: self._plan_flat(fp, device or torch.device("cpu")) for key, fp in partitions.items()}
 
+    def attach_bucket_shards(self, buckets: List[BucketShard], device: Optional[torch.device] = None) -> None:
+        """Megatron's distributed optimizer: DDP reduce-scatters each bucket's gradients and all-gathers its
+        parameters; the step updates only this rank's partition of every bucket (a collective over
+        tp × dp at attach, like attach_flat_partitions)."""
+        self._buckets = [(b, self._plan_flat(b.partition, device or b.grad.device)) for b in buckets]
+        self._group_of = {n: g for g in self.param_groups for n in g["names"]}
+
     def _plan_flat(self, partition: FlatPartition, device: torch.device) -> FlatStep:
         topology = getattr(self._runner, "topologies", {}).get("dense")
         tp_size, tp_rank = (topology.tp_size, topology.tp_rank) if topology is not None else (1, 0)
@@ -121,11 +129,11 @@ class OrthoOptimizer(torch.optim.Optimizer):
     @property
     def zero_plans(self):
         """ZeRO-1/2: the plan of each flat partition (jobs local or cut, owners, bytes, FLOP balance)."""
-        return [s.plan for s in self._flat_steps.values()]
+        return [s.plan for s in self._flat_steps.values()] + [s.plan for _, s in self._buckets]
 
     def zero_expected_bytes(self) -> Tuple[int, int]:
         """ZeRO-1/2: (sent, received) bytes of one step on this rank, predicted by the plans (fp32 masters)."""
-        pairs = [s.expected_bytes(4) for s in self._flat_steps.values()]
+        pairs = [s.expected_bytes(4) for s in self._flat_steps.values()] + [s.expected_bytes(4) for _, s in self._buckets]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
     def _make_runner(self):
@@ -195,6 +203,9 @@ class OrthoOptimizer(torch.optim.Optimizer):
         if self._flat:
             self._flat_step()
             return loss
+        if self._buckets:
+            self._bucket_step()
+            return loss
         directions = self._momentum_directions()
         updates = self._ortho_updates(directions)
         for group in self.param_groups:
@@ -239,16 +250,50 @@ class OrthoOptimizer(torch.optim.Optimizer):
             if group["route"] == "adamw":
                 self._adamw(flat, group)
                 continue
-            step = group["step"] - 1
-            update, sent, received, flops = self._flat_steps[id(flat)].run(
-                self._momentum(flat, group), lambda x: self.transform(x, step),
-                read=lambda m, unit: matrix_view(unit, _in_unit(m), self._layouts[m.name]),
-                write=lambda m, unit, value: write_matrix(unit, _in_unit(m), self._layouts[m.name], value),
-                placement=self._flat_placement, scale=lambda m: lr_multiplier(self.config.lr_scale, *m.shape))
-            if stats is not None:
-                stats.add(sent, received)
-                stats.flops += flops
+            update = self._flat_update(self._flat_steps[id(flat)], self._momentum(flat, group), group["step"] - 1)
             _apply(flat, update, group)
+
+    def _flat_update(self, flat_step: FlatStep, direction: torch.Tensor, step: int) -> torch.Tensor:
+        """The scaled orthogonalized update of a partition's momentum direction (counted in comm_stats)."""
+        update, sent, received, flops = flat_step.run(
+            direction, lambda x: self.transform(x, step),
+            read=lambda m, unit: matrix_view(unit, _in_unit(m), self._layouts[m.name]),
+            write=lambda m, unit, value: write_matrix(unit, _in_unit(m), self._layouts[m.name], value),
+            placement=self._flat_placement, scale=lambda m: lr_multiplier(self.config.lr_scale, *m.shape))
+        stats = self.comm_stats
+        if stats is not None:
+            stats.add(sent, received)
+            stats.flops += flops
+        return update
+
+    def _bucket_step(self) -> None:
+        """Megatron distributed optimizer: every bucket's partition holds matrices and AdamW parameters
+        side by side; each part of the partition is stepped with its own param group's settings."""
+        stats = self.comm_stats
+        if stats is not None:
+            stats.start_step()
+        for group in self.param_groups:
+            group["step"] += 1
+        for shard, flat_step in self._buckets:
+            state = self.state[shard.param]
+            if "momentum_buffer" not in state:
+                state.update(momentum_buffer=torch.zeros_like(shard.grad), exp_avg=torch.zeros_like(shard.grad),
+                             exp_avg_sq=torch.zeros_like(shard.grad))
+            direction = torch.zeros_like(shard.grad)
+            ortho = []
+            for entry, lo, hi in shard.slices():
+                group = self._group_of[entry.name]
+                if group["route"] == "ortho":
+                    direction[lo:hi] = momentum_direction(shard.grad[lo:hi], state["momentum_buffer"][lo:hi],
+                                                          group["momentum"], group["nesterov"])
+                    ortho.append((lo, hi, group))
+                else:
+                    adamw_step(shard.param[lo:hi], shard.grad[lo:hi], state["exp_avg"][lo:hi],
+                               state["exp_avg_sq"][lo:hi], group["step"], group["lr"] * group["lr_ratio"],
+                               group["betas"], group["eps"], group["weight_decay"])
+            update = self._flat_update(flat_step, direction, self._ortho_step_count() - 1)
+            for lo, hi, group in ortho:
+                _apply(shard.param[lo:hi], update[lo:hi], group)
 
     def _flat_placement(self, m: MatrixRef):
         topology = getattr(self._runner, "topologies", {}).get("dense")
@@ -258,8 +303,11 @@ class OrthoOptimizer(torch.optim.Optimizer):
         return p.dim, p.stride
 
     def _grads_finite(self) -> bool:
-        bad = [self._names.get(id(p), "a flat ZeRO partition") for g in self.param_groups for p in g["params"]
-               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if self._buckets:  # only this rank's partitions hold reduced gradients
+            bad = ["a distributed-optimizer bucket"] if any(not torch.isfinite(b.grad).all() for b, _ in self._buckets) else []
+        else:
+            bad = [self._names.get(id(p), "a flat ZeRO partition") for g in self.param_groups for p in g["params"]
+                   if p.grad is not None and not torch.isfinite(p.grad).all()]
         if not self._runner.all_finite(not bad):
             where = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") if bad else "another rank's parameters"
             warnings.warn(f"teonspeed: non-finite gradient in {where}; step skipped, weights and optimizer "

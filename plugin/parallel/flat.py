@@ -48,6 +48,24 @@ class FlatPartition:
         return [e.name for e in self.entries]
 
 
+@dataclass
+class BucketShard:
+    """Megatron's distributed optimizer layout: a DDP bucket (parameters of any route at `entries`
+    offsets) whose reduce-scatter leaves this rank the partition `grad`, and whose parameter all-gather
+    spreads this rank's partition `param` (both views into the bucket's buffers)."""
+    partition: FlatPartition
+    grad: torch.Tensor
+    param: torch.Tensor
+
+    def slices(self):
+        """(entry, lo, hi) of every entry intersecting this rank's partition, in partition coordinates."""
+        start, size = self.partition.start, self.partition.partition_size
+        for e in self.partition.entries:
+            lo, hi = max(e.offset, start), min(e.offset + e.numel, start + size)
+            if lo < hi:
+                yield e, lo - start, hi - start
+
+
 def gather_work_ranks(partition: FlatPartition, tp_rank: int, tp_size: int, work_group, work_size: int,
                       device: torch.device) -> Dict[Tuple[int, int], int]:
     """(tp rank, partition index) -> rank in the tp × dp work group, learned from every member (a
