@@ -18,6 +18,11 @@ from .optim import OrthoOptimizer
 from .parallel.flat import BucketShard, FlatEntry, FlatPartition
 
 
+_NO_CHECKPOINT = ("teonspeed: saving or loading optimizer state with use_distributed_optimizer=True is not supported "
+                  "yet (the state lives in per-rank bucket partitions); train with use_distributed_optimizer=False "
+                  "to checkpoint the optimizer")
+
+
 def check_supported(config, model_chunks) -> None:
     """Refuse, before any state exists, what this path does not do (yet)."""
     if config.bf16 or config.fp16:
@@ -64,6 +69,15 @@ def wrap(optimizer: OrthoOptimizer, config, model_chunks):
             for chunk in model_chunks:
                 chunk.start_param_sync(force_sync=True)
             return result
+
+        def state_dict(self):
+            raise NotImplementedError(_NO_CHECKPOINT)
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError(_NO_CHECKPOINT)
+
+        def sharded_state_dict(self, *args, **kwargs):
+            raise NotImplementedError(_NO_CHECKPOINT)
 
     shards = bucket_shards(optimizer, model_chunks)
     optimizer.attach_bucket_shards(shards, device=shards[0].grad.device if shards else None)

@@ -91,9 +91,21 @@ def test_distributed_optimizer_tp2_dp2_equals_tp1_and_the_non_distributed_path(o
         assert float((sharded[name] - full).norm() / full.norm()) <= 1e-5, name
 
 
+def _distributed_optimizer_state_dict(rank, world_size):
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+    ps.initialize_model_parallel()
+    ddp = DistributedDataParallel(mm.tiny_config(), DistributedDataParallelConfig(use_distributed_optimizer=True),
+                                  mm.tiny_gpt())
+    get_megatron_optimizer(TeonOptimizerConfig(clip_grad=0.0, use_distributed_optimizer=True), [ddp]).state_dict()
+
+
 def test_distributed_optimizer_refuses_what_it_does_not_do_with_the_fix():
     with pytest.raises(RankError, match="use_distributed_optimizer=True is supported in fp32 only"):
         run_ranks(train, 2, use_distributed_optimizer=True, bf16=True, timeout=120)
+    with pytest.raises(RankError, match="optimizer state with use_distributed_optimizer=True is not supported"):
+        run_ranks(_distributed_optimizer_state_dict, 2, timeout=120)
 
 
 def _state_round_trip(rank, world_size):
