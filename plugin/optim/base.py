@@ -116,8 +116,9 @@ class OrthoOptimizer(torch.optim.Optimizer):
         names = set(partition.names())
         if topology is not None and any(self._runner.topology_of(g) != "dense" for g in self.grouping.groups
                                         if g.members[0].name in names):
-            raise ValueError("teonspeed: expert-parallel weights in a ZeRO-1/2 param group are not supported; "
-                             "use ZeRO stage 0 for expert-parallel models")
+            raise ValueError("teonspeed: expert-parallel weights in a ZeRO-1/2 partition (or a Megatron "
+                             "distributed-optimizer bucket) are not supported; use ZeRO stage 0 (or "
+                             "use_distributed_optimizer=False) for expert-parallel models")
         work_rank = gather_work_ranks(partition, tp_rank, tp_size, work_group, work_size, device)
         steps = self.config.ns_steps or 5
         plan = plan_partition(partition, self.grouping.groups, work_rank, tp_size,
