@@ -136,7 +136,8 @@ def _named(p: torch.Tensor, names: Dict[int, str]):
 
 def attach_zero_stage_1_2(zero_optimizer) -> None:
     """DeepSpeedZeroOptimizer: each group is flattened (with per-parameter alignment padding) and cut
-    into equal DP partitions; the inner optimizer holds this rank's fp32 partition."""
+    into equal DP partitions; the inner optimizer holds this rank's fp32 partition. The optimizer then
+    orthogonalizes each matrix where its partition lives and exchanges only the cut ones."""
     opt: OrthoOptimizer = zero_optimizer.optimizer
     partitions = {}
     for i, params in enumerate(zero_optimizer.round_robin_bit16_groups):
@@ -146,7 +147,7 @@ def attach_zero_stage_1_2(zero_optimizer) -> None:
             entries=[FlatEntry(opt._names[id(p)], off, tuple(p.shape)) for p, off in zip(params, offsets)],
             partition_size=int(zero_optimizer.partition_size[i]), dp_group=group,
             dp_rank=dist.get_rank(group=group), dp_size=dist.get_world_size(group=group))
-    opt.attach_flat_partitions(partitions)
+    opt.attach_flat_partitions(partitions, device=zero_optimizer.single_partition_of_fp32_groups[0].device)
 
 
 def attach_bf16_optimizer(bf16_optimizer) -> None:
@@ -163,7 +164,7 @@ def attach_bf16_optimizer(bf16_optimizer) -> None:
         partitions[id(bf16_optimizer.fp32_groups_flat_partition[i])] = FlatPartition(
             entries=entries, partition_size=bf16_optimizer.bf16_groups_flat[i].numel() // size, dp_group=group,
             dp_rank=dist.get_rank(group=group), dp_size=size)
-    opt.attach_flat_partitions(partitions)
+    opt.attach_flat_partitions(partitions, device=bf16_optimizer.fp32_groups_flat_partition[0].device)
 
 
 def attach_unfused_fp32_masters(wrapper) -> None:

@@ -79,9 +79,8 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
         raise ValueError(f"teonspeed: TeonOptimizerConfig.optimizer must be one of {sorted(MEGATRON_TYPES)}, "
                          f"got {config.optimizer!r}; use megatron.core.optimizer.get_megatron_optimizer for Adam/SGD")
     if config.use_distributed_optimizer:
-        raise ValueError("teonspeed: use_distributed_optimizer=True is not supported (Megatron's distributed "
-                         "optimizer hands out flat byte ranges); set it to False: teonspeed already spreads the "
-                         "orthogonalization over the data-parallel ranks")
+        from . import megatron_distributed
+        megatron_distributed.check_supported(config, model_chunks)
     named, specs = [], {}
     for i, chunk in enumerate(model_chunks):
         annotate_model(chunk)
@@ -98,6 +97,8 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
         pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         num_layers=getattr(model_config, "num_layers", None))
     optimizer: OrthoOptimizer = MEGATRON_TYPES[kind](named, parallel=parallel, **teonspeed_options(config))
+    if config.use_distributed_optimizer:
+        return megatron_distributed.wrap(optimizer, config, model_chunks)
     if not (config.bf16 or config.fp16):
         return TeonFP32Optimizer(optimizer, config, init_state_fn=lambda opt, config=None: None)
     wrapper = Float16OptimizerWithFloat16Params(optimizer, config, grad_scaler=_grad_scaler(config),

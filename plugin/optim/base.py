@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -21,8 +22,9 @@ from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
 from ..parallel.distributed import DistributedRunner
-from ..parallel.flat import FlatPartition
+from ..parallel.flat import BucketShard, FlatPartition, FlatStep, gather_work_ranks, plan_partition
 from ..parallel.local import LocalRunner, MatrixIO, Runner, StepCheck
+from ..parallel.owners import ns_flops
 from ..parallel.topology import build_step_group, build_topology
 from .scaling import lr_multiplier
 from .updates import adamw_step, momentum_direction
@@ -75,6 +77,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._flat: Dict[int, FlatPartition] = {}  # id(flat partition tensor) -> its layout (ZeRO-1/2)
         self._runner: Runner = self._make_runner()
         self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
+        self._flat_steps: Dict[int, FlatStep] = {}  # id(flat partition tensor) -> its planned step
+        self._buckets: List[Tuple[BucketShard, FlatStep]] = []  # Megatron distributed optimizer
 
     # -- hooks for wrappers that replace the parameters (DeepSpeed's fp32 masters, ZeRO partitions) ----
     def rebind(self, pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -84,10 +88,12 @@ class OrthoOptimizer(torch.optim.Optimizer):
             self._names[id(new)] = name
             self._params_by_name[name] = new
 
-    def attach_flat_partitions(self, partitions: Dict[int, FlatPartition]) -> None:
+    def attach_flat_partitions(self, partitions: Dict[int, FlatPartition], device: Optional[torch.device] = None
+                               ) -> None:
         """ZeRO-1/2: each param group now holds one flat partition; `partitions` maps the id of that
         tensor to its layout. A TEON group must then live inside one param group (they are stepped one
-        group at a time)."""
+        group at a time). Plans who orthogonalizes what (a collective over tp × dp: every rank attaches
+        at the same point); `device` is the partitions' device."""
         owner = {}
         for key, fp in partitions.items():
             for name in fp.names():
@@ -99,6 +105,43 @@ class OrthoOptimizer(torch.optim.Optimizer):
                                  "group; " + " + ".join(m.label for m in g.members) + " are not. Put them in one group "
                                  "or set teon_k=1")
         self._flat = dict(partitions)
+        self._flat_steps = {key: self._plan_flat(fp, device or torch.device("cpu")) for key, fp in partitions.items()}
+
+    def attach_bucket_shards(self, buckets: List[BucketShard], device: Optional[torch.device] = None) -> None:
+        """Megatron's distributed optimizer: DDP reduce-scatters each bucket's gradients and all-gathers its
+        parameters; the step updates only this rank's partition of every bucket (a collective over
+        tp × dp at attach, like attach_flat_partitions)."""
+        self._buckets = [(b, self._plan_flat(b.partition, device or b.grad.device)) for b in buckets]
+        self._group_of = {n: g for g in self.param_groups for n in g["names"]}
+
+    def _plan_flat(self, partition: FlatPartition, device: torch.device) -> FlatStep:
+        topology = getattr(self._runner, "topologies", {}).get("dense")
+        tp_size, tp_rank = (topology.tp_size, topology.tp_rank) if topology is not None else (1, 0)
+        work_group, work_size, me = ((topology.work_group, topology.work_size, topology.work_rank)
+                                     if topology is not None else (None, 1, 0))
+        names = set(partition.names())
+        if topology is not None and any(self._runner.topology_of(g) != "dense" for g in self.grouping.groups
+                                        if g.members[0].name in names):
+            raise ValueError("teonspeed: expert-parallel weights in a ZeRO-1/2 partition (or a Megatron "
+                             "distributed-optimizer bucket) are not supported; use ZeRO stage 0 (or "
+                             "use_distributed_optimizer=False) for expert-parallel models")
+        work_rank = gather_work_ranks(partition, tp_rank, tp_size, work_group, work_size, device)
+        steps = self.config.ns_steps or 5
+        plan = plan_partition(partition, self.grouping.groups, work_rank, tp_size,
+                              cost=lambda g: ns_flops(g.stacked_shape, steps),
+                              tp_sharded=lambda m: topology is not None and
+                              self._runner.placement(m, topology).dim is not None)
+        return FlatStep(plan, partition, me, work_group)
+
+    @property
+    def zero_plans(self):
+        """ZeRO-1/2: the plan of each flat partition (jobs local or cut, owners, bytes, FLOP balance)."""
+        return [s.plan for s in self._flat_steps.values()] + [s.plan for _, s in self._buckets]
+
+    def zero_expected_bytes(self) -> Tuple[int, int]:
+        """ZeRO-1/2: (sent, received) bytes of one step on this rank, predicted by the plans (fp32 masters)."""
+        pairs = [s.expected_bytes(4) for s in self._flat_steps.values()] + [s.expected_bytes(4) for _, s in self._buckets]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
     def _make_runner(self) -> Runner:
         ctx = self.parallel
@@ -168,6 +211,9 @@ class OrthoOptimizer(torch.optim.Optimizer):
         if self._flat:
             self._flat_step()
             return loss
+        if self._buckets:
+            self._bucket_step()
+            return loss
         directions = self._momentum_directions()
         updates = self._ortho_updates(directions)
         for group in self.param_groups:
@@ -200,27 +246,76 @@ class OrthoOptimizer(torch.optim.Optimizer):
 
     def _flat_step(self) -> None:
         """ZeRO-1/2: the param groups hold flat DP partitions (DeepSpeed steps them one group at a time)."""
+        stats = self.comm_stats
+        first = next(iter(self._flat))
         for group in self.param_groups:
             group["step"] += 1
             flat = group["params"][0]
+            if stats is not None and id(flat) == first:  # DeepSpeed steps the groups in order, one per call
+                stats.start_step()
             if flat.grad is None:
                 continue
             if group["route"] == "adamw":
                 self._adamw(flat, group)
                 continue
-            partition = self._flat[id(flat)]
-            full, received = partition.all_gather(self._momentum(flat, group))
-            updates = self._ortho_updates(partition.unflatten(full), step=group["step"] - 1)
-            stats = self.comm_stats
-            if stats is not None:
-                stats.add(received, received)  # all-gather: each partition goes to the dp-1 others
-            _apply(flat, partition.local_slice(updates, like=flat), group)
+            update = self._flat_update(self._flat_steps[id(flat)], self._momentum(flat, group), group["step"] - 1)
+            _apply(flat, update, group)
+
+    def _flat_update(self, flat_step: FlatStep, direction: torch.Tensor, step: int) -> torch.Tensor:
+        """The scaled orthogonalized update of a partition's momentum direction (counted in comm_stats)."""
+        update, sent, received, flops = flat_step.run(
+            direction, lambda x: self.transform(x, step),
+            read=lambda m, unit: matrix_view(unit, _in_unit(m), self._layouts[m.name]),
+            write=lambda m, unit, value: write_matrix(unit, _in_unit(m), self._layouts[m.name], value),
+            placement=self._flat_placement, scale=lambda m: lr_multiplier(self.config.lr_scale, *m.shape))
+        stats = self.comm_stats
+        if stats is not None:
+            stats.add(sent, received)
+            stats.flops += flops
+        return update
+
+    def _bucket_step(self) -> None:
+        """Megatron distributed optimizer: every bucket's partition holds matrices and AdamW parameters
+        side by side; each part of the partition is stepped with its own param group's settings."""
+        stats = self.comm_stats
+        if stats is not None:
+            stats.start_step()
+        for group in self.param_groups:
+            group["step"] += 1
+        for shard, flat_step in self._buckets:
+            state = self.state[shard.param]
+            if "momentum_buffer" not in state:
+                state.update(momentum_buffer=torch.zeros_like(shard.grad), exp_avg=torch.zeros_like(shard.grad),
+                             exp_avg_sq=torch.zeros_like(shard.grad))
+            direction = torch.zeros_like(shard.grad)
+            ortho = []
+            for entry, lo, hi in shard.slices():
+                group = self._group_of[entry.name]
+                if group["route"] == "ortho":
+                    direction[lo:hi] = momentum_direction(shard.grad[lo:hi], state["momentum_buffer"][lo:hi],
+                                                          group["momentum"], group["nesterov"])
+                    ortho.append((lo, hi, group))
+                else:
+                    adamw_step(shard.param[lo:hi], shard.grad[lo:hi], state["exp_avg"][lo:hi],
+                               state["exp_avg_sq"][lo:hi], group["step"], group["lr"] * group["lr_ratio"],
+                               group["betas"], group["eps"], group["weight_decay"])
+            update = self._flat_update(flat_step, direction, self._ortho_step_count() - 1)
+            for lo, hi, group in ortho:
+                _apply(shard.param[lo:hi], update[lo:hi], group)
+
+    def _flat_placement(self, m: MatrixRef):
+        topology = getattr(self._runner, "topologies", {}).get("dense")
+        if topology is None:
+            return None, 1
+        p = self._runner.placement(m, topology)
+        return p.dim, p.stride
 
     def _check_step(self) -> bool:
         """Before anything changes: are all gradients finite on every rank sharing this step, and do
         those ranks agree on the step's plan? One device reduction, one collective, one host read."""
         params = [p for g in self.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        # Megatron's distributed optimizer: only this rank's bucket partitions hold reduced gradients.
+        grads = [b.grad for b, _ in self._buckets] if self._buckets else [p.grad for p in params if p.grad is not None]
         if not params or (not self.config.skip_nonfinite and isinstance(self._runner, LocalRunner)):
             return True
         device = (grads[0] if grads else params[0]).device
@@ -232,8 +327,12 @@ class OrthoOptimizer(torch.optim.Optimizer):
         if self._runner.check_step(StepCheck(finite, digests, lambda: lines)):
             return True
         # The skip path only (rare): name the culprits, one host read per gradient.
-        bad = [self._names.get(id(p), "a flat ZeRO partition") for p in params
-               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if self._buckets:
+            bad = [f"distributed-optimizer bucket {i}" for i, (b, _) in enumerate(self._buckets)
+                   if not bool(torch.isfinite(b.grad).all())]
+        else:
+            bad = [self._names.get(id(p), "a flat ZeRO partition") for p in params
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         where = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") if bad else "another rank's parameters"
         warnings.warn(f"teonspeed: non-finite gradient in {where}; step skipped, weights and optimizer "
                       f"state unchanged", RuntimeWarning, stacklevel=4)
@@ -329,6 +428,11 @@ class HeavyTailMixin:
             return super().transform(stacked, step)
         return heavy_tail(stacked, c.ht_power, c.ht_method, c.orthogonalizer, c.ns_steps,
                           _compute_dtype(c.ns_dtype), backend=c.ns_backend)
+
+
+def _in_unit(m: MatrixRef) -> MatrixRef:
+    """`m` as read from its ZeRO unit tensor, which already is the expert's slice of a 3-D weight."""
+    return m if m.expert_index is None else dataclasses.replace(m, expert_index=None)
 
 
 def _compute_dtype(ns_dtype: str) -> Optional[torch.dtype]:

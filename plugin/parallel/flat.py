@@ -1,16 +1,24 @@
 """ZeRO-style flat partitions: a param group flattened into one buffer and cut into equal data-parallel
 partitions, each rank holding one (DeepSpeed ZeRO-1/2 and its BF16 optimizer hand the inner optimizer
 exactly that). The momentum is element-wise and runs on the partition; the orthogonalization needs
-whole matrices, so the partitions of the momentum direction are all-gathered over DP, viewed as the
-parameters again, and after the (owner-computed) transform each rank keeps its partition's slice.
+whole matrices. A matrix (or TEON stack) inside one partition is orthogonalized where it lives (after a
+TP gather among the ranks holding that partition index, if it is TP-sharded); only the jobs cut by
+partition boundaries travel, to one owner, and only each holder's slice of the update comes back
+(`zero_partition.py` plans it). DeepSpeed's parameter all-gather after the step does the rest.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from ..grouping import MatrixRef, OrthoGroup
+from ..ortho.unfold import fold, unfold
+from .local import transform_groups
+from .shard_spec import assemble, shard_of
+from .zero_partition import Unit, ZeroJob, ZeroPlan, plan_zero_partition
 
 
 @dataclass
@@ -39,23 +47,216 @@ class FlatPartition:
     def names(self) -> List[str]:
         return [e.name for e in self.entries]
 
-    def all_gather(self, local: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        """The whole flat buffer from every rank's partition; also returns the bytes received."""
-        if self.dp_size == 1:
-            return local, 0
-        pieces = [torch.empty_like(local) for _ in range(self.dp_size)]
-        dist.all_gather(pieces, local.contiguous(), group=self.dp_group)
-        return torch.cat(pieces), local.numel() * local.element_size() * (self.dp_size - 1)
 
-    def unflatten(self, full: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {e.name: full[e.offset:e.offset + e.numel].view(e.shape) for e in self.entries}
+@dataclass
+class BucketShard:
+    """Megatron's distributed optimizer layout: a DDP bucket (parameters of any route at `entries`
+    offsets) whose reduce-scatter leaves this rank the partition `grad`, and whose parameter all-gather
+    spreads this rank's partition `param` (both views into the bucket's buffers)."""
+    partition: FlatPartition
+    grad: torch.Tensor
+    param: torch.Tensor
 
-    def local_slice(self, tensors: Dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """This rank's partition of the flat buffer holding `tensors` (zeros where a name is absent)."""
-        out = torch.zeros_like(like)
-        lo, hi = self.start, self.start + self.partition_size
-        for e in self.entries:
-            a, b = max(lo, e.offset), min(hi, e.offset + e.numel)
-            if a < b and e.name in tensors:
-                out[a - lo:b - lo].copy_(tensors[e.name].reshape(-1)[a - e.offset:b - e.offset])
+    def slices(self):
+        """(entry, lo, hi) of every entry intersecting this rank's partition, in partition coordinates."""
+        start, size = self.partition.start, self.partition.partition_size
+        for e in self.partition.entries:
+            lo, hi = max(e.offset, start), min(e.offset + e.numel, start + size)
+            if lo < hi:
+                yield e, lo - start, hi - start
+
+
+def gather_work_ranks(partition: FlatPartition, tp_rank: int, tp_size: int, work_group, work_size: int,
+                      device: torch.device) -> Dict[Tuple[int, int], int]:
+    """(tp rank, partition index) -> rank in the tp × dp work group, learned from every member (a
+    collective over the work group, at construction)."""
+    if work_size != tp_size * partition.dp_size:
+        raise ValueError(f"teonspeed: a ZeRO partition spans {partition.dp_size} data-parallel ranks but the "
+                         f"tensor x data-parallel group has {work_size} ranks for TP size {tp_size}; ZeRO-1/2 param "
+                         f"groups over another data-parallel group (expert parallelism) are not supported")
+    if work_size == 1:
+        return {(0, 0): 0}
+    mine = torch.tensor([tp_rank, partition.dp_rank], dtype=torch.int64, device=device)
+    everyone = torch.empty(work_size * 2, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(everyone, mine, group=work_group)
+    pairs = [tuple(p) for p in everyone.view(work_size, 2).tolist()]
+    if len(set(pairs)) != work_size:
+        raise ValueError(f"teonspeed: the (TP rank, ZeRO partition) pairs of the work group repeat: {pairs}")
+    return {(t, d): r for r, (t, d) in enumerate(pairs)}
+
+
+def plan_partition(partition: FlatPartition, groups: List[OrthoGroup], work_rank: Dict[Tuple[int, int], int],
+                   tp_size: int, cost: Callable[[OrthoGroup], float],
+                   tp_sharded: Callable[[MatrixRef], bool]) -> ZeroPlan:
+    names = set(partition.names())
+    mine = [g for g in groups if g.members[0].name in names]
+    return plan_zero_partition(mine, {e.name: e.offset for e in partition.entries},
+                               {e.name: tuple(e.shape) for e in partition.entries}, partition.partition_size,
+                               partition.dp_size, tp_size, work_rank, cost, tp_sharded)
+
+
+ReadUnit = Callable[[MatrixRef, torch.Tensor], torch.Tensor]  # (matrix, its unit tensor) -> the matrix
+WriteUnit = Callable[[MatrixRef, torch.Tensor, torch.Tensor], None]  # (matrix, unit tensor, value)
+Placement = Callable[[MatrixRef], Tuple[Optional[int], int]]  # matrix -> (TP split dim or None, stride)
+
+
+class FlatStep:
+    """One ZeRO-1/2 orthogonalization step of one flat partition, by its plan: two all_to_alls over the
+    tp × dp work group (pieces to owners, update slices back), skipped when nothing moves."""
+
+    def __init__(self, plan: ZeroPlan, partition: FlatPartition, me: int, work_group) -> None:
+        self.plan, self.partition, self.me, self.work_group = plan, partition, me, work_group
+        self.moves = bool(plan.exchanged_jobs())
+
+    def expected_bytes(self, itemsize: int) -> Tuple[int, int]:
+        """(sent, received) bytes of one step on this rank, from the plan alone."""
+        if not self.moves:
+            return 0, 0
+        sent, received = self.plan.bytes_per_rank(itemsize)
+        return sent[self.me], received[self.me]
+
+    def run(self, direction: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], read: ReadUnit,
+            write: WriteUnit, placement: Placement, scale: Callable[[MatrixRef], float]):
+        """The update of this rank's partition, and (bytes sent, bytes received, FLOPs computed)."""
+        plan, me = self.plan, self.me
+        received, sent_bytes, recv_bytes = self._exchange(self._outgoing_pieces(direction), self._incoming_sizes(),
+                                                          direction)
+        mine = [job for job in plan.jobs if job.owner == me]
+        units = self._assemble(mine, direction, received)
+        updates = self._transform(mine, units, transform, read, write, placement, scale)
+        back, s2, r2 = self._exchange(self._outgoing_updates(mine, updates), self._incoming_update_sizes(), direction)
+        out = torch.zeros_like(direction)
+        self._write_local(out, updates, back)
+        return out, sent_bytes + s2, recv_bytes + r2, sum(job.flops for job in mine)
+
+    # -- phase A: momentum pieces to the owners -------------------------------------------------------
+    def _my_piece(self, direction: torch.Tensor, unit: Unit) -> torch.Tensor:
+        lo, hi = self.plan.piece(unit, self.partition.dp_rank)
+        return direction[lo - self.partition.start:hi - self.partition.start]
+
+    def _outgoing_pieces(self, direction):
+        send: List[List[torch.Tensor]] = [[] for _ in range(self.plan.work_size)]
+        for job in self.plan.jobs:
+            if job.owner != self.me and any(r == self.me for *_, r in self.plan.sources(job)):
+                send[job.owner] += [self._my_piece(direction, u) for u in job.units]
+        return send
+
+    def _incoming_sizes(self) -> List[int]:
+        sizes = [0] * self.plan.work_size
+        for job in self.plan.jobs:
+            if job.owner == self.me:
+                for _, d, r in self.plan.sources(job):
+                    if r != self.me:
+                        sizes[r] += self.plan.piece_numel(job, d)
+        return sizes
+
+    def _assemble(self, mine: List[ZeroJob], direction, received) -> Dict[Tuple[int, Unit], torch.Tensor]:
+        """(tp rank, unit) -> that TP rank's whole unit tensor, for the jobs I own."""
+        plan = self.plan
+        offsets = [0] * plan.work_size
+        out: Dict[Tuple[int, Unit], torch.Tensor] = {}
+        for job in mine:
+            by_tp: Dict[int, Dict[int, int]] = {}
+            for t, d, r in plan.sources(job):
+                by_tp.setdefault(t, {})[d] = r
+            for t, ranks in by_tp.items():
+                for u in job.units:
+                    pieces = []
+                    for d, r in sorted(ranks.items()):
+                        lo, hi = plan.piece(u, d)
+                        if hi == lo:
+                            continue
+                        if r == self.me:
+                            pieces.append(self._my_piece(direction, u))
+                        else:
+                            pieces.append(received[r][offsets[r]:offsets[r] + hi - lo])
+                            offsets[r] += hi - lo
+                    out[(t, u)] = torch.cat(pieces).view(u.shape)
         return out
+
+    # -- compute ----------------------------------------------------------------------------------------
+    def _transform(self, mine, units, transform, read, write, placement, scale):
+        """Transform every group of the jobs I own (same stacked shapes batched); returns
+        (tp rank, unit) -> that TP rank's update of the unit."""
+        plan = self.plan
+        unit_of = {(u.name, u.expert_index): u for job in mine for u in job.units}
+        tps = {id(g): sorted({t for t, _, _ in plan.sources(job)}) for job in mine for g in job.groups}
+        updates = {key: torch.zeros_like(value) for key, value in units.items()}
+        groups = [g for job in mine for g in job.groups]
+        buckets: Dict[Tuple[int, int], List[OrthoGroup]] = {}
+        for g in groups:  # one flat partition has one dtype: the stacked shape alone decides the batch
+            buckets.setdefault(g.stacked_shape, []).append(g)
+        for bucket in buckets.values():
+            stacked = []
+            for g in bucket:
+                fulls = []
+                for m in g.members:
+                    u = unit_of[(m.name, m.expert_index)]
+                    dim, stride = placement(m)
+                    shards = [read(m, units[(t, u)]) for t in tps[id(g)]]
+                    fulls.append(assemble(shards, dim if len(shards) > 1 else None, stride))
+                stacked.append(unfold(fulls, g.mode))
+            for g, out in zip(bucket, transform_groups(stacked, transform)):
+                for m, piece in zip(g.members, fold(out, g.mode, len(g.members))):
+                    u = unit_of[(m.name, m.expert_index)]
+                    dim, stride = placement(m)
+                    piece = piece * scale(m)
+                    for t in tps[id(g)]:
+                        value = shard_of(piece, dim, t, plan.tp_size, stride) if len(tps[id(g)]) > 1 else piece
+                        write(m, updates[(t, u)], value)
+        return updates
+
+    # -- phase B: each holder's slice of the update back ----------------------------------------------
+    def _update_of(self, updates, job: ZeroJob, t: int, u: Unit) -> torch.Tensor:
+        return updates[(t, u)] if (t, u) in updates else updates[(self.plan.position(job.owner)[0], u)]
+
+    def _outgoing_updates(self, mine, updates):
+        plan = self.plan
+        send: List[List[torch.Tensor]] = [[] for _ in range(plan.work_size)]
+        for job in mine:
+            for t, d, r in plan.targets(job):
+                if r == self.me:
+                    continue
+                for u in job.units:
+                    lo, hi = plan.piece(u, d)
+                    send[r].append(self._update_of(updates, job, t, u).reshape(-1)[lo - u.offset:hi - u.offset])
+        return send
+
+    def _incoming_update_sizes(self) -> List[int]:
+        sizes = [0] * self.plan.work_size
+        for job in self.plan.jobs:
+            if job.owner != self.me and any(r == self.me for *_, r in self.plan.targets(job)):
+                sizes[job.owner] += self.plan.piece_numel(job, self.partition.dp_rank)
+        return sizes
+
+    def _write_local(self, out: torch.Tensor, updates, back) -> None:
+        plan, start = self.plan, self.partition.start
+        my_tp = plan.position(self.me)[0]
+        offsets = [0] * plan.work_size
+        for job in plan.jobs:
+            if not any(r == self.me for *_, r in plan.targets(job)):
+                continue
+            for u in job.units:
+                lo, hi = plan.piece(u, self.partition.dp_rank)
+                if hi == lo:
+                    continue
+                if job.owner == self.me:
+                    value = self._update_of(updates, job, my_tp, u).reshape(-1)[lo - u.offset:hi - u.offset]
+                else:
+                    r = job.owner
+                    value = back[r][offsets[r]:offsets[r] + hi - lo]
+                    offsets[r] += hi - lo
+                out[lo - start:hi - start].copy_(value)
+
+    # -- the collective ---------------------------------------------------------------------------------
+    def _exchange(self, send: List[List[torch.Tensor]], recv_sizes: List[int], like: torch.Tensor):
+        """One all_to_all over the work group (every rank takes part, with or without data); returns the
+        buffer received from each rank and the bytes sent/received."""
+        itemsize = like.element_size()
+        if not self.moves:
+            return [like.new_empty(0)] * self.plan.work_size, 0, 0
+        send_flat = [torch.cat(parts) if parts else like.new_empty(0) for parts in send]
+        send_sizes = [t.numel() for t in send_flat]
+        out = like.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes, group=self.work_group)
+        return list(out.split(recv_sizes)), sum(send_sizes) * itemsize, sum(recv_sizes) * itemsize

@@ -72,7 +72,9 @@ def flat_step(rank, world_size, optimizer="muon"):
     import torch.distributed as dist
     shapes = {"layers.0.mlp.fc1.weight": (8, 6), "layers.0.mlp.fc2.weight": (6, 8), "layers.1.mlp.fc1.weight": (8, 6)}
     params = [(n, torch.nn.Parameter(torch.empty(s, device="meta"))) for n, s in shapes.items()]
-    opt = OPTIMIZERS[optimizer](params, lr=0.02, teon_k=1 if optimizer == "muon" else 2)
+    from teonspeed.parallel.context import ParallelContext
+    opt = OPTIMIZERS[optimizer](params, lr=0.02, teon_k=1 if optimizer == "muon" else 2,
+                                parallel=ParallelContext(dp_group=dist.group.WORLD))
     total = sum(p.numel() for _, p in params)
     part = -(-total // world_size)
     flat = torch.nn.Parameter(torch.empty(part, device="meta"))
@@ -82,7 +84,10 @@ def flat_step(rank, world_size, optimizer="muon"):
         offset += p.numel()
     opt.param_groups[0]["params"] = [flat]
     opt._names[id(flat)] = "flat"
-    opt.attach_flat_partitions({id(flat): FlatPartition(entries, part, dist.group.WORLD, rank, world_size)})
+    # Attaching learns each rank's partition index once (a set-up collective, on the CPU here because
+    # the stand-in device holds no values to exchange); the step below is what runs every iteration.
+    opt.attach_flat_partitions({id(flat): FlatPartition(entries, part, dist.group.WORLD, rank, world_size)},
+                               device=torch.device("cpu"))
     flat.grad = torch.empty_like(flat)
     with DeviceRecorder() as rec:
         opt.step()
@@ -90,8 +95,9 @@ def flat_step(rank, world_size, optimizer="muon"):
 
 
 def test_zero_flat_partition_step_keeps_every_tensor_on_the_device():
+    # fc2 straddles the two partitions: its pieces travel to one owner and its slices come back.
     for collectives, reads in run_ranks(flat_step, 2, timeout=60):
-        assert "all_gather" in collectives and reads == 1
+        assert any(c.startswith("all_to_all") for c in collectives) and reads == 1, (collectives, reads)
 
 
 def test_the_recorder_catches_a_cpu_buffer_and_a_cpu_tensor_in_a_collective():

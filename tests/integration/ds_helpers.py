@@ -93,3 +93,21 @@ def train_megatron(rank, world_size, config, tp=1, steps=3):
                   else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
               for n, p in engine.module.named_parameters()}
     return losses, params, dp_rank
+
+
+def train_comm(rank, world_size, config, steps=2):
+    """Train, then report this rank's measured optimizer bytes of the last step, the plans' prediction,
+    what the old DP all-gather of the momentum alone received, and the jobs (local, cut)."""
+    import torch.distributed as dist
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = TinyLM()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(config))
+    opt = engine.basic_optimizer
+    for step in range(steps):
+        tokens, labels = batch(step, dist.get_rank())
+        engine.backward(engine(tokens, labels))
+        engine.step()
+    stats = opt.comm_stats
+    all_gather = sum(fp.partition_size * 4 * (fp.dp_size - 1) for fp in opt._flat.values())
+    jobs = [(j.cut, j.owner) for plan in opt.zero_plans for j in plan.jobs]
+    return (stats.sent, stats.received), opt.zero_expected_bytes(), all_gather, jobs

@@ -234,3 +234,26 @@ def test_shipped_deepspeed_configs_train(path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     expected = {"TEON": "TEON", "TeonspeedMuon": "Muon", "TeonspeedHTMuon": "HTMuon", "AdamW": "AdamW"}
     assert basic == expected[config["optimizer"]["type"]]
+
+
+@pytest.mark.parametrize("stage,world_size", [(1, 3), (2, 2)])
+def test_zero_moves_only_the_cut_matrices_as_planned(stage, world_size):
+    results = run_ranks(h.train_comm, world_size, h.ds_config("TEON", stage=stage), timeout=120)
+    jobs = results[0][3]
+    assert any(cut for cut, _ in jobs) and not all(cut for cut, _ in jobs)
+    for measured, predicted, all_gather, rank_jobs in results:
+        assert rank_jobs == jobs  # every rank derived the same plan
+        assert measured == predicted
+        assert measured[1] < all_gather  # less than the old momentum all-gather alone received
+    assert sum(r[0][0] for r in results) == sum(r[0][1] for r in results) > 0
+
+
+def test_megatron_tp2_dp2_zero_1_and_2_equal_zero_0():
+    """The flat step's TP gather among the ranks holding a partition index, and its cut-job exchange over
+    tp x dp, give ZeRO-0's update."""
+    import megatron_models as mm
+    results = {s: mm.full_params_of_replica0(run_ranks(h.train_megatron, 4, h.ds_config("TEON", stage=s), tp=2,
+                                                        timeout=180)) for s in (0, 1, 2)}
+    for stage in (1, 2):
+        for name, p in results[0].items():
+            assert rel(results[stage][name], p) <= 1e-5, (stage, name)

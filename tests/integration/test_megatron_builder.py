@@ -8,15 +8,18 @@ import megatron_models as mm
 from teonspeed.testing.harness import RankError, run_ranks
 
 
-def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, same_batch=False, **config_kw):
+def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, same_batch=False, layers=None,
+          **config_kw):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-    config = mm.tiny_config(tp=tp)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), mm.tiny_gpt(config))
+    config = mm.tiny_config(tp=tp, **({"num_layers": layers} if layers else {}))
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               use_distributed_optimizer=config_kw.get("use_distributed_optimizer", False))
+    ddp = DistributedDataParallel(config, ddp_config, mm.tiny_gpt(config))
     opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, lr=0.02, adamw_lr=3e-3, clip_grad=0.0,
                                                      **config_kw), [ddp])
     sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=0.02, min_lr=0.002, lr_warmup_steps=2,
@@ -38,7 +41,10 @@ def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, sa
     params = {n: (p.detach().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
                   else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
               for n, p in ddp.module.named_parameters()}
-    return losses, params, ps.get_data_parallel_rank(), type(opt).__name__, results, lrs
+    plans = getattr(opt.optimizer, "zero_plans", [])
+    moved = (sum(j.cut for p in plans for j in p.jobs), (opt.optimizer.comm_stats.sent, opt.optimizer.comm_stats.received),
+             opt.optimizer.zero_expected_bytes()) if plans else None
+    return losses, params, ps.get_data_parallel_rank(), type(opt).__name__, results, lrs, moved
 
 
 # The TP=2 forward/backward rounds differently from TP=1 (~1e-7); HTMuon's σᵖ (p = 1/8) lifts the small
@@ -65,9 +71,41 @@ def test_megatrons_lr_scheduler_drives_both_parts():
     assert all(len(set(step)) == 1 for step in lrs) and lrs[2][0] > 0
 
 
-def test_distributed_optimizer_is_refused_with_the_fix():
-    with pytest.raises(RankError, match="use_distributed_optimizer=True is not supported"):
-        run_ranks(train, 2, use_distributed_optimizer=True, timeout=120)
+@pytest.mark.parametrize("optimizer", ["muon", "teon"])
+def test_distributed_optimizer_tp2_dp2_equals_tp1_and_the_non_distributed_path(optimizer):
+    """Megatron's use_distributed_optimizer=True: DDP's reduce-scatter and parameter all-gather, each rank
+    stepping its bucket partitions."""
+    plain = run_ranks(train, 2, optimizer=optimizer, layers=3, timeout=180)
+    ref = run_ranks(train, 2, optimizer=optimizer, layers=3, use_distributed_optimizer=True, timeout=180)
+    got = run_ranks(train, 4, tp=2, optimizer=optimizer, layers=3, use_distributed_optimizer=True, timeout=180)
+    assert ref[0][3] == got[0][3] == "TeonDistributedOptimizer"
+    for rank in ref + got:  # a matrix is cut by the partition boundary; only it (and TP shards) moved, as planned
+        cut, measured, predicted = rank[6]
+        assert cut >= 1 and measured == predicted
+    for name, (full, *_rest) in plain[0][1].items():
+        assert float((ref[0][1][name][0] - full).norm() / full.norm()) <= 1e-6, name
+        assert torch.equal(ref[0][1][name][0], ref[1][1][name][0]), name  # the all-gather left the replicas equal
+    assert got[0][0] == pytest.approx(ref[0][0], rel=1e-5)
+    sharded = mm.full_params_of_replica0(got)
+    for name, (full, *_rest) in ref[0][1].items():
+        assert float((sharded[name] - full).norm() / full.norm()) <= 1e-5, name
+
+
+def _distributed_optimizer_state_dict(rank, world_size):
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+    ps.initialize_model_parallel()
+    ddp = DistributedDataParallel(mm.tiny_config(), DistributedDataParallelConfig(use_distributed_optimizer=True),
+                                  mm.tiny_gpt())
+    get_megatron_optimizer(TeonOptimizerConfig(clip_grad=0.0, use_distributed_optimizer=True), [ddp]).state_dict()
+
+
+def test_distributed_optimizer_refuses_what_it_does_not_do_with_the_fix():
+    with pytest.raises(RankError, match="use_distributed_optimizer=True is supported in fp32 only"):
+        run_ranks(train, 2, use_distributed_optimizer=True, bf16=True, timeout=120)
+    with pytest.raises(RankError, match="optimizer state with use_distributed_optimizer=True is not supported"):
+        run_ranks(_distributed_optimizer_state_dict, 2, timeout=120)
 
 
 def _state_round_trip(rank, world_size):

@@ -1,0 +1,223 @@
+"""Who orthogonalizes what under ZeRO-1/2 flat partitions, decided from the layout alone.
+
+A param group is one flat buffer cut into `dp_size` equal partitions (the same offsets on every TP rank,
+since TP shards have equal shapes). A *job* is the smallest set of orthogonalization groups that must be
+computed together: groups that read the same tensor (the parts of a fused weight, the members of a TEON
+stack) are merged. A job whose elements lie in one partition is *local*: the TP peers holding that
+partition index compute it (one of them, after a TP gather if the members are TP-sharded). A job cut by a
+partition boundary, or spread over partitions, is *cut*: its pieces go to one owner, the least-loaded
+rank by Newton–Schulz FLOPs, and only each holder's pieces come back. Nothing here touches tensors or
+process groups; every rank derives the same plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..grouping import MatrixRef, OrthoGroup
+
+WorkRank = int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A contiguous run of the flat buffer that the transform reads as one tensor: a parameter, or one
+    expert's slice of a 3-D (grouped-GEMM) weight. `shape` is the local (TP-shard) shape."""
+    name: str
+    expert_index: Optional[int]
+    offset: int
+    shape: Tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.numel
+
+
+@dataclass
+class ZeroJob:
+    groups: Tuple[OrthoGroup, ...]
+    units: Tuple[Unit, ...]
+    partitions: Tuple[int, ...]  # the DP partition indices holding some of its elements, ascending
+    tp_sharded: bool  # members are split over TP (each TP rank holds a different shard)
+    flops: float
+    owner: WorkRank = -1
+
+    @property
+    def cut(self) -> bool:
+        return len(self.partitions) > 1
+
+
+@dataclass
+class ZeroPlan:
+    jobs: List[ZeroJob]
+    partition_size: int
+    dp_size: int
+    tp_size: int
+    work_rank: Dict[Tuple[int, int], WorkRank]  # (tp rank, dp partition index) -> work rank
+    loads: List[float] = field(default_factory=list)  # NS FLOPs per work rank after balancing
+
+    @property
+    def work_size(self) -> int:
+        return self.dp_size * self.tp_size
+
+    def position(self, rank: WorkRank) -> Tuple[int, int]:
+        return next(pos for pos, r in self.work_rank.items() if r == rank)
+
+    def piece(self, unit: Unit, partition: int) -> Tuple[int, int]:
+        """[lo, hi) of `unit` inside partition `partition` (absolute flat offsets; lo == hi if none)."""
+        start = partition * self.partition_size
+        lo, hi = max(unit.offset, start), min(unit.end, start + self.partition_size)
+        return (lo, hi) if lo < hi else (lo, lo)
+
+    def sources(self, job: ZeroJob) -> List[Tuple[int, int, WorkRank]]:
+        """(tp rank, partition, work rank) of every rank whose pieces the owner reads. A job that is not
+        TP-sharded is identical on every TP rank: the owner's own TP rank supplies it."""
+        tps = range(self.tp_size) if job.tp_sharded else [self.position(job.owner)[0]]
+        return [(t, d, self.work_rank[(t, d)]) for t in tps for d in job.partitions]
+
+    def targets(self, job: ZeroJob) -> List[Tuple[int, int, WorkRank]]:
+        """(tp rank, partition, work rank) of every rank that keeps a slice of the update."""
+        return [(t, d, self.work_rank[(t, d)]) for t in range(self.tp_size) for d in job.partitions]
+
+    def piece_numel(self, job: ZeroJob, partition: int) -> int:
+        return sum(hi - lo for lo, hi in (self.piece(u, partition) for u in job.units))
+
+    def bytes_per_rank(self, itemsize: int) -> Tuple[List[int], List[int]]:
+        """(sent, received) bytes of one step, per work rank: pieces to owners, then slices back."""
+        sent, received = [0] * self.work_size, [0] * self.work_size
+        for job in self.jobs:
+            for _, d, r in self.sources(job):  # pieces of the momentum to the owner
+                if r != job.owner:
+                    n = self.piece_numel(job, d) * itemsize
+                    sent[r] += n
+                    received[job.owner] += n
+            for _, d, r in self.targets(job):  # each holder's slice of the update back
+                if r != job.owner:
+                    n = self.piece_numel(job, d) * itemsize
+                    sent[job.owner] += n
+                    received[r] += n
+        return sent, received
+
+    def exchanged_jobs(self) -> List[ZeroJob]:
+        """The jobs whose data moves at all (cut jobs, and TP-sharded local ones)."""
+        return [j for j in self.jobs if any(r != j.owner for _, _, r in self.targets(j))]
+
+    def partition_flops(self) -> List[float]:
+        """NS FLOPs per partition if each job were computed where most of its bytes live (what
+        equal-byte partitions give without balancing, TP peers sharing a partition's work)."""
+        out = [0.0] * self.dp_size
+        for job in self.jobs:
+            d = max(job.partitions, key=lambda p: (self.piece_numel(job, p), -p))
+            out[d] += job.flops
+        return out
+
+    @property
+    def partition_imbalance(self) -> float:
+        """max / mean of partition_flops(): how uneven equal-byte partitions leave the NS work."""
+        return _imbalance(self.partition_flops())
+
+    @property
+    def imbalance(self) -> float:
+        """max / mean NS FLOPs per work rank of this plan (1.0 = perfectly even)."""
+        return _imbalance(self.loads)
+
+    def describe(self) -> str:
+        lines = [f"ZeRO flat plan: {len(self.jobs)} jobs over {self.dp_size} partitions x TP {self.tp_size}; "
+                 f"{sum(j.cut for j in self.jobs)} cut; NS FLOPs max/mean {self.imbalance:.2f} "
+                 f"(equal-byte partitions alone: {self.partition_imbalance:.2f})"]
+        for job in self.jobs:
+            labels = " + ".join(m.label for g in job.groups for m in g.members)
+            where = f"cut over partitions {list(job.partitions)}" if job.cut else f"local to partition {job.partitions[0]}"
+            lines.append(f"  {labels}: {where}, owner work rank {job.owner} {self.position(job.owner)}")
+        return "\n".join(lines)
+
+
+def _imbalance(loads: Sequence[float]) -> float:
+    mean = sum(loads) / len(loads) if loads else 0.0
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+def units_of(groups: Sequence[OrthoGroup], offsets: Dict[str, int], shapes: Dict[str, Tuple[int, ...]]
+             ) -> Dict[Tuple[str, Optional[int]], Unit]:
+    """The units the groups read: one per parameter, or per expert slice of a 3-D parameter."""
+    out: Dict[Tuple[str, Optional[int]], Unit] = {}
+    for g in groups:
+        for m in g.members:
+            key = unit_key(m)
+            if key in out:
+                continue
+            shape = shapes[m.name]
+            if m.expert_index is None:
+                out[key] = Unit(m.name, None, offsets[m.name], tuple(shape))
+            else:
+                inner = tuple(shape[1:])
+                size = 1
+                for s in inner:
+                    size *= s
+                out[key] = Unit(m.name, m.expert_index, offsets[m.name] + m.expert_index * size, inner)
+    return out
+
+
+def unit_key(m: MatrixRef) -> Tuple[str, Optional[int]]:
+    return (m.name, m.expert_index)
+
+
+def plan_zero_partition(groups: Sequence[OrthoGroup], offsets: Dict[str, int], shapes: Dict[str, Tuple[int, ...]],
+                        partition_size: int, dp_size: int, tp_size: int,
+                        work_rank: Dict[Tuple[int, int], WorkRank], cost: Callable[[OrthoGroup], float],
+                        tp_sharded: Callable[[MatrixRef], bool]) -> ZeroPlan:
+    """Jobs, local or cut, and their owners (see the module docstring). offsets/shapes: each parameter's
+    flat offset and local shape; work_rank: (tp rank, partition) -> rank in the tp × dp work group."""
+    units = units_of(groups, offsets, shapes)
+    # Union groups that read the same unit (a fused weight's parts, shared experts slices).
+    parent = list(range(len(groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_reader: Dict[Tuple[str, Optional[int]], int] = {}
+    for i, g in enumerate(groups):
+        for m in g.members:
+            j = first_reader.setdefault(unit_key(m), i)
+            parent[find(i)] = find(j)
+    members_of: Dict[int, List[int]] = {}
+    for i in range(len(groups)):
+        members_of.setdefault(find(i), []).append(i)
+    plan = ZeroPlan([], partition_size, dp_size, tp_size, dict(work_rank))
+    for root in sorted(members_of, key=lambda r: min(members_of[r])):
+        job_groups = tuple(groups[i] for i in members_of[root])
+        keys = list(dict.fromkeys(unit_key(m) for g in job_groups for m in g.members))
+        job_units = tuple(sorted((units[k] for k in keys), key=lambda u: u.offset))
+        parts = sorted({d for u in job_units for d in range(dp_size) if plan.piece(u, d)[0] < plan.piece(u, d)[1]})
+        if not parts:
+            raise ValueError(f"teonspeed: {job_units[0].name!r} lies outside the flat partitions "
+                             f"({dp_size} x {partition_size} elements); the ZeRO layout given to the optimizer is wrong")
+        sharded = {tp_sharded(m) for g in job_groups for m in g.members}
+        plan.jobs.append(ZeroJob(job_groups, job_units, tuple(parts), tp_size > 1 and True in sharded,
+                                 sum(cost(g) for g in job_groups)))
+    _assign_owners(plan)
+    return plan
+
+
+def _assign_owners(plan: ZeroPlan) -> None:
+    """Local jobs first, each to the least-loaded TP peer holding its partition; then cut jobs (largest
+    first) to the least-loaded rank anywhere, preferring a holder on ties. Deterministic."""
+    loads = [0.0] * plan.work_size
+    order = sorted(range(len(plan.jobs)), key=lambda i: (plan.jobs[i].cut, -plan.jobs[i].flops, i))
+    for i in order:
+        job = plan.jobs[i]
+        holders = {plan.work_rank[(t, d)] for t in range(plan.tp_size) for d in job.partitions}
+        candidates = sorted(holders) if not job.cut else range(plan.work_size)
+        job.owner = min(candidates, key=lambda r: (loads[r], r not in holders, r))
+        loads[job.owner] += job.flops
+    plan.loads = loads

@@ -1,0 +1,116 @@
+"""The ZeRO-1/2 flat-partition planner on synthetic layouts: which jobs are local, which are cut, who
+owns them, and the bytes each rank moves."""
+import pytest
+
+from teonspeed.grouping import LayerRef, MatrixRef, OrthoGroup
+from teonspeed.parallel.owners import ns_flops
+from teonspeed.parallel.zero_partition import plan_zero_partition
+
+
+def matrix(name, shape, block=0, part=None, expert=None, layer_type="other"):
+    return MatrixRef(name, LayerRef(layer_type, block, expert), shape, part, expert)
+
+
+def single(m):
+    return OrthoGroup((m,))
+
+
+def grid(tp, dp):
+    """(tp rank, partition) -> work rank, Megatron-style (TP ranks adjacent)."""
+    return {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
+
+
+def plan(groups, entries, partition_size, dp, tp=1, sharded=()):
+    offsets = {n: off for n, off, _ in entries}
+    shapes = {n: shape for n, _, shape in entries}
+    return plan_zero_partition(groups, offsets, shapes, partition_size, dp, tp, grid(tp, dp),
+                               cost=lambda g: ns_flops(g.stacked_shape, 5), tp_sharded=lambda m: m.name in sharded)
+
+
+def by_label(p):
+    return {" + ".join(m.label for g in j.groups for m in g.members): j for j in p.jobs}
+
+
+def test_a_matrix_spanning_three_partitions_is_cut_and_balanced_onto_the_idle_rank():
+    a, big, c = matrix("a", (4, 4)), matrix("big", (8, 8)), matrix("c", (4, 4))
+    # flat: a [0,16)  big [16,80)  c [80,96); partitions of 32: big covers all three
+    p = plan([single(a), single(big), single(c)], [("a", 0, (4, 4)), ("big", 16, (8, 8)), ("c", 80, (4, 4))], 32, 3)
+    jobs = by_label(p)
+    assert (jobs["a"].partitions, jobs["a"].cut, jobs["a"].owner) == ((0,), False, 0)
+    assert (jobs["c"].partitions, jobs["c"].cut, jobs["c"].owner) == ((2,), False, 2)
+    assert (jobs["big"].partitions, jobs["big"].cut, jobs["big"].owner) == ((0, 1, 2), True, 1)
+    # Only big's pieces move: 16 elements from partition 0 and 16 from partition 2 to rank 1, and back.
+    sent, received = p.bytes_per_rank(4)
+    assert sent == [64, 128, 64] and received == [64, 128, 64]
+    assert [j for j in p.exchanged_jobs()] == [jobs["big"]]
+
+
+def test_cut_jobs_go_to_the_least_loaded_rank_and_the_imbalance_is_reported():
+    # Equal-byte partitions of 400: h0 and most of h1 in partition 0, the light l in partition 1.
+    heavy0, heavy1, light = matrix("h0", (16, 16)), matrix("h1", (16, 16)), matrix("l", (4, 8))
+    entries = [("h0", 0, (16, 16)), ("h1", 256, (16, 16)), ("l", 512, (4, 8))]
+    p = plan([single(heavy0), single(heavy1), single(light)], entries, 400, 2)
+    jobs = by_label(p)
+    assert jobs["h0"].owner == 0 and jobs["h1"].partitions == (0, 1) and jobs["h1"].cut
+    assert jobs["h1"].owner == 1  # rank 1 has only the light matrix: the cut one goes there
+    assert jobs["l"].owner == 1 and not jobs["l"].cut
+    assert p.partition_flops() == [jobs["h0"].flops + jobs["h1"].flops, jobs["l"].flops]
+    assert p.partition_imbalance > 1.9 and p.imbalance < 1.1
+    assert p.loads == [jobs["h0"].flops, jobs["h1"].flops + jobs["l"].flops]
+
+
+def test_a_teon_stack_whose_members_fall_in_different_partitions_is_one_cut_job():
+    q0, q1 = matrix("q0", (4, 4), 0, layer_type="q"), matrix("q1", (4, 4), 1, layer_type="q")
+    o0 = matrix("o0", (4, 4), 0)
+    p = plan([OrthoGroup((q0, q1)), single(o0)], [("q0", 0, (4, 4)), ("o0", 16, (4, 4)), ("q1", 32, (4, 4))], 32, 2)
+    jobs = by_label(p)
+    stack = jobs["q0 + q1"]
+    assert stack.partitions == (0, 1) and stack.cut
+    assert [u.name for u in stack.units] == ["q0", "q1"]
+    assert jobs["o0"].partitions == (0,) and not jobs["o0"].cut
+    # q1 (16 elements) travels to the owner and its update back; q0 stays if rank 0 owns the stack.
+    sent, received = p.bytes_per_rank(4)
+    assert sum(sent) == sum(received) == 2 * 16 * 4
+
+
+def test_parts_of_one_fused_weight_are_one_job_and_experts_are_their_own_units():
+    q, k = matrix("qkv", (4, 4), part="q"), matrix("qkv", (2, 4), part="k")
+    e0, e1 = matrix("experts", (4, 4), expert=0), matrix("experts", (4, 4), expert=1)
+    entries = [("qkv", 0, (6, 4)), ("experts", 24, (2, 4, 4))]  # experts[0] [24,40), experts[1] [40,56)
+    p = plan([single(q), single(k), single(e0), single(e1)], entries, 28, 2)
+    jobs = by_label(p)
+    assert set(jobs) == {"qkv<q> + qkv<k>", "experts[0]", "experts[1]"}
+    assert jobs["qkv<q> + qkv<k>"].partitions == (0,)
+    assert jobs["experts[0]"].partitions == (0, 1) and jobs["experts[1]"].partitions == (1,)
+    assert [u.offset for u in jobs["experts[1]"].units] == [40]
+
+
+def test_tp_sharded_members_gather_over_the_tp_peers_holding_the_same_partition():
+    a, b = matrix("a", (8, 4)), matrix("b", (8, 4))  # local TP shards (4, 4) each
+    entries = [("a", 0, (4, 4)), ("b", 16, (4, 4))]
+    p = plan([single(a), single(b)], entries, 16, 2, tp=2, sharded={"a", "b"})
+    jobs = by_label(p)
+    for name, d in (("a", 0), ("b", 1)):
+        job = jobs[name]
+        assert job.partitions == (d,) and not job.cut and job.tp_sharded
+        assert p.position(job.owner)[1] == d  # computed by a TP peer of that partition
+        assert sorted(r for *_, r in p.sources(job)) == [2 * d, 2 * d + 1]
+    sent, received = p.bytes_per_rank(4)
+    # Each job: the non-owner TP peer sends its 16-element shard and receives its 16-element update.
+    assert sum(sent) == sum(received) == 2 * 2 * 16 * 4
+    assert all(s == 64 for s in sent)
+
+
+def test_a_tp_replicated_matrix_is_read_from_the_owner_and_sent_to_its_tp_peers():
+    a = matrix("a", (4, 4))
+    p = plan([single(a)], [("a", 0, (4, 4))], 8, 2, tp=2)  # cut over partitions 0, 1; not TP-sharded
+    job = p.jobs[0]
+    assert job.cut and not job.tp_sharded
+    owner_tp = p.position(job.owner)[0]
+    assert {t for t, *_ in p.sources(job)} == {owner_tp}
+    assert len(p.targets(job)) == 4
+
+
+def test_a_layout_that_does_not_cover_a_matrix_is_refused():
+    with pytest.raises(ValueError, match="outside the flat partitions"):
+        plan([single(matrix("a", (4, 4)))], [("a", 64, (4, 4))], 16, 2)
