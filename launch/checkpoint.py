@@ -1,31 +1,32 @@
 """Checkpoints of launch/pretrain.py: verified, durable, atomic directories under runs/<name>/checkpoints/.
 
-A save (collective: every rank calls `save`):
-  1. every rank writes its files into `.tmp-step_00000010/` (the engine's files and `rng_rank<r>.pt`);
-     `torch.save` calls are recorded, so each rank knows exactly which files it wrote,
-  2. each rank fsyncs its own files (on a shared filesystem only the writer's node can flush them) and
-     computes their size and CRC-32,
-  3. the ranks agree, in one gather, that every write succeeded; if one failed (a full disk, a quota), every
-     rank raises `CheckpointError` with that rank's message, the partial directory is removed and earlier
-     checkpoints are untouched,
-  4. rank 0 writes the marker `COMPLETE` (JSON: step, layout, teonspeed version, the model/optimizer config and
-     the manifest of every file with its size, CRC-32 and writer rank), fsyncs it and the directory, and
-     renames the directory to `step_00000010/`.
-A directory is a checkpoint only with that name and that marker. `--keep-last K` then removes the oldest
-ones, never the one just written (which its own read-back verified).
+A save (collective; every rank calls save()):
+  1. every rank writes its files into `.tmp-step_00000010/` (the engine's files, `rng_rank<r>.pt`; rank 0
+     also `state.json` and `metrics.csv`), recording which files it wrote itself;
+  2. every rank fsyncs its own files (rank 0 also any file no rank claims, e.g. DeepSpeed's copied
+     zero_to_fp32.py) and writes `manifest_rank<r>.json`: size and CRC-32 of each, and the shapes of its
+     part of the model;
+  3. the ranks agree (one all_gather): if any rank failed (a full disk, a failing write), rank 0 removes
+     the temporary directory and every rank raises CheckpointError naming the rank and the error; earlier
+     checkpoints are untouched;
+  4. rank 0 writes the marker `COMPLETE` (step, layout, package versions, optimizer options, the CRC of
+     each manifest), fsyncs it and the directory, renames the directory to `step_00000010/` and fsyncs
+     the parent; `--keep-last K` then removes older checkpoints, never the one just written.
+A directory is a checkpoint only with that name and that marker, so a run killed halfway through a save
+leaves a `.tmp-*` directory that is ignored (and removed by the next save).
 
-A resume (`select_for_resume`, collective) verifies the newest checkpoint (each rank the files it wrote, so
-the cost is spread like the save's) and, if a file is missing, short or changed, says which and falls back to
-the newest checkpoint that verifies (or stops, with `strict`). `load` refuses a checkpoint whose layout,
-model or optimizer options differ from this run's, naming each difference, before any state is changed, and
-reads our files with `torch.load(weights_only=True)`: a checkpoint on shared storage is input from outside
-the job, and a pickle could run code. (DeepSpeed 0.19.8's own engine files are read by DeepSpeed with
-`weights_only=False`; the manifest catches their corruption, not a deliberate rewrite.)
+Resume: resume_point() verifies the newest checkpoint (each rank re-reads a share of the files against the
+manifests) and falls back to the newest one that verifies, saying which file is wrong (or stops, strict).
+load() refuses a checkpoint whose layout, optimizer options or model shapes differ from the run's, naming
+them, before any state changes, and unpickles our own files with weights_only=True.
+
+What each backend puts in the directory is the engine's business (launch/engines.py): DeepSpeed's
+engine.save_checkpoint files, or one torch.save file per rank for the Megatron backend.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
+import dataclasses
 import json
 import os
 import random
@@ -33,7 +34,7 @@ import re
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,11 +42,12 @@ import torch.distributed as dist
 MARKER = "COMPLETE"
 PATTERN = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
-_CHUNK = 1 << 22
+MANIFEST = "manifest_rank{}.json"
+CHUNK = 1 << 24
 
 
 class CheckpointError(SystemExit):
-    """A save or resume that cannot go on; the message says why and what to do (one line, no traceback)."""
+    """A save or resume that cannot go on; the message says why (raised on every rank alike)."""
 
 
 def tag(step: int) -> str:
@@ -70,60 +72,63 @@ def read_marker(path: Path) -> Dict[str, Any]:
     return json.loads((path / MARKER).read_text())
 
 
-# -- RNG state: plain tensors and tuples of ints, so it loads with weights_only=True ----------------------
-
 def rng_state() -> Dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(tuple(state["python"]))
 
 
-def safe_load(path: Path) -> Any:
-    """torch.load that executes no pickled code: tensors, containers and primitives only."""
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # UnpicklingError, or a zip error for a damaged file
-        raise CheckpointError(f"--resume: {path} cannot be loaded safely ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); it is damaged or holds objects "
-                              f"other than tensors, containers and numbers. Resume from another checkpoint or "
-                              f"start a new --name") from None
+def safe_load(path: Path, map_location: Any = "cpu", allow: Sequence[type] = ()) -> Any:
+    """torch.load that builds only tensors, plain containers and the `allow`ed classes: a checkpoint on
+    shared storage is input from outside the job, and a full unpickle runs whatever code a file names."""
+    with torch.serialization.safe_globals(list(allow)):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
-# -- files: who wrote what, durably ----------------------------------------------------------------------
-
-@contextlib.contextmanager
-def recording_writes(directory: Path) -> Iterator[List[Path]]:
-    """Record the files that `torch.save` writes under `directory` in this process (the engines, DeepSpeed's
-    checkpoint engine included, write through it)."""
-    written: List[Path] = []
-    original = torch.save
-    directory = Path(directory).resolve()
-
-    def save(obj, f, *args, **kwargs):
-        result = original(obj, f, *args, **kwargs)
-        if isinstance(f, (str, os.PathLike)):
-            path = Path(f).resolve()
-            if directory in path.parents:
-                written.append(path)
-        return result
-
-    torch.save = save
-    try:
-        yield written
-    finally:
-        torch.save = original
+# ---------------------------------------------------------------------------------------------------
+# ranks
+# ---------------------------------------------------------------------------------------------------
+def _rank_world() -> tuple:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def fsync_file(path: Path) -> None:
+def _gather(obj: Any) -> List[Any]:
+    """Every rank's `obj`; the agreement point of a save or a resume."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _from_rank0(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------------
+def file_entry(path: Path, sync: bool = False) -> Dict[str, int]:
+    """Size and CRC-32 of a file (zlib's, ~1 GB/s: catches truncation and flipped bytes, not forgery)."""
+    crc, size = 0, 0
     with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
+        while block := f.read(CHUNK):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return {"size": size, "crc32": crc}
 
 
-def fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -131,228 +136,294 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def file_digest(path: Path) -> Tuple[int, int]:
-    """(size in bytes, CRC-32): fast enough to read every byte of a checkpoint at disk speed."""
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return size, crc
-
-
-def _describe(path: Path) -> Dict[str, int]:
-    size, crc = file_digest(path)
-    return {"size": size, "crc32": crc}
-
-
-def verify_files(path: Path, manifest: Dict[str, Dict[str, int]], files: List[str]) -> List[str]:
-    """Problems of `files` (names in `manifest`) under checkpoint `path`: missing, short, or changed."""
-    problems = []
-    for name in files:
-        want, f = manifest[name], path / name
-        if not f.is_file():
-            problems.append(f"{f} is missing")
-            continue
-        size, crc = file_digest(f)
-        if size != want["size"]:
-            problems.append(f"{f} has {size} bytes, the manifest says {want['size']}")
-        elif crc != want["crc32"]:
-            problems.append(f"{f} has checksum {crc:08x}, the manifest says {want['crc32']:08x}")
-    return problems
-
-
-# -- collectives that work with or without a process group ------------------------------------------------
-
-def _rank_world() -> Tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(obj: Any) -> List[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# -- save ---------------------------------------------------------------------------------------------------
-
-def save(root: Path, step: int, engine, state: Dict[str, Any], metrics_csv: Optional[Path], layout: Dict[str, Any],
-         keep_last: int = 0, config: Optional[Dict[str, Any]] = None) -> Path:
-    """Collective: every rank calls it. Returns the final directory; raises CheckpointError on every rank
-    if any rank's write failed (the partial directory is removed, earlier checkpoints are intact)."""
-    rank, _ = _rank_world()
-    name = tag(step)
-    tmp, final = root / (TMP_PREFIX + name), root / name
-    error = None
-    if rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(TMP_PREFIX + "*"):  # a save that was interrupted, or this one's leftovers
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        except OSError as err:
-            error = _failure(rank, err, tmp)
-    _barrier()
-    mine: Dict[str, Dict[str, int]] = {}
-    try:
-        if error is None:
-            with recording_writes(tmp) as written:
-                engine.save(root, tmp.name, state)
-                torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-                if rank == 0:
-                    _write_text(tmp / "state.json", json.dumps(state, indent=1))
-                    written.append((tmp / "state.json").resolve())
-                    if metrics_csv is not None and metrics_csv.exists():
-                        shutil.copyfile(metrics_csv, tmp / "metrics.csv")
-                        written.append((tmp / "metrics.csv").resolve())
-            for path in sorted(set(written)):
-                fsync_file(path)
-                mine[str(path.relative_to(tmp.resolve()))] = _describe(path)
-    except Exception as err:  # noqa: BLE001 - torch.save reports a full disk as a RuntimeError
-        error = _failure(rank, err, tmp)
-    reports = _gather((error, mine))
-    failed = [e for e, _ in reports if e is not None]
-    if failed:
-        _barrier()
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
-        raise CheckpointError(f"checkpoint at step {step} failed ({'; '.join(failed)}); the partial directory was "
-                              f"removed and earlier checkpoints are intact. Free space (or fix the storage) and "
-                              f"continue with --resume")
-    if rank == 0:
-        manifest: Dict[str, Dict[str, Any]] = {}
-        for writer, (_, files) in enumerate(reports):
-            for rel, entry in files.items():
-                manifest[rel] = dict(entry, rank=writer)
-        # Files no rank claimed (written by other means inside the engine) are described by rank 0.
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = str(path.relative_to(tmp))
-            if rel not in manifest:
-                fsync_file(path)
-                manifest[rel] = dict(_describe(path), rank=0)
-        marker = dict(step=step, **layout, teonspeed_version=_version(), config=config or {}, files=manifest)
-        _write_text(tmp / MARKER, json.dumps(marker, indent=1, default=str))
-        for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, key=lambda p: -len(p.parts)):
-            fsync_dir(d)
-        if final.exists():  # saved again at the same step (e.g. after a resume): replace it
-            old = root / (TMP_PREFIX + "old-" + name)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(root)
-        if keep_last > 0:
-            # The newest is the one just written and verified by its own read-back: it is always kept.
-            for old in complete_checkpoints(root)[:-keep_last]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def _failure(rank: int, err: BaseException, where: Path) -> str:
-    if isinstance(err, OSError):
-        code = errno.errorcode.get(err.errno, err.errno)
-        return f"rank {rank}: {err.strerror or err} ({code}) writing {err.filename or where}"
-    return f"rank {rank}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-
-
-def _write_text(path: Path, text: str) -> None:
+def _write_synced(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _version() -> str:
+@contextlib.contextmanager
+def _recording_saves(into: List[Path]) -> Iterator[None]:
+    """Record the paths this process passes to torch.save (DeepSpeed's checkpoint engine and ours call it),
+    so that each rank fsyncs and lists the files it wrote itself. A failing write (a full disk) is held back
+    until the block ends: DeepSpeed's save_checkpoint ends with a barrier, and a rank raising out of it early
+    would leave the others waiting there instead of at the agreement that reports the failure."""
+    original, failures = torch.save, []
+
+    def recording(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            into.append(Path(f))
+        try:
+            return original(obj, f, *args, **kwargs)
+        except OSError as e:
+            failures.append(e)
+
+    torch.save = recording
     try:
-        import teonspeed
-        return teonspeed.__version__
-    except Exception:  # launch/ used without the package installed
-        return "unknown"
+        yield
+    finally:
+        torch.save = original
+    if failures:
+        raise failures[0]
 
 
-# -- resume -------------------------------------------------------------------------------------------------
-
-UNVERIFIABLE = "has no manifest (written before checkpoints carried one)"
-
-
-def verify(path: Path) -> List[str]:
-    """Collective: the problems of checkpoint `path`; each rank reads the files it wrote (writers beyond
-    this world's size are spread over the ranks), so every rank returns the same full list."""
-    rank, world = _rank_world()
-    try:
-        manifest = read_marker(path).get("files")
-        if manifest is None:
-            local = [f"{path} {UNVERIFIABLE}"] if rank == 0 else []
-        else:
-            local = verify_files(path, manifest, [n for n, e in manifest.items() if e.get("rank", 0) % world == rank])
-    except (OSError, ValueError) as err:
-        local = [f"{path / MARKER} cannot be read ({err})"] if rank == 0 else []
-    return sorted(p for problems in _gather(local) for p in problems)
+def _all_files(directory: Path) -> List[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
-def select_for_resume(root: Path, strict: bool = False, log: Callable[[str], None] = print) -> Optional[Path]:
-    """Collective: the newest complete checkpoint that verifies; with `strict`, the newest or an error."""
-    for path in reversed(complete_checkpoints(root)):
-        problems = verify(path)
-        if not problems:
-            return path
-        if not strict and len(problems) == 1 and problems[0].endswith(UNVERIFIABLE):
-            log(f"--resume: {problems[0]}; resuming from it unverified")
-            return path
-        detail = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-        if strict:
-            raise CheckpointError(f"--resume-strict: the latest checkpoint {path} does not verify: {detail}")
-        log(f"--resume: skipping {path}: {detail}")
-    return None
+# ---------------------------------------------------------------------------------------------------
+# what the run is: compared on resume
+# ---------------------------------------------------------------------------------------------------
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
-def load(path: Path, engine, layout: Dict[str, Any], config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Collective: check the checkpoint fits this run, then restore the engine and this rank's RNG states;
-    return state.json (step, data position)."""
-    marker = read_marker(path)
-    different = {k: (marker.get(k), v) for k, v in layout.items() if marker.get(k) != v}
-    if different:
-        raise CheckpointError(f"--resume: checkpoint {path} was written with a different layout "
-                              + ", ".join(f"{k}={a} (now {b})" for k, (a, b) in different.items())
-                              + "; resume with the same --backend/--tp/--pp/--ep/--zero-stage and number of "
-                                "processes, or start a new --name")
-    changed = config_differences(marker.get("config") or {}, config or {})
-    if changed:
-        raise CheckpointError(f"--resume: checkpoint {path} (teonspeed {marker.get('teonspeed_version', '?')}) was "
-                              f"written with other options: " + ", ".join(changed)
-                              + "; resume with the checkpoint's options, or start a new --name")
-    state = json.loads((path / "state.json").read_text())
-    rank, _ = _rank_world()
-    rng = safe_load(path / f"rng_rank{rank}.pt")
-    engine.load(path.parent, path.name)
-    set_rng_state(rng)
-    return state
+# How a step is executed, not what it computes: may change between a save and a resume.
+EXECUTION_OPTIONS = {"ns_backend", "parallel_mode", "overlap_waves"}
 
 
-def config_differences(saved: Dict[str, Any], now: Dict[str, Any], prefix: str = "") -> List[str]:
-    """'section.key=saved (now now)' for every key whose value differs (JSON-normalized)."""
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), _jsonable(now.get(key))
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}={a!r} (now {b!r})")
+def optimizer_options(engine) -> Dict[str, Any]:
+    """The optimizer's class and constructor options: teonspeed's OptimizerConfig, else torch's `defaults`
+    (the scheduler moves only the param groups' lr)."""
+    opt = engine.basic_optimizer
+    config = getattr(opt, "config", None)
+    raw = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else getattr(opt, "defaults", {})
+    options = {k: v for k, v in sorted(raw.items()) if _plain(v) and k not in EXECUTION_OPTIONS}
+    return json.loads(json.dumps({"type": type(opt).__name__, **options}))
+
+
+def model_shapes(engine) -> Dict[str, List[int]]:
+    """This rank's part of the model: parameter name -> shape."""
+    return {name: list(p.shape) for name, p in engine.model.named_parameters()}
+
+
+def _versions() -> Dict[str, str]:
+    from importlib import metadata
+    out = {}
+    for dist_name in ("teonspeed", "torch", "deepspeed", "megatron-core"):
+        try:
+            out[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            pass
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+# ---------------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------------
+def _write_rank_files(tmp: Path, engine, state: Dict[str, Any], metrics_csv: Optional[Path],
+                      rank: int) -> List[str]:
+    written: List[Path] = []
+    with _recording_saves(written):
+        engine.save(tmp.parent, tmp.name, state)
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        _write_synced(tmp / "state.json", json.dumps(state, indent=1))
+        written.append(tmp / "state.json")
+        if metrics_csv is not None and metrics_csv.exists():
+            shutil.copyfile(metrics_csv, tmp / "metrics.csv")
+            written.append(tmp / "metrics.csv")
+    inside = tmp.resolve()
+    return sorted({str(p.relative_to(inside)) for p in map(lambda q: Path(q).resolve(), written)
+                   if p.is_relative_to(inside)})
+
+
+def _write_manifest(tmp: Path, files: List[str], engine, rank: int) -> int:
+    entries = {name: file_entry(tmp / name, sync=True) for name in files}
+    text = json.dumps({"rank": rank, "files": entries, "optimizer": optimizer_options(engine),
+                       "model": model_shapes(engine)}, indent=1)
+    _write_synced(tmp / MANIFEST.format(rank), text)
+    return zlib.crc32(text.encode())
+
+
+def _failure(results: List[Any], what: str) -> Optional[str]:
+    bad = [f"rank {r}: {res[1]}" for r, res in enumerate(results) if res[0] == "error"]
+    return f"{what} failed on {len(bad)} rank(s): " + "; ".join(bad) if bad else None
+
+
+def _attempt(fn: Callable[[], Any]) -> tuple:
+    try:
+        return ("ok", fn())
+    except Exception as e:  # noqa: BLE001 - reported to every rank by the agreement that follows
+        return ("error", f"{type(e).__name__}: {e}")
+
+
+def save(root: Path, step: int, engine, state: Dict[str, Any], metrics_csv: Optional[Path], layout: Dict[str, Any],
+         keep_last: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the final directory; raises CheckpointError on every rank
+    if any rank failed, leaving the earlier checkpoints as they were and no directory --resume could pick."""
+    rank, world = _rank_world()
+    name = tag(step)
+    tmp, final = root / (TMP_PREFIX + name), root / name
+
+    def prepare():
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(TMP_PREFIX + "*"):  # a save that was interrupted, or this one's leftovers
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+
+    def abort(message: str):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"checkpoint {final}: {message}. The earlier checkpoints are intact; free space / "
+                              f"fix the file system, then continue with --resume")
+
+    made = _from_rank0(_attempt(prepare) if rank == 0 else None)
+    if made[0] == "error":
+        abort(f"creating {tmp} failed: {made[1]}")
+    # Phase 1: every rank's files (a failing torch.save is raised after the engine's own collectives).
+    written = _gather(_attempt(lambda: _write_rank_files(tmp, engine, state, metrics_csv, rank)))
+    if (problem := _failure(written, "writing the files")) is not None:
+        abort(problem)
+    mine = written[rank][1]
+    if rank == 0:  # files no rank recorded (DeepSpeed's copied scripts): rank 0 answers for them
+        claimed = {f for _, files in written for f in files}
+        mine = mine + [f for f in _all_files(tmp) if f not in claimed and not f.startswith("manifest_rank")]
+    # Phase 2: fsync + manifest, then agree.
+    manifests = _gather(_attempt(lambda: _write_manifest(tmp, mine, engine, rank)))
+    if (problem := _failure(manifests, "syncing the files / writing the manifests")) is not None:
+        abort(problem)
+
+    def commit():
+        marker = dict(step=step, **layout, versions=_versions(), optimizer=optimizer_options(engine),
+                      manifests={MANIFEST.format(r): crc for r, (_, crc) in enumerate(manifests)})
+        _write_synced(tmp / MARKER, json.dumps(marker, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():  # saved again at the same step (e.g. after a resume): replace it
+            old = root / (TMP_PREFIX + "old-" + name)
+            os.rename(final, old)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                os.rename(old, final)  # keep the checkpoint that was there
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        if keep_last > 0:
+            prune(root, final, keep_last)
+
+    done = _from_rank0(_attempt(commit) if rank == 0 else None)
+    if done[0] == "error":
+        abort(f"rank 0: writing the marker / renaming failed: {done[1]}")
+    return final
+
+
+def prune(root: Path, kept: Path, keep_last: int) -> List[Path]:
+    """--keep-last: remove complete checkpoints older than `kept` (the one just written, verified by its save)
+    beyond the keep_last newest. Never `kept`; never a newer one (left by a run that resumed from an older
+    checkpoint because that newer one failed verification: resume skips it again, a save at its step replaces it)."""
+    step = int(PATTERN.match(kept.name).group(1))
+    older = [p for p in complete_checkpoints(root) if int(PATTERN.match(p.name).group(1)) < step]
+    gone = older[:max(len(older) - (keep_last - 1), 0)]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+# ---------------------------------------------------------------------------------------------------
+# verify and resume
+# ---------------------------------------------------------------------------------------------------
+def verify(path: Path, share: int = 0, shares: int = 1) -> Optional[str]:
+    """None if the checkpoint matches its manifests, else what is wrong (the first file found). Checks the
+    marker and the manifests, and the data files of manifests share, share+shares, ... (a rank's part)."""
+    try:
+        marker = read_marker(path)
+    except (OSError, ValueError) as e:
+        return f"{path / MARKER} is unreadable ({e})"
+    listed = marker.get("manifests")
+    if not listed:
+        return f"{path} has no manifest (written by an older teonspeed): it cannot be verified"
+    for i, (name, crc) in enumerate(sorted(listed.items(), key=lambda kv: int(re.sub(r"\D", "", kv[0])))):
+        try:
+            text = (path / name).read_text()
+        except OSError as e:
+            return f"{path / name} is missing or unreadable ({e})"
+        if zlib.crc32(text.encode()) != crc:
+            return f"{path / name} does not match the CRC the marker records"
+        if i % shares != share:
+            continue
+        for file, want in json.loads(text)["files"].items():
+            if not (path / file).is_file():
+                return f"{path / file} is missing"
+            got = file_entry(path / file)
+            if got["size"] != want["size"]:
+                return f"{path / file} has {got['size']} bytes, the manifest records {want['size']} (truncated?)"
+            if got["crc32"] != want["crc32"]:
+                return f"{path / file} has CRC-32 {got['crc32']:08x}, the manifest records {want['crc32']:08x}"
+    return None
+
+
+def resume_point(root: Path, strict: bool = False, log: Callable[[str], None] = print) -> Optional[Path]:
+    """Collective: the newest complete checkpoint that verifies (each rank checks a share of the files; all
+    agree), None if there is none at all. Skips a damaged one saying which file is wrong; with strict=True
+    raises CheckpointError instead. Raises if checkpoints exist but none verifies."""
+    rank, world = _rank_world()
+    found = complete_checkpoints(root)
+    if not found:
+        return None
+    problems = []
+    for path in reversed(found):
+        results = _gather(verify(path, rank, world))
+        problem = next((p for p in results if p is not None), None)
+        if problem is None:
+            if problems:
+                log(f"--resume: falling back to {path}, the newest checkpoint that verifies")
+            return path
+        problems.append(problem)
+        if strict:
+            raise CheckpointError(f"--resume-strict: the latest checkpoint {path} does not verify: {problem}. "
+                                  f"Drop --resume-strict to fall back to the newest checkpoint that verifies")
+        log(f"--resume: skipping {path}: {problem}")
+    raise CheckpointError(f"--resume: no checkpoint in {root} verifies ({'; '.join(problems)}); restore one "
+                          f"from a copy, or start a new --name")
+
+
+def _differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    return [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
+def _shape_differences(saved: Dict[str, List[int]], now: Dict[str, List[int]]) -> List[str]:
+    out = [f"{k}: {saved[k]} (now {now[k]})" for k in saved if k in now and saved[k] != now[k]]
+    out += [f"{k}: only in the checkpoint" for k in saved if k not in now]
+    out += [f"{k}: not in the checkpoint" for k in now if k not in saved]
+    return out
+
+
+def load(path: Path, engine, layout: Dict[str, Any], log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Collective: check that the run matches the checkpoint (layout, optimizer options, this rank's model
+    shapes; every rank agrees), then restore the engine and this rank's RNG states; return state.json."""
+    rank, _ = _rank_world()
+    marker = read_marker(path)
+    different = _differences({k: marker.get(k) for k in layout}, layout)
+    if different:
+        raise CheckpointError(f"--resume: checkpoint {path} was written with a different layout " + ", ".join(different)
+                              + "; resume with the same --backend/--tp/--pp/--ep/--zero-stage and number of "
+                                "processes, or start a new --name")
+    mismatch = []
+    manifest = path / MANIFEST.format(rank)
+    saved = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if "optimizer" in saved or "optimizer" in marker:  # this rank's own entry (the marker holds rank 0's)
+        if diff := _differences(saved.get("optimizer", marker.get("optimizer")), optimizer_options(engine)):
+            mismatch.append("optimizer options " + ", ".join(diff))
+    if "model" in saved:
+        if diff := _shape_differences(saved["model"], model_shapes(engine)):
+            mismatch.append(f"model shapes on rank {rank}: " + ", ".join(diff[:8])
+                            + (f" and {len(diff) - 8} more" if len(diff) > 8 else ""))
+    everyone = _gather(mismatch)
+    reported = sorted({m for ms in everyone for m in ms})
+    if reported:
+        raise CheckpointError(f"--resume: checkpoint {path} was written by a different run: " + "; ".join(reported)
+                              + ". Resume with the checkpoint's options and model, or start a new --name")
+    if marker.get("versions", {}).get("teonspeed") != _versions()["teonspeed"]:
+        log(f"--resume: {path} was written by teonspeed {marker.get('versions', {}).get('teonspeed')}, "
+            f"this is {_versions()['teonspeed']}")
+    state = json.loads((path / "state.json").read_text())
+    engine.load(path.parent, path.name)
+    set_rng_state(safe_load(path / f"rng_rank{rank}.pt"))
+    return state

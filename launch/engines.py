@@ -19,12 +19,14 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from launch.checkpoint import safe_load
 from launch.schedule import megatron_scheduler
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -73,6 +75,14 @@ def deepspeed_config(args, dp: int) -> Dict[str, Any]:
     return config
 
 
+def _deepspeed_checkpoint_classes():
+    """The non-tensor types in DeepSpeed 0.19's checkpoint files (ZeRO optimizer states)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
 class DeepSpeedBackend:
     name = "deepspeed"
 
@@ -115,7 +125,15 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(root), tag=tag, client_state=dict(state), save_latest=False)
 
     def load(self, root: Path, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(str(root), tag=tag)
+        # DeepSpeed's TorchCheckpointEngine.load is torch.load(path, weights_only=False): every file it reads
+        # (model states, ZeRO partitions) would be fully unpickled. Route its loads through weights_only=True,
+        # allowing the DeepSpeed classes its ZeRO files hold.
+        ckpt_engine = self.engine.checkpoint_engine
+        ckpt_engine.load = partial(safe_load, allow=_deepspeed_checkpoint_classes())
+        try:
+            path, _ = self.engine.load_checkpoint(str(root), tag=tag)
+        finally:
+            del ckpt_engine.load  # back to the class's method
         if path is None:
             raise SystemExit(f"--resume: DeepSpeed could not load the checkpoint {root / tag}")
 
@@ -215,8 +233,8 @@ class MegatronBackend:
                     "scheduler": self.scheduler.state_dict(), "state": dict(state)}, self._file(root, tag))
 
     def load(self, root: Path, tag: str) -> None:
-        # weights_only: a checkpoint on shared storage is outside input; ours holds tensors and plain values only.
-        ckpt = torch.load(self._file(root, tag), weights_only=True)
+        # Only tensors and plain containers: a planted pickle cannot run code.
+        ckpt = safe_load(self._file(root, tag), map_location=None)  # (to where it was saved from, as before)
         self.ddp.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

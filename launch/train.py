@@ -51,13 +51,6 @@ def shutdown(owned: bool) -> None:
         dist.destroy_process_group()
 
 
-def checkpoint_config(args) -> dict:
-    """What a resume must not change: the model's shape and the optimizer's options (checked on --resume)."""
-    return {"model": {"transformer": args.transformer, "gpt": args.gpt},
-            "optimizer": {k: getattr(args, k) for k in ("optimizer", "lr", "adamw_lr", "weight_decay", "teon_k",
-                                                         "clip_grad", "ds_config")}}
-
-
 def log(*args) -> None:
     if dist.get_rank() == 0:
         print(*args, flush=True)
@@ -148,8 +141,7 @@ def run(args) -> dict:
         ckpt_root = run_dir / "checkpoints"
         layout = dict(backend=args.backend, world=dist.get_world_size(), tp=args.tp, pp=args.pp, ep=args.ep,
                       zero_stage=args.zero_stage if args.backend == "deepspeed" else None)
-        run_config = checkpoint_config(args)
-        resume_from = checkpoint.select_for_resume(ckpt_root, args.resume_strict, log) if args.resume else None
+        resume_from = checkpoint.resume_point(ckpt_root, args.resume_strict, log) if args.resume else None
         if args.resume and resume_from is None:
             log(f"--resume: no complete checkpoint in {ckpt_root}; starting from step 0")
         random.seed(args.seed)
@@ -204,7 +196,7 @@ def run(args) -> dict:
         # Resume.
         start, rows = 0, []
         if resume_from is not None:
-            state = checkpoint.load(resume_from, backend, layout, run_config)
+            state = checkpoint.load(resume_from, backend, layout, log)
             start = state["step"]
             batches.skip(state["micro_batches"])
             if (resume_from / "metrics.csv").exists():
@@ -261,8 +253,7 @@ def run(args) -> dict:
                     write_csv(rows, run_dir / "metrics.csv")
                 path = checkpoint.save(ckpt_root, done, backend,
                                        {"step": done, "micro_batches": done * args.grad_accum},
-                                       run_dir / "metrics.csv", layout, keep_last=args.keep_last,
-                                       config=run_config)
+                                       run_dir / "metrics.csv", layout, keep_last=args.keep_last)
                 out(f"saved {path}")
         t_train = time.perf_counter() - t_train
         progress.close()
