@@ -196,6 +196,7 @@ def test_ns_flops_are_balanced_across_ranks():
 def test_plan_shows_owners_and_bytes_per_rank():
     plan_text = run_ranks(train, 2, tp=2, optimizer="teon", timeout=120)[0][3]
     assert "owner: dense work rank" in plan_text and "This rank per step: sends" in plan_text
+    assert "AdamW in the same layout: 0 bytes" in plan_text  # TP2, one replica: no data-parallel all-reduce
 
 
 def test_a_teon_group_spanning_pipeline_stages_is_rejected_before_any_step():
