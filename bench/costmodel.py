@@ -16,14 +16,15 @@ The structure of the model follows the implementation (plugin/parallel/distribut
              when W exceeds the number of groups, the busiest rank holds the largest group and the
              compute stops shrinking with W.
   bytes      per rank, the same sums as DistributedRunner.expected_bytes (phase A: the rank's shards
-             of groups owned by a TP peer of its replica; phase B: its shard of every update it does
-             not own, and (W-1) shards of each update it owns); replicated: an all-gather over TP of
-             (T-1) shards each way. `per_rank_bytes` is checked against expected_bytes in
-             tests/unit/test_costmodel.py.
-  time       compute = FLOPs / (peak · ns_efficiency); comm = bytes / bandwidth, split into the part that
-             stays in a node (NVLink) and the part that leaves it (InfiniBand), plus a latency per
-             collective; distributed overlaps compute and comm by `overlap` (2 waves); a memory-bound
-             element-wise part (momentum, update) is added to both modes.
+             of groups owned by a TP peer of its replica; phase B: (1) the owner's T-1 TP peers' shards of
+             its updates, (2) its replica's chunk once into its column's broadcast; received: its shard of
+             every update it does not own); replicated: an all-gather over TP of (T-1) shards each way.
+             `per_rank_bytes` is checked against expected_bytes in tests/unit/test_costmodel.py.
+  time       compute = FLOPs / (peak · ns_efficiency); comm = phase A and B (1) over TP (NVLink inside a
+             node), B (2) over the column's ring (InfiniBand once the column spans nodes); latency per
+             collective (+ per hop of a ring); distributed overlaps compute and comm by `overlap` (2
+             waves); a memory-bound element-wise part (momentum, update) is added to every mode.
+  deepspeed  DeepSpeed 0.19.8's own Muon under ZeRO-1/2 (see deepspeed_time), for comparison.
   training   forward+backward = 6 · active params · global batch tokens / (GPUs · peak · train_mfu);
              overhead % = optimizer step / forward+backward.
 """
