@@ -246,7 +246,8 @@ def _on_node_fraction(global_ranks: Sequence[int], gpus_per_node: int) -> List[f
     return [(count[n] - 1) / (w - 1) if w > 1 else 0.0 for n in nodes]
 
 
-def topology_time(groups: Sequence[Group], tp: int, dp: int, stride: int, mode: str, a: Assumptions) -> Dict[str, float]:
+def topology_time(groups: Sequence[Group], tp: int, dp: int, stride: int, mode: str,
+                  a: Assumptions) -> Dict[str, float]:
     """Optimizer-step time of one topology (seconds), for the busiest rank. `stride`: distance in
     global ranks between consecutive TP groups of the work group (dense: tp; experts: ep·etp)."""
     if not groups:
@@ -429,8 +430,8 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
         total, active = m.params()
         lines += [f"## {m.name}: {total / 1e9:.1f}B params ({active / 1e9:.1f}B active), TP={m.tp}, PP={m.pp}"
                   + (f", EP={m.ep}" if m.experts else ""), "",
-                  "| GPUs | DP | fwd+bwd s | owner-compute: step ms | compute ms | comm ms | latency ms | FLOPs max/mean "
-                  "| MB/rank | AdamW MB/rank | overhead % | bf16 exchange % | replicated % | DeepSpeed Muon % |",
+                  "| GPUs | DP | fwd+bwd s | owner-compute: step ms | compute ms | comm ms | latency ms "
+                  "| FLOPs max/mean | MB/rank | AdamW MB/rank | overhead % | bf16 exchange % | replicated % | DeepSpeed Muon % |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         by = {mode: {r["gpus"]: r for r in rows} for mode, rows in by_mode.items()}
         for d in by_mode["distributed"]:
@@ -452,7 +453,8 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
             if why:
                 misses.append(f"- {key}, {n} GPUs: " + "; ".join(why))
         lines.append("")
-    lines += ["## Rows that miss the bar (owner-compute ≤ replicated, ≤ DeepSpeed's Muon, < 5% where fwd+bwd ≥ 1 s)", ""]
+    lines += ["## Rows that miss the bar (owner-compute ≤ replicated, ≤ DeepSpeed's Muon, < 5% where fwd+bwd ≥ 1 s)",
+              ""]
     lines += misses or ["None."]
     lines += ["", "Why: under ZeRO-0 / DDP every rank must receive its shard of every update it did not compute: "
               "one TP shard of the model per step (the MB/rank column; half of what AdamW's all-reduce of the "
