@@ -44,8 +44,27 @@ LAYOUTS = ["1x1", "2x1", "1x2", "4x1", "1x4", "2x2", "2x4", "4x2", "1x8"]  # "Tx
 GOAL_FLOPS, GOAL_BYTES = 1.10, 2.0
 
 
+# mode name -> optimizer options. The ZeRO-1/2 owner-compute rows (teonspeed's flat path) register here
+# with their own worker setup when that path lands; "distributed" is ZeRO-0 / Megatron DDP.
+MODE_OPTIONS: Dict[str, Dict[str, Any]] = {"distributed": dict(parallel_mode="distributed"),
+                                           "replicated": dict(parallel_mode="replicated")}
+
+
+def predicted_bytes(runner, groups, mode: str, itemsize: int):
+    """(sent, received) of this rank from bench/costmodel.py's per_rank_bytes (the GPU model's own count)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import costmodel as cm
+    topo = runner.topologies["dense"]
+    as_model = [cm.Group(g.stacked_shape, sum(m.shape[0] * m.shape[1] for m in g.members),
+                         any(runner.placement(m, topo).dim is not None for m in g.members)) for g in groups]
+    rc = cm.per_rank_bytes(as_model, topo.tp_size, topo.work_size // topo.tp_size, runner.ns_steps, itemsize, mode)
+    tp_rank, replica = topo.my_position
+    q = tp_rank + topo.tp_size * replica
+    return int(rc.sent[q]), int(rc.received[q])
+
+
 def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmup: int, steps: int,
-           num_layers: int = MODEL["num_layers"]) -> Dict[str, Any]:
+           num_layers: int = MODEL["num_layers"], comm_dtype: str = "auto") -> Dict[str, Any]:
     import torch
     import torch.distributed as dist
     import megatron_models as mm
@@ -70,7 +89,7 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
             p.copy_(local_of(name, p, 0))
             p.grad = local_of(name, p, 1)
     cls = {"teon": teonspeed.TEON, "muon": teonspeed.Muon}[optimizer]
-    opt = cls(model, lr=0.02, adamw_lr=1e-3, parallel_mode=mode)
+    opt = cls(model, lr=0.02, adamw_lr=1e-3, comm_dtype=comm_dtype, **MODE_OPTIONS[mode])
     groups = opt.grouping.groups
     ns_steps = opt.config.ns_steps or 5
     total_flops = sum(ns_flops(g.stacked_shape, ns_steps) for g in groups)
@@ -80,8 +99,9 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
         topo = runner.topologies["dense"]
         shard_bytes = sum(4 * runner.shard_numel(m, topo) for g in groups for m in g.members)
         expected = runner.expected_bytes(groups)
+        predicted = predicted_bytes(runner, groups, mode, {"bf16": 2}.get(comm_dtype, 4))
     else:
-        shard_bytes, expected = full_bytes, (0, 0)
+        shard_bytes, expected, predicted = full_bytes, (0, 0), (0, 0)
     times, cpu_times = [], []
     for i in range(warmup + steps):
         if dist.get_world_size() > 1:
@@ -101,13 +121,15 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
                 flops=stats.flops if stats is not None else total_flops,
                 sent=stats.sent if stats is not None else 0, received=stats.received if stats is not None else 0,
                 expected_sent=expected[0], expected_received=expected[1],
+                predicted_sent=predicted[0], predicted_received=predicted[1],
+                adamw_bytes=stats.adamw_bytes if stats is not None else 0,
                 shard_bytes=shard_bytes, full_bytes=full_bytes, total_flops=total_flops,
                 groups=len(groups), owned_groups=owned, step_s=statistics.median(times), step_s_all=times,
                 cpu_s=statistics.median(cpu_times))
 
 
 def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, dp: int,
-              num_layers: int = MODEL["num_layers"]) -> Dict[str, Any]:
+              num_layers: int = MODEL["num_layers"], comm_dtype: str = "auto") -> Dict[str, Any]:
     flops = [r["flops"] for r in ranks]
     mean = sum(flops) / len(flops)
     total = ranks[0]["total_flops"]
@@ -115,7 +137,7 @@ def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, d
     sent = max(r["sent"] for r in ranks)
     received = max(r["received"] for r in ranks)
     return dict(
-        optimizer=optimizer, mode=mode, layout=f"{tp}x{dp}", tp=tp, dp=dp, world=tp * dp, num_layers=num_layers,
+        optimizer=optimizer, mode=mode, comm_dtype=comm_dtype, layout=f"{tp}x{dp}", tp=tp, dp=dp, world=tp * dp, num_layers=num_layers,
         groups=ranks[0]["groups"], owned_groups=[r["owned_groups"] for r in ranks],
         total_flops=total, flops_per_rank=flops,
         flops_max_over_mean=max(flops) / mean if mean else None,
@@ -126,6 +148,9 @@ def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, d
         max_sent_plus_received_over_shard=max(r["sent"] + r["received"] for r in ranks) / shard,
         counter_equals_plan=all((r["sent"], r["received"]) == (r["expected_sent"], r["expected_received"])
                                 for r in ranks) if tp * dp > 1 else None,
+        counter_equals_costmodel=all((r["sent"], r["received"]) == (r["predicted_sent"], r["predicted_received"])
+                                     for r in ranks) if tp * dp > 1 else None,
+        adamw_bytes_per_rank=[r["adamw_bytes"] for r in ranks],
         step_ms_median_per_rank=[1e3 * r["step_s"] for r in ranks],
         step_ms_max_rank=1e3 * max(r["step_s"] for r in ranks),
         cpu_ms_max_rank=1e3 * max(r["cpu_s"] for r in ranks),
@@ -165,23 +190,31 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
              "*FLOPs max/mean*: load balance of the per-rank Newton–Schulz FLOPs; *max/ideal*: the busiest rank against "
              "total/ranks. *shard*: the rank's own fp32 bytes of the orthogonalized matrices (= full matrices when T = 1). "
              "*sent/shard*, *recv/shard*: the busiest rank's bytes per step over its shard. *plan*: the counter equals "
-             "`expected_bytes` on every rank. *step ms*: median wall time of the timed steps, slowest rank (oversubscribed: "
+             "`expected_bytes` on every rank; *model*: it equals bench/costmodel.py's per_rank_bytes (the GPU model's "
+             "count) on every rank. *AdamW/shard*: what AdamW's data-parallel all-reduce of the same gradients moves "
+             "per rank and direction, over the shard. *step ms*: median wall time of the timed steps, slowest rank (oversubscribed: "
              "unreliable); *CPU ms*: median CPU time of the step (process_time, includes gloo's polling), busiest rank.", "",
-             "| optimizer | mode | layout | layers | ranks | groups | FLOPs/rank max (M) | FLOPs max/mean | max/ideal | shard KiB | "
-             "sent/shard | recv/shard | (sent+recv)/shard | plan | step ms | CPU ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(data["runs"].values(), key=lambda r: (-r.get("num_layers", 8), r["optimizer"], r["world"], r["tp"], r["mode"])):
+             "| optimizer | mode | exchange | layout | layers | ranks | groups | FLOPs/rank max (M) | FLOPs max/mean | max/ideal "
+             "| shard KiB | sent/shard | recv/shard | AdamW/shard | plan | model | step ms | CPU ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(data["runs"].values(), key=lambda r: (-r.get("num_layers", 8), r["optimizer"], r["world"], r["tp"],
+                                                          r["mode"], r.get("comm_dtype", "auto"))):
         lines.append(
-            f"| {r['optimizer']} | {r['mode']} | {r['layout']} | {r.get('num_layers', MODEL['num_layers'])} | "
+            f"| {r['optimizer']} | {r['mode']} | {r.get('comm_dtype', 'auto')} | {r['layout']} | "
+            f"{r.get('num_layers', MODEL['num_layers'])} | "
             f"{r['world']} | {r['groups']} | "
             f"{max(r['flops_per_rank']) / 1e6:.0f} | {r['flops_max_over_mean']:.2f} | {r['flops_max_over_ideal']:.2f} | "
             f"{r['shard_bytes'] / 1024:.0f} | {r['max_sent_over_shard']:.2f} | {r['max_received_over_shard']:.2f} | "
-            f"{r['max_sent_plus_received_over_shard']:.2f} | "
-            f"{'-' if r['counter_equals_plan'] is None else ('yes' if r['counter_equals_plan'] else 'NO')} | "
+            f"{max(r.get('adamw_bytes_per_rank') or [0]) / r['shard_bytes']:.2f} | "
+            f"{_yes(r['counter_equals_plan'])} | {_yes(r.get('counter_equals_costmodel'))} | "
             f"{r['step_ms_max_rank']:.0f} | {r.get('cpu_ms_max_rank', float('nan')):.0f} |")
     lines += ["", "## Goals (from the issue): FLOPs/rank within 10% of total/ranks; bytes/rank ≤ 2× the rank's shard", ""]
     lines += data.get("verdict", [])
     path.write_text("\n".join(lines) + "\n")
+
+
+def _yes(flag) -> str:
+    return "-" if flag is None else ("yes" if flag else "NO")
 
 
 def verdict(runs: Dict[str, Dict[str, Any]]) -> List[str]:
@@ -198,6 +231,10 @@ def verdict(runs: Dict[str, Dict[str, Any]]) -> List[str]:
     out.append(f"- distributed, bytes goal per direction (sent and received each ≤ 2 × shard on every rank): met in "
                f"{len(ok_b)}/{len(dist_runs)} runs. Sent+received together reaches up to "
                f"{max((r['max_sent_plus_received_over_shard'] for r in dist_runs), default=0):.2f} × shard.")
+    checked = [r for r in runs.values() if r.get("counter_equals_costmodel") is not None]
+    out.append(f"- measured == predicted: the byte counters equal the plan's expected_bytes in "
+               f"{sum(bool(r['counter_equals_plan']) for r in checked)}/{len(checked)} runs and bench/costmodel.py's "
+               f"per_rank_bytes in {sum(bool(r['counter_equals_costmodel']) for r in checked)}/{len(checked)} runs.")
     if rep_runs:
         out.append("- replicated: every rank computes every group (FLOPs max/ideal = ranks: "
                    + ", ".join(f"{r['optimizer']} {r['layout']} {r['flops_max_over_ideal']:.1f}" for r in rep_runs)
@@ -220,6 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--optimizers", default="teon,muon")
     p.add_argument("--modes", default="distributed,replicated")
     p.add_argument("--max-ranks", type=int, default=8)
+    p.add_argument("--comm-dtypes", default="auto", help="comma list of comm_dtype values (auto, fp32, bf16)")
     p.add_argument("--layers", type=int, default=MODEL["num_layers"],
                    help="decoder layers (fewer: fewer groups per rank, to show the LPT imbalance)")
     p.add_argument("--warmup", type=int, default=1)
@@ -246,18 +284,20 @@ def main(argv=None) -> None:
             tp, dp = (int(x) for x in layout.split("x"))
             if tp * dp > args.max_ranks:
                 continue
-            for mode in args.modes.split(","):
-                if tp * dp == 1 and mode == "replicated":
-                    continue  # one process: no parallel mode
+            for mode, comm_dtype in [(m, c) for m in args.modes.split(",") for c in args.comm_dtypes.split(",")]:
+                if tp * dp == 1 and (mode == "replicated" or comm_dtype != "auto"):
+                    continue  # one process: no parallel mode, no exchange
                 t0 = time.time()
                 ranks = run_ranks(worker, tp * dp, tp, optimizer, mode, args.warmup, args.steps, args.layers,
-                                  timeout=args.timeout)
-                row = summarize(ranks, optimizer, mode, tp, dp, args.layers)
-                suffix = "" if args.layers == MODEL["num_layers"] else f"/L{args.layers}"
+                                  comm_dtype, timeout=args.timeout)
+                row = summarize(ranks, optimizer, mode, tp, dp, args.layers, comm_dtype)
+                suffix = ("" if args.layers == MODEL["num_layers"] else f"/L{args.layers}") + \
+                    ("" if comm_dtype == "auto" else f"/{comm_dtype}")
                 data["runs"][f"{optimizer}/{mode}/{layout}{suffix}"] = row
                 print(f"{optimizer:5s} {mode:11s} {layout:4s} flops max/ideal {row['flops_max_over_ideal']:.2f} "
                       f"max/mean {row['flops_max_over_mean']:.2f} sent/shard {row['max_sent_over_shard']:.2f} "
                       f"recv/shard {row['max_received_over_shard']:.2f} plan={row['counter_equals_plan']} "
+                      f"model={row['counter_equals_costmodel']} "
                       f"step {row['step_ms_max_rank']:.0f} ms cpu {row['cpu_ms_max_rank']:.0f} ms ({time.time() - t0:.1f} s)", flush=True)
                 save(data, args.out_dir)  # after every run, so an interrupted sweep keeps what it measured
     save(data, args.out_dir)

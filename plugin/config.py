@@ -11,6 +11,7 @@ from .ortho import HEAVY_TAIL_METHODS, NS_BACKENDS, ORTHOGONALIZERS
 
 LR_SCALES = ("spectral", "fan_ratio", "rms_match", "none")
 NS_DTYPES = ("auto", "fp32", "bf16")
+COMM_DTYPES = ("auto", "fp32", "bf16")
 PARALLEL_MODES = ("distributed", "replicated")
 OPTIMIZER_KINDS = ("muon", "teon", "htmuon")
 
@@ -72,6 +73,10 @@ class OptimizerConfig:
     overlap_waves: int = 2
     """distributed mode: exchange in this many waves, so one wave's transform overlaps the next wave's
     gather and the previous wave's scatter (1: no overlap, the fewest collectives)."""
+    comm_dtype: str = "auto"
+    """distributed/replicated modes: dtype of the exchanged shards and updates. auto: the gradients' dtype
+    (fp32 master grads stay fp32); bf16 halves the bytes (every rank, owners included, sees the same
+    rounded values, so replicas stay identical); fp32."""
     grouping_rule: Optional[Callable[[str], Any]] = field(default=None, repr=False)
     """Optional callable name -> grouping.LayerRef | None that overrides the built-in name rules."""
 
@@ -106,6 +111,7 @@ class OptimizerConfig:
              f"must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}")
         need(isinstance(self.overlap_waves, int) and self.overlap_waves >= 1, "overlap_waves",
              f"must be an integer >= 1, got {self.overlap_waves!r}")
+        need(self.comm_dtype in COMM_DTYPES, "comm_dtype", f"must be one of {COMM_DTYPES}, got {self.comm_dtype!r}")
         self.teon_types = tuple(self.teon_types)
         self.adamw_betas = tuple(self.adamw_betas)
         if self.ht_method == "ns":

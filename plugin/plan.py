@@ -53,7 +53,10 @@ class Plan:
         if getattr(self.runner, "stats", None) is not None:  # a parallel run
             sent, received = self.runner.expected_bytes(self.groups)
             lines.append(f"  This rank per step: sends {sent:,} bytes, receives {received:,} bytes "
-                         f"(parallel_mode={self.config.parallel_mode})")
+                         f"(parallel_mode={self.config.parallel_mode}, comm_dtype={self.config.comm_dtype})")
+            if hasattr(self.runner, "adamw_bytes"):
+                lines.append(f"  AdamW in the same layout: {self.runner.adamw_bytes(self.groups):,} bytes each way "
+                             f"(data-parallel all-reduce of these matrices' fp32 gradients, paid by every optimizer)")
         if self.grouping.notes:
             lines.append("  Notes:")
             lines += [f"    {n}" for n in self.grouping.notes]

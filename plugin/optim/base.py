@@ -150,9 +150,10 @@ class OrthoOptimizer(torch.optim.Optimizer):
         # Collective over the world: every rank builds its optimizer at the same point.
         topologies = {"dense": build_topology(ctx.tp_group, ctx.dp_group),
                       "expert": build_topology(ctx.expert_tp_group, ctx.expert_dp_group)}
+        comm_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[self.config.comm_dtype]
         return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps or 5,
                                  step_group=build_step_group(topologies, ctx.pipeline_group),
-                                 waves=self.config.overlap_waves)
+                                 waves=self.config.overlap_waves, comm_dtype=comm_dtype)
 
     @property
     def comm_stats(self):

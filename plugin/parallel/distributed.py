@@ -1,15 +1,29 @@
 """The parallel step: gather each group's tensor-parallel shards onto one owner rank, orthogonalize the
 full stacked matrix there, and send every rank its shard of the update.
 
-    phase A  all_to_all over tp×dp: each rank sends its shards of the groups owned by a TP peer of its
-             own data-parallel replica (the replicas hold identical gradients, so one copy suffices)
+    phase A  all_to_all over TP: each rank sends its shards of the groups owned by a TP peer of its own
+             data-parallel replica (the replicas hold identical gradients, so one copy suffices)
     compute  each owner transforms its groups, same-shape stacks batched into one call
-    phase B  all_to_all over tp×dp: each owner sends every rank (all replicas) its shard of each update
+    phase B  (1) all_to_all over TP: each owner hands its TP peers their shards of its updates, so each
+             rank holds its shard of every update its replica owns (its replica's "chunk");
+             (2) over each TP position's data-parallel group: one broadcast per owning replica of that
+             replica's chunk
+
+Why broadcasts per replica, not point-to-point copies or an all-gather: every rank must end with its
+shard of every update, so it receives at least (all shards) − (its replica's chunk) whatever the
+collective. One copy per receiver from the owner (the old all_to_all) makes the owner send W−1 copies:
+its bytes grow with the ranks. An all-gather over the column needs equal chunks; padding them costs
+(D−1)·largest chunk per rank, which explodes once replicas outnumber the groups of a wave (at 1,024
+GPUs most replicas own nothing, one owns a 2048×8192 matrix). A broadcast (NCCL: pipelined ring) moves
+exactly each chunk once over every link, so per-rank bytes stay ≈ one model shard at any D, with one
+collective per owning replica per wave (latency bounded by the groups of the wave, not by W).
 
 Owners are chosen by `owners.assign_owners` on the iteration's FLOPs, the same on every rank, so no
 metadata is exchanged: both sides of every message derive its layout from the shared plan. The groups
 go in `waves` (asynchronous collectives): wave k is transformed while wave k+1's shards travel to their
-owners and wave k-1's updates travel back.
+owners and wave k-1's updates travel back. `comm_dtype` (e.g. bf16) is what every exchange carries;
+an owner rounds its own shards the same way, so the update does not depend on who owns what and all
+replicas write identical values.
 "replicated" mode instead all-gathers every shard over TP and computes everything on every rank.
 """
 from __future__ import annotations
@@ -36,9 +50,12 @@ class CommStats:
     total_sent: int = 0
     total_received: int = 0
     flops: float = 0.0  # transform FLOPs (estimated) computed on this rank in the last step
+    adamw_bytes: int = 0
+    """Last step, for comparison: what AdamW moves per rank and direction for the same matrices in the
+    same layout (the data-parallel all-reduce of their gradients, paid by every optimizer)."""
 
     def start_step(self) -> None:
-        self.sent = self.received = 0
+        self.sent = self.received = self.adamw_bytes = 0
         self.flops = 0.0
 
     def add(self, sent: int, received: int) -> None:
@@ -65,6 +82,7 @@ class _TopologyPlan:
     topology: Topology
     dtype: torch.dtype
     device: torch.device
+    comm_dtype: torch.dtype  # what the exchanges carry (config comm_dtype; default: `dtype`)
 
 
 INT64_MAX = 2 ** 63 - 1
@@ -76,7 +94,8 @@ class PlanMismatch(RuntimeError):
 
 class DistributedRunner:
     def __init__(self, topologies: Dict[str, Topology], specs: Dict[str, ShardSpec], mode: str,
-                 ns_steps: int, *, step_group: Optional[StepGroup] = None, waves: int = 2) -> None:
+                 ns_steps: int, *, step_group: Optional[StepGroup] = None, waves: int = 2,
+                 comm_dtype: Optional[torch.dtype] = None) -> None:
         self.topologies = topologies  # "dense" and "expert"
         self.specs = specs
         self.mode = mode
@@ -84,6 +103,7 @@ class DistributedRunner:
         self.step_group = step_group
         self.stats = CommStats()
         self.waves = max(1, waves)  # owner-compute exchanges in this many overlapped waves
+        self.comm_dtype = comm_dtype  # None: exchange in the data's dtype
 
     # -- shared by every rank ---------------------------------------------------------------------
     def check_step(self, check: StepCheck) -> bool:
@@ -160,8 +180,12 @@ class DistributedRunner:
                     out[id(g)] = f"{key} work rank {owners[i]} (tp {tp}, replica {replica})"
         return out
 
-    def expected_bytes(self, groups: Sequence[OrthoGroup], itemsize: int = 4) -> Tuple[int, int]:
-        """(sent, received) bytes of one step on this rank, from the plan alone."""
+    def expected_bytes(self, groups: Sequence[OrthoGroup], itemsize: Optional[int] = None) -> Tuple[int, int]:
+        """(sent, received) bytes of one step on this rank, from the plan alone (itemsize: of the
+        exchange dtype; default comm_dtype's, else 4). Phase B's broadcasts count once at the source
+        (sent) and once at each receiver."""
+        if itemsize is None:
+            itemsize = self.comm_dtype.itemsize if self.comm_dtype is not None else 4
         sent = received = 0
         for key, topo_groups in self._by_topology(groups).items():
             topology = self.topologies[key]
@@ -176,13 +200,28 @@ class DistributedRunner:
                 for m in g.members:
                     n = self.shard_numel(m, topology)
                     sharded = self.placement(m, topology).dim is not None
-                    if owner == me:
+                    if owner == me:  # phase A in, phase B (1) out to each TP peer
                         received += n * (len(peers) - 1) if sharded else 0
-                        sent += n * (topology.work_size - 1)
-                    else:
-                        sent += n if sharded and owner in peers else 0
+                        sent += n * (len(peers) - 1)
+                    elif owner in peers:  # phase A out, phase B (1) in
+                        sent += n if sharded else 0
                         received += n
+                    else:  # phase B (2): another replica's broadcast
+                        received += n
+                    if owner in peers and topology.dp_size > 1:  # phase B (2): my replica's broadcast
+                        sent += n
         return sent * itemsize, received * itemsize
+
+    def adamw_bytes(self, groups: Sequence[OrthoGroup], itemsize: int = 4) -> int:
+        """What AdamW moves for these matrices in the same layout, per rank and direction: the
+        data-parallel ring all-reduce of their gradients (2·(D-1)/D of the local shard), which every
+        optimizer pays before its step; the yardstick for the optimizer's own exchanges above."""
+        return sum(self._adamw_bytes(topo_groups, self.topologies[key], itemsize)
+                   for key, topo_groups in self._by_topology(groups).items())
+
+    def _adamw_bytes(self, groups: Sequence[OrthoGroup], topology: Topology, itemsize: int) -> int:
+        local = sum(self.shard_numel(m, topology) for g in groups for m in g.members)
+        return 2 * (topology.dp_size - 1) * local * itemsize // topology.dp_size
 
     def _by_topology(self, groups: Sequence[OrthoGroup]) -> Dict[str, List[OrthoGroup]]:
         by_topology: Dict[str, List[OrthoGroup]] = {}
@@ -201,7 +240,9 @@ class DistributedRunner:
             for g in topo_groups[1:]:
                 dtype = torch.promote_types(dtype, io.group_dtype(g))
             owners = self.owners(topo_groups, topology) if self.mode == "distributed" else []
-            plan = _TopologyPlan(topo_groups, owners, topology, dtype, io.source(topo_groups[0].members[0]).device)
+            plan = _TopologyPlan(topo_groups, owners, topology, dtype, io.source(topo_groups[0].members[0]).device,
+                                 self.comm_dtype or dtype)
+            self.stats.adamw_bytes += self._adamw_bytes(topo_groups, topology, dtype.itemsize)
             if self.mode == "replicated":
                 self._run_replicated(plan, io)
             else:
@@ -224,31 +265,32 @@ class DistributedRunner:
             if k + 1 < len(waves):
                 incoming = self._send_shards(plan, waves[k + 1], io)
             updates = self._transform_owned(plan, wave, received, io)
-            outgoing.append((wave, updates, self._send_updates(plan, wave, updates)))
-        for wave, updates, exchange in outgoing:
-            self._write_updates(plan, wave, updates, exchange.wait(), io)
+            outgoing.append((wave, self._send_updates(plan, wave, updates)))
+        for wave, broadcasts in outgoing:
+            self._write_updates(plan, wave, broadcasts.wait(), io)
 
     def _sharded(self, m: MatrixRef, topology: Topology) -> bool:
         return self.placement(m, topology).dim is not None
 
     def _send_shards(self, plan: _TopologyPlan, wave: List[int], io: MatrixIO) -> "_Exchange":
-        """Phase A: my shards of this wave's groups owned by a TP peer of my own replica -> that owner."""
+        """Phase A: my shards of this wave's groups owned by a TP peer of my own replica -> that owner
+        (an all_to_all over the TP group: the other replicas take no part)."""
         topology = plan.topology
         me, peers = topology.work_rank, topology.replica_peers()
-        send: List[List[torch.Tensor]] = [[] for _ in range(topology.work_size)]
-        recv_sizes = [0] * topology.work_size
+        send: List[List[torch.Tensor]] = [[] for _ in range(topology.tp_size)]
+        recv_sizes = [0] * topology.tp_size
         for gi in wave:
             owner = plan.owners[gi]
             for m in plan.groups[gi].members:
                 if not self._sharded(m, topology):
                     continue
                 if owner != me and owner in peers:
-                    send[owner].append(io.read(m).reshape(-1).to(plan.dtype))
+                    send[topology.positions[owner][0]].append(io.read(m).reshape(-1).to(plan.comm_dtype))
                 if owner == me:
                     for q in peers:
                         if q != me:
-                            recv_sizes[q] += self.shard_numel(m, topology)
-        return self._all_to_all(send, recv_sizes, plan)
+                            recv_sizes[topology.positions[q][0]] += self.shard_numel(m, topology)
+        return self._all_to_all(send, recv_sizes, plan, topology.tp_group)
 
     def _transform_owned(self, plan: _TopologyPlan, wave: List[int], received: List[torch.Tensor],
                          io: MatrixIO) -> Dict[Tuple[int, int], torch.Tensor]:
@@ -256,7 +298,7 @@ class DistributedRunner:
         dtype stacks batched), and return (group index, member index) -> full update."""
         groups, topology = plan.groups, plan.topology
         me, peers = topology.work_rank, topology.replica_peers()
-        offsets = [0] * topology.work_size
+        offsets = [0] * topology.tp_size
         fulls: Dict[Tuple[int, int], torch.Tensor] = {}
         mine = [gi for gi in wave if plan.owners[gi] == me]
         for gi in mine:
@@ -267,12 +309,13 @@ class DistributedRunner:
                     continue
                 shards = []
                 for q in peers:
-                    if q == me:
-                        shards.append(local.to(plan.dtype))
+                    t = topology.positions[q][0]
+                    if q == me:  # rounded like the shards that travelled: the update does not depend on the owner
+                        shards.append(local.to(plan.comm_dtype).to(plan.dtype))
                     else:
                         n = local.numel()
-                        shards.append(received[q][offsets[q]:offsets[q] + n].view(local.shape))
-                        offsets[q] += n
+                        shards.append(received[t][offsets[t]:offsets[t] + n].view(local.shape).to(plan.dtype))
+                        offsets[t] += n
                 p = self.placement(m, topology)
                 fulls[(gi, mi)] = assemble(shards, p.dim, p.stride)
         updates: Dict[Tuple[int, int], torch.Tensor] = {}
@@ -287,37 +330,83 @@ class DistributedRunner:
         return updates
 
     def _send_updates(self, plan: _TopologyPlan, wave: List[int],
-                      updates: Dict[Tuple[int, int], torch.Tensor]) -> "_Exchange":
-        """Phase B: every rank's shard of the updates I own -> it (all replicas)."""
+                      updates: Dict[Tuple[int, int], torch.Tensor]) -> "_Broadcasts":
+        """Phase B. (1) Inside my replica, an owner hands each TP peer its shard of the updates it owns
+        (all_to_all over TP), so every rank then holds its own shard of every update its replica owns:
+        its replica's *chunk*. (2) Over my column (the ranks at my TP position, one per replica), one
+        broadcast per replica that owns something in this wave carries that replica's chunk to the others
+        (asynchronous; waited for in _write_updates)."""
         topology = plan.topology
-        me = topology.work_rank
-        send: List[List[torch.Tensor]] = [[] for _ in range(topology.work_size)]
-        recv_sizes = [0] * topology.work_size
-        for gi in wave:
-            for mi, m in enumerate(plan.groups[gi].members):
-                if plan.owners[gi] == me:
-                    for q in range(topology.work_size):
-                        if q != me:
-                            shard = self._shard_for(updates[(gi, mi)], m, topology, q)
-                            send[q].append(shard.reshape(-1).to(plan.dtype))
-                else:
-                    recv_sizes[plan.owners[gi]] += self.shard_numel(m, topology)
-        return self._all_to_all(send, recv_sizes, plan)
-
-    def _write_updates(self, plan: _TopologyPlan, wave: List[int], updates, received: List[torch.Tensor],
-                       io: MatrixIO) -> None:
-        topology = plan.topology
-        me = topology.work_rank
-        offsets = [0] * topology.work_size
+        me, peers = topology.work_rank, topology.replica_peers()
+        send: List[List[torch.Tensor]] = [[] for _ in range(topology.tp_size)]
+        recv_sizes = [0] * topology.tp_size
         for gi in wave:
             owner = plan.owners[gi]
             for mi, m in enumerate(plan.groups[gi].members):
                 if owner == me:
-                    io.write(m, self._shard_for(updates[(gi, mi)], m, topology, me))
+                    for q in peers:
+                        if q != me:
+                            shard = self._shard_for(updates[(gi, mi)], m, topology, q)
+                            send[topology.positions[q][0]].append(shard.reshape(-1).to(plan.comm_dtype))
+                elif owner in peers:
+                    recv_sizes[topology.positions[owner][0]] += self.shard_numel(m, topology)
+        from_peers = self._all_to_all(send, recv_sizes, plan, topology.tp_group).wait() if len(peers) > 1 else []
+        offsets = [0] * topology.tp_size
+        mine: List[torch.Tensor] = []
+        for gi in wave:
+            owner = plan.owners[gi]
+            if owner not in peers:
+                continue
+            for mi, m in enumerate(plan.groups[gi].members):
+                if owner == me:
+                    mine.append(self._shard_for(updates[(gi, mi)], m, topology, me).reshape(-1).to(plan.comm_dtype))
                 else:
-                    n = self.shard_numel(m, topology)
-                    io.write(m, received[owner][offsets[owner]:offsets[owner] + n].view(self._shard_shape(m, topology)))
-                    offsets[owner] += n
+                    t, n = topology.positions[owner][0], self.shard_numel(m, topology)
+                    mine.append(from_peers[t][offsets[t]:offsets[t] + n])
+                    offsets[t] += n
+        chunk_sizes = self._chunk_sizes(plan, wave)
+        my_replica = topology.my_position[1]
+        chunks: Dict[int, torch.Tensor] = {}
+        works = []
+        for replica, size in chunk_sizes.items():
+            if replica == my_replica:
+                chunks[replica] = (torch.cat(mine) if mine
+                                   else torch.empty(0, dtype=plan.comm_dtype, device=plan.device))
+            else:
+                chunks[replica] = torch.empty(size, dtype=plan.comm_dtype, device=plan.device)
+            if topology.column_group is not None:
+                src = topology.work_ranks[topology.column_member(replica)]
+                works.append(dist.broadcast(chunks[replica], src=src, group=topology.column_group, async_op=True))
+            itemsize = chunks[replica].element_size()
+            if replica == my_replica:
+                self.stats.add(size * itemsize if topology.dp_size > 1 else 0, 0)
+            else:
+                self.stats.add(0, size * itemsize)
+        return _Broadcasts(works, chunks)
+
+    def _chunk_sizes(self, plan: _TopologyPlan, wave: List[int]) -> Dict[int, int]:
+        """Replica -> elements of its chunk in this wave (my shard of every update it owns), for the
+        replicas that own something, in replica order (the same on every rank)."""
+        topology = plan.topology
+        sizes: Dict[int, int] = {}
+        for gi in wave:
+            replica = topology.positions[plan.owners[gi]][1]
+            sizes[replica] = sizes.get(replica, 0) + sum(self.shard_numel(m, topology)
+                                                         for m in plan.groups[gi].members)
+        return dict(sorted(sizes.items()))
+
+    def _write_updates(self, plan: _TopologyPlan, wave: List[int], chunks: Dict[int, torch.Tensor],
+                       io: MatrixIO) -> None:
+        """Every rank, owners included, writes its shard from the chunk of the owner's replica, so all
+        replicas write the same values (also when comm_dtype rounds them)."""
+        topology = plan.topology
+        offsets: Dict[int, int] = {}
+        for gi in wave:
+            replica = topology.positions[plan.owners[gi]][1]
+            for m in plan.groups[gi].members:
+                n, start = self.shard_numel(m, topology), offsets.get(replica, 0)
+                io.write(m, chunks[replica][start:start + n].view(self._shard_shape(m, topology)).to(plan.dtype))
+                offsets[replica] = start + n
 
     # -- helpers --------------------------------------------------------------------------------------
     def _shard_shape(self, m: MatrixRef, topology: Topology) -> Tuple[int, int]:
@@ -352,8 +441,8 @@ class DistributedRunner:
         topology = plan.topology
         if topology.tp_group is None:
             return locals_
-        flat = (torch.cat([t.reshape(-1).to(plan.dtype) for t in locals_]) if locals_
-                else torch.zeros(0, dtype=plan.dtype, device=plan.device))
+        flat = (torch.cat([t.reshape(-1).to(plan.comm_dtype) for t in locals_]) if locals_
+                else torch.zeros(0, dtype=plan.comm_dtype, device=plan.device))
         gathered = [torch.empty_like(flat) for _ in range(topology.tp_size)]
         dist.all_gather(gathered, flat, group=topology.tp_group)
         self.stats.add(flat.numel() * flat.element_size() * (topology.tp_size - 1),
@@ -361,31 +450,32 @@ class DistributedRunner:
         fulls, offset = [], 0
         for m, local in zip(members, locals_):
             n = local.numel()
-            shards = [gathered[t][offset:offset + n].view(local.shape) for t in range(topology.tp_size)]
+            shards = [gathered[t][offset:offset + n].view(local.shape).to(plan.dtype) for t in range(topology.tp_size)]
             offset += n
             p = self.placement(m, topology)
             fulls.append(local if p.dim is None else assemble(shards, p.dim, p.stride))
         return fulls
 
-    def _all_to_all(self, send: List[List[torch.Tensor]], recv_sizes: List[int], plan: _TopologyPlan) -> "_Exchange":
-        """Start one batched exchange (every work rank takes part, even with nothing to send). Every
-        buffer lives on the data's device (NCCL takes nothing else), in the plan's exchange dtype."""
-        topology = plan.topology
-        send_flat = [torch.cat(parts) if parts else torch.empty(0, dtype=plan.dtype, device=plan.device)
+    def _all_to_all(self, send: List[List[torch.Tensor]], recv_sizes: List[int], plan: _TopologyPlan,
+                    group: Optional[dist.ProcessGroup]) -> "_Exchange":
+        """Start one batched exchange over `group` (send/recv_sizes indexed by group rank; every member
+        takes part, even with nothing to send). Every buffer lives on the data's device (NCCL takes
+        nothing else), in the exchange dtype."""
+        send_flat = [torch.cat(parts) if parts else torch.empty(0, dtype=plan.comm_dtype, device=plan.device)
                      for parts in send]
         send_sizes = [t.numel() for t in send_flat]
-        out = torch.empty(sum(recv_sizes), dtype=plan.dtype, device=plan.device)
+        out = torch.empty(sum(recv_sizes), dtype=plan.comm_dtype, device=plan.device)
         work = None
-        if topology.work_group is not None:
+        if group is not None:
             work = dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes,
-                                          group=topology.work_group, async_op=True)
+                                          group=group, async_op=True)
         itemsize = out.element_size()
         self.stats.add(sum(send_sizes) * itemsize, sum(recv_sizes) * itemsize)
         return _Exchange(work, out, recv_sizes)
 
 
 class _Exchange:
-    """An all_to_all in flight; wait() gives the flat buffer received from each work rank."""
+    """An all_to_all in flight; wait() gives the flat buffer received from each group rank."""
 
     def __init__(self, work, out: torch.Tensor, recv_sizes: List[int]) -> None:
         self.work, self.out, self.recv_sizes = work, out, recv_sizes
@@ -394,6 +484,18 @@ class _Exchange:
         if self.work is not None:
             self.work.wait()
         return list(self.out.split(self.recv_sizes))
+
+
+class _Broadcasts:
+    """Phase B's per-replica broadcasts in flight; wait() gives replica -> its chunk."""
+
+    def __init__(self, works: list, chunks: Dict[int, torch.Tensor]) -> None:
+        self.works, self.chunks = works, chunks
+
+    def wait(self) -> Dict[int, torch.Tensor]:
+        for work in self.works:
+            work.wait()
+        return self.chunks
 
 
 def _split_waves(groups: Sequence[OrthoGroup], costs: Sequence[float], waves: int) -> List[List[int]]:

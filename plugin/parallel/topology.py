@@ -18,6 +18,17 @@ class Topology:
     work_rank: int
     positions: List[Tuple[int, int]]  # per work rank: (tp rank, data-parallel replica index)
     work_ranks: Tuple[int, ...] = (0,)  # global ranks of the work group, in work-rank order
+    column_group: Optional[dist.ProcessGroup] = None
+    """The work ranks at my TP position, one per replica (Megatron's data-parallel group): phase B
+    broadcasts each replica's updates over it. None when there is one replica."""
+
+    @property
+    def dp_size(self) -> int:
+        return self.work_size // self.tp_size
+
+    def column_member(self, replica: int) -> int:
+        """The work rank at my TP position in `replica`."""
+        return self.positions.index((self.tp_rank, replica))
 
     @property
     def my_position(self) -> Tuple[int, int]:
@@ -57,19 +68,27 @@ def build_topology(tp_group: Optional[dist.ProcessGroup], dp_group: Optional[dis
     def work_of(rank: int) -> Tuple[int, ...]:
         return tuple(sorted({t for d in everyone[rank][1] for t in tp_of[d]}))
 
-    my_work = work_of(me)
-    work_group = None
+    def column_of(rank: int) -> Tuple[int, ...]:
+        return tuple(sorted(g for g in work_of(rank) if tp_of[g].index(g) == tp_of[rank].index(rank)))
+
+    my_work, my_column = work_of(me), column_of(me)
+    work_group = column_group = None
     for ranks in sorted({work_of(r) for r in range(len(everyone))}):
         group = dist.new_group(list(ranks))  # every rank creates every group, in the same order
         if ranks == my_work:
             work_group = group
+    for ranks in sorted({column_of(r) for r in range(len(everyone))}):
+        if len(ranks) > 1:
+            group = dist.new_group(list(ranks))
+            if ranks == my_column:
+                column_group = group
     # A rank's replica index: the position of its TP group's first rank among my DP peers' TP groups.
     replica_leaders = sorted({tp_of[d][0] for d in dp_ranks})
     positions = []
     for r in my_work:
         positions.append((tp_of[r].index(r), replica_leaders.index(tp_of[r][0])))
     return Topology(tp_group, len(tp_ranks), tp_ranks.index(me), work_group, len(my_work), my_work.index(me),
-                    positions, my_work)
+                    positions, my_work, column_group)
 
 
 @dataclass(frozen=True)

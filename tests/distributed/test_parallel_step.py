@@ -50,7 +50,7 @@ def train(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, num_l
         out[global_name(name, spec)] = (p.detach().clone(), spec.tp_partition_dim, spec.tp_partition_stride,
                                         etp_rank if spec.is_expert else tp_rank, ps.get_data_parallel_rank())
     stats = opt.comm_stats
-    return out, (stats.sent, stats.received, stats.flops) if stats else None, \
+    return out, (stats.sent, stats.received, stats.flops, stats.adamw_bytes) if stats else None, \
         (opt._runner.expected_bytes(opt.grouping.groups) if stats else None), str(opt.plan)
 
 
@@ -122,18 +122,52 @@ def test_distributed_equals_replicated():
     assert_same_model(a, b, tol=1e-6)
 
 
-def test_byte_counter_matches_the_analytical_count():
-    """TP=2 x DP=2: in total, phase A moves each sharded member's other TP shard to its owner once, and
-    phase B sends each of the 3 other ranks its shard of every update (independent of who owns what)."""
-    results = run_ranks(train, 4, tp=2, optimizer="teon", timeout=120)
+def _assert_byte_totals(results, tp, dp, itemsize=4):
+    """Summed over ranks, independent of who owns what (S: one TP shard of every member):
+    sent  = phase A (T-1)·S + phase B (1) (T-1)·S + (2) each replica's chunk once per column, T·S;
+    received = the same, but each column's chunks reach the D-1 other replicas: T·(D-1)·S.
+    (Before: phase B sent every update to all W-1 other ranks: the owners' bytes grew with W.)"""
     plan_groups = teonspeed.plan(_full_named_params(), "teon").groups
-    shard_bytes = sum(4 * m.shape[0] * m.shape[1] // 2 for g in plan_groups for m in g.members)
-    expected_total = shard_bytes * 1 + shard_bytes * 3  # phase A: tp-1 = 1 shard; phase B: world-1 = 3 shards
-    sent = [r[1][0] for r in results]
-    received = [r[1][1] for r in results]
-    assert sum(sent) == sum(received) == expected_total
+    shard = sum(itemsize * m.shape[0] * m.shape[1] // tp for g in plan_groups for m in g.members)
+    b2 = tp * shard if dp > 1 else 0
+    assert sum(r[1][0] for r in results) == 2 * (tp - 1) * shard + b2
+    assert sum(r[1][1] for r in results) == 2 * (tp - 1) * shard + b2 * (dp - 1)
     for r in results:  # each rank's counter equals what its own plan predicts
         assert (r[1][0], r[1][1]) == r[2]
+        # and AdamW's DP all-reduce of the same gradients moves 2(D-1)/D of the local shard each way
+        assert r[1][3] == 2 * (dp - 1) * (shard // itemsize * 4) // dp
+
+
+def test_byte_counter_matches_the_analytical_count():
+    _assert_byte_totals(run_ranks(train, 4, tp=2, optimizer="teon", timeout=120), tp=2, dp=2)
+
+
+@pytest.mark.parametrize("layout,dp", [pytest.param(dict(), 8, id="DP8"), pytest.param(dict(tp=2), 4, id="TP2xDP4")])
+def test_eight_ranks_data_parallel_phase_b(layout, dp):
+    """8 ranks: equality with one process, and phase B's bytes per rank do not grow with the ranks
+    (each rank sends its replica's chunk once; no owner sends W-1 copies)."""
+    results = run_ranks(train, 8, optimizer="teon", timeout=180, **layout)
+    assert_same_model(gather_full(results), reference("teon"))
+    _assert_byte_totals(results, tp=layout.get("tp", 1), dp=dp)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_bf16_exchange_equals_single_process_at_bf16_tolerance(optimizer):
+    """comm_dtype=bf16 on TP2xDP2: within bf16 rounding of the fp32 single process, replicas bitwise
+    identical (gather_full checks: owners write the same rounded values as everyone), half the bytes."""
+    results = run_ranks(train, 4, tp=2, optimizer=optimizer, options={"comm_dtype": "bf16"}, timeout=120)
+    got = gather_full(results)
+    ref = reference(optimizer)
+    assert_same_model(got, ref, tol=2e-2)
+    with pytest.raises(AssertionError):  # the tolerance is needed: the exchange really is bf16
+        assert_same_model(got, ref, tol=1e-6)
+    if optimizer == "teon":
+        _assert_byte_totals(results, tp=2, dp=2, itemsize=2)
+
+
+def test_comm_dtype_is_validated():
+    with pytest.raises(ValueError, match="comm_dtype"):
+        teonspeed.plan(_full_named_params(), "teon", comm_dtype="fp8")
 
 
 def _full_named_params():
@@ -162,6 +196,7 @@ def test_ns_flops_are_balanced_across_ranks():
 def test_plan_shows_owners_and_bytes_per_rank():
     plan_text = run_ranks(train, 2, tp=2, optimizer="teon", timeout=120)[0][3]
     assert "owner: dense work rank" in plan_text and "This rank per step: sends" in plan_text
+    assert "AdamW in the same layout: 0 bytes" in plan_text  # TP2, one replica: no data-parallel all-reduce
 
 
 def test_a_teon_group_spanning_pipeline_stages_is_rejected_before_any_step():

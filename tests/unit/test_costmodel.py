@@ -60,14 +60,43 @@ def test_per_rank_bytes_equal_expected_bytes_of_the_runner(tp, dp, mode):
 
 @pytest.mark.parametrize("tp,dp", [(2, 2), (8, 4), (1, 16)])
 def test_total_traffic_is_the_readme_count(tp, dp):
-    """Summed over ranks: (T-1) + (W-1) shard volumes per matrix, whoever owns what."""
+    """Summed over ranks (S: one TP shard of every matrix), whoever owns what: sent = phase A (T-1)·S +
+    phase B's TP hand-off (T-1)·S + each replica's chunk once per TP position T·S; received = (T-1)·S +
+    (W-1)·S (every rank gets its shard of every update it did not compute)."""
     groups = cm.stage_groups(cm.MODELS["llama-7b"], "teon", cm.Assumptions())
     groups = [cm.Group(g.stacked, g.elements, tp > 1) for g in groups]
     rc = cm.per_rank_bytes(groups, tp, dp, ns_steps=5, itemsize=4)
     shard = sum(g.elements // tp for g in groups) * 4
     w = tp * dp
-    assert sum(rc.sent) == sum(rc.received) == pytest.approx(shard * ((tp - 1) + (w - 1)))
+    assert sum(rc.sent) == pytest.approx(shard * (2 * (tp - 1) + tp))
+    assert sum(rc.received) == pytest.approx(shard * ((tp - 1) + (w - 1)))
     assert sum(rc.flops) == pytest.approx(sum(cm.ns_flops(g.stacked, 5) for g in groups))
+
+
+@pytest.mark.parametrize("key,tp,dp", [("llama-1b", 1, 1024), ("llama-1b", 1, 8), ("llama-7b", 2, 512),
+                                       ("llama-70b", 8, 32)])
+def test_bytes_per_rank_do_not_grow_with_the_ranks(key, tp, dp):
+    """No rank sends W-1 copies of anything: every rank's bytes stay within one TP shard of the model
+    (plus the T-1 shards of phase A / the TP hand-off), at any data-parallel size."""
+    groups = cm.stage_groups(cm.MODELS[key], "teon", cm.Assumptions())
+    groups = [cm.Group(g.stacked, g.elements, tp > 1) for g in groups]
+    rc = cm.per_rank_bytes(groups, tp, dp, ns_steps=5, itemsize=4)
+    shard = sum(g.elements // tp for g in groups) * 4
+    largest = max(g.elements for g in groups) * 4
+    bound = shard + 2 * (tp - 1) * largest * tp
+    assert max(rc.received) <= shard * tp and max(rc.sent) <= bound
+
+
+def test_deepspeed_strategy_computes_cut_matrices_on_every_holder():
+    """DeepSpeed's Muon: 3 equal matrices over 2 partitions: the middle one is cut, so both ranks
+    orthogonalize it (2 NS each) and receive its full gradient; one partition does all of them."""
+    a = cm.Assumptions()
+    groups = [cm.Group((64, 64), 64 * 64, False)] * 3
+    f = cm.ns_flops((64, 64), a.ns_steps)
+    two = cm.deepspeed_time(groups, 1, 2, 1, a)
+    assert two["flops"] == pytest.approx(2 * f) and two["bytes"] == 64 * 64 * a.comm_itemsize
+    one = cm.deepspeed_time(groups, 1, 1, 1, a)
+    assert one["flops"] == pytest.approx(3 * f) and one["bytes"] == 0
 
 
 def test_replicated_computes_at_least_as_much_as_distributed():
