@@ -17,6 +17,7 @@ from ..config import OptimizerConfig, make_config
 from ..fused import LAYOUT_ATTR, FusedLayout, annotate_model
 from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
+from ..ortho.compute_dtype import check_cpu_bf16_env
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import FlatPartition
@@ -46,6 +47,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, *, parallel: Optional[ParallelContext] = None, **options: Any) -> None:
         self.config: OptimizerConfig = make_config(self.kind, options)
+        check_cpu_bf16_env()  # a bad TEONSPEED_CPU_BF16 fails here, not mid-step after the momentum moved
         if parallel is None and isinstance(params, torch.nn.Module):
             parallel = megatron_context(params)
         self.parallel = parallel or ParallelContext()
