@@ -87,6 +87,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=0,
                    help="stop starting new rows after this many seconds (0: no limit); the rest are listed as skipped")
     p.add_argument("--worker", nargs=2, metavar=("SIZE", "OPTIMIZER"), help=argparse.SUPPRESS)
+    p.add_argument("--paired", action="store_true",
+                   help="run all optimizers of a size in one process with interleaved steps (fair ratios on a "
+                        "loaded machine; no memory figures)")
+    p.add_argument("--worker-paired", nargs=2, metavar=("SIZE", "OPTIMIZERS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -172,17 +176,14 @@ def build_deepspeed_muon(named, ns_method: str, dtype: Optional[str], cuda: bool
     return opt, label, picked
 
 
-def worker(size: str, spec: str, args: argparse.Namespace) -> dict:
+def build(size: str, spec: str, device):
+    """(optimizer, named parameters with gradients, label, NS compute dtype) for one optimizer spec."""
     import torch
     import teonspeed
     from teonspeed.ortho import default_compute_dtype
 
     name, dtype, _compile = parse_variant(spec)
-
-    device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if not cuda:
-        torch.set_num_threads(args.threads)
     gen = torch.Generator(device=device).manual_seed(0)
     named = []
     for pname, shape in llama_param_shapes(size):
@@ -206,6 +207,17 @@ def worker(size: str, spec: str, args: argparse.Namespace) -> dict:
         label = (f"teonspeed.{cls.__name__} (orthogonalizer={c.orthogonalizer} x{c.ns_steps or 5}, "
                  f"ns_dtype={c.ns_dtype} -> {ns_compute}, teon_k={c.teon_k}"
                  + (f", ht_method={c.ht_method}, ht_power={c.ht_power}" if name == "htmuon" else "") + ")")
+    return opt, named, label, ns_compute
+
+
+def worker(size: str, spec: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    opt, named, label, ns_compute = build(size, spec, device)
 
     def sync():
         if cuda:
@@ -233,7 +245,7 @@ def worker(size: str, spec: str, args: argparse.Namespace) -> dict:
     timed = step_ms[args.warmup:] or step_ms
     return {
         "size": size, "optimizer": spec, "label": label, "device": str(device), "ns_compute_dtype": ns_compute,
-        "torch_compile": _compile,
+        "torch_compile": parse_variant(spec)[2],
         "num_params": num_params(size), "first_step_ms": step_ms[0],
         "median_ms": statistics.median(timed), "min_ms": min(timed), "timed_steps": len(timed),
         "all_steps_ms": step_ms,
@@ -241,6 +253,40 @@ def worker(size: str, spec: str, args: argparse.Namespace) -> dict:
         "state_mib": _state_bytes(opt) / 2 ** 20,
         "param_mib": sum(p.numel() * p.element_size() for _, p in named) / 2 ** 20,
     }
+
+
+def paired_worker(size: str, specs: List[str], args: argparse.Namespace) -> List[dict]:
+    """All `specs` in one process, their timed steps interleaved (round r steps each optimizer once, in an
+    order rotated by r), so that a shared machine's load swings hit every optimizer alike. Memory is not
+    separable here and is not reported."""
+    import torch
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    built = [build(size, spec, device) for spec in specs]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times: List[List[float]] = [[] for _ in specs]
+    for r in range(args.warmup + args.repeats):
+        order = list(range(len(specs)))
+        order = order[r % len(order):] + order[:r % len(order)]
+        for i in order:
+            sync()
+            t0 = time.perf_counter()
+            built[i][0].step()
+            sync()
+            times[i].append(1e3 * (time.perf_counter() - t0))
+    rows = []
+    for spec, (opt, named, label, ns_compute), step_ms in zip(specs, built, times):
+        timed = step_ms[args.warmup:] or step_ms
+        rows.append({"size": size, "optimizer": spec, "label": label, "device": str(device),
+                     "ns_compute_dtype": ns_compute, "torch_compile": False, "paired": True,
+                     "num_params": num_params(size), "first_step_ms": step_ms[0],
+                     "median_ms": statistics.median(timed), "min_ms": min(timed), "timed_steps": len(timed),
+                     "all_steps_ms": step_ms, "peak_extra_mib": None,
+                     "peak_memory_measure": "not measured (--paired: all optimizers share one process)",
+                     "state_mib": _state_bytes(opt) / 2 ** 20})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -355,6 +401,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args)), flush=True)
         return 0
+    if args.worker_paired:
+        for row in paired_worker(args.worker_paired[0], args.worker_paired[1].split(","), args):
+            print("RESULT " + json.dumps(row), flush=True)
+        return 0
     sizes = (args.sizes or ("130m,1b" if args.device == "cuda" else "130m")).split(",")
     names = args.optimizers.split(",")
     bad = [s for s in sizes if s not in SIZES]
@@ -363,6 +413,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             parse_variant(o)
     except ValueError as exc:
         bad.append(str(exc))
+    if args.paired and any(parse_variant(o)[2] for o in names if o.split(":")[0] in OPTIMIZERS):
+        bad.append("+compile variants need their own process: drop them or --paired")
     if bad:
         print(f"unknown size/optimizer: {bad}", file=sys.stderr)
         return 2
@@ -372,39 +424,43 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     start = time.perf_counter()
-    for size in sizes:
-        for name in names:
-            if args.budget_s and time.perf_counter() - start > args.budget_s:
-                rows.append({"size": size, "optimizer": name, "num_params": num_params(size),
-                             "status": f"skipped (--budget-s {args.budget_s} spent)"})
-                continue
-            cmd = [sys.executable, __file__, "--worker", size, name, "--device", args.device,
-                   "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-            env = {**os.environ, "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1")}
-            if parse_variant(name)[2]:
-                env["TORCHDYNAMO_DISABLE"] = "0"
-            t0 = time.perf_counter()
-            try:
-                timeout = args.timeout
-                if args.budget_s:
-                    timeout = max(30, min(timeout, args.budget_s - (time.perf_counter() - start) + 30))
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-                result = next((json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if result is None:
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                    result = {"size": size, "optimizer": name, "num_params": num_params(size),
-                              "status": f"failed (rc {proc.returncode}): {tail[0][:200]}"}
-            except subprocess.TimeoutExpired:
-                result = {"size": size, "optimizer": name, "num_params": num_params(size),
-                          "status": f"timed out after {timeout:.0f} s"}
+    # One job per (size, optimizer), or with --paired one job per size running all its optimizers.
+    jobs = [(size, names) for size in sizes] if args.paired else [(size, [n]) for size in sizes for n in names]
+    for size, job in jobs:
+        label = ",".join(job)
+        if args.budget_s and time.perf_counter() - start > args.budget_s:
+            rows += [{"size": size, "optimizer": n, "num_params": num_params(size),
+                      "status": f"skipped (--budget-s {args.budget_s} spent)"} for n in job]
+            continue
+        flag = ["--worker-paired", size, label] if args.paired else ["--worker", size, label]
+        cmd = [sys.executable, __file__, *flag, "--device", args.device,
+               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        env = {**os.environ, "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1")}
+        if not args.paired and parse_variant(label)[2]:
+            env["TORCHDYNAMO_DISABLE"] = "0"
+        t0 = time.perf_counter()
+        timeout = args.timeout
+        if args.budget_s:
+            timeout = max(30, min(timeout, args.budget_s - (time.perf_counter() - start) + 30))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+            results = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not results:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                results = [{"size": size, "optimizer": n, "num_params": num_params(size),
+                            "status": f"failed (rc {proc.returncode}): {tail[0][:200]}"} for n in job]
+        except subprocess.TimeoutExpired:
+            results = [{"size": size, "optimizer": n, "num_params": num_params(size),
+                        "status": f"timed out after {timeout:.0f} s"} for n in job]
+        for result in results:
             result.setdefault("status", "measured")
             result["wall_s"] = time.perf_counter() - t0
             rows.append(result)
-            print(f"{size:5s} {name:7s} median {fmt(result.get('median_ms'), '9.1f')} ms  "
+            print(f"{size:5s} {result['optimizer']:7s} median {fmt(result.get('median_ms'), '9.1f')} ms  "
                   f"first {fmt(result.get('first_step_ms'), '9.1f')} ms  extra peak "
                   f"{fmt(result.get('peak_extra_mib'), '7.0f')} MiB  state {fmt(result.get('state_mib'), '6.0f')} MiB  "
                   f"{result['status']}", flush=True)
-            write_results(args, stem, info, sizes, rows)  # after every row: a killed run keeps what it measured
+        write_results(args, stem, info, sizes, rows)  # after every job: a killed run keeps what it measured
     write_results(args, stem, info, sizes, rows)
     print(f"wrote {args.out_dir / stem}.json and .md")
     return 0
