@@ -372,7 +372,11 @@ def markdown(info: dict, rows: List[dict], args: argparse.Namespace) -> str:
     if pairs:
         lines += ["## Ours vs DeepSpeed's shipped Muon (same parameter set, same run)", "",
                   "Ratio = our median step / DeepSpeed's (the faster of its gram and standard NS at that dtype "
-                  "choice); below 1 means ours is faster.", "",
+                  "choice); below 1 means ours is faster. "
+                  + ("Steps interleaved in one process (--paired): load swings hit both alike." if all(
+                      r.get("paired") for r in rows if r.get("median_ms")) else
+                     "Each optimizer ran in its own process, one after the other: on a shared machine the load "
+                     "changes between them, so for ratios prefer a --paired run."), "",
                   "| size | dtype choice | ours | ours ms | DeepSpeed | DeepSpeed ms | ratio ours/DS |", "|---|---|---|---|---|---|---|"]
         for q in pairs:
             lines.append(f"| {q['size']} | {q['dtypes']} | {q['ours']} ({q['ours_dtype']}) | {q['ours_ms']:.1f} | "

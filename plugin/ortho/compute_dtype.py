@@ -20,7 +20,8 @@ import torch
 
 CPU_BF16_ENV = "TEONSPEED_CPU_BF16"
 PROBE_SIZE = 384       # big enough to reach the matmul kernels' steady rate, small enough for ~50 ms
-PROBE_REPEATS = 3
+PROBE_REPEATS = 2
+PROBE_ROUNDS = 3
 MIN_BF16_SPEEDUP = 1.2  # bf16 costs precision: take it only for a margin above timing noise
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -63,10 +64,14 @@ def time_cpu_matmul(dtype: torch.dtype, n: int = PROBE_SIZE, repeats: int = PROB
     return best
 
 
-def probe_cpu_bf16(timer: Callable[[torch.dtype], float] = time_cpu_matmul) -> Tuple[bool, float, float]:
-    """(bf16 chosen, fp32 seconds, bf16 seconds) from one timing of each."""
-    fp32 = timer(torch.float32)
-    bf16 = timer(torch.bfloat16)
+def probe_cpu_bf16(timer: Callable[[torch.dtype], float] = time_cpu_matmul,
+                   rounds: int = PROBE_ROUNDS) -> Tuple[bool, float, float]:
+    """(bf16 chosen, fp32 seconds, bf16 seconds): the best of `rounds` alternating timings of each, so
+    that a load spike on a shared machine hits both dtypes rather than deciding between them."""
+    fp32 = bf16 = float("inf")
+    for _ in range(rounds):
+        fp32 = min(fp32, timer(torch.float32))
+        bf16 = min(bf16, timer(torch.bfloat16))
     return prefers_bf16(fp32, bf16), fp32, bf16
 
 

@@ -28,10 +28,24 @@ def test_decision_from_injected_timings(fp32_s, bf16_s, expected):
     assert (chosen, f, b) == (expected, fp32_s, bf16_s)
 
 
+def test_probe_alternates_and_keeps_the_best_of_each():
+    """A load spike during one timing must not decide: the best of alternating rounds is compared."""
+    seq = iter([0.050, 0.004, 0.010, 0.030, 0.011, 0.004])  # fp32, bf16, fp32, bf16, fp32, bf16
+    calls = []
+
+    def timer(dtype):
+        calls.append(dtype)
+        return next(seq)
+
+    chosen, fp32, bf16 = cd.probe_cpu_bf16(timer=timer, rounds=3)
+    assert calls == [torch.float32, torch.bfloat16] * 3
+    assert (fp32, bf16) == (0.010, 0.004) and chosen
+
+
 def test_cpu_follows_the_probe_and_caches_it(fresh_probe, monkeypatch):
     calls = []
 
-    def fake_probe(timer=None):
+    def fake_probe(timer=None, rounds=None):
         calls.append(1)
         return True, 0.068, 0.026
 
@@ -45,14 +59,14 @@ def test_cpu_follows_the_probe_and_caches_it(fresh_probe, monkeypatch):
 
 
 def test_slow_bf16_cpu_keeps_fp32(fresh_probe, monkeypatch):
-    monkeypatch.setattr(cd, "probe_cpu_bf16", lambda timer=None: (False, 0.001, 0.06))
+    monkeypatch.setattr(cd, "probe_cpu_bf16", lambda timer=None, rounds=None: (False, 0.001, 0.06))
     assert default_compute_dtype(torch.zeros(4, 8)) == torch.float32
 
 
 @pytest.mark.parametrize("value, dtype", [("1", torch.bfloat16), ("0", torch.float32), ("true", torch.bfloat16),
                                           ("off", torch.float32)])
 def test_env_override_skips_the_probe(fresh_probe, monkeypatch, value, dtype):
-    monkeypatch.setattr(cd, "probe_cpu_bf16", lambda timer=None: pytest.fail("probe ran despite the override"))
+    monkeypatch.setattr(cd, "probe_cpu_bf16", lambda timer=None, rounds=None: pytest.fail("probe ran despite the override"))
     monkeypatch.setenv(cd.CPU_BF16_ENV, value)
     assert default_compute_dtype(torch.zeros(2, 3)) == dtype
     assert cd.cpu_bf16_decision()["source"] == f"{cd.CPU_BF16_ENV}={value}"
