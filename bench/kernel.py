@@ -11,7 +11,9 @@ Writes bench/results/kernel_gpu.{json,md} or bench/results/kernel_cpu_smoke.{jso
 Paths (all with the same contract, x (B, m, n) fp32 in, compute dtype bf16 out; the Frobenius
 normalisation is inside every timed call):
   torch     teonspeed.ortho.newton_schulz.newton_schulz(x, schedule, bf16)
-  compile   torch.compile(newton_schulz) (default mode, dynamic=False: one graph per shape)
+  compile   torch.compile(newton_schulz) (default mode; the batch dim is marked dynamic, so one graph per
+            matrix shape for batches >= 2 and one for batch 1, which keeps the compile time of the
+            20-row table to a few graphs)
   triton    teonspeed.kernels.newton_schulz_triton(x, schedule, bf16)
 
 FLOP convention (2 FLOPs per multiply-add, elementwise work not counted), per quintic step of a wide
@@ -168,7 +170,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------- GPU run
 
-def run_gpu(args: argparse.Namespace) -> Tuple[dict, List[dict]]:
+def run_gpu(args: argparse.Namespace, checkpoint: Callable[[dict, List[dict]], None] = lambda peak, rows: None
+            ) -> Tuple[dict, List[dict]]:
     sched = schedule_for(args.method, args.steps)
     bf16 = torch.bfloat16
     peak = {"gpu": matmul_peak("cuda", bf16, (PEAK_N_GPU,), args.warmup, args.repeats)}
@@ -177,13 +180,15 @@ def run_gpu(args: argparse.Namespace) -> Tuple[dict, List[dict]]:
     compiled = None
     if not args.no_compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        compiled = torch.compile(newton_schulz, dynamic=False)
+        compiled = torch.compile(newton_schulz)
     rows: List[dict] = []
     for shape in parse_shapes(args.shapes):
         for batch in parse_batches(args.batches):
             m, n = shape
             try:
                 x = torch.randn(batch, m, n, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+                if batch > 1:
+                    torch._dynamo.mark_dynamic(x, 0)
             except torch.OutOfMemoryError:
                 rows += [pending_row(shape, batch, p, "OOM (input)") for p in GPU_PATHS]
                 continue
@@ -212,6 +217,7 @@ def run_gpu(args: argparse.Namespace) -> Tuple[dict, List[dict]]:
                 print_row(row)
             del x, ref, ref32
             torch.cuda.empty_cache()
+        checkpoint(peak, rows)  # a run stopped by its time limit keeps the shapes it finished
     return peak, rows
 
 
@@ -291,6 +297,12 @@ def machine_info(gpu: bool) -> dict:
     if gpu:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+        try:
+            import gpu_report
+            env = gpu_report.environment()
+            info.update(driver=env["driver"], gpu_memory=env["gpu_memory"], compute_capability=env["compute_capability"])
+        except Exception as exc:  # noqa: BLE001 - metadata only
+            info["driver"] = f"unknown ({type(exc).__name__})"
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                             cwd=Path(__file__).parent).stdout.strip()
@@ -304,7 +316,8 @@ def machine_info(gpu: bool) -> dict:
 def markdown(title: str, info: dict, peak: dict, rows: List[dict], args: argparse.Namespace) -> str:
     lines = [f"# {title}", "",
              f"Date {info['date']}; torch {info['torch']}, triton {info['triton']}, Python {info['python']}; "
-             f"{info.get('gpu', 'no GPU')}; {info['platform']}, {info['cpu_count']} CPUs; "
+             f"{info.get('gpu', 'no GPU')}" + (f" (driver {info.get('driver')}, CUDA {info.get('cuda')})"
+                                                 if info.get("gpu") else "") + f"; {info['platform']}, {info['cpu_count']} CPUs; "
              f"git {info.get('git_commit', '?')[:12]}{' (dirty tree)' if info.get('git_dirty') else ''}.", "",
              f"Schedule: {args.method} × {args.steps} steps. Input (B, m, n) fp32 Gaussian; every path includes "
              "the Frobenius normalisation and returns the compute dtype.", "",
@@ -345,17 +358,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not gpu and not args.cpu_smoke:
         print("no CUDA device: run with --cpu-smoke (GPU rows are then listed as not measured)", file=sys.stderr)
         return 2
-    peak, rows = run_gpu(args) if gpu else run_cpu_smoke(args)
-    info = machine_info(gpu)
     stem = "kernel_gpu" if gpu else "kernel_cpu_smoke"
     title = "Batched Newton–Schulz: Triton vs torch vs torch.compile" + ("" if gpu else " (CPU smoke run)")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "method": args.method, "steps": args.steps, "peak": peak,
-               "flop_convention": {"torch": "4*m^2*n + 2*m^3 per step", "triton": "3*m^2*n + m^3 per step",
-                                   "m": "min(rows, cols)", "n": "max(rows, cols)"},
-               "rows": rows}
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(markdown(title, info, peak, rows, args))
+
+    def write(peak: dict, rows: List[dict]) -> None:
+        info = machine_info(gpu)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": info, "method": args.method, "steps": args.steps, "peak": peak,
+                   "flop_convention": {"torch": "4*m^2*n + 2*m^3 per step", "triton": "3*m^2*n + m^3 per step",
+                                       "m": "min(rows, cols)", "n": "max(rows, cols)"},
+                   "rows": rows}
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (args.out_dir / f"{stem}.md").write_text(markdown(title, info, peak, rows, args))
+
+    peak, rows = run_gpu(args, write) if gpu else run_cpu_smoke(args)
+    write(peak, rows)
     print(f"wrote {args.out_dir / stem}.json and .md")
     return 0
 

@@ -37,7 +37,8 @@ class OptimizerConfig:
     ns_steps: Optional[int] = None
     """Iterations of ns5/polar_express (default 5)."""
     ns_dtype: str = "auto"
-    """Compute dtype of the iteration: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    """Compute dtype of the iteration: auto (bf16 on GPU; on the CPU bf16 only where a cached timing probe finds
+    it faster, see teonspeed.ortho.compute_dtype; TEONSPEED_CPU_BF16=0/1 fixes it), fp32 or bf16."""
     ns_backend: str = "auto"
     """Newton–Schulz implementation: auto (the Triton kernels of teonspeed.kernels for CUDA tensors when
     triton imports, torch otherwise), torch, or triton (an error where it cannot run)."""

@@ -20,6 +20,7 @@ from ..config import OptimizerConfig, make_config
 from ..fused import LAYOUT_ATTR, FusedLayout, annotate_model
 from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
+from ..ortho.compute_dtype import check_cpu_bf16_env
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import BucketShard, FlatPartition, FlatStep, gather_work_ranks, plan_partition
@@ -53,6 +54,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
         # parallel_mode="distributed" named explicitly: run the exchange code even in a world of one rank
         # (one GPU with an NCCL group exercises it); otherwise a one-rank world takes the local path.
         self._mode_forced = options.get("parallel_mode") == "distributed"
+        check_cpu_bf16_env()  # a bad TEONSPEED_CPU_BF16 fails here, not mid-step after the momentum moved
         if parallel is None and isinstance(params, torch.nn.Module):
             parallel = megatron_context(params)
         self.parallel = parallel or ParallelContext()

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .compute_dtype import compute_dtype_for as default_compute_dtype
 from .coefficients import JORDAN_NS5, POLAR_EXPRESS_CANONICAL_8, Schedule, schedule_for
 from .newton_schulz import newton_schulz
 from .spectral import heavy_tail_svd, matrix_root_newton_schulz, polar_svd
@@ -20,14 +21,6 @@ ORTHOGONALIZERS = ("ns5", "polar_express", "svd")
 NS_BACKENDS = ("auto", "torch", "triton")
 HEAVY_TAIL_METHODS = ("svd", "ns")
 DEFAULT_STEPS = {"ns5": 5, "polar_express": 5}
-
-
-def default_compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """bf16 on accelerators (the iteration is built to tolerate it); fp32 on the CPU, where bf16
-    matrix products are an order of magnitude slower than fp32, and fp64 stays fp64."""
-    if x.dtype == torch.float64:
-        return torch.float64
-    return torch.bfloat16 if x.device.type == "cuda" else torch.float32
 
 
 def _newton_schulz_impl(x: torch.Tensor, backend: str):

@@ -1,9 +1,11 @@
 """The orthogonalization core against exact oracles (SVD in fp64, the polynomial's scalar map)."""
+import importlib
+
 import pytest
 import torch
 
 from teonspeed import heavy_tail, orthogonalize
-from teonspeed.ortho import matrix_root_newton_schulz, schedule_for
+from teonspeed.ortho import matrix_root_newton_schulz, newton_schulz, schedule_for
 from teonspeed.ortho.coefficients import POLAR_EXPRESS_CANONICAL_8, POLAR_EXPRESS_SAFETY
 
 SHAPES = [(16, 16), (12, 40), (40, 12), (3, 7, 9)]
@@ -146,3 +148,38 @@ def test_svd_keeps_every_direction_of_an_ill_conditioned_full_rank_matrix():
     x = (U @ torch.diag(torch.logspace(0, -6, 64, dtype=torch.float64)) @ V.T).float()  # σ_min/σ_max = 1e-6
     s = torch.linalg.svdvals(orthogonalize(x, "svd").double())
     assert (s - 1).abs().max() < 1e-4
+
+
+# -- the CPU fast paths of newton_schulz: same iteration, other evaluation order --------------------
+
+def _plain_iteration(x: torch.Tensor, schedule) -> torch.Tensor:
+    """The schedule written out as X ← aX + (bA + cA²)X on the wide side (the definition)."""
+    X = x.mT if x.size(-2) > x.size(-1) else x
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) * schedule.input_margin + 1e-7)
+    for a, b, c in schedule.steps:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if x.size(-2) > x.size(-1) else X
+
+
+@pytest.mark.parametrize("method", ["ns5", "polar_express"])
+@pytest.mark.parametrize("shape", [(2, 256, 704), (704, 256)])
+def test_gram_form_equals_the_plain_iteration(method, shape):
+    ns_module = importlib.import_module("teonspeed.ortho.newton_schulz")  # the name is shadowed by the function
+    sched = schedule_for(method, 5)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    wide = torch.zeros(256, 704, dtype=torch.float64)
+    assert ns_module._use_gram_form(wide, 5), "this size must take the Gram form"
+    assert ns_module.gram_form_flops(256, 704, 5) < 0.9 * ns_module.plain_form_flops(256, 704, 5)
+    torch.testing.assert_close(newton_schulz(x, sched, torch.float64), _plain_iteration(x, sched),
+                               rtol=1e-9, atol=1e-10)
+    # fp32 Gram form: within fp32 rounding of the exact iteration
+    out32 = newton_schulz(x.float(), sched, torch.float32).double()
+    assert (out32 - _plain_iteration(x, sched)).norm() / out32.norm() < 1e-5
+
+
+def test_square_and_bf16_keep_the_plain_form():
+    ns_module = importlib.import_module("teonspeed.ortho.newton_schulz")  # the name is shadowed by the function
+    assert not ns_module._use_gram_form(torch.zeros(512, 512), 5)
+    assert not ns_module._use_gram_form(torch.zeros(512, 1376, dtype=torch.bfloat16), 5)
+    assert not ns_module._use_gram_form(torch.zeros(64, 1024), 5)  # small: not worth a second rounding path
