@@ -17,7 +17,7 @@ from ..config import OptimizerConfig, make_config
 from ..fused import LAYOUT_ATTR, FusedLayout, annotate_model
 from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
-from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
+from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context, megatron_context_of_parameters
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import FlatPartition
 from ..parallel.local import LocalRunner
@@ -46,10 +46,12 @@ class OrthoOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, *, parallel: Optional[ParallelContext] = None, **options: Any) -> None:
         self.config: OptimizerConfig = make_config(self.kind, options)
-        if parallel is None and isinstance(params, torch.nn.Module):
-            parallel = megatron_context(params)
-        self.parallel = parallel or ParallelContext()
         user_groups = _normalize_params(params)
+        if parallel is None:
+            # named_parameters() and param groups of a Megatron model get the layout passing the model gets
+            parallel = (megatron_context(params) if isinstance(params, torch.nn.Module) else
+                        megatron_context_of_parameters([np for g in user_groups for np in g["named"]]))
+        self.parallel = parallel or ParallelContext()
         self._names: Dict[int, str] = {}
         named: List[Tuple[str, torch.Tensor]] = []
         force_route: Dict[str, str] = {}
