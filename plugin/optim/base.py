@@ -49,10 +49,14 @@ class OrthoOptimizer(torch.optim.Optimizer):
     def __init__(self, params, *, parallel: Optional[ParallelContext] = None, **options: Any) -> None:
         self.config: OptimizerConfig = make_config(self.kind, options)
         user_groups = _normalize_params(params)
-        if parallel is None:
+        if parallel is None and isinstance(params, torch.nn.Module):
+            parallel = megatron_context(params)
+        elif parallel is None:
             # named_parameters() and param groups of a Megatron model get the layout passing the model gets
-            parallel = (megatron_context(params) if isinstance(params, torch.nn.Module) else
-                        megatron_context_of_parameters([np for g in user_groups for np in g["named"]]))
+            parallel, renamed = megatron_context_of_parameters([np for g in user_groups for np in g["named"]],
+                                                               {i for g in user_groups for i in g["unnamed"]})
+            for g in user_groups:
+                g["named"] = [(renamed.get(id(p), n), p) for n, p in g["named"]]
         self.parallel = parallel or ParallelContext()
         self._names: Dict[int, str] = {}
         named: List[Tuple[str, torch.Tensor]] = []
@@ -380,7 +384,8 @@ def _part_rows(layout: FusedLayout, m: MatrixRef, num_rows: int) -> torch.Tensor
 
 
 def _normalize_params(params) -> List[Dict[str, Any]]:
-    """User params -> [{"named": [(name, p)], "overrides": {...}, ["route": ...]}]."""
+    """User params -> [{"named": [(name, p)], "unnamed": {ids named param_<i> here}, "overrides": {...},
+    ["route": ...]}]."""
     if isinstance(params, torch.nn.Module):
         annotate_model(params)
         params = params.named_parameters()
@@ -400,7 +405,7 @@ def _normalize_params(params) -> List[Dict[str, Any]]:
             raise ValueError(f"teonspeed: param-group 'route' must be 'ortho' or 'adamw', got {group[_ROUTE_KEY]!r}")
         items = list(group["params"])
         names = list(group.get("names", []))
-        named = []
+        named, unnamed = [], set()
         for i, item in enumerate(items):
             if isinstance(item, tuple):
                 named.append((item[0], item[1]))
@@ -409,8 +414,9 @@ def _normalize_params(params) -> List[Dict[str, Any]]:
                     name = names[i]
                 else:
                     name, counter = f"param_{counter}", counter + 1
+                    unnamed.add(id(item))
                 named.append((name, item))
-        entry = {"named": [(n, p) for n, p in named if p.requires_grad],
+        entry = {"named": [(n, p) for n, p in named if p.requires_grad], "unnamed": unnamed,
                  "overrides": {k: v for k, v in group.items() if k not in ("params", "names", _ROUTE_KEY)}}
         if _ROUTE_KEY in group:
             entry[_ROUTE_KEY] = group[_ROUTE_KEY]

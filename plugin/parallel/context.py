@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -78,24 +78,31 @@ def check_stage_cuts(grouping: GroupingResult, context: ParallelContext, allow_c
                 f"a multiple of teon_k), or pass cut_groups_at_stage_boundary=True to fall back to Muon there")
 
 
-def megatron_context_of_parameters(named: List[Tuple[str, torch.Tensor]]) -> Optional[ParallelContext]:
+def megatron_context_of_parameters(named: List[Tuple[str, torch.Tensor]], unnamed: Set[int] = frozenset()
+                                   ) -> Tuple[Optional[ParallelContext], Dict[int, str]]:
     """`named_parameters()` or param groups of a megatron-core model, given without the model: the same
     layout as `megatron_context(model)` (and the same fused-weight tags as passing the model).
 
     Megatron's parameters carry only their TP dim; layer offsets, expert offsets and the fused QKV /
     gated-fc1 layouts live on their modules, so the modules are found from the parameters (one pass
-    over the live objects; only when Megatron's TP attributes are present). Returns None for
-    parameters that Megatron did not make, or when its parallel state is not initialised.
+    over the live objects; only when Megatron's TP attributes are present). Returns the context (None for
+    parameters that Megatron did not make, or when its parallel state is not initialised) and, for the
+    parameters given without a name (ids in `unnamed`), their names in their module: layer grouping
+    needs them.
     """
     megatron_made = {id(p) for _, p in named if hasattr(p, "tensor_model_parallel")}
     if not megatron_made:
-        return None
+        return None, {}
     roots = _root_modules_holding(megatron_made)
     spec_of: Dict[int, ShardSpec] = {}
+    module_name: Dict[int, str] = {}
     for root in roots:
         annotate_model(root)
         specs = megatron_shard_specs(root)
         spec_of.update({id(p): specs[n] for n, p in root.named_parameters()})
+        module_name.update({id(p): n for n, p in root.named_parameters()})
+    renamed = {i: module_name[i] for i in unnamed if i in module_name}
+    named = [(renamed.get(id(p), n), p) for n, p in named]
     missing = [n for n, p in named if id(p) in megatron_made and id(p) not in spec_of]
     if missing:
         raise ValueError(
@@ -104,7 +111,7 @@ def megatron_context_of_parameters(named: List[Tuple[str, torch.Tensor]]) -> Opt
             f"itself (teonspeed.TEON(model, ...)) or parallel=teonspeed.megatron_context(model)")
     ps = sys.modules.get("megatron.core.parallel_state")
     if ps is None or not ps.model_parallel_is_initialized():
-        return None
+        return None, renamed
     return ParallelContext(
         specs={n: spec_of[id(p)] for n, p in named if id(p) in spec_of},
         tp_group=ps.get_tensor_model_parallel_group(),
@@ -113,7 +120,7 @@ def megatron_context_of_parameters(named: List[Tuple[str, torch.Tensor]]) -> Opt
         expert_dp_group=ps.get_expert_data_parallel_group(),
         num_layers=next((m.config.num_layers for r in roots for m in r.modules()
                          if hasattr(getattr(m, "config", None), "num_layers")), None),
-    )
+    ), renamed
 
 
 def _root_modules_holding(param_ids) -> List[torch.nn.Module]:

@@ -1,5 +1,5 @@
 """Every way of handing a megatron-core model's parameters to the optimizer (the module, its
-named_parameters(), a list of param-group dicts) discovers the same parallel layout: after a few steps at
+named_parameters(), a list of param-group dicts of (name, parameter) pairs or of bare parameters) discovers the same parallel layout: after a few steps at
 TP=2 (and TP=2 x PP=2) the weights equal the single-process run on the full model."""
 import pytest
 import torch
@@ -10,7 +10,7 @@ from teonspeed.parallel.shard_spec import assemble, megatron_shard_specs
 from teonspeed.testing.harness import run_ranks
 from teonspeed.testing.synthetic import global_name, local_tensor
 
-ENTRIES = ("module", "named_parameters", "param_groups")
+ENTRIES = ("module", "named_parameters", "param_groups", "plain_param_groups")
 STEPS = 3
 
 
@@ -20,9 +20,11 @@ def entry_params(model, entry):
     named = list(model.named_parameters())
     if entry == "named_parameters":
         return model.named_parameters()
-    # the usual decay / no-decay split, with (name, parameter) pairs
-    return [{"params": [(n, p) for n, p in named if p.ndim >= 2]},
-            {"params": [(n, p) for n, p in named if p.ndim < 2], "adamw_weight_decay": 0.0}]
+    # the usual decay / no-decay split, with (name, parameter) pairs or with bare parameters (as torch users
+    # write it); adamw_weight_decay=0 is the default, so the split changes nothing
+    pair = (lambda n, p: (n, p)) if entry == "param_groups" else (lambda n, p: p)
+    return [{"params": [pair(n, p) for n, p in named if p.ndim >= 2]},
+            {"params": [pair(n, p) for n, p in named if p.ndim < 2], "adamw_weight_decay": 0.0}]
 
 
 def train_each_entry(rank, world_size, tp=1, pp=1):
