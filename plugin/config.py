@@ -132,11 +132,38 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
 
 
+# What a user of DeepSpeed's own Muon or AdamW writes in "params" (and Hugging Face's DeepSpeed config
+# templates, `"betas": "auto", "eps": "auto"`): the AdamW part's options without their prefix.
+ADAMW_ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps", "adam_lr": "adamw_lr"}
+
+
+def resolve_aliases(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """Options under DeepSpeed's names -> ours. DeepSpeed's Muon takes `muon_lr` for the matrices and then
+    `lr` for its Adam half; `adam_w_mode` must stay true (the AdamW part decouples weight decay)."""
+    out = dict(options)
+    for alias, name in ADAMW_ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise ValueError(f"teonspeed: options {alias!r} and {name!r} both set the AdamW part's {name[6:]}; "
+                                 f"keep one")
+            out[name] = out.pop(alias)
+    if "muon_lr" in out:
+        if "lr" in out and "adamw_lr" not in out:
+            out["adamw_lr"] = out["lr"]
+        out["lr"] = out.pop("muon_lr")
+    if "adam_w_mode" in out and not out.pop("adam_w_mode"):
+        raise ValueError("teonspeed: option 'adam_w_mode' must be true: the AdamW part always decouples weight "
+                         "decay (Adam with L2 regularisation is not offered)")
+    return out
+
+
 def make_config(kind: str, options: Mapping[str, Any]) -> OptimizerConfig:
-    """Build and validate the config of optimizer `kind` from user options, naming any unknown key."""
+    """Build and validate the config of optimizer `kind` from user options (ours, or DeepSpeed's names of
+    the same things: ADAMW_ALIASES, muon_lr, adam_w_mode), naming any unknown key."""
     kind = kind.lower()
     if kind not in OPTIMIZER_KINDS:
         raise ValueError(f"teonspeed: unknown optimizer {kind!r}; choose one of {OPTIMIZER_KINDS}")
+    options = resolve_aliases(options)
     unknown = [k for k in options if k not in OPTION_NAMES]
     if unknown:
         hints = []
@@ -144,7 +171,8 @@ def make_config(kind: str, options: Mapping[str, Any]) -> OptimizerConfig:
             close = difflib.get_close_matches(key, OPTION_NAMES, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"teonspeed: unknown option(s) {', '.join(hints)} for {kind}; "
-                         f"valid options are: {', '.join(OPTION_NAMES)}")
+                         f"valid options are: {', '.join(OPTION_NAMES)} (and DeepSpeed's names "
+                         f"{', '.join(ADAMW_ALIASES)}, muon_lr, adam_w_mode)")
     if kind == "muon" and options.get("teon_k", 1) != 1:
         raise ValueError("teonspeed: option 'teon_k' must be 1 for Muon; use teonspeed.TEON to stack layers")
     values = dict(DEFAULTS[kind])

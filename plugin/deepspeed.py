@@ -89,6 +89,13 @@ def build_optimizer(engine, model_parameters) -> OrthoOptimizer:
                          f"optimizer partitions on the GPU. Remove zero_optimization.offload_optimizer (or set its "
                          f"device to \"none\"); ZeRO-1/2 already partition the optimizer state over "
                          f"data-parallel ranks")
+    if engine.load_universal_checkpoint():
+        # Universal checkpoints re-cut Adam-named state fragments per parameter; ours (momentum of flat
+        # partitions, TEON groups) is not converted by ds_to_universal, so it would be lost or misplaced.
+        raise ValueError(f"teonspeed: optimizer {name!r} cannot load DeepSpeed universal checkpoints "
+                         f"(checkpoint.load_universal=true): ds_to_universal does not convert its state. Resume "
+                         f"from the regular checkpoint at the DP size it was saved with (ZeRO-0 checkpoints also "
+                         f"load at another DP size), or through Megatron's torch_dist checkpoints, which reshard")
     options = dict(engine.optimizer_params() or {})
     annotate_model(engine.module)  # tag Megatron's fused QKV / gated-MLP weights so they are split
     names = {id(p): n for n, p in engine.module.named_parameters()}

@@ -20,6 +20,7 @@ import torch
 from .config import QKV_TYPES
 from .fused import annotate_model
 from .optim import HTMuon, Muon, OrthoOptimizer, TEON
+from .optim.base import LAYOUT_KEY
 from .parallel.context import ParallelContext
 from .parallel.shard_spec import megatron_shard_specs
 
@@ -100,22 +101,47 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
     if config.use_distributed_optimizer:
         return megatron_distributed.wrap(optimizer, config, model_chunks)
     if not (config.bf16 or config.fp16):
-        return TeonFP32Optimizer(optimizer, config, init_state_fn=lambda opt, config=None: None)
-    wrapper = Float16OptimizerWithFloat16Params(optimizer, config, grad_scaler=_grad_scaler(config),
-                                                init_state_fn=lambda opt, config=None: None)
+        return TeonFP32Optimizer(optimizer, config, init_state_fn=_init_state)
+    wrapper = TeonFloat16Optimizer(optimizer, config, grad_scaler=_grad_scaler(config), init_state_fn=_init_state)
     # Megatron swapped the bf16/fp16 parameters for fp32 main copies in the param groups.
     optimizer.rebind(zip((p for g in wrapper.fp32_from_float16_groups for p in g),
                          (p for g in wrapper.float16_groups for p in g)))
     return wrapper
 
 
-class TeonFP32Optimizer(FP32Optimizer):
-    """Megatron's FP32Optimizer around a teonspeed optimizer. Its state dict is ours whole: Megatron's
-    own loader matches param groups by (wd_mult, lr_mult, ...) keys, which cannot tell our matrix and
-    AdamW groups apart."""
+def _init_state(optimizer: OrthoOptimizer, config=None) -> None:
+    """Megatron's init_state_fn: before a torch_dist load, every state tensor must exist to be asked for."""
+    optimizer.init_state()
 
-    def load_state_dict(self, state_dict):
-        self.optimizer.load_state_dict(state_dict)
+
+class _TeonCheckpointing:
+    """What Megatron's wrappers need to checkpoint a teonspeed optimizer.
+
+    - Megatron matches saved param groups to current ones by (wd_mult, lr_mult, ...) keys, which cannot
+      tell our matrix and AdamW groups apart: ours are saved and loaded in one order, by position.
+    - torch_dist checkpoints store each state tensor sharded like its parameter, so they reshard to
+      another TP/PP/EP layout on load by themselves: the layout check of a plain state dict is dropped.
+    """
+
+    @staticmethod
+    def _filter_and_reorder_param_groups(current_groups, state_dict_groups):
+        if len(current_groups) != len(state_dict_groups):
+            raise ValueError(f"teonspeed: the checkpoint has {len(state_dict_groups)} optimizer param groups, this "
+                             f"optimizer {len(current_groups)}: it was saved with other teonspeed options")
+        return state_dict_groups
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+        state = super().sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+        state.get("optimizer", state).pop(LAYOUT_KEY, None)
+        return state
+
+
+class TeonFP32Optimizer(_TeonCheckpointing, FP32Optimizer):
+    """Megatron's FP32Optimizer around a teonspeed optimizer."""
+
+
+class TeonFloat16Optimizer(_TeonCheckpointing, Float16OptimizerWithFloat16Params):
+    """Megatron's bf16/fp16 wrapper (fp32 main params) around a teonspeed optimizer."""
 
 
 def _grad_scaler(config: OptimizerConfig):

@@ -21,7 +21,7 @@ from ..fused import LAYOUT_ATTR, FusedLayout, annotate_model
 from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
 from ..ortho.compute_dtype import check_cpu_bf16_env
-from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context
+from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context, megatron_context_of_parameters
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import BucketShard, FlatPartition, FlatStep, gather_work_ranks, plan_partition
 from ..parallel.local import LocalRunner, MatrixIO, Runner, StepCheck
@@ -35,6 +35,7 @@ _ORTHO_GROUP_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "mo
 _ADAMW_GROUP_KEYS = {"adamw_lr": "lr", "adamw_weight_decay": "weight_decay", "adamw_betas": "betas",
                      "adamw_eps": "eps"}
 _ROUTE_KEY = "route"  # "ortho" | "adamw": force every parameter of a user group to one side
+LAYOUT_KEY = "teonspeed_layout"  # in state_dict(): the layout the state was saved in
 
 
 class OrthoOptimizer(torch.optim.Optimizer):
@@ -55,10 +56,16 @@ class OrthoOptimizer(torch.optim.Optimizer):
         # (one GPU with an NCCL group exercises it); otherwise a one-rank world takes the local path.
         self._mode_forced = options.get("parallel_mode") == "distributed"
         check_cpu_bf16_env()  # a bad TEONSPEED_CPU_BF16 fails here, not mid-step after the momentum moved
+        user_groups = _normalize_params(params)
         if parallel is None and isinstance(params, torch.nn.Module):
             parallel = megatron_context(params)
+        elif parallel is None:
+            # named_parameters() and param groups of a Megatron model get the layout passing the model gets
+            parallel, renamed = megatron_context_of_parameters([np for g in user_groups for np in g["named"]],
+                                                               {i for g in user_groups for i in g["unnamed"]})
+            for g in user_groups:
+                g["named"] = [(renamed.get(id(p), n), p) for n, p in g["named"]]
         self.parallel = parallel or ParallelContext()
-        user_groups = _normalize_params(params)
         self._names: Dict[int, str] = {}
         named: List[Tuple[str, torch.Tensor]] = []
         force_route: Dict[str, str] = {}
@@ -196,6 +203,45 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 g.update(params=[p for _, p in members], names=[n for n, _ in members], route=side, step=0)
                 out.append(g)
         return out
+
+    # -- state --------------------------------------------------------------------------------
+    def init_state(self) -> None:
+        """Create every state buffer now, as the first step would (zeros; AdamW step 0). Checkpoint
+        loaders that ask the optimizer which state to read (Megatron's torch_dist `sharded_state_dict(...,
+        is_loading=True)`) see every buffer; creating them early changes no result."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if group["route"] == "ortho":
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                elif "exp_avg" not in state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+
+    def layout(self) -> Dict[str, Any]:
+        """What the state's shapes depend on: the parallel sizes and, per param group, the parameter
+        names and the local shapes of the tensors the state is kept for (flat ZeRO partitions included)."""
+        ctx = self.parallel
+        sizes = {"tp": ctx.tp_size(False), "expert_tp": ctx.tp_size(True)}
+        if self._flat:  # ZeRO-1/2: the state is kept per DP partition; otherwise it is replicated over DP
+            sizes.update(dp=_group_size(ctx.dp_group), expert_dp=_group_size(ctx.expert_dp_group))
+        tensors = [[list(p.shape) for p in g["params"]] for g in self.param_groups]
+        return {"sizes": sizes, "names": [list(g["names"]) for g in self.param_groups], "shapes": tensors}
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state[LAYOUT_KEY] = self.layout()
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state saved in the same layout (checked before anything changes). Megatron's torch_dist
+        checkpoints reshard by themselves and carry no layout; a plain state dict cannot be resharded
+        here (each rank holds only its shards), so another layout is refused naming both."""
+        saved = state_dict.get(LAYOUT_KEY)
+        if saved is not None:
+            _check_same_layout(saved, self.layout())
+        state_dict = {k: v for k, v in state_dict.items() if k != LAYOUT_KEY}
+        super().load_state_dict(state_dict)
 
     # -- the step -----------------------------------------------------------------------------
     def transform(self, stacked: torch.Tensor, step: int) -> torch.Tensor:
@@ -438,6 +484,30 @@ def _in_unit(m: MatrixRef) -> MatrixRef:
     return m if m.expert_index is None else dataclasses.replace(m, expert_index=None)
 
 
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def _check_same_layout(saved: Dict[str, Any], current: Dict[str, Any]) -> None:
+    problem = None
+    if saved["sizes"] != current["sizes"]:
+        problem = "parallel sizes differ"
+    elif saved["names"] != current["names"]:
+        problem = "the param groups hold other parameters"
+    else:
+        for names, a, b in zip(current["names"], saved["shapes"], current["shapes"]):
+            if a != b:
+                problem = f"the state of {names[0]!r}... has local shape(s) {a} in the checkpoint, {b} here"
+                break
+    if problem is None:
+        return
+    raise ValueError(
+        f"teonspeed: this optimizer state was saved in another layout ({problem}): saved with "
+        f"{saved['sizes']}, loading into {current['sizes']}. A plain state dict holds each rank's shards only "
+        f"and is not resharded; resume with the saved TP/EP sizes (and, under ZeRO-1/2, DP size), or save "
+        f"and load through megatron.core.dist_checkpointing (teonspeed.megatron), which reshards")
+
+
 def _compute_dtype(ns_dtype: str) -> Optional[torch.dtype]:
     return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[ns_dtype]
 
@@ -476,7 +546,8 @@ def _part_rows(layout: FusedLayout, m: MatrixRef, num_rows: int, device: torch.d
 
 
 def _normalize_params(params) -> List[Dict[str, Any]]:
-    """User params -> [{"named": [(name, p)], "overrides": {...}, ["route": ...]}]."""
+    """User params -> [{"named": [(name, p)], "unnamed": {ids named param_<i> here}, "overrides": {...},
+    ["route": ...]}]."""
     if isinstance(params, torch.nn.Module):
         annotate_model(params)
         params = params.named_parameters()
@@ -496,7 +567,7 @@ def _normalize_params(params) -> List[Dict[str, Any]]:
             raise ValueError(f"teonspeed: param-group 'route' must be 'ortho' or 'adamw', got {group[_ROUTE_KEY]!r}")
         items = list(group["params"])
         names = list(group.get("names", []))
-        named = []
+        named, unnamed = [], set()
         for i, item in enumerate(items):
             if isinstance(item, tuple):
                 named.append((item[0], item[1]))
@@ -505,8 +576,9 @@ def _normalize_params(params) -> List[Dict[str, Any]]:
                     name = names[i]
                 else:
                     name, counter = f"param_{counter}", counter + 1
+                    unnamed.add(id(item))
                 named.append((name, item))
-        entry = {"named": [(n, p) for n, p in named if p.requires_grad],
+        entry = {"named": [(n, p) for n, p in named if p.requires_grad], "unnamed": unnamed,
                  "overrides": {k: v for k, v in group.items() if k not in ("params", "names", _ROUTE_KEY)}}
         if _ROUTE_KEY in group:
             entry[_ROUTE_KEY] = group[_ROUTE_KEY]

@@ -2,13 +2,15 @@
 megatron-core's parallel_state or from explicit process groups and ShardSpecs."""
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ..fused import annotate_model
 from ..grouping import GroupingResult, LayerRef
 from .shard_spec import ShardSpec, full_shape, megatron_shard_specs
 
@@ -77,3 +79,67 @@ def check_stage_cuts(grouping: GroupingResult, context: ParallelContext, allow_c
                 f"teonspeed: TEON group of {', '.join(present)} needs block(s) {cut} from another pipeline stage. "
                 f"Groups never cross stages: use a teon_k that divides the layers per stage (and stages that start at "
                 f"a multiple of teon_k), or pass cut_groups_at_stage_boundary=True to fall back to Muon there")
+
+
+def megatron_context_of_parameters(named: List[Tuple[str, torch.Tensor]], unnamed: Set[int] = frozenset()
+                                   ) -> Tuple[Optional[ParallelContext], Dict[int, str]]:
+    """`named_parameters()` or param groups of a megatron-core model, given without the model: the same
+    layout as `megatron_context(model)` (and the same fused-weight tags as passing the model).
+
+    Megatron's parameters carry only their TP dim; layer offsets, expert offsets and the fused QKV /
+    gated-fc1 layouts live on their modules, so the modules are found from the parameters (one pass
+    over the live objects; only when Megatron's TP attributes are present). Returns the context (None for
+    parameters that Megatron did not make, or when its parallel state is not initialised) and, for the
+    parameters given without a name (ids in `unnamed`), their names in their module: layer grouping
+    needs them.
+    """
+    megatron_made = {id(p) for _, p in named if hasattr(p, "tensor_model_parallel")}
+    if not megatron_made:
+        return None, {}
+    roots = _root_modules_holding(megatron_made)
+    spec_of: Dict[int, ShardSpec] = {}
+    module_name: Dict[int, str] = {}
+    for root in roots:
+        annotate_model(root)
+        specs = megatron_shard_specs(root)
+        spec_of.update({id(p): specs[n] for n, p in root.named_parameters()})
+        module_name.update({id(p): n for n, p in root.named_parameters()})
+    renamed = {i: module_name[i] for i in unnamed if i in module_name}
+    named = [(renamed.get(id(p), n), p) for n, p in named]
+    missing = [n for n, p in named if id(p) in megatron_made and id(p) not in spec_of]
+    if missing:
+        raise ValueError(
+            f"teonspeed: parameter {missing[0]!r} carries Megatron's tensor-parallel attributes but no live "
+            f"module holds it, so its layout (TP shard, layer, fused QKV/fc1 parts) is unknown; pass the model "
+            f"itself (teonspeed.TEON(model, ...)) or parallel=teonspeed.megatron_context(model)")
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is None or not ps.model_parallel_is_initialized():
+        return None, renamed
+    return ParallelContext(
+        specs={n: spec_of[id(p)] for n, p in named if id(p) in spec_of},
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        expert_tp_group=ps.get_expert_tensor_parallel_group(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
+        num_layers=next((m.config.num_layers for r in roots for m in r.modules()
+                         if hasattr(getattr(m, "config", None), "num_layers")), None),
+    ), renamed
+
+
+def _root_modules_holding(param_ids) -> List[torch.nn.Module]:
+    """The outermost live modules that (recursively) hold any of the parameters with these ids."""
+    modules = [o for o in gc.get_objects() if issubclass(type(o), torch.nn.Module)]  # type(): no proxy __getattr__
+    parent = {}
+    for m in modules:
+        for child in m._modules.values():
+            if child is not None:
+                parent.setdefault(id(child), m)
+    roots = {}
+    for m in modules:
+        if any(id(p) in param_ids for p in m._parameters.values() if p is not None):
+            seen = {id(m)}
+            while id(m) in parent and id(parent[id(m)]) not in seen:
+                m = parent[id(m)]
+                seen.add(id(m))
+            roots[id(m)] = m
+    return list(roots.values())

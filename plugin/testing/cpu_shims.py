@@ -44,10 +44,11 @@ def _patch_megatron() -> None:
         from megatron.core.transformer.moe import moe_utils
     except ImportError:
         return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
     moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
     # Modules that allocate with device="cuda" (pipeline buffers, the default causal mask, the optimizer
-    # wrappers' loss-scale and overflow tensors).
-    for module in (schedules, transformer_utils, megatron_optimizer, clip_grads, grad_scaler):
+    # wrappers' loss-scale and overflow tensors; torch_dist checkpoint writes sync CUDA before copying).
+    for module in (schedules, transformer_utils, megatron_optimizer, clip_grads, grad_scaler, filesystem_async):
         if not isinstance(module.torch, _CpuTorchProxy):
             module.torch = _CpuTorchProxy(module.torch)
 
