@@ -250,16 +250,29 @@ def paired(a: List[float], b: List[float]) -> Dict:
 
 
 def teon_study(size: Size, seeds: List[int], data_dir: Path, eval_every: int, log, arms=None,
-               checkpoint=lambda results: None) -> Dict:
+               checkpoint=lambda results: None, previous: Optional[Dict] = None) -> Dict:
+    """`previous`: an earlier result of the same size and steps; its sweeps and seeded runs are reused and
+    only the missing seeds run (more seeds for the paired test without redoing the sweeps)."""
     arms = arms or TEON_ARMS
     out: Dict = {"size": size.name, "steps": size.steps, "model_config": size.model_config or "pretrain.py default",
                  "seeds_used": seeds, "arms": {}}
+    if previous and (previous["size"], previous["steps"]) != (size.name, size.steps):
+        raise ValueError(f"--more-seeds: {previous['size']} at {previous['steps']} steps is another study")
+    prior_arms = (previous or {}).get("arms", {})
 
     def run_at(arm: Arm, lr: float, seed: int = seeds[0]) -> Run:
         return launch(Run(size.name, arm.optimizer, lr, seed=seed, model_config=size.model_config, steps=size.steps,
                           arm=arm.name, options=dict(arm.options)), data_dir, eval_every, log)
 
     for arm in arms:
+        prior = prior_arms.get(arm.name)
+        if prior:
+            done = {r["seed"]: r for r in prior["seeds"]}
+            arm = Arm(arm.name, prior["optimizer"], prior["options"], arm.grid, prior["what"])
+            new = [asdict(run_at(arm, prior["best_lr"], seed)) for seed in seeds if seed not in done]
+            out["arms"][arm.name] = {**prior, "seeds": [done[s] for s in seeds if s in done] + new}
+            checkpoint(out)
+            continue
         if arm.name == "teon_ns5_spectral":  # the unfolding mode that did better, with Muon's settings
             better = min((1, 2), key=lambda m: _seed_mean(out["arms"].get(f"teon_mode{m}")))
             arm = Arm(arm.name, arm.optimizer, {**arm.options, "teon_mode": better}, arm.grid, arm.what)
@@ -390,6 +403,10 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=None, help="--gpu: seconds of training per arm (480)")
     p.add_argument("--steps", type=int, default=None, help="override the steps per run")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 1234,1,2)")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="--teon-study: the model")
+    p.add_argument("--arms", default=None, help="--teon-study: comma-separated arm names (default: all)")
+    p.add_argument("--more-seeds", default=None,
+                   help="--teon-study: an earlier result JSON; reuse its sweeps and seeds, run only the missing seeds")
     p.add_argument("--data-dir", default=str(REPO / "data" / "embedded"))
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     args = p.parse_args()
@@ -420,10 +437,13 @@ def main() -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.teon_study:
-        stem = "convergence_teon_quick" if args.quick else "convergence_teon"
-        size = Size("tiny", None, args.steps or sizes[0].steps)
+        base = next(s for s in DEFAULT_SIZES if s.name == args.size)
+        stem = f"convergence_teon{'' if args.size == 'tiny' else '_' + args.size}{'_quick' if args.quick else ''}"
+        size = Size(args.size, base.model_config, args.steps or (sizes[0].steps if args.quick else base.steps))
+        arms = [a for a in TEON_ARMS if a.name in args.arms.split(",")] if args.arms else None
+        previous = json.loads(Path(args.more_seeds).read_text()) if args.more_seeds else None
         partial = out / f"{stem}.partial.json"
-        result = teon_study(size, seeds, data_dir, eval_every, log,
+        result = teon_study(size, seeds, data_dir, eval_every, log, arms=arms, previous=previous,
                             checkpoint=lambda r: partial.write_text(json.dumps(r, indent=1)))
         partial.unlink(missing_ok=True)
         result["machine"] = machine(start)

@@ -97,3 +97,30 @@ def test_gpu_preset_builds_a_corpus_and_trains_every_arm_at_tiny_size_on_cpu(tmp
         assert r["val_curve"][-1][1] < r["val_curve"][0][1]  # it learns
     md = (tmp_path / "out" / "convergence_gpu.md").read_text()
     assert results["device"] in md and "teon_mode2" in md
+
+
+def test_teon_study_protocol_with_a_fake_trainer(monkeypatch):
+    """Every arm at its own bracketed best lr, HTMuon at 1x and 3x Muon's best, paired seeds; then
+    --more-seeds reuses the sweeps and runs only the new seeds."""
+    launched = []
+
+    def fake_launch(run, data_dir, eval_every, log):
+        launched.append((run.arm, run.lr, run.seed))
+        best = {"muon": 0.01, "htmuon": 0.03}.get(run.arm, 0.014)
+        run.val_curve = [[0, 7.0], [run.steps, 4.0 + (math.log(run.lr / best)) ** 2 + 0.01 * run.seed % 3]]
+        return run
+
+    monkeypatch.setattr(convergence, "launch", fake_launch)
+    size = convergence.Size("tiny", None, 10)
+    first = convergence.teon_study(size, [1234, 1, 2], Path("."), 5, lambda m: None)
+    assert first["arms"]["muon"]["best_lr"] == pytest.approx(0.01)
+    assert first["arms"]["teon_mode2"]["best_lr"] == pytest.approx(0.01 * math.sqrt(2))
+    assert [r["lr"] for r in first["arms"]["htmuon"]["sweep"]] == pytest.approx([0.01, 0.03])
+    assert first["arms"]["teon_ns5_spectral"]["options"]["orthogonalizer"] == "ns5"
+    assert first["pairs"]["teon_mode2 - muon"]["n"] == 3
+    table = convergence.summarize_teon(first)
+    assert "| teon_mode2 - muon |" in table and "grid edge" not in table
+    launched.clear()
+    more = convergence.teon_study(size, [1234, 1, 2, 3], Path("."), 5, lambda m: None, previous=first)
+    assert sorted({seed for _, _, seed in launched}) == [3] and len(launched) == len(convergence.TEON_ARMS)
+    assert more["pairs"]["teon_mode1 - muon"]["n"] == 4
