@@ -2,6 +2,15 @@
 
     .venv/bin/python bench/convergence.py            # the default study (~1 hour on 2 CPU cores)
     .venv/bin/python bench/convergence.py --quick    # a few minutes: the same pipeline, tiny budgets
+    .venv/bin/python bench/convergence.py --teon-study [--size small --arms muon,teon_mode1]
+                                                     # TEON vs Muon, fairly (~25 minutes for tiny)
+    .venv/bin/python bench/convergence.py --teon-study --seeds 1234,1,2,3,4 --more-seeds OLD.json
+    python3 bench/convergence.py --gpu [--arm teon_mode2]   # LLaMA-60M on one GPU (bench/gpu_preset.py)
+
+The TEON study (`--teon-study`): Muon, TEON with each unfolding mode, Muon with TEON's orthogonalizer and
+scaling (Polar Express, √(m/n)), TEON with Muon's (NS5, √max(1, m/n)) and HTMuon at 1× and 3× Muon's lr;
+each arm gets its own lr sweep (TEON's steps by √2 = √K), extended until the best lr has a worse lr on
+both sides, then its best lr with every seed; arms are compared seed by seed (paired differences).
 
 For each model size: a learning-rate sweep per optimizer (3 values), the best lr re-run with 3 seeds,
 and TEON's group size K in {1, 2, 4} at TEON's best lr (K = 1 is Muon with TEON's other settings); then
