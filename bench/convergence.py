@@ -221,7 +221,7 @@ TEON_ARMS = [
     Arm("muon_pe_fan", "muon", dict(PE_FAN), (0.005, 0.01, 0.02), "Muon with TEON's settings: PE, √(m/n)"),
     Arm("teon_ns5_spectral", "teon", dict(NS5_SPECTRAL), (0.01 / SQRT2, 0.01, 0.01 * SQRT2, 0.02),
         "TEON (the better mode) with Muon's settings: NS5, √max(1, m/n)"),
-    Arm("htmuon", "htmuon", {}, (), "HTMuon (p = 0.125, exact SVD) at 1× and 3× Muon's best lr (the authors' ratio)"),
+    Arm("htmuon", "htmuon", {}, (), "HTMuon (p = 0.125, exact SVD), swept from 1× and 3× Muon's best lr (the authors' ratio)"),
 ]
 # Which arm each arm is compared with, seed by seed (same seeds: same init and data order).
 PAIRS = [("teon_mode1", "muon"), ("teon_mode2", "muon"), ("teon_mode2", "teon_mode1"), ("muon_pe_fan", "muon"),
@@ -260,37 +260,34 @@ def paired(a: List[float], b: List[float]) -> Dict:
 
 def teon_study(size: Size, seeds: List[int], data_dir: Path, eval_every: int, log, arms=None,
                checkpoint=lambda results: None, previous: Optional[Dict] = None) -> Dict:
-    """`previous`: an earlier result of the same size and steps; its sweeps and seeded runs are reused and
-    only the missing seeds run (more seeds for the paired test without redoing the sweeps)."""
+    """`previous`: an earlier result of the same size and steps. Its runs are reused (same arm, lr and
+    seed) and only the missing ones run: more seeds, or a sweep extended further, without redoing the rest."""
     arms = arms or TEON_ARMS
     out: Dict = {"size": size.name, "steps": size.steps, "model_config": size.model_config or "pretrain.py default",
                  "seeds_used": seeds, "arms": {}}
     if previous and (previous["size"], previous["steps"]) != (size.name, size.steps):
         raise ValueError(f"--more-seeds: {previous['size']} at {previous['steps']} steps is another study")
-    prior_arms = (previous or {}).get("arms", {})
+    done = {(r["arm"], round(r["lr"], 12), r["seed"]): r for a in (previous or {}).get("arms", {}).values()
+            for r in a["sweep"] + a["seeds"]}
 
     def run_at(arm: Arm, lr: float, seed: int = seeds[0]) -> Run:
+        earlier = done.get((arm.name, round(lr, 12), seed))
+        if earlier is not None:
+            return Run(**earlier)
         return launch(Run(size.name, arm.optimizer, lr, seed=seed, model_config=size.model_config, steps=size.steps,
                           arm=arm.name, options=dict(arm.options)), data_dir, eval_every, log)
 
     for arm in arms:
-        prior = prior_arms.get(arm.name)
-        if prior:
-            done = {r["seed"]: r for r in prior["seeds"]}
-            arm = Arm(arm.name, prior["optimizer"], prior["options"], arm.grid, prior["what"])
-            new = [asdict(run_at(arm, prior["best_lr"], seed)) for seed in seeds if seed not in done]
-            out["arms"][arm.name] = {**prior, "seeds": [done[s] for s in seeds if s in done] + new}
-            checkpoint(out)
-            continue
         if arm.name == "teon_ns5_spectral":  # the unfolding mode that did better, with Muon's settings
             better = min((1, 2), key=lambda m: _seed_mean(out["arms"].get(f"teon_mode{m}")))
             arm = Arm(arm.name, arm.optimizer, {**arm.options, "teon_mode": better}, arm.grid, arm.what)
+        grid = arm.grid
         if arm.name == "htmuon":  # the authors' ratio: HTMuon lr = 3 × Muon's (0.03 vs 0.01 at 60M)
+            if "muon" not in out["arms"]:
+                raise ValueError("the htmuon arm is placed by Muon's best lr: include the muon arm")
             muon_best = out["arms"]["muon"]["best_lr"]
             grid = (muon_best, 3 * muon_best)
-            sweep = [run_at(arm, lr) for lr in grid]
-        else:
-            sweep = adaptive_sweep(lambda lr: run_at(arm, lr), arm.grid)
+        sweep = adaptive_sweep(lambda lr: run_at(arm, lr), grid)
         best = min(sweep, key=lambda r: r.final_val)
         log(f"[{size.name}] {arm.name}: best lr {best.lr:g}; seeds {seeds[1:]}")
         seeded = [best] + [run_at(arm, best.lr, seed) for seed in seeds[1:]]
@@ -415,7 +412,7 @@ def main() -> None:
     p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="--teon-study: the model")
     p.add_argument("--arms", default=None, help="--teon-study: comma-separated arm names (default: all)")
     p.add_argument("--more-seeds", default=None,
-                   help="--teon-study: an earlier result JSON; reuse its sweeps and seeds, run only the missing seeds")
+                   help="--teon-study: an earlier result JSON; reuse its runs, run only the missing ones")
     p.add_argument("--data-dir", default=str(REPO / "data" / "embedded"))
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     args = p.parse_args()

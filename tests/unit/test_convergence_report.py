@@ -115,12 +115,13 @@ def test_teon_study_protocol_with_a_fake_trainer(monkeypatch):
     first = convergence.teon_study(size, [1234, 1, 2], Path("."), 5, lambda m: None)
     assert first["arms"]["muon"]["best_lr"] == pytest.approx(0.01)
     assert first["arms"]["teon_mode2"]["best_lr"] == pytest.approx(0.01 * math.sqrt(2))
-    assert [r["lr"] for r in first["arms"]["htmuon"]["sweep"]] == pytest.approx([0.01, 0.03])
+    # HTMuon starts at 1x and 3x Muon's best and is bracketed like the others (its optimum here is 0.03)
+    assert [r["lr"] for r in first["arms"]["htmuon"]["sweep"]] == pytest.approx([0.01, 0.03, 0.09])
     assert first["arms"]["teon_ns5_spectral"]["options"]["orthogonalizer"] == "ns5"
     assert first["pairs"]["teon_mode2 - muon"]["n"] == 3
     table = convergence.summarize_teon(first)
     assert "| teon_mode2 - muon |" in table and "grid edge" not in table
     launched.clear()
     more = convergence.teon_study(size, [1234, 1, 2, 3], Path("."), 5, lambda m: None, previous=first)
-    assert sorted({seed for _, _, seed in launched}) == [3] and len(launched) == len(convergence.TEON_ARMS)
+    assert {seed for _, _, seed in launched} == {3} and len(launched) == len(convergence.TEON_ARMS)
     assert more["pairs"]["teon_mode1 - muon"]["n"] == 4
