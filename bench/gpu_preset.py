@@ -184,8 +184,10 @@ def make_optimizer(arm: Arm, model, preset: Preset):
                                   {"params": rest, "weight_decay": 0.0}], lr=arm.lr, betas=(0.9, 0.95), eps=1e-8)
     ts = import_teonspeed()
     cls = {"muon": ts.Muon, "teon": ts.TEON, "htmuon": ts.HTMuon}[arm.optimizer]
+    # torch's Newton–Schulz, not the Triton kernels: this compares optimizers, and the kernels have their
+    # own GPU check (bench/kernel.py); a kernel fault must not cost a 10-minute convergence run.
     return cls(model.named_parameters(), lr=arm.lr, weight_decay=preset.weight_decay, adamw_lr=preset.adamw_lr,
-               adamw_betas=(0.9, 0.95), adamw_weight_decay=preset.weight_decay, **arm.options)
+               adamw_betas=(0.9, 0.95), adamw_weight_decay=preset.weight_decay, ns_backend="torch", **arm.options)
 
 
 def lr_factor(step: int, preset: Preset) -> float:
