@@ -29,10 +29,16 @@ def polar_svd(x: torch.Tensor) -> torch.Tensor:
 
 def heavy_tail_svd(x: torch.Tensor, power: float) -> torch.Tensor:
     """HTMuon's update U diag(σᵖ) Vᵀ, exact via the SVD (not renormalised, as in the authors' code).
-    fp32 SVD as in the authors' code (fp64 for fp64 input): it runs every step of training."""
+    fp32 SVD as in the authors' code (fp64 for fp64 input): it runs every step of training.
+
+    Every singular value is raised to p, however small, as the authors' code does (S**p on the whole
+    spectrum): σᵖ with p = 0.125 is still 0.24 at σ = 1e-5, so a rank cut would change the update. Only
+    σ = 0 exactly maps to 0 (also for p = 0, where 0⁰ would otherwise turn a zero matrix into a random
+    orthogonal one).
+    """
     U, S, Vh = _svd(x, torch.float64 if x.dtype == torch.float64 else torch.float32)
-    keep = _numerical_rank_mask(S, x.size(-2), x.size(-1))
-    S_p = torch.where(keep, S.clamp_min(0).pow(power), torch.zeros_like(S))
+    S = S.clamp_min(0)
+    S_p = torch.where(S > 0, S.pow(power), torch.zeros_like(S))
     return (U * S_p.unsqueeze(-2)) @ Vh
 
 

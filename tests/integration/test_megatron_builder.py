@@ -48,8 +48,10 @@ def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, sa
 
 
 # The TP=2 forward/backward rounds differently from TP=1 (~1e-7); HTMuon's σᵖ (p = 1/8) lifts the small
-# singular directions where that rounding lives, so its tolerance is looser.
-@pytest.mark.parametrize("optimizer,tol", [("muon", 1e-5), ("teon", 1e-5), ("htmuon", 1e-4)])
+# singular directions where that rounding lives, so its tolerance is looser. Like the authors' code, it
+# keeps even rounding-level σ (this tiny batch leaves the momenta rank-deficient) at σᵖ ≈ 1e-7^(1/8) ≈ 0.13
+# of the top direction's, in directions set by the rounding: up to ~3e-3 relative here; a wrong shard is O(1).
+@pytest.mark.parametrize("optimizer,tol", [("muon", 1e-5), ("teon", 1e-5), ("htmuon", 1e-2)])
 def test_tp2_dp2_equals_tp1_dp2(optimizer, tol):
     ref = run_ranks(train, 2, optimizer=optimizer, timeout=180)
     got = run_ranks(train, 4, tp=2, optimizer=optimizer, timeout=180)

@@ -118,7 +118,7 @@ def test_teon_hand_computed_two_block_step():
     g2 = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
     w1, w2 = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2, 2))
     opt = teonspeed.TEON([("model.layers.0.self_attn.q_proj.weight", w1), ("model.layers.1.self_attn.q_proj.weight", w2)],
-                         lr=0.1, orthogonalizer="svd")
+                         lr=0.1, orthogonalizer="svd", teon_mode=1)
     assert opt.plan.teon_groups and opt.plan.teon_groups[0].stacked_shape == (2, 4)
     w1.grad, w2.grad = g1.clone(), g2.clone()
     opt.step()
@@ -127,16 +127,18 @@ def test_teon_hand_computed_two_block_step():
     torch.testing.assert_close(w2.detach(), torch.ones(2, 2) - 0.1 * torch.tensor([[0.0, 0.0], [0.0, r]]))
 
 
-def test_teon_update_is_the_split_polar_factor_of_the_stack():
+@pytest.mark.parametrize("teon_mode, dim", [(1, 1), (2, 0)])  # mode 1: along the input dim; 2: the output dim
+def test_teon_update_is_the_split_polar_factor_of_the_stack(teon_mode, dim):
     model = model_with_grads()
     before = params_of(model)
     directions = {n: p.grad.clone() for n, p in model.named_parameters()}
-    teonspeed.TEON(model.named_parameters(), lr=1.0, orthogonalizer="svd", momentum=0.0).step()
+    teonspeed.TEON(model.named_parameters(), lr=1.0, orthogonalizer="svd", momentum=0.0, teon_mode=teon_mode).step()
     q0, q1 = (f"layers.{i}.self_attn.k_proj.weight" for i in (0, 1))
-    polar = teonspeed.orthogonalize(torch.cat([directions[q0], directions[q1]], dim=1).double(), "svd").float()
+    polar = teonspeed.orthogonalize(torch.cat([directions[q0], directions[q1]], dim=dim).double(), "svd").float()
+    first, second = polar.chunk(2, dim=dim)
     scale = math.sqrt(8 / 16)  # fan_ratio √(m/n) of the single layer, TEON's default
-    torch.testing.assert_close(before[q0] - dict(model.named_parameters())[q0], scale * polar[:, :16], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(before[q1] - dict(model.named_parameters())[q1], scale * polar[:, 16:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(before[q0] - dict(model.named_parameters())[q0], scale * first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(before[q1] - dict(model.named_parameters())[q1], scale * second, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("orthogonalizer", ["ns5", "polar_express", "svd"])

@@ -116,6 +116,22 @@ def test_heavy_tail_svd_is_u_sigma_p_vt(shape):
     torch.testing.assert_close(heavy_tail(x, 1.0), x, rtol=1e-10, atol=1e-12)  # p=1 is the input
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_heavy_tail_keeps_tiny_singular_values_at_sigma_p(dtype):
+    # The authors' code raises the whole spectrum to p: σ = 1e-9 (far below any rank cut) still gives
+    # σᵖ = 0.075 at p = 1/8. A signed permutation of a diagonal has an exact SVD, so the oracle is exact:
+    # U Σᵖ Vᵀ of P·diag(d)·Q is P·diag(sign(d)|d|ᵖ)·Q.
+    d = torch.tensor([1.0, -0.5, 1e-9, 3e-11, 0.0], dtype=torch.float64)
+    P = torch.eye(5, dtype=torch.float64)[[3, 0, 4, 1, 2]]
+    Q = torch.eye(5, dtype=torch.float64)[[1, 4, 2, 0, 3]]
+    x = (P @ torch.diag(d) @ Q).to(dtype)
+    for p in (0.125, 0.0):
+        mapped = torch.where(d != 0, d.sign() * d.abs().pow(p), torch.zeros_like(d))
+        expected = (P @ torch.diag(mapped) @ Q).to(dtype)
+        torch.testing.assert_close(heavy_tail(x, p), expected, rtol=1e-5, atol=1e-6)
+    assert heavy_tail(torch.zeros(3, 4, dtype=dtype), 0.0).abs().max() == 0  # σ = 0 stays 0, even at p = 0
+
+
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
 def test_heavy_tail_newton_schulz_form_approximates_the_exact_one(shape):
     g = torch.Generator().manual_seed(6)
