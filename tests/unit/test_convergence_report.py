@@ -66,12 +66,10 @@ def test_variant_runs_carry_their_options_through_a_deepspeed_config(tmp_path):
     config = json.loads(convergence.write_ds_config(run, tmp_path).read_text())
     assert config["optimizer"] == {"type": "TEON", "params": {"lr": 0.02, "adamw_lr": 0.003, "weight_decay": 0.01,
                                                               "teon_mode": 2, "lr_scale": "fan_ratio"}}
-    # and pretrain.py's DeepSpeed config keeps them (no --optimizer/--lr flags to override the block)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
-    import engines
-    import pretrain
-    args = pretrain.parse_args(["--ds-config", str(tmp_path / f"{run.name}.json"), "--steps", "5"])
-    args.ds_config_dict = json.loads((tmp_path / f"{run.name}.json").read_text())
+    # and the launcher's DeepSpeed config keeps them (no --optimizer/--lr flags to override the block)
+    from launch import engines, options
+    args = options.check(["--ds-config", str(tmp_path / f"{run.name}.json"), "--steps", "5",
+                          "--runs-dir", str(tmp_path / "runs")], world=2)
     assert engines.deepspeed_config(args, dp=2)["optimizer"] == config["optimizer"]
 
 
