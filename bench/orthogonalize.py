@@ -26,6 +26,8 @@ import torch
 import teonspeed
 from teonspeed.ortho import default_compute_dtype
 
+from gpu_report import cpu_model  # bench/: one description of the machine
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # (label, shape); a leading dim is a batch of independent matrices.
@@ -190,17 +192,6 @@ def machine_info(threads: int) -> dict:
         "python": sys.version.split()[0],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def cpu_model() -> str:
-    # platform.processor() is often empty or just "x86_64" on Linux; /proc/cpuinfo names the part.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def markdown(rows: List[Row], info: dict, inputs: Dict[str, float]) -> str:
