@@ -221,8 +221,11 @@ def test_megatron_tp2_dp2_through_the_engine_equals_tp1(stage):
     got = run_ranks(h.train_megatron, 4, config, tp=2, timeout=180)  # TP=2 x DP=2
     assert got[0][0] == pytest.approx(ref[0][0], rel=1e-5)
     sharded = mm.full_params_of_replica0(got)
+    # TP=2 splits the matmuls' reductions: fp32 rounding differences in the gradients (~1e-7) grow through
+    # three TEON steps (polar express) to 0.9-1.03e-5 here depending on the Newton-Schulz code path; a
+    # sharding or layout mistake shows at the 1e-2 level (59% for the old named_parameters() bug).
     for name, (full, *_rest) in ref[0][1].items():
-        assert rel(sharded[name], full) <= 1e-5, name
+        assert rel(sharded[name], full) <= 3e-5, name
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
