@@ -25,6 +25,12 @@ The structure of the model follows the implementation (plugin/parallel/distribut
              collective (+ per hop of a ring); distributed overlaps compute and comm by `overlap` (2
              waves); a memory-bound element-wise part (momentum, update) is added to every mode.
   deepspeed  DeepSpeed 0.19.8's own Muon under ZeRO-1/2 (see deepspeed_time), for comparison.
+  zero       teonspeed's own ZeRO-1/2 step (plugin/parallel/flat.py): the hidden matrices of one stage in
+             the model's parameter order (HF names: q, k, v, o, gate, up, down per layer; TP-local shapes)
+             form one flat param group cut into DP equal partitions (DeepSpeed's alignment padding
+             ignored); teonspeed.parallel.zero_partition.plan_zero_partition, the implementation's own
+             planner, decides local/cut jobs and owners; bytes are its all_to_alls, FLOPs its loads (see
+             zero_partition_time; tests/unit/test_costmodel.py checks the bytes against FlatStep.expected_bytes).
   training   forward+backward = 6 · active params · global batch tokens / (GPUs · peak · train_mfu);
              overhead % = optimizer step / forward+backward.
 """
@@ -42,8 +48,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 
+import torch
+
+import teonspeed
 from teonspeed.parallel.distributed import _split_waves  # the implementation's own rules
 from teonspeed.parallel.owners import assign_owners, ns_flops
+from teonspeed.parallel.zero_partition import ZeroPlan, plan_zero_partition
 
 
 @dataclass
@@ -136,10 +146,9 @@ MODELS: Dict[str, ModelSpec] = {
                          experts=64, expert_ffn=1024, topk=8, ep=8),
 }
 GPUS = [8, 16, 32, 64, 128, 256, 512, 1024]
-MODES = ("distributed", "replicated", "deepspeed")
-"""distributed: teonspeed owner-compute under ZeRO-0 / Megatron DDP (this module's subject);
-replicated: every rank computes everything; deepspeed: DeepSpeed's own Muon under ZeRO-1/2.
-ZeRO-1/2 owner-compute rows (teonspeed's flat path) plug in here as another mode."""
+MODES = ("distributed", "replicated", "deepspeed", "zero")
+"""distributed: teonspeed owner-compute under ZeRO-0 / Megatron DDP; replicated: every rank computes
+everything; deepspeed: DeepSpeed's own Muon under ZeRO-1/2; zero: teonspeed's partition-local ZeRO-1/2 step."""
 
 
 @dataclass
@@ -294,7 +303,8 @@ def deepspeed_time(groups: Sequence[Group], tp: int, dp: int, stride: int, a: As
     boundary is therefore all-reduced (not reduce-scattered) and orthogonalized redundantly by every rank
     that holds a piece. Under TP it orthogonalizes the local shard (a different update; its cheaper
     FLOPs are counted, no TP gather). Busiest rank; the parameter all-gather that follows is ZeRO's own,
-    paid by AdamW too, so not counted."""
+    paid by AdamW too, so not counted. `groups`: the flat group's matrices in order (step_cost passes
+    every hidden matrix on its own, in the model's parameter order: DeepSpeed's Muon does not stack)."""
     if not groups:
         return dict(compute=0.0, comm=0.0, latency=0.0, total=0.0, flops=0.0, bytes=0.0, imbalance=1.0)
     local = [(g.elements // tp if (g.sharded and tp > 1) else g.elements) for g in groups]
@@ -330,13 +340,133 @@ def deepspeed_time(groups: Sequence[Group], tp: int, dp: int, stride: int, a: As
     return worst
 
 
+# -- teonspeed's ZeRO-1/2 step: the implementation's planner on the model's real parameter list -------
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # Megatron splits dim 0; o/down dim 1
+HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+@dataclass
+class ZeroLayout:
+    """One ZeRO-1/2 param group of the hidden matrices of a pipeline stage, as DeepSpeed flattens it on
+    every TP rank: parameters in model order at `offsets` with TP-local `shapes`, cut into `dp` partitions."""
+    groups: list  # teonspeed's OrthoGroups, with full shapes as the optimizer builds them under TP
+    offsets: Dict[str, int]
+    shapes: Dict[str, Tuple[int, int]]
+    partition_size: int
+
+
+def stage_parameters(model: ModelSpec) -> List[Tuple[str, Tuple[int, int]]]:
+    """The hidden matrices of pipeline stage 0 in the model's parameter order (HF LLaMA names, full shapes).
+    Embeddings, lm_head and norms go to AdamW's param group under DeepSpeed's Muon too: not modelled."""
+    out = []
+    for b in range(model.layers // model.pp):
+        for kind, shape in model.matrices_per_layer().items():
+            out.append((f"model.layers.{b}.{HF_NAMES[kind]}.weight", shape))
+    return out
+
+
+def local_shape(name: str, shape: Tuple[int, int], tp: int) -> Tuple[int, int]:
+    if tp == 1:
+        return shape
+    return (shape[0] // tp, shape[1]) if any(c in name for c in COLUMN_PARALLEL) else (shape[0], shape[1] // tp)
+
+
+def zero_layout(model: ModelSpec, optimizer: str, a: Assumptions, dp: int) -> ZeroLayout:
+    params = stage_parameters(model)
+    named = [(n, torch.nn.Parameter(torch.empty(s, device="meta"))) for n, s in params]
+    groups = teonspeed.plan(named, optimizer, **({"teon_k": a.teon_k} if optimizer == "teon" else {})).groups
+    offsets, shapes, offset = {}, {}, 0
+    for n, s in params:
+        offsets[n], shapes[n] = offset, local_shape(n, s, model.tp)
+        offset += shapes[n][0] * shapes[n][1]
+    return ZeroLayout(groups, offsets, shapes, -(-offset // dp))
+
+
+def zero_plan(layout: ZeroLayout, tp: int, dp: int, ns_steps: int) -> ZeroPlan:
+    """The implementation's plan (what plugin/parallel/flat.py plan_partition builds on every rank: NS
+    FLOPs of the full, TP-gathered stacks as the cost); work rank d·T + t: Megatron's order, TP adjacent."""
+    work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
+    return plan_zero_partition(layout.groups, layout.offsets, layout.shapes, layout.partition_size, dp, tp,
+                               work_rank, cost=lambda g: ns_flops(g.stacked_shape, ns_steps),
+                               tp_sharded=lambda m: tp > 1)
+
+
+@dataclass
+class ZeroBytes:
+    """Per work rank and phase (a: pieces to the owners, b: update slices back), bytes sent / received
+    over NVLink (same node) and InfiniBand (other nodes)."""
+    sent: List[int]
+    received: List[int]
+    link: Dict[Tuple[str, str, str], List[int]]  # (phase, "sent"|"received", "intra"|"inter") -> per rank
+
+
+def zero_rank_bytes(plan: ZeroPlan, itemsize: int, gpus_per_node: int) -> ZeroBytes:
+    """The two all_to_alls of FlatStep, pair by pair (the same pieces as ZeroPlan.bytes_per_rank)."""
+    w = plan.work_size
+    link = {(ph, d, l): [0] * w for ph in "ab" for d in ("sent", "received") for l in ("intra", "inter")}
+    sent, received = [0] * w, [0] * w
+
+    def move(phase, src, dst, n):
+        where = "intra" if src // gpus_per_node == dst // gpus_per_node else "inter"
+        link[(phase, "sent", where)][src] += n
+        link[(phase, "received", where)][dst] += n
+        sent[src] += n
+        received[dst] += n
+
+    if plan.exchanged_jobs():
+        for job in plan.jobs:
+            for _, d, r in plan.sources(job):
+                if r != job.owner:
+                    move("a", r, job.owner, plan.piece_numel(job, d) * itemsize)
+            for _, d, r in plan.targets(job):
+                if r != job.owner:
+                    move("b", job.owner, r, plan.piece_numel(job, d) * itemsize)
+    return ZeroBytes(sent, received, link)
+
+
+def zero_partition_time(model: ModelSpec, optimizer: str, dp: int, a: Assumptions) -> Dict[str, float]:
+    """teonspeed's ZeRO-1/2 step on the busiest rank: all_to_all of the pieces, Newton–Schulz of the
+    jobs it owns, all_to_all of the slices back, in sequence (FlatStep does not overlap them); each
+    all_to_all pays one latency plus one per peer of the tp × dp work group."""
+    tp = model.tp
+    plan = zero_plan(zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps)
+    zb = zero_rank_bytes(plan, a.comm_itemsize, a.gpus_per_node)
+    w = tp * dp
+    rate = a.peak_flops * a.ns_efficiency
+    lat = (a.latency_intra if w <= a.gpus_per_node else a.latency_inter) + a.latency_per_peer * (w - 1)
+    latency = 2 * lat if plan.exchanged_jobs() else 0.0
+    worst = dict(total=-1.0)
+    for q in range(w):
+        comm = sum(max(zb.link[(ph, "sent", l)][q], zb.link[(ph, "received", l)][q]) / bw
+                   for ph in "ab" for l, bw in (("intra", a.nvlink_bw), ("inter", a.ib_bw)))
+        compute = plan.loads[q] / rate
+        total = compute + comm + latency
+        if total > worst["total"]:
+            worst = dict(compute=compute, comm=comm, latency=latency, total=total, flops=plan.loads[q],
+                         bytes=max(zb.sent[q], zb.received[q]))
+    worst.update(imbalance=plan.imbalance, partition_imbalance=plan.partition_imbalance,
+                 cut_jobs=sum(j.cut for j in plan.jobs), jobs=len(plan.jobs),
+                 exchanged_jobs=len(plan.exchanged_jobs()))
+    return worst
+
+
 def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumptions) -> Optional[Dict[str, float]]:
     """Optimizer-step and forward/backward time per step on `gpus` GPUs (None: layout does not fit)."""
     if gpus % model.min_gpus():
         return None
     dp = gpus // (model.tp * model.pp)
-    time_of = deepspeed_time if mode == "deepspeed" else (lambda *args: topology_time(*args[:4], mode, args[4]))
-    dense = time_of(stage_groups(model, optimizer, a), model.tp, dp, model.tp, a)
+    if mode == "zero" and model.experts:
+        return None  # refused by the implementation: expert-parallel weights in a ZeRO-1/2 partition
+    if mode == "zero":
+        time_of = lambda groups, tp, dp_, stride, a_: zero_partition_time(model, optimizer, dp_, a_)
+    else:
+        time_of = deepspeed_time if mode == "deepspeed" else (lambda *args: topology_time(*args[:4], mode, args[4]))
+    if mode == "deepspeed":  # its flat param group: every hidden matrix on its own, in parameter order
+        dense = time_of([Group(shape, shape[0] * shape[1], model.tp > 1) for _, shape in stage_parameters(model)],
+                        model.tp, dp, model.tp, a)
+    else:
+        dense = time_of(stage_groups(model, optimizer, a), model.tp, dp, model.tp, a)
     expert = dict(total=0.0, compute=0.0, comm=0.0, latency=0.0, flops=0.0, bytes=0.0)
     local_elems = sum(g.elements for g in stage_groups(model, optimizer, a)) / model.tp
     if model.experts:
@@ -348,7 +478,7 @@ def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumpt
         * a.comm_itemsize
     if model.experts:
         adamw_bytes += 2 * (edp - 1) / edp * sum(g.elements for g in eg) * a.comm_itemsize
-    if mode == "deepspeed":  # ZeRO-1/2: momentum and master weights of the partition only
+    if mode in ("deepspeed", "zero"):  # ZeRO-1/2: momentum and master weights of the partition only
         local_elems /= dp
     elementwise = local_elems * a.elementwise_bytes_per_param / a.hbm_bw
     opt_time = dense["total"] + expert["total"] + elementwise
@@ -359,7 +489,8 @@ def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumpt
                 comm_s=dense["comm"] + expert["comm"], latency_s=dense["latency"] + expert["latency"],
                 elementwise_s=elementwise, busiest_rank_flops=dense["flops"] + expert["flops"],
                 busiest_rank_bytes=dense["bytes"] + expert["bytes"], dense_imbalance=dense["imbalance"],
-                adamw_bytes=adamw_bytes)
+                adamw_bytes=adamw_bytes,
+                **{k: dense[k] for k in ("partition_imbalance", "cut_jobs", "jobs", "exchanged_jobs") if k in dense})
 
 
 def predict(a: Assumptions, optimizer: str = "teon", models: Sequence[str] = tuple(MODELS),
@@ -403,6 +534,45 @@ def calibrate_cpu(scaling: Dict, cores: int = 2) -> Dict[str, float]:
 
 
 # -- outputs --------------------------------------------------------------------------------------------
+def zero_table(key: str, by: Dict[str, Dict[int, Dict[str, float]]], misses: List[str]) -> List[str]:
+    """The ZeRO-1/2 table of one model (teonspeed's partition-local step next to DeepSpeed's Muon), and
+    its rows that miss the bar appended to `misses`."""
+    if not by["zero"]:
+        for n in by["deepspeed"]:
+            misses.append(f"- {key}, {n} GPUs: refused: teonspeed does not take expert-parallel weights in a "
+                          "ZeRO-1/2 partition (it says so and points to ZeRO-0, the owner-compute table above)")
+        return ["ZeRO-1/2: teonspeed refuses expert-parallel weights in a ZeRO-1/2 partition (use ZeRO stage 0); "
+                "no teonspeed ZeRO-1/2 rows for this model.", ""]
+    lines = ["ZeRO-1/2: teonspeed's partition-local step next to DeepSpeed's own Muon.", "",
+             "| GPUs | DP | fwd+bwd s | teonspeed ZeRO-1/2: step ms | compute ms | comm ms | latency ms "
+             "| cut / jobs | FLOPs max/mean over TP×DP ranks (per partition, equal bytes alone) | MB/rank | DeepSpeed Muon MB/rank "
+             "| teonspeed ZeRO-1/2 % | DeepSpeed Muon ZeRO-1/2 % | replicated % | meets the bar |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, z in by["zero"].items():
+        ds, r = by["deepspeed"][n], by["replicated"][n]
+        why = []
+        if z["optimizer_s"] > ds["optimizer_s"]:
+            why.append(f"slower than DeepSpeed's Muon ({z['overhead_pct']:.2f}% vs {ds['overhead_pct']:.2f}%"
+                       + (f"; DeepSpeed orthogonalizes each TP shard alone, a different update with 1/{z['tp']} of "
+                          f"the rows, where teonspeed gathers: compute {1e3 * z['compute_s']:.0f} ms vs "
+                          f"{1e3 * ds['compute_s']:.0f} ms" if z["tp"] > 1 else
+                          f"; {z['cut_jobs']} cut jobs move {z['busiest_rank_bytes'] / 1e6:.0f} MB on the busiest "
+                          f"rank, DeepSpeed's cut matrices {ds['busiest_rank_bytes'] / 1e6:.0f} MB") + ")")
+        if z["optimizer_s"] > r["optimizer_s"]:
+            why.append(f"slower than replicated ({z['overhead_pct']:.2f}% vs {r['overhead_pct']:.2f}%)")
+        if z["fwd_bwd_s"] >= 1 and z["overhead_pct"] >= 5:
+            why.append(f"{z['overhead_pct']:.1f}% ≥ 5% of a {z['fwd_bwd_s']:.2f} s forward+backward")
+        if why:
+            misses.append(f"- {key}, {n} GPUs: " + "; ".join(why))
+        lines.append(f"| {n} | {z['dp']} | {z['fwd_bwd_s']:.2f} | {1e3 * z['optimizer_s']:.0f} | "
+                     f"{1e3 * z['compute_s']:.0f} | {1e3 * z['comm_s']:.1f} | {1e3 * z['latency_s']:.2f} | "
+                     f"{z['cut_jobs']} / {z['jobs']} | {z['dense_imbalance']:.2f} ({z['partition_imbalance']:.2f}) | "
+                     f"{z['busiest_rank_bytes'] / 1e6:.0f} | {ds['busiest_rank_bytes'] / 1e6:.0f} | "
+                     f"{z['overhead_pct']:.2f} | {ds['overhead_pct']:.2f} | {r['overhead_pct']:.1f} | "
+                     f"{'yes' if not why else 'no'} |")
+    return lines + [""]
+
+
 def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = dict(assumptions=dataclasses.asdict(a), optimizer=optimizer,
@@ -421,10 +591,18 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
              "orthogonalizes the matrices overlapping its partition; cut ones all-reduced and computed by every "
              "holder; under TP it orthogonalizes the local shard, a different update). *AdamW MB*: the "
              "data-parallel all-reduce of the same gradients, per rank and direction, which every optimizer "
-             "pays. ZeRO-1/2 owner-compute rows: not in this table yet (teonspeed's flat path, separate work).", "",
+             "pays. *teonspeed ZeRO-1/2*: teonspeed's partition-local step under DeepSpeed ZeRO-1/2 (plugin/parallel/"
+             "flat.py): the hidden matrices of a stage, in the model's parameter order and TP-local shapes, as one "
+             "flat param group cut into DP equal partitions; the implementation's planner (plan_zero_partition) "
+             "runs on that layout: a job inside a partition is computed there (TP-gathered among that partition's "
+             "TP peers), only cut jobs go to one owner (least-loaded rank) and only holders' slices come back; two "
+             "all_to_alls over TP × DP, not overlapped with the Newton–Schulz work (tests/unit/test_costmodel.py "
+             "checks its bytes against FlatStep.expected_bytes). Both ZeRO-1/2 modes count only the partition's "
+             "element-wise work; ZeRO's parameter all-gather is paid by AdamW too, so not counted.", "",
              "Assumptions: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in dataclasses.asdict(a).items()) + ".", ""]
     misses: List[str] = []
+    zero_misses: List[str] = []
     for key, by_mode in pred.items():
         m = MODELS[key]
         total, active = m.params()
@@ -453,8 +631,12 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
             if why:
                 misses.append(f"- {key}, {n} GPUs: " + "; ".join(why))
         lines.append("")
-    lines += ["## Rows that miss the bar (owner-compute ≤ replicated, ≤ DeepSpeed's Muon, < 5% where fwd+bwd ≥ 1 s)",
-              ""]
+        lines += zero_table(key, by, zero_misses)
+    lines += ["## Rows that miss the bar under ZeRO-1/2 (teonspeed ZeRO-1/2 ≤ DeepSpeed Muon ZeRO-1/2, ≤ replicated, "
+              "< 5% where fwd+bwd ≥ 1 s)", ""]
+    lines += zero_misses or ["None."]
+    lines += ["", "## Rows that miss the bar under ZeRO-0 / DDP (owner-compute ≤ replicated, ≤ DeepSpeed's Muon, "
+              "< 5% where fwd+bwd ≥ 1 s)", ""]
     lines += misses or ["None."]
     lines += ["", "Why: under ZeRO-0 / DDP every rank must receive its shard of every update it did not compute: "
               "one TP shard of the model per step (the MB/rank column; half of what AdamW's all-reduce of the "
@@ -463,7 +645,8 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
               "whole Newton–Schulz work, replicated wins; DeepSpeed's Muon runs under ZeRO-1/2, where the "
               "update's distribution is the parameter all-gather ZeRO pays for AdamW too, and it adds only the "
               "cut matrices. Owner-compute reaches that bar only in the same layout (ZeRO-1/2 or Megatron's "
-              "distributed optimizer: compute where the partition lives), not by a better collective in ZeRO-0.", ""]
+              "distributed optimizer: compute where the partition lives), not by a better collective in ZeRO-0: "
+              "the *teonspeed ZeRO-1/2* tables above.", ""]
     if calib:
         lines += ["## CPU calibration (bench/results/scaling_cpu.json)", "",
                   f"Effective NS rate of one CPU rank ≈ {calib['cpu_ns_flops_per_s'] / 1e9:.2f} GFLOP/s (fp32, "
@@ -481,8 +664,10 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for color, (key, by_mode) in zip(colors, pred.items()):
-        for mode, style in (("distributed", "-"), ("replicated", "--"), ("deepspeed", ":")):
+        for mode, style in (("distributed", "-"), ("replicated", "--"), ("deepspeed", ":"), ("zero", "-.")):
             rows = by_mode[mode]
+            if not rows:
+                continue
             ax.plot([r["gpus"] for r in rows], [r["overhead_pct"] for r in rows], style, marker="o", ms=3,
                     color=color, label=f"{key} {mode}")
     ax.set_xscale("log", base=2)

@@ -149,3 +149,67 @@ def test_overhead_is_step_time_over_forward_backward():
     assert d["overhead_pct"] == pytest.approx(100 * d["optimizer_s"] / d["fwd_bwd_s"])
     total, active = cm.MODELS["llama-1b"].params()
     assert d["fwd_bwd_s"] == pytest.approx(6 * active * a.global_batch_tokens / (8 * a.peak_flops * a.train_mfu))
+
+
+# -- teonspeed's ZeRO-1/2 step: the model's bytes are the implementation's plan's ----------------------
+def _flat_partition_of(named, tp, dp, d):
+    """What attach_zero_stage_1_2 hands the optimizer for a flat param group of `named` (TP-local shapes,
+    in order, no alignment padding), as seen by data-parallel rank d."""
+    from teonspeed.parallel.flat import FlatEntry, FlatPartition
+    entries, offset = [], 0
+    for n, p in named:
+        shape = cm.local_shape(n, tuple(p.shape), tp)
+        entries.append(FlatEntry(n, offset, shape))
+        offset += shape[0] * shape[1]
+    return FlatPartition(entries, -(-offset // dp), None, d, dp)
+
+
+@pytest.mark.parametrize("optimizer", ["teon", "muon"])
+@pytest.mark.parametrize("tp,dp", [(1, 3), (1, 7), (2, 2), (2, 3), (4, 3)])
+def test_zero_bytes_equal_the_flat_steps_expected_bytes(optimizer, tp, dp):
+    """The cost model's ZeRO-1/2 bytes per rank (its layout, its pair-by-pair count of the two
+    all_to_alls) == FlatStep.expected_bytes of the plan the optimizer builds for the same flat group."""
+    from teonspeed.parallel.flat import FlatStep, plan_partition
+    named = [(n, p) for n, p in _hf_named_params() if ".layers." in n]  # the hidden matrices, in order
+    groups = teonspeed.plan(named, optimizer).groups
+    work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
+    a = cm.Assumptions()
+    model = cm.ModelSpec("tiny", hidden=H, layers=4, heads=4, kv_heads=2, head_dim=16, ffn=F, vocab=100, tp=tp)
+    zb = cm.zero_rank_bytes(cm.zero_plan(cm.zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps), 4,
+                            a.gpus_per_node)
+    moved = 0
+    for d in range(dp):
+        partition = _flat_partition_of(named, tp, dp, d)
+        plan = plan_partition(partition, groups, work_rank, tp, cost=lambda g: cm.ns_flops(g.stacked_shape, 5),
+                              tp_sharded=lambda m: tp > 1)
+        for t in range(tp):
+            q = work_rank[(t, d)]
+            assert FlatStep(plan, partition, q, None).expected_bytes(4) == (zb.sent[q], zb.received[q]), (t, d)
+            moved += zb.sent[q]
+    assert moved > 0  # every layout here cuts something (or TP-gathers): the equality is not 0 == 0
+    for q in range(tp * dp):  # the NVLink / InfiniBand split adds up to the total
+        assert sum(zb.link[(ph, "sent", l)][q] for ph in "ab" for l in ("intra", "inter")) == zb.sent[q]
+
+
+@pytest.mark.parametrize("key,gpus", [("llama-1b", 64), ("llama-7b", 256), ("llama-70b", 512)])
+def test_zero_step_computes_every_group_once(key, gpus):
+    """No rank repeats another's Newton–Schulz work: the ZeRO-1/2 plan's loads sum to the stage's NS
+    FLOPs (the same groups as the ZeRO-0 model), and the busiest rank holds at least its share."""
+    a = cm.Assumptions()
+    model = cm.MODELS[key]
+    dp = gpus // (model.tp * model.pp)
+    plan = cm.zero_plan(cm.zero_layout(model, "teon", a, dp), model.tp, dp, a.ns_steps)
+    total = sum(cm.ns_flops(g.stacked, a.ns_steps) for g in cm.stage_groups(model, "teon", a))
+    assert sum(plan.loads) == pytest.approx(total)
+    z = cm.step_cost(model, gpus, "teon", "zero", a)
+    assert z["busiest_rank_flops"] >= total / (model.tp * dp) * (1 - 1e-9)
+
+
+def test_zero_moves_nothing_when_partitions_fall_on_matrix_boundaries():
+    """LLaMA-1B over 8 partitions: 2 layers each (TEON stacks q/k/v of 2 layers), so no job is cut and
+    the step sends no byte; DeepSpeed's Muon, per matrix, cuts none either."""
+    a = cm.Assumptions()
+    z = cm.step_cost(cm.MODELS["llama-1b"], 8, "teon", "zero", a)
+    assert z["cut_jobs"] == 0 and z["busiest_rank_bytes"] == 0 and z["comm_s"] == z["latency_s"] == 0
+    assert cm.step_cost(cm.MODELS["llama-1b"], 8, "teon", "deepspeed", a)["busiest_rank_bytes"] == 0
+    assert cm.step_cost(cm.MODELS["moe-64e"], 8, "teon", "zero", a) is None  # refused by the implementation
