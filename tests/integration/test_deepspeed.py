@@ -61,7 +61,8 @@ def test_zero_stages_agree_in_bf16_and_every_bf16_wrapper_is_close_to_fp32():
 
 def plain_loop(optimizer, params_cfg, steps, world_size, lrs, clip=None, accumulation=1):
     """The oracle: our optimizer in one process, fed the rank-averaged (accumulated, clipped) gradients
-    and the learning rates DeepSpeed's scheduler produced."""
+    and the learning rates DeepSpeed's scheduler produced. `clip` must be the engine's gradient_clipping:
+    DeepSpeed clips to 1.0 when the config does not name it."""
     model = h.TinyLM()
     opt = TYPES[optimizer](model.named_parameters(), **params_cfg)
     for step in range(steps):
@@ -117,6 +118,23 @@ def test_engine_with_clipping_scheduler_and_accumulation_equals_a_plain_loop(sta
     for n, p in params.items():
         assert rel(p, expected[n]) <= 1e-5, n
 
+
+@pytest.mark.parametrize("optimizer", ["TEON", "TeonspeedMuon"])
+def test_one_rank_engine_equals_a_plain_loop_clipped_at_deepspeeds_default_norm(optimizer):
+    """A config without gradient_clipping clips the global gradient norm to 1.0 (DeepSpeed's default), at
+    every DP size: this one-rank batch has norm 1.31, so an unclipped oracle drifts (2.6e-6 after one step,
+    where only AdamW's eps sees the scale; 4.9e-4 after three, as the momentum mixes differently scaled
+    gradients), while the DP=2 average (norm 0.95) is never clipped. Stage 2 runs the flat path at dp_size 1."""
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+    assert GRADIENT_CLIPPING_DEFAULT == 1.0
+    params_cfg = {"lr": 0.02, "adamw_lr": 3e-3}
+    lrs = [0.02] * 3
+    clipped, unclipped = (_flat(plain_loop(optimizer, params_cfg, 3, 1, lrs, clip=c)) for c in (1.0, None))
+    assert rel(clipped, unclipped) > 1e-4  # the clipping is active, so the comparisons below can fail
+    default = _flat(run(h.ds_config(optimizer, stage=2), world_size=1, steps=3)[1])
+    assert rel(default, clipped) <= 1e-6  # measured: 0 (TEON), 1.2e-8 (Muon)
+    off = _flat(run(h.ds_config(optimizer, stage=0, gradient_clipping=0.0), world_size=1, steps=3)[1])
+    assert rel(off, unclipped) <= 1e-6  # measured: 0
 
 def test_scheduler_lr_zero_freezes_both_sides():
     config = h.ds_config("TEON", params={"weight_decay": 0.1, "adamw_weight_decay": 0.1},
