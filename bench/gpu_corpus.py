@@ -24,10 +24,12 @@ from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: launch/
+from launch.corpus import EOT  # noqa: E402
+
 EXTENSIONS = {".py", ".pyi", ".md", ".rst", ".txt", ".c", ".h", ".cc", ".cpp", ".cu", ".cuh"}
 MAX_FILE_BYTES = 1 << 20
 VAL_EVERY = 20
-EOT = "<|endoftext|>"
 
 
 def default_roots() -> List[Path]:
@@ -61,14 +63,9 @@ def documents(roots: Sequence[Path], max_bytes: int) -> Iterator[str]:
 
 
 def train_tokenizer(texts: Sequence[str], vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    """The launcher's byte-level BPE (launch/prepare_data.py), so a GPU corpus tokenizes like the others."""
+    from launch.prepare_data import train_bpe
+    return train_bpe(texts, vocab)
 
 
 def encode(tok, texts: Sequence[str], batch: int = 2048) -> np.ndarray:

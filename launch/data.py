@@ -8,19 +8,14 @@ import torch
 import torch.distributed as dist
 
 from launch.corpus import EOT
-from launch.prepare_data import MegatronTokenizerAdapter, gpt_dataset
+from launch.prepare_data import MegatronTokenizerAdapter, gpt_dataset, train_bpe
 
 
 def build_tokenizer(train_docs: list[str], vocab: int, path: Path):
     """Byte-level BPE trained on the training split by rank 0; the other ranks load its file."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
     if dist.get_rank() == 0:
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOT], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(train_docs, trainer=trainer)
+        tok = train_bpe(train_docs, vocab)
         path.parent.mkdir(parents=True, exist_ok=True)
         tok.save(str(path))
     dist.barrier()  # the file exists for everyone past this point
