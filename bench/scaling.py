@@ -159,12 +159,8 @@ def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, d
 
 def machine() -> Dict[str, Any]:
     import torch
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from gpu_report import cpu_model  # bench/: one description of the machine
+    cpu = cpu_model()
     try:
         git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True).stdout.strip()
