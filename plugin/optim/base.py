@@ -123,8 +123,12 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._buckets = [(b, self._plan_flat(b.partition, device or b.grad.device)) for b in buckets]
         self._group_of = {n: g for g in self.param_groups for n in g["names"]}
 
+    def _dense_topology(self):
+        """The dense TP × DP topology of the distributed runner (None in a single process)."""
+        return self._runner.topologies["dense"] if isinstance(self._runner, DistributedRunner) else None
+
     def _plan_flat(self, partition: FlatPartition, device: torch.device) -> FlatStep:
-        topology = getattr(self._runner, "topologies", {}).get("dense")
+        topology = self._dense_topology()
         tp_size, tp_rank = (topology.tp_size, topology.tp_rank) if topology is not None else (1, 0)
         work_group, work_size, me = ((topology.work_group, topology.work_size, topology.work_rank)
                                      if topology is not None else (None, 1, 0))
@@ -138,8 +142,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
         steps = self.config.ns_steps or 5
         plan = plan_partition(partition, self.grouping.groups, work_rank, tp_size,
                               cost=lambda g: ns_flops(g.stacked_shape, steps),
-                              tp_sharded=lambda m: topology is not None and
-                              self._runner.placement(m, topology).dim is not None)
+                              tp_sharded=lambda m: self._flat_placement(m)[0] is not None)
         return FlatStep(plan, partition, me, work_group)
 
     @property
@@ -353,7 +356,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 _apply(shard.param[lo:hi], update[lo:hi], group)
 
     def _flat_placement(self, m: MatrixRef):
-        topology = getattr(self._runner, "topologies", {}).get("dense")
+        topology = self._dense_topology()
         if topology is None:
             return None, 1
         p = self._runner.placement(m, topology)
