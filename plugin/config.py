@@ -78,6 +78,9 @@ class OptimizerConfig:
     """distributed/replicated modes: dtype of the exchanged shards and updates. auto: the gradients' dtype
     (fp32 master grads stay fp32); bf16 halves the bytes (every rank, owners included, sees the same
     rounded values, so replicas stay identical); fp32."""
+    cluster: Optional[Dict[str, float]] = None
+    """Overrides of the hardware constants (teonspeed.parallel.cost.ClusterProfile: bandwidths, latencies,
+    FLOP rate) that placement decisions are made with; the same on every rank. Default: H100 + 400 Gb/s IB."""
     grouping_rule: Optional[Callable[[str], Any]] = field(default=None, repr=False)
     """Optional callable name -> grouping.LayerRef | None that overrides the built-in name rules."""
 
@@ -113,6 +116,9 @@ class OptimizerConfig:
         need(isinstance(self.overlap_waves, int) and self.overlap_waves >= 1, "overlap_waves",
              f"must be an integer >= 1, got {self.overlap_waves!r}")
         need(self.comm_dtype in COMM_DTYPES, "comm_dtype", f"must be one of {COMM_DTYPES}, got {self.comm_dtype!r}")
+        if self.cluster is not None:
+            from .parallel.cost import cluster_profile
+            cluster_profile(self.cluster)
         self.teon_types = tuple(self.teon_types)
         self.adamw_betas = tuple(self.adamw_betas)
         if self.ht_method == "ns":

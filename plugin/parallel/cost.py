@@ -1,0 +1,58 @@
+"""What a Newton–Schulz FLOP and an exchanged byte cost on a cluster: the constants every placement
+decision of the step is made with (owner-compute vs replicated under plain data parallelism, moving a
+job off an overloaded ZeRO partition) and that `bench/costmodel.py` predicts the step with.
+
+The decisions must be identical on every rank, so they are made from these constants (the same config on
+every rank), never from timings measured at run time. The defaults are H100 SXM datasheet values with
+400 Gb/s InfiniBand per GPU; a user on other hardware overrides fields with the `cluster` option.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    peak_flops: float = 989e12
+    """bf16 dense tensor-core peak per GPU (H100 SXM)."""
+    ns_efficiency: float = 0.45
+    """Achieved fraction of peak for the Newton–Schulz matmuls (batched same-shape stacks)."""
+    gpus_per_node: int = 8
+    nvlink_bw: float = 450e9
+    """Bytes/s per GPU per direction inside a node (NVLink 4)."""
+    ib_bw: float = 50e9
+    """Bytes/s per GPU per direction across nodes (400 Gb/s NDR InfiniBand per GPU)."""
+    latency_intra: float = 15e-6
+    """Seconds per collective inside a node."""
+    latency_inter: float = 40e-6
+    """Seconds per collective that leaves the node."""
+
+    def ns_seconds(self, flops: float) -> float:
+        return flops / (self.peak_flops * self.ns_efficiency)
+
+    def link_bw(self, ranks_spanned: int) -> float:
+        """Bytes/s per GPU of a collective over `ranks_spanned` consecutive ranks (one node or more)."""
+        return self.nvlink_bw if ranks_spanned <= self.gpus_per_node else self.ib_bw
+
+    def latency(self, ranks_spanned: int) -> float:
+        return self.latency_intra if ranks_spanned <= self.gpus_per_node else self.latency_inter
+
+    def transfer_seconds(self, num_bytes: float, ranks_spanned: int) -> float:
+        return num_bytes / self.link_bw(ranks_spanned)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(ClusterProfile))
+
+
+def cluster_profile(overrides: Optional[Mapping[str, Any]] = None) -> ClusterProfile:
+    """The default profile with the user's `cluster` option applied (unknown fields named)."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"teonspeed: option 'cluster' has unknown field(s) {unknown}; valid fields: {', '.join(FIELDS)}")
+    bad = [k for k, v in overrides.items() if not isinstance(v, (int, float)) or v <= 0]
+    if bad:
+        raise ValueError(f"teonspeed: option 'cluster' fields {bad} must be positive numbers")
+    return ClusterProfile(**overrides)
