@@ -12,7 +12,7 @@ from .ortho import HEAVY_TAIL_METHODS, NS_BACKENDS, ORTHOGONALIZERS
 LR_SCALES = ("spectral", "fan_ratio", "rms_match", "none")
 NS_DTYPES = ("auto", "fp32", "bf16")
 COMM_DTYPES = ("auto", "fp32", "bf16")
-PARALLEL_MODES = ("distributed", "replicated")
+PARALLEL_MODES = ("auto", "distributed", "replicated")
 OPTIMIZER_KINDS = ("muon", "teon", "htmuon")
 
 # The attention projections that produce queries, keys and values, by the layer types that
@@ -70,7 +70,8 @@ class OptimizerConfig:
     refusing the layout (the update then depends on the PP size; `plan` lists the cut groups)."""
     parallel_mode: str = "distributed"
     """distributed: each group is orthogonalized once, by one owner rank; replicated: every rank
-    gathers and computes everything (the simple baseline)."""
+    gathers and computes everything (the simple baseline); auto: per group, whichever of the two the
+    `cluster` constants predict is cheaper (teonspeed.parallel.placement; `opt.plan` shows each choice)."""
     overlap_waves: int = 2
     """distributed mode: exchange in this many waves, so one wave's transform overlaps the next wave's
     gather and the previous wave's scatter (1: no overlap, the fewest collectives)."""

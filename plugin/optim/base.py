@@ -25,6 +25,7 @@ from ..parallel.context import ParallelContext, check_stage_cuts, megatron_conte
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import BucketShard, FlatPartition, FlatStep, gather_work_ranks, plan_partition
 from ..parallel.local import LocalRunner, MatrixIO, Runner, StepCheck
+from ..parallel.cost import cluster_profile
 from ..parallel.owners import ns_flops
 from ..parallel.topology import build_step_group, build_topology
 from .scaling import lr_multiplier
@@ -165,7 +166,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
         comm_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[self.config.comm_dtype]
         return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps or 5,
                                  step_group=build_step_group(topologies, ctx.pipeline_group),
-                                 waves=self.config.overlap_waves, comm_dtype=comm_dtype)
+                                 waves=self.config.overlap_waves, comm_dtype=comm_dtype,
+                                 profile=cluster_profile(self.config.cluster))
 
     @property
     def comm_stats(self):
@@ -412,6 +414,10 @@ class OrthoOptimizer(torch.optim.Optimizer):
             for g in self._groups_for(with_grad):
                 lines[self._runner.topology_of(g)].append(
                     f"group mode {g.mode}: " + " + ".join(f"{m.label} {m.shape} {dtypes[m.name]}" for m in g.members))
+        policy = getattr(self._runner, "policy", None)  # auto mode: the constants its choices follow from
+        if policy and not self._flat:
+            for v in lines.values():
+                v.append(policy)
         digests = {k: int.from_bytes(hashlib.blake2b("\n".join(v).encode(), digest_size=8).digest(), "big") >> 2
                    for k, v in lines.items()}
         if len(self._plan_cache) > 64:

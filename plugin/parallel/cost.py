@@ -28,6 +28,8 @@ class ClusterProfile:
     """Seconds per collective inside a node."""
     latency_inter: float = 40e-6
     """Seconds per collective that leaves the node."""
+    latency_per_peer: float = 0.5e-6
+    """Extra seconds per peer of a collective (NCCL issues one send/recv pair, or one ring hop, per peer)."""
 
     def ns_seconds(self, flops: float) -> float:
         return flops / (self.peak_flops * self.ns_efficiency)
@@ -38,6 +40,14 @@ class ClusterProfile:
 
     def latency(self, ranks_spanned: int) -> float:
         return self.latency_intra if ranks_spanned <= self.gpus_per_node else self.latency_inter
+
+    def collective_latency(self, ranks: int, nodes: int) -> float:
+        """Seconds of fixed cost of one collective over `ranks` ranks spread over `nodes` nodes."""
+        return (self.latency_intra if nodes <= 1 else self.latency_inter) + self.latency_per_peer * (ranks - 1)
+
+    def bandwidth(self, nodes: int) -> float:
+        """Bytes/s per GPU of a collective whose ranks lie on `nodes` nodes."""
+        return self.nvlink_bw if nodes <= 1 else self.ib_bw
 
     def transfer_seconds(self, num_bytes: float, ranks_spanned: int) -> float:
         return num_bytes / self.link_bw(ranks_spanned)

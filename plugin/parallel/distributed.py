@@ -24,7 +24,9 @@ go in `waves` (asynchronous collectives): wave k is transformed while wave k+1's
 owners and wave k-1's updates travel back. `comm_dtype` (e.g. bf16) is what every exchange carries;
 an owner rounds its own shards the same way, so the update does not depend on who owns what and all
 replicas write identical values.
-"replicated" mode instead all-gathers every shard over TP and computes everything on every rank.
+"replicated" mode instead all-gathers every shard over TP and computes everything on every rank; "auto"
+mode runs each group one way or the other, as `placement.choose_owner_compute` decides from the cluster's
+constants (replicated groups first, then the owner-compute waves).
 """
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ import torch.distributed as dist
 from ..grouping import MatrixRef, OrthoGroup
 from ..ortho.unfold import fold, unfold
 from .local import MatrixIO, StepCheck, bucket_by_shape, transform_groups
+from .cost import ClusterProfile
 from .owners import assign_owners, ns_flops
+from .placement import GroupCost, choose_owner_compute, layout_of
 from .shard_spec import ShardSpec, assemble, shard_of
 from .topology import StepGroup, Topology
 
@@ -95,7 +99,7 @@ class PlanMismatch(RuntimeError):
 class DistributedRunner:
     def __init__(self, topologies: Dict[str, Topology], specs: Dict[str, ShardSpec], mode: str,
                  ns_steps: int, *, step_group: Optional[StepGroup] = None, waves: int = 2,
-                 comm_dtype: Optional[torch.dtype] = None) -> None:
+                 comm_dtype: Optional[torch.dtype] = None, profile: Optional[ClusterProfile] = None) -> None:
         self.topologies = topologies  # "dense" and "expert"
         self.specs = specs
         self.mode = mode
@@ -104,6 +108,13 @@ class DistributedRunner:
         self.stats = CommStats()
         self.waves = max(1, waves)  # owner-compute exchanges in this many overlapped waves
         self.comm_dtype = comm_dtype  # None: exchange in the data's dtype
+        self.profile = profile or ClusterProfile()  # auto mode decides with these constants
+        self._choices: Dict[Tuple, List[bool]] = {}
+
+    @property
+    def policy(self) -> str:
+        """What decides who computes what, beyond the groups: part of the plan every rank must share."""
+        return f"parallel_mode={self.mode}" + (f" {self.profile}" if self.mode == "auto" else "")
 
     # -- shared by every rank ---------------------------------------------------------------------
     def check_step(self, check: StepCheck) -> bool:
@@ -149,7 +160,33 @@ class DistributedRunner:
             f"requires_grad=False on all of them)")
 
     def owners(self, groups: Sequence[OrthoGroup], topology: Topology) -> List[int]:
+        """The owner of each of `groups` (the owner-compute ones of a topology)."""
         return assign_owners([ns_flops(g.stacked_shape, self.ns_steps) for g in groups], topology.work_size)
+
+    def owner_computed(self, groups: Sequence[OrthoGroup], topology: Topology) -> List[bool]:
+        """Per group of a topology: True where an owner computes it, False where every rank does."""
+        if self.mode != "auto":
+            return [self.mode == "distributed"] * len(groups)
+        key = (id(topology), tuple((g.stacked_shape, tuple(m.name for m in g.members)) for g in groups))
+        if key not in self._choices:
+            # The exchange itemsize is fixed (comm_dtype's, else fp32's), not the data's: the choice must not
+            # depend on which step or entry point asks (expected_bytes, describe, run).
+            itemsize = self.comm_dtype.itemsize if self.comm_dtype is not None else 4
+            costs = [GroupCost(ns_flops(g.stacked_shape, self.ns_steps),
+                               itemsize * sum(self.shard_numel(m, topology) for m in g.members),
+                               itemsize * sum(self.shard_numel(m, topology) for m in g.members
+                                              if self._sharded(m, topology)))
+                     for g in groups]
+            layout = layout_of(topology.positions, topology.work_ranks, self.profile.gpus_per_node)
+            if len(self._choices) > 64:
+                self._choices.clear()
+            self._choices[key] = choose_owner_compute(costs, layout, self.profile, self.waves)
+        return self._choices[key]
+
+    def _split(self, groups: Sequence[OrthoGroup], topology: Topology) -> Tuple[List[OrthoGroup], List[OrthoGroup]]:
+        """(replicated groups, owner-compute groups) of a topology, each in the given order."""
+        owned = self.owner_computed(groups, topology)
+        return [g for g, o in zip(groups, owned) if not o], [g for g, o in zip(groups, owned) if o]
 
     def topology_of(self, group: OrthoGroup) -> str:
         return "expert" if self.specs.get(group.members[0].name, ShardSpec()).is_expert else "dense"
@@ -171,13 +208,12 @@ class DistributedRunner:
         out = {}
         for key, topo_groups in self._by_topology(groups).items():
             topology = self.topologies[key]
-            owners = self.owners(topo_groups, topology) if self.mode == "distributed" else None
-            for i, g in enumerate(topo_groups):
-                if owners is None:
-                    out[id(g)] = f"every rank ({key})"
-                else:
-                    tp, replica = topology.positions[owners[i]]
-                    out[id(g)] = f"{key} work rank {owners[i]} (tp {tp}, replica {replica})"
+            replicated, owned = self._split(topo_groups, topology)
+            for g in replicated:
+                out[id(g)] = f"every rank ({key})"
+            for g, owner in zip(owned, self.owners(owned, topology)):
+                tp, replica = topology.positions[owner]
+                out[id(g)] = f"{key} work rank {owner} (tp {tp}, replica {replica})"
         return out
 
     def expected_bytes(self, groups: Sequence[OrthoGroup], itemsize: Optional[int] = None) -> Tuple[int, int]:
@@ -190,13 +226,11 @@ class DistributedRunner:
         for key, topo_groups in self._by_topology(groups).items():
             topology = self.topologies[key]
             me, peers = topology.work_rank, topology.replica_peers()
-            if self.mode == "replicated":
-                n = sum(self.shard_numel(m, topology) for g in topo_groups for m in g.members
-                        if self.placement(m, topology).dim is not None)
-                sent += n * (topology.tp_size - 1)
-                received += n * (topology.tp_size - 1)
-                continue
-            for g, owner in zip(topo_groups, self.owners(topo_groups, topology)):
+            replicated, owned = self._split(topo_groups, topology)
+            n = sum(self.shard_numel(m, topology) for g in replicated for m in g.members if self._sharded(m, topology))
+            sent += n * (topology.tp_size - 1)
+            received += n * (topology.tp_size - 1)
+            for g, owner in zip(owned, self.owners(owned, topology)):
                 for m in g.members:
                     n = self.shard_numel(m, topology)
                     sharded = self.placement(m, topology).dim is not None
@@ -239,14 +273,14 @@ class DistributedRunner:
             dtype = io.group_dtype(topo_groups[0])
             for g in topo_groups[1:]:
                 dtype = torch.promote_types(dtype, io.group_dtype(g))
-            owners = self.owners(topo_groups, topology) if self.mode == "distributed" else []
-            plan = _TopologyPlan(topo_groups, owners, topology, dtype, io.source(topo_groups[0].members[0]).device,
-                                 self.comm_dtype or dtype)
+            device = io.source(topo_groups[0].members[0]).device
             self.stats.adamw_bytes += self._adamw_bytes(topo_groups, topology, dtype.itemsize)
-            if self.mode == "replicated":
-                self._run_replicated(plan, io)
-            else:
-                self._run_owner_compute(plan, io)
+            replicated, owned = self._split(topo_groups, topology)
+            if replicated:
+                self._run_replicated(_TopologyPlan(replicated, [], topology, dtype, device, self.comm_dtype or dtype), io)
+            if owned:
+                self._run_owner_compute(_TopologyPlan(owned, self.owners(owned, topology), topology, dtype, device,
+                                                      self.comm_dtype or dtype), io)
 
     def _run_replicated(self, plan: _TopologyPlan, io: MatrixIO) -> None:
         members = [m for g in plan.groups for m in g.members]
@@ -438,22 +472,27 @@ class DistributedRunner:
                     io.write(m, self._shard_for(piece, m, topology, topology.work_rank))
 
     def _all_gather_tp(self, members, locals_, plan: _TopologyPlan) -> List[torch.Tensor]:
+        """Every member in full on every rank: the TP-split ones all-gathered over TP (one collective),
+        the others (whole on every TP rank, as an owner uses them) as they are."""
         topology = plan.topology
-        if topology.tp_group is None:
+        split = [local for m, local in zip(members, locals_) if self._sharded(m, topology)]
+        if topology.tp_group is None or not split:
             return locals_
-        flat = (torch.cat([t.reshape(-1).to(plan.comm_dtype) for t in locals_]) if locals_
-                else torch.zeros(0, dtype=plan.comm_dtype, device=plan.device))
+        flat = torch.cat([t.reshape(-1).to(plan.comm_dtype) for t in split])
         gathered = [torch.empty_like(flat) for _ in range(topology.tp_size)]
         dist.all_gather(gathered, flat, group=topology.tp_group)
         self.stats.add(flat.numel() * flat.element_size() * (topology.tp_size - 1),
                        flat.numel() * flat.element_size() * (topology.tp_size - 1))
         fulls, offset = [], 0
         for m, local in zip(members, locals_):
+            if not self._sharded(m, topology):
+                fulls.append(local)
+                continue
             n = local.numel()
             shards = [gathered[t][offset:offset + n].view(local.shape).to(plan.dtype) for t in range(topology.tp_size)]
             offset += n
             p = self.placement(m, topology)
-            fulls.append(local if p.dim is None else assemble(shards, p.dim, p.stride))
+            fulls.append(assemble(shards, p.dim, p.stride))
         return fulls
 
     def _all_to_all(self, send: List[List[torch.Tensor]], recv_sizes: List[int], plan: _TopologyPlan,
