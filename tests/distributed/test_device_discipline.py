@@ -38,6 +38,10 @@ CASES = [
     pytest.param(dict(tp=1, optimizer="muon"), 2, id="DP2-muon"),
     pytest.param(dict(tp=2, optimizer="teon", mode="replicated"), 2, id="TP2-replicated"),
     pytest.param(dict(tp=2, optimizer="htmuon", options={"ht_method": "ns"}), 4, id="TP2xDP2-htmuon-ns"),
+    # auto with constants that replicate the k/v stacks and give the rest to owners (test_auto_placement.py)
+    pytest.param(dict(tp=2, optimizer="teon", mode="auto", options={"cluster": dict(
+        peak_flops=4.2e12, ns_efficiency=1.0, nvlink_bw=1e10, latency_intra=1e-9, latency_per_peer=1e-12)}),
+        4, id="TP2xDP2-auto-mixed"),
 ]
 
 
@@ -48,6 +52,8 @@ def test_parallel_step_keeps_every_tensor_on_the_device(layout, world_size):
         assert reads == [1] * len(reads), f"host reads per step: {reads}"  # the one flag + digest read
         assert all(c and c[0] == "all_reduce" for c in collectives), collectives  # then the exchanges
         assert all(c.count("all_reduce") == 1 for c in collectives), collectives
+        if layout.get("mode") == "auto":  # both halves of the mixed plan ran: the TP gather and the owners' exchange
+            assert all("all_gather" in c and "all_to_all_single" in c for c in collectives), collectives
 
 
 def world_one_step(rank, world_size):
