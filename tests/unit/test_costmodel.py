@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import teonspeed
+from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.distributed import DistributedRunner
 from teonspeed.parallel.topology import Topology
 
@@ -33,10 +34,30 @@ def _specs(named):
     return {n: teonspeed.ShardSpec(tp_partition_dim=1 if any(r in n for r in row) else 0) for n, _ in named}
 
 
-def _runner(specs, tp, dp, rank, mode):
+def _runner(specs, tp, dp, rank, mode, profile=None):
     positions = [(q % tp, q // tp) for q in range(tp * dp)]
-    topo = Topology(None, tp, rank % tp, None, tp * dp, rank, positions)
-    return DistributedRunner({"dense": topo, "expert": topo}, specs, mode, ns_steps=5)
+    topo = Topology(None, tp, rank % tp, None, tp * dp, rank, positions, tuple(range(tp * dp)))
+    return DistributedRunner({"dense": topo, "expert": topo}, specs, mode, ns_steps=5, profile=profile)
+
+
+@pytest.mark.parametrize("tp,dp,peak_flops", [(1, 4, 2.8e12), (2, 2, 8.4e12), (4, 2, 8.4e12)])
+def test_auto_choices_and_bytes_equal_the_runners(tp, dp, peak_flops):
+    """parallel_mode="auto": the model asks the package's rule, so it picks the runner's groups and
+    counts the runner's bytes; constants set so that k/v stay replicated where the layout allows a mix
+    (with TP4 owners move fewer bytes than the TP gather, so everything goes to owners)."""
+    named = _hf_named_params()
+    specs = _specs(named)
+    groups = teonspeed.plan(named, "teon").groups
+    as_model = [cm.Group(g.stacked_shape, sum(m.shape[0] * m.shape[1] for m in g.members), True) for g in groups]
+    profile = ClusterProfile(peak_flops=peak_flops, ns_efficiency=1.0, nvlink_bw=1e10, latency_intra=1e-9,
+                             latency_per_peer=1e-12)
+    owned = cm.auto_choice(as_model, tp, dp, tp, cm.Assumptions(cluster=profile))
+    assert (0 < sum(owned) < len(owned)) == (tp < 4), owned
+    rc = cm.per_rank_bytes(as_model, tp, dp, ns_steps=5, itemsize=4, mode="auto", owned=owned)
+    for q in range(tp * dp):
+        runner = _runner(specs, tp, dp, q, "auto", profile)
+        assert runner.owner_computed(groups, runner.topologies["dense"]) == owned
+        assert runner.expected_bytes(groups) == (rc.sent[q], rc.received[q]), q
 
 
 @pytest.mark.parametrize("optimizer", ["teon", "muon"])
@@ -213,3 +234,13 @@ def test_zero_moves_nothing_when_partitions_fall_on_matrix_boundaries():
     assert z["cut_jobs"] == 0 and z["busiest_rank_bytes"] == 0 and z["comm_s"] == z["latency_s"] == 0
     assert cm.step_cost(cm.MODELS["llama-1b"], 8, "teon", "deepspeed", a)["busiest_rank_bytes"] == 0
     assert cm.step_cost(cm.MODELS["moe-64e"], 8, "teon", "zero", a) is None  # refused by the implementation
+
+
+def test_deepspeed_at_zero0_is_replicated_compute_on_the_tp_local_shard():
+    """DeepSpeed's Muon at ZeRO stage 0: every rank orthogonalizes every matrix it holds, no exchange.
+    Without TP that is Muon replicated; under TP each shard alone (fewer FLOPs, a different update)."""
+    a = cm.Assumptions()
+    ds, rep = (cm.step_cost(cm.MODELS["llama-1b"], 64, "muon", mode, a) for mode in ("deepspeed0", "replicated"))
+    assert ds["compute_s"] == pytest.approx(rep["compute_s"]) and ds["comm_s"] == 0
+    ds, rep = (cm.step_cost(cm.MODELS["llama-7b"], 64, "muon", mode, a) for mode in ("deepspeed0", "replicated"))
+    assert ds["compute_s"] < 0.75 * rep["compute_s"] and ds["busiest_rank_bytes"] == 0
