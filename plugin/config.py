@@ -68,7 +68,7 @@ class OptimizerConfig:
     cut_groups_at_stage_boundary: bool = False
     """Pipeline parallelism: let a TEON group that would span two stages fall back to Muon instead of
     refusing the layout (the update then depends on the PP size; `plan` lists the cut groups)."""
-    parallel_mode: str = "distributed"
+    parallel_mode: str = "auto"
     """distributed: each group is orthogonalized once, by one owner rank; replicated: every rank
     gathers and computes everything (the simple baseline); auto: per group, whichever of the two the
     `cluster` constants predict is cheaper (teonspeed.parallel.placement; `opt.plan` shows each choice)."""

@@ -48,7 +48,9 @@ class TeonOptimizerConfig(OptimizerConfig):
     ht_power: float = 0.125
     ht_method: str = "svd"
     ht_interval: int = 1
-    parallel_mode: str = "distributed"
+    parallel_mode: str = "auto"
+    cluster: Optional[Dict[str, float]] = None
+    """Overrides of teonspeed.parallel.cost.ClusterProfile, which parallel_mode="auto" decides with."""
     cut_groups_at_stage_boundary: bool = False
 
 
@@ -63,7 +65,8 @@ def teonspeed_options(config: TeonOptimizerConfig) -> Dict[str, Any]:
         adamw_weight_decay=config.weight_decay, orthogonalizer=config.orthogonalizer, ns_dtype=config.ns_dtype,
         ns_backend=config.ns_backend,
         lr_scale=config.lr_scale, teon_mode=config.teon_mode, teon_types=config.teon_types,
-        parallel_mode=config.parallel_mode, cut_groups_at_stage_boundary=config.cut_groups_at_stage_boundary)
+        parallel_mode=config.parallel_mode, cluster=config.cluster,
+        cut_groups_at_stage_boundary=config.cut_groups_at_stage_boundary)
     if config.optimizer != "muon":
         options["teon_k"] = config.teon_k
     if config.optimizer == "htmuon":

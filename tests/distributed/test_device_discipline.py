@@ -130,7 +130,8 @@ def megatron_builder_step(rank, world_size):
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
     ps.initialize_model_parallel(tensor_model_parallel_size=2)
     model = to_standin(mm.tiny_gpt(mm.tiny_config(num_layers=4, tp=2)))
-    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer="teon", lr=0.02, clip_grad=0.0), [model])
+    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer="teon", lr=0.02, clip_grad=0.0,
+                                                    parallel_mode="distributed"), [model])
     set_standin_grads(model.parameters())
     with DeviceRecorder() as rec:
         opt.step()
