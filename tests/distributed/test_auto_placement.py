@@ -60,3 +60,36 @@ def _train_with_rank_cluster(rank, world_size, clusters):
 def test_ranks_with_different_cluster_constants_fail_loudly():
     with pytest.raises(RankError, match="disagree on its plan(.|\n)*parallel_mode=auto"):
         run_ranks(_train_with_rank_cluster, 2, [MIXING[1], dict(MIXING[1], nvlink_bw=2e10)], timeout=120)
+
+
+def _replicated_with_a_whole_matrix(rank, world_size):
+    """TP2: fc1 split by rows, fc2 whole on both ranks (a TP-replicated matrix); one replicated step."""
+    import torch
+    import torch.distributed as dist
+    import teonspeed
+    from teonspeed.parallel.context import ParallelContext
+    full = {"layers.0.mlp.fc1.weight": (8, 6), "layers.0.mlp.fc2.weight": (6, 8)}
+    specs = {"layers.0.mlp.fc1.weight": teonspeed.ShardSpec(tp_partition_dim=0),
+             "layers.0.mlp.fc2.weight": teonspeed.ShardSpec()}
+    grads = {n: torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, (n, s) in enumerate(full.items())}
+    local = {n: g.chunk(world_size, 0)[rank] if specs[n].tp_partition_dim == 0 else g for n, g in grads.items()}
+    params = [(n, torch.nn.Parameter(torch.zeros_like(g))) for n, g in local.items()]
+    opt = teonspeed.Muon(params, parallel=ParallelContext(specs, tp_group=dist.group.WORLD), parallel_mode="replicated")
+    for (n, p) in params:
+        p.grad = local[n].clone()
+    opt.step()
+    ref = [(n, torch.nn.Parameter(torch.zeros(s))) for n, s in full.items()]
+    ref_opt = teonspeed.Muon(ref)
+    for (n, p) in ref:
+        p.grad = grads[n].clone()
+    ref_opt.step()
+    want = {n: p.detach().chunk(world_size, 0)[rank] if specs[n].tp_partition_dim == 0 else p.detach() for n, p in ref}
+    same = all(torch.allclose(p, want[n], atol=1e-6) for n, p in params)
+    return same, (opt.comm_stats.sent, opt.comm_stats.received), opt._runner.expected_bytes(opt.grouping.groups)
+
+
+def test_the_tp_gather_of_replicated_groups_moves_only_the_split_matrices():
+    """A matrix whole on every TP rank needs no gather (it is used as it is, as an owner uses it): the
+    counter equals the plan, which counts only fc1's other half (24 fp32 values each way)."""
+    for same, measured, expected in run_ranks(_replicated_with_a_whole_matrix, 2, timeout=60):
+        assert same and measured == expected == (96, 96)
