@@ -52,8 +52,11 @@ class Plan:
                          + " + ".join(m.label for m in g.members) + where)
         if getattr(self.runner, "stats", None) is not None:  # a parallel run
             sent, received = self.runner.expected_bytes(self.groups)
+            replicated = sum(where.startswith("every rank") for where in owners.values())
+            chosen = (f": {len(owners) - replicated} groups at owners, {replicated} on every rank"
+                      if self.config.parallel_mode == "auto" else "")
             lines.append(f"  This rank per step: sends {sent:,} bytes, receives {received:,} bytes "
-                         f"(parallel_mode={self.config.parallel_mode}, comm_dtype={self.config.comm_dtype})")
+                         f"(parallel_mode={self.config.parallel_mode}{chosen}, comm_dtype={self.config.comm_dtype})")
             if hasattr(self.runner, "adamw_bytes"):
                 lines.append(f"  AdamW in the same layout: {self.runner.adamw_bytes(self.groups):,} bytes each way "
                              f"(data-parallel all-reduce of these matrices' fp32 gradients, paid by every optimizer)")

@@ -36,6 +36,7 @@ def test_a_mixed_plan_equals_the_single_process_step_and_moves_what_it_predicts(
                         timeout=120, **layout)
     replicated, owned = _choices(results[0][3])
     assert replicated > 0 and owned > 0, results[0][3]  # the plan really mixes both ways
+    assert f"parallel_mode=auto: {owned} groups at owners, {replicated} on every rank" in results[0][3]
     assert_same_model(gather_full(results), reference("teon", moe=layout.get("moe", False)))
     for _, (sent, received, _, _), expected, _ in results:
         assert (sent, received) == expected
