@@ -10,27 +10,25 @@ used: it accepts only Adam-family inner optimizers and (in 0.16) CUDA tensors.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
+from .megatron import TeonFP32Optimizer
 from .optim import OrthoOptimizer
+from .optim.base import LAYOUT_KEY
 from .parallel.flat import BucketShard, FlatEntry, FlatPartition
-
-
-_NO_CHECKPOINT = ("teonspeed: saving or loading optimizer state with use_distributed_optimizer=True is not supported "
-                  "yet (the state lives in per-rank bucket partitions); train with use_distributed_optimizer=False "
-                  "to checkpoint the optimizer")
 
 
 def check_supported(config, model_chunks) -> None:
     """Refuse, before any state exists, what this path does not do (yet)."""
-    if config.bf16 or config.fp16:
-        raise ValueError("teonspeed: use_distributed_optimizer=True is supported in fp32 only (bf16/fp16 need "
-                         "fp32 main-parameter shards); set use_distributed_optimizer=False for bf16/fp16")
-    if config.clip_grad > 0:
-        raise ValueError("teonspeed: clip_grad with use_distributed_optimizer=True is not supported yet (the norm "
-                         "needs the partitions of every rank); set clip_grad=0.0 or use_distributed_optimizer=False")
+    if config.fp16:
+        raise ValueError("teonspeed: use_distributed_optimizer=True supports fp32 and bf16, not fp16 (fp16 needs a "
+                         "loss scaler); set bf16=True, or use_distributed_optimizer=False for fp16")
+    if config.log_num_zeros_in_grad:
+        raise ValueError("teonspeed: log_num_zeros_in_grad=True is not supported with use_distributed_optimizer=True "
+                         "(the gradients live in per-rank bucket partitions); set log_num_zeros_in_grad=False")
     for chunk in model_chunks:
         ddp_config = getattr(chunk, "ddp_config", None)
         if ddp_config is None or not ddp_config.use_distributed_optimizer:
@@ -42,7 +40,10 @@ def check_supported(config, model_chunks) -> None:
 
 
 def bucket_shards(optimizer: OrthoOptimizer, model_chunks) -> List[BucketShard]:
-    """This rank's partition of every DDP bucket, with every parameter's offset in its bucket."""
+    """This rank's partition of every DDP bucket, with every parameter's offset in its bucket, an fp32
+    master copy of a bf16/fp16 partition, and the ranges that count in the gradient norm."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
     shards = []
     for chunk in model_chunks:
         for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
@@ -51,34 +52,136 @@ def bucket_shards(optimizer: OrthoOptimizer, model_chunks) -> List[BucketShard]:
             for bucket in buffer.buckets:
                 entries = sorted((FlatEntry(optimizer._names[id(p)], buffer.param_index_map[p][0] - bucket.offset,
                                             tuple(p.shape)) for p in bucket.params), key=lambda e: e.offset)
+                # Megatron's get_main_grads_for_grad_norm: a TP-duplicated (or pipeline-shared) parameter once
+                counted = {optimizer._names[id(p)] for p in bucket.params
+                           if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)}
                 n = bucket.grad_data.numel() // size
-                shards.append(BucketShard(FlatPartition(entries, n, group, rank, size),
-                                          bucket.grad_data[rank * n:(rank + 1) * n],
-                                          bucket.param_data[rank * n:(rank + 1) * n]))
+                param = bucket.param_data[rank * n:(rank + 1) * n]
+                shard = BucketShard(FlatPartition(entries, n, group, rank, size),
+                                    bucket.grad_data[rank * n:(rank + 1) * n], param,
+                                    master=param.detach().float() if param.dtype != torch.float32 else None)
+                shard.counted = _merged(((lo, hi) for e, lo, hi in shard.slices() if e.name in counted))
+                shards.append(shard)
     return shards
 
 
-def wrap(optimizer: OrthoOptimizer, config, model_chunks):
-    """The MegatronOptimizer: Megatron's FP32 wrapper whose step ends with DDP's parameter all-gather."""
-    from .megatron import TeonFP32Optimizer
+def _merged(ranges) -> Tuple[Tuple[int, int], ...]:
+    """Sorted (lo, hi) ranges with touching neighbours joined (fewer, longer norm kernels)."""
+    out: List[List[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and out[-1][1] == lo:
+            out[-1][1] = hi
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
 
-    class TeonDistributedOptimizer(TeonFP32Optimizer):
-        @torch.no_grad()
-        def step(self):
-            result = super().step()
-            for chunk in model_chunks:
-                chunk.start_param_sync(force_sync=True)
-            return result
 
-        def state_dict(self):
-            raise NotImplementedError(_NO_CHECKPOINT)
+class TeonDistributedOptimizer(TeonFP32Optimizer):
+    """Megatron's optimizer interface over this rank's bucket partitions: the step clips (where
+    config.clip_grad > 0) and steps the partitions, then DDP all-gathers the parameters. Its state is
+    per rank (the partitions' momentum/Adam moments and fp32 masters) and loads into the same layout."""
 
-        def load_state_dict(self, state_dict):
-            raise NotImplementedError(_NO_CHECKPOINT)
+    def __init__(self, optimizer: OrthoOptimizer, config, model_chunks, shards: List[BucketShard]):
+        super().__init__(optimizer, config, init_state_fn=lambda opt, config=None: None)
+        self.model_chunks, self.shards = model_chunks, shards
 
-        def sharded_state_dict(self, *args, **kwargs):
-            raise NotImplementedError(_NO_CHECKPOINT)
+    def prepare_grads(self) -> bool:
+        return False  # the reduced gradients are the bucket partitions; nothing to copy or unscale
 
+    @torch.no_grad()
+    def step(self):
+        """(success, grad_norm, num_zeros) like Megatron's optimizers: success is False when a non-finite
+        gradient skipped the step; grad_norm is the global norm before clipping (None without clip_grad)."""
+        inner = self.optimizer
+        steps = inner.param_groups[0]["step"]
+        inner.step()
+        for chunk in self.model_chunks:
+            chunk.start_param_sync(force_sync=True)
+        return inner.param_groups[0]["step"] != steps, inner.grad_norm, None
+
+    def clip_grad_norm(self, clip_grad: float) -> float:
+        raise NotImplementedError("teonspeed: the distributed optimizer clips inside step() (its norm rides in the "
+                                  "step's one collective); read the norm from step()'s result")
+
+    def reload_model_params(self, state_dict=None) -> None:
+        """The model's parameters changed (a model-only checkpoint load): refresh the fp32 masters."""
+        for shard in self.shards:
+            if shard.master is not None:
+                shard.master.copy_(shard.param)
+
+    # -- checkpoints: per rank, in the layout they were saved in ---------------------------------------
+    def layout(self) -> Dict[str, Any]:
+        """What the saved state depends on: this rank's place in the world and every bucket partition
+        (its data-parallel rank and size, its length, what lies in it, whether it keeps fp32 masters)."""
+        ranked = dist.is_initialized()
+        return {"rank": dist.get_rank() if ranked else 0, "world_size": dist.get_world_size() if ranked else 1,
+                "buckets": [[s.partition.dp_size, s.partition.partition_size,
+                             [[e.name, e.offset, list(e.shape)] for e in s.partition.entries], s.partition.dp_rank,
+                             s.master is not None] for s in self.shards]}
+
+    def state_dict(self) -> Dict[str, Any]:
+        inner = self.optimizer
+        buckets = []
+        for shard in self.shards:
+            state = dict(inner.state.get(shard.param, {}))
+            if shard.master is not None:
+                state["master"] = shard.master
+            buckets.append(state)
+        return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups],
+                "buckets": buckets, LAYOUT_KEY: self.layout()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load this rank's state saved by the same rank of the same layout (checked before anything changes)."""
+        _check_same_layout(state_dict.get(LAYOUT_KEY), self.layout())
+        inner = self.optimizer
+        for group, saved in zip(inner.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        for shard, saved in zip(self.shards, state_dict["buckets"]):
+            state = inner.state[shard.param]
+            for key, value in saved.items():
+                if key == "master":
+                    shard.master.copy_(value)
+                else:
+                    state[key] = value.to(device=shard.weights.device, dtype=shard.weights.dtype, copy=True)
+
+    def sharded_state_dict(self, *args, **kwargs):
+        raise NotImplementedError(
+            "teonspeed: megatron.core.dist_checkpointing (sharded_state_dict) is not supported with "
+            "use_distributed_optimizer=True yet: save optimizer.state_dict() per rank (torch.save to one file per "
+            "rank) and load it with optimizer.load_state_dict() on the same rank of the same layout")
+
+
+def _check_same_layout(saved: Optional[Dict[str, Any]], current: Dict[str, Any]) -> None:
+    if saved is None:
+        raise ValueError("teonspeed: this state dict was not saved by teonspeed's distributed optimizer "
+                         "(use_distributed_optimizer=True); it has no per-rank bucket layout to load into")
+    problem = None
+    if (saved["rank"], saved["world_size"]) != (current["rank"], current["world_size"]):
+        problem = (f"it was saved by rank {saved['rank']} of {saved['world_size']}, this is rank "
+                   f"{current['rank']} of {current['world_size']}")
+    elif len(saved["buckets"]) != len(current["buckets"]):
+        problem = f"it holds {len(saved['buckets'])} DDP buckets, this model has {len(current['buckets'])}"
+    else:
+        fields = ("data-parallel size", "partition size", "parameters and offsets", "data-parallel rank",
+                  "fp32 masters (bf16 parameters)")
+        for i, (a, b) in enumerate(zip(saved["buckets"], current["buckets"])):
+            diff = next(((f, x, y) for f, x, y in zip(fields, a, b) if x != y), None)
+            if diff is not None:
+                what, x, y = diff
+                problem = f"bucket {i} differs in its {what}" + (f": {x} saved, {y} here" if what != fields[2] else "")
+                break
+    if problem is not None:
+        raise ValueError(
+            f"teonspeed: this distributed-optimizer state was saved in another layout ({problem}). With "
+            f"use_distributed_optimizer=True each rank's state holds its own bucket partitions and is not "
+            f"resharded: resume with the same TP/PP/DP sizes, model, DDP bucket size and precision, each rank "
+            f"loading the file it saved; or resume from a checkpoint saved with use_distributed_optimizer=False "
+            f"through megatron.core.dist_checkpointing, which reshards")
+
+
+def wrap(optimizer: OrthoOptimizer, config, model_chunks) -> TeonDistributedOptimizer:
+    """The MegatronOptimizer over this rank's bucket partitions."""
     shards = bucket_shards(optimizer, model_chunks)
-    optimizer.attach_bucket_shards(shards, device=shards[0].grad.device if shards else None)
-    return TeonDistributedOptimizer(optimizer, config, init_state_fn=lambda opt, config=None: None)
+    optimizer.attach_bucket_shards(shards, device=shards[0].grad.device if shards else None,
+                                   clip_grad=config.clip_grad)
+    return TeonDistributedOptimizer(optimizer, config, model_chunks, shards)
