@@ -6,7 +6,17 @@ from those partitions. teonspeed steps exactly that partition: the AdamW paramet
 element-wise, and the orthogonalization planned like DeepSpeed's ZeRO-1/2 partitions
 (`parallel/zero_partition.py`): a matrix inside one partition is computed there (TP-gathered if sharded),
 only matrices cut by a partition boundary travel. Megatron's `DistributedOptimizer` class itself is not
-used: it accepts only Adam-family inner optimizers and (in 0.16) CUDA tensors.
+used: it accepts only Adam-family inner optimizers and (in 0.16) CUDA tensors. What it does around the
+step is done the same way here:
+- clip_grad: the global norm of the reduced gradients, each element once (the partitions are disjoint
+  over DP; a TP-duplicated parameter counts on TP rank 0 only, like Megatron's get_grad_norm_fp32). Each
+  rank's share rides in the step check's all-reduce (`DistributedRunner.check_step`): no collective or
+  host read of its own, where Megatron pays one all-reduce and one `.item()`.
+- bf16: an fp32 master copy of this rank's partition (Megatron's main-param shard) is stepped, with fp32
+  gradients (the DDP buffer itself under grad_reduce_in_fp32), and copied into the bf16 parameter buffer
+  that DDP's all-gather spreads. fp16 (a loss scaler) is refused.
+- checkpoints: the state (momentum, Adam moments, fp32 masters, step counters) is per rank, saved with
+  the rank's bucket layout and loaded only into the same layout; dist-checkpointing is refused.
 """
 from __future__ import annotations
 
