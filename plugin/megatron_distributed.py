@@ -15,8 +15,11 @@ step is done the same way here:
 - bf16: an fp32 master copy of this rank's partition (Megatron's main-param shard) is stepped, with fp32
   gradients (the DDP buffer itself under grad_reduce_in_fp32), and copied into the bf16 parameter buffer
   that DDP's all-gather spreads. fp16 (a loss scaler) is refused.
-- checkpoints: the state (momentum, Adam moments, fp32 masters, step counters) is per rank, saved with
-  the rank's bucket layout and loaded only into the same layout; dist-checkpointing is refused.
+- checkpoints: `state_dict()` is this rank's state (momentum, Adam moments, fp32 masters, step counters)
+  with its bucket layout, loaded only into the same layout. `sharded_state_dict()` (dist-checkpointing)
+  writes what Megatron's non-distributed wrappers write, each state tensor whole and sharded like its
+  parameter (all-gathered over DP at save time, like Megatron's "fully_reshardable" format), so it loads
+  at another TP/DP size and with or without the distributed optimizer.
 """
 from __future__ import annotations
 
@@ -86,10 +89,14 @@ def _merged(ranges) -> Tuple[Tuple[int, int], ...]:
     return tuple((lo, hi) for lo, hi in out)
 
 
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # kept over a whole bucket partition
+ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
+
+
 class TeonDistributedOptimizer(TeonFP32Optimizer):
     """Megatron's optimizer interface over this rank's bucket partitions: the step clips (where
-    config.clip_grad > 0) and steps the partitions, then DDP all-gathers the parameters. Its state is
-    per rank (the partitions' momentum/Adam moments and fp32 masters) and loads into the same layout."""
+    config.clip_grad > 0) and steps the partitions, then DDP all-gathers the parameters. Its state lives
+    in the partitions (momentum, Adam moments, fp32 masters)."""
 
     def __init__(self, optimizer: OrthoOptimizer, config, model_chunks, shards: List[BucketShard]):
         super().__init__(optimizer, config, init_state_fn=lambda opt, config=None: None)
@@ -141,7 +148,10 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
                 "buckets": buckets, LAYOUT_KEY: self.layout()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load this rank's state saved by the same rank of the same layout (checked before anything changes)."""
+        """Load a per-rank state (saved by the same rank of the same layout, checked before anything
+        changes) or what dist-checkpointing loaded for `sharded_state_dict(..., is_loading=True)`."""
+        if LAYOUT_KEY not in state_dict and ("state" in state_dict or "optimizer" in state_dict):
+            return self._load_whole_parameters(state_dict)
         _check_same_layout(state_dict.get(LAYOUT_KEY), self.layout())
         inner = self.optimizer
         for group, saved in zip(inner.param_groups, state_dict["param_groups"]):
@@ -154,11 +164,91 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
                 else:
                     state[key] = value.to(device=shard.weights.device, dtype=shard.weights.dtype, copy=True)
 
-    def sharded_state_dict(self, *args, **kwargs):
-        raise NotImplementedError(
-            "teonspeed: megatron.core.dist_checkpointing (sharded_state_dict) is not supported with "
-            "use_distributed_optimizer=True yet: save optimizer.state_dict() per rank (torch.save to one file per "
-            "rank) and load it with optimizer.load_state_dict() on the same rank of the same layout")
+    # -- dist-checkpointing: whole parameters, in the non-distributed wrappers' format, resharded by Megatron --
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+        """The state as Megatron's non-distributed wrapper (FP32Optimizer; Float16OptimizerWithFloat16Params
+        with bf16 masters) saves it: per parameter, sharded like the parameter. Saving all-gathers each
+        bucket's state over its data-parallel group (a checkpoint-time collective, as Megatron's
+        DistributedOptimizer does for its reshardable format); loading reads each parameter whole and keeps
+        this rank's partition. So a checkpoint loads at another TP/DP size, or with(out) the distributed
+        optimizer."""
+        from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                                make_sharded_optimizer_tensor,
+                                                                optim_state_to_sharding_state)
+        inner = self.optimizer
+        params = self.get_parameters()
+        whole = self._whole_parameters(gather=not is_loading)
+        state = {}
+        for i, p in enumerate(params):
+            keys = ("momentum_buffer",) if inner._group_of[inner._names[id(p)]]["route"] == "ortho" else ADAMW_KEYS
+            state[i] = {k: whole[inner._names[id(p)]][k] for k in keys}
+        ids = {id(p): i for i, p in enumerate(params)}
+        optimizer_state = {"state": state, "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                                                             "params": [ids[id(p)] for p in g["params"]]}
+                                                            for g in inner.param_groups]}
+        id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_state_dict, params)
+        optim_state_to_sharding_state(optimizer_state, id_to_sharded)
+        adamw_steps = [g["step"] for g in inner.param_groups if g["route"] == "adamw"]
+        if adamw_steps:  # Megatron's wrappers save the AdamW step as one common step
+            optimizer_state["state"]["common_step"] = adamw_steps[0]
+        if not any(s.master is not None for s in self.shards):
+            return optimizer_state
+        masters = [[make_sharded_optimizer_tensor(id_to_sharded[ids[id(p)]], whole[inner._names[id(p)]]["master"],
+                                                  prefix="optimizer.state.fp32_param") for p in g["params"]]
+                   for g in inner.param_groups]
+        return {"optimizer": optimizer_state, "fp32_from_fp16_params": masters}
+
+    def _whole_parameters(self, gather: bool) -> Dict[str, Dict[str, torch.Tensor]]:
+        """name -> {state key or "master": this TP rank's whole tensor of that parameter}, every bucket's
+        partitions all-gathered over its data-parallel group (gather=False: empty, to be loaded into)."""
+        out = {}
+        for shard in self.shards:
+            part, state = shard.partition, self._bucket_state(shard)
+            sources = {k: state[k] for k in STATE_KEYS}
+            if shard.master is not None:
+                sources["master"] = shard.master
+            bucket = {}
+            for key, local in sources.items():
+                bucket[key] = local.new_empty(part.partition_size * part.dp_size)
+                if gather:
+                    dist.all_gather_into_tensor(bucket[key], local, group=part.dp_group)
+            for e in part.entries:
+                out[e.name] = {k: v[e.offset:e.offset + e.numel].view(e.shape).clone() for k, v in bucket.items()}
+        return out
+
+    def _bucket_state(self, shard: BucketShard) -> Dict[str, torch.Tensor]:
+        state = self.optimizer.state[shard.param]
+        if "momentum_buffer" not in state:  # as the first step creates it
+            state.update({k: torch.zeros_like(shard.weights) for k in STATE_KEYS})
+        return state
+
+    def _load_whole_parameters(self, state_dict: Dict[str, Any]) -> None:
+        """Keep this rank's partition of every loaded whole-parameter tensor."""
+        inner = self.optimizer
+        loaded = state_dict.get("optimizer", state_dict)
+        masters = state_dict.get("fp32_from_fp16_params")
+        if (masters is None) != all(s.master is None for s in self.shards):
+            raise ValueError("teonspeed: this checkpoint's optimizer " + ("has no" if masters is None else "has")
+                             + " fp32 master parameters, this model's parameters are " + ("bf16" if masters is None
+                             else "fp32") + ": resume with the precision (bf16 or not) it was saved with")
+        if len(loaded["param_groups"]) != len(inner.param_groups):
+            raise ValueError(f"teonspeed: the checkpoint has {len(loaded['param_groups'])} optimizer param groups, "
+                             f"this optimizer {len(inner.param_groups)}: it was saved with other teonspeed options")
+        for group, saved in zip(inner.param_groups, loaded["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        params = self.get_parameters()
+        values = {inner._names[id(p)]: dict(loaded["state"][i]) for i, p in enumerate(params)}
+        for g, saved_group in zip(inner.param_groups, masters or []):
+            for p, master in zip(g["params"], saved_group):
+                values[inner._names[id(p)]]["master"] = master
+        for shard in self.shards:
+            state, start, size = self._bucket_state(shard), shard.partition.start, shard.partition.partition_size
+            targets = {**state, **({"master": shard.master} if shard.master is not None else {})}
+            for e in shard.partition.entries:
+                lo, hi = max(e.offset, start), min(e.offset + e.numel, start + size)
+                for key, value in values[e.name].items():
+                    if key in targets and lo < hi:
+                        targets[key][lo - start:hi - start].copy_(value.reshape(-1)[lo - e.offset:hi - e.offset])
 
 
 def _check_same_layout(saved: Optional[Dict[str, Any]], current: Dict[str, Any]) -> None:

@@ -45,6 +45,14 @@ def run_steps(ddp, opt, steps, same_batch=False, sched=None, bf16_only=False):
     return losses, lrs, results
 
 
+def local_params(ddp):
+    """name -> (this rank's tensor, TP split dim or None, stride, TP rank), for mm.full_params_of_replica0."""
+    from megatron.core import parallel_state as ps
+    return {n: (p.detach().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
+                else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
+            for n, p in ddp.module.named_parameters()}
+
+
 def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, same_batch=False, layers=None,
           bf16_only=False, **config_kw):
     from megatron.core import parallel_state as ps
@@ -55,9 +63,7 @@ def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, sa
                                     lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
                                     wd_incr_steps=10, wd_incr_style="constant") if scheduler else None
     losses, lrs, results = run_steps(ddp, opt, range(steps), same_batch, sched, bf16_only)
-    params = {n: (p.detach().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
-                  else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
-              for n, p in ddp.module.named_parameters()}
+    params = local_params(ddp)
     plans = getattr(opt.optimizer, "zero_plans", [])
     moved = (sum(j.cut for p in plans for j in p.jobs), (opt.optimizer.comm_stats.sent, opt.optimizer.comm_stats.received),
              opt.optimizer.zero_expected_bytes()) if plans else None

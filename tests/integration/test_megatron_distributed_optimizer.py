@@ -1,13 +1,14 @@
 """Megatron's use_distributed_optimizer=True as Megatron-LM pretraining runs set it: clip_grad (the global
-norm over every rank's bucket partitions), bf16 parameters with fp32 master partitions, and per-rank
-optimizer checkpoints. Oracles: Megatron's own non-distributed wrappers (FP32Optimizer's clip,
-Float16OptimizerWithFloat16Params' fp32 main params) and the uninterrupted run."""
+norm over every rank's bucket partitions), bf16 parameters with fp32 master partitions, and optimizer
+checkpoints (per-rank state dicts; dist-checkpointing, resharded). Oracles: Megatron's own non-distributed
+wrappers (FP32Optimizer's clip, Float16OptimizerWithFloat16Params' fp32 main params) and the uninterrupted
+run."""
 import pytest
 import torch
 
 import megatron_models as mm
-from teonspeed.testing.harness import RankError, run_ranks
-from test_megatron_builder import build, run_steps, train
+from teonspeed.testing.harness import run_ranks
+from test_megatron_builder import build, local_params, run_steps, train
 
 CLIP = 0.05  # the tiny model's gradient norm is ~1.5: every step clips (asserted)
 
@@ -113,13 +114,65 @@ def test_optimizer_state_resumes_exactly_from_per_rank_files_and_another_layout_
             in refusal and "is not resharded" in refusal
 
 
-def _sharded_state_dict(rank, world_size):
+def _save(ddp, opt, directory):
+    from megatron.core import dist_checkpointing
+    model_sd = ddp.module.sharded_state_dict()
+    dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)}, directory,
+                            sharded_strategy=("torch_dist", 1))
+
+
+def _load(ddp, opt, directory):
+    from megatron.core import dist_checkpointing
+    model_sd = ddp.module.sharded_state_dict()
+    loaded = dist_checkpointing.load({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd, is_loading=True)},
+                                     directory)
+    ddp.module.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+
+
+def _dist_checkpoint_round_trip(rank, world_size, directory, bf16):
+    """TP=2 × DP=2: 4 steps, and 2 steps + torch_dist save (on disk) + load into a fresh model and
+    optimizer + 2 steps."""
     from megatron.core import parallel_state as ps
-    ps.initialize_model_parallel()
-    ddp, opt = build(use_distributed_optimizer=True)
-    opt.sharded_state_dict(ddp.sharded_state_dict())
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    kw = dict(layers=2, use_distributed_optimizer=True, bf16=bf16, clip_grad=CLIP)
+    ddp, opt = build(2, **kw)
+    run_steps(ddp, opt, range(4))
+    reference = local_params(ddp), _state(ddp, opt)
+    ddp, opt = build(2, **kw)
+    run_steps(ddp, opt, range(2))
+    _save(ddp, opt, directory)
+    ddp, opt = build(2, **kw)
+    _load(ddp, opt, directory)
+    run_steps(ddp, opt, range(2, 4))
+    return reference, (local_params(ddp), _state(ddp, opt)), ps.get_data_parallel_rank()
 
 
-def test_dist_checkpointing_is_refused_with_the_per_rank_alternative():
-    with pytest.raises(RankError, match="save optimizer.state_dict.. per rank"):
-        run_ranks(_sharded_state_dict, 2, timeout=120)
+def _resume_in_another_layout(rank, world_size, directory, tp, distributed):
+    from megatron.core import parallel_state as ps
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    ddp, opt = build(tp, layers=2, use_distributed_optimizer=distributed, clip_grad=CLIP)
+    _load(ddp, opt, directory)
+    run_steps(ddp, opt, range(2, 4))
+    return local_params(ddp), ps.get_data_parallel_rank()
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_dist_checkpointing_resumes_exactly_and_reshards_to_another_layout(bf16, tmp_path):
+    directory = str(tmp_path)
+    results = run_ranks(_dist_checkpoint_round_trip, 4, directory, bf16, timeout=180)
+    for (weights, state), (resumed_weights, resumed_state), _ in results:
+        assert all(torch.equal(resumed_weights[n][0], w[0]) for n, w in weights.items())
+        for saved, loaded in zip(state[1], resumed_state[1]):
+            assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+        assert state[2] == resumed_state[2]
+    if bf16:
+        return
+    # The same checkpoint at TP=1 × DP=2 (other buckets and partitions), with and without the distributed
+    # optimizer: the same global batches, so the same weights up to TP=2's rounding.
+    uninterrupted = mm.full_params_of_replica0([(w, dp) for (w, _), _, dp in results], name_index=0, dp_index=1)
+    for distributed in (True, False):
+        resumed = mm.full_params_of_replica0(run_ranks(_resume_in_another_layout, 2, directory, tp=1,
+                                                       distributed=distributed, timeout=180), 0, 1)
+        for name, full in uninterrupted.items():
+            assert _relative(resumed[name], full) <= 1e-5, (distributed, name)
