@@ -83,7 +83,7 @@ class LocalRunner:
     def check_step(self, check: StepCheck) -> StepVerdict:
         if check.norm_sq is None:
             return bool(check.finite.item()), None  # the step's one host read
-        finite, norm_sq = torch.stack([check.finite.to(torch.float64), check.norm_sq.to(torch.float64)]).tolist()
+        finite, norm_sq = torch.stack([check.finite.to(check.norm_sq.dtype), check.norm_sq]).tolist()
         return bool(finite), norm_sq
 
     def topology_of(self, group: OrthoGroup) -> str:

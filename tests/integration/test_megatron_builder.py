@@ -66,7 +66,7 @@ def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, sa
     params = local_params(ddp)
     plans = getattr(opt.optimizer, "zero_plans", [])
     moved = (sum(j.cut for p in plans for j in p.jobs), (opt.optimizer.comm_stats.sent, opt.optimizer.comm_stats.received),
-             opt.optimizer.zero_expected_bytes()) if plans else None
+             opt.optimizer.zero_expected_bytes()) if plans and opt.optimizer.comm_stats else None
     return losses, params, ps.get_data_parallel_rank(), type(opt).__name__, results, lrs, moved
 
 

@@ -36,6 +36,10 @@ def test_clip_grad_clips_the_global_norm_tp2_dp2_equals_tp1_and_megatrons_own_cl
         assert _relative(sharded[name], full) <= 2e-5, name
     moved = max(_relative(unclipped[0][1][n][0], full) for n, (full, *_rest) in megatron[0][1].items())
     assert moved > 1e-2  # clipping changes these weights far beyond the tolerance above
+    # A world of one on the single-process runner: the norm rides in its one host read instead.
+    alone = dict(kw, parallel_mode="replicated", steps=2)
+    megatron, local = run_ranks(train, 1, **alone), run_ranks(train, 1, use_distributed_optimizer=True, **alone)
+    assert [n for _, n, _ in local[0][4]] == pytest.approx([n for _, n, _ in megatron[0][4]], rel=1e-6)
 
 
 def test_bf16_keeps_fp32_master_partitions_like_megatrons_bf16_optimizer():
