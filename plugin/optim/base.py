@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -29,7 +30,7 @@ from ..parallel.cost import cluster_profile
 from ..parallel.owners import ns_flops
 from ..parallel.topology import build_step_group, build_topology
 from .scaling import lr_multiplier
-from .updates import adamw_step, momentum_direction
+from .updates import adamw_step, clip_coefficient, momentum_direction
 
 # Keys a user's param group may override, and the internal group key each one sets.
 _ORTHO_GROUP_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "nesterov": "nesterov"}
@@ -89,6 +90,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
         self._flat_steps: Dict[int, FlatStep] = {}  # id(flat partition tensor) -> its planned step
         self._buckets: List[Tuple[BucketShard, FlatStep]] = []  # Megatron distributed optimizer
+        self._clip_grad = 0.0  # distributed optimizer: clip the global gradient norm to this (0: off)
+        self.grad_norm: Optional[float] = None  # the last step's global gradient norm, where it clips
 
     # -- hooks for wrappers that replace the parameters (DeepSpeed's fp32 masters, ZeRO partitions) ----
     def rebind(self, pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -117,11 +120,14 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._flat = dict(partitions)
         self._flat_steps = {key: self._plan_flat(fp, device or torch.device("cpu")) for key, fp in partitions.items()}
 
-    def attach_bucket_shards(self, buckets: List[BucketShard], device: Optional[torch.device] = None) -> None:
+    def attach_bucket_shards(self, buckets: List[BucketShard], device: Optional[torch.device] = None,
+                             clip_grad: float = 0.0) -> None:
         """Megatron's distributed optimizer: DDP reduce-scatters each bucket's gradients and all-gathers its
         parameters; the step updates only this rank's partition of every bucket (a collective over
-        tp × dp at attach, like attach_flat_partitions)."""
+        tp × dp at attach, like attach_flat_partitions). `clip_grad` > 0: clip the gradients to that
+        global norm (over every rank's counted partition ranges) before the step."""
         self._buckets = [(b, self._plan_flat(b.partition, device or b.grad.device)) for b in buckets]
+        self._clip_grad = clip_grad
         self._group_of = {n: g for g in self.param_groups for n in g["names"]}
 
     def _dense_topology(self):
@@ -336,26 +342,33 @@ class OrthoOptimizer(torch.optim.Optimizer):
             stats.start_step()
         for group in self.param_groups:
             group["step"] += 1
+        clip = clip_coefficient(self._clip_grad, self.grad_norm) if self.grad_norm is not None else 1.0
         for shard, flat_step in self._buckets:
+            weights = shard.weights  # the fp32 master with bf16 parameters
+            grad = shard.grad.float()  # fp32 grads (grad_reduce_in_fp32) are the buffer itself, not a copy
+            if clip < 1.0:
+                grad.mul_(clip)  # like Megatron, the fp32 main gradient is clipped in place
             state = self.state[shard.param]
             if "momentum_buffer" not in state:
-                state.update(momentum_buffer=torch.zeros_like(shard.grad), exp_avg=torch.zeros_like(shard.grad),
-                             exp_avg_sq=torch.zeros_like(shard.grad))
-            direction = torch.zeros_like(shard.grad)
+                state.update(momentum_buffer=torch.zeros_like(weights), exp_avg=torch.zeros_like(weights),
+                             exp_avg_sq=torch.zeros_like(weights))
+            direction = torch.zeros_like(weights)
             ortho = []
             for entry, lo, hi in shard.slices():
                 group = self._group_of[entry.name]
                 if group["route"] == "ortho":
-                    direction[lo:hi] = momentum_direction(shard.grad[lo:hi], state["momentum_buffer"][lo:hi],
+                    direction[lo:hi] = momentum_direction(grad[lo:hi], state["momentum_buffer"][lo:hi],
                                                           group["momentum"], group["nesterov"])
                     ortho.append((lo, hi, group))
                 else:
-                    adamw_step(shard.param[lo:hi], shard.grad[lo:hi], state["exp_avg"][lo:hi],
+                    adamw_step(weights[lo:hi], grad[lo:hi], state["exp_avg"][lo:hi],
                                state["exp_avg_sq"][lo:hi], group["step"], group["lr"] * group["lr_ratio"],
                                group["betas"], group["eps"], group["weight_decay"])
             update = self._flat_update(flat_step, direction, self._ortho_step_count() - 1)
             for lo, hi, group in ortho:
-                _apply(shard.param[lo:hi], update[lo:hi], group)
+                _apply(weights[lo:hi], update[lo:hi], group)
+            if shard.master is not None:  # DDP's parameter all-gather spreads the bf16 partition
+                shard.param.copy_(shard.master)
 
     def _flat_placement(self, m: MatrixRef):
         topology = self._dense_topology()
@@ -370,15 +383,22 @@ class OrthoOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         # Megatron's distributed optimizer: only this rank's bucket partitions hold reduced gradients.
         grads = [b.grad for b, _ in self._buckets] if self._buckets else [p.grad for p in params if p.grad is not None]
-        if not params or (not self.config.skip_nonfinite and isinstance(self._runner, LocalRunner)):
+        clips = bool(self._buckets) and self._clip_grad > 0
+        self.grad_norm = None
+        if not params or (not clips and not self.config.skip_nonfinite and isinstance(self._runner, LocalRunner)):
             return True
         device = (grads[0] if grads else params[0]).device
         if self.config.skip_nonfinite and grads:
             finite = torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
         else:
             finite = torch.ones((), dtype=torch.bool, device=device)
+        # The gradient norm rides in the step check: no collective or host read of its own.
+        norm_sq = torch.stack([b.grad_norm_sq() for b, _ in self._buckets]).sum() if clips else None
         digests, lines = self._step_plan(params)
-        if self._runner.check_step(StepCheck(finite, digests, lambda: lines)):
+        ok, total_norm_sq = self._runner.check_step(StepCheck(finite, digests, lambda: lines, norm_sq))
+        if total_norm_sq is not None:
+            self.grad_norm = math.sqrt(total_norm_sq)
+        if ok:
             return True
         # The skip path only (rare): name the culprits, one host read per gradient.
         if self._buckets:

@@ -27,3 +27,9 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     bias_correction2 = 1 - beta2 ** step
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def clip_coefficient(max_norm: float, total_norm: float) -> float:
+    """The factor that scales gradients of global norm `total_norm` to at most `max_norm` (Megatron's and
+    torch's clip_grad_norm: max_norm / (total_norm + 1e-6), never above 1)."""
+    return min(1.0, max_norm / (total_norm + 1.0e-6))

@@ -30,6 +30,7 @@ constants (replicated groups first, then the owner-compute waves).
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,8 +39,8 @@ import torch.distributed as dist
 
 from ..grouping import MatrixRef, OrthoGroup
 from ..ortho.unfold import fold, unfold
-from .local import MatrixIO, StepCheck, bucket_by_shape, transform_groups
 from .cost import ClusterProfile
+from .local import MatrixIO, StepCheck, StepVerdict, bucket_by_shape, transform_groups
 from .owners import assign_owners, ns_flops
 from .placement import GroupCost, choose_owner_compute, layout_of
 from .shard_spec import ShardSpec, assemble, shard_of
@@ -117,16 +118,24 @@ class DistributedRunner:
         return f"parallel_mode={self.mode}" + (f" {self.profile}" if self.mode == "auto" else "")
 
     # -- shared by every rank ---------------------------------------------------------------------
-    def check_step(self, check: StepCheck) -> bool:
-        """ONE all-reduce (MIN over the step group) and ONE host read per step carry both the non-finite
-        decision and every rank's plan digest: slot 0 the finite flag, then one slot per (topology,
-        rank) holding that rank's digest (INT64_MAX, the MIN identity, everywhere else)."""
+    def check_step(self, check: StepCheck) -> StepVerdict:
+        """ONE all-reduce (MIN over the step group) and ONE host read per step carry the non-finite
+        decision, every rank's plan digest and, when the step clips, every rank's share of the squared
+        gradient norm: slot 0 the finite flag, then one slot per (topology, rank) holding that rank's
+        digest, then one slot per rank holding the bits of its float64 norm share (INT64_MAX, the MIN
+        identity, everywhere else). The shares are summed on the host in rank order, so every rank
+        gets the same norm to the bit."""
         sg = self.step_group or StepGroup(None, 1, 0, tuple((k, (0,)) for k in sorted(self.topologies)))
         keys = sorted(self.topologies)
-        flags = torch.full((1 + len(keys) * sg.size,), INT64_MAX, dtype=torch.int64, device=check.finite.device)
+        norm_at = 1 + len(keys) * sg.size
+        size = norm_at + (sg.size if check.norm_sq is not None else 0)
+        flags = torch.full((size,), INT64_MAX, dtype=torch.int64, device=check.finite.device)
         flags[0].copy_(check.finite)
         for i, key in enumerate(keys):
             flags[1 + i * sg.size + sg.rank] = check.digests.get(key, 0)
+        if check.norm_sq is not None:
+            flags[norm_at + sg.rank:norm_at + sg.rank + 1].copy_(
+                check.norm_sq.to(torch.float64).reshape(1).view(torch.int64))
         if sg.group is not None:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=sg.group)
         values = flags.tolist()  # the step's one host read
@@ -134,7 +143,10 @@ class DistributedRunner:
             seen = {values[1 + keys.index(key) * sg.size + j] for j in members}
             if len(seen) > 1:  # every rank sees the same values, so every rank raises here
                 self._raise_plan_mismatch(key, members, values, keys, sg, check)
-        return bool(values[0])
+        norm_sq = None
+        if check.norm_sq is not None:
+            norm_sq = sum(struct.unpack("<d", struct.pack("<q", v))[0] for v in values[norm_at:])
+        return bool(values[0]), norm_sq
 
     def _raise_plan_mismatch(self, key, members, values, keys, sg: StepGroup, check: StepCheck) -> None:
         # Only now, a second (diagnostic) collective: every rank's plan, to name the first difference.

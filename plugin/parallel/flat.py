@@ -52,10 +52,27 @@ class FlatPartition:
 class BucketShard:
     """Megatron's distributed optimizer layout: a DDP bucket (parameters of any route at `entries`
     offsets) whose reduce-scatter leaves this rank the partition `grad`, and whose parameter all-gather
-    spreads this rank's partition `param` (both views into the bucket's buffers)."""
+    spreads this rank's partition `param` (both views into the bucket's buffers). With bf16/fp16
+    parameters, `master` is the fp32 main copy of `param` that the step updates (Megatron's main-param
+    shard). `counted`: the (lo, hi) ranges of the partition that count in the global gradient norm
+    (each TP-duplicated parameter counted on one TP rank only)."""
     partition: FlatPartition
     grad: torch.Tensor
     param: torch.Tensor
+    master: Optional[torch.Tensor] = None
+    counted: Tuple[Tuple[int, int], ...] = ()
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """What the step updates: the fp32 master, or the parameter partition itself."""
+        return self.param if self.master is None else self.master
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        """Squared L2 norm of the counted gradient ranges, in fp32 on the gradient's device (0-dim)."""
+        parts = [self.grad[lo:hi].float() for lo, hi in self.counted]
+        if not parts:
+            return self.grad.new_zeros((), dtype=torch.float32)
+        return torch.stack(torch._foreach_norm(parts)).square().sum()
 
     def slices(self):
         """(entry, lo, hi) of every entry intersecting this rank's partition, in partition coordinates."""

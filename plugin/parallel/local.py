@@ -42,12 +42,18 @@ class StepCheck:
     finite: torch.Tensor
     digests: Dict[str, int]
     plan_lines: Callable[[], Dict[str, List[str]]]
+    norm_sq: Optional[torch.Tensor] = None
+    """This rank's share of the squared global gradient norm (0-dim, on the gradients' device) when the
+    step clips: the runner sums every sharing rank's share in the same collective and host read."""
+
+
+StepVerdict = Tuple[bool, Optional[float]]  # (every gradient finite, the summed norm_sq or None)
 
 
 class Runner(Protocol):
     stats: Optional[object]
 
-    def check_step(self, check: StepCheck) -> bool: ...
+    def check_step(self, check: StepCheck) -> StepVerdict: ...
     def run(self, groups: Sequence[OrthoGroup], io: MatrixIO) -> None: ...
     def topology_of(self, group: OrthoGroup) -> str: ...
     def describe(self, groups: Sequence[OrthoGroup]) -> Dict[int, str]: ...
@@ -74,8 +80,11 @@ class LocalRunner:
 
     stats = None
 
-    def check_step(self, check: StepCheck) -> bool:
-        return bool(check.finite.item())  # the step's one host read
+    def check_step(self, check: StepCheck) -> StepVerdict:
+        if check.norm_sq is None:
+            return bool(check.finite.item()), None  # the step's one host read
+        finite, norm_sq = torch.stack([check.finite.to(check.norm_sq.dtype), check.norm_sq]).tolist()
+        return bool(finite), norm_sq
 
     def topology_of(self, group: OrthoGroup) -> str:
         return "dense"

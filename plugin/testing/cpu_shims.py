@@ -5,6 +5,7 @@ Each shim is the smallest change that was measured to be needed (shared/research
 - Megatron asks CUDA for the current device (attention buffers, RoPE) and for its RNG tracker:
   answer "cpu", and use the inference RNG tracker whose fork() does nothing.
 - Megatron's pipeline schedules and MoE utils hard-code CUDA / Transformer-Engine symbols.
+- Megatron's bf16 wrapper and gradient clipping check for CUDA tensor types.
 `apply()` is idempotent. It never runs on a machine with CUDA.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ def apply() -> None:
     _patch_deepspeed()
     _patch_megatron()
     _patch_megatron_tied_embeddings()
+    _patch_megatron_optimizer_cuda_checks()
 
 
 def _patch_deepspeed() -> None:
@@ -79,6 +81,49 @@ def _patch_megatron_tied_embeddings() -> None:
 
     on_cpu._teonspeed_cpu = True
     LanguageModule.setup_embeddings_and_output_layer = on_cpu
+
+
+def _patch_megatron_optimizer_cuda_checks() -> None:
+    """Megatron's bf16/fp16 wrapper (Float16OptimizerWithFloat16Params.__init__) and its gradient clipping
+    (clip_grad_by_total_norm_fp32) accept tensors by their CUDA type name; during those calls only,
+    Tensor.type() names a CPU tensor by its CUDA type. Without Apex/TE the clip's norm falls back to
+    megatron.core.utils.local_multi_tensor_l2_norm, which puts its result on CUDA: the same norm of the
+    per-tensor norms is kept on the tensors' device instead."""
+    try:
+        from megatron.core import utils as megatron_utils
+        from megatron.core.optimizer import clip_grads
+        from megatron.core.optimizer import optimizer as megatron_optimizer
+    except ImportError:
+        return
+    import functools
+
+    import torch
+
+    def as_cuda_types(original):
+        if getattr(original, "_teonspeed_cpu", False):
+            return original
+
+        @functools.wraps(original)
+        def on_cpu(*args, **kwargs):
+            real = torch.Tensor.type
+            torch.Tensor.type = lambda t, *a, **k: (real(t, *a, **k) if a or k or t.is_cuda
+                                                    else real(t).replace("torch.", "torch.cuda.", 1))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                torch.Tensor.type = real
+
+        on_cpu._teonspeed_cpu = True
+        return on_cpu
+
+    wrapper = megatron_optimizer.Float16OptimizerWithFloat16Params
+    wrapper.__init__ = as_cuda_types(wrapper.__init__)
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = as_cuda_types(megatron_optimizer.clip_grad_by_total_norm_fp32)
+    if clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm:
+        def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+            norms = torch.stack([torch.norm(t) for t in tensor_lists[0]])
+            return torch.norm(norms).reshape(1).float(), None
+        clip_grads.l2_norm_impl = l2_norm
 
 
 def megatron_seed(seed: int) -> None:

@@ -8,42 +8,65 @@ import megatron_models as mm
 from teonspeed.testing.harness import RankError, run_ranks
 
 
-def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, same_batch=False, layers=None,
-          **config_kw):
-    from megatron.core import parallel_state as ps
+def build(tp=1, optimizer="teon", layers=None, **config_kw):
+    """A tiny GPT (bf16 where config bf16=True) in Megatron DDP, and teonspeed's MegatronOptimizer for it."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     config = mm.tiny_config(tp=tp, **({"num_layers": layers} if layers else {}))
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                use_distributed_optimizer=config_kw.get("use_distributed_optimizer", False))
-    ddp = DistributedDataParallel(config, ddp_config, mm.tiny_gpt(config))
-    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, lr=0.02, adamw_lr=3e-3, clip_grad=0.0,
-                                                     **config_kw), [ddp])
-    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=0.02, min_lr=0.002, lr_warmup_steps=2,
-                                    lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
-                                    wd_incr_steps=10, wd_incr_style="constant") if scheduler else None
+    model = mm.tiny_gpt(config)
+    ddp = DistributedDataParallel(config, ddp_config, model.bfloat16() if config_kw.get("bf16") else model)
+    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, **{"lr": 0.02, "adamw_lr": 3e-3,
+                                                                             "clip_grad": 0.0, **config_kw}), [ddp])
+    return ddp, opt
+
+
+def run_steps(ddp, opt, steps, same_batch=False, sched=None, bf16_only=False):
+    """Train on the steps' batches; (losses, lrs, step() results). bf16_only: the fp32 masters restart from
+    the bf16 weights before every step (reload_model_params), i.e. a bf16-only update."""
+    from megatron.core import parallel_state as ps
     losses, lrs, results = [], [], []
-    for step in range(steps):
+    for step in steps:
         ddp.zero_grad_buffer()
         opt.zero_grad()
         tokens, position_ids, labels = mm.batch(seed=(0 if same_batch else 100 * step) + ps.get_data_parallel_rank())
-        loss = ddp(tokens, position_ids, None, labels=labels).mean()
+        loss = ddp(tokens, position_ids, None, labels=labels).float().mean()
         loss.backward()
         ddp.finish_grad_sync()
+        if bf16_only:
+            opt.reload_model_params()
         results.append(opt.step())
         lrs.append([g["lr"] for g in opt.param_groups])
         if sched:
             sched.step(1)
         losses.append(float(loss))
-    params = {n: (p.detach().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
-                  else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
-              for n, p in ddp.module.named_parameters()}
+    return losses, lrs, results
+
+
+def local_params(ddp):
+    """name -> (this rank's tensor, TP split dim or None, stride, TP rank), for mm.full_params_of_replica0."""
+    from megatron.core import parallel_state as ps
+    return {n: (p.detach().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
+                else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
+            for n, p in ddp.module.named_parameters()}
+
+
+def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, same_batch=False, layers=None,
+          bf16_only=False, **config_kw):
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    ddp, opt = build(tp, optimizer, layers, **config_kw)
+    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=0.02, min_lr=0.002, lr_warmup_steps=2,
+                                    lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
+                                    wd_incr_steps=10, wd_incr_style="constant") if scheduler else None
+    losses, lrs, results = run_steps(ddp, opt, range(steps), same_batch, sched, bf16_only)
+    params = local_params(ddp)
     plans = getattr(opt.optimizer, "zero_plans", [])
     moved = (sum(j.cut for p in plans for j in p.jobs), (opt.optimizer.comm_stats.sent, opt.optimizer.comm_stats.received),
-             opt.optimizer.zero_expected_bytes()) if plans else None
+             opt.optimizer.zero_expected_bytes()) if plans and opt.optimizer.comm_stats else None
     return losses, params, ps.get_data_parallel_rank(), type(opt).__name__, results, lrs, moved
 
 
@@ -93,21 +116,11 @@ def test_distributed_optimizer_tp2_dp2_equals_tp1_and_the_non_distributed_path(o
         assert float((sharded[name] - full).norm() / full.norm()) <= 1e-5, name
 
 
-def _distributed_optimizer_state_dict(rank, world_size):
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
-    ps.initialize_model_parallel()
-    ddp = DistributedDataParallel(mm.tiny_config(), DistributedDataParallelConfig(use_distributed_optimizer=True),
-                                  mm.tiny_gpt())
-    get_megatron_optimizer(TeonOptimizerConfig(clip_grad=0.0, use_distributed_optimizer=True), [ddp]).state_dict()
-
-
 def test_distributed_optimizer_refuses_what_it_does_not_do_with_the_fix():
-    with pytest.raises(RankError, match="use_distributed_optimizer=True is supported in fp32 only"):
-        run_ranks(train, 2, use_distributed_optimizer=True, bf16=True, timeout=120)
-    with pytest.raises(RankError, match="optimizer state with use_distributed_optimizer=True is not supported"):
-        run_ranks(_distributed_optimizer_state_dict, 2, timeout=120)
+    with pytest.raises(RankError, match="use_distributed_optimizer=True supports fp32 and bf16, not fp16"):
+        run_ranks(train, 2, use_distributed_optimizer=True, fp16=True, timeout=120)
+    with pytest.raises(RankError, match="log_num_zeros_in_grad=True is not supported with use_distributed_optim"):
+        run_ranks(train, 2, use_distributed_optimizer=True, log_num_zeros_in_grad=True, timeout=120)
 
 
 def _state_round_trip(rank, world_size):
