@@ -53,6 +53,7 @@ import torch
 import teonspeed
 from teonspeed.parallel.distributed import _split_waves  # the implementation's own rules
 from teonspeed.parallel.owners import assign_owners, ns_flops
+from teonspeed.parallel.cost import FIELDS as CLUSTER_FIELDS, ClusterProfile
 from teonspeed.parallel.zero_partition import ZeroPlan, plan_zero_partition
 
 
@@ -383,13 +384,20 @@ def zero_layout(model: ModelSpec, optimizer: str, a: Assumptions, dp: int) -> Ze
     return ZeroLayout(groups, offsets, shapes, -(-offset // dp))
 
 
-def zero_plan(layout: ZeroLayout, tp: int, dp: int, ns_steps: int) -> ZeroPlan:
+def zero_cluster(a: Assumptions) -> ClusterProfile:
+    """The hardware constants the planner balances with: the model's own."""
+    return ClusterProfile(**{f: getattr(a, f) for f in CLUSTER_FIELDS})
+
+
+def zero_plan(layout: ZeroLayout, tp: int, dp: int, ns_steps: int, cluster: ClusterProfile = ClusterProfile(),
+              itemsize: int = 4) -> ZeroPlan:
     """The implementation's plan (what plugin/parallel/flat.py plan_partition builds on every rank: NS
-    FLOPs of the full, TP-gathered stacks as the cost); work rank d·T + t: Megatron's order, TP adjacent."""
+    FLOPs of the full, TP-gathered stacks as the cost, jobs balanced with `cluster`'s constants); work
+    rank d·T + t: Megatron's order, TP adjacent."""
     work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
     return plan_zero_partition(layout.groups, layout.offsets, layout.shapes, layout.partition_size, dp, tp,
                                work_rank, cost=lambda g: ns_flops(g.stacked_shape, ns_steps),
-                               tp_sharded=lambda m: tp > 1)
+                               tp_sharded=lambda m: tp > 1, cluster=cluster, itemsize=itemsize)
 
 
 @dataclass
@@ -430,7 +438,7 @@ def zero_partition_time(model: ModelSpec, optimizer: str, dp: int, a: Assumption
     jobs it owns, all_to_all of the slices back, in sequence (FlatStep does not overlap them); each
     all_to_all pays one latency plus one per peer of the tp × dp work group."""
     tp = model.tp
-    plan = zero_plan(zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps)
+    plan = zero_plan(zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps, zero_cluster(a), a.comm_itemsize)
     zb = zero_rank_bytes(plan, a.comm_itemsize, a.gpus_per_node)
     w = tp * dp
     rate = a.peak_flops * a.ns_efficiency

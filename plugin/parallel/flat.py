@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..grouping import MatrixRef, OrthoGroup
 from ..ortho.unfold import fold, unfold
+from .cost import ClusterProfile
 from .local import transform_groups
 from .shard_spec import assemble, shard_of
 from .zero_partition import Unit, ZeroJob, ZeroPlan, plan_zero_partition
@@ -86,13 +87,13 @@ def gather_work_ranks(partition: FlatPartition, tp_rank: int, tp_size: int, work
 
 
 def plan_partition(partition: FlatPartition, groups: List[OrthoGroup], work_rank: Dict[Tuple[int, int], int],
-                   tp_size: int, cost: Callable[[OrthoGroup], float],
-                   tp_sharded: Callable[[MatrixRef], bool]) -> ZeroPlan:
+                   tp_size: int, cost: Callable[[OrthoGroup], float], tp_sharded: Callable[[MatrixRef], bool],
+                   cluster: ClusterProfile = ClusterProfile(), itemsize: int = 4) -> ZeroPlan:
     names = set(partition.names())
     mine = [g for g in groups if g.members[0].name in names]
     return plan_zero_partition(mine, {e.name: e.offset for e in partition.entries},
                                {e.name: tuple(e.shape) for e in partition.entries}, partition.partition_size,
-                               partition.dp_size, tp_size, work_rank, cost, tp_sharded)
+                               partition.dp_size, tp_size, work_rank, cost, tp_sharded, cluster, itemsize)
 
 
 ReadUnit = Callable[[MatrixRef, torch.Tensor], torch.Tensor]  # (matrix, its unit tensor) -> the matrix
