@@ -226,21 +226,25 @@ def plan_zero_partition(groups: Sequence[OrthoGroup], offsets: Dict[str, int], s
         sharded = {tp_sharded(m) for g in job_groups for m in g.members}
         plan.jobs.append(ZeroJob(job_groups, job_units, tuple(parts), tp_size > 1 and True in sharded,
                                  sum(cost(g) for g in job_groups)))
-    _assign_owners(plan)
+    _assign_owners(plan, cluster, itemsize)
     _balance(plan, cluster, itemsize)
     return plan
 
 
-def _assign_owners(plan: ZeroPlan) -> None:
-    """Local jobs first, each to the least-loaded TP peer holding its partition; then cut jobs (largest
-    first) to the least-loaded rank anywhere, preferring a holder on ties. Deterministic."""
+def _assign_owners(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> None:
+    """Local jobs first (largest first), each to the least-loaded TP peer holding its partition; then cut
+    jobs (largest first) to the rank anywhere that is free first and receives and returns its pieces
+    fastest: least predicted NS seconds already owned plus the job's exchange seconds there (a holder on
+    its node, unless the holders are much busier). Deterministic: ties go to the lower rank."""
     loads = [0.0] * plan.work_size
     order = sorted(range(len(plan.jobs)), key=lambda i: (plan.jobs[i].cut, -plan.jobs[i].flops, i))
     for i in order:
         job = plan.jobs[i]
-        holders = set(plan.holders(job))
-        candidates = sorted(holders) if not job.cut else range(plan.work_size)
-        job.owner = min(candidates, key=lambda r: (loads[r], r not in holders, r))
+        if job.cut:
+            job.owner = min(range(plan.work_size), key=lambda r: (
+                cluster.ns_seconds(loads[r]) + exchange_seconds(plan, job, r, cluster, itemsize), r))
+        else:
+            job.owner = min(plan.holders(job), key=lambda r: (loads[r], r))
         loads[job.owner] += job.flops
     plan.loads = loads
     plan.placed_loads = list(loads)

@@ -47,11 +47,15 @@ def test_a_matrix_spanning_three_partitions_is_cut_and_balanced_onto_the_idle_ra
     assert [j for j in p.exchanged_jobs()] == [jobs["big"]]
 
 
-def test_cut_jobs_go_to_the_least_loaded_rank_and_the_imbalance_is_reported():
+SLOW_FLOPS = dict(peak_flops=1e6, ns_efficiency=1.0)  # seconds of NS per matrix: the FLOPs decide
+
+
+def test_cut_jobs_go_where_they_finish_first_and_the_imbalance_is_reported():
     # Equal-byte partitions of 400: h0 and most of h1 in partition 0, the light l in partition 1.
     heavy0, heavy1, light = matrix("h0", (16, 16)), matrix("h1", (16, 16)), matrix("l", (4, 8))
     entries = [("h0", 0, (16, 16)), ("h1", 256, (16, 16)), ("l", 512, (4, 8))]
-    p = plan([single(heavy0), single(heavy1), single(light)], entries, 400, 2)
+    groups = [single(heavy0), single(heavy1), single(light)]
+    p = plan(groups, entries, 400, 2, cluster=ClusterProfile(**SLOW_FLOPS))
     jobs = by_label(p)
     assert jobs["h0"].owner == 0 and jobs["h1"].partitions == (0, 1) and jobs["h1"].cut
     assert jobs["h1"].owner == 1  # rank 1 has only the light matrix: the cut one goes there
@@ -59,6 +63,11 @@ def test_cut_jobs_go_to_the_least_loaded_rank_and_the_imbalance_is_reported():
     assert p.partition_flops() == [jobs["h0"].flops + jobs["h1"].flops, jobs["l"].flops]
     assert p.partition_imbalance > 1.9 and p.imbalance < 1.1
     assert p.loads == [jobs["h0"].flops, jobs["h1"].flops + jobs["l"].flops]
+    # At H100 rates these matrices take picoseconds of NS and the bytes decide: h1 stays with the holder
+    # of its larger piece (144 of its 256 elements), so only the 112 others travel, each way.
+    fast = by_label(plan(groups, entries, 400, 2))
+    assert fast["h1"].owner == 0
+    assert plan(groups, entries, 400, 2).bytes_per_rank(4) == ([112 * 4, 112 * 4], [112 * 4, 112 * 4])
 
 
 def test_a_teon_stack_whose_members_fall_in_different_partitions_is_one_cut_job():
@@ -122,7 +131,6 @@ def test_a_layout_that_does_not_cover_a_matrix_is_refused():
 # (8192 elements per partition); Newton–Schulz on a square matrix costs ~90x a flat one of the same size.
 UNEVEN = [("s0", 0, (64, 64)), ("s1", 4096, (64, 64))] + \
     [(f"f{i}", 8192 + 1024 * i, (4, 256)) for i in range(16)]
-SLOW_FLOPS = dict(peak_flops=1e6, ns_efficiency=1.0)  # seconds of NS per matrix: moving pays on any link
 
 
 def uneven_plan(cluster):
