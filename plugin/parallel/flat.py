@@ -102,8 +102,8 @@ Placement = Callable[[MatrixRef], Tuple[Optional[int], int]]  # matrix -> (TP sp
 
 
 class FlatStep:
-    """One ZeRO-1/2 orthogonalization step of one flat partition, by its plan: two all_to_alls over the
-    tp × dp work group (pieces to owners, update slices back), skipped when nothing moves."""
+    """One ZeRO-1/2 orthogonalization step of one flat partition, by its plan: two rounds of point-to-point
+    exchange in the tp × dp work group (pieces to owners, update slices back), skipped when nothing moves."""
 
     def __init__(self, plan: ZeroPlan, partition: FlatPartition, me: int, work_group) -> None:
         self.plan, self.partition, self.me, self.work_group = plan, partition, me, work_group
@@ -249,15 +249,25 @@ class FlatStep:
                     offsets[r] += hi - lo
                 out[lo - start:hi - start].copy_(value)
 
-    # -- the collective ---------------------------------------------------------------------------------
+    # -- the exchange ---------------------------------------------------------------------------------
     def _exchange(self, send: List[List[torch.Tensor]], recv_sizes: List[int], like: torch.Tensor):
-        """One all_to_all over the work group (every rank takes part, with or without data); returns the
-        buffer received from each rank and the bytes sent/received."""
+        """Point-to-point sends and receives with only the ranks this one exchanges data with (batched; an
+        all_to_all would post a message to every rank of the tp × dp group, whose latency grows with the
+        group while a rank's peers here are a few holders and owners); returns the buffer received from
+        each rank and the bytes sent/received."""
         itemsize = like.element_size()
         if not self.moves:
             return [like.new_empty(0)] * self.plan.work_size, 0, 0
-        send_flat = [torch.cat(parts) if parts else like.new_empty(0) for parts in send]
-        send_sizes = [t.numel() for t in send_flat]
         out = like.new_empty(sum(recv_sizes))
-        dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes, group=self.work_group)
-        return list(out.split(recv_sizes)), sum(send_sizes) * itemsize, sum(recv_sizes) * itemsize
+        received = list(out.split(recv_sizes))
+        ops = []
+        for peer, parts in enumerate(send):
+            if parts:
+                ops.append(dist.P2POp(dist.isend, torch.cat(parts), group=self.work_group, group_peer=peer))
+        for peer, buffer in enumerate(received):
+            if buffer.numel():
+                ops.append(dist.P2POp(dist.irecv, buffer, group=self.work_group, group_peer=peer))
+        for work in (dist.batch_isend_irecv(ops) if ops else []):
+            work.wait()
+        sent = sum(t.numel() for parts in send for t in parts)
+        return received, sent * itemsize, sum(recv_sizes) * itemsize
