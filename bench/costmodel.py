@@ -29,7 +29,7 @@ The structure of the model follows the implementation (plugin/parallel/distribut
              the model's parameter order (HF names: q, k, v, o, gate, up, down per layer; TP-local shapes)
              form one flat param group cut into DP equal partitions (DeepSpeed's alignment padding
              ignored); teonspeed.parallel.zero_partition.plan_zero_partition, the implementation's own
-             planner, decides local/cut jobs and owners; bytes are its all_to_alls, FLOPs its loads (see
+             planner, decides local/cut jobs and owners; bytes are its point-to-point rounds, FLOPs its loads (see
              zero_partition_time; tests/unit/test_costmodel.py checks the bytes against FlatStep.expected_bytes).
   training   forward+backward = 6 · active params · global batch tokens / (GPUs · peak · train_mfu);
              overhead % = optimizer step / forward+backward.
@@ -394,12 +394,14 @@ class ZeroBytes:
     sent: List[int]
     received: List[int]
     link: Dict[Tuple[str, str, str], List[int]]  # (phase, "sent"|"received", "intra"|"inter") -> per rank
+    peers: Dict[str, List[set]] = field(default_factory=dict)  # phase -> per rank, the ranks it exchanges with
 
 
 def zero_rank_bytes(plan: ZeroPlan, itemsize: int, gpus_per_node: int) -> ZeroBytes:
-    """The two all_to_alls of FlatStep, pair by pair (the same pieces as ZeroPlan.bytes_per_rank)."""
+    """The two point-to-point rounds of FlatStep, pair by pair (the same pieces as ZeroPlan.bytes_per_rank)."""
     w = plan.work_size
     link = {(ph, d, l): [0] * w for ph in "ab" for d in ("sent", "received") for l in ("intra", "inter")}
+    peers = {ph: [set() for _ in range(w)] for ph in "ab"}
     sent, received = [0] * w, [0] * w
 
     def move(phase, src, dst, n):
@@ -408,6 +410,9 @@ def zero_rank_bytes(plan: ZeroPlan, itemsize: int, gpus_per_node: int) -> ZeroBy
         link[(phase, "received", where)][dst] += n
         sent[src] += n
         received[dst] += n
+        if n:
+            peers[phase][src].add(dst)
+            peers[phase][dst].add(src)
 
     if plan.exchanged_jobs():
         for job in plan.jobs:
@@ -417,7 +422,7 @@ def zero_rank_bytes(plan: ZeroPlan, itemsize: int, gpus_per_node: int) -> ZeroBy
             for _, d, r in plan.targets(job):
                 if r != job.owner:
                     move("b", job.owner, r, plan.piece_numel(job, d) * itemsize)
-    return ZeroBytes(sent, received, link)
+    return ZeroBytes(sent, received, link, peers)
 
 
 def deepspeed_same_update_time(plan: ZeroPlan, a: Assumptions) -> Dict[str, float]:
@@ -448,18 +453,19 @@ def deepspeed_same_update_time(plan: ZeroPlan, a: Assumptions) -> Dict[str, floa
 
 
 def zero_partition_time(model: ModelSpec, optimizer: str, dp: int, a: Assumptions) -> Dict[str, float]:
-    """teonspeed's ZeRO-1/2 step on the busiest rank: all_to_all of the pieces, Newton–Schulz of the
-    jobs it owns, all_to_all of the slices back, in sequence (FlatStep does not overlap them); each
-    all_to_all pays one latency plus one per peer of the tp × dp work group."""
+    """teonspeed's ZeRO-1/2 step on the busiest rank: the pieces to their owners, Newton–Schulz of the
+    jobs it owns, the slices back, in sequence (FlatStep does not overlap them); each round of batched
+    point-to-point sends pays one latency (inter-node if a peer is on another node) plus one per peer."""
     tp = model.tp
     plan = zero_plan(zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps, zero_cluster(a), a.comm_itemsize)
     zb = zero_rank_bytes(plan, a.comm_itemsize, a.gpus_per_node)
     w = tp * dp
     rate = a.peak_flops * a.ns_efficiency
-    lat = (a.latency_intra if w <= a.gpus_per_node else a.latency_inter) + a.latency_per_peer * (w - 1)
-    latency = 2 * lat if plan.exchanged_jobs() else 0.0
     worst = dict(total=-1.0)
     for q in range(w):
+        latency = sum((a.latency_inter if any(p // a.gpus_per_node != q // a.gpus_per_node for p in peers)
+                       else a.latency_intra) + a.latency_per_peer * len(peers)
+                      for peers in (zb.peers["a"][q], zb.peers["b"][q]) if peers)
         comm = sum(max(zb.link[(ph, "sent", l)][q], zb.link[(ph, "received", l)][q]) / bw
                    for ph in "ab" for l, bw in (("intra", a.nvlink_bw), ("inter", a.ib_bw)))
         compute = plan.loads[q] / rate
@@ -628,8 +634,9 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
              "flat.py): the hidden matrices of a stage, in the model's parameter order and TP-local shapes, as one "
              "flat param group cut into DP equal partitions; the implementation's planner (plan_zero_partition) "
              "runs on that layout: a job inside a partition is computed there (TP-gathered among that partition's "
-             "TP peers), only cut jobs go to one owner (least-loaded rank) and only holders' slices come back; two "
-             "all_to_alls over TP × DP, not overlapped with the Newton–Schulz work (tests/unit/test_costmodel.py "
+             "TP peers), only cut jobs go to one owner (the rank free first that exchanges them fastest) and only "
+             "holders' slices come back, and jobs move off the busiest rank where that pays; two rounds of "
+             "point-to-point sends with only the ranks concerned, not overlapped with the Newton–Schulz work (tests/unit/test_costmodel.py "
              "checks its bytes against FlatStep.expected_bytes). Both ZeRO-1/2 modes count only the partition's "
              "element-wise work; ZeRO's parameter all-gather is paid by AdamW too, so not counted.", "",
              "Assumptions: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"

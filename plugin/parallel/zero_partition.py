@@ -75,8 +75,12 @@ class ZeroPlan:
     def work_size(self) -> int:
         return self.dp_size * self.tp_size
 
+    _memo: Dict[Tuple, object] = field(default_factory=dict, repr=False, compare=False)  # layout-only lookups
+
     def position(self, rank: WorkRank) -> Tuple[int, int]:
-        return next(pos for pos, r in self.work_rank.items() if r == rank)
+        if ("position",) not in self._memo:
+            self._memo[("position",)] = {r: pos for pos, r in self.work_rank.items()}
+        return self._memo[("position",)][rank]
 
     def piece(self, unit: Unit, partition: int) -> Tuple[int, int]:
         """[lo, hi) of `unit` inside partition `partition` (absolute flat offsets; lo == hi if none)."""
@@ -100,7 +104,10 @@ class ZeroPlan:
         return [(t, d, self.work_rank[(t, d)]) for t in range(self.tp_size) for d in job.partitions]
 
     def piece_numel(self, job: ZeroJob, partition: int) -> int:
-        return sum(hi - lo for lo, hi in (self.piece(u, partition) for u in job.units))
+        key = ("numel", id(job), partition)
+        if key not in self._memo:
+            self._memo[key] = sum(hi - lo for lo, hi in (self.piece(u, partition) for u in job.units))
+        return self._memo[key]
 
     def bytes_per_rank(self, itemsize: int) -> Tuple[List[int], List[int]]:
         """(sent, received) bytes of one step, per work rank: pieces to owners, then slices back."""
@@ -240,8 +247,14 @@ def _assign_owners(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> No
     order = sorted(range(len(plan.jobs)), key=lambda i: (plan.jobs[i].cut, -plan.jobs[i].flops, i))
     for i in order:
         job = plan.jobs[i]
-        if job.cut:
-            job.owner = min(range(plan.work_size), key=lambda r: (
+        if job.cut:  # a non-holder's exchange depends only on its node: the least-loaded one of each node
+            holders = plan.holders(job)
+            others: Dict[int, WorkRank] = {}
+            for r in range(plan.work_size):
+                node = r // cluster.gpus_per_node
+                if r not in holders and (node not in others or loads[r] < loads[others[node]]):
+                    others[node] = r
+            job.owner = min(holders + list(others.values()), key=lambda r: (
                 cluster.ns_seconds(loads[r]) + exchange_seconds(plan, job, r, cluster, itemsize), r))
         else:
             job.owner = min(plan.holders(job), key=lambda r: (loads[r], r))
@@ -266,7 +279,7 @@ def exchange_seconds(plan: ZeroPlan, job: ZeroJob, owner: WorkRank, cluster: Clu
 def _balance(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> None:
     """Move a job off the busiest rank (by NS FLOPs) to another rank, or swap it for a smaller job of that
     rank, while the NS time this saves the busiest rank exceeds the extra exchange time of the jobs that
-    move (plus the two all_to_alls' latency if nothing travelled before); the best such move first. Every
+    move (plus two exchange rounds' latency if nothing travelled before); the best such move first. Every
     move strictly lowers the sum of squared loads, so this ends. If the busiest rank's load did not drop
     in the end, every job goes back (no byte moves for nothing). Ties break by job index and rank: the
     same plan on every rank."""
