@@ -161,7 +161,8 @@ class ZeroPlan:
         for job in self.jobs:
             labels = " + ".join(m.label for g in job.groups for m in g.members)
             where = f"cut over partitions {list(job.partitions)}" if job.cut else f"local to partition {job.partitions[0]}"
-            lines.append(f"  {labels}: {where}, owner work rank {job.owner} {self.position(job.owner)}")
+            moved = " (moved by balancing)" if any(job is m for m in self.moved) else ""
+            lines.append(f"  {labels}: {where}, owner work rank {job.owner} {self.position(job.owner)}{moved}")
         return "\n".join(lines)
 
 
