@@ -5,8 +5,9 @@ since TP shards have equal shapes). A *job* is the smallest set of orthogonaliza
 computed together: groups that read the same tensor (the parts of a fused weight, the members of a TEON
 stack) are merged. A job whose elements lie in one partition is *local*: the TP peers holding that
 partition index compute it (one of them, after a TP gather if the members are TP-sharded). A job cut by a
-partition boundary, or spread over partitions, is *cut*: its pieces go to one owner, the least-loaded
-rank by Newton–Schulz FLOPs, and only each holder's pieces come back.
+partition boundary, or spread over partitions, is *cut*: its pieces go to one owner, the rank that is
+free first and exchanges them fastest (usually a holder on their node), and only each holder's pieces of
+the update come back.
 
 Equal-byte partitions do not give equal Newton–Schulz work (a partition of small matrices against one of
 a few large ones), so a job, cut or not, then moves off the busiest rank to a less-loaded one whenever the
@@ -71,11 +72,11 @@ class ZeroPlan:
     placed_loads: List[float] = field(default_factory=list)  # ... before: every job where it was placed first
     moved: List[ZeroJob] = field(default_factory=list)  # jobs balancing moved off the rank first chosen
 
+    _memo: Dict[Tuple, object] = field(default_factory=dict, repr=False, compare=False)  # layout-only lookups
+
     @property
     def work_size(self) -> int:
         return self.dp_size * self.tp_size
-
-    _memo: Dict[Tuple, object] = field(default_factory=dict, repr=False, compare=False)  # layout-only lookups
 
     def position(self, rank: WorkRank) -> Tuple[int, int]:
         if ("position",) not in self._memo:
