@@ -3,7 +3,8 @@ partitions, each rank holding one (DeepSpeed ZeRO-1/2 and its BF16 optimizer han
 exactly that). The momentum is element-wise and runs on the partition; the orthogonalization needs
 whole matrices. A matrix (or TEON stack) inside one partition is orthogonalized where it lives (after a
 TP gather among the ranks holding that partition index, if it is TP-sharded); only the jobs cut by
-partition boundaries travel, to one owner, and only each holder's slice of the update comes back
+partition boundaries travel, to one owner (and jobs the planner moves off an overloaded rank, where the
+Newton–Schulz time saved outweighs the transfer), and only each holder's slice of the update comes back
 (`zero_partition.py` plans it). DeepSpeed's parameter all-gather after the step does the rest.
 """
 from __future__ import annotations
