@@ -69,7 +69,8 @@ class CollectiveBytes:
     """Wraps torch.distributed's collectives; counts ring-model bytes each rank sends while `on`."""
 
     NAMES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-             "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single", "send", "isend")
+             "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single", "send",
+             "batch_isend_irecv")  # not isend: P2POp accepts only the original function
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -87,6 +88,8 @@ class CollectiveBytes:
         return counted
 
     def _cost(self, name, args, kwargs) -> float:
+        if name == "batch_isend_irecv":  # point-to-point: the bytes of its sends
+            return sum(op.tensor.numel() * op.tensor.element_size() for op in args[0] if op.op is self.dist.isend)
         group = kwargs.get("group")
         w = self.dist.get_world_size(group) if group is not None else self.dist.get_world_size()
         if w == 1:

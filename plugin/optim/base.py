@@ -24,6 +24,7 @@ from ..ortho import heavy_tail, orthogonalize
 from ..ortho.compute_dtype import check_cpu_bf16_env
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context, megatron_context_of_parameters
 from ..parallel.distributed import DistributedRunner
+from ..parallel.cost import cluster_profile
 from ..parallel.flat import BucketShard, FlatPartition, FlatStep, gather_work_ranks, plan_partition
 from ..parallel.local import LocalRunner, MatrixIO, Runner, StepCheck
 from ..parallel.cost import cluster_profile
@@ -149,7 +150,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
         steps = self.config.ns_steps or 5
         plan = plan_partition(partition, self.grouping.groups, work_rank, tp_size,
                               cost=lambda g: ns_flops(g.stacked_shape, steps),
-                              tp_sharded=lambda m: self._flat_placement(m)[0] is not None)
+                              tp_sharded=lambda m: self._flat_placement(m)[0] is not None,
+                              cluster=cluster_profile(self.config.cluster), itemsize=4)  # fp32 masters
         return FlatStep(plan, partition, me, work_group)
 
     @property

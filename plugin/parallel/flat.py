@@ -3,7 +3,8 @@ partitions, each rank holding one (DeepSpeed ZeRO-1/2 and its BF16 optimizer han
 exactly that). The momentum is element-wise and runs on the partition; the orthogonalization needs
 whole matrices. A matrix (or TEON stack) inside one partition is orthogonalized where it lives (after a
 TP gather among the ranks holding that partition index, if it is TP-sharded); only the jobs cut by
-partition boundaries travel, to one owner, and only each holder's slice of the update comes back
+partition boundaries travel, to one owner (and jobs the planner moves off an overloaded rank, where the
+Newton–Schulz time saved outweighs the transfer), and only each holder's slice of the update comes back
 (`zero_partition.py` plans it). DeepSpeed's parameter all-gather after the step does the rest.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from ..grouping import MatrixRef, OrthoGroup
 from ..ortho.unfold import fold, unfold
+from .cost import ClusterProfile
 from .local import transform_groups
 from .shard_spec import assemble, shard_of
 from .zero_partition import Unit, ZeroJob, ZeroPlan, plan_zero_partition
@@ -103,13 +105,13 @@ def gather_work_ranks(partition: FlatPartition, tp_rank: int, tp_size: int, work
 
 
 def plan_partition(partition: FlatPartition, groups: List[OrthoGroup], work_rank: Dict[Tuple[int, int], int],
-                   tp_size: int, cost: Callable[[OrthoGroup], float],
-                   tp_sharded: Callable[[MatrixRef], bool]) -> ZeroPlan:
+                   tp_size: int, cost: Callable[[OrthoGroup], float], tp_sharded: Callable[[MatrixRef], bool],
+                   cluster: ClusterProfile = ClusterProfile(), itemsize: int = 4) -> ZeroPlan:
     names = set(partition.names())
     mine = [g for g in groups if g.members[0].name in names]
     return plan_zero_partition(mine, {e.name: e.offset for e in partition.entries},
                                {e.name: tuple(e.shape) for e in partition.entries}, partition.partition_size,
-                               partition.dp_size, tp_size, work_rank, cost, tp_sharded)
+                               partition.dp_size, tp_size, work_rank, cost, tp_sharded, cluster, itemsize)
 
 
 ReadUnit = Callable[[MatrixRef, torch.Tensor], torch.Tensor]  # (matrix, its unit tensor) -> the matrix
@@ -118,8 +120,8 @@ Placement = Callable[[MatrixRef], Tuple[Optional[int], int]]  # matrix -> (TP sp
 
 
 class FlatStep:
-    """One ZeRO-1/2 orthogonalization step of one flat partition, by its plan: two all_to_alls over the
-    tp × dp work group (pieces to owners, update slices back), skipped when nothing moves."""
+    """One ZeRO-1/2 orthogonalization step of one flat partition, by its plan: two rounds of point-to-point
+    exchange in the tp × dp work group (pieces to owners, update slices back), skipped when nothing moves."""
 
     def __init__(self, plan: ZeroPlan, partition: FlatPartition, me: int, work_group) -> None:
         self.plan, self.partition, self.me, self.work_group = plan, partition, me, work_group
@@ -265,15 +267,25 @@ class FlatStep:
                     offsets[r] += hi - lo
                 out[lo - start:hi - start].copy_(value)
 
-    # -- the collective ---------------------------------------------------------------------------------
+    # -- the exchange ---------------------------------------------------------------------------------
     def _exchange(self, send: List[List[torch.Tensor]], recv_sizes: List[int], like: torch.Tensor):
-        """One all_to_all over the work group (every rank takes part, with or without data); returns the
-        buffer received from each rank and the bytes sent/received."""
+        """Point-to-point sends and receives with only the ranks this one exchanges data with (batched; an
+        all_to_all would post a message to every rank of the tp × dp group, whose latency grows with the
+        group while a rank's peers here are a few holders and owners); returns the buffer received from
+        each rank and the bytes sent/received."""
         itemsize = like.element_size()
         if not self.moves:
             return [like.new_empty(0)] * self.plan.work_size, 0, 0
-        send_flat = [torch.cat(parts) if parts else like.new_empty(0) for parts in send]
-        send_sizes = [t.numel() for t in send_flat]
         out = like.new_empty(sum(recv_sizes))
-        dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes, group=self.work_group)
-        return list(out.split(recv_sizes)), sum(send_sizes) * itemsize, sum(recv_sizes) * itemsize
+        received = list(out.split(recv_sizes))
+        ops = []
+        for peer, parts in enumerate(send):
+            if parts:
+                ops.append(dist.P2POp(dist.isend, torch.cat(parts), group=self.work_group, group_peer=peer))
+        for peer, buffer in enumerate(received):
+            if buffer.numel():
+                ops.append(dist.P2POp(dist.irecv, buffer, group=self.work_group, group_peer=peer))
+        for work in (dist.batch_isend_irecv(ops) if ops else []):
+            work.wait()
+        sent = sum(t.numel() for parts in send for t in parts)
+        return received, sent * itemsize, sum(recv_sizes) * itemsize

@@ -5,9 +5,15 @@ since TP shards have equal shapes). A *job* is the smallest set of orthogonaliza
 computed together: groups that read the same tensor (the parts of a fused weight, the members of a TEON
 stack) are merged. A job whose elements lie in one partition is *local*: the TP peers holding that
 partition index compute it (one of them, after a TP gather if the members are TP-sharded). A job cut by a
-partition boundary, or spread over partitions, is *cut*: its pieces go to one owner, the least-loaded
-rank by Newton–Schulz FLOPs, and only each holder's pieces come back. Nothing here touches tensors or
-process groups; every rank derives the same plan.
+partition boundary, or spread over partitions, is *cut*: its pieces go to one owner, the rank that is
+free first and exchanges them fastest (usually a holder on their node), and only each holder's pieces of
+the update come back.
+
+Equal-byte partitions do not give equal Newton–Schulz work (a partition of small matrices against one of
+a few large ones), so a job, cut or not, then moves off the busiest rank to a less-loaded one whenever the
+NS time it saves the busiest rank exceeds the time its pieces and update slices take to travel, both
+predicted with the `ClusterProfile` constants. Nothing here touches tensors, process groups or clocks:
+every rank derives the same plan.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..grouping import MatrixRef, OrthoGroup
+from .cost import ClusterProfile
 
 WorkRank = int
 
@@ -62,13 +69,19 @@ class ZeroPlan:
     tp_size: int
     work_rank: Dict[Tuple[int, int], WorkRank]  # (tp rank, dp partition index) -> work rank
     loads: List[float] = field(default_factory=list)  # NS FLOPs per work rank after balancing
+    placed_loads: List[float] = field(default_factory=list)  # ... before: every job where it was placed first
+    moved: List[ZeroJob] = field(default_factory=list)  # jobs balancing moved off the rank first chosen
+
+    _memo: Dict[Tuple, object] = field(default_factory=dict, repr=False, compare=False)  # layout-only lookups
 
     @property
     def work_size(self) -> int:
         return self.dp_size * self.tp_size
 
     def position(self, rank: WorkRank) -> Tuple[int, int]:
-        return next(pos for pos, r in self.work_rank.items() if r == rank)
+        if ("position",) not in self._memo:
+            self._memo[("position",)] = {r: pos for pos, r in self.work_rank.items()}
+        return self._memo[("position",)][rank]
 
     def piece(self, unit: Unit, partition: int) -> Tuple[int, int]:
         """[lo, hi) of `unit` inside partition `partition` (absolute flat offsets; lo == hi if none)."""
@@ -76,18 +89,26 @@ class ZeroPlan:
         lo, hi = max(unit.offset, start), min(unit.end, start + self.partition_size)
         return (lo, hi) if lo < hi else (lo, lo)
 
-    def sources(self, job: ZeroJob) -> List[Tuple[int, int, WorkRank]]:
-        """(tp rank, partition, work rank) of every rank whose pieces the owner reads. A job that is not
-        TP-sharded is identical on every TP rank: the owner's own TP rank supplies it."""
-        tps = range(self.tp_size) if job.tp_sharded else [self.position(job.owner)[0]]
+    def sources(self, job: ZeroJob, owner: Optional[WorkRank] = None) -> List[Tuple[int, int, WorkRank]]:
+        """(tp rank, partition, work rank) of every rank whose pieces the owner (`job.owner` unless given)
+        reads. A job that is not TP-sharded is identical on every TP rank: the owner's TP rank supplies it."""
+        owner = job.owner if owner is None else owner
+        tps = range(self.tp_size) if job.tp_sharded else [self.position(owner)[0]]
         return [(t, d, self.work_rank[(t, d)]) for t in tps for d in job.partitions]
+
+    def holders(self, job: ZeroJob) -> List[WorkRank]:
+        """The work ranks holding some of the job's elements (every TP peer of its partitions), ascending."""
+        return sorted(self.work_rank[(t, d)] for t in range(self.tp_size) for d in job.partitions)
 
     def targets(self, job: ZeroJob) -> List[Tuple[int, int, WorkRank]]:
         """(tp rank, partition, work rank) of every rank that keeps a slice of the update."""
         return [(t, d, self.work_rank[(t, d)]) for t in range(self.tp_size) for d in job.partitions]
 
     def piece_numel(self, job: ZeroJob, partition: int) -> int:
-        return sum(hi - lo for lo, hi in (self.piece(u, partition) for u in job.units))
+        key = ("numel", id(job), partition)
+        if key not in self._memo:
+            self._memo[key] = sum(hi - lo for lo, hi in (self.piece(u, partition) for u in job.units))
+        return self._memo[key]
 
     def bytes_per_rank(self, itemsize: int) -> Tuple[List[int], List[int]]:
         """(sent, received) bytes of one step, per work rank: pieces to owners, then slices back."""
@@ -128,14 +149,21 @@ class ZeroPlan:
         """max / mean NS FLOPs per work rank of this plan (1.0 = perfectly even)."""
         return _imbalance(self.loads)
 
+    @property
+    def imbalance_before_balancing(self) -> float:
+        """max / mean NS FLOPs per work rank before jobs were moved off overloaded ranks."""
+        return _imbalance(self.placed_loads)
+
     def describe(self) -> str:
         lines = [f"ZeRO flat plan: {len(self.jobs)} jobs over {self.dp_size} partitions x TP {self.tp_size}; "
-                 f"{sum(j.cut for j in self.jobs)} cut; NS FLOPs max/mean {self.imbalance:.2f} "
-                 f"(equal-byte partitions alone: {self.partition_imbalance:.2f})"]
+                 f"{sum(j.cut for j in self.jobs)} cut; NS FLOPs max/mean {self.imbalance:.2f} after balancing, "
+                 f"{self.imbalance_before_balancing:.2f} before ({len(self.moved)} jobs moved; equal-byte "
+                 f"partitions alone: {self.partition_imbalance:.2f})"]
         for job in self.jobs:
             labels = " + ".join(m.label for g in job.groups for m in g.members)
             where = f"cut over partitions {list(job.partitions)}" if job.cut else f"local to partition {job.partitions[0]}"
-            lines.append(f"  {labels}: {where}, owner work rank {job.owner} {self.position(job.owner)}")
+            moved = " (moved by balancing)" if any(job is m for m in self.moved) else ""
+            lines.append(f"  {labels}: {where}, owner work rank {job.owner} {self.position(job.owner)}{moved}")
         return "\n".join(lines)
 
 
@@ -172,9 +200,11 @@ def unit_key(m: MatrixRef) -> Tuple[str, Optional[int]]:
 def plan_zero_partition(groups: Sequence[OrthoGroup], offsets: Dict[str, int], shapes: Dict[str, Tuple[int, ...]],
                         partition_size: int, dp_size: int, tp_size: int,
                         work_rank: Dict[Tuple[int, int], WorkRank], cost: Callable[[OrthoGroup], float],
-                        tp_sharded: Callable[[MatrixRef], bool]) -> ZeroPlan:
+                        tp_sharded: Callable[[MatrixRef], bool], cluster: ClusterProfile = ClusterProfile(),
+                        itemsize: int = 4) -> ZeroPlan:
     """Jobs, local or cut, and their owners (see the module docstring). offsets/shapes: each parameter's
-    flat offset and local shape; work_rank: (tp rank, partition) -> rank in the tp × dp work group."""
+    flat offset and local shape; work_rank: (tp rank, partition) -> rank in the tp × dp work group;
+    cost: a group's NS FLOPs; cluster, itemsize: what a FLOP and an exchanged element cost, for balancing."""
     units = units_of(groups, offsets, shapes)
     # Union groups that read the same unit (a fused weight's parts, shared experts slices).
     parent = list(range(len(groups)))
@@ -205,19 +235,95 @@ def plan_zero_partition(groups: Sequence[OrthoGroup], offsets: Dict[str, int], s
         sharded = {tp_sharded(m) for g in job_groups for m in g.members}
         plan.jobs.append(ZeroJob(job_groups, job_units, tuple(parts), tp_size > 1 and True in sharded,
                                  sum(cost(g) for g in job_groups)))
-    _assign_owners(plan)
+    _assign_owners(plan, cluster, itemsize)
+    _balance(plan, cluster, itemsize)
     return plan
 
 
-def _assign_owners(plan: ZeroPlan) -> None:
-    """Local jobs first, each to the least-loaded TP peer holding its partition; then cut jobs (largest
-    first) to the least-loaded rank anywhere, preferring a holder on ties. Deterministic."""
+def _assign_owners(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> None:
+    """Local jobs first (largest first), each to the least-loaded TP peer holding its partition; then cut
+    jobs (largest first) to the rank anywhere that is free first and receives and returns its pieces
+    fastest: least predicted NS seconds already owned plus the job's exchange seconds there (a holder on
+    its node, unless the holders are much busier). Deterministic: ties go to the lower rank."""
     loads = [0.0] * plan.work_size
     order = sorted(range(len(plan.jobs)), key=lambda i: (plan.jobs[i].cut, -plan.jobs[i].flops, i))
     for i in order:
         job = plan.jobs[i]
-        holders = {plan.work_rank[(t, d)] for t in range(plan.tp_size) for d in job.partitions}
-        candidates = sorted(holders) if not job.cut else range(plan.work_size)
-        job.owner = min(candidates, key=lambda r: (loads[r], r not in holders, r))
+        if job.cut:  # a non-holder's exchange depends only on its node: the least-loaded one of each node
+            holders = plan.holders(job)
+            others: Dict[int, WorkRank] = {}
+            for r in range(plan.work_size):
+                node = r // cluster.gpus_per_node
+                if r not in holders and (node not in others or loads[r] < loads[others[node]]):
+                    others[node] = r
+            job.owner = min(holders + list(others.values()), key=lambda r: (
+                cluster.ns_seconds(loads[r]) + exchange_seconds(plan, job, r, cluster, itemsize), r))
+        else:
+            job.owner = min(plan.holders(job), key=lambda r: (loads[r], r))
         loads[job.owner] += job.flops
     plan.loads = loads
+    plan.placed_loads = list(loads)
+
+
+def exchange_seconds(plan: ZeroPlan, job: ZeroJob, owner: WorkRank, cluster: ClusterProfile, itemsize: int) -> float:
+    """Predicted seconds of `job`'s traffic at `owner`: the pieces it receives and the update slices it
+    sends back, over NVLink to ranks of its node and InfiniBand beyond (work ranks taken as consecutive
+    global ranks, TP fastest: Megatron's and DeepSpeed's order)."""
+    node = owner // cluster.gpus_per_node
+    seconds = 0.0
+    for _, d, r in plan.sources(job, owner) + plan.targets(job):
+        if r != owner:
+            n = plan.piece_numel(job, d) * itemsize
+            seconds += n / (cluster.nvlink_bw if r // cluster.gpus_per_node == node else cluster.ib_bw)
+    return seconds
+
+
+def _balance(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> None:
+    """Move a job off the busiest rank (by NS FLOPs) to another rank, or swap it for a smaller job of that
+    rank, while the NS time this saves the busiest rank exceeds the extra exchange time of the jobs that
+    move (plus two exchange rounds' latency if nothing travelled before); the best such move first. Every
+    move strictly lowers the sum of squared loads, so this ends. If the busiest rank's load did not drop
+    in the end, every job goes back (no byte moves for nothing). Ties break by job index and rank: the
+    same plan on every rank."""
+    loads, jobs, w = plan.loads, plan.jobs, plan.work_size
+    first_owner = [job.owner for job in jobs]
+    exchanging = bool(plan.exchanged_jobs())
+    cache: Dict[Tuple[int, WorkRank], float] = {}
+
+    def travel(i: int, r: WorkRank) -> float:
+        if (i, r) not in cache:
+            cache[(i, r)] = exchange_seconds(plan, jobs[i], r, cluster, itemsize)
+        return cache[(i, r)]
+
+    for _ in range(len(jobs) * w):
+        busiest = max(range(w), key=lambda r: (loads[r], -r))
+        peak = cluster.ns_seconds(loads[busiest])
+        owned: Dict[WorkRank, List[int]] = {}
+        for i, job in enumerate(jobs):
+            owned.setdefault(job.owner, []).append(i)
+        best: Tuple[float, int, WorkRank, int] = (0.0, -1, -1, -1)  # (net gain, job, new owner, job swapped back)
+        for i in owned.get(busiest, []):
+            f = jobs[i].flops
+            for r in range(w):
+                if r == busiest:
+                    continue
+                moved_cost = travel(i, r) - travel(i, busiest) + (0.0 if exchanging else 2 * cluster.latency(w))
+                for k in [-1] + [k for k in owned.get(r, []) if jobs[k].flops < f]:
+                    back = jobs[k].flops if k >= 0 else 0.0
+                    saving = peak - cluster.ns_seconds(max(loads[busiest] - f + back, loads[r] + f - back))
+                    extra = moved_cost + (travel(k, busiest) - travel(k, r) if k >= 0 else 0.0)
+                    if saving > 0 and saving - extra > best[0]:
+                        best = (saving - extra, i, r, k)
+        if best[1] < 0:
+            break
+        _, i, r, k = best
+        for job_index, src, dst in ((i, busiest, r),) + (((k, r, busiest),) if k >= 0 else ()):
+            loads[src] -= jobs[job_index].flops
+            loads[dst] += jobs[job_index].flops
+            jobs[job_index].owner = dst
+        exchanging = True
+    if max(loads) >= max(plan.placed_loads):
+        for job, owner in zip(jobs, first_owner):
+            job.owner = owner
+        plan.loads = list(plan.placed_loads)
+    plan.moved = [job for job, owner in zip(jobs, first_owner) if job.owner != owner]

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all_single", "all_to_all",
-               "reduce_scatter", "reduce_scatter_tensor", "broadcast", "reduce")
+               "reduce_scatter", "reduce_scatter_tensor", "broadcast", "reduce", "batch_isend_irecv")
 _HOST_READS = {torch.Tensor.item: "item", torch.Tensor.tolist: "tolist", torch.Tensor.__bool__: "bool",
                torch.Tensor.__int__: "int", torch.Tensor.__float__: "float", torch.Tensor.__index__: "index"}
 
@@ -72,12 +72,16 @@ class DeviceRecorder(TorchFunctionMode):
     # -- collectives -----------------------------------------------------------------------------
     def _recorder(self, name: str):
         def record(*args: Any, **kwargs: Any):
+            if name == "batch_isend_irecv":  # a list of P2POps: their tensors, and a list of works back
+                args = ([op.tensor for op in args[0]],)
             for t in _tensors((args, {k: v for k, v in kwargs.items() if k != "group"})):
                 if t.device != self.device:
                     raise DeviceError(f"dist.{name} got a tensor on {t.device} (shape {tuple(t.shape)}, "
                                       f"{t.dtype}); the process group's device is {self.device}. "
                                       f"Called from {_where()}")
             self.collectives.append(name)
+            if name == "batch_isend_irecv":
+                return [_Done()]
             return _Done() if kwargs.get("async_op") else None
         return record
 

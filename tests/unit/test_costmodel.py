@@ -110,12 +110,13 @@ def test_bytes_per_rank_do_not_grow_with_the_ranks(key, tp, dp):
 
 def test_deepspeed_strategy_computes_cut_matrices_on_every_holder():
     """DeepSpeed's Muon: 3 equal matrices over 2 partitions: the middle one is cut, so both ranks
-    orthogonalize it (2 NS each) and receive its full gradient; one partition does all of them."""
+    orthogonalize it (2 NS each); its full gradient comes with ZeRO's default all-reduce, which AdamW
+    pays too (no byte added); one partition does all of them."""
     a = cm.Assumptions()
     groups = [cm.Group((64, 64), 64 * 64, False)] * 3
     f = cm.ns_flops((64, 64), a.ns_steps)
     two = cm.deepspeed_time(groups, 1, 2, 1, a)
-    assert two["flops"] == pytest.approx(2 * f) and two["bytes"] == 64 * 64 * a.comm_itemsize
+    assert two["flops"] == pytest.approx(2 * f) and two["bytes"] == 0 and two["latency"] == 0
     one = cm.deepspeed_time(groups, 1, 1, 1, a)
     assert one["flops"] == pytest.approx(3 * f) and one["bytes"] == 0
 
@@ -185,31 +186,58 @@ def _flat_partition_of(named, tp, dp, d):
     return FlatPartition(entries, -(-offset // dp), None, d, dp)
 
 
+SLOW_NS = dict(peak_flops=1e6, ns_efficiency=1.0, gpus_per_node=2)  # seconds of NS per matrix: balancing moves jobs
+
+
 @pytest.mark.parametrize("optimizer", ["teon", "muon"])
-@pytest.mark.parametrize("tp,dp", [(1, 3), (1, 7), (2, 2), (2, 3), (4, 3)])
-def test_zero_bytes_equal_the_flat_steps_expected_bytes(optimizer, tp, dp):
-    """The cost model's ZeRO-1/2 bytes per rank (its layout, its pair-by-pair count of the two
-    all_to_alls) == FlatStep.expected_bytes of the plan the optimizer builds for the same flat group."""
+@pytest.mark.parametrize("tp,dp,hardware", [(1, 3, {}), (1, 7, {}), (2, 2, {}), (2, 3, {}), (4, 3, {}),
+                                            (1, 3, SLOW_NS), (2, 3, SLOW_NS), (4, 3, SLOW_NS)])
+def test_zero_bytes_equal_the_flat_steps_expected_bytes(optimizer, tp, dp, hardware):
+    """The cost model's ZeRO-1/2 bytes per rank (its layout, its pair-by-pair count of the two exchange
+    rounds) == FlatStep.expected_bytes of the plan the optimizer builds for the same flat group, with the
+    same hardware constants (on slow Newton–Schulz the planner moves jobs between partitions)."""
     from teonspeed.parallel.flat import FlatStep, plan_partition
     named = [(n, p) for n, p in _hf_named_params() if ".layers." in n]  # the hidden matrices, in order
     groups = teonspeed.plan(named, optimizer).groups
     work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
-    a = cm.Assumptions()
+    a = cm.Assumptions(**hardware)
     model = cm.ModelSpec("tiny", hidden=H, layers=4, heads=4, kv_heads=2, head_dim=16, ffn=F, vocab=100, tp=tp)
-    zb = cm.zero_rank_bytes(cm.zero_plan(cm.zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps), 4,
-                            a.gpus_per_node)
-    moved = 0
+    zb = cm.zero_rank_bytes(cm.zero_plan(cm.zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps,
+                                         a.cluster), 4, a.gpus_per_node)
+    moved, jobs_moved = 0, 0
     for d in range(dp):
         partition = _flat_partition_of(named, tp, dp, d)
         plan = plan_partition(partition, groups, work_rank, tp, cost=lambda g: cm.ns_flops(g.stacked_shape, 5),
-                              tp_sharded=lambda m: tp > 1)
+                              tp_sharded=lambda m: tp > 1, cluster=a.cluster)
+        jobs_moved += len(plan.moved)
         for t in range(tp):
             q = work_rank[(t, d)]
             assert FlatStep(plan, partition, q, None).expected_bytes(4) == (zb.sent[q], zb.received[q]), (t, d)
             moved += zb.sent[q]
     assert moved > 0  # every layout here cuts something (or TP-gathers): the equality is not 0 == 0
+    assert jobs_moved > 0 or not hardware  # on slow NS, balancing did move jobs: the equality covers them
     for q in range(tp * dp):  # the NVLink / InfiniBand split adds up to the total
         assert sum(zb.link[(ph, "sent", l)][q] for ph in "ab" for l in ("intra", "inter")) == zb.sent[q]
+
+
+def test_same_update_deepspeed_strategy_computes_every_overlapping_job_whole_on_every_holder():
+    """DeepSpeed's placement with teonspeed's update: 7B at 8 GPUs (TP2, 4 partitions, nothing cut): each
+    TP rank of a partition computes all its jobs whole (twice teonspeed's busiest-rank work, which splits
+    them over the 2 TP peers) and all-gathers the other TP shard of each; LLaMA-1B at 16 GPUs (24 TEON
+    stacks cut): the cut stacks are computed by both holders, so the partitions' FLOPs add up to more than
+    the model's."""
+    a = cm.Assumptions()
+    model = cm.MODELS["llama-7b"]
+    plan = cm.zero_plan(cm.zero_layout(model, "teon", a, 4), 2, 4, a.ns_steps, a.cluster)
+    same = cm.deepspeed_same_update_time(plan, a)
+    assert same["flops"] == pytest.approx(max(plan.partition_flops()))
+    assert same["flops"] == pytest.approx(2 * max(plan.loads), rel=0.02)
+    local = sum(u.numel for j in plan.jobs if j.partitions == (0,) for u in j.units)
+    assert same["bytes"] == pytest.approx(local * a.comm_itemsize, rel=0.05)  # (T-1) = 1 shard, ≈ one partition
+    one_b = cm.zero_plan(cm.zero_layout(cm.MODELS["llama-1b"], "teon", a, 16), 1, 16, a.ns_steps)
+    cut = [j for j in one_b.jobs if j.cut]
+    assert len(cut) == 24 and cm.deepspeed_same_update_time(one_b, a)["bytes"] == 0
+    assert cm.deepspeed_same_update_time(one_b, a)["flops"] > sum(one_b.loads) / 16
 
 
 @pytest.mark.parametrize("key,gpus", [("llama-1b", 64), ("llama-7b", 256), ("llama-70b", 512)])

@@ -3,8 +3,9 @@ owns them, and the bytes each rank moves."""
 import pytest
 
 from teonspeed.grouping import LayerRef, MatrixRef, OrthoGroup
+from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.owners import ns_flops
-from teonspeed.parallel.zero_partition import plan_zero_partition
+from teonspeed.parallel.zero_partition import exchange_seconds, plan_zero_partition
 
 
 def matrix(name, shape, block=0, part=None, expert=None, layer_type="other"):
@@ -20,11 +21,12 @@ def grid(tp, dp):
     return {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
 
 
-def plan(groups, entries, partition_size, dp, tp=1, sharded=()):
+def plan(groups, entries, partition_size, dp, tp=1, sharded=(), cluster=ClusterProfile()):
     offsets = {n: off for n, off, _ in entries}
     shapes = {n: shape for n, _, shape in entries}
     return plan_zero_partition(groups, offsets, shapes, partition_size, dp, tp, grid(tp, dp),
-                               cost=lambda g: ns_flops(g.stacked_shape, 5), tp_sharded=lambda m: m.name in sharded)
+                               cost=lambda g: ns_flops(g.stacked_shape, 5), tp_sharded=lambda m: m.name in sharded,
+                               cluster=cluster)
 
 
 def by_label(p):
@@ -45,11 +47,15 @@ def test_a_matrix_spanning_three_partitions_is_cut_and_balanced_onto_the_idle_ra
     assert [j for j in p.exchanged_jobs()] == [jobs["big"]]
 
 
-def test_cut_jobs_go_to_the_least_loaded_rank_and_the_imbalance_is_reported():
+SLOW_FLOPS = dict(peak_flops=1e6, ns_efficiency=1.0)  # seconds of NS per matrix: the FLOPs decide
+
+
+def test_cut_jobs_go_where_they_finish_first_and_the_imbalance_is_reported():
     # Equal-byte partitions of 400: h0 and most of h1 in partition 0, the light l in partition 1.
     heavy0, heavy1, light = matrix("h0", (16, 16)), matrix("h1", (16, 16)), matrix("l", (4, 8))
     entries = [("h0", 0, (16, 16)), ("h1", 256, (16, 16)), ("l", 512, (4, 8))]
-    p = plan([single(heavy0), single(heavy1), single(light)], entries, 400, 2)
+    groups = [single(heavy0), single(heavy1), single(light)]
+    p = plan(groups, entries, 400, 2, cluster=ClusterProfile(**SLOW_FLOPS))
     jobs = by_label(p)
     assert jobs["h0"].owner == 0 and jobs["h1"].partitions == (0, 1) and jobs["h1"].cut
     assert jobs["h1"].owner == 1  # rank 1 has only the light matrix: the cut one goes there
@@ -57,6 +63,11 @@ def test_cut_jobs_go_to_the_least_loaded_rank_and_the_imbalance_is_reported():
     assert p.partition_flops() == [jobs["h0"].flops + jobs["h1"].flops, jobs["l"].flops]
     assert p.partition_imbalance > 1.9 and p.imbalance < 1.1
     assert p.loads == [jobs["h0"].flops, jobs["h1"].flops + jobs["l"].flops]
+    # At H100 rates these matrices take picoseconds of NS and the bytes decide: h1 stays with the holder
+    # of its larger piece (144 of its 256 elements), so only the 112 others travel, each way.
+    fast = by_label(plan(groups, entries, 400, 2))
+    assert fast["h1"].owner == 0
+    assert plan(groups, entries, 400, 2).bytes_per_rank(4) == ([112 * 4, 112 * 4], [112 * 4, 112 * 4])
 
 
 def test_a_teon_stack_whose_members_fall_in_different_partitions_is_one_cut_job():
@@ -114,3 +125,43 @@ def test_a_tp_replicated_matrix_is_read_from_the_owner_and_sent_to_its_tp_peers(
 def test_a_layout_that_does_not_cover_a_matrix_is_refused():
     with pytest.raises(ValueError, match="outside the flat partitions"):
         plan([single(matrix("a", (4, 4)))], [("a", 64, (4, 4))], 16, 2)
+
+
+# Equal bytes, uneven work: partition 0 holds two 64 x 64 matrices, partitions 1 and 2 eight 4 x 256 each
+# (8192 elements per partition); Newton–Schulz on a square matrix costs ~90x a flat one of the same size.
+UNEVEN = [("s0", 0, (64, 64)), ("s1", 4096, (64, 64))] + \
+    [(f"f{i}", 8192 + 1024 * i, (4, 256)) for i in range(16)]
+
+
+def uneven_plan(cluster):
+    groups = [single(matrix(n, shape, block=i)) for i, (n, _, shape) in enumerate(UNEVEN)]
+    return plan(groups, UNEVEN, 8192, 3, cluster=cluster)
+
+
+def test_balancing_moves_a_local_job_off_the_busiest_rank_and_reports_max_over_mean_before_and_after():
+    p = uneven_plan(ClusterProfile(**SLOW_FLOPS))
+    jobs = by_label(p)
+    assert not any(j.cut for j in p.jobs)
+    assert p.placed_loads == p.partition_flops()  # before: every job where it lives
+    assert p.imbalance_before_balancing > 2.7 and p.imbalance < 1.4
+    # the busiest rank now holds one square matrix: the least any placement of whole jobs can give it
+    assert max(p.loads) == jobs["s0"].flops and sum(p.loads) == pytest.approx(sum(p.placed_loads))
+    squares = [j for j in p.moved if j.units[0].shape == (64, 64)]
+    assert len(squares) == 1 and squares[0].owner != 0 and {jobs["s0"].owner, jobs["s1"].owner} == {0, squares[0].owner}
+    # each moved job's elements travel to its new owner and its update back; nothing else moves
+    sent, received = p.bytes_per_rank(4)
+    assert sent[0] == received[0] == 4096 * 4
+    assert sum(sent) == sum(received) == 2 * 4 * sum(j.units[0].numel for j in p.moved)
+    assert f"{p.imbalance:.2f} after balancing, {p.imbalance_before_balancing:.2f} before" in p.describe()
+
+
+@pytest.mark.parametrize("link", ["nvlink_bw", "ib_bw"])
+def test_balancing_never_moves_a_job_when_moving_costs_more_than_it_saves(link):
+    """Same layout; the link the move would use carries 1 byte/s: 32 KiB take hours, the NS saved seconds."""
+    slow = ClusterProfile(**SLOW_FLOPS, **{link: 1.0}, gpus_per_node=8 if link == "nvlink_bw" else 1)
+    p = uneven_plan(slow)
+    assert p.moved == [] and p.loads == p.placed_loads and p.imbalance_before_balancing > 2.7
+    assert sum(p.bytes_per_rank(4)[0]) == 0  # nothing exchanged at all
+    s1 = by_label(p)["s1"]
+    assert exchange_seconds(p, s1, 1, slow, 4) == pytest.approx(2 * 4096 * 4)
+    assert by_label(uneven_plan(ClusterProfile()))["s1"].owner == 0  # H100 rates: microseconds of NS, not worth it
