@@ -200,7 +200,7 @@ def test_zero_bytes_equal_the_flat_steps_expected_bytes(optimizer, tp, dp, hardw
     named = [(n, p) for n, p in _hf_named_params() if ".layers." in n]  # the hidden matrices, in order
     groups = teonspeed.plan(named, optimizer).groups
     work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
-    a = cm.Assumptions(**hardware)
+    a = cm.Assumptions(cluster=ClusterProfile(**hardware))
     model = cm.ModelSpec("tiny", hidden=H, layers=4, heads=4, kv_heads=2, head_dim=16, ffn=F, vocab=100, tp=tp)
     zb = cm.zero_rank_bytes(cm.zero_plan(cm.zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps,
                                          a.cluster), 4, a.gpus_per_node)
