@@ -123,21 +123,27 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._buckets = [(b, self._plan_flat(b.partition, device or b.grad.device)) for b in buckets]
         self._group_of = {n: g for g in self.param_groups for n in g["names"]}
 
-    def _dense_topology(self):
-        """The dense TP × DP topology of the distributed runner (None in a single process)."""
-        return self._runner.topologies["dense"] if isinstance(self._runner, DistributedRunner) else None
+    def _flat_topology(self, partition: FlatPartition):
+        """The topology a flat partition is planned on (None in a single process): the expert one
+        (expert-TP × expert-DP) for expert-parallel weights, which DeepSpeed's MoE groups and Megatron's
+        expert_parallel_buffers partition over the expert-data-parallel group; the dense one otherwise."""
+        if not isinstance(self._runner, DistributedRunner):
+            return None
+        kinds = {e.name: self.parallel.spec(e.name).is_expert for e in partition.entries}
+        if len(set(kinds.values())) > 1:
+            dense = next(n for n, expert in kinds.items() if not expert)
+            expert = next(n for n, expert in kinds.items() if expert)
+            raise ValueError(f"teonspeed: a ZeRO-1/2 partition (or Megatron distributed-optimizer bucket) holds dense "
+                             f"weights ({dense!r}) and expert-parallel weights ({expert!r}); they are partitioned over "
+                             f"different data-parallel groups. Put the expert parameters in their own param group "
+                             f"(DeepSpeed: deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)")
+        return self._runner.topologies["expert" if True in kinds.values() else "dense"]
 
     def _plan_flat(self, partition: FlatPartition, device: torch.device) -> FlatStep:
-        topology = self._dense_topology()
+        topology = self._flat_topology(partition)
         tp_size, tp_rank = (topology.tp_size, topology.tp_rank) if topology is not None else (1, 0)
         work_group, work_size, me = ((topology.work_group, topology.work_size, topology.work_rank)
                                      if topology is not None else (None, 1, 0))
-        names = set(partition.names())
-        if topology is not None and any(self._runner.topology_of(g) != "dense" for g in self.grouping.groups
-                                        if g.members[0].name in names):
-            raise ValueError("teonspeed: expert-parallel weights in a ZeRO-1/2 partition (or a Megatron "
-                             "distributed-optimizer bucket) are not supported; use ZeRO stage 0 (or "
-                             "use_distributed_optimizer=False) for expert-parallel models")
         work_rank = gather_work_ranks(partition, tp_rank, tp_size, work_group, work_size, device)
         steps = self.config.ns_steps or 5
         plan = plan_partition(partition, self.grouping.groups, work_rank, tp_size,
@@ -356,10 +362,10 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 _apply(shard.param[lo:hi], update[lo:hi], group)
 
     def _flat_placement(self, m: MatrixRef):
-        topology = self._dense_topology()
-        if topology is None:
+        if not isinstance(self._runner, DistributedRunner):
             return None, 1
-        p = self._runner.placement(m, topology)
+        p = self._runner.placement(m, self._runner.topologies["expert" if self.parallel.spec(m.name).is_expert
+                                                              else "dense"])
         return p.dim, p.stride
 
     def _check_step(self) -> bool:
