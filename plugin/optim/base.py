@@ -35,6 +35,9 @@ _ORTHO_GROUP_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "mo
 _ADAMW_GROUP_KEYS = {"adamw_lr": "lr", "adamw_weight_decay": "weight_decay", "adamw_betas": "betas",
                      "adamw_eps": "eps"}
 _ROUTE_KEY = "route"  # "ortho" | "adamw": force every parameter of a user group to one side
+# DeepSpeed MoE's group marks (deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer):
+# ZeRO partitions a group with moe=True over the expert-data-parallel group of its `name`; kept as given.
+_DEEPSPEED_MOE_KEYS = ("moe", "name")
 LAYOUT_KEY = "teonspeed_layout"  # in state_dict(): the layout the state was saved in
 
 
@@ -201,6 +204,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
                     g = dict(lr=c.adamw_lr, weight_decay=c.adamw_weight_decay, betas=c.adamw_betas, eps=c.adamw_eps)
                     keys = _ADAMW_GROUP_KEYS
                 g.update({keys[k]: v for k, v in overrides.items() if k in keys})
+                g.update({k: v for k, v in overrides.items() if k in _DEEPSPEED_MOE_KEYS})
                 # group["lr"] is the *scheduled* lr, the same in every group so that any LR scheduler
                 # (absolute ones like DeepSpeed's WarmupLR included) drives both sides; AdamW groups
                 # keep their own lr as a fixed ratio to it.
@@ -407,8 +411,10 @@ class OrthoOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in self._flat:  # ZeRO-1/2: what the partition stands for, not its (padded) size
-                    members = " ".join(f"{e.name}{e.shape}" for e in self._flat[id(p)].entries)
-                    lines["dense"].append(f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}")
+                    entries = self._flat[id(p)].entries
+                    members = " ".join(f"{e.name}{e.shape}" for e in entries)
+                    key = "expert" if entries and self.parallel.spec(entries[0].name).is_expert else "dense"
+                    lines[key].append(f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}")
                 elif self._flat or group["route"] != "ortho":
                     lines["dense"].append(f"{group['route']} {self._names.get(id(p), '?')} {tuple(p.shape)} "
                                           f"{p.dtype} grad={p.grad is not None}")
@@ -565,7 +571,7 @@ def _normalize_params(params) -> List[Dict[str, Any]]:
         raise ValueError("teonspeed: the optimizer got an empty parameter list")
     if not isinstance(params[0], dict):
         params = [{"params": params}]
-    allowed = set(_ORTHO_GROUP_KEYS) | set(_ADAMW_GROUP_KEYS) | {"params", "names", _ROUTE_KEY}
+    allowed = set(_ORTHO_GROUP_KEYS) | set(_ADAMW_GROUP_KEYS) | {"params", "names", _ROUTE_KEY, *_DEEPSPEED_MOE_KEYS}
     counter = 0
     out = []
     for group in params:
