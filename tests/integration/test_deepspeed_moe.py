@@ -12,21 +12,32 @@ from teonspeed.testing.harness import RankError, run_ranks
 WORLD, EP, STEPS = 4, 2, 2
 
 
-class TinyMoELM(torch.nn.Module):
-    """Two blocks of norm → DeepSpeed MoE (4 experts of Linear-SiLU-Linear, top-1) → o_proj."""
+class GatedExpert(torch.nn.Module):
+    """A gated MLP whose gate and up matrices are one 3-D weight (a grouped-GEMM layout: teonspeed
+    orthogonalizes each slice), and a 2-D down projection."""
 
-    def __init__(self, d=16, ffn=24):
+    def __init__(self, d, ffn):
+        super().__init__()
+        self.gate_up = torch.nn.Parameter(torch.randn(2, ffn, d) * 0.2)
+        self.down = torch.nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(x @ self.gate_up[0].T) * (x @ self.gate_up[1].T))
+
+
+class TinyMoELM(torch.nn.Module):
+    """Two blocks of norm → DeepSpeed MoE (4 gated experts, top-1) → o_proj."""
+
+    def __init__(self, d=16, ffns=(24, 12)):
         super().__init__()
         from deepspeed.moe.layer import MoE
         torch.manual_seed(0)
         self.embed_tokens = torch.nn.Embedding(h.VOCAB, d)
         self.layers = torch.nn.ModuleList()
-        for _ in range(2):
+        for ffn in ffns:  # unequal blocks: the expert-DP partition boundary cuts a 3-D weight's slice
             block = torch.nn.Module()
             block.norm = torch.nn.LayerNorm(d)
-            expert = torch.nn.Sequential(torch.nn.Linear(d, ffn, bias=False), torch.nn.SiLU(),
-                                         torch.nn.Linear(ffn, d, bias=False))
-            block.moe = MoE(hidden_size=d, expert=expert, num_experts=4, ep_size=EP, k=1, min_capacity=0,
+            block.moe = MoE(hidden_size=d, expert=GatedExpert(d, ffn), num_experts=4, ep_size=EP, k=1, min_capacity=0,
                             drop_tokens=False)
             block.o_proj = torch.nn.Linear(d, d, bias=False)
             self.layers.append(block)
@@ -64,7 +75,10 @@ def train(rank, world_size, stage, mode="distributed"):
     # (expert partition?, work-group size) of every planned ZeRO partition that orthogonalizes something
     planned = sorted({(all(opt.parallel.spec(e.name).is_expert for e in fp.entries), opt._flat_steps[key].plan.work_size)
                       for key, fp in opt._flat.items() if opt._flat_steps[key].plan.jobs})
-    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}, planned
+    expert_jobs = [j for key, fp in opt._flat.items() if opt.parallel.spec(fp.entries[0].name).is_expert
+                   for j in opt._flat_steps[key].plan.jobs]
+    slices = {(j.cut, any(u.expert_index is not None for u in j.units)) for j in expert_jobs}
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}, planned, slices
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +98,7 @@ def test_deepspeed_moe_zero_1_2_equal_zero_0(zero0, stage):
     for rank in range(WORLD):
         # the experts' partitions over expert-DP (2 ranks), the dense ones over DP (4 ranks)
         assert got[rank][1] == [(False, WORLD), (True, WORLD // EP)], got[rank][1]
+        assert (True, True) in got[rank][2]  # an expert job holding a 3-D weight's slice is cut and exchanged
         params, ref = got[rank][0], zero0[rank][0]
         assert any("deepspeed_experts.1." in n for n in params)
         for name, want in ref.items():
