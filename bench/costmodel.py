@@ -31,6 +31,8 @@ The structure of the model follows the implementation (plugin/parallel/distribut
              ignored); teonspeed.parallel.zero_partition.plan_zero_partition, the implementation's own
              planner, decides local/cut jobs and owners; bytes are its all_to_alls, FLOPs its loads (see
              zero_partition_time; tests/unit/test_costmodel.py checks the bytes against FlatStep.expected_bytes).
+             MoE: one EP rank's expert matrices form their own param group, cut into expert-DP partitions
+             and planned on the expert topology (expert TP 1 × expert-DP), as the implementation does.
   training   forward+backward = 6 · active params · global batch tokens / (GPUs · peak · train_mfu);
              overhead % = optimizer step / forward+backward.
 """
@@ -366,19 +368,31 @@ def stage_parameters(model: ModelSpec) -> List[Tuple[str, Tuple[int, int]]]:
     return out
 
 
+def expert_parameters(model: ModelSpec) -> List[Tuple[str, Tuple[int, int]]]:
+    """One expert-parallel rank's expert matrices of pipeline stage 0, in the model's parameter order
+    (DeepSpeed MoE's moe=True param group / Megatron's expert buffer: partitioned over expert-DP)."""
+    out = []
+    for b in range(model.layers // model.pp):
+        for e in range(model.experts // model.ep):
+            for kind, shape in model.expert_matrices().items():
+                out.append((f"model.layers.{b}.mlp.experts.{e}.{kind}_proj.weight", shape))
+    return out
+
+
 def local_shape(name: str, shape: Tuple[int, int], tp: int) -> Tuple[int, int]:
     if tp == 1:
         return shape
     return (shape[0] // tp, shape[1]) if any(c in name for c in COLUMN_PARALLEL) else (shape[0], shape[1] // tp)
 
 
-def zero_layout(model: ModelSpec, optimizer: str, a: Assumptions, dp: int) -> ZeroLayout:
-    params = stage_parameters(model)
+def zero_layout(model: ModelSpec, optimizer: str, a: Assumptions, dp: int, expert: bool = False) -> ZeroLayout:
+    """expert=True: the expert param group (expert TP = 1), cut into `dp` expert-DP partitions."""
+    params = expert_parameters(model) if expert else stage_parameters(model)
     named = [(n, torch.nn.Parameter(torch.empty(s, device="meta"))) for n, s in params]
     groups = teonspeed.plan(named, optimizer, **({"teon_k": a.teon_k} if optimizer == "teon" else {})).groups
     offsets, shapes, offset = {}, {}, 0
     for n, s in params:
-        offsets[n], shapes[n] = offset, local_shape(n, s, model.tp)
+        offsets[n], shapes[n] = offset, local_shape(n, s, 1 if expert else model.tp)
         offset += shapes[n][0] * shapes[n][1]
     return ZeroLayout(groups, offsets, shapes, -(-offset // dp))
 
@@ -425,16 +439,18 @@ def zero_rank_bytes(plan: ZeroPlan, itemsize: int, gpus_per_node: int) -> ZeroBy
     return ZeroBytes(sent, received, link)
 
 
-def zero_partition_time(model: ModelSpec, optimizer: str, dp: int, a: Assumptions) -> Dict[str, float]:
+def zero_partition_time(model: ModelSpec, optimizer: str, dp: int, a: Assumptions,
+                        expert: bool = False) -> Dict[str, float]:
     """teonspeed's ZeRO-1/2 step on the busiest rank: all_to_all of the pieces, Newton–Schulz of the
     jobs it owns, all_to_all of the slices back, in sequence (FlatStep does not overlap them); each
-    all_to_all pays one latency plus one per peer of the tp × dp work group."""
-    tp = model.tp
-    plan = zero_plan(zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps)
-    zb = zero_rank_bytes(plan, a.comm_itemsize, a.gpus_per_node)
+    all_to_all pays one latency plus one per peer of the tp × dp work group. expert=True: the expert
+    partitions on the expert topology (expert TP 1 × expert-DP `dp`, peers `ep` global ranks apart)."""
+    tp, stride = (1, model.ep) if expert else (model.tp, 1)
+    plan = zero_plan(zero_layout(model, optimizer, a, dp, expert), tp, dp, a.ns_steps)
+    zb = zero_rank_bytes(plan, a.comm_itemsize, max(1, a.gpus_per_node // stride))
     w = tp * dp
     rate = a.peak_flops * a.ns_efficiency
-    lat = (a.latency_intra if w <= a.gpus_per_node else a.latency_inter) + a.latency_per_peer * (w - 1)
+    lat = (a.latency_intra if (w - 1) * stride < a.gpus_per_node else a.latency_inter) + a.latency_per_peer * (w - 1)
     latency = 2 * lat if plan.exchanged_jobs() else 0.0
     worst = dict(total=-1.0)
     for q in range(w):
@@ -456,8 +472,6 @@ def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumpt
     if gpus % model.min_gpus():
         return None
     dp = gpus // (model.tp * model.pp)
-    if mode == "zero" and model.experts:
-        return None  # refused by the implementation: expert-parallel weights in a ZeRO-1/2 partition
     if mode == "zero":
         time_of = lambda groups, tp, dp_, stride, a_: zero_partition_time(model, optimizer, dp_, a_)
     else:
@@ -472,7 +486,8 @@ def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumpt
     if model.experts:
         edp = gpus // (model.ep * model.pp)  # expert TP = 1
         eg = stage_groups(model, optimizer, a, expert=True)
-        expert = time_of(eg, 1, edp, model.ep, a)
+        expert = (zero_partition_time(model, optimizer, edp, a, expert=True) if mode == "zero"
+                  else time_of(eg, 1, edp, model.ep, a))
         local_elems += sum(g.elements for g in eg)
     adamw_bytes = 2 * (dp - 1) / dp * (local_elems - (sum(g.elements for g in eg) if model.experts else 0)) \
         * a.comm_itemsize
@@ -490,7 +505,8 @@ def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumpt
                 elementwise_s=elementwise, busiest_rank_flops=dense["flops"] + expert["flops"],
                 busiest_rank_bytes=dense["bytes"] + expert["bytes"], dense_imbalance=dense["imbalance"],
                 adamw_bytes=adamw_bytes,
-                **{k: dense[k] for k in ("partition_imbalance", "cut_jobs", "jobs", "exchanged_jobs") if k in dense})
+                **{k: dense[k] for k in ("partition_imbalance",) if k in dense},
+                **{k: dense[k] + expert.get(k, 0) for k in ("cut_jobs", "jobs", "exchanged_jobs") if k in dense})
 
 
 def predict(a: Assumptions, optimizer: str = "teon", models: Sequence[str] = tuple(MODELS),
@@ -537,12 +553,6 @@ def calibrate_cpu(scaling: Dict, cores: int = 2) -> Dict[str, float]:
 def zero_table(key: str, by: Dict[str, Dict[int, Dict[str, float]]], misses: List[str]) -> List[str]:
     """The ZeRO-1/2 table of one model (teonspeed's partition-local step next to DeepSpeed's Muon), and
     its rows that miss the bar appended to `misses`."""
-    if not by["zero"]:
-        for n in by["deepspeed"]:
-            misses.append(f"- {key}, {n} GPUs: refused: teonspeed does not take expert-parallel weights in a "
-                          "ZeRO-1/2 partition (it says so and points to ZeRO-0, the owner-compute table above)")
-        return ["ZeRO-1/2: teonspeed refuses expert-parallel weights in a ZeRO-1/2 partition (use ZeRO stage 0); "
-                "no teonspeed ZeRO-1/2 rows for this model.", ""]
     lines = ["ZeRO-1/2: teonspeed's partition-local step next to DeepSpeed's own Muon.", "",
              "| GPUs | DP | fwd+bwd s | teonspeed ZeRO-1/2: step ms | compute ms | comm ms | latency ms "
              "| cut / jobs | FLOPs max/mean over TP×DP ranks (per partition, equal bytes alone) | MB/rank | DeepSpeed Muon MB/rank "
