@@ -126,21 +126,32 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._buckets = [(b, self._plan_flat(b.partition, device or b.grad.device)) for b in buckets]
         self._group_of = {n: g for g in self.param_groups for n in g["names"]}
 
+    def _topology_name(self, name: str) -> str:
+        return "expert" if self.parallel.spec(name).is_expert else "dense"
+
     def _flat_topology(self, partition: FlatPartition):
         """The topology a flat partition is planned on (None in a single process): the expert one
         (expert-TP × expert-DP) for expert-parallel weights, which DeepSpeed's MoE groups and Megatron's
         expert_parallel_buffers partition over the expert-data-parallel group; the dense one otherwise."""
         if not isinstance(self._runner, DistributedRunner):
             return None
-        kinds = {e.name: self.parallel.spec(e.name).is_expert for e in partition.entries}
+        kinds = {e.name: self._topology_name(e.name) for e in partition.entries}
         if len(set(kinds.values())) > 1:
-            dense = next(n for n, expert in kinds.items() if not expert)
-            expert = next(n for n, expert in kinds.items() if expert)
+            dense = next(n for n, kind in kinds.items() if kind == "dense")
+            expert = next(n for n, kind in kinds.items() if kind == "expert")
             raise ValueError(f"teonspeed: a ZeRO-1/2 partition (or Megatron distributed-optimizer bucket) holds dense "
                              f"weights ({dense!r}) and expert-parallel weights ({expert!r}); they are partitioned over "
                              f"different data-parallel groups. Put the expert parameters in their own param group "
                              f"(DeepSpeed: deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)")
-        return self._runner.topologies["expert" if True in kinds.values() else "dense"]
+        kind = next(iter(kinds.values()), "dense")
+        topology = self._runner.topologies[kind]
+        cut_over = dist.get_process_group_ranks(partition.dp_group) if partition.dp_group is not None else []
+        if not set(cut_over) <= set(topology.work_ranks):
+            raise ValueError(f"teonspeed: a ZeRO-1/2 partition of {kind} weights is cut over ranks {cut_over}, outside "
+                             f"the {kind} tensor x data-parallel group {list(topology.work_ranks)}: the data-parallel "
+                             f"groups given to teonspeed (ParallelContext dp_group / expert_dp_group) are not the ones "
+                             f"ZeRO cuts over")
+        return topology
 
     def _plan_flat(self, partition: FlatPartition, device: torch.device) -> FlatStep:
         topology = self._flat_topology(partition)
@@ -368,8 +379,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
     def _flat_placement(self, m: MatrixRef):
         if not isinstance(self._runner, DistributedRunner):
             return None, 1
-        p = self._runner.placement(m, self._runner.topologies["expert" if self.parallel.spec(m.name).is_expert
-                                                              else "dense"])
+        p = self._runner.placement(m, self._runner.topologies[self._topology_name(m.name)])
         return p.dim, p.stride
 
     def _check_step(self) -> bool:
@@ -413,8 +423,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 if id(p) in self._flat:  # ZeRO-1/2: what the partition stands for, not its (padded) size
                     entries = self._flat[id(p)].entries
                     members = " ".join(f"{e.name}{e.shape}" for e in entries)
-                    key = "expert" if entries and self.parallel.spec(entries[0].name).is_expert else "dense"
-                    lines[key].append(f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}")
+                    lines[self._topology_name(entries[0].name) if entries else "dense"].append(f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}")
                 elif self._flat or group["route"] != "ortho":
                     lines["dense"].append(f"{group['route']} {self._names.get(id(p), '?')} {tuple(p.shape)} "
                                           f"{p.dtype} grad={p.grad is not None}")
