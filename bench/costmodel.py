@@ -36,6 +36,8 @@ The structure of the model follows the implementation (plugin/parallel/distribut
              ignored); teonspeed.parallel.zero_partition.plan_zero_partition, the implementation's own
              planner, decides local/cut jobs and owners; bytes are its point-to-point rounds, FLOPs its loads (see
              zero_partition_time; tests/unit/test_costmodel.py checks the bytes against FlatStep.expected_bytes).
+             MoE: one EP rank's expert matrices form their own param group, cut into expert-DP partitions
+             and planned on the expert topology (expert TP 1 × expert-DP), as the implementation does.
   training   forward+backward = 6 · active params · global batch tokens / (GPUs · peak · train_mfu);
              overhead % = optimizer step / forward+backward.
 """
@@ -399,19 +401,31 @@ def stage_parameters(model: ModelSpec) -> List[Tuple[str, Tuple[int, int]]]:
     return out
 
 
+def expert_parameters(model: ModelSpec) -> List[Tuple[str, Tuple[int, int]]]:
+    """One expert-parallel rank's expert matrices of pipeline stage 0, in the model's parameter order
+    (DeepSpeed MoE's moe=True param group / Megatron's expert buffer: partitioned over expert-DP)."""
+    out = []
+    for b in range(model.layers // model.pp):
+        for e in range(model.experts // model.ep):
+            for kind, shape in model.expert_matrices().items():
+                out.append((f"model.layers.{b}.mlp.experts.{e}.{kind}_proj.weight", shape))
+    return out
+
+
 def local_shape(name: str, shape: Tuple[int, int], tp: int) -> Tuple[int, int]:
     if tp == 1:
         return shape
     return (shape[0] // tp, shape[1]) if any(c in name for c in COLUMN_PARALLEL) else (shape[0], shape[1] // tp)
 
 
-def zero_layout(model: ModelSpec, optimizer: str, a: Assumptions, dp: int) -> ZeroLayout:
-    params = stage_parameters(model)
+def zero_layout(model: ModelSpec, optimizer: str, a: Assumptions, dp: int, expert: bool = False) -> ZeroLayout:
+    """expert=True: the expert param group (expert TP = 1), cut into `dp` expert-DP partitions."""
+    params = expert_parameters(model) if expert else stage_parameters(model)
     named = [(n, torch.nn.Parameter(torch.empty(s, device="meta"))) for n, s in params]
     groups = teonspeed.plan(named, optimizer, **({"teon_k": a.teon_k} if optimizer == "teon" else {})).groups
     offsets, shapes, offset = {}, {}, 0
     for n, s in params:
-        offsets[n], shapes[n] = offset, local_shape(n, s, model.tp)
+        offsets[n], shapes[n] = offset, local_shape(n, s, 1 if expert else model.tp)
         offset += shapes[n][0] * shapes[n][1]
     return ZeroLayout(groups, offsets, shapes, -(-offset // dp))
 
@@ -492,18 +506,22 @@ def deepspeed_same_update_time(plan: ZeroPlan, a: Assumptions) -> Dict[str, floa
     return worst
 
 
-def zero_partition_time(model: ModelSpec, optimizer: str, dp: int, a: Assumptions) -> Dict[str, float]:
+def zero_partition_time(model: ModelSpec, optimizer: str, dp: int, a: Assumptions,
+                        expert: bool = False) -> Dict[str, float]:
     """teonspeed's ZeRO-1/2 step on the busiest rank: the pieces to their owners, Newton–Schulz of the
     jobs it owns, the slices back, in sequence (FlatStep does not overlap them); each round of batched
-    point-to-point sends pays one latency (inter-node if a peer is on another node) plus one per peer."""
-    tp = model.tp
-    plan = zero_plan(zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps, a.cluster, a.comm_itemsize)
-    zb = zero_rank_bytes(plan, a.comm_itemsize, a.gpus_per_node)
+    point-to-point sends pays one latency (inter-node if a peer is on another node) plus one per peer.
+    expert=True: the expert partitions on the expert topology (expert TP 1 × expert-DP `dp`, peers `ep`
+    global ranks apart, so gpus_per_node / ep of them share a node)."""
+    tp, stride = (1, model.ep) if expert else (model.tp, 1)
+    plan = zero_plan(zero_layout(model, optimizer, a, dp, expert), tp, dp, a.ns_steps, a.cluster, a.comm_itemsize)
+    per_node = max(1, a.gpus_per_node // stride)
+    zb = zero_rank_bytes(plan, a.comm_itemsize, per_node)
     w = tp * dp
     rate = a.peak_flops * a.ns_efficiency
     worst = dict(total=-1.0)
     for q in range(w):
-        latency = sum((a.latency_inter if any(p // a.gpus_per_node != q // a.gpus_per_node for p in peers)
+        latency = sum((a.latency_inter if any(p // per_node != q // per_node for p in peers)
                        else a.latency_intra) + a.latency_per_peer * len(peers)
                       for peers in (zb.peers["a"][q], zb.peers["b"][q]) if peers)
         comm = sum(max(zb.link[(ph, "sent", l)][q], zb.link[(ph, "received", l)][q]) / bw
@@ -528,8 +546,6 @@ def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumpt
     if gpus % model.min_gpus():
         return None
     dp = gpus // (model.tp * model.pp)
-    if mode == "zero" and model.experts:
-        return None  # refused by the implementation: expert-parallel weights in a ZeRO-1/2 partition
     if mode == "zero":
         time_of = lambda groups, tp, dp_, stride, a_: zero_partition_time(model, optimizer, dp_, a_)
     else:
@@ -548,6 +564,8 @@ def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumpt
         eg = stage_groups(model, optimizer, a, expert=True)
         if mode == "deepspeed0":  # expert TP = 1: each expert matrix whole on its rank
             expert = deepspeed_zero0_time([(f"expert{i}", g.stacked) for i, g in enumerate(eg)], 1, a)
+        elif mode == "zero":
+            expert = zero_partition_time(model, optimizer, edp, a, expert=True)
         else:
             expert = time_of(eg, 1, edp, model.ep, a)
         local_elems += sum(g.elements for g in eg)
@@ -567,9 +585,9 @@ def step_cost(model: ModelSpec, gpus: int, optimizer: str, mode: str, a: Assumpt
                 elementwise_s=elementwise, busiest_rank_flops=dense["flops"] + expert["flops"],
                 busiest_rank_bytes=dense["bytes"] + expert["bytes"], dense_imbalance=dense["imbalance"],
                 adamw_bytes=adamw_bytes,
-                **{k: dense[k] for k in ("partition_imbalance", "cut_jobs", "jobs", "exchanged_jobs", "imbalance_before",
-                                         "moved_jobs", "largest_job_share", "same_update_compute",
-                                         "same_update_bytes") if k in dense},
+                **{k: dense[k] for k in ("partition_imbalance", "imbalance_before", "moved_jobs", "largest_job_share",
+                                         "same_update_compute", "same_update_bytes") if k in dense},
+                **{k: dense[k] + expert.get(k, 0) for k in ("cut_jobs", "jobs", "exchanged_jobs") if k in dense},
                 **({k: dense[k] + expert.get(k, 0) for k in ("owned_groups", "groups")} if mode == "auto" else {}),
                 **({"same_update_s": dense["same_update_total"] + expert.get("same_update_total", 0.0) + elementwise,
                     "same_update_pct": 100 * (dense["same_update_total"] + expert.get("same_update_total", 0.0)
@@ -622,12 +640,6 @@ def zero_table(key: str, by: Dict[str, Dict[int, Dict[str, float]]], misses: Lis
     the same update, and DeepSpeed's own Muon), and its rows that miss the bar appended to `misses`. The
     bar is the same-update column: DeepSpeed's native Muon computes another update under TP (each shard
     alone) and for TEON (no stacks), so its time is shown but not compared."""
-    if not by["zero"]:
-        for n in by["deepspeed"]:
-            misses.append(f"- {key}, {n} GPUs: refused: teonspeed does not take expert-parallel weights in a "
-                          "ZeRO-1/2 partition (it says so and points to ZeRO-0, the owner-compute table above)")
-        return ["ZeRO-1/2: teonspeed refuses expert-parallel weights in a ZeRO-1/2 partition (use ZeRO stage 0); "
-                "no teonspeed ZeRO-1/2 rows for this model.", ""]
     lines = ["ZeRO-1/2: teonspeed's partition-local step next to DeepSpeed's strategy computing the same update, "
              "and DeepSpeed's own Muon (another update: not the bar).", "",
              "| GPUs | DP | fwd+bwd s | teonspeed ZeRO-1/2: step ms | compute ms | comm ms | latency ms "

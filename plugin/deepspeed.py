@@ -122,7 +122,21 @@ def deepspeed_context(engine) -> ParallelContext:
                 if mpu is not None and hasattr(mpu, "get_pipeline_model_parallel_group") else None)
     config = getattr(engine.module, "config", None)
     return ParallelContext(specs=megatron_shard_specs(engine.module), tp_group=tp_group, dp_group=dp_group,
+                           expert_dp_group=_expert_data_parallel_group(engine.module),
                            pipeline_group=pp_group, num_layers=getattr(config, "num_layers", None))
+
+
+def _expert_data_parallel_group(module):
+    """DeepSpeed MoE: the expert-data-parallel group its expert parameters (allreduce=False) are reduced and
+    ZeRO-partitioned over; None without experts. Experts are not TP-sharded by DeepSpeed MoE."""
+    names = sorted({getattr(p, "group_name", None) for p in module.parameters() if not getattr(p, "allreduce", True)})
+    if not names:
+        return None
+    if len(names) > 1 or names[0] is None:
+        raise ValueError(f"teonspeed: the model's expert parameters belong to expert-parallel groups {names}; "
+                         f"teonspeed takes one expert-parallel size per model (DeepSpeed MoE layers with one ep_size)")
+    from deepspeed.utils import groups
+    return groups._get_expert_data_parallel_group(names[0])
 
 
 def _named_groups(model_parameters, names: Dict[int, str]) -> List[Dict[str, Any]]:

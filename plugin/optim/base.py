@@ -38,6 +38,9 @@ _ORTHO_GROUP_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "mo
 _ADAMW_GROUP_KEYS = {"adamw_lr": "lr", "adamw_weight_decay": "weight_decay", "adamw_betas": "betas",
                      "adamw_eps": "eps"}
 _ROUTE_KEY = "route"  # "ortho" | "adamw": force every parameter of a user group to one side
+# DeepSpeed MoE's group marks (deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer):
+# ZeRO partitions a group with moe=True over the expert-data-parallel group of its `name`; kept as given.
+_DEEPSPEED_MOE_KEYS = ("moe", "name")
 LAYOUT_KEY = "teonspeed_layout"  # in state_dict(): the layout the state was saved in
 
 
@@ -131,21 +134,38 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._clip_grad = clip_grad
         self._group_of = {n: g for g in self.param_groups for n in g["names"]}
 
-    def _dense_topology(self):
-        """The dense TP × DP topology of the distributed runner (None in a single process)."""
-        return self._runner.topologies["dense"] if isinstance(self._runner, DistributedRunner) else None
+    def _topology_name(self, name: str) -> str:
+        return "expert" if self.parallel.spec(name).is_expert else "dense"
+
+    def _flat_topology(self, partition: FlatPartition):
+        """The topology a flat partition is planned on (None in a single process): the expert one
+        (expert-TP × expert-DP) for expert-parallel weights, which DeepSpeed's MoE groups and Megatron's
+        expert_parallel_buffers partition over the expert-data-parallel group; the dense one otherwise."""
+        if not isinstance(self._runner, DistributedRunner):
+            return None
+        kinds = {e.name: self._topology_name(e.name) for e in partition.entries}
+        if len(set(kinds.values())) > 1:
+            dense = next(n for n, kind in kinds.items() if kind == "dense")
+            expert = next(n for n, kind in kinds.items() if kind == "expert")
+            raise ValueError(f"teonspeed: a ZeRO-1/2 partition (or Megatron distributed-optimizer bucket) holds dense "
+                             f"weights ({dense!r}) and expert-parallel weights ({expert!r}); they are partitioned over "
+                             f"different data-parallel groups. Put the expert parameters in their own param group "
+                             f"(DeepSpeed: deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)")
+        kind = next(iter(kinds.values()), "dense")
+        topology = self._runner.topologies[kind]
+        cut_over = dist.get_process_group_ranks(partition.dp_group) if partition.dp_group is not None else []
+        if not set(cut_over) <= set(topology.work_ranks):
+            raise ValueError(f"teonspeed: a ZeRO-1/2 partition of {kind} weights is cut over ranks {cut_over}, outside "
+                             f"the {kind} tensor x data-parallel group {list(topology.work_ranks)}: the data-parallel "
+                             f"groups given to teonspeed (ParallelContext dp_group / expert_dp_group) are not the ones "
+                             f"ZeRO cuts over")
+        return topology
 
     def _plan_flat(self, partition: FlatPartition, device: torch.device) -> FlatStep:
-        topology = self._dense_topology()
+        topology = self._flat_topology(partition)
         tp_size, tp_rank = (topology.tp_size, topology.tp_rank) if topology is not None else (1, 0)
         work_group, work_size, me = ((topology.work_group, topology.work_size, topology.work_rank)
                                      if topology is not None else (None, 1, 0))
-        names = set(partition.names())
-        if topology is not None and any(self._runner.topology_of(g) != "dense" for g in self.grouping.groups
-                                        if g.members[0].name in names):
-            raise ValueError("teonspeed: expert-parallel weights in a ZeRO-1/2 partition (or a Megatron "
-                             "distributed-optimizer bucket) are not supported; use ZeRO stage 0 (or "
-                             "use_distributed_optimizer=False) for expert-parallel models")
         work_rank = gather_work_ranks(partition, tp_rank, tp_size, work_group, work_size, device)
         steps = self.config.ns_steps or 5
         plan = plan_partition(partition, self.grouping.groups, work_rank, tp_size,
@@ -205,6 +225,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
                     g = dict(lr=c.adamw_lr, weight_decay=c.adamw_weight_decay, betas=c.adamw_betas, eps=c.adamw_eps)
                     keys = _ADAMW_GROUP_KEYS
                 g.update({keys[k]: v for k, v in overrides.items() if k in keys})
+                g.update({k: v for k, v in overrides.items() if k in _DEEPSPEED_MOE_KEYS})
                 # group["lr"] is the *scheduled* lr, the same in every group so that any LR scheduler
                 # (absolute ones like DeepSpeed's WarmupLR included) drives both sides; AdamW groups
                 # keep their own lr as a fixed ratio to it.
@@ -373,10 +394,9 @@ class OrthoOptimizer(torch.optim.Optimizer):
                 shard.param.copy_(shard.master)
 
     def _flat_placement(self, m: MatrixRef):
-        topology = self._dense_topology()
-        if topology is None:
+        if not isinstance(self._runner, DistributedRunner):
             return None, 1
-        p = self._runner.placement(m, topology)
+        p = self._runner.placement(m, self._runner.topologies[self._topology_name(m.name)])
         return p.dim, p.stride
 
     def _check_step(self) -> bool:
@@ -425,8 +445,9 @@ class OrthoOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in self._flat:  # ZeRO-1/2: what the partition stands for, not its (padded) size
-                    members = " ".join(f"{e.name}{e.shape}" for e in self._flat[id(p)].entries)
-                    lines["dense"].append(f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}")
+                    entries = self._flat[id(p)].entries
+                    members = " ".join(f"{e.name}{e.shape}" for e in entries)
+                    lines[self._topology_name(entries[0].name) if entries else "dense"].append(f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}")
                 elif self._flat or group["route"] != "ortho":
                     lines["dense"].append(f"{group['route']} {self._names.get(id(p), '?')} {tuple(p.shape)} "
                                           f"{p.dtype} grad={p.grad is not None}")
@@ -587,7 +608,7 @@ def _normalize_params(params) -> List[Dict[str, Any]]:
         raise ValueError("teonspeed: the optimizer got an empty parameter list")
     if not isinstance(params[0], dict):
         params = [{"params": params}]
-    allowed = set(_ORTHO_GROUP_KEYS) | set(_ADAMW_GROUP_KEYS) | {"params", "names", _ROUTE_KEY}
+    allowed = set(_ORTHO_GROUP_KEYS) | set(_ADAMW_GROUP_KEYS) | {"params", "names", _ROUTE_KEY, *_DEEPSPEED_MOE_KEYS}
     counter = 0
     out = []
     for group in params:

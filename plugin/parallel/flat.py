@@ -91,8 +91,9 @@ def gather_work_ranks(partition: FlatPartition, tp_rank: int, tp_size: int, work
     collective over the work group, at construction)."""
     if work_size != tp_size * partition.dp_size:
         raise ValueError(f"teonspeed: a ZeRO partition spans {partition.dp_size} data-parallel ranks but the "
-                         f"tensor x data-parallel group has {work_size} ranks for TP size {tp_size}; ZeRO-1/2 param "
-                         f"groups over another data-parallel group (expert parallelism) are not supported")
+                         f"tensor x data-parallel group it is planned on has {work_size} ranks for TP size {tp_size}: "
+                         f"its data-parallel group is neither the dense one nor the expert one teonspeed was given "
+                         f"(ParallelContext dp_group / expert_dp_group, and is_expert in the ShardSpecs)")
     if work_size == 1:
         return {(0, 0): 0}
     mine = torch.tensor([tp_rank, partition.dp_rank], dtype=torch.int64, device=device)

@@ -261,7 +261,6 @@ def test_zero_moves_nothing_when_partitions_fall_on_matrix_boundaries():
     z = cm.step_cost(cm.MODELS["llama-1b"], 8, "teon", "zero", a)
     assert z["cut_jobs"] == 0 and z["busiest_rank_bytes"] == 0 and z["comm_s"] == z["latency_s"] == 0
     assert cm.step_cost(cm.MODELS["llama-1b"], 8, "teon", "deepspeed", a)["busiest_rank_bytes"] == 0
-    assert cm.step_cost(cm.MODELS["moe-64e"], 8, "teon", "zero", a) is None  # refused by the implementation
 
 
 def test_deepspeed_at_zero0_is_replicated_compute_on_the_tp_local_shard():
@@ -272,3 +271,19 @@ def test_deepspeed_at_zero0_is_replicated_compute_on_the_tp_local_shard():
     assert ds["compute_s"] == pytest.approx(rep["compute_s"]) and ds["comm_s"] == 0
     ds, rep = (cm.step_cost(cm.MODELS["llama-7b"], 64, "muon", mode, a) for mode in ("deepspeed0", "replicated"))
     assert ds["compute_s"] < 0.75 * rep["compute_s"] and ds["busiest_rank_bytes"] == 0
+
+
+@pytest.mark.parametrize("gpus", [64, 512])
+def test_zero_moe_partitions_the_experts_over_expert_dp(gpus):
+    """MoE under ZeRO-1/2: one EP rank's experts are planned over expert-DP (gpus / EP ranks), the
+    attention over DP; each group is computed once, and the busiest rank holds at least an expert-DP
+    rank's share of the expert work (over the dense DP it would be EP times less)."""
+    a, model = cm.Assumptions(), cm.MODELS["moe-64e"]
+    dp, edp = gpus // (model.tp * model.pp), gpus // (model.ep * model.pp)
+    experts = cm.zero_plan(cm.zero_layout(model, "teon", a, edp, expert=True), 1, edp, a.ns_steps, a.cluster)
+    dense = cm.zero_plan(cm.zero_layout(model, "teon", a, dp), model.tp, dp, a.ns_steps, a.cluster)
+    expert_flops = sum(cm.ns_flops(g.stacked, a.ns_steps) for g in cm.stage_groups(model, "teon", a, expert=True))
+    assert len(experts.loads) == edp and sum(experts.loads) == pytest.approx(expert_flops)
+    z = cm.step_cost(model, gpus, "teon", "zero", a)
+    assert z["jobs"] == len(dense.jobs) + len(experts.jobs)
+    assert z["busiest_rank_flops"] >= expert_flops / edp * (1 - 1e-9)
