@@ -1,6 +1,8 @@
 """Scaling of the distributed optimizer step on CPU/gloo: per-rank Newton–Schulz FLOPs, bytes moved and
-step time of teonspeed.TEON / Muon at 1, 2, 4 and 8 ranks, TP, DP and TP×DP layouts,
-parallel_mode "distributed" (owner-compute) vs "replicated".
+step time of teonspeed.TEON / Muon at 1, 2, 4 and 8 ranks, TP, DP and TP×DP layouts, each parallel_mode
+named: "distributed" (owner-compute), "replicated", "auto" (the default: per group, as the default
+ClusterProfile predicts cheaper) and "auto-mixed" (auto with a `cluster` override, MIXED_CLUSTER, on which
+this tiny model gets a mixed plan).
 
     .venv/bin/python bench/scaling.py                          # every layout below (a few minutes on 2 cores)
     .venv/bin/python bench/scaling.py --layouts 1x1,2x1,1x2 --optimizers teon --modes distributed
@@ -46,9 +48,9 @@ GOAL_FLOPS, GOAL_BYTES = 1.10, 2.0
 
 # A cluster on which auto mixes the two ways on this tiny model: a 1 TFLOP/s device on 2 GB/s links with
 # 1 µs collectives. Newton–Schulz FLOPs grow as m²n and bytes as mn, so under plain data parallelism the
-# narrow groups (GQA's 64-row k/v) stay replicated and the rest go to owners. With the default (H100)
-# profile the tiny groups cost microseconds of compute against 15 µs per collective: auto replicates every
-# group where replicating moves no bytes (T = 1) and sends every group to owners where TP gathers anyway.
+# narrow groups (GQA's 64-row k/v) stay replicated and the rest go to owners (at T = 1; with TP every group
+# goes to an owner). With the default (H100) profile the tiny groups cost microseconds of compute against
+# 15 µs per collective, and auto replicates every group in every layout.
 MIXED_CLUSTER: Dict[str, float] = dict(peak_flops=1e12, ns_efficiency=1.0, nvlink_bw=2e9, latency_intra=1e-6,
                                        latency_per_peer=1e-9)
 
@@ -197,7 +199,7 @@ def machine() -> Dict[str, Any]:
                 platform=platform.platform(), git=git,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 load_average=[round(x, 2) for x in os.getloadavg()],
-                note="shared 2-core machine, busy with another long CPU benchmark during the run; "
+                note="shared 2-core machine used by several engineers at once; "
                      "up to 8 single-threaded rank processes share 2 cores, so step times measure "
                      "oversubscribed CPU + loopback gloo, not scaling of a real cluster")
 
