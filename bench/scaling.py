@@ -150,7 +150,8 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
                 adamw_bytes=stats.adamw_bytes if stats is not None else 0,
                 shard_bytes=shard_bytes, full_bytes=full_bytes, total_flops=total_flops,
                 groups=len(groups), owned_groups=owned, owner_computed=sum(owner_computed),
-                model_choice_equal=list(owner_computed) == list(model_owned), step_s=statistics.median(times), step_s_all=times,
+                model_choice_equal=list(owner_computed) == list(model_owned),
+                step_s=statistics.median(times), step_s_all=times,
                 cpu_s=statistics.median(cpu_times))
 
 
@@ -273,10 +274,11 @@ def verdict(runs: Dict[str, Dict[str, Any]]) -> List[str]:
     auto_runs = [r for r in runs.values() if r["mode"].startswith("auto") and r["world"] > 1]
     for mode in sorted({r["mode"] for r in auto_runs}):
         rows = sorted((r for r in auto_runs if r["mode"] == mode), key=lambda r: (r["optimizer"], r["world"], r["tp"]))
-        out.append(f"- {mode} ({'default ClusterProfile' if mode == 'auto' else 'cluster=' + json.dumps(MIXED_CLUSTER)}): "
-                   "owner-computed groups per run: "
+        profile = "default ClusterProfile" if mode == "auto" else "cluster=" + json.dumps(MIXED_CLUSTER)
+        mixed = sum(0 < _owner_computed(r) < r["groups"] for r in rows)
+        out.append(f"- {mode} ({profile}): owner-computed groups per run: "
                    + ", ".join(f"{r['optimizer']} {r['layout']} {_owner_computed(r)}/{r['groups']}" for r in rows)
-                   + f"; mixed (some of each) in {sum(0 < _owner_computed(r) < r['groups'] for r in rows)}/{len(rows)} runs; "
+                   + f"; mixed (some of each) in {mixed}/{len(rows)} runs; "
                    f"the runner's choice equals costmodel.auto_choice's in "
                    f"{sum(bool(r.get('choice_equals_model')) for r in rows)}/{len(rows)}.")
     if rep_runs:
