@@ -1,6 +1,8 @@
 """Scaling of the distributed optimizer step on CPU/gloo: per-rank Newton–Schulz FLOPs, bytes moved and
-step time of teonspeed.TEON / Muon at 1, 2, 4 and 8 ranks, TP, DP and TP×DP layouts,
-parallel_mode "distributed" (owner-compute) vs "replicated".
+step time of teonspeed.TEON / Muon at 1, 2, 4 and 8 ranks, TP, DP and TP×DP layouts, each parallel_mode
+named: "distributed" (owner-compute), "replicated", "auto" (the default: per group, as the default
+ClusterProfile predicts cheaper) and "auto-mixed" (auto with a `cluster` override, MIXED_CLUSTER, on which
+this tiny model gets a mixed plan).
 
     .venv/bin/python bench/scaling.py                          # every layout below (a few minutes on 2 cores)
     .venv/bin/python bench/scaling.py --layouts 1x1,2x1,1x2 --optimizers teon --modes distributed
@@ -44,23 +46,44 @@ LAYOUTS = ["1x1", "2x1", "1x2", "4x1", "1x4", "2x2", "2x4", "4x2", "1x8"]  # "Tx
 GOAL_FLOPS, GOAL_BYTES = 1.10, 2.0
 
 
-# mode name -> optimizer options. The ZeRO-1/2 owner-compute rows (teonspeed's flat path) register here
-# with their own worker setup when that path lands; "distributed" is ZeRO-0 / Megatron DDP.
+# A cluster on which auto mixes the two ways on this tiny model: a 1 TFLOP/s device on 2 GB/s links with
+# 1 µs collectives. Newton–Schulz FLOPs grow as m²n and bytes as mn, so under plain data parallelism the
+# narrow groups (GQA's 64-row k/v) stay replicated and the rest go to owners (at T = 1; with TP every group
+# goes to an owner). With the default (H100) profile the tiny groups cost microseconds of compute against
+# 15 µs per collective, and auto replicates every group in every layout.
+MIXED_CLUSTER: Dict[str, float] = dict(peak_flops=1e12, ns_efficiency=1.0, nvlink_bw=2e9, latency_intra=1e-6,
+                                       latency_per_peer=1e-9)
+
+# mode name -> optimizer options; every mode names its parallel_mode (the package's default is "auto").
+# These are ZeRO-0 / Megatron DDP rows; ZeRO-1/2 (the flat path) is measured by bench/zero_side_by_side.py.
 MODE_OPTIONS: Dict[str, Dict[str, Any]] = {"distributed": dict(parallel_mode="distributed"),
-                                           "replicated": dict(parallel_mode="replicated")}
+                                           "replicated": dict(parallel_mode="replicated"),
+                                           "auto": dict(parallel_mode="auto"),
+                                           "auto-mixed": dict(parallel_mode="auto", cluster=MIXED_CLUSTER)}
 
 
-def predicted_bytes(runner, groups, mode: str, itemsize: int):
-    """(sent, received) of this rank from bench/costmodel.py's per_rank_bytes (the GPU model's own count)."""
+def predicted_bytes(runner, groups, options: Dict[str, Any], itemsize: int):
+    """(sent, received) of this rank from bench/costmodel.py's per_rank_bytes (the GPU model's own count),
+    and the model's own per-group choice (True: owner-compute); under "auto" the model decides with its own
+    auto_choice on its own groups and the same ClusterProfile, not with the runner's answer."""
     sys.path.insert(0, str(ROOT / "bench"))
     import costmodel as cm
+    from teonspeed.parallel.cost import cluster_profile
     topo = runner.topologies["dense"]
+    tp, dp = topo.tp_size, topo.work_size // topo.tp_size
     as_model = [cm.Group(g.stacked_shape, sum(m.shape[0] * m.shape[1] for m in g.members),
                          any(runner.placement(m, topo).dim is not None for m in g.members)) for g in groups]
-    rc = cm.per_rank_bytes(as_model, topo.tp_size, topo.work_size // topo.tp_size, runner.ns_steps, itemsize, mode)
+    mode = options["parallel_mode"]
+    if mode == "auto":
+        assumptions = cm.Assumptions(cluster=cluster_profile(options.get("cluster")), comm_itemsize=itemsize,
+                                     ns_steps=runner.ns_steps, overlap_waves=runner.waves)
+        owned = cm.auto_choice(as_model, tp, dp, tp, assumptions)  # megatron: global rank = tp_rank + T·dp_rank
+    else:
+        owned = [mode == "distributed"] * len(groups)
+    rc = cm.per_rank_bytes(as_model, tp, dp, runner.ns_steps, itemsize, "auto", owned)
     tp_rank, replica = topo.my_position
-    q = tp_rank + topo.tp_size * replica
-    return int(rc.sent[q]), int(rc.received[q])
+    q = tp_rank + tp * replica
+    return int(rc.sent[q]), int(rc.received[q]), owned
 
 
 def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmup: int, steps: int,
@@ -99,9 +122,11 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
         topo = runner.topologies["dense"]
         shard_bytes = sum(4 * runner.shard_numel(m, topo) for g in groups for m in g.members)
         expected = runner.expected_bytes(groups)
-        predicted = predicted_bytes(runner, groups, mode, {"bf16": 2}.get(comm_dtype, 4))
+        *predicted, model_owned = predicted_bytes(runner, groups, MODE_OPTIONS[mode], {"bf16": 2}.get(comm_dtype, 4))
+        owner_computed = runner.owner_computed(groups, topo)
     else:
         shard_bytes, expected, predicted = full_bytes, (0, 0), (0, 0)
+        owner_computed = model_owned = [False] * len(groups)
     times, cpu_times = [], []
     for i in range(warmup + steps):
         if dist.get_world_size() > 1:
@@ -114,8 +139,8 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
             cpu_times.append(dc)
     stats = opt.comm_stats
     owned = None
-    if stats is not None and mode == "distributed":
-        owners = runner.owners(groups, runner.topologies["dense"])
+    if stats is not None and any(owner_computed):
+        owners = runner.owners([g for g, o in zip(groups, owner_computed) if o], runner.topologies["dense"])
         owned = sum(1 for o in owners if o == runner.topologies["dense"].work_rank)
     return dict(rank=rank, tp_rank=tp_rank, dp_rank=ps.get_data_parallel_rank(),
                 flops=stats.flops if stats is not None else total_flops,
@@ -124,7 +149,9 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
                 predicted_sent=predicted[0], predicted_received=predicted[1],
                 adamw_bytes=stats.adamw_bytes if stats is not None else 0,
                 shard_bytes=shard_bytes, full_bytes=full_bytes, total_flops=total_flops,
-                groups=len(groups), owned_groups=owned, step_s=statistics.median(times), step_s_all=times,
+                groups=len(groups), owned_groups=owned, owner_computed=sum(owner_computed),
+                model_choice_equal=list(owner_computed) == list(model_owned),
+                step_s=statistics.median(times), step_s_all=times,
                 cpu_s=statistics.median(cpu_times))
 
 
@@ -139,6 +166,9 @@ def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, d
     return dict(
         optimizer=optimizer, mode=mode, comm_dtype=comm_dtype, layout=f"{tp}x{dp}", tp=tp, dp=dp, world=tp * dp, num_layers=num_layers,
         groups=ranks[0]["groups"], owned_groups=[r["owned_groups"] for r in ranks],
+        owner_computed_groups=ranks[0]["owner_computed"],
+        choice_equals_model=all(r["model_choice_equal"] and r["owner_computed"] == ranks[0]["owner_computed"]
+                                for r in ranks),
         total_flops=total, flops_per_rank=flops,
         flops_max_over_mean=max(flops) / mean if mean else None,
         flops_max_over_ideal=max(flops) / (total / (tp * dp)),
@@ -149,7 +179,7 @@ def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, d
         counter_equals_plan=all((r["sent"], r["received"]) == (r["expected_sent"], r["expected_received"])
                                 for r in ranks) if tp * dp > 1 else None,
         counter_equals_costmodel=all((r["sent"], r["received"]) == (r["predicted_sent"], r["predicted_received"])
-                                     for r in ranks) if tp * dp > 1 else None,
+                                     and r["model_choice_equal"] for r in ranks) if tp * dp > 1 else None,
         adamw_bytes_per_rank=[r["adamw_bytes"] for r in ranks],
         step_ms_median_per_rank=[1e3 * r["step_s"] for r in ranks],
         step_ms_max_rank=1e3 * max(r["step_s"] for r in ranks),
@@ -170,7 +200,7 @@ def machine() -> Dict[str, Any]:
                 platform=platform.platform(), git=git,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 load_average=[round(x, 2) for x in os.getloadavg()],
-                note="shared 2-core machine, busy with another long CPU benchmark during the run; "
+                note="shared 2-core machine used by several engineers at once; "
                      "up to 8 single-threaded rank processes share 2 cores, so step times measure "
                      "oversubscribed CPU + loopback gloo, not scaling of a real cluster")
 
@@ -187,18 +217,22 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
              "total/ranks. *shard*: the rank's own fp32 bytes of the orthogonalized matrices (= full matrices when T = 1). "
              "*sent/shard*, *recv/shard*: the busiest rank's bytes per step over its shard. *plan*: the counter equals "
              "`expected_bytes` on every rank; *model*: it equals bench/costmodel.py's per_rank_bytes (the GPU model's "
-             "count) on every rank. *AdamW/shard*: what AdamW's data-parallel all-reduce of the same gradients moves "
+             "count) on every rank, and under auto the model's own choice (costmodel.auto_choice) equals the runner's. "
+             "*owner-computed*: groups an owner computes (the rest every rank); mode *auto* uses the default "
+             "ClusterProfile (H100), *auto-mixed* the `cluster` override "
+             f"{json.dumps(MIXED_CLUSTER)}. *AdamW/shard*: what AdamW's data-parallel all-reduce of the same gradients moves "
              "per rank and direction, over the shard. *step ms*: median wall time of the timed steps, slowest rank (oversubscribed: "
              "unreliable); *CPU ms*: median CPU time of the step (process_time, includes gloo's polling), busiest rank.", "",
-             "| optimizer | mode | exchange | layout | layers | ranks | groups | FLOPs/rank max (M) | FLOPs max/mean | max/ideal "
-             "| shard KiB | sent/shard | recv/shard | AdamW/shard | plan | model | step ms | CPU ms |",
+             "| optimizer | mode | exchange | layout | layers | ranks | groups (owner-computed) | FLOPs/rank max (M) "
+             "| FLOPs max/mean | max/ideal | shard KiB | sent/shard | recv/shard | AdamW/shard | plan | model | step ms "
+             "| CPU ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(data["runs"].values(), key=lambda r: (-r.get("num_layers", 8), r["optimizer"], r["world"], r["tp"],
                                                           r["mode"], r.get("comm_dtype", "auto"))):
         lines.append(
             f"| {r['optimizer']} | {r['mode']} | {r.get('comm_dtype', 'auto')} | {r['layout']} | "
             f"{r.get('num_layers', MODEL['num_layers'])} | "
-            f"{r['world']} | {r['groups']} | "
+            f"{r['world']} | {r['groups']} ({_owner_computed(r)}) | "
             f"{max(r['flops_per_rank']) / 1e6:.0f} | {r['flops_max_over_mean']:.2f} | {r['flops_max_over_ideal']:.2f} | "
             f"{r['shard_bytes'] / 1024:.0f} | {r['max_sent_over_shard']:.2f} | {r['max_received_over_shard']:.2f} | "
             f"{max(r.get('adamw_bytes_per_rank') or [0]) / r['shard_bytes']:.2f} | "
@@ -207,6 +241,12 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
     lines += ["", "## Goals (from the issue): FLOPs/rank within 10% of total/ranks; bytes/rank ≤ 2× the rank's shard", ""]
     lines += data.get("verdict", [])
     path.write_text("\n".join(lines) + "\n")
+
+
+def _owner_computed(r: Dict[str, Any]):
+    if "owner_computed_groups" in r:
+        return r["owner_computed_groups"]
+    return r["groups"] if r["mode"] == "distributed" else 0
 
 
 def _yes(flag) -> str:
@@ -231,6 +271,16 @@ def verdict(runs: Dict[str, Dict[str, Any]]) -> List[str]:
     out.append(f"- measured == predicted: the byte counters equal the plan's expected_bytes in "
                f"{sum(bool(r['counter_equals_plan']) for r in checked)}/{len(checked)} runs and bench/costmodel.py's "
                f"per_rank_bytes in {sum(bool(r['counter_equals_costmodel']) for r in checked)}/{len(checked)} runs.")
+    auto_runs = [r for r in runs.values() if r["mode"].startswith("auto") and r["world"] > 1]
+    for mode in sorted({r["mode"] for r in auto_runs}):
+        rows = sorted((r for r in auto_runs if r["mode"] == mode), key=lambda r: (r["optimizer"], r["world"], r["tp"]))
+        profile = "default ClusterProfile" if mode == "auto" else "cluster=" + json.dumps(MIXED_CLUSTER)
+        mixed = sum(0 < _owner_computed(r) < r["groups"] for r in rows)
+        out.append(f"- {mode} ({profile}): owner-computed groups per run: "
+                   + ", ".join(f"{r['optimizer']} {r['layout']} {_owner_computed(r)}/{r['groups']}" for r in rows)
+                   + f"; mixed (some of each) in {mixed}/{len(rows)} runs; "
+                   f"the runner's choice equals costmodel.auto_choice's in "
+                   f"{sum(bool(r.get('choice_equals_model')) for r in rows)}/{len(rows)}.")
     if rep_runs:
         out.append("- replicated: every rank computes every group (FLOPs max/ideal = ranks: "
                    + ", ".join(f"{r['optimizer']} {r['layout']} {r['flops_max_over_ideal']:.1f}" for r in rep_runs)
@@ -251,7 +301,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of TxD")
     p.add_argument("--optimizers", default="teon,muon")
-    p.add_argument("--modes", default="distributed,replicated")
+    p.add_argument("--modes", default=",".join(MODE_OPTIONS), help="comma list of " + ", ".join(MODE_OPTIONS))
     p.add_argument("--max-ranks", type=int, default=8)
     p.add_argument("--comm-dtypes", default="auto", help="comma list of comm_dtype values (auto, fp32, bf16)")
     p.add_argument("--layers", type=int, default=MODEL["num_layers"],
@@ -281,7 +331,7 @@ def main(argv=None) -> None:
             if tp * dp > args.max_ranks:
                 continue
             for mode, comm_dtype in [(m, c) for m in args.modes.split(",") for c in args.comm_dtypes.split(",")]:
-                if tp * dp == 1 and (mode == "replicated" or comm_dtype != "auto"):
+                if tp * dp == 1 and (mode != "distributed" or comm_dtype != "auto"):
                     continue  # one process: no parallel mode, no exchange
                 t0 = time.time()
                 ranks = run_ranks(worker, tp * dp, tp, optimizer, mode, args.warmup, args.steps, args.layers,

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
+from scaling import MIXED_CLUSTER  # noqa: E402  (a slow-compute, cheap-link cluster for the `cluster` option)
 
 SHARED = {"lr": 0.02, "weight_decay": 0.01}
 VARIANTS = {
@@ -54,6 +55,11 @@ VARIANTS = {
     "DeepSpeed Muon ZeRO-0": {"stage": 0, "type": "Muon", "params": dict(SHARED, muon_lr=0.02, adam_lr=3e-3,
                                                                         betas=[0.9, 0.95], eps=1e-8, momentum=0.95,
                                                                         ns_method="standard", torch_adam=True)},
+    # The same, planned with a `cluster` override (1 TFLOP/s, 2 GB/s, 1 µs): on the default H100 constants no
+    # move of this tiny model's microsecond jobs pays for a collective's latency; here the balancer moves some.
+    "teonspeed Muon cluster": {"type": "TeonspeedMuon", "params": dict(SHARED, adamw_lr=3e-3, adamw_betas=[0.9, 0.95],
+                                                                        adamw_eps=1e-8, adamw_weight_decay=0.01,
+                                                                        ns_dtype="bf16", cluster=MIXED_CLUSTER)},
     "teonspeed Muon fp32 NS": {"type": "TeonspeedMuon", "params": dict(SHARED, adamw_lr=3e-3, adamw_betas=[0.9, 0.95],
                                                                         adamw_eps=1e-8, adamw_weight_decay=0.01,
                                                                         ns_dtype="fp32")},
@@ -75,6 +81,7 @@ class CollectiveBytes:
     def __init__(self) -> None:
         import torch.distributed as dist
         self.dist, self.on, self.bytes, self.calls = dist, False, 0.0, 0
+        self.point_to_point = 0.0  # batch_isend_irecv's sends alone: teonspeed's flat exchange
         for name in self.NAMES:
             if hasattr(dist, name):
                 setattr(dist, name, self._wrap(name, getattr(dist, name)))
@@ -82,7 +89,9 @@ class CollectiveBytes:
     def _wrap(self, name, fn):
         def counted(*args, **kwargs):
             if self.on:
-                self.bytes += self._cost(name, args, kwargs)
+                cost = self._cost(name, args, kwargs)
+                self.bytes += cost
+                self.point_to_point += cost if name == "batch_isend_irecv" else 0.0
                 self.calls += 1
             return fn(*args, **kwargs)
         return counted
@@ -147,13 +156,14 @@ def worker(rank: int, world_size: int, variant: str, hidden: int, layers: int, w
               "steps_per_print": 10_000, "wall_clock_breakdown": False}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     opt = engine.basic_optimizer
-    times, bytes_per_step, flops_per_step = [], [], []
+    times, bytes_per_step, flops_per_step, exchange = [], [], [], []
+    expected = opt.zero_expected_bytes() if hasattr(opt, "zero_expected_bytes") else (0, 0)
     for step in range(warmup + steps):
         g = torch.Generator().manual_seed(1000 * step + rank)
         tokens = torch.randint(0, vocab, (4, seq), generator=g)
         labels = torch.roll(tokens, -1, dims=1)
         dist.barrier()
-        counter.on, counter.bytes, ds_flops[0] = step >= warmup, 0.0, 0.0
+        counter.on, counter.bytes, counter.point_to_point, ds_flops[0] = step >= warmup, 0.0, 0.0, 0.0
         start = time.perf_counter()
         loss = engine(tokens, labels)
         engine.backward(loss)
@@ -165,6 +175,9 @@ def worker(rank: int, world_size: int, variant: str, hidden: int, layers: int, w
             bytes_per_step.append(counter.bytes)
             stats = getattr(opt, "comm_stats", None)
             flops_per_step.append(stats.flops if stats is not None else ds_flops[0])
+            # teonspeed's own counters of this step, and what the collective wrapper saw of its exchange
+            exchange.append((stats.sent, stats.received, counter.point_to_point) if stats is not None
+                            else (0, 0, counter.point_to_point))
     params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()} if rank == 0 else None
     numel = sum(p.numel() for p in model.parameters())
     plans = getattr(opt, "zero_plans", [])
@@ -173,7 +186,7 @@ def worker(rank: int, world_size: int, variant: str, hidden: int, layers: int, w
                 partition_imbalance=max((p.partition_imbalance for p in plans if p.jobs), default=1.0),
                 old_all_gather=sum(fp.partition_size * 4 * (fp.dp_size - 1) for fp in getattr(opt, "_flat", {}).values()
                                    if any(j for p in plans for j in p.jobs)))
-    return dict(plan=plan, step_s=statistics.median(times), bytes=statistics.median(bytes_per_step),
+    return dict(plan=plan, expected=expected, exchange=exchange, step_s=statistics.median(times), bytes=statistics.median(bytes_per_step),
                 flops=statistics.median(flops_per_step), params=params, numel=numel,
                 optimizer=type(engine.optimizer).__name__, basic=type(opt).__name__)
 
@@ -192,7 +205,14 @@ def measure(world_size: int, args) -> Dict[str, Any]:
         row[v] = dict(bytes_max=max(r["bytes"] for r in ranks), extra_bytes_max=max(r["bytes"] for r in ranks) - adamw_bytes,
                       flops_max=max(r["flops"] for r in ranks), flops_total=sum(r["flops"] for r in ranks),
                       step_ms=1e3 * max(r["step_s"] for r in ranks), wrapper=ranks[0]["optimizer"],
-                      optimizer=ranks[0]["basic"], plan=ranks[0]["plan"])
+                      optimizer=ranks[0]["basic"], plan=ranks[0]["plan"],
+                      # measured == predicted: every timed step's counters equal the plans' expected_bytes
+                      # (FlatStep), and the wrapper's point-to-point bytes equal the counters' sent
+                      counter_equals_plan=all((sent, received) == tuple(r["expected"])
+                                              for r in ranks for sent, received, _ in r["exchange"]),
+                      wrapper_equals_counter=all(sent == p2p for r in ranks for sent, _, p2p in r["exchange"]),
+                      exchange_sent_max=max((sent for r in ranks for sent, _, _ in r["exchange"]), default=0),
+                      exchange_received_max=max((rec for r in ranks for _, rec, _ in r["exchange"]), default=0))
     ours, theirs = runs["teonspeed Muon"][0]["params"], runs["DeepSpeed Muon"][0]["params"]
     rule = runs["DeepSpeed Muon ZeRO-0"][0]["params"]
     row["rel_diff_ours_vs_deepspeed"] = rel_max(ours, theirs)
@@ -215,14 +235,22 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
              "collective (ring model), busiest rank; *extra* = over AdamW's in the same run. NS GFLOPs: busiest "
              "rank per step (and the sum over ranks). Step: median forward+backward+step, slowest rank. "
              "*ours vs DS*: max over parameters of the relative distance after the run; *bf16 vs fp32 NS*: the "
-             "same distance between our bf16-NS and fp32-NS runs (bf16 rounding alone).", "",
+             "same distance between our bf16-NS and fp32-NS runs (bf16 rounding alone). *teonspeed exchange*: the "
+             "busiest rank's bytes sent / received by the flat step's point-to-point exchange (opt.comm_stats); "
+             "*plan*: on every rank and timed step the counters equal the plans' prediction "
+             "(`zero_expected_bytes`, from FlatStep.expected_bytes) and the sent bytes equal what the collective "
+             "wrapper saw in `batch_isend_irecv` (both teonspeed runs). *with `cluster`*: our run planned with the "
+             f"`cluster` override {json.dumps(MIXED_CLUSTER)} (NS GFLOP max, max/mean, exchange KiB sent max), "
+             "where moving a job pays off; the default H100 constants keep this tiny model's jobs where they are "
+             "(a move costs a collective's latency, more than the microseconds of Newton–Schulz it would save).", "",
              "| ranks | AdamW KiB | DS Muon KiB (extra) | teonspeed KiB (extra) | old teonspeed all-gather KiB | "
              "DS NS GFLOP max (sum) | teonspeed NS GFLOP max (sum) | cut / jobs | NS max/mean (equal-byte) | "
              "AdamW ms | DS Muon ms | teonspeed ms | ours vs DS ZeRO-0 | DS ZeRO-1 vs DS ZeRO-0 | ours vs DS ZeRO-1 | "
-             "bf16 vs fp32 NS |",
-             "|" + "---|" * 16]
+             "bf16 vs fp32 NS | teonspeed exchange KiB sent / recv | plan | with `cluster`: NS GFLOP max, max/mean, "
+             "KiB |",
+             "|" + "---|" * 19]
     for r in data["rows"]:
-        ad, ds, us = r["AdamW"], r["DeepSpeed Muon"], r["teonspeed Muon"]
+        ad, ds, us, cl = r["AdamW"], r["DeepSpeed Muon"], r["teonspeed Muon"], r["teonspeed Muon cluster"]
         plan = us["plan"]
         lines.append(
             f"| {r['ranks']} | {ad['bytes_max'] / 1024:.1f} | {ds['bytes_max'] / 1024:.1f} ({ds['extra_bytes_max'] / 1024:+.1f}) | "
@@ -231,7 +259,10 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
             f"({us['flops_total'] / 1e9:.3f}) | {plan['cut']} / {plan['jobs']} | {plan['imbalance']:.2f} "
             f"({plan['partition_imbalance']:.2f}) | {ad['step_ms']:.0f} | {ds['step_ms']:.0f} | {us['step_ms']:.0f} | "
             f"{r['rel_diff_ours_vs_deepspeed_zero0']:.1e} | {r['rel_diff_deepspeed_zero1_vs_zero0']:.1e} | "
-            f"{r['rel_diff_ours_vs_deepspeed']:.1e} | {r['rel_diff_bf16_vs_fp32_ns']:.1e} |")
+            f"{r['rel_diff_ours_vs_deepspeed']:.1e} | {r['rel_diff_bf16_vs_fp32_ns']:.1e} | "
+            f"{us['exchange_sent_max'] / 1024:.1f} / {us['exchange_received_max'] / 1024:.1f} | "
+            f"{'yes' if all(x['counter_equals_plan'] and x['wrapper_equals_counter'] for x in (us, cl)) else 'NO'} | "
+            f"{cl['flops_max'] / 1e9:.3f}, {cl['plan']['imbalance']:.2f}, {cl['exchange_sent_max'] / 1024:.1f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
