@@ -84,47 +84,107 @@ def predicted_step(groups: Sequence[GroupCost], owned: Sequence[bool], layout: L
                    waves: int) -> float:
     """Seconds of one step's orthogonalization on the busiest rank when the groups with owned[i] go to
     owners (LPT over the work group, as the runner assigns them) and the rest are replicated."""
-    t, d, w = layout.tp_size, layout.dp_size, layout.work_size
-    tp_bw, column_bw = profile.bandwidth(layout.tp_nodes), profile.bandwidth(layout.column_nodes)
-    tp_latency = profile.collective_latency(t, layout.tp_nodes)
-    replicated = [g for g, o in zip(groups, owned) if not o]
-    owner = [g for g, o in zip(groups, owned) if o]
-    seconds = 0.0
-    if replicated:
-        seconds += profile.ns_seconds(sum(g.flops for g in replicated))
-        if t > 1:  # one all-gather over TP
-            seconds += (t - 1) * sum(g.gathered_bytes for g in replicated) / tp_bw + tp_latency
-    if owner:
-        costs = [g.flops for g in owner]
-        loads = [0.0] * w
-        for c, q in zip(costs, assign_owners(costs, w)):
-            loads[q] += c
-        seconds += profile.ns_seconds(max(loads))
-        n_waves = min(max(1, waves), len(owner))
-        if t > 1:  # two all_to_alls over TP per wave
-            seconds += (t - 1) / t * sum(g.gathered_bytes + g.shard_bytes for g in owner) / tp_bw
-            seconds += 2 * n_waves * tp_latency
-        if d > 1:  # a broadcast per owning replica per wave over each column
-            seconds += (d - 1) / d * sum(g.shard_bytes for g in owner) / column_bw
-            broadcasts = n_waves * min(d, math.ceil(len(owner) / n_waves))
-            seconds += broadcasts * profile.collective_latency(d, layout.column_nodes)
-    return seconds
+    owner_flops = [g.flops for g, o in zip(groups, owned) if o]
+    loads = [0.0] * layout.work_size
+    for c, q in zip(owner_flops, assign_owners(owner_flops, layout.work_size)):
+        loads[q] += c
+    return _StepTerms(layout, profile, waves).seconds(_Sums.of(groups, owned), max(loads, default=0.0))
+
+
+@dataclass
+class _Sums:
+    """What the step's prediction needs of a plan besides the busiest owner's load: running sums."""
+    replicated_flops: float = 0.0
+    replicated_gathered: int = 0
+    replicated_count: int = 0
+    owner_count: int = 0
+    owner_flops: float = 0.0
+    owner_largest: float = 0.0
+    owner_gathered: int = 0
+    owner_shard: int = 0
+
+    @staticmethod
+    def of(groups: Sequence[GroupCost], owned: Sequence[bool]) -> "_Sums":
+        sums = _Sums()
+        for g, o in zip(groups, owned):
+            sums.add(g, o)
+        return sums
+
+    def add(self, g: GroupCost, owned: bool, sign: int = 1) -> None:
+        if owned:
+            self.owner_count += sign
+            self.owner_flops += sign * g.flops
+            self.owner_gathered += sign * g.gathered_bytes
+            self.owner_shard += sign * g.shard_bytes
+            if sign > 0:
+                self.owner_largest = max(self.owner_largest, g.flops)
+        else:
+            self.replicated_count += sign
+            self.replicated_flops += sign * g.flops
+            self.replicated_gathered += sign * g.gathered_bytes
+
+
+@dataclass(frozen=True)
+class _StepTerms:
+    layout: Layout
+    profile: ClusterProfile
+    waves: int
+
+    def seconds(self, sums: _Sums, busiest_owner_flops: float) -> float:
+        """Replicated compute + TP all-gather; the busiest owner's compute; the owners' exchanges."""
+        layout, profile = self.layout, self.profile
+        t, d = layout.tp_size, layout.dp_size
+        tp_bw, column_bw = profile.bandwidth(layout.tp_nodes), profile.bandwidth(layout.column_nodes)
+        tp_latency = profile.collective_latency(t, layout.tp_nodes)
+        seconds = 0.0
+        if sums.replicated_count:
+            seconds += profile.ns_seconds(sums.replicated_flops)
+            if t > 1:  # one all-gather over TP
+                seconds += (t - 1) * sums.replicated_gathered / tp_bw + tp_latency
+        if sums.owner_count:
+            seconds += profile.ns_seconds(busiest_owner_flops)
+            n_waves = min(max(1, self.waves), sums.owner_count)
+            if t > 1:  # two all_to_alls over TP per wave
+                seconds += (t - 1) / t * (sums.owner_gathered + sums.owner_shard) / tp_bw
+                seconds += 2 * n_waves * tp_latency
+            if d > 1:  # a broadcast per owning replica per wave over each column
+                seconds += (d - 1) / d * sums.owner_shard / column_bw
+                broadcasts = n_waves * min(d, math.ceil(sums.owner_count / n_waves))
+                seconds += broadcasts * profile.collective_latency(d, layout.column_nodes)
+        return seconds
+
+    def lower_bound(self, sums: _Sums) -> float:
+        """No LPT assignment loads its busiest rank below the largest group or the mean."""
+        return self.seconds(sums, max(sums.owner_largest, sums.owner_flops / self.layout.work_size))
 
 
 def choose_owner_compute(groups: Sequence[GroupCost], layout: Layout, profile: ClusterProfile,
                          waves: int) -> List[bool]:
-    """Per group: True where an owner computes it, False where every rank does (see the module's rule)."""
+    """Per group: True where an owner computes it, False where every rank does (see the module's rule).
+    Of the plans "the first k in saving order at owners", the one of least predicted step (the least k on
+    a tie). Only the busiest owner's load needs an LPT pass; every other term is a running sum, so a plan is
+    evaluated exactly only where its lower bound (that load ≥ largest group, ≥ mean) could still win."""
     if not groups or layout.work_size == 1:
         return [False] * len(groups)  # one rank: nothing to share, no collective needed
     saving = [replicated_seconds(g, layout, profile) - owner_seconds(g, layout, profile) for g in groups]
     order = sorted(range(len(groups)), key=lambda i: (-saving[i] / max(1, groups[i].shard_bytes), i))
-    best, best_k = math.inf, 0
+    terms = _StepTerms(layout, profile, waves)
+    sums = _Sums.of(groups, [False] * len(groups))
+    bounds = [terms.lower_bound(sums)]
+    for i in order:
+        sums.add(groups[i], False, -1)
+        sums.add(groups[i], True)
+        bounds.append(terms.lower_bound(sums))
     owned = [False] * len(groups)
-    for k in range(len(groups) + 1):
-        if k:
-            owned[order[k - 1]] = True
-        seconds = predicted_step(groups, owned, layout, profile, waves)
-        if seconds < best:
+    best, best_k = math.inf, 0
+    for k in sorted(range(len(groups) + 1), key=lambda k: (bounds[k], k)):
+        if bounds[k] > best * (1 + 1e-9):  # the running sums may round differently from predicted_step's
+            break
+        owned_k = list(owned)
+        for i in order[:k]:
+            owned_k[i] = True
+        seconds = predicted_step(groups, owned_k, layout, profile, waves)
+        if seconds < best or (seconds == best and k < best_k):
             best, best_k = seconds, k
     chosen = set(order[:best_k])
     return [i in chosen for i in range(len(groups))]

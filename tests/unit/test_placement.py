@@ -68,3 +68,26 @@ def test_the_chosen_plan_is_never_predicted_slower_than_either_uniform_plan(rank
 
 def test_one_rank_replicates_everything():
     assert choose_owner_compute(square(4096, 4), Layout(1, 1), H100, 2) == [False] * 4
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_pruned_search_picks_what_trying_every_prefix_picks(seed):
+    """choose_owner_compute evaluates only the prefixes whose lower bound can still win; the answer must
+    be the one of evaluating all of them (least predicted step, least k on a tie)."""
+    import random
+    from teonspeed.parallel.placement import owner_seconds, replicated_seconds
+    rng = random.Random(seed)
+    tp = rng.choice([1, 2, 4])
+    groups = []
+    for _ in range(rng.randint(1, 60)):
+        m, n = rng.choice([64, 256, 1024, 2048, 4096]), rng.choice([256, 1024, 4096, 8192])
+        shard = 4 * m * n // tp
+        groups.append(GroupCost(ns_flops((m, n), 5), shard, shard if tp > 1 and rng.random() < 0.8 else 0))
+    dp = rng.choice([2, 8, 64, 512])
+    layout = layout_of([(t, d) for d in range(dp) for t in range(tp)], list(range(tp * dp)), 8)
+    profile = cluster_profile(dict(ib_bw=rng.choice([5e9, 50e9, 400e9])))
+    saving = [replicated_seconds(g, layout, profile) - owner_seconds(g, layout, profile) for g in groups]
+    order = sorted(range(len(groups)), key=lambda i: (-saving[i] / max(1, groups[i].shard_bytes), i))
+    plans = [[i in set(order[:k]) for i in range(len(groups))] for k in range(len(groups) + 1)]
+    times = [predicted_step(groups, plan, layout, profile, 2) for plan in plans]
+    assert choose_owner_compute(groups, layout, profile, 2) == plans[times.index(min(times))]
