@@ -12,8 +12,8 @@ The rule: order the groups by predicted saving per byte, and of the plans "owner
 (k = 0 is all replicated, k = n all owner-compute) take the one with the smallest predicted step. Pure
 functions of shapes and constants, no timing measured at run time, so every rank of a work group makes the
 same choice (the ranks' plan digests include the mode and the constants: a rank configured otherwise fails
-loudly). The prediction adds compute, transfer and latency without overlap: an upper bound for
-owner-compute, whose waves overlap some of it.
+loudly). The prediction adds compute, transfer and latency, with the share of the owners' compute and
+transfer that the runner's waves overlap (`hidden_fraction`) taken off.
 """
 from __future__ import annotations
 
@@ -91,6 +91,13 @@ def predicted_step(groups: Sequence[GroupCost], owned: Sequence[bool], layout: L
     return _StepTerms(layout, profile, waves).seconds(_Sums.of(groups, owned), max(loads, default=0.0))
 
 
+def hidden_fraction(waves: int) -> float:
+    """Share of the shorter of (owners' compute, exchange) hidden behind the longer when the runner splits
+    the owner-compute groups in `waves`: wave k is transformed while wave k+1's shards travel in and
+    wave k−1's updates travel out, but the first gather and the last scatter are never hidden."""
+    return (waves - 1) / waves
+
+
 @dataclass
 class _Sums:
     """What the step's prediction needs of a plan besides the busiest owner's load: running sums."""
@@ -142,15 +149,18 @@ class _StepTerms:
             if t > 1:  # one all-gather over TP
                 seconds += (t - 1) * sums.replicated_gathered / tp_bw + tp_latency
         if sums.owner_count:
-            seconds += profile.ns_seconds(busiest_owner_flops)
+            compute = profile.ns_seconds(busiest_owner_flops)
             n_waves = min(max(1, self.waves), sums.owner_count)
+            transfer = latency = 0.0
             if t > 1:  # two all_to_alls over TP per wave
-                seconds += (t - 1) / t * (sums.owner_gathered + sums.owner_shard) / tp_bw
-                seconds += 2 * n_waves * tp_latency
+                transfer += (t - 1) / t * (sums.owner_gathered + sums.owner_shard) / tp_bw
+                latency += 2 * n_waves * tp_latency
             if d > 1:  # a broadcast per owning replica per wave over each column
-                seconds += (d - 1) / d * sums.owner_shard / column_bw
+                transfer += (d - 1) / d * sums.owner_shard / column_bw
                 broadcasts = n_waves * min(d, math.ceil(sums.owner_count / n_waves))
-                seconds += broadcasts * profile.collective_latency(d, layout.column_nodes)
+                latency += broadcasts * profile.collective_latency(d, layout.column_nodes)
+            hidden = hidden_fraction(n_waves) * min(compute, transfer)
+            seconds += compute + transfer - hidden + latency
         return seconds
 
     def lower_bound(self, sums: _Sums) -> float:
