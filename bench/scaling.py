@@ -68,7 +68,13 @@ MODE_OPTIONS: Dict[str, Dict[str, Any]] = {"distributed": dict(parallel_mode="di
                                            "auto-mixed": dict(parallel_mode="auto", cluster=MIXED_CLUSTER)}
 # Megatron-core DDP with use_distributed_optimizer=True (ZeRO-1-like: each DP rank steps its partition of
 # every DDP bucket) through teonspeed.megatron.get_megatron_optimizer; clip_grad 1.0 is Megatron-LM's default.
-DISTOPT_MODES: Dict[str, Dict[str, Any]] = {"megatron-distopt": dict(clip_grad=1.0)}
+# The balancer moves a job off the busiest rank only where the Newton–Schulz time saved exceeds the travel
+# time; on H100 constants (the default) or MIXED_CLUSTER this tiny model's jobs take microseconds, and at
+# 1x8 TEON keeps an uneven FLOP split (1.14) that costs less than moving. CPU_CLUSTER, a 10 GFLOP/s device
+# (about one core of this machine) on MIXED_CLUSTER's links, makes the moves pay.
+CPU_CLUSTER: Dict[str, float] = dict(MIXED_CLUSTER, peak_flops=1e10)
+DISTOPT_MODES: Dict[str, Dict[str, Any]] = {"megatron-distopt": dict(clip_grad=1.0),
+                                            "megatron-distopt-cpu": dict(clip_grad=1.0, cluster=CPU_CLUSTER)}
 
 
 def predicted_bytes(runner, groups, options: Dict[str, Any], itemsize: int):
@@ -205,6 +211,7 @@ def distopt_worker(rank: int, world_size: int, tp: int, optimizer: str, mode: st
     gradient buffer (identical on every DP replica, so the reduce-scatter DDP would run is skipped); the
     timed step includes DDP's parameter all-gather, which the optimizer starts."""
     import torch
+    import torch.distributed as dist
     import megatron_models as mm
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -243,7 +250,25 @@ def distopt_worker(rank: int, world_size: int, tp: int, optimizer: str, mode: st
     plans = inner.zero_plans
     expected = inner.zero_expected_bytes()
     model_sent, model_received, same_owners = model_zero_bytes(inner, groups, tp, world_size // tp, ns_steps)
-    times, cpu_times = timed_steps(opt.step, warmup, steps, prepare=write_grads)
+    # The exchange's payloads as the wire sees them: the isend/irecv tensors of every batch_isend_irecv
+    # (teonspeed's flat exchange; DDP's all-gather and the step check use other collectives), per step.
+    wire, wire_per_step, batch_isend_irecv = [0, 0], [], dist.batch_isend_irecv
+
+    def counted(ops):
+        for op in ops:
+            wire[op.op is not dist.isend] += op.tensor.numel() * op.tensor.element_size()
+        return batch_isend_irecv(ops)
+
+    def step():
+        wire[:] = [0, 0]
+        opt.step()
+        wire_per_step.append(tuple(wire))
+
+    dist.batch_isend_irecv = counted
+    try:
+        times, cpu_times = timed_steps(step, warmup, steps, prepare=write_grads)
+    finally:
+        dist.batch_isend_irecv = batch_isend_irecv
     stats = inner.comm_stats
 
     def load_balance(loads_of):
@@ -262,6 +287,7 @@ def distopt_worker(rank: int, world_size: int, tp: int, optimizer: str, mode: st
                 full_bytes=sum(4 * m.shape[0] * m.shape[1] for g in groups for m in g.members),
                 total_flops=sum(ns_flops(g.stacked_shape, ns_steps) for g in groups),
                 groups=len(groups), owned_groups=owned, owner_computed=len(groups), model_choice_equal=same_owners,
+                wire_equals_plan=all(w == tuple(expected) for w in wire_per_step),
                 buckets=len(plans), jobs=sum(len(p.jobs) for p in plans),
                 cut_jobs=sum(j.cut for p in plans for j in p.jobs), moved_jobs=sum(len(p.moved) for p in plans),
                 plan_flops=sum(p.loads[topo.work_rank] for p in plans),
@@ -301,7 +327,8 @@ def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, d
             local_jobs=ranks[0]["jobs"] - ranks[0]["cut_jobs"], moved_jobs=ranks[0]["moved_jobs"],
             plan_flops_max_over_mean_before=ranks[0]["flops_max_over_mean_before"],
             plan_flops_max_over_mean_after=ranks[0]["flops_max_over_mean_after"],
-            flops_equal_plan=all(r["flops"] == r["plan_flops"] for r in ranks))),
+            flops_equal_plan=all(r["flops"] == r["plan_flops"] for r in ranks),
+            wire_equals_plan=all(r["wire_equals_plan"] for r in ranks))),
         step_ms_median_per_rank=[1e3 * r["step_s"] for r in ranks],
         step_ms_max_rank=1e3 * max(r["step_s"] for r in ranks),
         cpu_ms_max_rank=1e3 * max(r["cpu_s"] for r in ranks),
@@ -372,30 +399,34 @@ def distopt_table(runs: List[Dict[str, Any]]) -> List[str]:
     lines = ["", "## Megatron's distributed optimizer (ZeRO-1-like)", "",
              "The same model in megatron-core DDP with `DistributedDataParallelConfig(use_distributed_optimizer=True)`, "
              "fp32, stepped by `teonspeed.megatron.get_megatron_optimizer` (`use_distributed_optimizer=True`, "
-             f"{', '.join(f'{k}={v}' for k, v in DISTOPT_MODES['megatron-distopt'].items())}): each DP rank steps its "
+             "clip_grad=1.0; mode *megatron-distopt-cpu* plans with the `cluster` override "
+             f"{json.dumps(CPU_CLUSTER)}, a device as slow as one core here, on which moving a job off the busiest "
+             "rank pays): each DP rank steps its "
              "partition of every DDP bucket; a matrix inside one partition is orthogonalized there (TP-gathered), a "
              "matrix cut by a partition boundary goes to one owner. *jobs local/cut*: the plan's jobs (a TEON stack or "
              "matrix computed together) inside one partition / cut by a boundary; *NS FLOPs max/mean*: over the ranks, "
              "as placed → after balancing (the plan's loads; the measured per-rank FLOPs equal them: *FLOPs = plan*). "
-             "*plan*: `opt.comm_stats` bytes equal `zero_expected_bytes()` on every rank; *model*: they equal "
+             "*plan*: `opt.comm_stats` bytes equal `zero_expected_bytes()` on every rank; *wire*: so do, on every "
+             "rank and step (warm-up included), the payloads of the isend/irecv operations the step hands to "
+             "`torch.distributed.batch_isend_irecv` (wrapped); *model*: they equal "
              "bench/costmodel.py's ZeRO-1/2 count (`zero_plan` + `zero_rank_bytes`) applied to each DDP bucket's own "
              "layout (Megatron's offsets and partition size), and the model's job owners equal the runner's. "
              "*AdamW/shard*: DDP's reduce-scatter of the gradients plus all-gather of the parameters for the same "
              "matrices (2·(D−1)/D of the shard per direction, what AdamW pays with the distributed optimizer). "
              "*step ms* includes DDP's parameter all-gather, which the optimizer's step starts (the gradients are "
              "written into DDP's buffer; its reduce-scatter is not run).", "",
-             "| optimizer | layout | ranks | groups | buckets | jobs local/cut | NS FLOPs max/mean (as placed → balanced) "
-             "| FLOPs max/ideal | FLOPs = plan | shard KiB | sent/shard | recv/shard | AdamW/shard | plan | model | step ms "
-             "| CPU ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r["optimizer"], r["world"], r["tp"])):
+             "| optimizer | mode | layout | ranks | groups | buckets | jobs local/cut | NS FLOPs max/mean (as placed → balanced) "
+             "| FLOPs max/ideal | FLOPs = plan | shard KiB | sent/shard | recv/shard | AdamW/shard | plan | wire | model "
+             "| step ms | CPU ms |",
+             "|" + "---|" * 19]
+    for r in sorted(runs, key=lambda r: (r["optimizer"], r["world"], r["tp"], r["mode"])):
         lines.append(
-            f"| {r['optimizer']} | {r['layout']} | {r['world']} | {r['groups']} | {r['buckets']} | "
+            f"| {r['optimizer']} | {r['mode']} | {r['layout']} | {r['world']} | {r['groups']} | {r['buckets']} | "
             f"{r['local_jobs']}/{r['cut_jobs']} | {r['plan_flops_max_over_mean_before']:.2f} → "
             f"{r['plan_flops_max_over_mean_after']:.2f} | {r['flops_max_over_ideal']:.2f} | {_yes(r['flops_equal_plan'])} | "
             f"{r['shard_bytes'] / 1024:.0f} | {r['max_sent_over_shard']:.2f} | {r['max_received_over_shard']:.2f} | "
             f"{max(r['adamw_bytes_per_rank']) / r['shard_bytes']:.2f} | {_yes(r['counter_equals_plan'])} | "
-            f"{_yes(r['counter_equals_costmodel'])} | {r['step_ms_max_rank']:.0f} | {r['cpu_ms_max_rank']:.0f} |")
+            f"{_yes(r.get('wire_equals_plan'))} | {_yes(r['counter_equals_costmodel'])} | {r['step_ms_max_rank']:.0f} | {r['cpu_ms_max_rank']:.0f} |")
     return lines
 
 
@@ -431,11 +462,17 @@ def verdict(runs: Dict[str, Dict[str, Any]]) -> List[str]:
     distopt = [r for r in runs.values() if r["mode"] in DISTOPT_MODES]
     if distopt:
         out.append(f"- megatron-distopt (Megatron's distributed optimizer): counters == plan in "
-                   f"{sum(bool(r['counter_equals_plan']) for r in distopt)}/{len(distopt)} runs, == the cost model's "
+                   f"{sum(bool(r['counter_equals_plan']) for r in distopt)}/{len(distopt)} runs, isend/irecv payloads "
+                   f"== plan in {sum(bool(r.get('wire_equals_plan')) for r in distopt)}/{len(distopt)}, == the cost model's "
                    f"ZeRO-1/2 count on the buckets' layout in {sum(bool(r['counter_equals_costmodel']) for r in distopt)}"
                    f"/{len(distopt)}; cut jobs per run: " + ", ".join(
                        f"{r['optimizer']} {r['layout']} {r['cut_jobs']}/{r['jobs']}" for r in
-                       sorted(distopt, key=lambda r: (r["optimizer"], r["world"], r["tp"]))) + "; bytes per direction "
+                       sorted(distopt, key=lambda r: (r["optimizer"], r["world"], r["tp"])) if r["mode"] == "megatron-distopt")
+                   + "; NS FLOPs max/mean as placed → balanced where they differ: " + (", ".join(
+                       f"{r['optimizer']} {r['mode']} {r['layout']} {r['plan_flops_max_over_mean_before']:.2f} → "
+                       f"{r['plan_flops_max_over_mean_after']:.2f}" for r in
+                       sorted(distopt, key=lambda r: (r["optimizer"], r["world"], r["tp"], r["mode"]))
+                       if r["moved_jobs"]) or "none") + "; bytes per direction "
                    f"over AdamW's (reduce-scatter + all-gather; D > 1) at most "
                    f"{max((max(r['sent_per_rank'] + r['received_per_rank']) / max(r['adamw_bytes_per_rank']) for r in distopt if r['dp'] > 1), default=0):.2f}.")
     auto_runs = [r for r in runs.values() if r["mode"].startswith("auto") and r["world"] > 1]
