@@ -279,10 +279,10 @@ def distopt_worker(rank: int, world_size: int, tp: int, optimizer: str, mode: st
     return dict(rank=rank, tp_rank=tp_rank, dp_rank=dp_rank, flops=stats.flops, sent=stats.sent,
                 received=stats.received, expected_sent=expected[0], expected_received=expected[1],
                 predicted_sent=model_sent, predicted_received=model_received,
-                # what AdamW moves for these matrices under the distributed optimizer: DDP's reduce-scatter of
-                # the fp32 gradients and all-gather of the fp32 parameters, (D-1)/D of the shard each, per
-                # direction: the all-reduce's 2·(D-1)/D (runner.adamw_bytes)
-                adamw_bytes=runner.adamw_bytes(groups),
+                # what AdamW moves for these matrices under the distributed optimizer (comm_stats): DDP's
+                # reduce-scatter of the fp32 gradients and all-gather of the fp32 parameters, (D-1)/D of the
+                # shard each, per direction, the all-reduce's 2·(D-1)/D of the ZeRO-0 rows (runner.adamw_bytes)
+                adamw_bytes=stats.adamw_bytes, adamw_equals_zero0=stats.adamw_bytes == runner.adamw_bytes(groups),
                 shard_bytes=sum(4 * runner.shard_numel(m, topo) for g in groups for m in g.members),
                 full_bytes=sum(4 * m.shape[0] * m.shape[1] for g in groups for m in g.members),
                 total_flops=sum(ns_flops(g.stacked_shape, ns_steps) for g in groups),
@@ -328,7 +328,8 @@ def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, d
             plan_flops_max_over_mean_before=ranks[0]["flops_max_over_mean_before"],
             plan_flops_max_over_mean_after=ranks[0]["flops_max_over_mean_after"],
             flops_equal_plan=all(r["flops"] == r["plan_flops"] for r in ranks),
-            wire_equals_plan=all(r["wire_equals_plan"] for r in ranks))),
+            wire_equals_plan=all(r["wire_equals_plan"] for r in ranks),
+            adamw_equals_zero0=all(r["adamw_equals_zero0"] for r in ranks))),
         step_ms_median_per_rank=[1e3 * r["step_s"] for r in ranks],
         step_ms_max_rank=1e3 * max(r["step_s"] for r in ranks),
         cpu_ms_max_rank=1e3 * max(r["cpu_s"] for r in ranks),
@@ -411,8 +412,10 @@ def distopt_table(runs: List[Dict[str, Any]]) -> List[str]:
              "`torch.distributed.batch_isend_irecv` (wrapped); *model*: they equal "
              "bench/costmodel.py's ZeRO-1/2 count (`zero_plan` + `zero_rank_bytes`) applied to each DDP bucket's own "
              "layout (Megatron's offsets and partition size), and the model's job owners equal the runner's. "
-             "*AdamW/shard*: DDP's reduce-scatter of the gradients plus all-gather of the parameters for the same "
-             "matrices (2·(D−1)/D of the shard per direction, what AdamW pays with the distributed optimizer). "
+             "*AdamW/shard*: `opt.comm_stats.adamw_bytes`, DDP's reduce-scatter of the gradients plus all-gather of "
+             "the parameters for the same matrices (2·(D−1)/D of the shard per direction, what AdamW pays with the "
+             "distributed optimizer; equal to the ZeRO-0 rows' all-reduce count in every run: "
+             f"{_yes(all(r.get('adamw_equals_zero0') for r in runs))}). "
              "*step ms* includes DDP's parameter all-gather, which the optimizer's step starts (the gradients are "
              "written into DDP's buffer; its reduce-scatter is not run).", "",
              "| optimizer | mode | layout | ranks | groups | buckets | jobs local/cut | NS FLOPs max/mean (as placed → balanced) "

@@ -66,9 +66,16 @@ def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, sa
     losses, lrs, results = run_steps(ddp, opt, range(steps), same_batch, sched, bf16_only)
     params = local_params(ddp)
     plans = getattr(opt.optimizer, "zero_plans", [])
-    moved = (sum(j.cut for p in plans for j in p.jobs), (opt.optimizer.comm_stats.sent, opt.optimizer.comm_stats.received),
-             opt.optimizer.zero_expected_bytes()) if plans and opt.optimizer.comm_stats else None
+    stats = opt.optimizer.comm_stats
+    moved = (sum(j.cut for p in plans for j in p.jobs), (stats.sent, stats.received), opt.optimizer.zero_expected_bytes(),
+             stats.adamw_bytes, _matrix_numel(ddp, opt)) if plans and stats else None
     return losses, params, ps.get_data_parallel_rank(), type(opt).__name__, results, lrs, moved
+
+
+def _matrix_numel(ddp, opt):
+    """Elements of this rank's (TP-local) orthogonalized matrices."""
+    inner = opt.optimizer
+    return sum(p.numel() for n, p in ddp.module.named_parameters() if inner._group_of[inner._names[id(p)]]["route"] == "ortho")
 
 
 # The TP=2 forward/backward rounds differently from TP=1 (~1e-7); HTMuon's σᵖ (p = 1/8) lifts the small
@@ -106,8 +113,10 @@ def test_distributed_optimizer_tp2_dp2_equals_tp1_and_the_non_distributed_path(o
     got = run_ranks(train, 4, tp=2, optimizer=optimizer, layers=3, use_distributed_optimizer=True, timeout=180)
     assert ref[0][3] == got[0][3] == "TeonDistributedOptimizer"
     for rank in ref + got:  # a matrix is cut by the partition boundary; only it (and TP shards) moved, as planned
-        cut, measured, predicted = rank[6]
+        cut, measured, predicted, adamw, matrices = rank[6]
         assert cut >= 1 and measured == predicted
+        # AdamW's yardstick: DDP's reduce-scatter of the fp32 gradients and all-gather of the fp32 parameters
+        assert adamw == 2 * (2 - 1) * matrices * 4 // 2 > 0
     for name, (full, *_rest) in plain[0][1].items():
         assert float((ref[0][1][name][0] - full).norm() / full.norm()) <= 1e-6, name
         assert torch.equal(ref[0][1][name][0], ref[1][1][name][0]), name  # the all-gather left the replicas equal
