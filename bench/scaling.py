@@ -2,11 +2,14 @@
 step time of teonspeed.TEON / Muon at 1, 2, 4 and 8 ranks, TP, DP and TP×DP layouts, each parallel_mode
 named: "distributed" (owner-compute), "replicated", "auto" (the default: per group, as the default
 ClusterProfile predicts cheaper) and "auto-mixed" (auto with a `cluster` override, MIXED_CLUSTER, on which
-this tiny model gets a mixed plan).
+this tiny model gets a mixed plan); and "megatron-distopt": the same model in megatron-core DDP with
+Megatron's distributed optimizer (use_distributed_optimizer=True, ZeRO-1-like bucket partitions) through
+teonspeed.megatron.get_megatron_optimizer.
 
     .venv/bin/python bench/scaling.py                          # every layout below (a few minutes on 2 cores)
     .venv/bin/python bench/scaling.py --layouts 1x1,2x1,1x2 --optimizers teon --modes distributed
     .venv/bin/python bench/scaling.py --max-ranks 4            # skip the 8-rank layouts
+    .venv/bin/python bench/scaling.py --modes megatron-distopt  # only the distributed-optimizer rows (~1 min)
 
 A layout "TxD" is tensor-parallel size T times data-parallel size D (T·D ranks, forked with
 teonspeed.testing.harness.run_ranks, gloo on loopback). Every rank builds a megatron-core GPT
@@ -14,6 +17,8 @@ teonspeed.testing.harness.run_ranks, gloo on loopback). Every rank builds a mega
 for its TP position, so the shard layout is Megatron's own; gradients are deterministic functions of the
 global parameter name (identical on every DP replica, like averaged gradients). Each rank runs
 `--warmup` steps and then `--steps` timed steps (barrier, then wall time of opt.step(); median).
+Under megatron-distopt the gradients are written into DDP's gradient buffer and the plan is the
+distributed optimizer's (`zero_plans`, `zero_expected_bytes()`); see distopt_worker.
 
 Per rank it records `opt.comm_stats` (NS FLOPs computed on the rank, bytes sent and received by the
 optimizer's collectives, counted as the collectives' payloads), the plan's prediction
@@ -55,11 +60,21 @@ MIXED_CLUSTER: Dict[str, float] = dict(peak_flops=1e12, ns_efficiency=1.0, nvlin
                                        latency_per_peer=1e-9)
 
 # mode name -> optimizer options; every mode names its parallel_mode (the package's default is "auto").
-# These are ZeRO-0 / Megatron DDP rows; ZeRO-1/2 (the flat path) is measured by bench/zero_side_by_side.py.
+# These are ZeRO-0 / Megatron DDP rows; DeepSpeed's ZeRO-1/2 (the flat path) is measured by
+# bench/zero_side_by_side.py, Megatron's distributed optimizer by DISTOPT_MODES below.
 MODE_OPTIONS: Dict[str, Dict[str, Any]] = {"distributed": dict(parallel_mode="distributed"),
                                            "replicated": dict(parallel_mode="replicated"),
                                            "auto": dict(parallel_mode="auto"),
                                            "auto-mixed": dict(parallel_mode="auto", cluster=MIXED_CLUSTER)}
+# Megatron-core DDP with use_distributed_optimizer=True (ZeRO-1-like: each DP rank steps its partition of
+# every DDP bucket) through teonspeed.megatron.get_megatron_optimizer; clip_grad 1.0 is Megatron-LM's default.
+# The balancer moves a job off the busiest rank only where the Newton–Schulz time saved exceeds the travel
+# time; on H100 constants (the default) or MIXED_CLUSTER this tiny model's jobs take microseconds, and at
+# 1x8 TEON keeps an uneven FLOP split (1.14) that costs less than moving. CPU_CLUSTER, a 10 GFLOP/s device
+# (about one core of this machine) on MIXED_CLUSTER's links, makes the moves pay.
+CPU_CLUSTER: Dict[str, float] = dict(MIXED_CLUSTER, peak_flops=1e10)
+DISTOPT_MODES: Dict[str, Dict[str, Any]] = {"megatron-distopt": dict(clip_grad=1.0),
+                                            "megatron-distopt-cpu": dict(clip_grad=1.0, cluster=CPU_CLUSTER)}
 
 
 def predicted_bytes(runner, groups, options: Dict[str, Any], itemsize: int):
@@ -127,16 +142,7 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
     else:
         shard_bytes, expected, predicted = full_bytes, (0, 0), (0, 0)
         owner_computed = model_owned = [False] * len(groups)
-    times, cpu_times = [], []
-    for i in range(warmup + steps):
-        if dist.get_world_size() > 1:
-            dist.barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
-        opt.step()
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        if i >= warmup:
-            times.append(dt)
-            cpu_times.append(dc)
+    times, cpu_times = timed_steps(opt.step, warmup, steps)
     stats = opt.comm_stats
     owned = None
     if stats is not None and any(owner_computed):
@@ -153,6 +159,141 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
                 model_choice_equal=list(owner_computed) == list(model_owned),
                 step_s=statistics.median(times), step_s_all=times,
                 cpu_s=statistics.median(cpu_times))
+
+
+def timed_steps(step, warmup: int, steps: int, prepare=lambda: None):
+    """Wall and CPU seconds of each timed call of `step` (after `warmup` untimed ones; `prepare` and a
+    barrier before each, untimed)."""
+    import torch.distributed as dist
+    times, cpu_times = [], []
+    for i in range(warmup + steps):
+        prepare()
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        if i >= warmup:
+            times.append(dt)
+            cpu_times.append(dc)
+    return times, cpu_times
+
+
+def model_zero_bytes(inner, groups, tp: int, dp: int, ns_steps: int):
+    """bench/costmodel.py's ZeRO-1/2 count applied to this rank's DDP buckets: per bucket, the model's own
+    plan (costmodel.zero_plan: work rank d·T + t, every matrix TP-sharded when T > 1, default
+    ClusterProfile) over the bucket's layout as Megatron built it (its offsets, local shapes and
+    partition size: Megatron pads and orders its buffer itself, which the model's zero_layout of
+    DeepSpeed's flat group does not reproduce), counted pair by pair by costmodel.zero_rank_bytes.
+    (sent, received) of this rank, and whether every job's owner equals the runner's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import costmodel as cm
+    from teonspeed.parallel.cost import cluster_profile
+    sent = received = 0
+    same_owners = True
+    for shard, flat_step in inner._buckets:
+        part = shard.partition
+        names = set(part.names())
+        layout = cm.ZeroLayout([g for g in groups if g.members[0].name in names],
+                               {e.name: e.offset for e in part.entries}, {e.name: tuple(e.shape) for e in part.entries},
+                               part.partition_size)
+        plan = cm.zero_plan(layout, tp, dp, ns_steps, cluster_profile(inner.config.cluster))
+        counted = cm.zero_rank_bytes(plan, 4, gpus_per_node=8)
+        sent, received = sent + counted.sent[flat_step.me], received + counted.received[flat_step.me]
+        same_owners &= [j.owner for j in plan.jobs] == [j.owner for j in flat_step.plan.jobs]
+    return sent, received, same_owners
+
+
+def distopt_worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmup: int, steps: int,
+                   num_layers: int = MODEL["num_layers"], comm_dtype: str = "auto") -> Dict[str, Any]:
+    """The same model in megatron-core DDP with the distributed optimizer (fp32), stepped by the
+    MegatronOptimizer of teonspeed.megatron.get_megatron_optimizer. The gradients are written into DDP's
+    gradient buffer (identical on every DP replica, so the reduce-scatter DDP would run is skipped); the
+    timed step includes DDP's parameter all-gather, which the optimizer starts."""
+    import torch
+    import torch.distributed as dist
+    import megatron_models as mm
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+    from teonspeed.parallel.owners import ns_flops
+    from teonspeed.parallel.shard_spec import megatron_shard_specs
+    from teonspeed.testing.synthetic import local_tensor
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    config = mm.tiny_config(num_layers=num_layers, hidden=MODEL["hidden"], heads=MODEL["heads"],
+                            groups=MODEL["groups"], ffn=MODEL["ffn"], tp=tp)
+    model = mm.tiny_gpt(config)
+    specs = megatron_shard_specs(model)
+    tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+    named = list(model.named_parameters())
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(local_tensor(name, p, specs[name], tp_rank, tp, 0))
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                                        use_distributed_optimizer=True), model)
+    grads = {name: local_tensor(name, p, specs[name], tp_rank, tp, 1) for name, p in named}
+
+    def write_grads():  # again before every step: the clip scales the reduced gradients in place
+        for name, p in named:
+            p.main_grad.copy_(grads[name])
+
+    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, lr=0.02, adamw_lr=1e-3,
+                                                     use_distributed_optimizer=True, **DISTOPT_MODES[mode]),
+                                 [ddp])  # fp32 exchange: the Megatron builder has no comm_dtype
+    assert type(opt).__name__ == "TeonDistributedOptimizer"
+    inner = opt.optimizer
+    runner, groups = inner._runner, inner.grouping.groups
+    topo = runner.topologies["dense"]
+    assert topo.work_rank == tp_rank + tp * dp_rank  # Megatron's order, which the cost model assumes
+    ns_steps = inner.config.ns_steps or 5
+    plans = inner.zero_plans
+    expected = inner.zero_expected_bytes()
+    model_sent, model_received, same_owners = model_zero_bytes(inner, groups, tp, world_size // tp, ns_steps)
+    # The exchange's payloads as the wire sees them: the isend/irecv tensors of every batch_isend_irecv
+    # (teonspeed's flat exchange; DDP's all-gather and the step check use other collectives), per step.
+    wire, wire_per_step, batch_isend_irecv = [0, 0], [], dist.batch_isend_irecv
+
+    def counted(ops):
+        for op in ops:
+            wire[op.op is not dist.isend] += op.tensor.numel() * op.tensor.element_size()
+        return batch_isend_irecv(ops)
+
+    def step():
+        wire[:] = [0, 0]
+        opt.step()
+        wire_per_step.append(tuple(wire))
+
+    dist.batch_isend_irecv = counted
+    try:
+        times, cpu_times = timed_steps(step, warmup, steps, prepare=write_grads)
+    finally:
+        dist.batch_isend_irecv = batch_isend_irecv
+    stats = inner.comm_stats
+
+    def load_balance(loads_of):
+        loads = [sum(loads_of(plan)[r] for plan in plans) for r in range(world_size)]
+        return max(loads) / (sum(loads) / len(loads))
+
+    owned = sum(len(j.groups) for plan in plans for j in plan.jobs if j.owner == topo.work_rank)
+    return dict(rank=rank, tp_rank=tp_rank, dp_rank=dp_rank, flops=stats.flops, sent=stats.sent,
+                received=stats.received, expected_sent=expected[0], expected_received=expected[1],
+                predicted_sent=model_sent, predicted_received=model_received,
+                # what AdamW moves for these matrices under the distributed optimizer (comm_stats): DDP's
+                # reduce-scatter of the fp32 gradients and all-gather of the fp32 parameters, (D-1)/D of the
+                # shard each, per direction, the all-reduce's 2·(D-1)/D of the ZeRO-0 rows (runner.adamw_bytes)
+                adamw_bytes=stats.adamw_bytes, adamw_equals_zero0=stats.adamw_bytes == runner.adamw_bytes(groups),
+                shard_bytes=sum(4 * runner.shard_numel(m, topo) for g in groups for m in g.members),
+                full_bytes=sum(4 * m.shape[0] * m.shape[1] for g in groups for m in g.members),
+                total_flops=sum(ns_flops(g.stacked_shape, ns_steps) for g in groups),
+                groups=len(groups), owned_groups=owned, owner_computed=len(groups), model_choice_equal=same_owners,
+                wire_equals_plan=all(w == tuple(expected) for w in wire_per_step),
+                buckets=len(plans), jobs=sum(len(p.jobs) for p in plans),
+                cut_jobs=sum(j.cut for p in plans for j in p.jobs), moved_jobs=sum(len(p.moved) for p in plans),
+                plan_flops=sum(p.loads[topo.work_rank] for p in plans),
+                flops_max_over_mean_before=load_balance(lambda p: p.placed_loads),
+                flops_max_over_mean_after=load_balance(lambda p: p.loads),
+                step_s=statistics.median(times), step_s_all=times, cpu_s=statistics.median(cpu_times))
 
 
 def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, dp: int,
@@ -181,6 +322,14 @@ def summarize(ranks: List[Dict[str, Any]], optimizer: str, mode: str, tp: int, d
         counter_equals_costmodel=all((r["sent"], r["received"]) == (r["predicted_sent"], r["predicted_received"])
                                      and r["model_choice_equal"] for r in ranks) if tp * dp > 1 else None,
         adamw_bytes_per_rank=[r["adamw_bytes"] for r in ranks],
+        **({} if "jobs" not in ranks[0] else dict(  # the distributed optimizer's plan, the same on every rank
+            buckets=ranks[0]["buckets"], jobs=ranks[0]["jobs"], cut_jobs=ranks[0]["cut_jobs"],
+            local_jobs=ranks[0]["jobs"] - ranks[0]["cut_jobs"], moved_jobs=ranks[0]["moved_jobs"],
+            plan_flops_max_over_mean_before=ranks[0]["flops_max_over_mean_before"],
+            plan_flops_max_over_mean_after=ranks[0]["flops_max_over_mean_after"],
+            flops_equal_plan=all(r["flops"] == r["plan_flops"] for r in ranks),
+            wire_equals_plan=all(r["wire_equals_plan"] for r in ranks),
+            adamw_equals_zero0=all(r["adamw_equals_zero0"] for r in ranks))),
         step_ms_median_per_rank=[1e3 * r["step_s"] for r in ranks],
         step_ms_max_rank=1e3 * max(r["step_s"] for r in ranks),
         cpu_ms_max_rank=1e3 * max(r["cpu_s"] for r in ranks),
@@ -227,8 +376,9 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
              "| FLOPs max/mean | max/ideal | shard KiB | sent/shard | recv/shard | AdamW/shard | plan | model | step ms "
              "| CPU ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(data["runs"].values(), key=lambda r: (-r.get("num_layers", 8), r["optimizer"], r["world"], r["tp"],
-                                                          r["mode"], r.get("comm_dtype", "auto"))):
+    zero0 = [r for r in data["runs"].values() if r["mode"] not in DISTOPT_MODES]
+    for r in sorted(zero0, key=lambda r: (-r.get("num_layers", 8), r["optimizer"], r["world"], r["tp"],
+                                          r["mode"], r.get("comm_dtype", "auto"))):
         lines.append(
             f"| {r['optimizer']} | {r['mode']} | {r.get('comm_dtype', 'auto')} | {r['layout']} | "
             f"{r.get('num_layers', MODEL['num_layers'])} | "
@@ -238,9 +388,49 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
             f"{max(r.get('adamw_bytes_per_rank') or [0]) / r['shard_bytes']:.2f} | "
             f"{_yes(r['counter_equals_plan'])} | {_yes(r.get('counter_equals_costmodel'))} | "
             f"{r['step_ms_max_rank']:.0f} | {r.get('cpu_ms_max_rank', float('nan')):.0f} |")
+    lines += distopt_table([r for r in data["runs"].values() if r["mode"] in DISTOPT_MODES])
     lines += ["", "## Goals (from the issue): FLOPs/rank within 10% of total/ranks; bytes/rank ≤ 2× the rank's shard", ""]
     lines += data.get("verdict", [])
     path.write_text("\n".join(lines) + "\n")
+
+
+def distopt_table(runs: List[Dict[str, Any]]) -> List[str]:
+    if not runs:
+        return []
+    lines = ["", "## Megatron's distributed optimizer (ZeRO-1-like)", "",
+             "The same model in megatron-core DDP with `DistributedDataParallelConfig(use_distributed_optimizer=True)`, "
+             "fp32, stepped by `teonspeed.megatron.get_megatron_optimizer` (`use_distributed_optimizer=True`, "
+             "clip_grad=1.0; mode *megatron-distopt-cpu* plans with the `cluster` override "
+             f"{json.dumps(CPU_CLUSTER)}, a device as slow as one core here, on which moving a job off the busiest "
+             "rank pays): each DP rank steps its "
+             "partition of every DDP bucket; a matrix inside one partition is orthogonalized there (TP-gathered), a "
+             "matrix cut by a partition boundary goes to one owner. *jobs local/cut*: the plan's jobs (a TEON stack or "
+             "matrix computed together) inside one partition / cut by a boundary; *NS FLOPs max/mean*: over the ranks, "
+             "as placed → after balancing (the plan's loads; the measured per-rank FLOPs equal them: *FLOPs = plan*). "
+             "*plan*: `opt.comm_stats` bytes equal `zero_expected_bytes()` on every rank; *wire*: so do, on every "
+             "rank and step (warm-up included), the payloads of the isend/irecv operations the step hands to "
+             "`torch.distributed.batch_isend_irecv` (wrapped); *model*: they equal "
+             "bench/costmodel.py's ZeRO-1/2 count (`zero_plan` + `zero_rank_bytes`) applied to each DDP bucket's own "
+             "layout (Megatron's offsets and partition size), and the model's job owners equal the runner's. "
+             "*AdamW/shard*: `opt.comm_stats.adamw_bytes`, DDP's reduce-scatter of the gradients plus all-gather of "
+             "the parameters for the same matrices (2·(D−1)/D of the shard per direction, what AdamW pays with the "
+             "distributed optimizer; equal to the ZeRO-0 rows' all-reduce count in every run: "
+             f"{_yes(all(r.get('adamw_equals_zero0') for r in runs))}). "
+             "*step ms* includes DDP's parameter all-gather, which the optimizer's step starts (the gradients are "
+             "written into DDP's buffer; its reduce-scatter is not run).", "",
+             "| optimizer | mode | layout | ranks | groups | buckets | jobs local/cut | NS FLOPs max/mean (as placed → balanced) "
+             "| FLOPs max/ideal | FLOPs = plan | shard KiB | sent/shard | recv/shard | AdamW/shard | plan | wire | model "
+             "| step ms | CPU ms |",
+             "|" + "---|" * 19]
+    for r in sorted(runs, key=lambda r: (r["optimizer"], r["world"], r["tp"], r["mode"])):
+        lines.append(
+            f"| {r['optimizer']} | {r['mode']} | {r['layout']} | {r['world']} | {r['groups']} | {r['buckets']} | "
+            f"{r['local_jobs']}/{r['cut_jobs']} | {r['plan_flops_max_over_mean_before']:.2f} → "
+            f"{r['plan_flops_max_over_mean_after']:.2f} | {r['flops_max_over_ideal']:.2f} | {_yes(r['flops_equal_plan'])} | "
+            f"{r['shard_bytes'] / 1024:.0f} | {r['max_sent_over_shard']:.2f} | {r['max_received_over_shard']:.2f} | "
+            f"{max(r['adamw_bytes_per_rank']) / r['shard_bytes']:.2f} | {_yes(r['counter_equals_plan'])} | "
+            f"{_yes(r.get('wire_equals_plan'))} | {_yes(r['counter_equals_costmodel'])} | {r['step_ms_max_rank']:.0f} | {r['cpu_ms_max_rank']:.0f} |")
+    return lines
 
 
 def _owner_computed(r: Dict[str, Any]):
@@ -270,7 +460,24 @@ def verdict(runs: Dict[str, Dict[str, Any]]) -> List[str]:
     checked = [r for r in runs.values() if r.get("counter_equals_costmodel") is not None]
     out.append(f"- measured == predicted: the byte counters equal the plan's expected_bytes in "
                f"{sum(bool(r['counter_equals_plan']) for r in checked)}/{len(checked)} runs and bench/costmodel.py's "
-               f"per_rank_bytes in {sum(bool(r['counter_equals_costmodel']) for r in checked)}/{len(checked)} runs.")
+               f"count (per_rank_bytes; zero_rank_bytes for megatron-distopt) in "
+               f"{sum(bool(r['counter_equals_costmodel']) for r in checked)}/{len(checked)} runs.")
+    distopt = [r for r in runs.values() if r["mode"] in DISTOPT_MODES]
+    if distopt:
+        out.append(f"- megatron-distopt (Megatron's distributed optimizer): counters == plan in "
+                   f"{sum(bool(r['counter_equals_plan']) for r in distopt)}/{len(distopt)} runs, isend/irecv payloads "
+                   f"== plan in {sum(bool(r.get('wire_equals_plan')) for r in distopt)}/{len(distopt)}, == the cost model's "
+                   f"ZeRO-1/2 count on the buckets' layout in {sum(bool(r['counter_equals_costmodel']) for r in distopt)}"
+                   f"/{len(distopt)}; cut jobs per run: " + ", ".join(
+                       f"{r['optimizer']} {r['layout']} {r['cut_jobs']}/{r['jobs']}" for r in
+                       sorted(distopt, key=lambda r: (r["optimizer"], r["world"], r["tp"])) if r["mode"] == "megatron-distopt")
+                   + "; NS FLOPs max/mean as placed → balanced where they differ: " + (", ".join(
+                       f"{r['optimizer']} {r['mode']} {r['layout']} {r['plan_flops_max_over_mean_before']:.2f} → "
+                       f"{r['plan_flops_max_over_mean_after']:.2f}" for r in
+                       sorted(distopt, key=lambda r: (r["optimizer"], r["world"], r["tp"], r["mode"]))
+                       if r["moved_jobs"]) or "none") + "; bytes per direction "
+                   f"over AdamW's (reduce-scatter + all-gather; D > 1) at most "
+                   f"{max((max(r['sent_per_rank'] + r['received_per_rank']) / max(r['adamw_bytes_per_rank']) for r in distopt if r['dp'] > 1), default=0):.2f}.")
     auto_runs = [r for r in runs.values() if r["mode"].startswith("auto") and r["world"] > 1]
     for mode in sorted({r["mode"] for r in auto_runs}):
         rows = sorted((r for r in auto_runs if r["mode"] == mode), key=lambda r: (r["optimizer"], r["world"], r["tp"]))
@@ -301,7 +508,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of TxD")
     p.add_argument("--optimizers", default="teon,muon")
-    p.add_argument("--modes", default=",".join(MODE_OPTIONS), help="comma list of " + ", ".join(MODE_OPTIONS))
+    modes = list(MODE_OPTIONS) + list(DISTOPT_MODES)
+    p.add_argument("--modes", default=",".join(modes), help="comma list of " + ", ".join(modes))
     p.add_argument("--max-ranks", type=int, default=8)
     p.add_argument("--comm-dtypes", default="auto", help="comma list of comm_dtype values (auto, fp32, bf16)")
     p.add_argument("--layers", type=int, default=MODEL["num_layers"],
@@ -333,8 +541,10 @@ def main(argv=None) -> None:
             for mode, comm_dtype in [(m, c) for m in args.modes.split(",") for c in args.comm_dtypes.split(",")]:
                 if tp * dp == 1 and (mode != "distributed" or comm_dtype != "auto"):
                     continue  # one process: no parallel mode, no exchange
+                if mode in DISTOPT_MODES and comm_dtype != "auto":
+                    continue
                 t0 = time.time()
-                ranks = run_ranks(worker, tp * dp, tp, optimizer, mode, args.warmup, args.steps, args.layers,
+                ranks = run_ranks(distopt_worker if mode in DISTOPT_MODES else worker, tp * dp, tp, optimizer, mode, args.warmup, args.steps, args.layers,
                                   comm_dtype, timeout=args.timeout)
                 row = summarize(ranks, optimizer, mode, tp, dp, args.layers, comm_dtype)
                 suffix = ("" if args.layers == MODEL["num_layers"] else f"/L{args.layers}") + \

@@ -85,6 +85,13 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
     if config.use_distributed_optimizer:
         from . import megatron_distributed
         megatron_distributed.check_supported(config, model_chunks)
+    elif any(getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in model_chunks):
+        # DDP then reduce-scatters: only this rank's bucket partition of each gradient is reduced
+        raise ValueError("teonspeed: the model chunks are wrapped in megatron DistributedDataParallel with "
+                         "use_distributed_optimizer=True, the optimizer config has use_distributed_optimizer=False "
+                         "(it would step gradients DDP left unreduced outside this rank's partition); set "
+                         "TeonOptimizerConfig(use_distributed_optimizer=True), or DistributedDataParallelConfig("
+                         "use_distributed_optimizer=False)")
     named, specs = [], {}
     for i, chunk in enumerate(model_chunks):
         annotate_model(chunk)

@@ -132,6 +132,12 @@ class OrthoOptimizer(torch.optim.Optimizer):
         global norm (over every rank's counted partition ranges) before the step."""
         self._buckets = [(b, self._plan_flat(b.partition, device or b.grad.device)) for b in buckets]
         self._clip_grad = clip_grad
+        # comm_stats.adamw_bytes: what AdamW moves for the same matrices here, DDP's reduce-scatter of their
+        # gradients and all-gather of their parameters, (D-1)/D of the local shard each, per direction
+        ortho = {m.name for g in self.grouping.groups for m in g.members}
+        self._bucket_adamw_bytes = sum(
+            (b.partition.dp_size - 1) * sum(e.numel for e in b.partition.entries if e.name in ortho)
+            * (b.grad.element_size() + b.param.element_size()) // b.partition.dp_size for b in buckets)
         self._group_of = {n: g for g in self.param_groups for n in g["names"]}
 
     def _topology_name(self, name: str) -> str:
@@ -363,6 +369,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
         stats = self.comm_stats
         if stats is not None:
             stats.start_step()
+            stats.adamw_bytes = self._bucket_adamw_bytes
         for group in self.param_groups:
             group["step"] += 1
         clip = clip_coefficient(self._clip_grad, self.grad_norm) if self.grad_norm is not None else 1.0

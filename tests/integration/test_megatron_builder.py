@@ -14,8 +14,9 @@ def build(tp=1, optimizer="teon", layers=None, **config_kw):
 
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
     config = mm.tiny_config(tp=tp, **({"num_layers": layers} if layers else {}))
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                               use_distributed_optimizer=config_kw.get("use_distributed_optimizer", False))
+    # ddp_use_distributed_optimizer: DDP's own flag where it differs from the optimizer config's
+    distributed = config_kw.pop("ddp_use_distributed_optimizer", config_kw.get("use_distributed_optimizer", False))
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
     model = mm.tiny_gpt(config)
     ddp = DistributedDataParallel(config, ddp_config, model.bfloat16() if config_kw.get("bf16") else model)
     opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, **{"lr": 0.02, "adamw_lr": 3e-3,
@@ -65,9 +66,16 @@ def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, sa
     losses, lrs, results = run_steps(ddp, opt, range(steps), same_batch, sched, bf16_only)
     params = local_params(ddp)
     plans = getattr(opt.optimizer, "zero_plans", [])
-    moved = (sum(j.cut for p in plans for j in p.jobs), (opt.optimizer.comm_stats.sent, opt.optimizer.comm_stats.received),
-             opt.optimizer.zero_expected_bytes()) if plans and opt.optimizer.comm_stats else None
+    stats = opt.optimizer.comm_stats
+    moved = (sum(j.cut for p in plans for j in p.jobs), (stats.sent, stats.received), opt.optimizer.zero_expected_bytes(),
+             stats.adamw_bytes, _matrix_numel(ddp, opt)) if plans and stats else None
     return losses, params, ps.get_data_parallel_rank(), type(opt).__name__, results, lrs, moved
+
+
+def _matrix_numel(ddp, opt):
+    """Elements of this rank's (TP-local) orthogonalized matrices."""
+    inner = opt.optimizer
+    return sum(p.numel() for n, p in ddp.module.named_parameters() if inner._group_of[inner._names[id(p)]]["route"] == "ortho")
 
 
 # The TP=2 forward/backward rounds differently from TP=1 (~1e-7); HTMuon's σᵖ (p = 1/8) lifts the small
@@ -105,8 +113,10 @@ def test_distributed_optimizer_tp2_dp2_equals_tp1_and_the_non_distributed_path(o
     got = run_ranks(train, 4, tp=2, optimizer=optimizer, layers=3, use_distributed_optimizer=True, timeout=180)
     assert ref[0][3] == got[0][3] == "TeonDistributedOptimizer"
     for rank in ref + got:  # a matrix is cut by the partition boundary; only it (and TP shards) moved, as planned
-        cut, measured, predicted = rank[6]
+        cut, measured, predicted, adamw, matrices = rank[6]
         assert cut >= 1 and measured == predicted
+        # AdamW's yardstick: DDP's reduce-scatter of the fp32 gradients and all-gather of the fp32 parameters
+        assert adamw == 2 * (2 - 1) * matrices * 4 // 2 > 0
     for name, (full, *_rest) in plain[0][1].items():
         assert float((ref[0][1][name][0] - full).norm() / full.norm()) <= 1e-6, name
         assert torch.equal(ref[0][1][name][0], ref[1][1][name][0]), name  # the all-gather left the replicas equal
@@ -121,6 +131,14 @@ def test_distributed_optimizer_refuses_what_it_does_not_do_with_the_fix():
         run_ranks(train, 2, use_distributed_optimizer=True, fp16=True, timeout=120)
     with pytest.raises(RankError, match="log_num_zeros_in_grad=True is not supported with use_distributed_optim"):
         run_ranks(train, 2, use_distributed_optimizer=True, log_num_zeros_in_grad=True, timeout=120)
+
+
+def test_a_ddp_that_reduce_scatters_needs_the_distributed_optimizer_in_the_optimizer_config():
+    # DDP built with use_distributed_optimizer=True reduce-scatters the gradients (each rank's buffer is
+    # reduced only in its partition) and the plain optimizer would step the rest unreduced: replicas
+    # diverge, 10-50% off in 3 steps. Refused at construction, naming the flag to set.
+    with pytest.raises(RankError, match=r"use_distributed_optimizer=True.*TeonOptimizerConfig\(use_distributed_optim"):
+        run_ranks(train, 2, layers=1, ddp_use_distributed_optimizer=True, timeout=120)
 
 
 def _state_round_trip(rank, world_size):
