@@ -168,7 +168,28 @@ def attach_zero_stage_1_2(zero_optimizer) -> None:
             entries=[FlatEntry(opt._names[id(p)], off, tuple(p.shape)) for p, off in zip(params, offsets)],
             partition_size=int(zero_optimizer.partition_size[i]), dp_group=group,
             dp_rank=dist.get_rank(group=group), dp_size=dist.get_world_size(group=group))
-    opt.attach_flat_partitions(partitions, device=zero_optimizer.single_partition_of_fp32_groups[0].device)
+    # DeepSpeed 0.19.8 all-reduces every gradient bucket unless reduce_scatter is on and multi-rank bucket
+    # all-reduce off (then each slice is reduced to its partition's rank), in communication_data_type.
+    allreduce = not zero_optimizer.reduce_scatter or zero_optimizer.use_multi_rank_bucket_allreduce
+    comm_itemsize = torch.empty(0, dtype=zero_optimizer.communication_data_type).element_size()
+    opt.attach_flat_partitions(partitions, device=zero_optimizer.single_partition_of_fp32_groups[0].device,
+                               adamw_bytes=_adamw_bytes(opt, zero_optimizer.round_robin_bit16_groups,
+                                                        zero_optimizer.real_dp_process_group, comm_itemsize,
+                                                        allreduce))
+
+
+def _adamw_bytes(opt: OrthoOptimizer, groups, dp_groups, comm_itemsize: int, allreduce: bool) -> int:
+    """What AdamW moves per rank and direction for the orthogonalized matrices in this ZeRO layout
+    (comm_stats.adamw_bytes): the gradients' reduction (an all-reduce: 2(D-1)/D, a reduce: (D-1)/D of
+    them) and the parameter all-gather after the step ((D-1)/D), ring collectives."""
+    ortho = {m.name for g in opt.grouping.groups for m in g.members}
+    total = 0
+    for params, group in zip(groups, dp_groups):
+        size = dist.get_world_size(group=group)
+        for p in params:
+            if opt._names.get(id(p)) in ortho:
+                total += p.numel() * ((2 if allreduce else 1) * comm_itemsize + p.element_size()) * (size - 1) // size
+    return total
 
 
 def attach_bf16_optimizer(bf16_optimizer) -> None:
@@ -185,7 +206,11 @@ def attach_bf16_optimizer(bf16_optimizer) -> None:
         partitions[id(bf16_optimizer.fp32_groups_flat_partition[i])] = FlatPartition(
             entries=entries, partition_size=bf16_optimizer.bf16_groups_flat[i].numel() // size, dp_group=group,
             dp_rank=dist.get_rank(group=group), dp_size=size)
-    opt.attach_flat_partitions(partitions, device=bf16_optimizer.fp32_groups_flat_partition[0].device)
+    # The engine all-reduces the gradients before this optimizer sees them, in its communication_data_type:
+    # bf16 unless the config sets it (not visible from here), so bf16 is what the counter assumes.
+    opt.attach_flat_partitions(partitions, device=bf16_optimizer.fp32_groups_flat_partition[0].device,
+                               adamw_bytes=_adamw_bytes(opt, bf16_optimizer.bf16_groups,
+                                                        bf16_optimizer.real_dp_process_group, 2, True))
 
 
 def attach_unfused_fp32_masters(wrapper) -> None:

@@ -105,12 +105,13 @@ class OrthoOptimizer(torch.optim.Optimizer):
             self._names[id(new)] = name
             self._params_by_name[name] = new
 
-    def attach_flat_partitions(self, partitions: Dict[int, FlatPartition], device: Optional[torch.device] = None
-                               ) -> None:
+    def attach_flat_partitions(self, partitions: Dict[int, FlatPartition], device: Optional[torch.device] = None,
+                               adamw_bytes: int = 0) -> None:
         """ZeRO-1/2: each param group now holds one flat partition; `partitions` maps the id of that
         tensor to its layout. A TEON group must then live inside one param group (they are stepped one
         group at a time). Plans who orthogonalizes what (a collective over tp × dp: every rank attaches
-        at the same point); `device` is the partitions' device."""
+        at the same point); `device` is the partitions' device; `adamw_bytes`: what AdamW moves per rank
+        and direction for the same matrices in this layout, reported in comm_stats."""
         owner = {}
         for key, fp in partitions.items():
             for name in fp.names():
@@ -122,6 +123,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
                                  "group; " + " + ".join(m.label for m in g.members) + " are not. Put them in one group "
                                  "or set teon_k=1")
         self._flat = dict(partitions)
+        self._flat_adamw_bytes = adamw_bytes
         self._flat_steps = {key: self._plan_flat(fp, device or torch.device("cpu")) for key, fp in partitions.items()}
 
     def attach_bucket_shards(self, buckets: List[BucketShard], device: Optional[torch.device] = None,
@@ -342,6 +344,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
             flat = group["params"][0]
             if stats is not None and id(flat) == first:  # DeepSpeed steps the groups in order, one per call
                 stats.start_step()
+                stats.adamw_bytes = self._flat_adamw_bytes
             if flat.grad is None:
                 continue
             if group["route"] == "adamw":

@@ -110,4 +110,6 @@ def train_comm(rank, world_size, config, steps=2):
     stats = opt.comm_stats
     all_gather = sum(fp.partition_size * 4 * (fp.dp_size - 1) for fp in opt._flat.values())
     jobs = [(j.cut, j.owner) for plan in opt.zero_plans for j in plan.jobs]
-    return (stats.sent, stats.received), opt.zero_expected_bytes(), all_gather, jobs
+    matrices = sum(p.numel() for n, p in model.named_parameters() if n in {m.name for g in opt.grouping.groups
+                                                                         for m in g.members})
+    return (stats.sent, stats.received), opt.zero_expected_bytes(), all_gather, jobs, (stats.adamw_bytes, matrices)

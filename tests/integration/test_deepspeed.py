@@ -262,10 +262,13 @@ def test_zero_moves_only_the_cut_matrices_as_planned(stage, world_size):
     results = run_ranks(h.train_comm, world_size, h.ds_config("TEON", stage=stage), timeout=120)
     jobs = results[0][3]
     assert any(cut for cut, _ in jobs) and not all(cut for cut, _ in jobs)
-    for measured, predicted, all_gather, rank_jobs in results:
+    for measured, predicted, all_gather, rank_jobs, (adamw_bytes, matrices) in results:
         assert rank_jobs == jobs  # every rank derived the same plan
         assert measured == predicted
         assert measured[1] < all_gather  # less than the old momentum all-gather alone received
+        # comm_stats.adamw_bytes: what AdamW moves for the same matrices in this layout, fp32: DeepSpeed's
+        # all-reduce of their gradients (2(D-1)/D) and all-gather of their parameters ((D-1)/D)
+        assert adamw_bytes == matrices * 4 * 3 * (world_size - 1) // world_size > max(measured)
     assert sum(r[0][0] for r in results) == sum(r[0][1] for r in results) > 0
 
 
