@@ -164,12 +164,17 @@ class MegatronBackend:
 
         self.model, self.args = model, args
         self.config = model.config
-        self.ddp = DistributedDataParallel(self.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        distributed = bool(getattr(args, "distributed_optimizer", False))
+        self.ddp = DistributedDataParallel(
+            self.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed),
+            model)
         # The schedule calls this after the last backward: DP all-reduce (finish_grad_sync), tied-embedding
         # grads between the first and last pipeline stages.
         self.config.finalize_model_grads_func = finalize_model_grads
         clip = args.clip_grad
-        if clip > 0 and not torch.cuda.is_available():
+        # teonspeed's distributed optimizer clips with its own norm (no CUDA needed)
+        teon_distributed = distributed and args.optimizer != "adamw"
+        if clip > 0 and not torch.cuda.is_available() and not teon_distributed:
             clip = 0.0  # megatron's clip_grad_norm_fp32 asserts torch.cuda.FloatTensor grads
             self.clip_note = "gradient clipping off: megatron's clip_grad needs CUDA"
         else:
@@ -177,7 +182,8 @@ class MegatronBackend:
         if args.optimizer == "adamw":
             from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
             cfg = OptimizerConfig(optimizer="adam", lr=args.adamw_lr, min_lr=args.adamw_lr * args.min_lr_ratio,
-                                  weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.95, clip_grad=clip)
+                                  weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.95, clip_grad=clip,
+                                  use_distributed_optimizer=distributed)
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
             peak = args.adamw_lr
         else:
@@ -185,7 +191,7 @@ class MegatronBackend:
             extra = {"teon_k": args.teon_k} if args.optimizer != "muon" and args.teon_k is not None else {}
             cfg = TeonOptimizerConfig(optimizer=args.optimizer, lr=args.lr, min_lr=args.lr * args.min_lr_ratio,
                                       adamw_lr=args.adamw_lr, weight_decay=args.weight_decay, clip_grad=clip,
-                                      muon_use_nesterov=True, **extra)
+                                      muon_use_nesterov=True, use_distributed_optimizer=distributed, **extra)
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
             peak = args.lr
         self.scheduler = megatron_scheduler(self.optimizer, args, peak)

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models, --backend megatron)")
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2],
                    help="DeepSpeed ZeRO stage (--backend deepspeed; the Megatron backend has no ZeRO)")
+    p.add_argument("--distributed-optimizer", action="store_true",
+                   help="--backend megatron: Megatron's use_distributed_optimizer=True (each DP rank steps its "
+                        "partition of every gradient bucket; teonspeed optimizers, or adamw on --device cuda)")
     p.add_argument("--ds-config", default=None,
                    help="DeepSpeed JSON to start from (configs/deepspeed/*.json); the CLI sets batch sizes and "
                         "steps, and optimizer/lr/ZeRO/clipping where given")
@@ -336,6 +339,12 @@ def validate(args, world: int) -> argparse.Namespace:
     if args.backend == "megatron" and "zero_stage" in args.explicit:
         raise ConfigError(f"--zero-stage {args.zero_stage} is DeepSpeed's: the Megatron backend (--pp > 1 or --ep > 1) "
                           "runs Megatron DDP without a distributed optimizer; drop --zero-stage")
+    if args.distributed_optimizer and args.backend != "megatron":
+        raise ConfigError("--distributed-optimizer is Megatron's (use_distributed_optimizer=True): add --backend "
+                          "megatron, or use --zero-stage 1/2 with the DeepSpeed backend")
+    if args.distributed_optimizer and args.optimizer == "adamw" and args.device != "cuda":
+        raise ConfigError("--distributed-optimizer with --optimizer adamw runs Megatron's own DistributedOptimizer, "
+                          "which needs CUDA tensors; use --device cuda, or a teonspeed optimizer on the CPU")
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues a run directory and --overwrite replaces it; give one of them")
     if args.keep_last and not args.save_every:

@@ -69,7 +69,8 @@ def test_tiny_configs_train_and_the_loss_goes_down(config, data_dir, tmp_path):
 
 # (b) resume: 10 steps == 5 steps, save, resume, 5 steps (fp32, CPU): the same losses
 @pytest.mark.parametrize("backend,extra", [("deepspeed", ["--zero-stage", "1", "--grad-accum", "2"]),
-                                           ("megatron", ["--grad-accum", "2"])])
+                                           ("megatron", ["--grad-accum", "2"]),
+                                           ("megatron", ["--grad-accum", "2", "--distributed-optimizer"])])
 def test_resume_continues_exactly(backend, extra, data_dir, tmp_path, capfd):
     common = ["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps", "10", "--warmup", "3",
               "--backend", backend, *extra, *TINY]
@@ -105,6 +106,22 @@ def test_megatron_backend_pipeline_parallel_2_trains(data_dir, tmp_path):
     assert [p.name for p in (tmp_path / "pp2" / "checkpoints").iterdir() if p.is_dir()] == ["step_00000008"]
 
 
+# (c') Megatron's distributed optimizer from the launcher: the same training as plain Megatron DDP (fp32, no
+# clipping), and it clips on the CPU where plain Megatron's clip_grad cannot (it needs CUDA tensors)
+def test_megatron_backend_distributed_optimizer_trains_like_plain_ddp(data_dir, tmp_path, capfd):
+    common = ["--backend", "megatron", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps", "4",
+              "--warmup", "1", *TINY]
+    plain = train(common + ["--name", "plain", "--clip-grad", "0"])
+    distributed = train(common + ["--name", "distopt", "--clip-grad", "0", "--distributed-optimizer"])
+    assert plain["wrapper"] == "TeonFP32Optimizer" and distributed["wrapper"] == "TeonDistributedOptimizer"
+    assert distributed["losses"] == pytest.approx(plain["losses"], rel=1e-5) and len(plain["losses"]) == 4
+    capfd.readouterr()
+    train(common + ["--name", "plain-clipped"])
+    assert "gradient clipping off" in capfd.readouterr().out
+    train(common + ["--name", "distopt-clipped", "--distributed-optimizer"])
+    assert "gradient clipping off" not in capfd.readouterr().out
+
+
 # (d) bad input: a clear error naming the option and the fix, before any process group or file
 def _refused(argv, match, world=2, tmp_path=None, monkeypatch=None):
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -134,6 +151,8 @@ def test_unknown_model_config_key_is_refused(tmp_path, monkeypatch):
     (["--tp", "3"], 2, r"--tp 3 x --pp 1 x --ep 1 = 3 does not divide the world size 2"),
     (["--pp", "3", "--layers", "4"], 3, r"--pp 3 does not divide num_layers=4"),
     (["--pp", "2", "--backend", "deepspeed"], 2, r"--pp 2 needs --backend megatron"),
+    (["--distributed-optimizer"], 2, r"--distributed-optimizer is Megatron's"),
+    (["--distributed-optimizer", "--backend", "megatron", "--optimizer", "adamw"], 2, r"needs CUDA tensors"),
     (["--pp", "2", "--teon-k", "4"], 2, r"--teon-k 4 does not divide the 2 layers per pipeline stage .*use a --teon-k "
                                         r"that divides 2, or a smaller --pp"),
     (["--ep", "2", "--backend", "megatron"], 2, r"--ep 2 needs a MoE model"),
