@@ -20,6 +20,7 @@ import torch.distributed as dist
 from .fused import annotate_model
 from .optim import HTMuon, Muon, OrthoOptimizer, TEON
 from .parallel.context import ParallelContext
+from .parallel.cost import adamw_bytes
 from .parallel.flat import FlatEntry, FlatPartition
 from .parallel.shard_spec import megatron_shard_specs
 
@@ -179,17 +180,13 @@ def attach_zero_stage_1_2(zero_optimizer) -> None:
 
 
 def _adamw_bytes(opt: OrthoOptimizer, groups, dp_groups, comm_itemsize: int, allreduce: bool) -> int:
-    """What AdamW moves per rank and direction for the orthogonalized matrices in this ZeRO layout
-    (comm_stats.adamw_bytes): the gradients' reduction (an all-reduce: 2(D-1)/D, a reduce: (D-1)/D of
-    them) and the parameter all-gather after the step ((D-1)/D), ring collectives."""
-    ortho = {m.name for g in opt.grouping.groups for m in g.members}
-    total = 0
-    for params, group in zip(groups, dp_groups):
-        size = dist.get_world_size(group=group)
-        for p in params:
-            if opt._names.get(id(p)) in ortho:
-                total += p.numel() * ((2 if allreduce else 1) * comm_itemsize + p.element_size()) * (size - 1) // size
-    return total
+    """comm_stats.adamw_bytes in this ZeRO layout: the orthogonalized matrices' gradient reduction and
+    parameter all-gather, per flat group over its data-parallel group."""
+    ortho = set(opt.grouping.ortho_names())
+    return sum(adamw_bytes(sum(p.numel() for p in params if opt._names.get(id(p)) in ortho),
+                           dist.get_world_size(group=group), comm_itemsize, params[0].element_size() if params else 0,
+                           gradient_allreduce=allreduce)
+               for params, group in zip(groups, dp_groups))
 
 
 def attach_bf16_optimizer(bf16_optimizer) -> None:

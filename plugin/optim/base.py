@@ -23,11 +23,10 @@ from ..grouping import GroupingResult, MatrixRef, OrthoGroup, build_groups
 from ..ortho import heavy_tail, orthogonalize
 from ..ortho.compute_dtype import check_cpu_bf16_env
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context, megatron_context_of_parameters
+from ..parallel.cost import adamw_bytes, cluster_profile
 from ..parallel.distributed import DistributedRunner
-from ..parallel.cost import cluster_profile
 from ..parallel.flat import BucketShard, FlatPartition, FlatStep, gather_work_ranks, plan_partition
 from ..parallel.local import LocalRunner, MatrixIO, Runner, StepCheck
-from ..parallel.cost import cluster_profile
 from ..parallel.owners import ns_flops
 from ..parallel.topology import build_step_group, build_topology
 from .scaling import lr_multiplier
@@ -135,11 +134,11 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._buckets = [(b, self._plan_flat(b.partition, device or b.grad.device)) for b in buckets]
         self._clip_grad = clip_grad
         # comm_stats.adamw_bytes: what AdamW moves for the same matrices here, DDP's reduce-scatter of their
-        # gradients and all-gather of their parameters, (D-1)/D of the local shard each, per direction
-        ortho = {m.name for g in self.grouping.groups for m in g.members}
+        # gradients and all-gather of their parameters
+        ortho = set(self.grouping.ortho_names())
         self._bucket_adamw_bytes = sum(
-            (b.partition.dp_size - 1) * sum(e.numel for e in b.partition.entries if e.name in ortho)
-            * (b.grad.element_size() + b.param.element_size()) // b.partition.dp_size for b in buckets)
+            adamw_bytes(sum(e.numel for e in b.partition.entries if e.name in ortho), b.partition.dp_size,
+                        b.grad.element_size(), b.param.element_size(), gradient_allreduce=False) for b in buckets)
         self._group_of = {n: g for g in self.param_groups for n in g["names"]}
 
     def _topology_name(self, name: str) -> str:

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from ..grouping import MatrixRef, OrthoGroup
 from ..ortho.unfold import fold, unfold
-from .cost import ClusterProfile
+from .cost import ClusterProfile, adamw_bytes
 from .local import MatrixIO, StepCheck, StepVerdict, bucket_by_shape, transform_groups
 from .owners import assign_owners, ns_flops
 from .placement import GroupCost, choose_owner_compute, layout_of
@@ -267,7 +267,7 @@ class DistributedRunner:
 
     def _adamw_bytes(self, groups: Sequence[OrthoGroup], topology: Topology, itemsize: int) -> int:
         local = sum(self.shard_numel(m, topology) for g in groups for m in g.members)
-        return 2 * (topology.dp_size - 1) * local * itemsize // topology.dp_size
+        return adamw_bytes(local, topology.dp_size, itemsize)
 
     def _by_topology(self, groups: Sequence[OrthoGroup]) -> Dict[str, List[OrthoGroup]]:
         by_topology: Dict[str, List[OrthoGroup]] = {}
