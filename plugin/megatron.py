@@ -21,7 +21,7 @@ from .config import QKV_TYPES
 from .fused import annotate_model
 from .optim import HTMuon, Muon, OrthoOptimizer, TEON
 from .optim.base import LAYOUT_KEY
-from .parallel.context import ParallelContext
+from .parallel.context import megatron_groups_context
 from .parallel.shard_spec import megatron_shard_specs
 
 from megatron.core import parallel_state
@@ -100,13 +100,7 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
         named += [(prefix + n, p) for n, p in chunk.named_parameters() if p.requires_grad]
     first = model_chunks[0]
     model_config = getattr(getattr(first, "module", first), "config", None)
-    parallel = ParallelContext(
-        specs=specs, tp_group=parallel_state.get_tensor_model_parallel_group(),
-        dp_group=parallel_state.get_data_parallel_group(),
-        expert_tp_group=parallel_state.get_expert_tensor_parallel_group(),
-        expert_dp_group=parallel_state.get_expert_data_parallel_group(),
-        pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
-        num_layers=getattr(model_config, "num_layers", None))
+    parallel = megatron_groups_context(parallel_state, specs, getattr(model_config, "num_layers", None))
     optimizer: OrthoOptimizer = MEGATRON_TYPES[kind](named, parallel=parallel, **teonspeed_options(config))
     if config.use_distributed_optimizer:
         return megatron_distributed.wrap(optimizer, config, model_chunks)

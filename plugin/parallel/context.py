@@ -56,14 +56,20 @@ def megatron_context(model: torch.nn.Module) -> Optional[ParallelContext]:
     if ps is None or not ps.model_parallel_is_initialized():
         return None
     config = getattr(model, "config", None)
+    return megatron_groups_context(ps, megatron_shard_specs(model), getattr(config, "num_layers", None))
+
+
+def megatron_groups_context(ps, specs: Dict[str, ShardSpec], num_layers: Optional[int]) -> ParallelContext:
+    """The context of Megatron's parallel state `ps` (megatron.core.parallel_state): every group the step
+    uses, whichever entry (model, named_parameters(), Megatron's builder) found the specs."""
     return ParallelContext(
-        specs=megatron_shard_specs(model),
+        specs=specs,
         tp_group=ps.get_tensor_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         expert_tp_group=ps.get_expert_tensor_parallel_group(),
         expert_dp_group=ps.get_expert_data_parallel_group(),
         pipeline_group=ps.get_pipeline_model_parallel_group(),
-        num_layers=getattr(config, "num_layers", None),
+        num_layers=num_layers,
     )
 
 
@@ -115,15 +121,9 @@ def megatron_context_of_parameters(named: List[Tuple[str, torch.Tensor]], unname
     ps = sys.modules.get("megatron.core.parallel_state")
     if ps is None or not ps.model_parallel_is_initialized():
         return None, renamed
-    return ParallelContext(
-        specs={n: spec_of[id(p)] for n, p in named if id(p) in spec_of},
-        tp_group=ps.get_tensor_model_parallel_group(),
-        dp_group=ps.get_data_parallel_group(),
-        expert_tp_group=ps.get_expert_tensor_parallel_group(),
-        expert_dp_group=ps.get_expert_data_parallel_group(),
-        num_layers=next((m.config.num_layers for r in roots for m in r.modules()
-                         if hasattr(getattr(m, "config", None), "num_layers")), None),
-    ), renamed
+    num_layers = next((m.config.num_layers for r in roots for m in r.modules()
+                       if hasattr(getattr(m, "config", None), "num_layers")), None)
+    return megatron_groups_context(ps, {n: spec_of[id(p)] for n, p in named if id(p) in spec_of}, num_layers), renamed
 
 
 def _root_modules_holding(param_ids) -> List[torch.nn.Module]:

@@ -47,6 +47,8 @@ def train_each_entry(rank, world_size, tp=1, pp=1):
         out[entry] = {global_name(n, specs[n]): (p.detach().clone(), specs[n].tp_partition_dim,
                                                  specs[n].tp_partition_stride, tp_rank)
                       for n, p in model.named_parameters()}
+        # the ranks that share the step's skip decision and plan check: the pipeline stages included
+        out["step group", entry] = opt._runner.step_group.size if hasattr(opt._runner, "step_group") else 1
         del opt, model
     return out, ps.get_data_parallel_rank()
 
@@ -73,6 +75,8 @@ def reference():
 @pytest.mark.parametrize("layout,world_size", [(dict(tp=2), 2), (dict(tp=2, pp=2), 4)], ids=["TP2", "TP2xPP2"])
 def test_every_entry_gets_the_layout_of_the_module(reference, layout, world_size):
     results = run_ranks(train_each_entry, world_size, timeout=180, **layout)
+    for params, _ in results:
+        assert [params["step group", entry] for entry in ENTRIES] == [world_size] * len(ENTRIES)
     for entry in ENTRIES:
         got = full_model(results, entry)
         assert set(got) == set(reference)
