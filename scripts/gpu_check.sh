@@ -64,8 +64,8 @@ else
 fi
 
 # --------------------------------------------------------------------------------------- the stages
-# Today's launch/pretrain.py flags (launch/ is being reworked; keep these in step with its --help).
-PRETRAIN_GPU=(--model-config configs/models/llama_60m.yaml --zero-stage 1 --steps 200 --warmup 20
+# launch/pretrain.py's flags (keep in step with its --help); it runs on the CPU unless told --device cuda.
+PRETRAIN_GPU=(--device cuda --model-config configs/models/llama_60m.yaml --zero-stage 1 --steps 200 --warmup 20
               --micro-batch 8 --seq 256 --log-every 25 --eval-every 100 --eval-batches 4
               --progress off --no-tensorboard --no-plot --runs-dir "$RUNS")
 PRETRAIN_SMOKE=(--zero-stage 1 --steps 6 --warmup 1 --micro-batch 2 --seq 32 --log-every 2 --eval-every 3

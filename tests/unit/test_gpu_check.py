@@ -110,6 +110,9 @@ def test_gpu_check_dry_run_lists_every_stage_with_a_limit():
         assert f"{stage} " in out.stdout
     assert "--device cuda --sizes 130m,1b" in out.stdout and "ds_muon" in out.stdout
     assert "--zero-stage 1" in out.stdout and "llama_60m" in out.stdout
+    # the pretraining stages run on the GPU (launch/pretrain.py defaults to the CPU)
+    pretrain = [line for line in out.stdout.splitlines() if "launch/pretrain.py" in line]
+    assert len(pretrain) == 2 and all("--device cuda" in line for line in pretrain), pretrain
     smoke = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-smoke", "--dry-run"],
                            capture_output=True, text=True, timeout=60)
     assert smoke.returncode == 0 and "--cpu-smoke" in smoke.stdout and "/tmp/teonspeed_gpu_check_smoke" in smoke.stdout
