@@ -524,7 +524,7 @@ def setup_from_launch(argv: Sequence[str], world: int, overhead_gib: float = 1.0
     by the launcher's own validator (launch/options.py): the estimate is of a setup the launcher runs.
     Sequence parallelism and activation recompute come from the model config's transformer fields (the
     launcher sets neither); attention is megatron-core's local one (no flash attention); the Megatron
-    backend runs without a distributed optimizer (ZeRO 0); weights are bf16 with fp32 master weights
+    backend shards the optimizer state over DP only with --distributed-optimizer (ZeRO 1, else 0); weights are bf16 with fp32 master weights
     where the DeepSpeed config enables bf16, else fp32."""
     args = check(list(argv), world)
     t = args.transformer
@@ -536,7 +536,8 @@ def setup_from_launch(argv: Sequence[str], world: int, overhead_gib: float = 1.0
     bf16 = deepspeed and bool(((args.ds_config_dict or {}).get("bf16") or {}).get("enabled"))
     granularity = t.get("recompute_granularity")
     train = Training(micro_batch=args.micro_batch, seq_length=args.seq, num_microbatches=args.grad_accum,
-                     optimizer=args.optimizer, zero_stage=args.zero_stage if deepspeed else 0,
+                     optimizer=args.optimizer,
+                     zero_stage=args.zero_stage if deepspeed else int(args.distributed_optimizer),
                      recompute=granularity or "none", flash_attention=False,
                      teon_k=args.teon_k or (2 if args.optimizer == "teon" else 1),
                      weight_bytes=2 if bf16 else 4, master_bytes=4 if bf16 else 0, activation_bytes=2 if bf16 else 4,

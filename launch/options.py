@@ -338,7 +338,7 @@ def validate(args, world: int) -> argparse.Namespace:
         raise ConfigError("--ds-config is for --backend deepspeed; drop it or use --backend deepspeed")
     if args.backend == "megatron" and "zero_stage" in args.explicit:
         raise ConfigError(f"--zero-stage {args.zero_stage} is DeepSpeed's: the Megatron backend (--pp > 1 or --ep > 1) "
-                          "runs Megatron DDP without a distributed optimizer; drop --zero-stage")
+                          "runs Megatron DDP; drop --zero-stage (--distributed-optimizer shards the optimizer state)")
     if args.distributed_optimizer and args.backend != "megatron":
         raise ConfigError("--distributed-optimizer is Megatron's (use_distributed_optimizer=True): add --backend "
                           "megatron, or use --zero-stage 1/2 with the DeepSpeed backend")

@@ -216,6 +216,8 @@ def test_memory_uses_the_launchers_validator_and_honours_every_flag():
     assert zero0.bytes["optimizer_states"] == 8 * zero1.bytes["optimizer_states"]  # ZeRO-1 shards over DP 8
     pp2 = memory.setup_from_launch(memory.layout_argv(configs.read_yaml(LAYOUTS[2]), LAYOUTS[2])[0], 16)[2]
     assert LAYOUTS[2].stem == "llama_1b_tp2_pp2" and pp2.zero_stage == 0  # Megatron backend: no ZeRO
+    pp2_argv = memory.layout_argv(configs.read_yaml(LAYOUTS[2]), LAYOUTS[2])[0]
+    assert memory.setup_from_launch(pp2_argv + ["--distributed-optimizer"], 16)[2].zero_stage == 1
 
 
 # --- readable errors ---------------------------------------------------------------------------------------
