@@ -198,7 +198,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
         # Collective over the world: every rank builds its optimizer at the same point.
         topologies = {"dense": build_topology(ctx.tp_group, ctx.dp_group),
                       "expert": build_topology(ctx.expert_tp_group, ctx.expert_dp_group)}
-        comm_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[self.config.comm_dtype]
+        comm_dtype = _compute_dtype(self.config.comm_dtype)
         return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps or 5,
                                  step_group=build_step_group(topologies, ctx.pipeline_group),
                                  waves=self.config.overlap_waves, comm_dtype=comm_dtype,
@@ -569,8 +569,9 @@ def _check_same_layout(saved: Dict[str, Any], current: Dict[str, Any]) -> None:
         f"and load through megatron.core.dist_checkpointing (teonspeed.megatron), which reshards")
 
 
-def _compute_dtype(ns_dtype: str) -> Optional[torch.dtype]:
-    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[ns_dtype]
+def _compute_dtype(option: str) -> Optional[torch.dtype]:
+    """ns_dtype / comm_dtype: None for "auto" (decided from the data), else the named dtype."""
+    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[option]
 
 
 def _apply(p: torch.Tensor, update: torch.Tensor, group: Dict[str, Any]) -> None:

@@ -34,11 +34,8 @@ class ClusterProfile:
     def ns_seconds(self, flops: float) -> float:
         return flops / (self.peak_flops * self.ns_efficiency)
 
-    def link_bw(self, ranks_spanned: int) -> float:
-        """Bytes/s per GPU of a collective over `ranks_spanned` consecutive ranks (one node or more)."""
-        return self.nvlink_bw if ranks_spanned <= self.gpus_per_node else self.ib_bw
-
     def latency(self, ranks_spanned: int) -> float:
+        """Seconds of one collective over `ranks_spanned` consecutive ranks, without the per-peer part."""
         return self.latency_intra if ranks_spanned <= self.gpus_per_node else self.latency_inter
 
     def collective_latency(self, ranks: int, nodes: int) -> float:
@@ -48,9 +45,6 @@ class ClusterProfile:
     def bandwidth(self, nodes: int) -> float:
         """Bytes/s per GPU of a collective whose ranks lie on `nodes` nodes."""
         return self.nvlink_bw if nodes <= 1 else self.ib_bw
-
-    def transfer_seconds(self, num_bytes: float, ranks_spanned: int) -> float:
-        return num_bytes / self.link_bw(ranks_spanned)
 
 
 def adamw_bytes(numel: int, dp_size: int, grad_itemsize: int, param_itemsize: int = 0,

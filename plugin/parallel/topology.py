@@ -116,7 +116,7 @@ def build_step_group(topologies: Dict[str, Topology], pipeline_group: Optional[d
     mine = ({k: t.work_ranks for k, t in topologies.items()}, pp_ranks)
     everyone: List = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    components = _connected_components([set(pp) | {r for w in work.values() for r in w} for work, pp in everyone])
+    components = connected_components([set(pp) | {r for w in work.values() for r in w} for work, pp in everyone])
     group = dist.group.WORLD
     if len(components) > 1:
         group = None  # a rank alone needs no collective
@@ -131,7 +131,7 @@ def build_step_group(topologies: Dict[str, Topology], pipeline_group: Optional[d
     return StepGroup(group, len(ranks), index[me], tuple(work_groups), ranks)
 
 
-def _connected_components(links: Sequence[set]) -> List[Tuple[int, ...]]:
+def connected_components(links: Sequence[set]) -> List[Tuple[int, ...]]:
     """Rank r is linked to every rank in links[r]; the classes of the closure, each sorted, in order."""
     parent = list(range(len(links)))
 

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..grouping import MatrixRef, OrthoGroup
 from .cost import ClusterProfile
+from .topology import connected_components
 
 WorkRank = int
 
@@ -206,26 +207,12 @@ def plan_zero_partition(groups: Sequence[OrthoGroup], offsets: Dict[str, int], s
     flat offset and local shape; work_rank: (tp rank, partition) -> rank in the tp × dp work group;
     cost: a group's NS FLOPs; cluster, itemsize: what a FLOP and an exchanged element cost, for balancing."""
     units = units_of(groups, offsets, shapes)
-    # Union groups that read the same unit (a fused weight's parts, shared experts slices).
-    parent = list(range(len(groups)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    # One job per set of groups that read the same unit (a fused weight's parts, shared experts slices).
     first_reader: Dict[Tuple[str, Optional[int]], int] = {}
-    for i, g in enumerate(groups):
-        for m in g.members:
-            j = first_reader.setdefault(unit_key(m), i)
-            parent[find(i)] = find(j)
-    members_of: Dict[int, List[int]] = {}
-    for i in range(len(groups)):
-        members_of.setdefault(find(i), []).append(i)
+    links = [{first_reader.setdefault(unit_key(m), i) for m in g.members} for i, g in enumerate(groups)]
     plan = ZeroPlan([], partition_size, dp_size, tp_size, dict(work_rank))
-    for root in sorted(members_of, key=lambda r: min(members_of[r])):
-        job_groups = tuple(groups[i] for i in members_of[root])
+    for component in connected_components(links):
+        job_groups = tuple(groups[i] for i in component)
         keys = list(dict.fromkeys(unit_key(m) for g in job_groups for m in g.members))
         job_units = tuple(sorted((units[k] for k in keys), key=lambda u: u.offset))
         parts = sorted({d for u in job_units for d in range(dp_size) if plan.piece(u, d)[0] < plan.piece(u, d)[1]})
@@ -274,7 +261,7 @@ def exchange_seconds(plan: ZeroPlan, job: ZeroJob, owner: WorkRank, cluster: Clu
     for _, d, r in plan.sources(job, owner) + plan.targets(job):
         if r != owner:
             n = plan.piece_numel(job, d) * itemsize
-            seconds += n / (cluster.nvlink_bw if r // cluster.gpus_per_node == node else cluster.ib_bw)
+            seconds += n / cluster.bandwidth(1 if r // cluster.gpus_per_node == node else 2)
     return seconds
 
 
