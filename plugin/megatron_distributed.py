@@ -89,7 +89,6 @@ def _merged(ranges) -> Tuple[Tuple[int, int], ...]:
     return tuple((lo, hi) for lo, hi in out)
 
 
-STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # kept over a whole bucket partition
 ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -154,8 +153,7 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
             return self._load_whole_parameters(state_dict)
         _check_same_layout(state_dict.get(LAYOUT_KEY), self.layout())
         inner = self.optimizer
-        for group, saved in zip(inner.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        self._restore_param_groups(state_dict["param_groups"])
         for shard, saved in zip(self.shards, state_dict["buckets"]):
             state = inner.state[shard.param]
             for key, value in saved.items():
@@ -203,8 +201,8 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
         partitions all-gathered over its data-parallel group (gather=False: empty, to be loaded into)."""
         out = {}
         for shard in self.shards:
-            part, state = shard.partition, self._bucket_state(shard)
-            sources = {k: state[k] for k in STATE_KEYS}
+            part, state = shard.partition, self.optimizer.bucket_state(shard)
+            sources = {k: state[k] for k in OrthoOptimizer.BUCKET_STATE_KEYS}
             if shard.master is not None:
                 sources["master"] = shard.master
             bucket = {}
@@ -216,11 +214,10 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
                 out[e.name] = {k: v[e.offset:e.offset + e.numel].view(e.shape).clone() for k, v in bucket.items()}
         return out
 
-    def _bucket_state(self, shard: BucketShard) -> Dict[str, torch.Tensor]:
-        state = self.optimizer.state[shard.param]
-        if "momentum_buffer" not in state:  # as the first step creates it
-            state.update({k: torch.zeros_like(shard.weights) for k in STATE_KEYS})
-        return state
+    def _restore_param_groups(self, saved_groups) -> None:
+        """The saved settings of every param group (lr, step, ...), not its parameter list."""
+        for group, saved in zip(self.optimizer.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
 
     def _load_whole_parameters(self, state_dict: Dict[str, Any]) -> None:
         """Keep this rank's partition of every loaded whole-parameter tensor."""
@@ -231,24 +228,19 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
             raise ValueError("teonspeed: this checkpoint's optimizer " + ("has no" if masters is None else "has")
                              + " fp32 master parameters, this model's parameters are " + ("bf16" if masters is None
                              else "fp32") + ": resume with the precision (bf16 or not) it was saved with")
-        if len(loaded["param_groups"]) != len(inner.param_groups):
-            raise ValueError(f"teonspeed: the checkpoint has {len(loaded['param_groups'])} optimizer param groups, "
-                             f"this optimizer {len(inner.param_groups)}: it was saved with other teonspeed options")
-        for group, saved in zip(inner.param_groups, loaded["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        self._restore_param_groups(self._filter_and_reorder_param_groups(inner.param_groups, loaded["param_groups"]))
         params = self.get_parameters()
         values = {inner._names[id(p)]: dict(loaded["state"][i]) for i, p in enumerate(params)}
         for g, saved_group in zip(inner.param_groups, masters or []):
             for p, master in zip(g["params"], saved_group):
                 values[inner._names[id(p)]]["master"] = master
         for shard in self.shards:
-            state, start, size = self._bucket_state(shard), shard.partition.start, shard.partition.partition_size
+            state, start = self.optimizer.bucket_state(shard), shard.partition.start
             targets = {**state, **({"master": shard.master} if shard.master is not None else {})}
-            for e in shard.partition.entries:
-                lo, hi = max(e.offset, start), min(e.offset + e.numel, start + size)
+            for e, lo, hi in shard.slices():  # partition coordinates; the entry's element = start + lo - offset
                 for key, value in values[e.name].items():
-                    if key in targets and lo < hi:
-                        targets[key][lo - start:hi - start].copy_(value.reshape(-1)[lo - e.offset:hi - e.offset])
+                    if key in targets:
+                        targets[key][lo:hi].copy_(value.reshape(-1)[start + lo - e.offset:start + hi - e.offset])
 
 
 def _check_same_layout(saved: Optional[Dict[str, Any]], current: Dict[str, Any]) -> None:
@@ -282,6 +274,5 @@ def _check_same_layout(saved: Optional[Dict[str, Any]], current: Dict[str, Any])
 def wrap(optimizer: OrthoOptimizer, config, model_chunks) -> TeonDistributedOptimizer:
     """The MegatronOptimizer over this rank's bucket partitions."""
     shards = bucket_shards(optimizer, model_chunks)
-    optimizer.attach_bucket_shards(shards, device=shards[0].grad.device if shards else None,
-                                   clip_grad=config.clip_grad)
+    optimizer.attach_bucket_shards(shards, clip_grad=config.clip_grad)
     return TeonDistributedOptimizer(optimizer, config, model_chunks, shards)

@@ -365,6 +365,15 @@ class OrthoOptimizer(torch.optim.Optimizer):
             stats.flops += flops
         return update
 
+    BUCKET_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # each over a whole bucket partition
+
+    def bucket_state(self, shard: BucketShard) -> Dict[str, torch.Tensor]:
+        """The state of one distributed-optimizer bucket partition, created (zeros) as the first step does."""
+        state = self.state[shard.param]
+        if "momentum_buffer" not in state:
+            state.update({k: torch.zeros_like(shard.weights) for k in self.BUCKET_STATE_KEYS})
+        return state
+
     def _bucket_step(self) -> None:
         """Megatron distributed optimizer: every bucket's partition holds matrices and AdamW parameters
         side by side; each part of the partition is stepped with its own param group's settings."""
@@ -380,10 +389,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
             grad = shard.grad.float()  # fp32 grads (grad_reduce_in_fp32) are the buffer itself, not a copy
             if clip < 1.0:
                 grad.mul_(clip)  # like Megatron, the fp32 main gradient is clipped in place
-            state = self.state[shard.param]
-            if "momentum_buffer" not in state:
-                state.update(momentum_buffer=torch.zeros_like(weights), exp_avg=torch.zeros_like(weights),
-                             exp_avg_sq=torch.zeros_like(weights))
+            state = self.bucket_state(shard)
             direction = torch.zeros_like(weights)
             ortho = []
             for entry, lo, hi in shard.slices():
