@@ -81,7 +81,6 @@ def _iterate_gram(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     polynomial in R₀ = X₀X₀ᵀ, so with Rₖ = XₖXₖᵀ and Pₖ = aI + bRₖ + cRₖ², X ← Pₖ X means Q ← Pₖ Q and
     R ← Pₖ R Pₖ. For wide X (n ≳ 1.6 m) this is fewer FLOPs than touching X every step. Exact algebra,
     so only rounding differs; kept to fp32/fp64, where the accumulated Q needs no restarts."""
-    m = X.size(-2)
     R = X @ X.mT
     Q = None
     last = len(schedule.steps) - 1
@@ -91,5 +90,4 @@ def _iterate_gram(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
         Q = P if Q is None else P @ Q
         if i < last:
             R = P @ (R @ P)
-    del m
     return Q @ X
