@@ -94,19 +94,24 @@ SIZES = {"tiny": None, "small": "llama_small_cpu"}
 def trained_muon(size: str, steps: int, lr: float, data_dir: Path):
     """The tiny / small CPU LLaMA of bench/convergence.py trained `steps` steps with teonspeed.Muon in
     this process (a world of one, no DeepSpeed, so the momenta stay per-parameter)."""
-    sys.path.insert(0, str(REPO / "launch"))
-    import pretrain
-    from engines import forward_loss
+    sys.path.insert(0, str(REPO))
+    from launch.data import indexed_data
+    from launch.engines import forward_loss
+    from launch.model import build_model, padded_vocab
+    from launch.options import check
+    from launch.train import init_parallel
 
     import teonspeed
+    from teonspeed.testing import cpu_shims
+    cpu_shims.apply()  # what launch.pretrain does under --device cpu
     argv = ["--steps", str(steps), "--data-dir", str(data_dir), "--zero-stage", "0"]
     if SIZES[size]:
         argv += ["--model-config", SIZES[size]]
-    args = pretrain.parse_args(argv)
-    pretrain.init_parallel(args)
+    args = check(argv, 1)
+    init_parallel(args)
     torch.manual_seed(args.seed)
-    tok, batches, _ = pretrain.indexed_data(args, 1, 0)
-    model = pretrain.build_model(args, pretrain.padded_vocab(tok.vocab_size, 1))
+    tok, batches, _ = indexed_data(args, 1, 0)
+    model = build_model(args, padded_vocab(tok.vocab_size, 1))
     opt = teonspeed.Muon(model, lr=lr, adamw_lr=3e-3, weight_decay=0.01)
     warmup = min(20, steps // 5)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
