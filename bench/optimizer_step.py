@@ -413,11 +413,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = args.optimizers.split(",")
     bad = [s for s in sizes if s not in SIZES]
     try:
-        for o in names:
-            parse_variant(o)
+        variants = [parse_variant(o) for o in names]
     except ValueError as exc:
         bad.append(str(exc))
-    if args.paired and any(parse_variant(o)[2] for o in names if o.split(":")[0] in OPTIMIZERS):
+        variants = []
+    if args.paired and any(compile_ for _, _, compile_ in variants):
         bad.append("+compile variants need their own process: drop them or --paired")
     if bad:
         print(f"unknown size/optimizer: {bad}", file=sys.stderr)
