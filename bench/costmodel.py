@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -236,7 +235,7 @@ def per_rank_bytes(groups: Sequence[Group], tp: int, dp: int, ns_steps: int, ite
                           for f in dataclasses.fields(RankCost)))
     w = tp * dp
     costs = [ns_flops(g.stacked, ns_steps) for g in groups]
-    shard = [(g.elements // tp if (g.sharded and tp > 1) else g.elements) * itemsize for g in groups]
+    shard = [_shard_elements(g, tp) * itemsize for g in groups]
     if mode == "replicated":
         gathered = sum(s for s, g in zip(shard, groups) if g.sharded and tp > 1) * (tp - 1)
         return RankCost([sum(costs)] * w, [0.0] * w, [0.0] * w, [float(gathered)] * w, [float(gathered)] * w)
@@ -272,14 +271,6 @@ def broadcasts_per_step(groups: Sequence[Group], tp: int, dp: int, ns_steps: int
     costs = [ns_flops(g.stacked, ns_steps) for g in groups]
     owners = assign_owners(costs, tp * dp)
     return sum(len({owners[i] // tp for i in wave}) for wave in _split_waves(groups, costs, waves))
-
-
-def _on_node_fraction(global_ranks: Sequence[int], gpus_per_node: int) -> List[float]:
-    """Per member: fraction of its peers (in the work group) that share its node."""
-    nodes = [r // gpus_per_node for r in global_ranks]
-    count = Counter(nodes)
-    w = len(global_ranks)
-    return [(count[n] - 1) / (w - 1) if w > 1 else 0.0 for n in nodes]
 
 
 def topology_time(groups: Sequence[Group], tp: int, dp: int, stride: int, mode: str,
@@ -345,7 +336,7 @@ def deepspeed_time(groups: Sequence[Group], tp: int, dp: int, stride: int, a: As
     its own, in the model's parameter order: DeepSpeed's Muon does not stack)."""
     if not groups:
         return dict(compute=0.0, comm=0.0, latency=0.0, total=0.0, flops=0.0, bytes=0.0, imbalance=1.0)
-    local = [(g.elements // tp if (g.sharded and tp > 1) else g.elements) for g in groups]
+    local = [_shard_elements(g, tp) for g in groups]
     flops = [ns_flops(((g.stacked[0] // tp) if (g.sharded and tp > 1) else g.stacked[0], g.stacked[1]), a.ns_steps)
              for g in groups]
     size = -(-sum(local) // dp)

@@ -25,11 +25,10 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: launch/
-from launch.corpus import EOT  # noqa: E402
+from launch.corpus import EOT, VAL_EVERY, split_documents  # noqa: E402
 
 EXTENSIONS = {".py", ".pyi", ".md", ".rst", ".txt", ".c", ".h", ".cc", ".cpp", ".cu", ".cuh"}
 MAX_FILE_BYTES = 1 << 20
-VAL_EVERY = 20
 
 
 def default_roots() -> List[Path]:
@@ -95,8 +94,7 @@ def build_corpus(out: Path, min_tokens: int, roots: Sequence[Path] = (), vocab: 
     if len(docs) < VAL_EVERY:
         raise ValueError(f"{len(docs)} documents under {[str(r) for r in roots]}: a corpus needs at least {VAL_EVERY} "
                          "(one goes to validation); pass --roots with more text")
-    train_docs = [d for i, d in enumerate(docs) if i % VAL_EVERY != VAL_EVERY - 1]
-    val_docs = [d for i, d in enumerate(docs) if i % VAL_EVERY == VAL_EVERY - 1]
+    train_docs, val_docs = split_documents(docs)
     sample, size = [], 0
     for d in train_docs:
         if size >= bpe_sample_mb * 1e6:

@@ -153,8 +153,8 @@ def _state_bytes(opt) -> int:
 
 
 def _is_adamw_side(name: str, p) -> bool:
-    from teonspeed.grouping import ADAMW_NAME_MARKERS
-    return p.ndim < 2 or any(marker in name for marker in ADAMW_NAME_MARKERS)
+    from teonspeed.grouping import adamw_reason  # teonspeed's own routing rule, for DeepSpeed's groups too
+    return adamw_reason(name, p) is not None
 
 
 def build_deepspeed_muon(named, ns_method: str, dtype: Optional[str], cuda: bool):
