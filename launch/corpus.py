@@ -3,6 +3,7 @@ into documents at top-level definitions, with a fixed 95/5 train/validation spli
 only, so launch/prepare_data.py and launch/data.py share it without importing each other."""
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import re
@@ -35,3 +36,7 @@ def split_documents(docs: list[str]) -> tuple[list[str], list[str]]:
     val = [d for i, d in enumerate(docs) if i % VAL_EVERY == VAL_EVERY - 1]
     return train, val
 
+
+def corpus_digest(docs: list[str]) -> str:
+    """A short fingerprint of the documents (recorded with the run and the prepared dataset)."""
+    return hashlib.sha256("\0".join(docs).encode()).hexdigest()[:12]

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from launch.configs import (LAYOUTS_DIR, MODELS_DIR, REPO, ConfigError, is_layout,  # noqa: F401  (the tests')
-                            load_model_config, read_yaml, resolve_config_path)
+                            load_model_config, read_yaml, resolve_config_path, unknown_keys)
 from launch.options import check
 
 _read_yaml = read_yaml
@@ -553,10 +553,9 @@ def layout_argv(raw: dict, path: Path) -> Tuple[List[str], int]:
     if cluster and cluster["nodes"] * cluster["gpus_per_node"] != world:
         raise ConfigError(f"{path}: {cluster['nodes']} nodes x {cluster['gpus_per_node']} GPUs = "
                           f"{cluster['nodes'] * cluster['gpus_per_node']} but TP x PP x DP = {world}")
-    unknown = set(tr) - {"micro_batch", "global_batch", "optimizer", "zero_stage", "ds_config"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown training key(s) {sorted(unknown)}; the valid ones are micro_batch, "
-                          "global_batch, optimizer, zero_stage, ds_config (launch/pretrain.py's flags)")
+    unknown_keys("training", tr, ("micro_batch", "global_batch", "optimizer", "zero_stage", "ds_config"), str(path),
+                 "the valid ones are micro_batch, global_batch, optimizer, zero_stage, ds_config (launch/pretrain.py's "
+                 "flags)")
     accum = tr["global_batch"] // (tr["micro_batch"] * dp) if "global_batch" in tr and "micro_batch" in tr else 1
     return launch_argv(str(path), tp=par.get("tp", 1), pp=par.get("pp", 1), dp=dp, ep=par.get("ep", 1),
                        optimizer=tr.get("optimizer", "teon"), micro_batch=tr.get("micro_batch"),

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
-from launch.corpus import CORPUS_MODULES, EOT, VAL_EVERY, load_documents, split_documents
+from launch.corpus import CORPUS_MODULES, EOT, VAL_EVERY, corpus_digest, load_documents, split_documents
 
 LAUNCH = Path(__file__).resolve().parent
 REPO = LAUNCH.parent
@@ -324,7 +324,7 @@ def embedded_corpus():
     docs = load_documents()
     train, val = split_documents(docs)
     info = {"modules": list(CORPUS_MODULES), "val_every": VAL_EVERY,
-            "sha256": hashlib.sha256("\0".join(docs).encode()).hexdigest()[:12],
+            "sha256": corpus_digest(docs),
             "python": sys.version.split()[0]}
     return train, val, info
 

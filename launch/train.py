@@ -3,7 +3,6 @@ the loop, the outputs. Imported only after launch/options.py has checked the set
 megatron-core, DeepSpeed and torch)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from launch import checkpoint
-from launch.corpus import CORPUS_MODULES, load_documents, split_documents
+from launch.corpus import CORPUS_MODULES, corpus_digest, load_documents, split_documents
 from launch.data import TrainBatches, build_tokenizer, encode, indexed_data, val_batches
 from launch.engines import DeepSpeedBackend, MegatronBackend, deepspeed_config
 from launch.model import build_model, padded_vocab
@@ -156,7 +155,7 @@ def run(args) -> dict:
             # (reused from the run directory when resuming, so the token ids cannot change).
             docs = load_documents()
             train_docs, val_docs = split_documents(docs)
-            digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()[:12]
+            digest = corpus_digest(docs)
             tok_path = run_dir / "tokenizer.json"
             if resume_from is not None and tok_path.exists():
                 from tokenizers import Tokenizer
