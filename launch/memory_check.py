@@ -40,12 +40,15 @@ def measured_peak_bytes(argv: Sequence[str], device: str) -> float:
         out = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env, capture_output=True, text=True,
                              check=True).stdout
         return float(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK")))
-    proc = subprocess.Popen([sys.executable, "-m", "launch.pretrain", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"launch.pretrain {' '.join(argv)} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    # stderr to a file, not a pipe: a pipe nobody reads while wait4 waits fills up and stalls the child.
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "launch.pretrain", *argv], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            stderr.seek(0)
+            raise SystemExit(f"launch.pretrain {' '.join(argv)} failed:\n{stderr.read().decode()[-2000:]}")
     return usage.ru_maxrss * 1024.0  # KiB on Linux
 
 
