@@ -255,7 +255,7 @@ def save(root: Path, step: int, engine, state: Dict[str, Any], metrics_csv: Opti
          keep_last: int = 0) -> Path:
     """Collective: every rank calls it. Returns the final directory; raises CheckpointError on every rank
     if any rank failed, leaving the earlier checkpoints as they were and no directory --resume could pick."""
-    rank, world = _rank_world()
+    rank, _ = _rank_world()
     name = tag(step)
     tmp, final = root / (TMP_PREFIX + name), root / name
 
