@@ -127,6 +127,8 @@ class FlatStep:
     def __init__(self, plan: ZeroPlan, partition: FlatPartition, me: int, work_group) -> None:
         self.plan, self.partition, self.me, self.work_group = plan, partition, me, work_group
         self.moves = bool(plan.exchanged_jobs())
+        # What this rank receives from each rank in the two rounds: fixed by the plan, so counted once here.
+        self.piece_sizes, self.update_sizes = self._incoming_sizes(), self._incoming_update_sizes()
 
     def expected_bytes(self, itemsize: int) -> Tuple[int, int]:
         """(sent, received) bytes of one step on this rank, from the plan alone."""
@@ -139,12 +141,13 @@ class FlatStep:
             write: WriteUnit, placement: Placement, scale: Callable[[MatrixRef], float]):
         """The update of this rank's partition, and (bytes sent, bytes received, FLOPs computed)."""
         plan, me = self.plan, self.me
-        received, sent_bytes, recv_bytes = self._exchange(self._outgoing_pieces(direction), self._incoming_sizes(),
-                                                          direction)
+        received, sent_bytes, recv_bytes = self._exchange(
+            self._outgoing_pieces(direction) if self.moves else [], self.piece_sizes, direction)
         mine = [job for job in plan.jobs if job.owner == me]
         units = self._assemble(mine, direction, received)
         updates = self._transform(mine, units, transform, read, write, placement, scale)
-        back, s2, r2 = self._exchange(self._outgoing_updates(mine, updates), self._incoming_update_sizes(), direction)
+        back, s2, r2 = self._exchange(self._outgoing_updates(mine, updates) if self.moves else [],
+                                      self.update_sizes, direction)
         out = torch.zeros_like(direction)
         self._write_local(out, updates, back)
         return out, sent_bytes + s2, recv_bytes + r2, sum(job.flops for job in mine)
