@@ -142,7 +142,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._group_of = {n: g for g in self.param_groups for n in g["names"]}
 
     def _topology_name(self, name: str) -> str:
-        return "expert" if self.parallel.spec(name).is_expert else "dense"
+        return self.parallel.spec(name).topology
 
     def _flat_topology(self, partition: FlatPartition):
         """The topology a flat partition is planned on (None in a single process): the expert one

@@ -201,7 +201,7 @@ class DistributedRunner:
         return [g for g, o in zip(groups, owned) if not o], [g for g, o in zip(groups, owned) if o]
 
     def topology_of(self, group: OrthoGroup) -> str:
-        return "expert" if self.specs.get(group.members[0].name, ShardSpec()).is_expert else "dense"
+        return self.specs.get(group.members[0].name, ShardSpec()).topology
 
     def placement(self, m: MatrixRef, topology: Topology) -> _Placement:
         spec = self.specs.get(m.name, ShardSpec())

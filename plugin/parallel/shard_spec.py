@@ -27,6 +27,11 @@ class ShardSpec:
     is_expert: bool = False
     """Expert weights use the expert tensor/data-parallel groups instead of the dense ones."""
 
+    @property
+    def topology(self) -> str:
+        """The name of the topology (groups) the weight is exchanged on: "expert" or "dense"."""
+        return "expert" if self.is_expert else "dense"
+
 
 def full_shape(local_shape: Tuple[int, ...], spec: ShardSpec, tp_size: int) -> Tuple[int, ...]:
     if spec.tp_partition_dim is None or tp_size == 1:
