@@ -84,7 +84,7 @@ def environment(smi=nvidia_smi) -> dict:
         info.update(driver=driver, gpu_memory=memory)
         info["gpu"] = info["gpu"] or name
         info["gpu_count"] = info["gpu_count"] or len(rows)
-    info.update(_git())
+    info.update(git_state())
     return info
 
 
@@ -96,7 +96,8 @@ def _megatron_version() -> Optional[str]:
         return f"not importable ({type(exc).__name__})"
 
 
-def _git() -> dict:
+def git_state() -> dict:
+    """{"git_commit", "git_dirty"} of this checkout (None where git cannot tell)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout

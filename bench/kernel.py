@@ -43,7 +43,6 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Dict, List, Optional, Tuple  # noqa: E402
@@ -303,13 +302,8 @@ def machine_info(gpu: bool) -> dict:
             info.update(driver=env["driver"], gpu_memory=env["gpu_memory"], compute_capability=env["compute_capability"])
         except Exception as exc:  # noqa: BLE001 - metadata only
             info["driver"] = f"unknown ({type(exc).__name__})"
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                                cwd=Path(__file__).parent).stdout.strip())
-    except OSError:
-        pass
+    import gpu_report
+    info.update(gpu_report.git_state())
     return info
 
 
@@ -361,8 +355,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     stem = "kernel_gpu" if gpu else "kernel_cpu_smoke"
     title = "Batched Newton–Schulz: Triton vs torch vs torch.compile" + ("" if gpu else " (CPU smoke run)")
 
+    info = machine_info(gpu)  # once: write() runs after every shape
+
     def write(peak: dict, rows: List[dict]) -> None:
-        info = machine_info(gpu)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         payload = {"machine": info, "method": args.method, "steps": args.steps, "peak": peak,
                    "flop_convention": {"torch": "4*m^2*n + 2*m^3 per step", "triton": "3*m^2*n + m^3 per step",

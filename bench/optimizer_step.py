@@ -299,11 +299,8 @@ def machine_info(device: str) -> dict:
         "cpu_count": os.cpu_count(), "device": device,
         "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
-    try:
-        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                                  if ln.startswith("model name")), "")
-    except OSError:
-        info["cpu_model"] = ""
+    import gpu_report
+    info["cpu_model"] = gpu_report.cpu_model()
     info["cpu_bf16_flags"] = cpu_bf16_flags()
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -311,20 +308,9 @@ def machine_info(device: str) -> dict:
     else:
         from teonspeed.ortho.compute_dtype import cpu_bf16_decision
         info["ns_dtype_auto_cpu"] = cpu_bf16_decision()
-    try:
-        import deepspeed
-        info["deepspeed"] = deepspeed.__version__
-    except Exception as exc:  # noqa: BLE001 - metadata only
-        info["deepspeed"] = f"not importable: {type(exc).__name__}"
-    try:
-        import teonspeed
-        info["teonspeed"] = teonspeed.__version__
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                                cwd=Path(__file__).parent).stdout.strip())
-    except Exception:  # noqa: BLE001 - metadata only
-        pass
+    info["deepspeed"] = gpu_report._version("deepspeed")
+    info["teonspeed"] = gpu_report._version("teonspeed")
+    info.update(gpu_report.git_state())
     return info
 
 

@@ -12,7 +12,7 @@ to DeepSpeed's classes themselves live in patches/.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist

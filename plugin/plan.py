@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 
 from .config import OptimizerConfig, make_config
 from .grouping import GroupingResult

@@ -9,7 +9,6 @@
 - parallel_mode="distributed" in a world of one rank runs the distributed runner (one GPU with an NCCL
   group exercises the exchange) and equals the local step.
 """
-import copy
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ writing one torch.save file per rank; the real backends go through tests/integra
 import errno
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -2,7 +2,6 @@
 parameter) resumes at another data-parallel size exactly like a plain loop would; ZeRO-1/2 (state per DP
 partition) at another DP size and universal checkpoints are refused with the cause and the fix."""
 import pytest
-import torch
 
 import ds_helpers as h
 import teonspeed

@@ -2,7 +2,6 @@
 SVD, a hand-computed TEON step, and Megatron's own QKV split."""
 import copy
 import math
-import warnings
 
 import pytest
 import torch
