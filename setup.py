@@ -4,16 +4,17 @@ torch is pinned to the release that the rest of the stack was verified with. On 
 it first from the CPU index or wheel (scripts/setup_env.sh does), so that pip never resolves the
 pin to a multi-GB CUDA build; on a GPU machine the same pin takes the CUDA build already there.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="teonspeed",
     version="0.1.0",
     description="Muon, TEON and HTMuon optimizers, parallel-aware, for DeepSpeed and Megatron-core",
     python_requires=">=3.10",
-    package_dir={"teonspeed": "plugin", "teonspeed.patches": "patches"},
-    packages=["teonspeed", "teonspeed.ortho", "teonspeed.optim", "teonspeed.parallel", "teonspeed.testing",
-              "teonspeed.patches", "teonspeed.kernels"],
+    # src layout: the package is the folder plugin/teonspeed (patches/ at the top is a link to its patches),
+    # so a folder named `teonspeed` beside a user's script (a clone) cannot shadow the installed package.
+    package_dir={"": "plugin"},
+    packages=find_packages("plugin"),
     install_requires=[
         "torch==2.13.0",
         "numpy",

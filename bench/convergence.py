@@ -113,7 +113,8 @@ def _rank_main(rank, world_size, argv):
 def launch(run: Run, data_dir: Path, eval_every: int, log) -> Run:
     """One launch/pretrain.py run on 2 data-parallel ranks forked from this process (which has imported
     torch, DeepSpeed and Megatron once: a run starts in ~0.1 s instead of ~20 s under torchrun)."""
-    from teonspeed.testing.harness import RankError, run_ranks
+    sys.path.insert(0, str(REPO / "tests"))  # the tests' fork-based rank harness
+    from support.harness import RankError, run_ranks
     argv = ["--steps", str(run.steps), "--seed", str(run.seed), "--name", run.name,
             "--eval-every", str(eval_every), "--data-dir", str(data_dir), "--progress", "off", "--no-plot",
             "--overwrite"]
@@ -148,7 +149,7 @@ def _prepare_parent() -> None:
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
-    from teonspeed.testing import cpu_shims
+    from teonspeed.patches import cpu_shims
     cpu_shims.apply()  # (what launch.pretrain does under --device cpu, once here for the forked ranks)
     from launch import pretrain, train  # noqa: F401  (megatron, deepspeed, teonspeed)
 

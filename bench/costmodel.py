@@ -6,7 +6,7 @@ vs every-rank-computes ("replicated"), against the forward/backward time of a tr
 
 Nothing here is measured on a GPU. Every constant is a field of `Assumptions` (printed into the outputs); the
 hardware ones are its `cluster`, the package's own ClusterProfile (--nvlink-bw, --ib-bw, ... override them).
-The structure of the model follows the implementation (plugin/parallel/distributed.py) exactly:
+The structure of the model follows the implementation (plugin/teonspeed/parallel/distributed.py) exactly:
 
   groups     the optimizer's groups of one pipeline stage, from the model's matrix shapes: TEON stacks
              q/k/v of `teon_k` consecutive layers, every other matrix (o, gate, up, down, each expert's)
@@ -30,7 +30,7 @@ The structure of the model follows the implementation (plugin/parallel/distribut
              as above (replicated groups, then the owner-compute waves).
   deepspeed  DeepSpeed 0.19.8's own Muon under ZeRO-1/2 (see deepspeed_time), for comparison; at ZeRO
              stage 0 (deepspeed_zero0_time) every rank runs it on each local weight: replicated, TP-local.
-  zero       teonspeed's own ZeRO-1/2 step (plugin/parallel/flat.py): the hidden matrices of one stage in
+  zero       teonspeed's own ZeRO-1/2 step (plugin/teonspeed/parallel/flat.py): the hidden matrices of one stage in
              the model's parameter order (HF names: q, k, v, o, gate, up, down per layer; TP-local shapes)
              form one flat param group cut into DP equal partitions (DeepSpeed's alignment padding
              ignored); teonspeed.parallel.zero_partition.plan_zero_partition, the implementation's own
@@ -419,7 +419,7 @@ def zero_layout(model: ModelSpec, optimizer: str, a: Assumptions, dp: int, exper
 
 def zero_plan(layout: ZeroLayout, tp: int, dp: int, ns_steps: int, cluster: ClusterProfile = ClusterProfile(),
               itemsize: int = 4) -> ZeroPlan:
-    """The implementation's plan (what plugin/parallel/flat.py plan_partition builds on every rank: NS
+    """The implementation's plan (what plugin/teonspeed/parallel/flat.py plan_partition builds on every rank: NS
     FLOPs of the full, TP-gathered stacks as the cost, jobs balanced with `cluster`'s constants); work
     rank d·T + t: Megatron's order, TP adjacent."""
     work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
@@ -680,7 +680,7 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
              "gradient copied to each from ZeRO's default all-reduce, which AdamW pays too, so it adds no byte; "
              "under TP it orthogonalizes the local shard, a different update). *AdamW MB*: the "
              "data-parallel all-reduce of the same gradients, per rank and direction, which every optimizer "
-             "pays. *teonspeed ZeRO-1/2*: teonspeed's partition-local step under DeepSpeed ZeRO-1/2 (plugin/parallel/"
+             "pays. *teonspeed ZeRO-1/2*: teonspeed's partition-local step under DeepSpeed ZeRO-1/2 (plugin/teonspeed/parallel/"
              "flat.py): the hidden matrices of a stage, in the model's parameter order and TP-local shapes, as one "
              "flat param group cut into DP equal partitions; the implementation's planner (plan_zero_partition) "
              "runs on that layout: a job inside a partition is computed there (TP-gathered among that partition's "

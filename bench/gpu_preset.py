@@ -143,15 +143,12 @@ TINY_PRESET = Preset(shape=LlamaShape(vocab=512, hidden=32, ffn=64, heads=2, lay
 
 
 def import_teonspeed():
-    """teonspeed, installed or straight from this checkout's plugin/ (the GPU image has no install of it)."""
+    """teonspeed, installed or straight from this checkout's plugin/teonspeed (the GPU image has no install of it)."""
     try:
         import teonspeed
         return teonspeed
     except ImportError:
-        import tempfile
-        link_dir = Path(tempfile.mkdtemp(prefix="teonspeed_"))
-        (link_dir / "teonspeed").symlink_to(REPO / "plugin", target_is_directory=True)
-        sys.path.insert(0, str(link_dir))
+        sys.path.insert(0, str(REPO / "plugin"))
         import teonspeed
         return teonspeed
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' harness (free_port)
 
 import gpu_report  # noqa: E402
 from optimizer_step import llama_param_shapes  # noqa: E402
@@ -83,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    from teonspeed.testing.harness import free_port
+    from support.harness import free_port
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if cuda else "gloo"

@@ -12,7 +12,7 @@ teonspeed.megatron.get_megatron_optimizer.
     .venv/bin/python bench/scaling.py --modes megatron-distopt  # only the distributed-optimizer rows (~1 min)
 
 A layout "TxD" is tensor-parallel size T times data-parallel size D (T·D ranks, forked with
-teonspeed.testing.harness.run_ranks, gloo on loopback). Every rank builds a megatron-core GPT
+tests/support/harness.py run_ranks, gloo on loopback). Every rank builds a megatron-core GPT
 (hidden 128, 8 layers, 8 heads, 4 query groups, ffn 352, gated; the tests' tiny_gpt at a larger size)
 for its TP position, so the shard layout is Megatron's own; gradients are deterministic functions of the
 global parameter name (identical on every DP replica, like averaged gradients). Each rank runs
@@ -110,7 +110,7 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
     from megatron.core import parallel_state as ps
     from teonspeed.parallel.owners import ns_flops
     from teonspeed.parallel.shard_spec import megatron_shard_specs
-    from teonspeed.testing.synthetic import local_tensor
+    from support.synthetic import local_tensor
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     config = mm.tiny_config(num_layers=num_layers, hidden=MODEL["hidden"], heads=MODEL["heads"],
@@ -218,7 +218,7 @@ def distopt_worker(rank: int, world_size: int, tp: int, optimizer: str, mode: st
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
     from teonspeed.parallel.owners import ns_flops
     from teonspeed.parallel.shard_spec import megatron_shard_specs
-    from teonspeed.testing.synthetic import local_tensor
+    from support.synthetic import local_tensor
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     config = mm.tiny_config(num_layers=num_layers, hidden=MODEL["hidden"], heads=MODEL["heads"],
@@ -527,7 +527,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)  # before any tensor op: the ranks are forked
     import megatron_models  # noqa: F401  (import once in the parent; the children inherit it)
     import teonspeed  # noqa: F401
-    from teonspeed.testing.harness import run_ranks
+    from support.harness import run_ranks
 
     out_json = args.out_dir / "scaling_cpu.json"
     data = {"runs": {}}

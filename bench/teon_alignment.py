@@ -102,7 +102,7 @@ def trained_muon(size: str, steps: int, lr: float, data_dir: Path):
     from launch.train import init_parallel
 
     import teonspeed
-    from teonspeed.testing import cpu_shims
+    from teonspeed.patches import cpu_shims
     cpu_shims.apply()  # what launch.pretrain does under --device cpu
     argv = ["--steps", str(steps), "--data-dir", str(data_dir), "--zero-stage", "0"]
     if SIZES[size]:

@@ -4,7 +4,7 @@ bytes per rank, Newton–Schulz FLOPs per rank, step time, and whether the two u
     .venv/bin/python bench/zero_side_by_side.py                      # 2 and 4 ranks
     .venv/bin/python bench/zero_side_by_side.py --ranks 2,4,8 --steps 6
 
-Ranks are forked in-process (teonspeed.testing.harness.run_ranks, gloo on loopback); each builds the same
+Ranks are forked in-process (tests/support/harness.py run_ranks, gloo on loopback); each builds the same
 LLaMA-named model (tests/tiny_models.TinyLlama at --hidden/--layers) and trains it through
 `deepspeed.initialize` with `"zero_optimization": {"stage": 1}` and one of:
 
@@ -130,7 +130,7 @@ class CollectiveBytes:
 def worker(rank: int, world_size: int, variant: str, hidden: int, layers: int, warmup: int, steps: int):
     import torch
     import torch.distributed as dist
-    from teonspeed.testing import cpu_shims
+    from teonspeed.patches import cpu_shims
     cpu_shims.apply()
     import deepspeed
     from deepspeed.runtime.zero.muon import original_muon
@@ -196,7 +196,7 @@ def rel_max(a: Dict[str, Any], b: Dict[str, Any]) -> float:
 
 
 def measure(world_size: int, args) -> Dict[str, Any]:
-    from teonspeed.testing.harness import run_ranks
+    from support.harness import run_ranks
     runs = {v: run_ranks(worker, world_size, v, args.hidden, args.layers, args.warmup, args.steps, timeout=900)
             for v in VARIANTS}
     row: Dict[str, Any] = dict(ranks=world_size, params=runs["AdamW"][0]["numel"])
@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS_DIR / "zero_side_by_side_cpu"))
     args = parser.parse_args()
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    from teonspeed.testing import cpu_shims
+    from teonspeed.patches import cpu_shims
     cpu_shims.apply()
     import deepspeed  # noqa: F401  (imported before forking, like the tests)
     import scaling

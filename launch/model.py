@@ -46,7 +46,7 @@ def build_model(args, vocab_size: int) -> GPTModel:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
         model_parallel_cuda_manual_seed(args.seed)
     else:
-        from teonspeed.testing import cpu_shims
+        from teonspeed.patches import cpu_shims
         cpu_shims.megatron_seed(args.seed)  # model_parallel_cuda_manual_seed without CUDA
     # One spec per layer: dense, MoE (moe_layer_freq) or MLA, all with megatron-core's local modules.
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)

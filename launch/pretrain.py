@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     args = check(argv, launch_world_size())
     if args.device == "cpu":
         # Megatron asks CUDA for devices and RNG trackers at import and build time: the shims answer "cpu".
-        from teonspeed.testing import cpu_shims
+        from teonspeed.patches import cpu_shims
         cpu_shims.apply()
     from launch.train import run
     return run(args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import shutil
 import time
 from pathlib import Path
@@ -33,8 +34,7 @@ def init_parallel(args) -> tuple[int, int, int]:
         torch.set_num_threads(1)  # 2 processes on 2 cores: one thread each, no oversubscription
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # plain `python -m launch.pretrain`: a world of one
-            from teonspeed.testing.harness import free_port
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0")
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp,
@@ -284,3 +284,10 @@ def run(args) -> dict:
         if progress is not None:
             progress.close()
         shutdown(owned)
+
+
+def _free_port() -> int:
+    """A TCP port free on the loopback now, for a world of one (its store listens there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

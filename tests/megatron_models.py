@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from teonspeed.testing import cpu_shims
+from teonspeed.patches import cpu_shims
 
 cpu_shims.apply()
 

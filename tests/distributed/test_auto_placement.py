@@ -8,7 +8,7 @@ the FLOP rate / link bandwidth ratio is set between the two, with latencies made
 """
 import pytest
 
-from teonspeed.testing.harness import RankError, run_ranks
+from support.harness import RankError, run_ranks
 from test_parallel_step import assert_same_model, gather_full, reference, train
 
 # FLOP/s over bytes/s: 240 puts the break-even between k/v and the rest (the owners' exchange half hidden

@@ -8,8 +8,8 @@ import torch
 import megatron_models as mm
 import teonspeed
 from teonspeed.parallel.flat import FlatEntry, FlatPartition
-from teonspeed.testing.device_standin import DeviceError, DeviceRecorder, set_standin_grads, to_standin
-from teonspeed.testing.harness import run_ranks
+from support.device_standin import DeviceError, DeviceRecorder, set_standin_grads, to_standin
+from support.harness import run_ranks
 
 OPTIMIZERS = {"muon": teonspeed.Muon, "teon": teonspeed.TEON, "htmuon": teonspeed.HTMuon}
 

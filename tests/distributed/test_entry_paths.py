@@ -7,8 +7,8 @@ import torch
 import megatron_models as mm
 import teonspeed
 from teonspeed.parallel.shard_spec import assemble, megatron_shard_specs
-from teonspeed.testing.harness import run_ranks
-from teonspeed.testing.synthetic import global_name, local_tensor
+from support.harness import run_ranks
+from support.synthetic import global_name, local_tensor
 
 ENTRIES = ("module", "named_parameters", "param_groups", "plain_param_groups")
 STEPS = 3

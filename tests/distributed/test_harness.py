@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from teonspeed.testing.harness import RankError, run_ranks
+from support.harness import RankError, run_ranks
 
 
 def _all_reduce(rank, world_size):

@@ -11,8 +11,8 @@ import torch
 import megatron_models as mm
 import teonspeed
 from teonspeed.parallel.shard_spec import assemble, megatron_shard_specs
-from teonspeed.testing.harness import run_ranks
-from teonspeed.testing.synthetic import global_name, local_tensor
+from support.harness import run_ranks
+from support.synthetic import global_name, local_tensor
 
 OPTIMIZERS = {"muon": teonspeed.Muon, "teon": teonspeed.TEON, "htmuon": teonspeed.HTMuon}
 STEPS = 3

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import teonspeed
 from teonspeed.parallel.context import ParallelContext
-from teonspeed.testing.harness import RankError, run_ranks
+from support.harness import RankError, run_ranks
 from tiny_models import TinyLlama
 
 STEPS = 3

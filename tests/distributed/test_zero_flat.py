@@ -15,7 +15,7 @@ from teonspeed.parallel.flat import FlatEntry, FlatPartition, FlatStep
 from teonspeed.parallel.owners import ns_flops
 from teonspeed.parallel.shard_spec import shard_of
 from teonspeed.parallel.zero_partition import plan_zero_partition
-from teonspeed.testing.harness import run_ranks
+from support.harness import run_ranks
 
 TP = 2
 

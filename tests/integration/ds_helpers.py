@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from teonspeed.testing import cpu_shims
+from teonspeed.patches import cpu_shims
 
 cpu_shims.apply()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from teonspeed.testing.harness import run_ranks
+from support.harness import run_ranks
 
 torch.set_num_threads(1)  # before any tensor op: run_ranks forks this process
 from launch import checkpoint, engines  # noqa: E402
@@ -240,7 +240,7 @@ def _deepspeed_zero1(rank, world, root):
 
 
 def test_deepspeed_full_disk_on_one_rank_and_planted_pickle(tmp_path):
-    from teonspeed.testing import cpu_shims
+    from teonspeed.patches import cpu_shims
     cpu_shims.apply()
     import deepspeed  # noqa: F401  (in the parent: the forked ranks must not import it)
     results = run_ranks(_deepspeed_zero1, 2, tmp_path, timeout=60)

@@ -3,7 +3,7 @@ of the latest checkpoint is truncated; --resume-strict stops naming that file, -
 previous checkpoint and continues exactly (the losses after it equal the first run's)."""
 import pytest
 
-from teonspeed.testing.harness import RankError
+from support.harness import RankError
 from test_pretrain import TINY, data_dir, train  # noqa: F401  (data_dir: the module's dataset fixture)
 
 

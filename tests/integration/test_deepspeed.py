@@ -12,7 +12,7 @@ import torch
 
 import ds_helpers as h
 import teonspeed
-from teonspeed.testing.harness import RankError, run_ranks
+from support.harness import RankError, run_ranks
 
 TYPES = {"TEON": teonspeed.TEON, "TeonspeedMuon": teonspeed.Muon, "TeonspeedHTMuon": teonspeed.HTMuon}
 REPO = Path(__file__).resolve().parents[2]
@@ -227,7 +227,7 @@ def test_deepspeed_launcher_trains_from_a_json_config(tmp_path):
 
 
 def _free_port():
-    from teonspeed.testing.harness import free_port
+    from support.harness import free_port
     return free_port()
 
 

@@ -5,7 +5,7 @@ import pytest
 
 import ds_helpers as h
 import teonspeed
-from teonspeed.testing.harness import RankError, run_ranks
+from support.harness import RankError, run_ranks
 
 STEPS, SAVE_AT = 5, 3
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ds_helpers as h
-from teonspeed.testing.harness import RankError, run_ranks
+from support.harness import RankError, run_ranks
 
 WORLD, EP, STEPS = 4, 2, 2
 

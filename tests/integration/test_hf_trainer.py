@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_hf_trainer_with_auto_params_agrees_across_zero_stages(tmp_path):
     import transformers  # noqa: F401  (a dev requirement: missing, this test fails rather than skips)
-    from teonspeed.testing.harness import free_port
+    from support.harness import free_port
     out = tmp_path / "results.json"
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),

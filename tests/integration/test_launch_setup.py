@@ -62,7 +62,7 @@ def _meta_build(config, tp, pp, ep):
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     from launch.model import build_model, padded_vocab
-    from teonspeed.testing import cpu_shims
+    from teonspeed.patches import cpu_shims
     cpu_shims.apply()
     # The all-to-all dispatcher (moe_small) makes a CUDA stream at build time, used only when it runs on a GPU.
     MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = MoEAlltoAllTokenDispatcher.cuda_dtoh_stream or object()

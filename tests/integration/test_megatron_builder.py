@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import megatron_models as mm
-from teonspeed.testing.harness import RankError, run_ranks
+from support.harness import RankError, run_ranks
 
 
 def build(tp=1, optimizer="teon", layers=None, **config_kw):

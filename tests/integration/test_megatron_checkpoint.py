@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import megatron_models as mm
-from teonspeed.testing.harness import RankError, run_ranks
+from support.harness import RankError, run_ranks
 
 STEPS, SAVE_AT = 4, 2
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import megatron_models as mm
-from teonspeed.testing.harness import run_ranks
+from support.harness import run_ranks
 from test_megatron_builder import build, local_params, run_steps, train
 
 CLIP = 0.05  # the tiny model's gradient norm is ~1.5: every step clips (asserted)

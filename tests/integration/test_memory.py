@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 from launch import memory as mem  # noqa: E402
 from teonspeed.grouping import adamw_reason  # noqa: E402
-from teonspeed.testing import cpu_shims  # noqa: E402
-from teonspeed.testing.harness import run_ranks  # noqa: E402
+from teonspeed.patches import cpu_shims  # noqa: E402
+from support.harness import run_ranks  # noqa: E402
 
 cpu_shims.apply()
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from teonspeed.testing.harness import RankError, free_port, run_ranks
+from support.harness import RankError, free_port, run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from launch import corpus, prepare_data, pretrain  # noqa: E402
 from launch import options as launch_options  # noqa: E402
-from teonspeed.testing import cpu_shims  # noqa: E402
+from teonspeed.patches import cpu_shims  # noqa: E402
 
 cpu_shims.apply()  # what pretrain.main does under --device cpu; the forked ranks inherit the imports
 from launch import train as _train  # noqa: E402,F401  (megatron, deepspeed: imported once in the parent)

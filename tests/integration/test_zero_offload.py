@@ -3,7 +3,7 @@ the parallel step's NCCL exchange cannot take: refused at deepspeed.initialize w
 import pytest
 
 import ds_helpers as h
-from teonspeed.testing.harness import RankError, run_ranks
+from support.harness import RankError, run_ranks
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -13,7 +13,7 @@ import megatron_models as mm
 def parallel_state():
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from teonspeed.testing.harness import free_port
+    from support.harness import free_port
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     ps.initialize_model_parallel(1, 1)
     yield ps

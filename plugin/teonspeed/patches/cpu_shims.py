@@ -6,7 +6,8 @@ Each shim is the smallest change that was measured to be needed (shared/research
   answer "cpu", and use the inference RNG tracker whose fork() does nothing.
 - Megatron's pipeline schedules and MoE utils hard-code CUDA / Transformer-Engine symbols.
 - Megatron's bf16 wrapper and gradient clipping check for CUDA tensor types.
-`apply()` is idempotent. It never runs on a machine with CUDA.
+`apply()` is idempotent. It never runs on a machine with CUDA. Like every patch it checks the installed
+versions first (WRITTEN_FOR) and refuses others: these shims reach into private names.
 """
 from __future__ import annotations
 
@@ -14,6 +15,27 @@ import importlib
 import types
 
 _APPLIED = False
+# The versions these shims were written against: "deepspeed" exact releases, megatron-core a minor series.
+WRITTEN_FOR = {"deepspeed": ("0.19.8",), "megatron-core": ("0.16.",)}
+
+
+class UnsupportedVersion(RuntimeError):
+    pass
+
+
+def check_versions() -> None:
+    """Refuse an installed DeepSpeed or megatron-core these shims were not written for (absent is fine)."""
+    from importlib import metadata
+    for dist_name, prefixes in WRITTEN_FOR.items():
+        try:
+            version = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            continue
+        if not any(version == p or (p.endswith(".") and version.startswith(p)) for p in prefixes):
+            wanted = " or ".join(p + "x" if p.endswith(".") else p for p in prefixes)
+            raise UnsupportedVersion(
+                f"teonspeed: the CPU shims (teonspeed/patches/cpu_shims.py) were written for {dist_name} {wanted}, "
+                f"but {dist_name} {version} is installed; install {dist_name} {wanted} to run on a CPU-only machine")
 
 
 def apply() -> None:
@@ -21,6 +43,7 @@ def apply() -> None:
     import torch
     if _APPLIED or torch.cuda.is_available():
         return
+    check_versions()
     _APPLIED = True
     torch.cuda.current_device = lambda: "cpu"  # Megatron builds buffers on torch.cuda.current_device()
     _patch_deepspeed()

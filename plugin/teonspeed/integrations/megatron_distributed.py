@@ -28,10 +28,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .megatron import TeonFP32Optimizer
-from .optim import OrthoOptimizer
-from .optim.base import LAYOUT_KEY
-from .parallel.flat import BucketShard, FlatEntry, FlatPartition
+from .megatron_wrappers import TeonFP32Optimizer
+from ..optim import OrthoOptimizer
+from ..optim.base import LAYOUT_KEY
+from ..parallel.flat import BucketShard, FlatEntry, FlatPartition
 
 
 def check_supported(config, model_chunks) -> None:

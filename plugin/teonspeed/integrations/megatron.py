@@ -17,16 +17,18 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .config import QKV_TYPES
-from .fused import annotate_model
-from .optim import HTMuon, Muon, OrthoOptimizer, TEON
-from .optim.base import LAYOUT_KEY
-from .parallel.context import megatron_groups_context
-from .parallel.shard_spec import megatron_shard_specs
+from ..config import QKV_TYPES
+from ..fused import annotate_model
+from ..optim import HTMuon, Muon, OrthoOptimizer, TEON
+from ..parallel.context import megatron_groups_context
+from ..parallel.shard_spec import megatron_shard_specs
 
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer, MegatronOptimizer
+from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+from . import megatron_distributed
+from .megatron_wrappers import TeonFloat16Optimizer, TeonFP32Optimizer, grad_scaler, init_state
 
 MEGATRON_TYPES = {"muon": Muon, "teon": TEON, "htmuon": HTMuon}
 
@@ -83,7 +85,6 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
         raise ValueError(f"teonspeed: TeonOptimizerConfig.optimizer must be one of {sorted(MEGATRON_TYPES)}, "
                          f"got {config.optimizer!r}; use megatron.core.optimizer.get_megatron_optimizer for Adam/SGD")
     if config.use_distributed_optimizer:
-        from . import megatron_distributed
         megatron_distributed.check_supported(config, model_chunks)
     elif any(getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in model_chunks):
         # DDP then reduce-scatters: only this rank's bucket partition of each gradient is reduced
@@ -105,55 +106,9 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
     if config.use_distributed_optimizer:
         return megatron_distributed.wrap(optimizer, config, model_chunks)
     if not (config.bf16 or config.fp16):
-        return TeonFP32Optimizer(optimizer, config, init_state_fn=_init_state)
-    wrapper = TeonFloat16Optimizer(optimizer, config, grad_scaler=_grad_scaler(config), init_state_fn=_init_state)
+        return TeonFP32Optimizer(optimizer, config, init_state_fn=init_state)
+    wrapper = TeonFloat16Optimizer(optimizer, config, grad_scaler=grad_scaler(config), init_state_fn=init_state)
     # Megatron swapped the bf16/fp16 parameters for fp32 main copies in the param groups.
     optimizer.rebind(zip((p for g in wrapper.fp32_from_float16_groups for p in g),
                          (p for g in wrapper.float16_groups for p in g)))
     return wrapper
-
-
-def _init_state(optimizer: OrthoOptimizer, config=None) -> None:
-    """Megatron's init_state_fn: before a torch_dist load, every state tensor must exist to be asked for."""
-    optimizer.init_state()
-
-
-class _TeonCheckpointing:
-    """What Megatron's wrappers need to checkpoint a teonspeed optimizer.
-
-    - Megatron matches saved param groups to current ones by (wd_mult, lr_mult, ...) keys, which cannot
-      tell our matrix and AdamW groups apart: ours are saved and loaded in one order, by position.
-    - torch_dist checkpoints store each state tensor sharded like its parameter, so they reshard to
-      another TP/PP/EP layout on load by themselves: the layout check of a plain state dict is dropped.
-    """
-
-    @staticmethod
-    def _filter_and_reorder_param_groups(current_groups, state_dict_groups):
-        if len(current_groups) != len(state_dict_groups):
-            raise ValueError(f"teonspeed: the checkpoint has {len(state_dict_groups)} optimizer param groups, this "
-                             f"optimizer {len(current_groups)}: it was saved with other teonspeed options")
-        return state_dict_groups
-
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
-        state = super().sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
-        state.get("optimizer", state).pop(LAYOUT_KEY, None)
-        return state
-
-
-class TeonFP32Optimizer(_TeonCheckpointing, FP32Optimizer):
-    """Megatron's FP32Optimizer around a teonspeed optimizer."""
-
-
-class TeonFloat16Optimizer(_TeonCheckpointing, Float16OptimizerWithFloat16Params):
-    """Megatron's bf16/fp16 wrapper (fp32 main params) around a teonspeed optimizer."""
-
-
-def _grad_scaler(config: OptimizerConfig):
-    from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
-    if config.bf16:
-        return None
-    if config.loss_scale:
-        return ConstantGradScaler(config.loss_scale)
-    return DynamicGradScaler(initial_scale=config.initial_loss_scale, min_scale=config.min_loss_scale,
-                             growth_factor=2.0, backoff_factor=0.5, growth_interval=config.loss_scale_window,
-                             hysteresis=config.hysteresis)

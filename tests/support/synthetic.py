@@ -8,7 +8,7 @@ import zlib
 
 import torch
 
-from ..parallel.shard_spec import ShardSpec, full_shape, shard_of
+from teonspeed.parallel.shard_spec import ShardSpec, full_shape, shard_of
 
 
 def global_name(name: str, spec: ShardSpec) -> str:

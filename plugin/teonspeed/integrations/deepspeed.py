@@ -1,6 +1,6 @@
 """DeepSpeed integration: `"optimizer": {"type": "TEON", "params": {...}}` in a DeepSpeed config.
 
-    import teonspeed                      # registers the types (patches/deepspeed_0_19.py)
+    import teonspeed                      # registers the types when DeepSpeed is imported
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                              config="ds_config.json", mpu=teonspeed.deepspeed.MegatronMPU())
 
@@ -11,18 +11,17 @@ to DeepSpeed's classes themselves live in patches/.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
 
-from .fused import annotate_model
-from .optim import HTMuon, Muon, OrthoOptimizer, TEON
-from .parallel.context import ParallelContext
-from .parallel.cost import adamw_bytes
-from .parallel.flat import FlatEntry, FlatPartition
-from .parallel.shard_spec import megatron_shard_specs
+from ..fused import annotate_model
+from ..optim import HTMuon, Muon, OrthoOptimizer, TEON
+from ..parallel.context import ParallelContext
+from ..parallel.cost import adamw_bytes
+from ..parallel.flat import FlatEntry, FlatPartition
+from ..parallel.shard_spec import megatron_shard_specs
 
 DEEPSPEED_TYPES = {"TEON": TEON, "TeonspeedMuon": Muon, "TeonspeedHTMuon": HTMuon}
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
@@ -218,18 +217,5 @@ def attach_unfused_fp32_masters(wrapper) -> None:
 
 def register() -> None:
     """Apply the DeepSpeed patch (idempotent); refuses DeepSpeed versions it was not written for."""
-    from .patches import deepspeed_0_19
+    from ..patches import deepspeed_0_19
     deepspeed_0_19.apply()
-
-
-def _register_if_installed() -> None:
-    """At `import teonspeed`: register when DeepSpeed is installed; an unsupported version only warns
-    here (and raises when `register()` is called explicitly)."""
-    import importlib.util
-    if importlib.util.find_spec("deepspeed") is None:
-        return
-    from .patches import deepspeed_0_19
-    try:
-        deepspeed_0_19.apply()
-    except deepspeed_0_19.UnsupportedVersion as err:
-        warnings.warn(str(err), RuntimeWarning, stacklevel=3)

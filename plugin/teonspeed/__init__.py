@@ -15,9 +15,18 @@ from .plan import Plan, plan
 
 __version__ = "0.1.0"
 
-from . import deepspeed  # noqa: E402  (the integration module; it imports DeepSpeed only when used)
+from . import deepspeed  # noqa: E402  (teonspeed.deepspeed.MegatronMPU; imports DeepSpeed only when used)
+from .integrations import deepspeed_hook  # noqa: E402
 
-deepspeed._register_if_installed()
+deepspeed_hook.install()  # the DeepSpeed config types, registered when DeepSpeed is imported (before or after)
+
+
+def __getattr__(name):
+    # teonspeed.megatron imports megatron-core: loaded on first use, never by `import teonspeed`
+    if name == "megatron":
+        import importlib
+        return importlib.import_module(".megatron", __name__)
+    raise AttributeError(f"module 'teonspeed' has no attribute {name!r}")
 
 __all__ = ["orthogonalize", "heavy_tail", "Muon", "TEON", "HTMuon", "OrthoOptimizer", "OptimizerConfig",
            "make_config", "plan", "Plan", "LayerRef", "layer_ref", "FusedLayout", "qkv_layout",

@@ -41,7 +41,7 @@ def apply() -> None:
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from teonspeed import deepspeed as integration
+    from teonspeed.integrations import deepspeed as integration
     from teonspeed.optim import OrthoOptimizer
 
     Engine = engine_module.DeepSpeedEngine
