@@ -20,6 +20,7 @@ from launch.schedule import lr_factor
 REPO = Path(__file__).resolve().parents[2]
 MODELS = sorted(p.stem for p in configs.MODELS_DIR.glob("*.yaml"))
 LAYOUTS = sorted(configs.LAYOUTS_DIR.glob("*.yaml"))
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 ENV = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="default")
 
 
@@ -82,8 +83,8 @@ def _meta_build(config, tp, pp, ep):
 
 
 def build_matrix():
-    """Per config its strictest layouts (largest TP; largest PP; largest EP) plus every layout the README
-    and configs/models/layouts/ name."""
+    """Per config its strictest layouts (largest TP; largest PP; largest EP) plus every layout the README,
+    docs/ and configs/models/layouts/ name."""
     cases = set()
     for name in MODELS:
         layouts = user_layouts(name)
@@ -94,14 +95,16 @@ def build_matrix():
         raw = configs.read_yaml(path)
         par = raw["parallel"]
         cases.add((path.stem, par.get("tp", 1), par.get("pp", 1), par.get("ep", 1)))
-    for config, tp, pp in re.findall(r"--model-config (\S+)\s+--tp (\d+)\s+--pp (\d+)", readme_text()):
-        cases.add((config, int(tp), int(pp), 1))
+    for doc in DOCS:
+        for config, tp, pp in re.findall(r"--model-config (\S+)\s+--tp (\d+)\s+--pp (\d+)", doc_text(doc)):
+            cases.add((config, int(tp), int(pp), 1))
     return sorted(cases)
 
 
-def readme_text():
-    """README.md with list items' continuation lines joined (commands in backticks span lines)."""
-    return re.sub(r"\n {2,}(?=\S)", " ", (REPO / "README.md").read_text())
+
+def doc_text(path: Path) -> str:
+    """A markdown file with list items' continuation lines joined (commands in backticks span lines)."""
+    return re.sub(r"\n {2,}(?=\S)", " ", path.read_text())
 
 
 @pytest.mark.parametrize("config,tp,pp,ep", build_matrix())
@@ -136,7 +139,7 @@ def test_the_validator_catches_what_megatron_refuses(tmp_path):
             dist.destroy_process_group()
 
 
-# --- the README's SLURM steps, verbatim, under --dry-run with fake SLURM variables -------------------------
+# --- the SLURM walkthrough's steps (docs/launch.md), verbatim, under --dry-run with fake SLURM variables ---
 def fake_data_dir(root: Path, name: str) -> None:
     data = root / name
     data.mkdir(parents=True)
@@ -148,7 +151,7 @@ def fake_data_dir(root: Path, name: str) -> None:
 def test_readme_slurm_steps_run_verbatim_under_dry_run(tmp_path, monkeypatch, capsys):
     from launch import memory
     from launch.slurm import launch as slurm
-    section = readme_text().split("## A multi-node run under SLURM")[1].split("\n## ")[0]
+    section = doc_text(REPO / "docs" / "launch.md").split("## A multi-node run under SLURM")[1].split("\n## ")[0]
     commands = [c for c in re.findall(r"`([^`]+)`", section) if c.startswith((".venv/bin/python -m launch", "sbatch "))]
     memory_cmds = [c for c in commands if "launch.memory" in c]
     dry_runs = [c for c in commands if "launch.slurm.launch --dry-run" in c]
