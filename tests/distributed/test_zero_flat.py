@@ -77,7 +77,7 @@ def step(rank, world_size, layout):
                                {e.name: e.shape for e in entries}, layout.partition, layout.dp, TP, work_rank,
                                cost=lambda g: ns_flops(g.stacked_shape, 5),
                                tp_sharded=lambda m: layout.matrices[m.name][1] is not None, cluster=layout.cluster)
-    runner = FlatStep(plan, partition, rank, dist.group.WORLD)
+    runner = FlatStep(plan, partition.dp_rank, rank, dist.group.WORLD)
     lo, hi = d * layout.partition, (d + 1) * layout.partition
     direction = layout.local_flat({n: full(n, layout) for n in layout.matrices}, t)[lo:hi]
     update, sent, received, flops = runner.run(direction, transform, read=lambda m, unit: unit,

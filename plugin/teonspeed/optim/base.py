@@ -25,7 +25,7 @@ from ..ortho.compute_dtype import check_cpu_bf16_env
 from ..parallel.context import ParallelContext, check_stage_cuts, megatron_context, megatron_context_of_parameters
 from ..parallel.cost import adamw_bytes, cluster_profile
 from ..parallel.distributed import DistributedRunner
-from ..parallel.flat import BucketShard, FlatPartition, FlatStep, gather_work_ranks, plan_partition
+from ..parallel.flat import BucketShard, FlatPartition, FlatStep, gather_work_ranks, plan_partitions
 from ..parallel.local import LocalRunner, MatrixIO, Runner, StepCheck
 from ..parallel.owners import ns_flops
 from ..parallel.topology import build_step_group, build_topology
@@ -92,7 +92,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._runner: Runner = self._make_runner()
         self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
         self._flat_steps: Dict[int, FlatStep] = {}  # id(flat partition tensor) -> its planned step
-        self._buckets: List[Tuple[BucketShard, FlatStep]] = []  # Megatron distributed optimizer
+        # Megatron distributed optimizer: each bucket partition and the step it is planned in (one per topology)
+        self._buckets: List[Tuple[BucketShard, FlatStep]] = []
         self._clip_grad = 0.0  # distributed optimizer: clip the global gradient norm to this (0: off)
         self.grad_norm: Optional[float] = None  # the last step's global gradient norm, where it clips
 
@@ -123,15 +124,25 @@ class OrthoOptimizer(torch.optim.Optimizer):
                                  "or set teon_k=1")
         self._flat = dict(partitions)
         self._flat_adamw_bytes = adamw_bytes
-        self._flat_steps = {key: self._plan_flat(fp, device or torch.device("cpu")) for key, fp in partitions.items()}
+        self._flat_steps = {key: self._plan_flat([fp], device or torch.device("cpu")) for key, fp in partitions.items()}
 
     def attach_bucket_shards(self, buckets: List[BucketShard], device: Optional[torch.device] = None,
                              clip_grad: float = 0.0) -> None:
         """Megatron's distributed optimizer: DDP reduce-scatters each bucket's gradients and all-gathers its
         parameters; the step updates only this rank's partition of every bucket (a collective over
-        tp × dp at attach, like attach_flat_partitions). `clip_grad` > 0: clip the gradients to that
-        global norm (over every rank's counted partition ranges) before the step."""
-        self._buckets = [(b, self._plan_flat(b.partition, device or b.grad.device)) for b in buckets]
+        tp × dp at attach, like attach_flat_partitions). The buckets of one topology (dense, or expert) are
+        planned together, so a TEON stack or fused weight whose members lie in different buckets is planned
+        like one inside a bucket. `clip_grad` > 0: clip the gradients to that global norm (over every rank's
+        counted partition ranges) before the step."""
+        together: Dict[Tuple, List[BucketShard]] = {}  # (topology, data-parallel ranks) -> its buckets
+        for b in buckets:
+            group = b.partition.dp_group
+            ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
+            together.setdefault((id(self._flat_topology(b.partition)), ranks), []).append(b)
+        self._buckets = []
+        for shards in together.values():
+            flat_step = self._plan_flat([b.partition for b in shards], device or shards[0].grad.device)
+            self._buckets += [(b, flat_step) for b in shards]
         self._clip_grad = clip_grad
         # comm_stats.adamw_bytes: what AdamW moves for the same matrices here, DDP's reduce-scatter of their
         # gradients and all-gather of their parameters
@@ -168,27 +179,31 @@ class OrthoOptimizer(torch.optim.Optimizer):
                              f"ZeRO cuts over")
         return topology
 
-    def _plan_flat(self, partition: FlatPartition, device: torch.device) -> FlatStep:
+    def _plan_flat(self, partitions: List[FlatPartition], device: torch.device) -> FlatStep:
+        """One plan and step over this rank's partitions of flat buffers of one topology, cut over the same
+        data-parallel ranks (a collective over its tp × dp work group)."""
+        partition = partitions[0]
         topology = self._flat_topology(partition)
         tp_size, tp_rank = (topology.tp_size, topology.tp_rank) if topology is not None else (1, 0)
         work_group, work_size, me = ((topology.work_group, topology.work_size, topology.work_rank)
                                      if topology is not None else (None, 1, 0))
         work_rank = gather_work_ranks(partition, tp_rank, tp_size, work_group, work_size, device)
         steps = self.config.ns_steps or 5
-        plan = plan_partition(partition, self.grouping.groups, work_rank, tp_size,
+        plan = plan_partitions(partitions, self.grouping.groups, work_rank, tp_size,
                               cost=lambda g: ns_flops(g.stacked_shape, steps),
                               tp_sharded=lambda m: self._flat_placement(m)[0] is not None,
                               cluster=cluster_profile(self.config.cluster), itemsize=4)  # fp32 masters
-        return FlatStep(plan, partition, me, work_group)
+        return FlatStep(plan, partition.dp_rank, me, work_group)
 
     @property
     def zero_plans(self):
         """ZeRO-1/2: the plan of each flat partition (jobs local or cut, owners, bytes, FLOP balance)."""
-        return [s.plan for s in self._flat_steps.values()] + [s.plan for _, s in self._buckets]
+        return [s.plan for s in self._flat_steps.values()] + [s.plan for s, _ in self._bucket_sets()]
 
     def zero_expected_bytes(self) -> Tuple[int, int]:
         """ZeRO-1/2: (sent, received) bytes of one step on this rank, predicted by the plans (fp32 masters)."""
-        pairs = [s.expected_bytes(4) for s in self._flat_steps.values()] + [s.expected_bytes(4) for _, s in self._buckets]
+        steps = list(self._flat_steps.values()) + [s for s, _ in self._bucket_sets()]
+        pairs = [s.expected_bytes(4) for s in steps]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
     def _make_runner(self) -> Runner:
@@ -374,9 +389,17 @@ class OrthoOptimizer(torch.optim.Optimizer):
             state.update({k: torch.zeros_like(shard.weights) for k in self.BUCKET_STATE_KEYS})
         return state
 
+    def _bucket_sets(self) -> List[Tuple[FlatStep, List[BucketShard]]]:
+        """Each planned step with its bucket partitions, in the order its local buffer holds them."""
+        sets: Dict[int, Tuple[FlatStep, List[BucketShard]]] = {}
+        for shard, flat_step in self._buckets:
+            sets.setdefault(id(flat_step), (flat_step, []))[1].append(shard)
+        return list(sets.values())
+
     def _bucket_step(self) -> None:
         """Megatron distributed optimizer: every bucket's partition holds matrices and AdamW parameters
-        side by side; each part of the partition is stepped with its own param group's settings."""
+        side by side; each part of the partition is stepped with its own param group's settings. The
+        momentum directions of all buckets planned together form one local buffer, orthogonalized at once."""
         stats = self.comm_stats
         if stats is not None:
             stats.start_step()
@@ -384,29 +407,31 @@ class OrthoOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["step"] += 1
         clip = clip_coefficient(self._clip_grad, self.grad_norm) if self.grad_norm is not None else 1.0
-        for shard, flat_step in self._buckets:
-            weights = shard.weights  # the fp32 master with bf16 parameters
-            grad = shard.grad.float()  # fp32 grads (grad_reduce_in_fp32) are the buffer itself, not a copy
-            if clip < 1.0:
-                grad.mul_(clip)  # like Megatron, the fp32 main gradient is clipped in place
-            state = self.bucket_state(shard)
-            direction = torch.zeros_like(weights)
+        for flat_step, shards in self._bucket_sets():
+            direction = shards[0].weights.new_zeros(flat_step.plan.partition_size)
             ortho = []
-            for entry, lo, hi in shard.slices():
-                group = self._group_of[entry.name]
-                if group["route"] == "ortho":
-                    direction[lo:hi] = momentum_direction(grad[lo:hi], state["momentum_buffer"][lo:hi],
-                                                          group["momentum"], group["nesterov"])
-                    ortho.append((lo, hi, group))
-                else:
-                    adamw_step(weights[lo:hi], grad[lo:hi], state["exp_avg"][lo:hi],
-                               state["exp_avg_sq"][lo:hi], group["step"], group["lr"] * group["lr_ratio"],
-                               group["betas"], group["eps"], group["weight_decay"])
+            for b, (shard, part) in enumerate(zip(shards, direction.split(flat_step.plan.partition_sizes))):
+                weights = shard.weights  # the fp32 master with bf16 parameters
+                grad = shard.grad.float()  # fp32 grads (grad_reduce_in_fp32) are the buffer itself, not a copy
+                if clip < 1.0:
+                    grad.mul_(clip)  # like Megatron, the fp32 main gradient is clipped in place
+                state = self.bucket_state(shard)
+                for entry, lo, hi in shard.slices():
+                    group = self._group_of[entry.name]
+                    if group["route"] == "ortho":
+                        part[lo:hi] = momentum_direction(grad[lo:hi], state["momentum_buffer"][lo:hi],
+                                                         group["momentum"], group["nesterov"])
+                        ortho.append((weights, flat_step.plan.local_start(b), lo, hi, group))
+                    else:
+                        adamw_step(weights[lo:hi], grad[lo:hi], state["exp_avg"][lo:hi],
+                                   state["exp_avg_sq"][lo:hi], group["step"], group["lr"] * group["lr_ratio"],
+                                   group["betas"], group["eps"], group["weight_decay"])
             update = self._flat_update(flat_step, direction, self._ortho_step_count() - 1)
-            for lo, hi, group in ortho:
-                _apply(weights[lo:hi], update[lo:hi], group)
-            if shard.master is not None:  # DDP's parameter all-gather spreads the bf16 partition
-                shard.param.copy_(shard.master)
+            for weights, start, lo, hi, group in ortho:
+                _apply(weights[lo:hi], update[start + lo:start + hi], group)
+            for shard in shards:
+                if shard.master is not None:  # DDP's parameter all-gather spreads the bf16 partition
+                    shard.param.copy_(shard.master)
 
     def _flat_placement(self, m: MatrixRef):
         if not isinstance(self._runner, DistributedRunner):

@@ -6,11 +6,16 @@ TP gather among the ranks holding that partition index, if it is TP-sharded); on
 partition boundaries travel, to one owner (and jobs the planner moves off an overloaded rank, where the
 Newton–Schulz time saved outweighs the transfer), and only each holder's slice of the update comes back
 (`zero_partition.py` plans it). DeepSpeed's parameter all-gather after the step does the rest.
+
+Megatron's distributed optimizer hands several such buffers, its DDP buckets, each cut over the same
+data-parallel ranks: they are planned and stepped together (`plan_partitions`), a rank's partitions of all
+of them end to end as one local buffer, so a TEON stack whose members lie in different buckets (every layer
+its own bucket, or a layer larger than a bucket) is one job like any other.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,7 +25,7 @@ from ..ortho.unfold import fold, unfold
 from .cost import ClusterProfile
 from .local import transform_groups
 from .shard_spec import assemble, shard_of
-from .zero_partition import Unit, ZeroJob, ZeroPlan, plan_zero_partition
+from .zero_partition import Unit, ZeroJob, ZeroPlan, plan_zero_buckets
 
 
 @dataclass
@@ -50,6 +55,9 @@ class FlatPartition:
         return [e.name for e in self.entries]
 
 
+NORM_SLICE = 1 << 22  # elements per float64 norm kernel of BucketShard.grad_norm_sq
+
+
 @dataclass
 class BucketShard:
     """Megatron's distributed optimizer layout: a DDP bucket (parameters of any route at `entries`
@@ -70,11 +78,15 @@ class BucketShard:
         return self.param if self.master is None else self.master
 
     def grad_norm_sq(self) -> torch.Tensor:
-        """Squared L2 norm of the counted gradient ranges, in fp32 on the gradient's device (0-dim)."""
-        parts = [self.grad[lo:hi].float() for lo, hi in self.counted]
+        """Squared L2 norm of the counted gradient ranges, accumulated in float64, on the gradient's device
+        (0-dim float64). A long fp32 accumulation drifts (PyTorch's CPU norm of 1M fp32 elements is ~1e-5
+        off, Megatron's per-parameter fp32 norms ~1e-8); in float64 the rounding is ~n·2⁻⁵³. Ranges are cut
+        into slices of NORM_SLICE elements: a kernel that converts its input to float64 first (PyTorch's CPU
+        norm does) then holds 32 MiB at most."""
+        parts = [self.grad[lo:min(lo + NORM_SLICE, hi)] for a, hi in self.counted for lo in range(a, hi, NORM_SLICE)]
         if not parts:
-            return self.grad.new_zeros((), dtype=torch.float32)
-        return torch.stack(torch._foreach_norm(parts)).square().sum()
+            return self.grad.new_zeros((), dtype=torch.float64)
+        return torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float64)).square().sum()
 
     def slices(self):
         """(entry, lo, hi) of every entry intersecting this rank's partition, in partition coordinates."""
@@ -108,11 +120,35 @@ def gather_work_ranks(partition: FlatPartition, tp_rank: int, tp_size: int, work
 def plan_partition(partition: FlatPartition, groups: List[OrthoGroup], work_rank: Dict[Tuple[int, int], int],
                    tp_size: int, cost: Callable[[OrthoGroup], float], tp_sharded: Callable[[MatrixRef], bool],
                    cluster: ClusterProfile = ClusterProfile(), itemsize: int = 4) -> ZeroPlan:
-    names = set(partition.names())
-    mine = [g for g in groups if g.members[0].name in names]
-    return plan_zero_partition(mine, {e.name: e.offset for e in partition.entries},
-                               {e.name: tuple(e.shape) for e in partition.entries}, partition.partition_size,
-                               partition.dp_size, tp_size, work_rank, cost, tp_sharded, cluster, itemsize)
+    return plan_partitions([partition], groups, work_rank, tp_size, cost, tp_sharded, cluster, itemsize)
+
+
+def plan_partitions(partitions: Sequence[FlatPartition], groups: List[OrthoGroup],
+                    work_rank: Dict[Tuple[int, int], int], tp_size: int, cost: Callable[[OrthoGroup], float],
+                    tp_sharded: Callable[[MatrixRef], bool], cluster: ClusterProfile = ClusterProfile(),
+                    itemsize: int = 4) -> ZeroPlan:
+    """One plan over this rank's partitions of several flat buffers cut over the same data-parallel ranks
+    (Megatron's DDP buckets of one topology), for the groups whose matrices lie in them. A group with
+    members inside and outside them cannot be computed here and is refused."""
+    dp_sizes = {p.dp_size for p in partitions}
+    if len(dp_sizes) > 1:
+        raise ValueError(f"teonspeed: flat partitions planned together are cut over different data-parallel sizes "
+                         f"{sorted(dp_sizes)}; buckets of one topology must share one data-parallel group")
+    places = {e.name: (b, e.offset) for b, p in enumerate(partitions) for e in p.entries}
+    mine = []
+    for g in groups:
+        inside = [m.name in places for m in g.members]
+        if all(inside):
+            mine.append(g)
+        elif any(inside):
+            outside = next(m.label for m, i in zip(g.members, inside) if not i)
+            raise ValueError(f"teonspeed: the group {' + '.join(m.label for m in g.members)} is partly outside the "
+                             f"flat partitions planned together ({outside} is not in them: another param group, "
+                             f"data-parallel group or expert/dense buffer); put its members in one param group, or "
+                             f"set teon_k=1")
+    return plan_zero_buckets(mine, places, {e.name: tuple(e.shape) for p in partitions for e in p.entries},
+                             [p.partition_size for p in partitions], partitions[0].dp_size, tp_size, work_rank,
+                             cost, tp_sharded, cluster, itemsize)
 
 
 ReadUnit = Callable[[MatrixRef, torch.Tensor], torch.Tensor]  # (matrix, its unit tensor) -> the matrix
@@ -121,11 +157,13 @@ Placement = Callable[[MatrixRef], Tuple[Optional[int], int]]  # matrix -> (TP sp
 
 
 class FlatStep:
-    """One ZeRO-1/2 orthogonalization step of one flat partition, by its plan: two rounds of point-to-point
-    exchange in the tp × dp work group (pieces to owners, update slices back), skipped when nothing moves."""
+    """One ZeRO-1/2 orthogonalization step of a rank's local buffer (its partition of each flat buffer the
+    plan covers, end to end), by the plan: two rounds of point-to-point exchange in the tp × dp work group
+    (pieces to owners, update slices back), skipped when nothing moves. `dp_rank`: the partition index this
+    rank holds."""
 
-    def __init__(self, plan: ZeroPlan, partition: FlatPartition, me: int, work_group) -> None:
-        self.plan, self.partition, self.me, self.work_group = plan, partition, me, work_group
+    def __init__(self, plan: ZeroPlan, dp_rank: int, me: int, work_group) -> None:
+        self.plan, self.dp_rank, self.me, self.work_group = plan, dp_rank, me, work_group
         self.moves = bool(plan.exchanged_jobs())
         # What this rank receives from each rank in the two rounds: fixed by the plan, so counted once here.
         self.piece_sizes, self.update_sizes = self._incoming_sizes(), self._incoming_update_sizes()
@@ -139,7 +177,8 @@ class FlatStep:
 
     def run(self, direction: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], read: ReadUnit,
             write: WriteUnit, placement: Placement, scale: Callable[[MatrixRef], float]):
-        """The update of this rank's partition, and (bytes sent, bytes received, FLOPs computed)."""
+        """The update of this rank's local buffer `direction`, and (bytes sent, bytes received, FLOPs
+        computed)."""
         plan, me = self.plan, self.me
         received, sent_bytes, recv_bytes = self._exchange(
             self._outgoing_pieces(direction) if self.moves else [], self.piece_sizes, direction)
@@ -154,8 +193,8 @@ class FlatStep:
 
     # -- phase A: momentum pieces to the owners -------------------------------------------------------
     def _my_piece(self, direction: torch.Tensor, unit: Unit) -> torch.Tensor:
-        lo, hi = self.plan.piece(unit, self.partition.dp_rank)
-        return direction[lo - self.partition.start:hi - self.partition.start]
+        lo, hi = self.plan.local(unit, self.dp_rank)
+        return direction[lo:hi]
 
     def _outgoing_pieces(self, direction):
         send: List[List[torch.Tensor]] = [[] for _ in range(self.plan.work_size)]
@@ -207,7 +246,7 @@ class FlatStep:
         updates = {key: torch.zeros_like(value) for key, value in units.items()}
         groups = [g for job in mine for g in job.groups]
         buckets: Dict[Tuple[int, int], List[OrthoGroup]] = {}
-        for g in groups:  # one flat partition has one dtype: the stacked shape alone decides the batch
+        for g in groups:  # one local buffer has one dtype: the stacked shape alone decides the batch
             buckets.setdefault(g.stacked_shape, []).append(g)
         for bucket in buckets.values():
             stacked = []
@@ -249,18 +288,18 @@ class FlatStep:
         sizes = [0] * self.plan.work_size
         for job in self.plan.jobs:
             if job.owner != self.me and any(r == self.me for *_, r in self.plan.targets(job)):
-                sizes[job.owner] += self.plan.piece_numel(job, self.partition.dp_rank)
+                sizes[job.owner] += self.plan.piece_numel(job, self.dp_rank)
         return sizes
 
     def _write_local(self, out: torch.Tensor, updates, back) -> None:
-        plan, start = self.plan, self.partition.start
+        plan = self.plan
         my_tp = plan.position(self.me)[0]
         offsets = [0] * plan.work_size
         for job in plan.jobs:
             if not any(r == self.me for *_, r in plan.targets(job)):
                 continue
             for u in job.units:
-                lo, hi = plan.piece(u, self.partition.dp_rank)
+                lo, hi = plan.piece(u, self.dp_rank)
                 if hi == lo:
                     continue
                 if job.owner == self.me:
@@ -269,7 +308,8 @@ class FlatStep:
                     r = job.owner
                     value = back[r][offsets[r]:offsets[r] + hi - lo]
                     offsets[r] += hi - lo
-                out[lo - start:hi - start].copy_(value)
+                at = plan.local(u, self.dp_rank)[0]
+                out[at:at + hi - lo].copy_(value)
 
     # -- the exchange ---------------------------------------------------------------------------------
     def _exchange(self, send: List[List[torch.Tensor]], recv_sizes: List[int], like: torch.Tensor):

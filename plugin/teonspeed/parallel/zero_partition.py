@@ -1,7 +1,11 @@
 """Who orthogonalizes what under ZeRO-1/2 flat partitions, decided from the layout alone.
 
 A param group is one flat buffer cut into `dp_size` equal partitions (the same offsets on every TP rank,
-since TP shards have equal shapes). A *job* is the smallest set of orthogonalization groups that must be
+since TP shards have equal shapes). Megatron's distributed optimizer cuts several buffers (its DDP buckets)
+the same way, each into its own `dp_size` partitions: a plan covers all the buckets of one topology at once,
+rank d holding the d-th partition of every bucket (its *local buffer*: those partitions end to end, in
+bucket order), so a TEON stack or a fused weight whose members lie in different buckets is one job like any
+other. A *job* is the smallest set of orthogonalization groups that must be
 computed together: groups that read the same tensor (the parts of a fused weight, the members of a TEON
 stack) are merged. A job whose elements lie in one partition is *local*: the TP peers holding that
 partition index compute it (one of them, after a TP gather if the members are TP-sharded). A job cut by a
@@ -30,11 +34,13 @@ WorkRank = int
 @dataclass(frozen=True)
 class Unit:
     """A contiguous run of the flat buffer that the transform reads as one tensor: a parameter, or one
-    expert's slice of a 3-D (grouped-GEMM) weight. `shape` is the local (TP-shard) shape."""
+    expert's slice of a 3-D (grouped-GEMM) weight. `shape` is the local (TP-shard) shape; `offset` counts
+    from the start of bucket `bucket` (a parameter never spans two buckets)."""
     name: str
     expert_index: Optional[int]
     offset: int
     shape: Tuple[int, ...]
+    bucket: int = 0
 
     @property
     def numel(self) -> int:
@@ -65,7 +71,7 @@ class ZeroJob:
 @dataclass
 class ZeroPlan:
     jobs: List[ZeroJob]
-    partition_size: int
+    partition_sizes: Tuple[int, ...]  # per bucket: the elements of each of its dp_size partitions
     dp_size: int
     tp_size: int
     work_rank: Dict[Tuple[int, int], WorkRank]  # (tp rank, dp partition index) -> work rank
@@ -84,11 +90,28 @@ class ZeroPlan:
             self._memo[("position",)] = {r: pos for pos, r in self.work_rank.items()}
         return self._memo[("position",)][rank]
 
+    @property
+    def partition_size(self) -> int:
+        """Elements of a rank's local buffer: its partition of every bucket, end to end."""
+        return sum(self.partition_sizes)
+
+    def local_start(self, bucket: int) -> int:
+        """Where bucket `bucket`'s partition starts in a rank's local buffer."""
+        return sum(self.partition_sizes[:bucket])
+
     def piece(self, unit: Unit, partition: int) -> Tuple[int, int]:
-        """[lo, hi) of `unit` inside partition `partition` (absolute flat offsets; lo == hi if none)."""
-        start = partition * self.partition_size
-        lo, hi = max(unit.offset, start), min(unit.end, start + self.partition_size)
+        """[lo, hi) of `unit` inside partition `partition` of its bucket (offsets in the bucket; lo == hi
+        if none)."""
+        size = self.partition_sizes[unit.bucket]
+        start = partition * size
+        lo, hi = max(unit.offset, start), min(unit.end, start + size)
         return (lo, hi) if lo < hi else (lo, lo)
+
+    def local(self, unit: Unit, partition: int) -> Tuple[int, int]:
+        """[lo, hi) of `unit`'s piece in partition `partition`, in that rank's local buffer."""
+        lo, hi = self.piece(unit, partition)
+        shift = self.local_start(unit.bucket) - partition * self.partition_sizes[unit.bucket]
+        return lo + shift, hi + shift
 
     def sources(self, job: ZeroJob, owner: Optional[WorkRank] = None) -> List[Tuple[int, int, WorkRank]]:
         """(tp rank, partition, work rank) of every rank whose pieces the owner (`job.owner` unless given)
@@ -173,24 +196,25 @@ def _imbalance(loads: Sequence[float]) -> float:
     return max(loads) / mean if mean > 0 else 1.0
 
 
-def units_of(groups: Sequence[OrthoGroup], offsets: Dict[str, int], shapes: Dict[str, Tuple[int, ...]]
+def units_of(groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int, int]], shapes: Dict[str, Tuple[int, ...]]
              ) -> Dict[Tuple[str, Optional[int]], Unit]:
-    """The units the groups read: one per parameter, or per expert slice of a 3-D parameter."""
+    """The units the groups read: one per parameter, or per expert slice of a 3-D parameter. places:
+    each parameter's (bucket, offset in the bucket)."""
     out: Dict[Tuple[str, Optional[int]], Unit] = {}
     for g in groups:
         for m in g.members:
             key = unit_key(m)
             if key in out:
                 continue
-            shape = shapes[m.name]
+            shape, (bucket, offset) = shapes[m.name], places[m.name]
             if m.expert_index is None:
-                out[key] = Unit(m.name, None, offsets[m.name], tuple(shape))
+                out[key] = Unit(m.name, None, offset, tuple(shape), bucket)
             else:
                 inner = tuple(shape[1:])
                 size = 1
                 for s in inner:
                     size *= s
-                out[key] = Unit(m.name, m.expert_index, offsets[m.name] + m.expert_index * size, inner)
+                out[key] = Unit(m.name, m.expert_index, offset + m.expert_index * size, inner, bucket)
     return out
 
 
@@ -203,22 +227,37 @@ def plan_zero_partition(groups: Sequence[OrthoGroup], offsets: Dict[str, int], s
                         work_rank: Dict[Tuple[int, int], WorkRank], cost: Callable[[OrthoGroup], float],
                         tp_sharded: Callable[[MatrixRef], bool], cluster: ClusterProfile = ClusterProfile(),
                         itemsize: int = 4) -> ZeroPlan:
-    """Jobs, local or cut, and their owners (see the module docstring). offsets/shapes: each parameter's
-    flat offset and local shape; work_rank: (tp rank, partition) -> rank in the tp × dp work group;
-    cost: a group's NS FLOPs; cluster, itemsize: what a FLOP and an exchanged element cost, for balancing."""
-    units = units_of(groups, offsets, shapes)
+    """Jobs, local or cut, and their owners, for one flat buffer (see the module docstring). offsets/shapes:
+    each parameter's flat offset and local shape; work_rank: (tp rank, partition) -> rank in the tp × dp
+    work group; cost: a group's NS FLOPs; cluster, itemsize: what a FLOP and an exchanged element cost, for
+    balancing."""
+    return plan_zero_buckets(groups, {n: (0, o) for n, o in offsets.items()}, shapes, (partition_size,), dp_size,
+                             tp_size, work_rank, cost, tp_sharded, cluster, itemsize)
+
+
+def plan_zero_buckets(groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int, int]],
+                      shapes: Dict[str, Tuple[int, ...]], partition_sizes: Sequence[int], dp_size: int, tp_size: int,
+                      work_rank: Dict[Tuple[int, int], WorkRank], cost: Callable[[OrthoGroup], float],
+                      tp_sharded: Callable[[MatrixRef], bool], cluster: ClusterProfile = ClusterProfile(),
+                      itemsize: int = 4) -> ZeroPlan:
+    """One plan over several flat buffers (buckets) cut over the same data-parallel ranks: places gives each
+    parameter's (bucket, offset in the bucket), partition_sizes each bucket's partition length; the rest as
+    in plan_zero_partition. A job's members may lie in any buckets."""
+    units = units_of(groups, places, shapes)
     # One job per set of groups that read the same unit (a fused weight's parts, shared experts slices).
     first_reader: Dict[Tuple[str, Optional[int]], int] = {}
     links = [{first_reader.setdefault(unit_key(m), i) for m in g.members} for i, g in enumerate(groups)]
-    plan = ZeroPlan([], partition_size, dp_size, tp_size, dict(work_rank))
+    plan = ZeroPlan([], tuple(partition_sizes), dp_size, tp_size, dict(work_rank))
     for component in connected_components(links):
         job_groups = tuple(groups[i] for i in component)
         keys = list(dict.fromkeys(unit_key(m) for g in job_groups for m in g.members))
-        job_units = tuple(sorted((units[k] for k in keys), key=lambda u: u.offset))
+        job_units = tuple(sorted((units[k] for k in keys), key=lambda u: (u.bucket, u.offset)))
+        outside = [u for u in job_units if u.end > dp_size * partition_sizes[u.bucket]]
+        if outside:
+            u = outside[0]
+            raise ValueError(f"teonspeed: {u.name!r} lies outside the flat partitions ({dp_size} x "
+                             f"{partition_sizes[u.bucket]} elements); the ZeRO layout given to the optimizer is wrong")
         parts = sorted({d for u in job_units for d in range(dp_size) if plan.piece(u, d)[0] < plan.piece(u, d)[1]})
-        if not parts:
-            raise ValueError(f"teonspeed: {job_units[0].name!r} lies outside the flat partitions "
-                             f"({dp_size} x {partition_size} elements); the ZeRO layout given to the optimizer is wrong")
         sharded = {tp_sharded(m) for g in job_groups for m in g.members}
         plan.jobs.append(ZeroJob(job_groups, job_units, tuple(parts), tp_size > 1 and True in sharded,
                                  sum(cost(g) for g in job_groups)))
