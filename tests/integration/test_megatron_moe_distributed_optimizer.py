@@ -13,17 +13,22 @@ from support.synthetic import global_name, local_tensor
 STEPS = 2
 
 
-def train(rank, world_size, tp=1, ep=1, etp=None, distributed_optimizer=False):
+def train(rank, world_size, tp=1, ep=1, etp=None, distributed_optimizer=False, optimizer="muon", experts=4,
+          layers=2, ddp_options=None, **options):
+    """experts=0: a dense model; ddp_options: more DistributedDataParallelConfig fields (bucket_size,
+    overlap_grad_reduce); options: more TeonOptimizerConfig fields."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                  expert_tensor_parallel_size=etp)
-    config = mm.tiny_config(num_layers=2, tp=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
-                            num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="allgather")
+    moe = dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, num_moe_experts=experts,
+               moe_router_topk=2, moe_token_dispatcher_type="allgather") if experts else {}
+    config = mm.tiny_config(num_layers=layers, tp=tp, **moe)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), mm.tiny_gpt(config))
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer, **(ddp_options or {})),
+        mm.tiny_gpt(config))
     specs = megatron_shard_specs(ddp.module)
     ranks = {False: (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
              True: (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())}
@@ -38,13 +43,15 @@ def train(rank, world_size, tp=1, ep=1, etp=None, distributed_optimizer=False):
     with torch.no_grad():
         for name, p in ddp.module.named_parameters():
             p.copy_(local_of(name, p, 0))
-    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer="muon", lr=0.02, adamw_lr=1e-3, weight_decay=0.01,
-                                                     clip_grad=0.0, use_distributed_optimizer=distributed_optimizer),
-                                 [ddp])
+    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, lr=0.02, adamw_lr=1e-3, weight_decay=0.01,
+                                                     clip_grad=0.0, use_distributed_optimizer=distributed_optimizer,
+                                                     **options), [ddp])
     for step in range(1, STEPS + 1):
         ddp.zero_grad_buffer()
         for name, p in ddp.module.named_parameters():
             p.main_grad.copy_(local_of(name, p, step) * (expert_scale if specs[name].is_expert else 1.0))
+        if ddp.ddp_config.overlap_grad_reduce:
+            ddp.start_grad_sync()  # what the backward hooks do, bucket by bucket, when no backward runs
         ddp.finish_grad_sync()
         assert opt.step()[0]
     params = {}
@@ -57,7 +64,19 @@ def train(rank, world_size, tp=1, ep=1, etp=None, distributed_optimizer=False):
                          else "dense" for b, _ in inner._buckets})
     work_sizes = sorted({s.plan.work_size for _, s in inner._buckets})
     return params, type(opt).__name__, topologies, work_sizes, (inner.comm_stats.sent, inner.comm_stats.received) \
-        if inner.comm_stats else None, inner.zero_expected_bytes()
+        if inner.comm_stats else None, inner.zero_expected_bytes(), bucket_layout(ddp, inner)
+
+
+def bucket_layout(ddp, inner):
+    """(buckets per DDP buffer, TEON groups whose members lie in different buckets, planned jobs whose
+    units lie in different buckets): the first two read from DDP's buffers alone."""
+    buffers = list(ddp.buffers) + list(getattr(ddp, "expert_parallel_buffers", []))
+    bucket_of = {inner._names[id(p)]: (i, j) for i, buf in enumerate(buffers) for j, b in enumerate(buf.buckets)
+                 for p in b.params}
+    straddling = sum(len({bucket_of[m.name] for m in g.members}) > 1 for g in inner.grouping.groups)
+    cross_jobs = sum(len({u.bucket for u in j.units}) > 1 for plan in getattr(inner, "zero_plans", [])
+                     for j in plan.jobs)
+    return [len(buf.buckets) for buf in buffers], straddling, cross_jobs
 
 
 def full_model(results):
