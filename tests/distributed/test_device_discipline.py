@@ -143,35 +143,44 @@ def test_megatron_builder_step_keeps_every_tensor_on_the_device():
         assert collectives[0] == "all_reduce" and "all_to_all_single" in collectives and reads == 1
 
 
-def bucket_step(rank, world_size):
-    """Megatron's distributed optimizer as teonspeed.megatron_distributed attaches it: one DDP bucket's
-    bf16 parameter partition with its fp32 master, fp32 reduced gradients, and clip_grad > 0."""
+def bucket_step(rank, world_size, buckets=1):
+    """Megatron's distributed optimizer as teonspeed.megatron_distributed attaches it: DDP buckets' bf16
+    parameter partitions with their fp32 masters, fp32 reduced gradients, and clip_grad > 0. buckets=2:
+    TEON stacks the fc1 of layers 0 and 1, which lie in different buckets."""
     import torch.distributed as dist
 
     from teonspeed.parallel.context import ParallelContext
     from teonspeed.parallel.flat import BucketShard
     shapes = {"layers.0.mlp.fc1.weight": (8, 6), "layers.0.mlp.fc2.weight": (6, 8), "layers.1.mlp.fc1.weight": (8, 6)}
     params = [(n, torch.nn.Parameter(torch.empty(s, device="meta", dtype=torch.bfloat16))) for n, s in shapes.items()]
-    opt = teonspeed.Muon(params, lr=0.02, parallel=ParallelContext(dp_group=dist.group.WORLD))
-    entries, offset = [], 0
-    for n, p in params:
-        entries.append(FlatEntry(n, offset, tuple(p.shape)))
-        offset += p.numel()
-    part = -(-offset // world_size)
-    param = torch.empty(part, device="meta", dtype=torch.bfloat16)
-    shard = BucketShard(FlatPartition(entries, part, dist.group.WORLD, rank, world_size),
-                        torch.empty(part, device="meta"), param, master=param.float(), counted=((0, part // 2),))
-    opt.attach_bucket_shards([shard], device=torch.device("cpu"), clip_grad=1.0)  # set-up collective: see flat_step
+    parallel = ParallelContext(dp_group=dist.group.WORLD)
+    opt = teonspeed.Muon(params, lr=0.02, parallel=parallel) if buckets == 1 else \
+        teonspeed.TEON(params, lr=0.02, teon_types=("fc1",), parallel=parallel)
+    shards = []
+    for bucket in (params,) if buckets == 1 else (params[:2], params[2:]):
+        entries, offset = [], 0
+        for n, p in bucket:
+            entries.append(FlatEntry(n, offset, tuple(p.shape)))
+            offset += p.numel()
+        part = -(-offset // world_size)
+        param = torch.empty(part, device="meta", dtype=torch.bfloat16)
+        shards.append(BucketShard(FlatPartition(entries, part, dist.group.WORLD, rank, world_size),
+                                  torch.empty(part, device="meta"), param, master=param.float(),
+                                  counted=((0, part // 2),)))
+    assert any(g.is_teon for g in opt.grouping.groups) == (buckets == 2)
+    opt.attach_bucket_shards(shards, device=torch.device("cpu"), clip_grad=1.0)  # set-up collective: see flat_step
     with DeviceRecorder() as rec:
         opt.step()
-    state = opt.state[param]
-    assert shard.master.device.type == "meta" and all(t.device.type == "meta" for t in state.values())
+    states = [opt.state[s.param] for s in shards]
+    assert all(s.master.device.type == "meta" for s in shards)
+    assert all(t.device.type == "meta" for state in states for t in state.values())
     return rec.collectives, len(rec.host_reads), opt.grad_norm
 
 
-def test_distributed_optimizer_step_clips_with_no_extra_collective_or_host_read():
+@pytest.mark.parametrize("buckets", [1, 2])
+def test_distributed_optimizer_step_clips_with_no_extra_collective_or_host_read(buckets):
     # The gradient norm rides in the step check's one all_reduce; fc2 straddles the partitions (its pieces
-    # travel in the flat step's two point-to-point rounds).
-    for collectives, reads, norm in run_ranks(bucket_step, 2, timeout=60):
+    # travel in the flat step's two point-to-point rounds). Two buckets are planned as one: still two rounds.
+    for collectives, reads, norm in run_ranks(bucket_step, 2, buckets, timeout=60):
         assert collectives.count("all_reduce") == 1 and collectives[0] == "all_reduce", collectives
         assert collectives.count("batch_isend_irecv") == 2 and reads == 1 and norm is not None, collectives

@@ -5,7 +5,7 @@ import pytest
 from teonspeed.grouping import LayerRef, MatrixRef, OrthoGroup
 from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.owners import ns_flops
-from teonspeed.parallel.zero_partition import exchange_seconds, plan_zero_partition
+from teonspeed.parallel.zero_partition import exchange_seconds, plan_zero_buckets, plan_zero_partition
 
 
 def matrix(name, shape, block=0, part=None, expert=None, layer_type="other"):
@@ -82,6 +82,45 @@ def test_a_teon_stack_whose_members_fall_in_different_partitions_is_one_cut_job(
     # q1 (16 elements) travels to the owner and its update back; q0 stays if rank 0 owns the stack.
     sent, received = p.bytes_per_rank(4)
     assert sum(sent) == sum(received) == 2 * 16 * 4
+
+
+def bucket_plan(groups, buckets, dp=2):
+    """buckets: per bucket, ([(name, offset in the bucket, shape)], partition size)."""
+    places = {n: (b, off) for b, (entries, _) in enumerate(buckets) for n, off, _ in entries}
+    shapes = {n: shape for entries, _ in buckets for n, _, shape in entries}
+    return plan_zero_buckets(groups, places, shapes, [size for _, size in buckets], dp, 1, grid(1, dp),
+                             cost=lambda g: ns_flops(g.stacked_shape, 5), tp_sharded=lambda m: False)
+
+
+@pytest.mark.parametrize("q1_partition", [0, 1])
+def test_a_teon_stack_over_two_buckets_is_one_job_local_when_both_pieces_are_on_one_rank(q1_partition):
+    # Megatron's distributed optimizer: bucket 0 = q0 [0,16) o0 [16,32), bucket 1 = q1 and r; partitions of
+    # 16 each. Rank d's local buffer is its partition of bucket 0, then its partition of bucket 1.
+    q0, q1 = matrix("q0", (4, 4), 0, layer_type="q"), matrix("q1", (4, 4), 1, layer_type="q")
+    o0, r = matrix("o0", (4, 4), 0), matrix("r", (4, 4), 1)
+    second = [("q1", 16 * q1_partition, (4, 4)), ("r", 16 * (1 - q1_partition), (4, 4))]
+    p = bucket_plan([OrthoGroup((q0, q1)), single(o0), single(r)],
+                    [([("q0", 0, (4, 4)), ("o0", 16, (4, 4))], 16), (second, 16)])
+    jobs = by_label(p)
+    stack = jobs["q0 + q1"]
+    assert [(u.name, u.bucket) for u in stack.units] == [("q0", 0), ("q1", 1)]
+    assert p.partition_size == 32 and [p.local_start(b) for b in (0, 1)] == [0, 16]
+    assert p.local(stack.units[1], q1_partition) == (16, 32)  # after the rank's 16 elements of bucket 0
+    assert p.local(jobs["o0"].units[0], 1) == (0, 16)
+    sent, received = p.bytes_per_rank(4)
+    if q1_partition == 0:  # both members on rank 0: computed there, nothing moves
+        assert stack.partitions == (0,) and not stack.cut and sum(sent) == 0
+    else:  # one member's 16 elements to the owner and its update back
+        assert stack.partitions == (0, 1) and stack.cut and sum(sent) == sum(received) == 2 * 16 * 4
+
+
+def test_a_group_partly_outside_the_partitions_planned_together_is_refused_naming_it():
+    from teonspeed.parallel.flat import FlatEntry, FlatPartition, plan_partitions
+    q0, q1 = matrix("q0", (4, 4), 0, layer_type="q"), matrix("q1", (4, 4), 1, layer_type="q")
+    dense = FlatPartition([FlatEntry("q0", 0, (4, 4))], 8, None, 0, 2)
+    with pytest.raises(ValueError, match=r"q0 \+ q1 is partly outside .*q1 is not in them"):
+        plan_partitions([dense], [OrthoGroup((q0, q1))], grid(1, 2), 1, cost=lambda g: 1.0,
+                        tp_sharded=lambda m: False)
 
 
 def test_parts_of_one_fused_weight_are_one_job_and_experts_are_their_own_units():
