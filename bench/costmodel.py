@@ -60,7 +60,7 @@ from teonspeed.parallel.distributed import _split_waves  # the implementation's 
 from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.owners import assign_owners, ns_flops
 from teonspeed.parallel.placement import GroupCost, choose_owner_compute, hidden_fraction, layout_of
-from teonspeed.parallel.zero_partition import ZeroPlan, plan_zero_partition
+from teonspeed.parallel.zero_partition import ZeroPlan, plan_zero_buckets
 
 
 @dataclass
@@ -376,6 +376,10 @@ class ZeroLayout:
     offsets: Dict[str, int]
     shapes: Dict[str, Tuple[int, int]]
     partition_size: int
+    # Megatron's DDP buckets planned together: each parameter's bucket (offsets then count from the bucket's
+    # start) and each bucket's partition size; empty: one flat buffer of partition_size partitions
+    bucket_of: Dict[str, int] = field(default_factory=dict)
+    partition_sizes: Tuple[int, ...] = ()
 
 
 def stage_parameters(model: ModelSpec) -> List[Tuple[str, Tuple[int, int]]]:
@@ -423,9 +427,10 @@ def zero_plan(layout: ZeroLayout, tp: int, dp: int, ns_steps: int, cluster: Clus
     FLOPs of the full, TP-gathered stacks as the cost, jobs balanced with `cluster`'s constants); work
     rank d·T + t: Megatron's order, TP adjacent."""
     work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
-    return plan_zero_partition(layout.groups, layout.offsets, layout.shapes, layout.partition_size, dp, tp,
-                               work_rank, cost=lambda g: ns_flops(g.stacked_shape, ns_steps),
-                               tp_sharded=lambda m: tp > 1, cluster=cluster, itemsize=itemsize)
+    places = {n: (layout.bucket_of.get(n, 0), offset) for n, offset in layout.offsets.items()}
+    return plan_zero_buckets(layout.groups, places, layout.shapes, layout.partition_sizes or (layout.partition_size,),
+                             dp, tp, work_rank, cost=lambda g: ns_flops(g.stacked_shape, ns_steps),
+                             tp_sharded=lambda m: tp > 1, cluster=cluster, itemsize=itemsize)
 
 
 @dataclass

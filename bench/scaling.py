@@ -180,23 +180,27 @@ def timed_steps(step, warmup: int, steps: int, prepare=lambda: None):
 
 
 def model_zero_bytes(inner, groups, tp: int, dp: int, ns_steps: int):
-    """bench/costmodel.py's ZeRO-1/2 count applied to this rank's DDP buckets: per bucket, the model's own
-    plan (costmodel.zero_plan: work rank d·T + t, every matrix TP-sharded when T > 1, default
-    ClusterProfile) over the bucket's layout as Megatron built it (its offsets, local shapes and
-    partition size: Megatron pads and orders its buffer itself, which the model's zero_layout of
-    DeepSpeed's flat group does not reproduce), counted pair by pair by costmodel.zero_rank_bytes.
-    (sent, received) of this rank, and whether every job's owner equals the runner's."""
+    """bench/costmodel.py's ZeRO-1/2 count applied to this rank's DDP buckets: per set of buckets planned
+    together (those of one topology), the model's own plan (costmodel.zero_plan: work rank d·T + t, every
+    matrix TP-sharded when T > 1, default ClusterProfile) over the buckets' layout as Megatron built it
+    (their offsets, local shapes and partition sizes: Megatron pads and orders its buffer itself, which the
+    model's zero_layout of DeepSpeed's flat group does not reproduce), counted pair by pair by
+    costmodel.zero_rank_bytes. (sent, received) of this rank, and whether every job's owner equals the
+    runner's."""
     sys.path.insert(0, str(ROOT / "bench"))
     import costmodel as cm
     from teonspeed.parallel.cost import cluster_profile
     sent = received = 0
     same_owners = True
-    for shard, flat_step in inner._buckets:
-        part = shard.partition
-        names = set(part.names())
+    for flat_step, shards in inner._bucket_sets():
+        parts = [shard.partition for shard in shards]
+        names = {n for part in parts for n in part.names()}
         layout = cm.ZeroLayout([g for g in groups if g.members[0].name in names],
-                               {e.name: e.offset for e in part.entries}, {e.name: tuple(e.shape) for e in part.entries},
-                               part.partition_size)
+                               {e.name: e.offset for part in parts for e in part.entries},
+                               {e.name: tuple(e.shape) for part in parts for e in part.entries},
+                               sum(part.partition_size for part in parts),
+                               bucket_of={e.name: b for b, part in enumerate(parts) for e in part.entries},
+                               partition_sizes=tuple(part.partition_size for part in parts))
         plan = cm.zero_plan(layout, tp, dp, ns_steps, cluster_profile(inner.config.cluster))
         counted = cm.zero_rank_bytes(plan, 4, gpus_per_node=8)
         sent, received = sent + counted.sent[flat_step.me], received + counted.received[flat_step.me]
