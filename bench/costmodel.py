@@ -428,9 +428,10 @@ def zero_plan(layout: ZeroLayout, tp: int, dp: int, ns_steps: int, cluster: Clus
     rank d·T + t: Megatron's order, TP adjacent."""
     work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
     places = {n: (layout.bucket_of.get(n, 0), offset) for n, offset in layout.offsets.items()}
-    return plan_zero_buckets(layout.groups, places, layout.shapes, layout.partition_sizes or (layout.partition_size,),
-                             dp, tp, work_rank, cost=lambda g: ns_flops(g.stacked_shape, ns_steps),
-                             tp_sharded=lambda m: tp > 1, cluster=cluster, itemsize=itemsize)
+    sizes = layout.partition_sizes or (layout.partition_size,)
+    return plan_zero_buckets(layout.groups, places, layout.shapes, sizes, dp, tp, work_rank,
+                             cost=lambda g: ns_flops(g.stacked_shape, ns_steps), tp_sharded=lambda m: tp > 1,
+                             cluster=cluster, itemsize=itemsize)
 
 
 @dataclass

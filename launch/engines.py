@@ -166,11 +166,10 @@ class MegatronBackend:
         self.config = model.config
         distributed = bool(getattr(args, "distributed_optimizer", False))
         overlap = bool(getattr(args, "overlap_grad_reduce", False))
-        self.ddp = DistributedDataParallel(
-            self.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
-                                                       overlap_grad_reduce=overlap,
-                                                       bucket_size=getattr(args, "ddp_bucket_size", None)),
-            model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, overlap_grad_reduce=overlap,
+            bucket_size=getattr(args, "ddp_bucket_size", None))
+        self.ddp = DistributedDataParallel(self.config, ddp_config, model)
         if overlap:  # as Megatron-LM's training loop: reduce once, in the last micro-batch's backward
             self.config.no_sync_func = self.ddp.no_sync
         # The schedule calls this after the last backward: DP all-reduce (finish_grad_sync), tied-embedding
@@ -212,7 +211,8 @@ class MegatronBackend:
         """How DDP reduces the gradients: overlapped or not, in how many buckets."""
         c = self.ddp.ddp_config
         buckets = sum(len(b.buckets) for b in list(self.ddp.buffers) + list(self.ddp.expert_parallel_buffers))
-        return (f"overlap_grad_reduce {'on' if c.overlap_grad_reduce else 'off'}, {buckets} gradient bucket(s)"
+        overlap = "on" if c.overlap_grad_reduce else "off"
+        return (f"overlap_grad_reduce {overlap}, {buckets} gradient bucket(s)"
                 + (f" of {c.bucket_size} elements" if c.overlap_grad_reduce and c.bucket_size else ""))
 
     def lr(self) -> float:

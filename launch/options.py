@@ -55,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--backend megatron: Megatron's use_distributed_optimizer=True (each DP rank steps its "
                         "partition of every gradient bucket; teonspeed optimizers, or adamw on --device cuda)")
     p.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=None,
-                   help="--backend megatron: Megatron DDP's overlap_grad_reduce (each gradient bucket reduced as "
-                        "its backward completes; default: on with --distributed-optimizer, as Megatron-LM runs it, "
-                        "off otherwise)")
+                   help="--backend megatron: Megatron DDP's overlap_grad_reduce (each gradient bucket "
+                        "reduced as its backward completes; default: on with --distributed-optimizer, as "
+                        "Megatron-LM runs it, off otherwise)")
     p.add_argument("--ddp-bucket-size", type=int, default=None,
-                   help="--backend megatron with --overlap-grad-reduce: elements per DDP gradient bucket (default: "
-                        "Megatron's, max(40M, 1M x DP)); TEON stacks whose members fall in different buckets are "
-                        "planned across them")
+                   help="--backend megatron with --overlap-grad-reduce: elements per DDP gradient bucket "
+                        "(default: Megatron's, max(40M, 1M x DP)); TEON stacks whose members fall in "
+                        "different buckets are planned across them")
     p.add_argument("--ds-config", default=None,
                    help="DeepSpeed JSON to start from (configs/deepspeed/*.json); the CLI sets batch sizes and "
                         "steps, and optimizer/lr/ZeRO/clipping where given")
@@ -353,14 +353,15 @@ def validate(args, world: int) -> argparse.Namespace:
     if args.backend != "megatron":
         for flag in ("overlap_grad_reduce", "ddp_bucket_size"):
             if flag in args.explicit:
-                raise ConfigError(f"--{flag.replace('_', '-')} configures Megatron DDP: add --backend megatron, or "
-                                  f"drop it (DeepSpeed buckets its reductions itself)")
+                raise ConfigError(f"--{flag.replace('_', '-')} configures Megatron DDP: add --backend "
+                                  f"megatron, or drop it (DeepSpeed buckets its reductions itself)")
     if args.overlap_grad_reduce is None:
         args.overlap_grad_reduce = bool(args.distributed_optimizer)
     if args.ddp_bucket_size is not None and (args.ddp_bucket_size < 1 or not args.overlap_grad_reduce):
-        raise ConfigError(f"--ddp-bucket-size {args.ddp_bucket_size}: " + (
-            "must be at least 1" if args.ddp_bucket_size < 1 else "Megatron DDP buckets only with overlap_grad_reduce "
-            "(without it each buffer is one bucket); add --overlap-grad-reduce or drop --ddp-bucket-size"))
+        why = ("must be at least 1" if args.ddp_bucket_size < 1 else
+               "Megatron DDP buckets only with overlap_grad_reduce (without it each buffer is one bucket); "
+               "add --overlap-grad-reduce or drop --ddp-bucket-size")
+        raise ConfigError(f"--ddp-bucket-size {args.ddp_bucket_size}: {why}")
     if args.distributed_optimizer and args.optimizer == "adamw" and args.device != "cuda":
         raise ConfigError("--distributed-optimizer with --optimizer adamw runs Megatron's own DistributedOptimizer, "
                           "which needs CUDA tensors; use --device cuda, or a teonspeed optimizer on the CPU")

@@ -187,7 +187,8 @@ def run(args) -> dict:
                 f"launch/schedule.py, clipping {c.get('gradient_clipping', 0)}, accumulation "
                 f"{c['gradient_accumulation_steps']}" + (f" (from {args.ds_config})" if args.ds_config else ""))
         else:
-            log(f"backend: Megatron DDP ({backend.ddp_note()}) + {type(backend.optimizer).__name__}({type(backend.basic_optimizer).__name__})"
+            log(f"backend: Megatron DDP ({backend.ddp_note()}) + "
+                f"{type(backend.optimizer).__name__}({type(backend.basic_optimizer).__name__})"
                 f", OptimizerParamScheduler (launch/schedule.py's sequence), {args.grad_accum} micro-batch(es) per step through "
                 f"{backend.forward_backward.__name__}" + (f"; {backend.clip_note}" if backend.clip_note else ""))
         log(describe_optimizer(backend))

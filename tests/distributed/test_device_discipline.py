@@ -168,7 +168,8 @@ def bucket_step(rank, world_size, buckets=1):
                                   torch.empty(part, device="meta"), param, master=param.float(),
                                   counted=((0, part // 2),)))
     assert any(g.is_teon for g in opt.grouping.groups) == (buckets == 2)
-    opt.attach_bucket_shards(shards, device=torch.device("cpu"), clip_grad=1.0)  # set-up collective: see flat_step
+    # set-up collective: see flat_step
+    opt.attach_bucket_shards(shards, device=torch.device("cpu"), clip_grad=1.0)
     with DeviceRecorder() as rec:
         opt.step()
     states = [opt.state[s.param] for s in shards]

@@ -17,11 +17,11 @@ from test_megatron_moe_distributed_optimizer import assert_same, bucket_layout, 
 # of layers 2i and 2i+1) lie in different buckets (asserted).
 SMALL_BUCKETS = {"layer-per-bucket": 8000, "layer-over-buckets": 3000}
 FP32 = dict(ns_dtype="fp32")  # fp32 Newton–Schulz everywhere: the layouts differ only in fp32 rounding
-# Equal within 1e-5 relative: 3 steps of fp32 Newton–Schulz (unit roundoff 2^-24 ≈ 6e-8) on matrices
-# assembled from the same numbers; a TP=2 gather and a reduce-scatter of identical replicas change only the
-# summation order (a few ulps per element), which 5 NS iterations amplify by at most their quintic's
-# largest slope (3.4445) per iteration, 3.4445^5 ≈ 490 times ~2 ulps ≈ 6e-5 worst case, ~1e-6 typical. A
-# piece written to the wrong place, or a bucket's momentum missing from its stack, is O(1).
+# Every layout orthogonalizes bitwise-equal matrices (gathers and exchanges copy; DP=2's reduce-scatter of
+# equal replicas adds two exact halves); only which stacks are batched together differs, and a batched
+# matmul may round its sums differently: up to ~2 ulps of fp32 (2 x 2^-24 = 1.2e-7) per matmul, carried
+# through 3 matmuls x 5 iterations x 3 steps = 45 matmuls: 45 x 1.2e-7 = 5.4e-6 < TOL. A piece written to
+# the wrong place, or a bucket's momentum missing from its stack, is O(1).
 TOL = 1e-5
 
 
@@ -45,7 +45,8 @@ def check_layout(results):
 @pytest.mark.parametrize("tp", [1, 2], ids=["TP1xDP2", "TP2xDP2"])
 def test_small_buckets_equal_one_process_and_the_non_distributed_path(one_process, tp, bucket_size):
     buckets = dict(overlap_grad_reduce=True, bucket_size=bucket_size // tp)
-    got = run_ranks(train, 2 * tp, tp=tp, distributed_optimizer=True, ddp_options=buckets, **dense(), timeout=180)
+    got = run_ranks(train, 2 * tp, tp=tp, distributed_optimizer=True, ddp_options=buckets, **dense(),
+                    timeout=180)
     check_layout(got)
     assert_same(full_model(got), one_process, TOL)
     plain = run_ranks(train, 2 * tp, tp=tp, ddp_options=buckets, **dense(), timeout=180)
@@ -53,23 +54,24 @@ def test_small_buckets_equal_one_process_and_the_non_distributed_path(one_proces
     assert_same(full_model(got), full_model(plain), TOL)
 
 
-# MoE: every matrix type TEON-stacked, so the expert buffers (reduce-scattered over expert-DP) hold stacks of
-# expert e of layers 0 and 1 in different buckets too.
+# MoE: every matrix type TEON-stacked, so the expert buffers (reduce-scattered over expert-DP) hold stacks
+# of expert e of layers 0 and 1 in different buckets too.
 MOE = dict(optimizer="teon", teon_types=("qkv", "attn_out", "fc1", "fc2"), **FP32)
 
 
-@pytest.mark.parametrize("tp,etp", [(1, None), (2, None), (1, 2)], ids=["TP1xEP2xDP2", "TP2xEP2", "TP1xEP2xETP2"])
+@pytest.mark.parametrize("tp,etp", [(1, None), (2, None), (1, 2)],
+                         ids=["TP1xEP2xDP2", "TP2xEP2", "TP1xEP2xETP2"])
 def test_moe_expert_buckets_equal_one_process(tp, etp):
     buckets = dict(overlap_grad_reduce=True, bucket_size=2000)
     got = run_ranks(train, 4, tp=tp, ep=2, etp=etp, distributed_optimizer=True, ddp_options=buckets, **MOE,
                     timeout=180)
     check_layout(got)
     assert all(r[2] == ["dense", "expert"] for r in got)
-    assert all(min(r[6][0][1:]) > 1 for r in got), [r[6][0] for r in got]  # the expert buffer has several buckets
+    assert all(min(r[6][0][1:]) > 1 for r in got), [r[6][0] for r in got]  # several expert buckets
     assert_same(full_model(got), full_model(run_ranks(train, 1, **MOE, timeout=120)), TOL)
 
 
-# -- the real backward: DDP's hooks reduce-scatter each bucket as its gradients complete ----------------------
+# -- the real backward: DDP's hooks reduce-scatter each bucket as its gradients complete -------------------
 CLIP = 0.05  # the tiny model's gradient norm is ~1.5: every step clips
 
 
@@ -83,7 +85,8 @@ def _reduced_grads_norm_fp64(ddp):
         for bucket in buffer.buckets:
             n = bucket.grad_data.numel() // group.size()
             whole = bucket.grad_data.new_empty(bucket.grad_data.numel())
-            dist.all_gather_into_tensor(whole, bucket.grad_data[group.rank() * n:(group.rank() + 1) * n], group=group)
+            mine = bucket.grad_data[group.rank() * n:(group.rank() + 1) * n]
+            dist.all_gather_into_tensor(whole, mine, group=group)
             for p in bucket.params:
                 start, end, _ = buffer.param_index_map[p]
                 total += float(whole[start - bucket.offset:end - bucket.offset].double().square().sum())
@@ -105,7 +108,8 @@ def overlapped(rank, world_size, distributed, clip_grad=0.0, ddp_options=OVERLAP
         ddp.zero_grad_buffer()
         opt.zero_grad()
         tokens, position_ids, labels = mm.batch(seed=100 * step + ps.get_data_parallel_rank())
-        ddp(tokens, position_ids, None, labels=labels).float().mean().backward()  # the hooks start each bucket
+        loss = ddp(tokens, position_ids, None, labels=labels).float().mean()
+        loss.backward()  # the hooks start each bucket's reduce-scatter
         ddp.finish_grad_sync()
         oracle = _reduced_grads_norm_fp64(ddp) if distributed and clip_grad else None
         success, norm, _ = opt.step()
@@ -127,16 +131,17 @@ def test_overlapped_grad_reduce_equals_the_non_distributed_path():
 
 def test_the_clip_norm_is_accumulated_in_float64_no_worse_than_megatrons_own():
     got = run_ranks(overlapped, 2, True, CLIP, timeout=180)
-    megatron = run_ranks(overlapped, 2, False, CLIP, timeout=180)  # FP32Optimizer: Megatron's get_grad_norm_fp32
+    megatron = run_ranks(overlapped, 2, False, CLIP, timeout=180)  # FP32Optimizer's get_grad_norm_fp32
     one_bucket = run_ranks(overlapped, 2, True, CLIP, {}, timeout=180)  # no overlap: DDP's one bucket
     for step, ((norm, (oracle, numel)), (megatron_norm, _)) in enumerate(zip(got[0][1], megatron[0][1])):
         assert norm > 10 * CLIP
-        # Each side sums `numel` squares in float64 (unit roundoff 2^-53): relative error <= numel·2^-53 each
-        # (Higham's bound for recursive summation of non-negative terms), twice for both sides, and the
+        # Each side sums `numel` squares in float64 (unit roundoff 2^-53): relative error <= numel·2^-53
+        # each (Higham's bound for recursive summation of non-negative terms), twice for both sides, and the
         # square root halves it. An fp32 accumulation (~1e-6 here, 1e-5 per 1M elements on CPU) fails it.
         bound = 2 * numel * 2.0 ** -53
-        assert abs(norm / oracle - 1) <= bound, (step, norm, oracle)
-        assert abs(norm / oracle - 1) <= abs(megatron_norm / oracle - 1) + bound  # no worse than Megatron's own
+        error = abs(norm / oracle - 1)
+        assert error <= bound, (step, norm, oracle)
+        assert error <= abs(megatron_norm / oracle - 1) + bound  # no worse than Megatron's own
     assert all(norms == got[0][1] for _, norms, _ in got)  # the same norm on every rank
     # The same clip over 8 buckets as over one (the norm differs by float64 rounding only). Against
     # Megatron's own clip, its fp32 norm (~1e-7 off) moves the clip coefficient and the rank-deficient
@@ -145,7 +150,7 @@ def test_the_clip_norm_is_accumulated_in_float64_no_worse_than_megatrons_own():
     assert _max_relative(got[0][0], megatron[0][0]) <= 2e-5
 
 
-# -- Megatron's default bucket size with a 1B-class layer: construction, the plan and its exchange -------------
+# -- Megatron's default bucket size with a 1B-class layer: construction, the plan and its exchange ---------
 def one_b_class(rank, world_size):
     """Two layers of a 1B-class model (hidden 2048, FFN 5632, 16 heads, 4 query groups: ~45M elements a
     layer, more than Megatron's default bucket of 40M) in DDP with overlap_grad_reduce=True and the
@@ -161,8 +166,8 @@ def one_b_class(rank, world_size):
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
                                                overlap_grad_reduce=True)  # bucket_size: Megatron's default
     ddp = DistributedDataParallel(config, ddp_config, mm.tiny_gpt(config))
-    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer="teon", use_distributed_optimizer=True, lr=0.02,
-                                                     clip_grad=1.0), [ddp])
+    config = TeonOptimizerConfig(optimizer="teon", use_distributed_optimizer=True, lr=0.02, clip_grad=1.0)
+    opt = get_megatron_optimizer(config, [ddp])
     inner = opt.optimizer
     layer_numel = sum(p.numel() for n, p in ddp.module.named_parameters() if ".layers.0." in n)
     (flat_step, shards), = inner._bucket_sets()
@@ -172,7 +177,7 @@ def one_b_class(rank, world_size):
     # The exchange, with the identity for the transform: the update is the direction itself.
     g = torch.Generator().manual_seed(rank)
     direction = torch.zeros(plan.partition_size)
-    for b, (shard, part) in enumerate(zip(shards, direction.split(plan.partition_sizes))):
+    for shard, part in zip(shards, direction.split(plan.partition_sizes)):
         for entry, lo, hi in shard.slices():
             if inner._group_of[entry.name]["route"] == "ortho":
                 part[lo:hi] = torch.randn(hi - lo, generator=g)
@@ -180,8 +185,9 @@ def one_b_class(rank, world_size):
         direction, lambda x: x, read=lambda m, unit: matrix_view(unit, _in_unit(m), inner._layouts[m.name]),
         write=lambda m, unit, value: write_matrix(unit, _in_unit(m), inner._layouts[m.name], value),
         placement=inner._flat_placement, scale=lambda m: 1.0)
-    return dict(bucket_size=ddp.ddp_config.bucket_size, layer_numel=layer_numel, layout=bucket_layout(ddp, inner),
-                planned=planned, grouped=grouped, cut=sum(j.cut for j in plan.jobs),
+    return dict(bucket_size=ddp.ddp_config.bucket_size, layer_numel=layer_numel,
+                layout=bucket_layout(ddp, inner), planned=planned, grouped=grouped,
+                cut=sum(j.cut for j in plan.jobs),
                 round_trip=torch.equal(update, direction), moved=(sent, received),
                 expected=flat_step.expected_bytes(4), plan_bytes=plan.bytes_per_rank(4))
 
@@ -191,7 +197,7 @@ def test_a_1b_class_layer_larger_than_megatrons_default_bucket_builds_and_plans_
     for r in results:
         buckets, straddling, cross_jobs = r["layout"]
         assert r["bucket_size"] == 40_000_000 and r["layer_numel"] > r["bucket_size"]
-        assert buckets[0] >= 2 and straddling >= 3 and cross_jobs >= 1  # q, k and v of the layer pair straddle
+        assert buckets[0] >= 2 and straddling >= 3 and cross_jobs >= 1  # the pair's q, k and v straddle
         assert r["planned"] == r["grouped"]  # every matrix planned, once
         assert r["round_trip"] and r["moved"] == r["expected"] and r["cut"] >= 1
     sent, received = results[0]["plan_bytes"]

@@ -17,8 +17,9 @@ def build(tp=1, optimizer="teon", layers=None, **config_kw):
     # ddp_use_distributed_optimizer: DDP's own flag where it differs from the optimizer config's
     distributed = config_kw.pop("ddp_use_distributed_optimizer", config_kw.get("use_distributed_optimizer", False))
     # ddp_options: more DistributedDataParallelConfig fields (overlap_grad_reduce, bucket_size)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
-                                               **config_kw.pop("ddp_options", {}))
+    ddp_options = config_kw.pop("ddp_options", {})
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               use_distributed_optimizer=distributed, **ddp_options)
     model = mm.tiny_gpt(config)
     ddp = DistributedDataParallel(config, ddp_config, model.bfloat16() if config_kw.get("bf16") else model)
     opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, **{"lr": 0.02, "adamw_lr": 3e-3,

@@ -43,9 +43,9 @@ def train(rank, world_size, tp=1, ep=1, etp=None, distributed_optimizer=False, o
     with torch.no_grad():
         for name, p in ddp.module.named_parameters():
             p.copy_(local_of(name, p, 0))
-    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, lr=0.02, adamw_lr=1e-3, weight_decay=0.01,
-                                                     clip_grad=0.0, use_distributed_optimizer=distributed_optimizer,
-                                                     **options), [ddp])
+    config = TeonOptimizerConfig(optimizer=optimizer, lr=0.02, adamw_lr=1e-3, weight_decay=0.01,
+                                 clip_grad=0.0, use_distributed_optimizer=distributed_optimizer, **options)
+    opt = get_megatron_optimizer(config, [ddp])
     for step in range(1, STEPS + 1):
         ddp.zero_grad_buffer()
         for name, p in ddp.module.named_parameters():
@@ -71,8 +71,8 @@ def bucket_layout(ddp, inner):
     """(buckets per DDP buffer, TEON groups whose members lie in different buckets, planned jobs whose
     units lie in different buckets): the first two read from DDP's buffers alone."""
     buffers = list(ddp.buffers) + list(getattr(ddp, "expert_parallel_buffers", []))
-    bucket_of = {inner._names[id(p)]: (i, j) for i, buf in enumerate(buffers) for j, b in enumerate(buf.buckets)
-                 for p in b.params}
+    bucket_of = {inner._names[id(p)]: (i, j) for i, buf in enumerate(buffers)
+                 for j, b in enumerate(buf.buckets) for p in b.params}
     straddling = sum(len({bucket_of[m.name] for m in g.members}) > 1 for g in inner.grouping.groups)
     cross_jobs = sum(len({u.bucket for u in j.units}) > 1 for plan in getattr(inner, "zero_plans", [])
                      for j in plan.jobs)

@@ -107,20 +107,22 @@ def test_megatron_backend_pipeline_parallel_2_trains(data_dir, tmp_path):
 
 
 # (c') Megatron's distributed optimizer from the launcher: the same training as plain Megatron DDP (fp32, no
-# clipping), with overlap_grad_reduce (its default there, as Megatron-LM runs it) at Megatron's bucket size and
-# at buckets smaller than a layer (~45k elements: TEON's q/k/v pairs straddle buckets); 2 micro-batches per
-# step (DDP's no_sync until the last). And it clips on the CPU where plain Megatron's clip_grad cannot (it
-# needs CUDA tensors).
+# clipping), with overlap_grad_reduce (its default there, as Megatron-LM runs it) at Megatron's bucket size
+# and at buckets smaller than a layer (~45k elements: TEON's q/k/v pairs straddle buckets); 2 micro-batches
+# per step (DDP's no_sync until the last). And it clips on the CPU where plain Megatron's clip_grad cannot
+# (it needs CUDA tensors).
 def test_megatron_backend_distributed_optimizer_trains_like_plain_ddp(data_dir, tmp_path, capfd):
     common = ["--backend", "megatron", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps", "4",
               "--warmup", "1", "--grad-accum", "2", *TINY]
     plain = train(common + ["--name", "plain", "--clip-grad", "0"])
     assert "Megatron DDP (overlap_grad_reduce off, 1 gradient bucket(s))" in capfd.readouterr().out
     distributed = train(common + ["--name", "distopt", "--clip-grad", "0", "--distributed-optimizer"])
-    assert "Megatron DDP (overlap_grad_reduce on, 1 gradient bucket(s) of 40000000 elements)" in capfd.readouterr().out
+    header = capfd.readouterr().out
+    assert "Megatron DDP (overlap_grad_reduce on, 1 gradient bucket(s) of 40000000 elements)" in header
     small = train(common + ["--name", "distopt-small", "--clip-grad", "0", "--distributed-optimizer",
                             "--ddp-bucket-size", "20000"])
-    buckets = re.search(r"overlap_grad_reduce on, (\d+) gradient bucket\(s\) of 20000 elements", capfd.readouterr().out)
+    buckets = re.search(r"overlap_grad_reduce on, (\d+) gradient bucket\(s\) of 20000 elements",
+                        capfd.readouterr().out)
     assert buckets and int(buckets.group(1)) >= 8
     assert plain["wrapper"] == "TeonFP32Optimizer" and distributed["wrapper"] == "TeonDistributedOptimizer"
     assert distributed["losses"] == pytest.approx(plain["losses"], rel=1e-5) and len(plain["losses"]) == 4
@@ -165,7 +167,8 @@ def test_unknown_model_config_key_is_refused(tmp_path, monkeypatch):
     (["--distributed-optimizer", "--backend", "megatron", "--optimizer", "adamw"], 2, r"needs CUDA tensors"),
     (["--overlap-grad-reduce"], 2, r"--overlap-grad-reduce configures Megatron DDP: add --backend megatron"),
     (["--backend", "megatron", "--ddp-bucket-size", "1000"], 2,
-     r"--ddp-bucket-size 1000: Megatron DDP buckets only with overlap_grad_reduce .*add --overlap-grad-reduce"),
+     r"--ddp-bucket-size 1000: Megatron DDP buckets only with overlap_grad_reduce .*"
+     r"add --overlap-grad-reduce"),
     (["--pp", "2", "--teon-k", "4"], 2, r"--teon-k 4 does not divide the 2 layers per pipeline stage .*use a --teon-k "
                                         r"that divides 2, or a smaller --pp"),
     (["--ep", "2", "--backend", "megatron"], 2, r"--ep 2 needs a MoE model"),

@@ -212,7 +212,8 @@ def test_zero_bytes_equal_the_flat_steps_expected_bytes(optimizer, tp, dp, hardw
         jobs_moved += len(plan.moved)
         for t in range(tp):
             q = work_rank[(t, d)]
-            assert FlatStep(plan, partition.dp_rank, q, None).expected_bytes(4) == (zb.sent[q], zb.received[q]), (t, d)
+            step = FlatStep(plan, partition.dp_rank, q, None)
+            assert step.expected_bytes(4) == (zb.sent[q], zb.received[q]), (t, d)
             moved += zb.sent[q]
     assert moved > 0  # every layout here cuts something (or TP-gathers): the equality is not 0 == 0
     assert jobs_moved > 0 or not hardware  # on slow NS, balancing did move jobs: the equality covers them

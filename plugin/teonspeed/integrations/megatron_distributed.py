@@ -5,13 +5,16 @@ holds the d-th equal partition of the bucket, and after the step all-gathers the
 from those partitions. teonspeed steps exactly that partition: the AdamW parameters and the momentum
 element-wise, and the orthogonalization planned like DeepSpeed's ZeRO-1/2 partitions
 (`parallel/zero_partition.py`): a matrix inside one partition is computed there (TP-gathered if sharded),
-only matrices cut by a partition boundary travel. Megatron's `DistributedOptimizer` class itself is not
-used: it accepts only Adam-family inner optimizers and (in 0.16) CUDA tensors. What it does around the
-step is done the same way here:
+only matrices cut by a partition boundary travel. With overlap_grad_reduce a buffer is cut into many
+buckets (Megatron's default 40M elements: smaller than a 1B-class layer); the buckets of one topology are
+planned together, so a TEON stack whose members lie in different buckets is one job. Megatron's
+`DistributedOptimizer` class itself is not used: it accepts only Adam-family inner optimizers and (in 0.16)
+CUDA tensors. What it does around the step is done the same way here:
 - clip_grad: the global norm of the reduced gradients, each element once (the partitions are disjoint
-  over DP; a TP-duplicated parameter counts on TP rank 0 only, like Megatron's get_grad_norm_fp32). Each
-  rank's share rides in the step check's all-reduce (`DistributedRunner.check_step`): no collective or
-  host read of its own, where Megatron pays one all-reduce and one `.item()`.
+  over DP; a TP-duplicated parameter counts on TP rank 0 only, like Megatron's get_grad_norm_fp32),
+  accumulated in float64. Each rank's share rides in the step check's all-reduce
+  (`DistributedRunner.check_step`): no collective or host read of its own, where Megatron pays one
+  all-reduce and one `.item()`.
 - bf16: an fp32 master copy of this rank's partition (Megatron's main-param shard) is stepped, with fp32
   gradients (the DDP buffer itself under grad_reduce_in_fp32), and copied into the bf16 parameter buffer
   that DDP's all-gather spreads. fp16 (a loss scaler) is refused.

@@ -92,7 +92,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
         self._runner: Runner = self._make_runner()
         self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
         self._flat_steps: Dict[int, FlatStep] = {}  # id(flat partition tensor) -> its planned step
-        # Megatron distributed optimizer: each bucket partition and the step it is planned in (one per topology)
+        # Megatron distributed optimizer: each bucket partition and the step planned for it (one per topology)
         self._buckets: List[Tuple[BucketShard, FlatStep]] = []
         self._clip_grad = 0.0  # distributed optimizer: clip the global gradient norm to this (0: off)
         self.grad_norm: Optional[float] = None  # the last step's global gradient norm, where it clips
@@ -124,7 +124,8 @@ class OrthoOptimizer(torch.optim.Optimizer):
                                  "or set teon_k=1")
         self._flat = dict(partitions)
         self._flat_adamw_bytes = adamw_bytes
-        self._flat_steps = {key: self._plan_flat([fp], device or torch.device("cpu")) for key, fp in partitions.items()}
+        device = device or torch.device("cpu")
+        self._flat_steps = {key: self._plan_flat([fp], device) for key, fp in partitions.items()}
 
     def attach_bucket_shards(self, buckets: List[BucketShard], device: Optional[torch.device] = None,
                              clip_grad: float = 0.0) -> None:
@@ -412,7 +413,7 @@ class OrthoOptimizer(torch.optim.Optimizer):
             ortho = []
             for b, (shard, part) in enumerate(zip(shards, direction.split(flat_step.plan.partition_sizes))):
                 weights = shard.weights  # the fp32 master with bf16 parameters
-                grad = shard.grad.float()  # fp32 grads (grad_reduce_in_fp32) are the buffer itself, not a copy
+                grad = shard.grad.float()  # fp32 grads (grad_reduce_in_fp32): the buffer itself, not a copy
                 if clip < 1.0:
                     grad.mul_(clip)  # like Megatron, the fp32 main gradient is clipped in place
                 state = self.bucket_state(shard)

@@ -79,11 +79,12 @@ class BucketShard:
 
     def grad_norm_sq(self) -> torch.Tensor:
         """Squared L2 norm of the counted gradient ranges, accumulated in float64, on the gradient's device
-        (0-dim float64). A long fp32 accumulation drifts (PyTorch's CPU norm of 1M fp32 elements is ~1e-5
-        off, Megatron's per-parameter fp32 norms ~1e-8); in float64 the rounding is ~n·2⁻⁵³. Ranges are cut
-        into slices of NORM_SLICE elements: a kernel that converts its input to float64 first (PyTorch's CPU
-        norm does) then holds 32 MiB at most."""
-        parts = [self.grad[lo:min(lo + NORM_SLICE, hi)] for a, hi in self.counted for lo in range(a, hi, NORM_SLICE)]
+        (0-dim float64). A long fp32 accumulation drifts (PyTorch's CPU norm of 1M fp32 elements is
+        ~1e-5 off, Megatron's per-parameter fp32 norms ~1e-8); in float64 the rounding is ~n·2⁻⁵³. Ranges
+        are cut into slices of NORM_SLICE elements: a kernel that converts its input to float64 first
+        (PyTorch's CPU norm does) then holds 32 MiB at most."""
+        parts = [self.grad[lo:min(lo + NORM_SLICE, hi)]
+                 for start, hi in self.counted for lo in range(start, hi, NORM_SLICE)]
         if not parts:
             return self.grad.new_zeros((), dtype=torch.float64)
         return torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float64)).square().sum()
@@ -132,8 +133,9 @@ def plan_partitions(partitions: Sequence[FlatPartition], groups: List[OrthoGroup
     members inside and outside them cannot be computed here and is refused."""
     dp_sizes = {p.dp_size for p in partitions}
     if len(dp_sizes) > 1:
-        raise ValueError(f"teonspeed: flat partitions planned together are cut over different data-parallel sizes "
-                         f"{sorted(dp_sizes)}; buckets of one topology must share one data-parallel group")
+        raise ValueError(f"teonspeed: flat partitions planned together are cut over different data-parallel "
+                         f"sizes {sorted(dp_sizes)}; buckets of one topology must share one data-parallel "
+                         f"group")
     places = {e.name: (b, e.offset) for b, p in enumerate(partitions) for e in p.entries}
     mine = []
     for g in groups:
@@ -142,13 +144,14 @@ def plan_partitions(partitions: Sequence[FlatPartition], groups: List[OrthoGroup
             mine.append(g)
         elif any(inside):
             outside = next(m.label for m, i in zip(g.members, inside) if not i)
-            raise ValueError(f"teonspeed: the group {' + '.join(m.label for m in g.members)} is partly outside the "
-                             f"flat partitions planned together ({outside} is not in them: another param group, "
-                             f"data-parallel group or expert/dense buffer); put its members in one param group, or "
-                             f"set teon_k=1")
-    return plan_zero_buckets(mine, places, {e.name: tuple(e.shape) for p in partitions for e in p.entries},
-                             [p.partition_size for p in partitions], partitions[0].dp_size, tp_size, work_rank,
-                             cost, tp_sharded, cluster, itemsize)
+            labels = " + ".join(m.label for m in g.members)
+            raise ValueError(f"teonspeed: the group {labels} is partly outside the flat partitions planned "
+                             f"together ({outside} is not in them: another param group, data-parallel group "
+                             f"or expert/dense buffer); put its members in one param group, or set teon_k=1")
+    shapes = {e.name: tuple(e.shape) for p in partitions for e in p.entries}
+    sizes = [p.partition_size for p in partitions]
+    return plan_zero_buckets(mine, places, shapes, sizes, partitions[0].dp_size, tp_size, work_rank, cost,
+                             tp_sharded, cluster, itemsize)
 
 
 ReadUnit = Callable[[MatrixRef, torch.Tensor], torch.Tensor]  # (matrix, its unit tensor) -> the matrix

@@ -196,8 +196,8 @@ def _imbalance(loads: Sequence[float]) -> float:
     return max(loads) / mean if mean > 0 else 1.0
 
 
-def units_of(groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int, int]], shapes: Dict[str, Tuple[int, ...]]
-             ) -> Dict[Tuple[str, Optional[int]], Unit]:
+def units_of(groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int, int]],
+             shapes: Dict[str, Tuple[int, ...]]) -> Dict[Tuple[str, Optional[int]], Unit]:
     """The units the groups read: one per parameter, or per expert slice of a 3-D parameter. places:
     each parameter's (bucket, offset in the bucket)."""
     out: Dict[Tuple[str, Optional[int]], Unit] = {}
@@ -231,15 +231,15 @@ def plan_zero_partition(groups: Sequence[OrthoGroup], offsets: Dict[str, int], s
     each parameter's flat offset and local shape; work_rank: (tp rank, partition) -> rank in the tp × dp
     work group; cost: a group's NS FLOPs; cluster, itemsize: what a FLOP and an exchanged element cost, for
     balancing."""
-    return plan_zero_buckets(groups, {n: (0, o) for n, o in offsets.items()}, shapes, (partition_size,), dp_size,
-                             tp_size, work_rank, cost, tp_sharded, cluster, itemsize)
+    return plan_zero_buckets(groups, {n: (0, o) for n, o in offsets.items()}, shapes, (partition_size,),
+                             dp_size, tp_size, work_rank, cost, tp_sharded, cluster, itemsize)
 
 
 def plan_zero_buckets(groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int, int]],
-                      shapes: Dict[str, Tuple[int, ...]], partition_sizes: Sequence[int], dp_size: int, tp_size: int,
-                      work_rank: Dict[Tuple[int, int], WorkRank], cost: Callable[[OrthoGroup], float],
-                      tp_sharded: Callable[[MatrixRef], bool], cluster: ClusterProfile = ClusterProfile(),
-                      itemsize: int = 4) -> ZeroPlan:
+                      shapes: Dict[str, Tuple[int, ...]], partition_sizes: Sequence[int], dp_size: int,
+                      tp_size: int, work_rank: Dict[Tuple[int, int], WorkRank],
+                      cost: Callable[[OrthoGroup], float], tp_sharded: Callable[[MatrixRef], bool],
+                      cluster: ClusterProfile = ClusterProfile(), itemsize: int = 4) -> ZeroPlan:
     """One plan over several flat buffers (buckets) cut over the same data-parallel ranks: places gives each
     parameter's (bucket, offset in the bucket), partition_sizes each bucket's partition length; the rest as
     in plan_zero_partition. A job's members may lie in any buckets."""
@@ -256,7 +256,8 @@ def plan_zero_buckets(groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int,
         if outside:
             u = outside[0]
             raise ValueError(f"teonspeed: {u.name!r} lies outside the flat partitions ({dp_size} x "
-                             f"{partition_sizes[u.bucket]} elements); the ZeRO layout given to the optimizer is wrong")
+                             f"{partition_sizes[u.bucket]} elements); the ZeRO layout given to the optimizer "
+                             f"is wrong")
         parts = sorted({d for u in job_units for d in range(dp_size) if plan.piece(u, d)[0] < plan.piece(u, d)[1]})
         sharded = {tp_sharded(m) for g in job_groups for m in g.members}
         plan.jobs.append(ZeroJob(job_groups, job_units, tuple(parts), tp_size > 1 and True in sharded,
