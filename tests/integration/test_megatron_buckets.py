@@ -3,6 +3,8 @@
 and fused weights whose members lie in different buckets are planned over all the buckets of a rank at
 once. Oracles: one process holding the whole model, the non-distributed teonspeed path, Megatron's own
 clip, and a float64 norm of the same reduced gradients."""
+import os
+
 import pytest
 import torch
 
@@ -202,3 +204,20 @@ def test_a_1b_class_layer_larger_than_megatrons_default_bucket_builds_and_plans_
         assert r["round_trip"] and r["moved"] == r["expected"] and r["cut"] >= 1
     sent, received = results[0]["plan_bytes"]
     assert [r["expected"] for r in results] == list(zip(sent, received)) and sum(sent) == sum(received) > 0
+
+
+ONE_B_CLASS = dict(hidden=2048, heads=16, groups=4, ffn=5632)
+
+
+@pytest.mark.skipif(os.environ.get("TEONSPEED_LARGE_TESTS") != "1",
+                    reason="~10 TFLOP of fp32 Newton–Schulz (minutes on a CPU core); set TEONSPEED_LARGE_TESTS=1")
+def test_a_1b_class_layer_at_megatrons_default_bucket_size_steps_like_the_non_distributed_path():
+    """The full step at the layout above (one step, synthetic weights and gradients): the distributed
+    optimizer over 3 buckets == the non-distributed path == one process."""
+    kw = dict(experts=0, optimizer="teon", layers=2, model=ONE_B_CLASS, steps=1, **FP32)
+    got = run_ranks(train, 2, distributed_optimizer=True, ddp_options=dict(overlap_grad_reduce=True), **kw,
+                    timeout=3000)
+    check_layout(got)
+    plain = run_ranks(train, 2, ddp_options=dict(overlap_grad_reduce=True), **kw, timeout=3000)
+    assert_same(full_model(got), full_model(plain), TOL)
+    assert_same(full_model(got), full_model(run_ranks(train, 1, **kw, timeout=3000)), TOL)

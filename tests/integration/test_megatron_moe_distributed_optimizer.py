@@ -14,9 +14,10 @@ STEPS = 2
 
 
 def train(rank, world_size, tp=1, ep=1, etp=None, distributed_optimizer=False, optimizer="muon", experts=4,
-          layers=2, ddp_options=None, **options):
+          layers=2, ddp_options=None, model=None, steps=STEPS, **options):
     """experts=0: a dense model; ddp_options: more DistributedDataParallelConfig fields (bucket_size,
-    overlap_grad_reduce); options: more TeonOptimizerConfig fields."""
+    overlap_grad_reduce); model: more tiny_config fields (hidden, heads, ...); options: more
+    TeonOptimizerConfig fields."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -25,7 +26,7 @@ def train(rank, world_size, tp=1, ep=1, etp=None, distributed_optimizer=False, o
                                  expert_tensor_parallel_size=etp)
     moe = dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, num_moe_experts=experts,
                moe_router_topk=2, moe_token_dispatcher_type="allgather") if experts else {}
-    config = mm.tiny_config(num_layers=layers, tp=tp, **moe)
+    config = mm.tiny_config(num_layers=layers, tp=tp, **(model or {}), **moe)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer, **(ddp_options or {})),
         mm.tiny_gpt(config))
@@ -46,7 +47,7 @@ def train(rank, world_size, tp=1, ep=1, etp=None, distributed_optimizer=False, o
     config = TeonOptimizerConfig(optimizer=optimizer, lr=0.02, adamw_lr=1e-3, weight_decay=0.01,
                                  clip_grad=0.0, use_distributed_optimizer=distributed_optimizer, **options)
     opt = get_megatron_optimizer(config, [ddp])
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         ddp.zero_grad_buffer()
         for name, p in ddp.module.named_parameters():
             p.main_grad.copy_(local_of(name, p, step) * (expert_scale if specs[name].is_expert else 1.0))
