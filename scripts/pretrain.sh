@@ -10,7 +10,9 @@
 # second run gets a new directory (teon_tp1-2, ...) unless --name/--resume/--overwrite say otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+# What the main job needs only (DeepSpeed, megatron-core, the launcher's tokenizers/tqdm/matplotlib/PyYAML/
+# TensorBoard); the test extras (Triton, transformers, ...) are scripts/test.sh's.
+bash scripts/setup_env.sh deepspeed,megatron,launch
 VENV="${TEONSPEED_VENV:-.venv}"
 NPROC="${NPROC:-2}"
 # One thread per process: the two ranks share two cores. The BPE trainer runs on rank 0 only.

@@ -3,10 +3,12 @@
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k teon -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+# The main job's packages plus the test extras (setup.py's "dev": pytest, Triton, transformers, accelerate).
+bash scripts/setup_env.sh dev,launch
+VENV="${TEONSPEED_VENV:-.venv}"
 export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=1
 set +e
-.venv/bin/python -m pytest -q "$@"
+"$VENV/bin/python" -m pytest -q "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
