@@ -10,7 +10,6 @@ only in the global batch: the measured difference of their peaks against the est
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Sequence
 
+from launch import cli
 from launch.configs import REPO
 from launch.memory import GIB, estimate, setup_from_launch
 
@@ -58,8 +58,9 @@ def estimated_bytes(argv: Sequence[str]) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.memory_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p = cli.parser(prog="python -m launch.memory_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: peak RSS differences of two runs; cuda: torch.cuda.max_memory_allocated (1 GPU)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{'config':16} {'seq':>4} {'batch':>9} | {'estimated':>10} {'measured':>10} {'error':>7}   (MiB)")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from launch import cli
 from launch.configs import REPO, ConfigError, model_sections
 
 DESCRIPTION = "Pretrain a megatron-core GPT (LLaMA, GPT-2, MoE, MLA) with TEON, Muon, HTMuon or AdamW."
@@ -34,8 +35,7 @@ DEFAULT_GLOBAL_BATCH = 32  # sequences per optimizer step, whatever the layout
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.pretrain", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(prog="python -m launch.pretrain", description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--name", default=None,
                    help="run directory under --runs-dir (default: <optimizer>_tp<tp>[_pp<pp>], with -2, -3, ... "
                         "appended when taken; --resume picks the newest)")
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "different buckets are planned across them")
     p.add_argument("--ds-config", default=None,
                    help="DeepSpeed JSON to start from (configs/deepspeed/*.json); the CLI sets batch sizes and "
-                        "steps, and optimizer/lr/ZeRO/clipping where given")
+                        "steps, and optimizer/lr/ZeRO/clipping where given (default: none, the config is built "
+                        "from the flags)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: --steps / 10)")
     p.add_argument("--global-batch", type=int, default=None,
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adamw-lr", type=float, default=3e-3, help="peak lr of the AdamW part (and of --optimizer adamw)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--teon-k", type=int, default=None,
-                   help="TEON/HTMuon group size (default 2 for TEON); must divide the layers per pipeline stage")
+                   help="TEON/HTMuon group size (default 2 for TEON, 1 for HTMuon); must divide the layers per pipeline stage")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
     p.add_argument("--log-every", type=int, default=20)
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, default=0, help="keep only the K newest checkpoints (0: all)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step (saving a checkpoint there with --save-every), keeping the schedule "
-                        "of --steps; continue with the same command plus --resume")
+                        "of --steps; continue with the same command plus --resume (default: run to --steps)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in runs/<name>/checkpoints (if any)")
     p.add_argument("--resume-strict", action="store_true",
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not write loss.png")
     p.add_argument("--model-config", default=None,
                    help="configs/models/<name>.yaml (a name, a path or a layout): the architecture; replaces "
-                        "--vocab/--hidden/--layers/--heads/--groups/--ffn")
+                        "--vocab/--hidden/--layers/--heads/--groups/--ffn (default: none, the tiny LLaMA those "
+                        "flags describe)")
     p.add_argument("--data-dir", default=None,
                    help="Megatron indexed datasets from launch/prepare_data.py (train/valid .bin/.idx and "
                         "tokenizer.json); default: tokenize the embedded corpus in memory")

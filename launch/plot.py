@@ -11,12 +11,13 @@ empty cells (steps without that measurement) are skipped. Prints each run's last
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from launch import cli
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs"
@@ -122,13 +123,14 @@ def plot_runs(runs: Dict[str, Path], out: Path, smooth_window: int = 1, x: str =
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="*", help="run names under runs/, run directories or metrics.csv files")
-    p.add_argument("--out", default=str(RUNS / "loss_curves.png"))
+    p = cli.parser(prog="python -m launch.plot", description=__doc__)
+    p.add_argument("runs", nargs="*",
+                   help="run names under runs/, run directories or metrics.csv files (default: every run under runs/)")
+    p.add_argument("--out", default=str(RUNS / "loss_curves.png"), help="the PNG to write")
     p.add_argument("--smooth", type=int, default=1, help="moving average window of the train curves")
-    p.add_argument("--x", default="step", choices=["step", "tokens"])
-    p.add_argument("--title", default=None)
-    p.add_argument("--log-y", action="store_true")
+    p.add_argument("--x", default="step", choices=["step", "tokens"], help="the x axis")
+    p.add_argument("--title", default=None, help="the plot's title (default: \"N runs\")")
+    p.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     args = p.parse_args(argv)
     items = args.runs or sorted(str(d.parent) for d in RUNS.glob("*/metrics.csv"))
     if not items:

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
+from launch import cli
+from launch.configs import ConfigError
 from launch.corpus import CORPUS_MODULES, EOT, VAL_EVERY, corpus_digest, load_documents, split_documents
 
 LAUNCH = Path(__file__).resolve().parent
@@ -387,15 +389,22 @@ def gpt_dataset(prefix: str | Path, tokenizer: MegatronTokenizerAdapter, seq_len
 
 
 # ---------------------------------------------------------------------------------------------------
+EMBEDDED_DIR = REPO / "data" / "embedded"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(prog="python -m launch.prepare_data", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", help="text / JSONL files (optionally .gz) or directories of them")
+    src.add_argument("--input", nargs="+", help="text / JSONL files (optionally .gz) or directories of them (no "
+                                                   "default: give --input or --embedded)")
     src.add_argument("--embedded", action="store_true", help="the embedded stdlib corpus of launch/pretrain.py")
-    p.add_argument("--output-prefix", help="write <prefix>.bin and <prefix>.idx (with --input)")
-    p.add_argument("--output-dir", default=str(REPO / "data" / "embedded"), help="(with --embedded)")
+    p.add_argument("--output-prefix", help="write <prefix>.bin and <prefix>.idx (with --input, required there; no "
+                                           "default)")
+    p.add_argument("--output-dir", help="with --embedded: write its tokenizer.json, train and valid splits there "
+                                        f"(default: {EMBEDDED_DIR.relative_to(REPO)}/ of this checkout)")
     p.add_argument("--tokenizer", help="an existing tokenizer.json; default: train a byte-level BPE")
-    p.add_argument("--tokenizer-out", help="where to save the trained BPE (default <prefix>.tokenizer.json)")
+    p.add_argument("--tokenizer-out", help="with --input: where to save the trained BPE (default "
+                                           "<prefix>.tokenizer.json)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="BPE vocabulary size (default 32000 with --input, 1024 with --embedded)")
     p.add_argument("--min-frequency", type=int, default=0, help="BPE: minimum pair frequency to merge")
@@ -403,12 +412,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--json-key", default="text", help="JSONL field that holds the document")
     p.add_argument("--txt-mode", default="file", choices=["file", "line", "paragraph"],
                    help="what one document is in a text file")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="encoding processes")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="encoding processes (default: the CPU cores but one, here %(default)s)")
     p.add_argument("--chunk-docs", type=int, default=256, help="documents per task sent to a worker")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    # Each output flag belongs to one source; a flag the source would ignore is refused, not ignored.
+    if args.input and args.output_dir:
+        raise ConfigError(f"--output-dir is for --embedded; with --input give --output-prefix "
+                          f"{args.output_dir.rstrip('/')}/train (and the same for valid)")
     if args.input and not args.output_prefix:
-        p.error("--input needs --output-prefix")
+        raise ConfigError("--input needs --output-prefix PREFIX (writes PREFIX.bin and PREFIX.idx)")
+    if args.embedded:
+        for flag, value in (("--output-prefix", args.output_prefix), ("--tokenizer-out", args.tokenizer_out)):
+            if value:
+                # "--output-prefix data/x/train" means the directory data/x; "--output-prefix X" the directory X
+                target = Path(value).parent if Path(value).name in ("train", "valid") else Path(value)
+                raise ConfigError(f"{flag} is for --input: --embedded writes a directory (tokenizer.json, train and "
+                                  f"valid .bin/.idx); use --output-dir {target} instead")
+        args.output_dir = args.output_dir or str(EMBEDDED_DIR)
     return args
 
 

@@ -19,7 +19,6 @@ PATH also writes a DeepSpeed hostfile ("host slots=N" per node, see launch/hostf
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -36,6 +35,7 @@ if __name__ == "__main__" and not __package__:
     runpy.run_module("launch.slurm.launch", run_name="__main__", alter_sys=True)
     raise SystemExit(0)
 
+from launch import cli  # noqa: E402
 from launch.options import check, summary as run_summary  # noqa: E402  (light: no torch, no megatron)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,16 +180,19 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     if "--" in argv:
         cut = argv.index("--")
         argv, script_args = argv[:cut], argv[cut + 1:]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes (GPUs) per node")
-    p.add_argument("--master-port", type=int, default=None)
+    p = cli.parser(prog="python -m launch.slurm.launch", description=__doc__)
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes (GPUs) per node (default: SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE, else 1)")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port (default: 10000 + SLURM_JOB_ID %% 20000, else 29500)")
     p.add_argument("--master-addr", default=None, help="default: the first host of the node list")
     p.add_argument("--script", default=None,
                    help="a torchrun target script (default: the module launch.pretrain, whose arguments are checked "
                         "before anything starts)")
     p.add_argument("--torchrun", default=None, help="torchrun executable (default: the one beside this Python)")
     p.add_argument("--dry-run", action="store_true", help="print every node's command and exit")
-    p.add_argument("--hostfile", default=None, help="also write a DeepSpeed hostfile for this allocation")
+    p.add_argument("--hostfile", default=None,
+                   help="also write a DeepSpeed hostfile for this allocation there (default: none)")
     args = p.parse_args(argv)
     return args, script_args
 

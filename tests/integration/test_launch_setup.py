@@ -148,36 +148,57 @@ def fake_data_dir(root: Path, name: str) -> None:
     (data / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": []}))
 
 
-def test_readme_slurm_steps_run_verbatim_under_dry_run(tmp_path, monkeypatch, capsys):
-    from launch import memory
-    from launch.slurm import launch as slurm
+def walkthrough_commands() -> list:
     section = doc_text(REPO / "docs" / "launch.md").split("## A multi-node run under SLURM")[1].split("\n## ")[0]
-    commands = [c for c in re.findall(r"`([^`]+)`", section) if c.startswith((".venv/bin/python -m launch", "sbatch "))]
+    return [c for c in re.findall(r"`([^`]+)`", section) if c.startswith((".venv/bin/python -m launch", "sbatch "))]
+
+
+def write_text_corpus(root: Path) -> None:
+    """A user's own text, where step 2 says it is: a few .txt and .jsonl documents per split."""
+    words = "the quick brown fox jumps over the lazy dog while a parallel optimizer orthogonalizes".split()
+    for split, n in (("train", 12), ("valid", 3)):
+        folder = root / "my_corpus" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"doc{i}.txt").write_text(" ".join(words[i % 5:] + words[: i % 5]) * 3 + "\n")
+        (folder / "more.jsonl").write_text(json.dumps({"text": " ".join(reversed(words))}) + "\n")
+
+
+@pytest.mark.parametrize("source", ["--input", "--embedded"])
+def test_slurm_walkthrough_steps_2_to_4_run_verbatim_on_one_data_directory(source, tmp_path, monkeypatch, capsys):
+    """Step 2 (either way of preparing the data) writes the directory that steps 4 and 5 read; nothing is
+    faked but the SLURM allocation (its variables) and the user's text."""
+    from launch import memory, prepare_data
+    from launch.slurm import launch as slurm
+    commands = walkthrough_commands()
+    prepare = [c for c in commands if "launch.prepare_data" in c and source in c.split()]
     memory_cmds = [c for c in commands if "launch.memory" in c]
     dry_runs = [c for c in commands if "launch.slurm.launch --dry-run" in c]
     sbatch = [c for c in commands if c.startswith("sbatch ") and "pretrain.sbatch" in c]
-    assert memory_cmds and dry_runs and sbatch, commands
+    assert prepare and memory_cmds and dry_runs and sbatch, commands
     monkeypatch.chdir(tmp_path)
-    for argv in (shlex.split(c) for c in dry_runs + sbatch):
-        for arg in argv:
-            if arg.startswith("data/") and not (tmp_path / arg).exists():
-                fake_data_dir(tmp_path, arg)
-    for cmd in memory_cmds:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # "every core but one": one encoding process here
+    write_text_corpus(tmp_path)
+    for cmd in prepare:                                                       # step 2
+        prepare_data.main(shlex.split(cmd)[3:] + ["--no-progress"])
+    for cmd in memory_cmds:                                                   # step 3
         assert memory.main(shlex.split(cmd)[3:]) == 0
     nodes = 2
     env = dict(SLURM_JOB_NODELIST="gpu[01-02]", SLURM_JOB_NUM_NODES=str(nodes), SLURM_NODEID="0",
                SLURM_GPUS_ON_NODE="8", SLURM_JOB_ID="4242")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    for cmd in dry_runs:
+    for cmd in dry_runs:                                                      # step 4
         assert slurm.main(shlex.split(cmd)[3:]) == 0
-    for cmd in sbatch:
+    for cmd in sbatch:                                                        # step 5, checked the same way
         argv = shlex.split(cmd)
         script_args = argv[argv.index("launch/slurm/pretrain.sbatch") + 1:]
         assert f"--nodes={nodes}" in argv
         assert slurm.main(["--dry-run", "--", *script_args]) == 0
     out = capsys.readouterr().out
     assert "2 nodes x 8 processes = world 16" in out and "warning" not in out
+    data_dirs = {a for c in dry_runs + sbatch for a in shlex.split(c) if a.startswith("data/")}
+    assert data_dirs == {"data/mycorpus"} and (tmp_path / "data" / "mycorpus" / "tokenizer.json").is_file()
 
 
 def test_dry_run_without_slurm_variables_refuses(monkeypatch):
@@ -208,7 +229,7 @@ def test_memory_uses_the_launchers_validator_and_honours_every_flag():
         return memory.estimate(spec, par, train)
 
     with pytest.raises(SystemExit, match=r"--zero-stage 1 is DeepSpeed's: the Megatron backend"):
-        memory.main(["llama_1b_tp2_pp2", "--zero", "1"])
+        memory.main(["llama_1b_tp2_pp2", "--zero-stage", "1"])
     with pytest.raises(SystemExit, match=r"--tp 3 must divide the attention heads \(32\)"):
         memory.main(["llama_1b", "--tp", "3", "--dp", "8"])
     layout = configs.read_yaml(configs.LAYOUTS_DIR / "llama_1b_dp8.yaml")
