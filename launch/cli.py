@@ -11,11 +11,18 @@ each option's default.
 from __future__ import annotations
 
 import argparse
+import copy
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS):
+            action = copy.copy(action)  # argparse prints no help line for an option without help text
+            action.help = " "
+        return super()._format_action(action)
+
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
+        text = (action.help or "").strip()
         if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "default" in text.lower():
             return text
         return f"{text} (default: %(default)s)".lstrip()

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory given by --name")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu (gloo) or cuda (NCCL, one GPU per process)")
-    p.add_argument("--optimizer", default="teon", choices=["teon", "muon", "htmuon", "adamw"])
+    p.add_argument("--optimizer", default="teon", choices=["teon", "muon", "htmuon", "adamw"],
+                   help="teonspeed's TEON, Muon or HTMuon (AdamW for the rest), or AdamW alone")
     p.add_argument("--backend", default=None, choices=["deepspeed", "megatron"],
                    help="deepspeed (default at --pp 1) or megatron (required at --pp > 1 and --ep > 1)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
@@ -77,23 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per step (DeepSpeed gradient accumulation; Megatron micro-batches)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 64, or the model config's)")
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary size (BPE trained to it)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size")
+    p.add_argument("--layers", type=int, default=4, help="transformer layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--groups", type=int, default=2, help="query groups (GQA)")
-    p.add_argument("--ffn", type=int, default=172)
+    p.add_argument("--ffn", type=int, default=172, help="SwiGLU hidden size")
     p.add_argument("--lr", type=float, default=0.02, help="peak lr of the orthogonalized matrices")
     p.add_argument("--adamw-lr", type=float, default=3e-3, help="peak lr of the AdamW part (and of --optimizer adamw)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay of the orthogonalized "
+                   "matrices (of every parameter with --optimizer adamw)")
     p.add_argument("--teon-k", type=int, default=None,
                    help="TEON/HTMuon group size (default 2 for TEON, 1 for HTMuon); must divide the layers per pipeline stage")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--log-every", type=int, default=20, help="steps between rows of the loss table")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between validation losses")
+    p.add_argument("--eval-batches", type=int, default=8, help="micro-batches per validation loss")
+    p.add_argument("--seed", type=int, default=1234, help="initialization and data order")
     p.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the K newest checkpoints (0: all)")
     p.add_argument("--stop-at", type=int, default=None,

@@ -47,7 +47,7 @@ def test_every_help_entry_shows_its_default(command, monkeypatch, capsys):
         takes_value = action.nargs != 0 and (action.option_strings or action.nargs in ("?", "*"))
         if action.help == argparse.SUPPRESS or not takes_value:
             continue
-        if "default" not in formatter._get_help_string(action).lower():
+        if "default" not in formatter._format_action(action).lower():  # the entry --help prints
             missing.append(action.option_strings or action.dest)
     assert missing == []
     assert not p.allow_abbrev, "a prefix of a flag is no second spelling of it"
