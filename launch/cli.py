@@ -7,6 +7,7 @@ each option's default.
   already says what its default is. A default of None means "derived" and must say from what in the help
   (tests/integration/test_launch_cli.py checks every option of every launch command).
 - A renamed flag keeps its old spelling only to refuse it, naming the new one (`refuse_old_spelling`).
+- A mistake on the command line is one line (a ConfigError), as every other refusal (launch/refusal.py).
 """
 from __future__ import annotations
 
@@ -28,10 +29,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A command-line mistake is one line, like every other refusal (argparse prints the usage first)."""
+        from launch.configs import ConfigError
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def parser(**kwargs) -> argparse.ArgumentParser:
-    """An ArgumentParser with the launch commands' rules (no abbreviations, defaults shown)."""
+    """An ArgumentParser with the launch commands' rules (no abbreviations, defaults shown, one-line errors)."""
     kwargs.setdefault("formatter_class", HelpFormatter)
-    return argparse.ArgumentParser(allow_abbrev=False, **kwargs)
+    return Parser(allow_abbrev=False, **kwargs)
 
 
 class _OldSpelling(argparse.Action):

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configs/models/<name>.yaml (a name, a path or a layout): the architecture; replaces "
                         "--vocab/--hidden/--layers/--heads/--groups/--ffn (default: none, the tiny LLaMA those "
                         "flags describe)")
+    # The deepspeed launcher appends --local_rank=N (unless run with --no_local_rank); the rank is read from the
+    # environment (LOCAL_RANK), so the flag is accepted and not shown.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data-dir", default=None,
                    help="Megatron indexed datasets from launch/prepare_data.py (train/valid .bin/.idx and "
                         "tokenizer.json); default: tokenize the embedded corpus in memory")

@@ -22,7 +22,7 @@ if __name__ == "__main__" and not __package__:
     runpy.run_module("launch.pretrain", run_name="__main__", alter_sys=True)
     raise SystemExit(0)
 
-from launch.options import ConfigError, check  # noqa: E402  (light: no torch, no megatron)
+from launch.options import check  # noqa: E402  (light: no torch, no megatron)
 
 
 def launch_world_size() -> int:
@@ -48,9 +48,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        if os.environ.get("RANK", "0") == "0":  # once, not once per rank
-            print(err.code, file=sys.stderr)
-        sys.exit(2)
+    from launch import refusal
+    sys.exit(refusal.run(main))  # a refused setup: one line, from rank 0, exit status 2

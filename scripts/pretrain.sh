@@ -24,4 +24,6 @@ case " $* " in
 esac
 # Check the setup once, in a second, before torchrun starts any process (one clear line on a mistake).
 "$VENV/bin/python" -m launch.options --world "$NPROC" "$@" >/dev/null
-exec "$VENV/bin/torchrun" --standalone --nproc_per_node="$NPROC" -m launch.pretrain "$@"
+# torchrun (launch/torchrun.py: without torchrun's 35-line report when the ranks refuse the setup, which
+# rank 0 has then said in one line).
+exec "$VENV/bin/python" -m launch.torchrun --standalone --nproc_per_node="$NPROC" -m launch.pretrain "$@"
