@@ -31,7 +31,8 @@ VOCAB, SEQ = 64, 16
 CONFIG = {
     "train_micro_batch_size_per_gpu": 8,
     "gradient_clipping": 1.0,
-    "optimizer": {"type": "TEON", "params": {"lr": 0.02, "adamw_lr": 3e-3, "weight_decay": 0.01, "teon_k": 2}},
+    "optimizer": {"type": "TEON",
+                  "params": {"lr": 0.02, "adamw_lr": 3e-3, "weight_decay": 0.01, "teon_k": 2}},
     "zero_optimization": {"stage": 1},   # 0, 1 and 2 work; under 1/2 each rank orthogonalizes its partition
     "bf16": {"enabled": torch.cuda.is_available()},
     "steps_per_print": 1_000_000,
@@ -53,10 +54,10 @@ def main() -> None:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=SEQ))
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=CONFIG)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=CONFIG)
     rank = torch.distributed.get_rank()
     if rank == 0:
-        print(engine.basic_optimizer.plan)  # the TEON optimizer DeepSpeed built: what goes where, who computes
+        print(engine.basic_optimizer.plan)  # the TEON that DeepSpeed built: what goes where, who computes
     losses = []
     for step in range(args.steps):
         tokens = batch(step, rank, engine.train_micro_batch_size_per_gpu(), engine.device)
@@ -65,8 +66,9 @@ def main() -> None:
         engine.step()
         losses.append(loss.item())
     if rank == 0:
-        print(f"{type(engine.basic_optimizer).__name__} on {torch.distributed.get_world_size()} ranks, ZeRO stage "
-              f"{engine.zero_optimization_stage()}: loss {losses[0]:.3f} -> {losses[-1]:.3f} after {args.steps} steps")
+        print(f"{type(engine.basic_optimizer).__name__} on {torch.distributed.get_world_size()} ranks, "
+              f"ZeRO stage {engine.zero_optimization_stage()}: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+              f"after {args.steps} steps")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def main() -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
     try:
         model = build_model(args.tp)
-        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        ddp = DistributedDataParallel(model.config, ddp_config, model)
         config = TeonOptimizerConfig(optimizer=args.optimizer, lr=0.02, adamw_lr=3e-3, weight_decay=0.01,
                                      muon_use_nesterov=True, clip_grad=1.0 if CUDA else 0.0)
         optimizer = get_megatron_optimizer(config, [ddp])
@@ -95,7 +96,8 @@ def main() -> None:
             losses.append(loss.item())
         if dist.get_rank() == 0:
             print(f"{args.optimizer} through get_megatron_optimizer on TP={args.tp} x "
-                  f"DP={parallel_state.get_data_parallel_world_size()}: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+                  f"DP={parallel_state.get_data_parallel_world_size()}: "
+                  f"loss {losses[0]:.3f} -> {losses[-1]:.3f} "
                   f"after {args.steps} steps")
     finally:
         parallel_state.destroy_model_parallel()

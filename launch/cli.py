@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser(**kwargs) -> argparse.ArgumentParser:
-    """An ArgumentParser with the launch commands' rules (no abbreviations, defaults shown, one-line errors)."""
+    """The launch commands' ArgumentParser: no abbreviations, defaults shown, one-line errors."""
     kwargs.setdefault("formatter_class", HelpFormatter)
     return Parser(allow_abbrev=False, **kwargs)
 
@@ -45,11 +45,11 @@ def parser(**kwargs) -> argparse.ArgumentParser:
 class _OldSpelling(argparse.Action):
     def __call__(self, p, namespace, values, option_string=None):
         from launch.configs import ConfigError
-        raise ConfigError(f"{option_string} is spelled {self.metavar} now (as in python -m launch.pretrain); use "
-                          f"{self.metavar}" + (f" {values}" if values not in (None, []) else ""))
+        raise ConfigError(f"{option_string} is spelled {self.metavar} now (as in python -m launch.pretrain); "
+                          f"use {self.metavar}" + (f" {values}" if values not in (None, []) else ""))
 
 
 def refuse_old_spelling(p: argparse.ArgumentParser, old: str, new: str, takes_value: bool = True) -> None:
     """Accept `old` on the command line only to stop with "old is spelled new now" (hidden from --help)."""
-    p.add_argument(old, action=_OldSpelling, metavar=new, nargs=None if takes_value else 0, help=argparse.SUPPRESS,
-                   dest=argparse.SUPPRESS)
+    p.add_argument(old, action=_OldSpelling, metavar=new, nargs=None if takes_value else 0,
+                   help=argparse.SUPPRESS, dest=argparse.SUPPRESS)

@@ -608,20 +608,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = cli.parser(prog="python -m launch.memory", description=__doc__.split("\n\n")[0],
                    epilog="A layout config gives the defaults; every flag typed overrides it. The setup is "
                           "checked by launch/pretrain.py's own validator.")
-    p.add_argument("config", nargs="?", help="a model config (name or path) or a layout config (default: none; "
-                                              "needed unless --update-layouts or --check-layouts)")
+    p.add_argument("config", nargs="?",
+                   help="a model config (name or path) or a layout config (default: none; needed unless "
+                        "--update-layouts or --check-layouts)")
     layout_or = "default: the layout config's, else"
     p.add_argument("--tp", type=int, default=None, help=f"tensor-parallel size ({layout_or} 1)")
     p.add_argument("--pp", type=int, default=None, help=f"pipeline-parallel size ({layout_or} 1)")
     p.add_argument("--dp", type=int, default=None, help=f"data-parallel size ({layout_or} 1)")
     p.add_argument("--ep", type=int, default=None, help=f"expert-parallel size ({layout_or} 1)")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help=f"sequences per data-parallel rank per micro-batch ({layout_or} as launch.pretrain derives it)")
+                   help=f"sequences per data-parallel rank per micro-batch ({layout_or} as launch.pretrain "
+                        "derives it)")
     p.add_argument("--global-batch", type=int, default=None,
                    help=f"sequences per optimizer step ({layout_or} launch.pretrain's)")
     p.add_argument("--grad-accum", type=int, default=None,
-                   help="micro-batches per step, in flight under PP (default: --global-batch / (--micro-batch x "
-                        "--dp) when both are known, else 1)")
+                   help="micro-batches per step, in flight under PP (default: --global-batch / "
+                        "(--micro-batch x --dp) when both are known, else 1)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model config's)")
     p.add_argument("--optimizer", default=None, choices=["adamw", *ORTHO_OPTIMIZERS],
                    help=f"the optimizer whose state is counted ({layout_or} adamw)")

@@ -60,7 +60,8 @@ def estimated_bytes(argv: Sequence[str]) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser(prog="python -m launch.memory_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cpu: peak RSS differences of two runs; cuda: torch.cuda.max_memory_allocated (1 GPU)")
+                   help="cpu: peak RSS differences of two runs; cuda: torch.cuda.max_memory_allocated "
+                        "(1 GPU)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{'config':16} {'seq':>4} {'batch':>9} | {'estimated':>10} {'measured':>10} {'error':>7}   (MiB)")

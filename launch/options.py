@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "different buckets are planned across them")
     p.add_argument("--ds-config", default=None,
                    help="DeepSpeed JSON to start from (configs/deepspeed/*.json); the CLI sets batch sizes and "
-                        "steps, and optimizer/lr/ZeRO/clipping where given (default: none, the config is built "
-                        "from the flags)")
+                        "steps, and optimizer/lr/ZeRO/clipping where given (default: none, the config is "
+                        "built from the flags)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: --steps / 10)")
     p.add_argument("--global-batch", type=int, default=None,
@@ -86,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", type=int, default=172, help="SwiGLU hidden size")
     p.add_argument("--lr", type=float, default=0.02, help="peak lr of the orthogonalized matrices")
     p.add_argument("--adamw-lr", type=float, default=3e-3, help="peak lr of the AdamW part (and of --optimizer adamw)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay of the orthogonalized "
-                   "matrices (of every parameter with --optimizer adamw)")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="decoupled weight decay of the orthogonalized matrices (of every parameter with "
+                        "--optimizer adamw)")
     p.add_argument("--teon-k", type=int, default=None,
-                   help="TEON/HTMuon group size (default 2 for TEON, 1 for HTMuon); must divide the layers per pipeline stage")
+                   help="TEON/HTMuon group size (default 2 for TEON, 1 for HTMuon); must divide the layers per "
+                        "pipeline stage")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
     p.add_argument("--log-every", type=int, default=20, help="steps between rows of the loss table")
@@ -112,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not write loss.png")
     p.add_argument("--model-config", default=None,
                    help="configs/models/<name>.yaml (a name, a path or a layout): the architecture; replaces "
-                        "--vocab/--hidden/--layers/--heads/--groups/--ffn (default: none, the tiny LLaMA those "
-                        "flags describe)")
-    # The deepspeed launcher appends --local_rank=N (unless run with --no_local_rank); the rank is read from the
-    # environment (LOCAL_RANK), so the flag is accepted and not shown.
+                        "--vocab/--hidden/--layers/--heads/--groups/--ffn (default: none, the tiny LLaMA "
+                        "those flags describe)")
+    # The deepspeed launcher appends --local_rank=N (unless run with --no_local_rank); the rank is read from
+    # the environment (LOCAL_RANK), so the flag is accepted and not shown.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data-dir", default=None,
                    help="Megatron indexed datasets from launch/prepare_data.py (train/valid .bin/.idx and "

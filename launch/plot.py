@@ -125,7 +125,8 @@ def plot_runs(runs: Dict[str, Path], out: Path, smooth_window: int = 1, x: str =
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = cli.parser(prog="python -m launch.plot", description=__doc__)
     p.add_argument("runs", nargs="*",
-                   help="run names under runs/, run directories or metrics.csv files (default: every run under runs/)")
+                   help="run names under runs/, run directories or metrics.csv files (default: every run "
+                        "under runs/)")
     p.add_argument("--out", default=str(RUNS / "loss_curves.png"), help="the PNG to write")
     p.add_argument("--smooth", type=int, default=1, help="moving average window of the train curves")
     p.add_argument("--x", default="step", choices=["step", "tokens"], help="the x axis")

@@ -395,13 +395,15 @@ EMBEDDED_DIR = REPO / "data" / "embedded"
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = cli.parser(prog="python -m launch.prepare_data", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", help="text / JSONL files (optionally .gz) or directories of them (no "
-                                                   "default: give --input or --embedded)")
+    src.add_argument("--input", nargs="+",
+                     help="text / JSONL files (optionally .gz) or directories of them (no default: give --input "
+                          "or --embedded)")
     src.add_argument("--embedded", action="store_true", help="the embedded stdlib corpus of launch/pretrain.py")
-    p.add_argument("--output-prefix", help="write <prefix>.bin and <prefix>.idx (with --input, required there; no "
-                                           "default)")
-    p.add_argument("--output-dir", help="with --embedded: write its tokenizer.json, train and valid splits there "
-                                        f"(default: {EMBEDDED_DIR.relative_to(REPO)}/ of this checkout)")
+    p.add_argument("--output-prefix",
+                   help="write <prefix>.bin and <prefix>.idx (with --input, required there; no default)")
+    p.add_argument("--output-dir",
+                   help="with --embedded: write its tokenizer.json, train and valid splits there (default: "
+                        f"{EMBEDDED_DIR.relative_to(REPO)}/ of this checkout)")
     p.add_argument("--tokenizer", help="an existing tokenizer.json; default: train a byte-level BPE")
     p.add_argument("--tokenizer-out", help="with --input: where to save the trained BPE (default "
                                            "<prefix>.tokenizer.json)")
@@ -426,10 +428,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.embedded:
         for flag, value in (("--output-prefix", args.output_prefix), ("--tokenizer-out", args.tokenizer_out)):
             if value:
-                # "--output-prefix data/x/train" means the directory data/x; "--output-prefix X" the directory X
+                # "--output-prefix data/x/train" means the directory data/x; "--output-prefix X" means X
                 target = Path(value).parent if Path(value).name in ("train", "valid") else Path(value)
-                raise ConfigError(f"{flag} is for --input: --embedded writes a directory (tokenizer.json, train and "
-                                  f"valid .bin/.idx); use --output-dir {target} instead")
+                raise ConfigError(f"{flag} is for --input: --embedded writes a directory (tokenizer.json, "
+                                  f"train and valid .bin/.idx); use --output-dir {target} instead")
         args.output_dir = args.output_dir or str(EMBEDDED_DIR)
     return args
 

@@ -33,7 +33,8 @@ def _raised_in_teonspeed(err: BaseException) -> bool:
     while tb.tb_next is not None:
         tb = tb.tb_next
     import teonspeed  # light: neither DeepSpeed nor Megatron
-    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(teonspeed.__file__).parent.resolve())
+    package = Path(teonspeed.__file__).parent.resolve()
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 
 
 def one_line(err: BaseException) -> Optional[str]:
@@ -51,7 +52,8 @@ def one_line(err: BaseException) -> Optional[str]:
 
 def same_on_every_rank(err: BaseException) -> bool:
     checkpoint = sys.modules.get("launch.checkpoint")  # not imported yet: err cannot be its CheckpointError
-    return isinstance(err, ConfigError) or (checkpoint is not None and isinstance(err, checkpoint.CheckpointError))
+    agreed = checkpoint is not None and isinstance(err, checkpoint.CheckpointError)
+    return isinstance(err, ConfigError) or agreed
 
 
 def report(message: str, rank: int, everywhere: bool, grace_s: float = GRACE_S) -> None:

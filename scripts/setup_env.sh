@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install teonspeed with the pinned stack and the extras named by the first
 # argument (setup.py's extras_require, comma-separated):
-#   bash scripts/setup_env.sh                         # deepspeed,megatron,launch: what the main job needs
-#   bash scripts/setup_env.sh dev,launch              # scripts/test.sh: that plus pytest, Triton, transformers
+#   bash scripts/setup_env.sh                 # deepspeed,megatron,launch: what the main job needs
+#   bash scripts/setup_env.sh dev,launch      # scripts/test.sh: that plus pytest, Triton, transformers
 # Idempotent: the stamp records what setup.py and this script looked like and which extras are in .venv, so a
 # second run only compares it (about a second); asking for extras not there yet installs them (keeping the
 # others). torch is installed first and pinned, so that pip never resolves it to a multi-GB CUDA build on a

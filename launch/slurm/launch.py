@@ -182,7 +182,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         argv, script_args = argv[:cut], argv[cut + 1:]
     p = cli.parser(prog="python -m launch.slurm.launch", description=__doc__)
     p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="processes (GPUs) per node (default: SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE, else 1)")
+                   help="processes (GPUs) per node (default: SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE, "
+                        "else 1)")
     p.add_argument("--master-port", type=int, default=None,
                    help="rendezvous port (default: 10000 + SLURM_JOB_ID %% 20000, else 29500)")
     p.add_argument("--master-addr", default=None, help="default: the first host of the node list")

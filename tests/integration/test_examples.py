@@ -33,7 +33,7 @@ def test_deepspeed_example_trains_under_the_deepspeed_launcher():
 
 
 def test_hf_trainer_example_trains_under_the_deepspeed_launcher(tmp_path):
-    import accelerate  # noqa: F401  (a test extra, as transformers: missing, this test fails rather than skips)
+    import accelerate  # noqa: F401  (a test extra, as transformers: missing, this fails rather than skips)
     run_example([str(BIN / "deepspeed"), "--num_gpus=2", "--master_port", str(free_port()),
                  "examples/hf_trainer.py", "--steps", "8", "--output-dir", str(tmp_path)],
                 "TEON under the Trainer on 2 ranks:")

@@ -83,7 +83,8 @@ def test_torchrun_adds_nothing_to_a_refusal_and_reports_a_crash(tmp_path, rank1_
     assert refused.returncode == refusal.REFUSED
     assert refused.stdout + refused.stderr == "error: the one line\n"
     crashed = torchrun(3)  # not a refusal: torchrun's report stays
-    assert crashed.returncode != 0 and "ChildFailedError" in crashed.stderr and "exitcode: 3" in crashed.stderr
+    assert crashed.returncode != 0
+    assert "ChildFailedError" in crashed.stderr and "exitcode: 3" in crashed.stderr
 
 
 def test_deepspeed_launcher_prints_a_refused_optimizer_option_once(tmp_path):
@@ -95,8 +96,8 @@ def test_deepspeed_launcher_prints_a_refused_optimizer_option_once(tmp_path):
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2", "--master_port", str(free_port()),
            "--module", "launch.pretrain", "--ds-config", str(tmp_path / "ds.json"), "--steps", "2",
            "--runs-dir", str(tmp_path / "runs"), "--progress", "off", "--no-tensorboard", "--no-plot"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(ENV, PYTHONWARNINGS="ignore"), capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(ENV, PYTHONWARNINGS="ignore"), capture_output=True,
+                          text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == refusal.REFUSED, out[-3000:]
     lines = [line for line in out.splitlines() if "unknown option(s) 'lrr'" in line]

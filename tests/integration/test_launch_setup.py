@@ -150,7 +150,8 @@ def fake_data_dir(root: Path, name: str) -> None:
 
 def walkthrough_commands() -> list:
     section = doc_text(REPO / "docs" / "launch.md").split("## A multi-node run under SLURM")[1].split("\n## ")[0]
-    return [c for c in re.findall(r"`([^`]+)`", section) if c.startswith((".venv/bin/python -m launch", "sbatch "))]
+    starts = (".venv/bin/python -m launch", "sbatch ")
+    return [c for c in re.findall(r"`([^`]+)`", section) if c.startswith(starts)]
 
 
 def write_text_corpus(root: Path) -> None:
@@ -165,7 +166,8 @@ def write_text_corpus(root: Path) -> None:
 
 
 @pytest.mark.parametrize("source", ["--input", "--embedded"])
-def test_slurm_walkthrough_steps_2_to_4_run_verbatim_on_one_data_directory(source, tmp_path, monkeypatch, capsys):
+def test_slurm_walkthrough_steps_2_to_4_run_verbatim_on_one_data_directory(source, tmp_path, monkeypatch,
+                                                                            capsys):
     """Step 2 (either way of preparing the data) writes the directory that steps 4 and 5 read; nothing is
     faked but the SLURM allocation (its variables) and the user's text."""
     from launch import memory, prepare_data

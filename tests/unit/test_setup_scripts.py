@@ -30,7 +30,8 @@ def run(script: str, tmp_path: Path, *args: str) -> list:
     log.write_text("")
     env = dict(os.environ, PYTHON=str(python3), TEONSPEED_VENV=str(tmp_path / "venv"), RECORD_LOG=str(log),
                NPROC="2")
-    proc = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     return log.read_text().splitlines()
 
@@ -44,7 +45,8 @@ def test_a_fresh_clone_runs_the_main_job_with_the_main_jobs_packages_only(tmp_pa
     assert calls[0].startswith("python3 -m venv ")                      # the venv is made
     assert pip_installs(calls) == ["torch==2.13.0", f"-e {MAIN_EXTRAS}"]  # torch first, pinned
     assert not any("dev" in c or "triton" in c or "transformers" in c for c in pip_installs(calls))
-    assert calls[-1] == "python -m launch.torchrun --standalone --nproc_per_node=2 -m launch.pretrain --steps 5"
+    assert calls[-1] == ("python -m launch.torchrun --standalone --nproc_per_node=2 -m launch.pretrain "
+                         "--steps 5")
     again = run("scripts/pretrain.sh", tmp_path, "--steps", "5")
     assert pip_installs(again) == [] and not any("venv" in c for c in again)  # the stamp: nothing to install
 
