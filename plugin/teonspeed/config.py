@@ -40,7 +40,7 @@ class OptimizerConfig:
     """Compute dtype of the iteration: auto (bf16 on GPU; on the CPU bf16 only where a cached timing probe finds
     it faster, see teonspeed.ortho.compute_dtype; TEONSPEED_CPU_BF16=0/1 fixes it), fp32 or bf16."""
     ns_backend: str = "auto"
-    """Newton–Schulz implementation: auto (the Triton kernels of teonspeed.kernels for CUDA tensors when
+    """Newton–Schulz implementation: auto (the Triton kernels of teonspeed.ortho.kernels for CUDA tensors when
     triton imports, torch otherwise), torch, or triton (an error where it cannot run)."""
     lr_scale: Optional[str] = None
     """spectral √max(1,m/n) | fan_ratio √(m/n) | rms_match 0.2·√max(m,n) | none.

@@ -6,7 +6,8 @@ from typing import Any, Optional
 
 
 from .config import OptimizerConfig, make_config
-from .grouping import GroupingResult
+from .grouping import GroupingResult, build_groups
+from .params import normalize_params
 
 
 @dataclass
@@ -14,7 +15,7 @@ class Plan:
     optimizer: str
     config: OptimizerConfig
     grouping: GroupingResult
-    runner: Optional[Any] = None  # a DistributedRunner in a parallel run: owners and bytes per rank
+    runner: Optional[Any] = None  # the optimizer's runner: owners and bytes per rank in a parallel run
 
     @property
     def groups(self):
@@ -68,10 +69,8 @@ class Plan:
 def plan(params: Any, optimizer: str = "teon", **options: Any) -> Plan:
     """The routing and groups that `optimizer` ("muon" | "teon" | "htmuon") would use for `params`
     (a model or named parameters), without building any state. print() it to see it."""
-    from .optim.base import _normalize_params
     config = make_config(optimizer, options)
-    named = [(n, p) for g in _normalize_params(params) for n, p in g["named"]]
-    from .grouping import build_groups
+    named = [(n, p) for g in normalize_params(params) for n, p in g["named"]]
     grouping = build_groups(named, teon_k=config.teon_k, teon_mode=config.teon_mode, teon_types=config.teon_types,
                             split_fused=config.split_fused, grouping_rule=config.grouping_rule)
     return Plan(optimizer.lower(), config, grouping)

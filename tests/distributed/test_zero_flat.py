@@ -13,6 +13,9 @@ from teonspeed.ortho.unfold import fold, unfold
 from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.flat import FlatEntry, FlatPartition, FlatStep
 from teonspeed.parallel.owners import ns_flops
+from teonspeed.parallel.pieces import TPSplit
+from teonspeed.parallel.runner import StepIO
+from teonspeed.parallel.stats import CommStats
 from teonspeed.parallel.shard_spec import shard_of
 from teonspeed.parallel.zero_partition import plan_zero_partition
 from support.harness import run_ranks
@@ -80,10 +83,11 @@ def step(rank, world_size, layout):
     runner = FlatStep(plan, partition.dp_rank, rank, dist.group.WORLD)
     lo, hi = d * layout.partition, (d + 1) * layout.partition
     direction = layout.local_flat({n: full(n, layout) for n in layout.matrices}, t)[lo:hi]
-    update, sent, received, flops = runner.run(direction, transform, read=lambda m, unit: unit,
-                                               write=lambda m, unit, value: unit.copy_(value),
-                                               placement=lambda m: (layout.matrices[m.name][1], 1),
-                                               scale=lambda m: 2.0)
+    update, stats = torch.zeros_like(direction), CommStats()
+    runner.run(direction, update, StepIO({}, {}, transform, view=lambda m, unit: unit,
+                                         store=lambda m, unit, value: unit.copy_(value), scale=lambda m: 2.0),
+               lambda m: TPSplit(layout.matrices[m.name][1], 1), stats)
+    sent, received, flops = stats.sent, stats.received, stats.flops
     moved = [(m.name, plan.position(j.owner)[1]) for j in plan.moved for g in j.groups for m in g.members]
     return (update, (sent, received), runner.expected_bytes(4), flops, [(j.cut, j.partitions) for j in plan.jobs],
             moved)

@@ -108,7 +108,7 @@ def train_comm(rank, world_size, config, steps=2):
         engine.backward(engine(tokens, labels))
         engine.step()
     stats = opt.comm_stats
-    all_gather = sum(fp.partition_size * 4 * (fp.dp_size - 1) for fp in opt._flat.values())
+    all_gather = sum(fp.partition_size * 4 * (fp.dp_size - 1) for fp in opt.partitions.values())
     jobs = [(j.cut, j.owner) for plan in opt.zero_plans for j in plan.jobs]
     matrices = sum(p.numel() for n, p in model.named_parameters() if n in {m.name for g in opt.grouping.groups
                                                                          for m in g.members})

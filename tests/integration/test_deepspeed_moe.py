@@ -73,10 +73,10 @@ def train(rank, world_size, stage, mode="distributed"):
         engine.step()
     opt = engine.basic_optimizer
     # (expert partition?, work-group size) of every planned ZeRO partition that orthogonalizes something
-    planned = sorted({(all(opt.parallel.spec(e.name).is_expert for e in fp.entries), opt._flat_steps[key].plan.work_size)
-                      for key, fp in opt._flat.items() if opt._flat_steps[key].plan.jobs})
-    expert_jobs = [j for key, fp in opt._flat.items() if opt.parallel.spec(fp.entries[0].name).is_expert
-                   for j in opt._flat_steps[key].plan.jobs]
+    plans = list(zip(opt.partitions.values(), opt.zero_plans))  # each flat partition and its plan
+    planned = sorted({(all(opt.parallel.spec(e.name).is_expert for e in fp.entries), plan.work_size)
+                      for fp, plan in plans if plan.jobs})
+    expert_jobs = [j for fp, plan in plans if opt.parallel.spec(fp.entries[0].name).is_expert for j in plan.jobs]
     slices = {(j.cut, any(u.expert_index is not None for u in j.units)) for j in expert_jobs}
     return {n: p.detach().clone() for n, p in engine.module.named_parameters()}, planned, slices
 

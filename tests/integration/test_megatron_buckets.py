@@ -162,7 +162,9 @@ def one_b_class(rank, world_size):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
-    from teonspeed.optim.base import _in_unit, matrix_view, write_matrix
+    from teonspeed.matrix_io import matrix_view, write_matrix
+    from teonspeed.parallel.runner import StepIO
+    from teonspeed.parallel.stats import CommStats
     ps.initialize_model_parallel()
     config = mm.tiny_config(num_layers=2, hidden=2048, heads=16, groups=4, ffn=5632)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
@@ -172,7 +174,8 @@ def one_b_class(rank, world_size):
     opt = get_megatron_optimizer(config, [ddp])
     inner = opt.optimizer
     layer_numel = sum(p.numel() for n, p in ddp.module.named_parameters() if ".layers.0." in n)
-    (flat_step, shards), = inner._bucket_sets()
+    (keys, flat_step), = inner.runner.steps.items()  # the buckets planned together, and their step
+    shards = [opt.shards[k] for k in keys]
     plan = flat_step.plan
     planned = sorted(m.label for j in plan.jobs for g in j.groups for m in g.members)
     grouped = sorted(m.label for g in inner.grouping.groups for m in g.members)
@@ -181,12 +184,14 @@ def one_b_class(rank, world_size):
     direction = torch.zeros(plan.partition_size)
     for shard, part in zip(shards, direction.split(plan.partition_sizes)):
         for entry, lo, hi in shard.slices():
-            if inner._group_of[entry.name]["route"] == "ortho":
+            if inner.group_of(entry.name)["route"] == "ortho":
                 part[lo:hi] = torch.randn(hi - lo, generator=g)
-    update, sent, received, _ = flat_step.run(
-        direction, lambda x: x, read=lambda m, unit: matrix_view(unit, _in_unit(m), inner._layouts[m.name]),
-        write=lambda m, unit, value: write_matrix(unit, _in_unit(m), inner._layouts[m.name], value),
-        placement=inner._flat_placement, scale=lambda m: 1.0)
+    update, stats = torch.zeros_like(direction), CommStats()
+    io = StepIO({}, {}, lambda x: x, view=lambda m, unit: matrix_view(unit, m, inner._layouts[m.name]),
+                store=lambda m, unit, value: write_matrix(unit, m, inner._layouts[m.name], value),
+                scale=lambda m: 1.0)  # FlatStep reads a unit as the expert's slice already (matrix_io.in_unit)
+    flat_step.run(direction, update, io, inner.runner.tp_split, stats)
+    sent, received = stats.sent, stats.received
     return dict(bucket_size=ddp.ddp_config.bucket_size, layer_numel=layer_numel,
                 layout=bucket_layout(ddp, inner), planned=planned, grouped=grouped,
                 cut=sum(j.cut for j in plan.jobs),

@@ -78,7 +78,7 @@ def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, sa
 def _matrix_numel(ddp, opt):
     """Elements of this rank's (TP-local) orthogonalized matrices."""
     inner = opt.optimizer
-    return sum(p.numel() for n, p in ddp.module.named_parameters() if inner._group_of[inner._names[id(p)]]["route"] == "ortho")
+    return sum(p.numel() for n, p in ddp.module.named_parameters() if inner.group_of(inner._names[id(p)])["route"] == "ortho")
 
 
 # The TP=2 forward/backward rounds differently from TP=1 (~1e-7); HTMuon's σᵖ (p = 1/8) lifts the small

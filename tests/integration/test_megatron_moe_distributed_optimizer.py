@@ -61,9 +61,9 @@ def train(rank, world_size, tp=1, ep=1, etp=None, distributed_optimizer=False, o
         params[global_name(name, spec)] = (p.detach().clone(), spec.tp_partition_dim, spec.tp_partition_stride,
                                            ranks[spec.is_expert][0])
     inner = opt.optimizer
-    topologies = sorted({"expert" if all(inner.parallel.spec(e.name).is_expert for e in b.partition.entries)
-                         else "dense" for b, _ in inner._buckets})
-    work_sizes = sorted({s.plan.work_size for _, s in inner._buckets})
+    topologies = sorted({"expert" if all(inner.parallel.spec(e.name).is_expert for e in p.entries)
+                         else "dense" for p in inner.partitions.values()})
+    work_sizes = sorted({plan.work_size for plan in inner.zero_plans})
     return params, type(opt).__name__, topologies, work_sizes, (inner.comm_stats.sent, inner.comm_stats.received) \
         if inner.comm_stats else None, inner.zero_expected_bytes(), bucket_layout(ddp, inner)
 

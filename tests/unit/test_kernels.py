@@ -1,4 +1,4 @@
-"""Triton Newton–Schulz kernels (teonspeed.kernels), checked on the CPU through Triton's interpreter.
+"""Triton Newton–Schulz kernels (teonspeed.ortho.kernels), checked on the CPU through Triton's interpreter.
 
 The interpreter only works when TRITON_INTERPRET=1 is set before triton's first import, and in a
 pytest session triton is often already imported (torch._dynamo imports it). Setting the variable for
@@ -29,8 +29,8 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from teonspeed import kernels  # noqa: E402
-from teonspeed.kernels import flops_per_step, lower_tile_pairs, sym_grid  # noqa: E402
+from teonspeed.ortho import kernels  # noqa: E402
+from teonspeed.ortho.kernels import flops_per_step, lower_tile_pairs, sym_grid  # noqa: E402
 from teonspeed.ortho.coefficients import Schedule, schedule_for  # noqa: E402
 from teonspeed.ortho.newton_schulz import newton_schulz  # noqa: E402
 
@@ -63,7 +63,7 @@ def test_flop_convention():
 
 def test_import_without_triton_never_fails():
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, teonspeed.kernels as k\n"
+            "import torch, teonspeed.ortho.kernels as k\n"
             "assert not k.triton_importable() and not k.triton_available(torch.zeros(2, 2))\n"
             "assert k.lower_tile_pairs(2) == [(0, 0), (1, 0), (1, 1)]\n"
             "try:\n"
@@ -92,8 +92,8 @@ def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
     tensor-core MMA, using the ptxas inside the triton wheel. No GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from teonspeed.kernels import newton_schulz_triton as _  # noqa: F401  (module is loaded)
-    impl = sys.modules["teonspeed.kernels.newton_schulz_triton"]
+    from teonspeed.ortho.kernels import newton_schulz_triton as _  # noqa: F401  (module is loaded)
+    impl = sys.modules["teonspeed.ortho.kernels.newton_schulz_triton"]
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     sym, upd = impl._kernels()
@@ -144,7 +144,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _impl():
-    return sys.modules["teonspeed.kernels.newton_schulz_triton"]
+    return sys.modules["teonspeed.ortho.kernels.newton_schulz_triton"]
 
 
 def _check_sym_matches_gram():

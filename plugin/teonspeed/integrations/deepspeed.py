@@ -214,8 +214,3 @@ def attach_unfused_fp32_masters(wrapper) -> None:
     wrapper.optimizer.rebind((master, low) for masters, lows in zip(wrapper.fp32_groups, wrapper.fp16_groups)
                              for master, low in zip(masters, lows))
 
-
-def register() -> None:
-    """Apply the DeepSpeed patch (idempotent); refuses DeepSpeed versions it was not written for."""
-    from ..patches import deepspeed_0_19
-    deepspeed_0_19.apply()

@@ -12,6 +12,12 @@ import sys
 import warnings
 
 
+def register() -> None:
+    """Apply the DeepSpeed patch (idempotent); refuses DeepSpeed versions it was not written for."""
+    from ..patches import deepspeed_0_19
+    deepspeed_0_19.apply()
+
+
 def _apply() -> None:
     from ..patches import deepspeed_0_19
     try:

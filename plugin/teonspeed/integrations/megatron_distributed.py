@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .megatron_wrappers import TeonFP32Optimizer
 from ..optim import OrthoOptimizer
-from ..optim.base import LAYOUT_KEY
+from ..optim.checkpoint import LAYOUT_KEY
 from ..parallel.flat import BucketShard, FlatEntry, FlatPartition
 
 
@@ -181,7 +181,7 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
         whole = self._whole_parameters(gather=not is_loading)
         state = {}
         for i, p in enumerate(params):
-            keys = ("momentum_buffer",) if inner._group_of[inner._names[id(p)]]["route"] == "ortho" else ADAMW_KEYS
+            keys = ("momentum_buffer",) if inner.group_of(inner._names[id(p)])["route"] == "ortho" else ADAMW_KEYS
             state[i] = {k: whole[inner._names[id(p)]][k] for k in keys}
         ids = {id(p): i for i, p in enumerate(params)}
         optimizer_state = {"state": state, "param_groups": [{**{k: v for k, v in g.items() if k != "params"},

@@ -7,7 +7,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
 from ..optim import OrthoOptimizer
-from ..optim.base import LAYOUT_KEY
+from ..optim.checkpoint import LAYOUT_KEY
 
 
 def init_state(optimizer: OrthoOptimizer, config=None) -> None:

@@ -24,14 +24,14 @@ DEFAULT_STEPS = {"ns5": 5, "polar_express": 5}
 
 
 def _newton_schulz_impl(x: torch.Tensor, backend: str):
-    """The Newton–Schulz implementation for `x`: "torch" (this package), "triton" (teonspeed.kernels;
+    """The Newton–Schulz implementation for `x`: "torch" (this package), "triton" (teonspeed.ortho.kernels;
     an error where it cannot run) or "auto" (triton for CUDA tensors when it imports, else torch).
     "auto" never imports triton for a CPU tensor."""
     if backend not in NS_BACKENDS:
         raise ValueError(f"ns_backend must be one of {NS_BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return newton_schulz
-    from ..kernels import TRITON_IMPORT_ERROR, newton_schulz_triton, triton_available
+    from .kernels import TRITON_IMPORT_ERROR, newton_schulz_triton, triton_available
     if triton_available(x):
         return newton_schulz_triton
     if backend == "triton":

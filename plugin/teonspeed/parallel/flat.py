@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 
 from ..grouping import MatrixRef, OrthoGroup
-from ..ortho.unfold import fold, unfold
+from ..matrix_io import in_unit
 from .cost import ClusterProfile
-from .local import transform_groups
+from .pieces import TPSplit
+from .runner import StepIO, transform_stacks
 from .shard_spec import assemble, shard_of
+from .stats import CommStats
 from .zero_partition import Unit, ZeroJob, ZeroPlan, plan_zero_buckets
 
 
@@ -154,9 +156,7 @@ def plan_partitions(partitions: Sequence[FlatPartition], groups: List[OrthoGroup
                              tp_sharded, cluster, itemsize)
 
 
-ReadUnit = Callable[[MatrixRef, torch.Tensor], torch.Tensor]  # (matrix, its unit tensor) -> the matrix
-WriteUnit = Callable[[MatrixRef, torch.Tensor, torch.Tensor], None]  # (matrix, unit tensor, value)
-Placement = Callable[[MatrixRef], Tuple[Optional[int], int]]  # matrix -> (TP split dim or None, stride)
+TPSplitOf = Callable[[MatrixRef], TPSplit]  # a matrix's TP slices, on the topology the plan covers
 
 
 class FlatStep:
@@ -178,21 +178,21 @@ class FlatStep:
         sent, received = self.plan.bytes_per_rank(itemsize)
         return sent[self.me], received[self.me]
 
-    def run(self, direction: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], read: ReadUnit,
-            write: WriteUnit, placement: Placement, scale: Callable[[MatrixRef], float]):
-        """The update of this rank's local buffer `direction`, and (bytes sent, bytes received, FLOPs
-        computed)."""
+    def run(self, direction: torch.Tensor, out: torch.Tensor, io: StepIO, tp_split: TPSplitOf,
+            stats: CommStats) -> None:
+        """This rank's local buffer `direction` -> its update, written into `out` (zeros, the same shape);
+        bytes and FLOPs counted in `stats`. `io`: the transform and the fused-matrix I/O."""
         plan, me = self.plan, self.me
         received, sent_bytes, recv_bytes = self._exchange(
             self._outgoing_pieces(direction) if self.moves else [], self.piece_sizes, direction)
         mine = [job for job in plan.jobs if job.owner == me]
         units = self._assemble(mine, direction, received)
-        updates = self._transform(mine, units, transform, read, write, placement, scale)
+        updates = self._transform(mine, units, io, tp_split, direction.dtype)
         back, s2, r2 = self._exchange(self._outgoing_updates(mine, updates) if self.moves else [],
                                       self.update_sizes, direction)
-        out = torch.zeros_like(direction)
         self._write_local(out, updates, back)
-        return out, sent_bytes + s2, recv_bytes + r2, sum(job.flops for job in mine)
+        stats.add(sent_bytes + s2, recv_bytes + r2)
+        stats.flops += sum(job.flops for job in mine)
 
     # -- phase A: momentum pieces to the owners -------------------------------------------------------
     def _my_piece(self, direction: torch.Tensor, unit: Unit) -> torch.Tensor:
@@ -240,35 +240,28 @@ class FlatStep:
         return out
 
     # -- compute ----------------------------------------------------------------------------------------
-    def _transform(self, mine, units, transform, read, write, placement, scale):
-        """Transform every group of the jobs I own (same stacked shapes batched); returns
-        (tp rank, unit) -> that TP rank's update of the unit."""
+    def _transform(self, mine, units, io: StepIO, tp_split: TPSplitOf, dtype: torch.dtype):
+        """Transform every group of the jobs I own (same stacked shapes batched: one local buffer has one
+        dtype); returns (tp rank, unit) -> that TP rank's update of the unit."""
         plan = self.plan
         unit_of = {(u.name, u.expert_index): u for job in mine for u in job.units}
         tps = {id(g): sorted({t for t, _, _ in plan.sources(job)}) for job in mine for g in job.groups}
         updates = {key: torch.zeros_like(value) for key, value in units.items()}
-        groups = [g for job in mine for g in job.groups]
-        buckets: Dict[Tuple[int, int], List[OrthoGroup]] = {}
-        for g in groups:  # one local buffer has one dtype: the stacked shape alone decides the batch
-            buckets.setdefault(g.stacked_shape, []).append(g)
-        for bucket in buckets.values():
-            stacked = []
-            for g in bucket:
-                fulls = []
-                for m in g.members:
-                    u = unit_of[(m.name, m.expert_index)]
-                    dim, stride = placement(m)
-                    shards = [read(m, units[(t, u)]) for t in tps[id(g)]]
-                    fulls.append(assemble(shards, dim if len(shards) > 1 else None, stride))
-                stacked.append(unfold(fulls, g.mode))
-            for g, out in zip(bucket, transform_groups(stacked, transform)):
-                for m, piece in zip(g.members, fold(out, g.mode, len(g.members))):
-                    u = unit_of[(m.name, m.expert_index)]
-                    dim, stride = placement(m)
-                    piece = piece * scale(m)
-                    for t in tps[id(g)]:
-                        value = shard_of(piece, dim, t, plan.tp_size, stride) if len(tps[id(g)]) > 1 else piece
-                        write(m, updates[(t, u)], value)
+
+        def whole(g: OrthoGroup, i: int, m: MatrixRef) -> torch.Tensor:
+            u, split = unit_of[(m.name, m.expert_index)], tp_split(m)
+            shards = [io.view(in_unit(m), units[(t, u)]) for t in tps[id(g)]]
+            return assemble(shards, split.dim if len(shards) > 1 else None, split.stride)
+
+        def put(g: OrthoGroup, i: int, m: MatrixRef, piece: torch.Tensor) -> None:
+            u, split = unit_of[(m.name, m.expert_index)], tp_split(m)
+            piece = piece * io.scale(m)
+            tp_ranks = tps[id(g)]
+            for t in tp_ranks:
+                value = shard_of(piece, split.dim, t, plan.tp_size, split.stride) if len(tp_ranks) > 1 else piece
+                io.store(in_unit(m), updates[(t, u)], value)
+
+        transform_stacks([g for job in mine for g in job.groups], whole, lambda g: dtype, io.transform, put)
         return updates
 
     # -- phase B: each holder's slice of the update back ----------------------------------------------

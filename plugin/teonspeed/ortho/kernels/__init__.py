@@ -1,7 +1,7 @@
 """Optional Triton kernels. Importing this package never fails: without triton (or with a broken
 install) the kernel entry points below are stubs that raise ImportError when called.
 
-    from teonspeed.kernels import triton_available, newton_schulz_triton
+    from teonspeed.ortho.kernels import triton_available, newton_schulz_triton
     if triton_available(x):
         X = newton_schulz_triton(x, schedule, torch.bfloat16)
 
@@ -28,7 +28,7 @@ except Exception as _exc:  # ImportError, or a triton install that fails while l
     TRITON_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
 
     def _missing(*_args, **_kwargs):
-        raise ImportError(f"teonspeed.kernels needs triton (pip install 'teonspeed[triton]'): {TRITON_IMPORT_ERROR}")
+        raise ImportError(f"teonspeed.ortho.kernels needs triton (pip install 'teonspeed[triton]'): {TRITON_IMPORT_ERROR}")
 
     newton_schulz_triton = sym_matmul = ns_update = _missing  # type: ignore[assignment]
 

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ortho.coefficients import Schedule
-from ..ortho.newton_schulz import NORM_EPS, newton_schulz
+from ..coefficients import Schedule
+from ..newton_schulz import NORM_EPS, newton_schulz
 from .tiling import Blocks, default_blocks, lower_tile_pairs, pow2_clamp as _pow2_clamp, sym_grid
 
 SUPPORTED_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

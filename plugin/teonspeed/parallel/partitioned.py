@@ -1,0 +1,166 @@
+"""The runner of flat data-parallel partitions: DeepSpeed ZeRO-1/2 (one flat partition per param group)
+and Megatron's distributed optimizer (one partition per DDP bucket). The jobs are planned once, at attach
+(`zero_partition.py`: a matrix inside one partition is computed where it lives, only jobs cut by partition
+boundaries, or moved by balancing, travel): each ZeRO partition alone, and the buckets of one topology
+together (a rank's partitions of them end to end form its local buffer, so a TEON stack whose members lie
+in different buckets is one job). Every step runs each plan's two exchange rounds (`flat.FlatStep`). The
+runner it wraps (local or distributed) keeps the step check, the topologies and the counters.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..config import OptimizerConfig
+from ..grouping import MatrixRef, OrthoGroup
+from .cost import cluster_profile
+from .distributed import DistributedRunner
+from .flat import FlatPartition, FlatStep, gather_work_ranks, plan_partitions
+from .owners import ns_flops
+from .pieces import TPSplit
+from .runner import Key, Runner, StepCheck, StepIO, StepVerdict
+from .stats import CommStats
+from .topology import Topology
+
+
+def check_groups_within_partitions(partitions: Mapping[Key, FlatPartition],
+                                   groups: Sequence[OrthoGroup]) -> None:
+    """A TEON group must live inside one partition (the partitions are planned one at a time)."""
+    owner = {name: key for key, fp in partitions.items() for name in fp.names()}
+    for g in groups:
+        if len({owner.get(m.name) for m in g.members}) > 1:
+            raise ValueError("teonspeed: under ZeRO-1/2 the members of a TEON group must be in the same param "
+                             "group; " + " + ".join(m.label for m in g.members) + " are not. Put them in one group "
+                             "or set teon_k=1")
+
+
+class PartitionRunner:
+    """Runner over flat partitions (keys as in StepIO.directions), planned at construction: a collective
+    over each plan's tp × dp work group, so every rank constructs it at the same point. `together`: plan
+    the partitions of one topology and data-parallel group as one local buffer (Megatron's buckets)."""
+
+    policy = None  # the plans are fixed at attach; nothing else decides who computes what
+
+    def __init__(self, base: Runner, partitions: Mapping[Key, FlatPartition], groups: Sequence[OrthoGroup],
+                 config: OptimizerConfig, device_of: Callable[[Key], torch.device],
+                 adamw_bytes: int = 0, together: bool = False) -> None:
+        self.base = base
+        self.partitions = dict(partitions)
+        self._distributed = base if isinstance(base, DistributedRunner) else None
+        self._adamw_bytes = adamw_bytes  # what AdamW moves for the same matrices in this layout (comm_stats)
+        self._ns_steps, self._cluster = config.ns_steps or 5, cluster_profile(config.cluster)
+        sets: Dict[Tuple, List[Key]] = {}  # (topology, data-parallel ranks), or the key alone -> keys
+        for key, fp in self.partitions.items():
+            if together:
+                ranks = tuple(dist.get_process_group_ranks(fp.dp_group)) if fp.dp_group is not None else ()
+                sets.setdefault((id(self._topology(fp)), ranks), []).append(key)
+            else:
+                sets[(key,)] = [key]
+        self.steps: Dict[Tuple[Key, ...], FlatStep] = {
+            tuple(keys): self._plan([self.partitions[k] for k in keys], list(groups), device_of(keys[0]))
+            for keys in sets.values()}
+
+    @property
+    def stats(self) -> Optional[CommStats]:
+        return self.base.stats
+
+    @property
+    def step_group(self):
+        return getattr(self.base, "step_group", None)
+
+    # -- planning -------------------------------------------------------------------------------------
+    def tp_split(self, m: MatrixRef) -> TPSplit:
+        """m's TP slices on the topology it lives on (whole in a single process)."""
+        if self._distributed is None:
+            return TPSplit(None, 1)
+        pieces = self._distributed.pieces
+        return pieces.tp_split(m, self._distributed.topologies[pieces.topology_name(m.name)])
+
+    def _topology(self, partition: FlatPartition) -> Optional[Topology]:
+        """The topology a flat partition is planned on (None in a single process): the expert one
+        (expert-TP × expert-DP) for expert-parallel weights, which DeepSpeed's MoE groups and Megatron's
+        expert_parallel_buffers partition over the expert-data-parallel group; the dense one otherwise."""
+        if self._distributed is None:
+            return None
+        kinds = {e.name: self._distributed.pieces.topology_name(e.name) for e in partition.entries}
+        if len(set(kinds.values())) > 1:
+            dense = next(n for n, kind in kinds.items() if kind == "dense")
+            expert = next(n for n, kind in kinds.items() if kind == "expert")
+            raise ValueError(f"teonspeed: a ZeRO-1/2 partition (or Megatron distributed-optimizer bucket) holds dense "
+                             f"weights ({dense!r}) and expert-parallel weights ({expert!r}); they are partitioned over "
+                             f"different data-parallel groups. Put the expert parameters in their own param group "
+                             f"(DeepSpeed: deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)")
+        kind = next(iter(kinds.values()), "dense")
+        topology = self._distributed.topologies[kind]
+        cut_over = dist.get_process_group_ranks(partition.dp_group) if partition.dp_group is not None else []
+        if not set(cut_over) <= set(topology.work_ranks):
+            raise ValueError(f"teonspeed: a ZeRO-1/2 partition of {kind} weights is cut over ranks {cut_over}, outside "
+                             f"the {kind} tensor x data-parallel group {list(topology.work_ranks)}: the data-parallel "
+                             f"groups given to teonspeed (ParallelContext dp_group / expert_dp_group) are not the ones "
+                             f"ZeRO cuts over")
+        return topology
+
+    def _plan(self, partitions: List[FlatPartition], groups, device: torch.device) -> FlatStep:
+        """One plan and step over this rank's partitions of flat buffers of one topology, cut over the same
+        data-parallel ranks (a collective over its tp × dp work group)."""
+        partition = partitions[0]
+        topology = self._topology(partition)
+        tp_size, tp_rank = (topology.tp_size, topology.tp_rank) if topology is not None else (1, 0)
+        work_group, work_size, me = ((topology.work_group, topology.work_size, topology.work_rank)
+                                     if topology is not None else (None, 1, 0))
+        work_rank = gather_work_ranks(partition, tp_rank, tp_size, work_group, work_size, device)
+        steps = self._ns_steps
+        plan = plan_partitions(partitions, groups, work_rank, tp_size,
+                               cost=lambda g: ns_flops(g.stacked_shape, steps),
+                               tp_sharded=lambda m: self.tp_split(m).dim is not None,
+                               cluster=self._cluster, itemsize=4)  # fp32 masters
+        return FlatStep(plan, partition.dp_rank, me, work_group)
+
+    # -- the Runner contract -------------------------------------------------------------------------
+    def check_step(self, check: StepCheck) -> StepVerdict:
+        return self.base.check_step(check)
+
+    def topology_of(self, group: OrthoGroup) -> str:
+        return self.base.topology_of(group)
+
+    def run(self, groups: Sequence[OrthoGroup], io: StepIO) -> None:
+        """Every planned partition with a direction this step (its jobs are fixed by its plan: `groups`
+        are the ones they hold), in the order they were planned, so the exchanges match across ranks."""
+        stats = self.stats if self.stats is not None else CommStats()  # a single process counts nothing
+        if io.new_step:
+            stats.start_step()
+            stats.adamw_bytes = self._adamw_bytes
+        for keys, flat_step in self.steps.items():
+            if keys[0] not in io.directions:
+                continue
+            if len(keys) == 1:
+                flat_step.run(io.directions[keys[0]], io.updates[keys[0]], io, self.tp_split, stats)
+                continue
+            # partitions planned as one local buffer: end to end, in the order they were planned
+            like = io.updates[keys[0]]
+            update = like.new_zeros(flat_step.plan.partition_size)
+            flat_step.run(torch.cat([io.directions[k] for k in keys]), update, io, self.tp_split, stats)
+            for k, part in zip(keys, update.split(flat_step.plan.partition_sizes)):
+                io.updates[k].copy_(part)
+
+    def describe(self, groups: Sequence[OrthoGroup]) -> Dict[int, str]:
+        """id(group) -> the work rank whose job computes it (its partition's plan)."""
+        out = {}
+        for flat_step in self.steps.values():
+            plan = flat_step.plan
+            for job in plan.jobs:
+                tp, partition = plan.position(job.owner)
+                for g in job.groups:
+                    out[id(g)] = f"work rank {job.owner} (tp {tp}, partition {partition})"
+        return out
+
+    def expected_bytes(self, groups: Sequence[OrthoGroup] = (),
+                       itemsize: Optional[int] = None) -> Tuple[int, int]:
+        """(sent, received) bytes of one step on this rank, predicted by the plans (fp32 masters)."""
+        pairs = [s.expected_bytes(itemsize or 4) for s in self.steps.values()]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    def adamw_bytes(self, groups: Sequence[OrthoGroup] = (), itemsize: int = 4) -> int:
+        return self._adamw_bytes
