@@ -56,7 +56,7 @@ RESULTS_DIR = ROOT / "bench" / "results"
 import torch
 
 import teonspeed
-from teonspeed.parallel.distributed import _split_waves  # the implementation's own rules
+from teonspeed.parallel.owner_compute import split_waves  # the implementation's own rules
 from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.owners import assign_owners, ns_flops
 from teonspeed.parallel.placement import GroupCost, choose_owner_compute, hidden_fraction, layout_of
@@ -269,7 +269,7 @@ def broadcasts_per_step(groups: Sequence[Group], tp: int, dp: int, ns_steps: int
         return 0
     costs = [ns_flops(g.stacked, ns_steps) for g in groups]
     owners = assign_owners(costs, tp * dp)
-    return sum(len({owners[i] // tp for i in wave}) for wave in _split_waves(groups, costs, waves))
+    return sum(len({owners[i] // tp for i in wave}) for wave in split_waves(groups, costs, waves))
 
 
 def topology_time(groups: Sequence[Group], tp: int, dp: int, stride: int, mode: str,

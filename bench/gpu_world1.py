@@ -71,7 +71,7 @@ def run(kind: str, params, parallel, steps: int, sync) -> dict:
         sync()
         times.append(1e3 * (time.perf_counter() - t0))
     devices = {str(t.device) for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
-    return {"runner": type(opt._runner).__name__, "weights": [p.detach() for _, p in named], "step_ms": times,
+    return {"runner": type(opt.runner).__name__, "weights": [p.detach() for _, p in named], "step_ms": times,
             "state_devices": sorted(devices)}
 
 

@@ -14,7 +14,7 @@ normalisation is inside every timed call):
   compile   torch.compile(newton_schulz) (default mode; the batch dim is marked dynamic, so one graph per
             matrix shape for batches >= 2 and one for batch 1, which keeps the compile time of the
             20-row table to a few graphs)
-  triton    teonspeed.kernels.newton_schulz_triton(x, schedule, bf16)
+  triton    teonspeed.ortho.kernels.newton_schulz_triton(x, schedule, bf16)
 
 FLOP convention (2 FLOPs per multiply-add, elementwise work not counted), per quintic step of a wide
 m × n matrix (m <= n; tall ones run transposed):
@@ -49,8 +49,8 @@ from typing import Callable, Dict, List, Optional, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
-from teonspeed import kernels  # noqa: E402
-from teonspeed.kernels import flops_per_step  # noqa: E402
+from teonspeed.ortho import kernels  # noqa: E402
+from teonspeed.ortho.kernels import flops_per_step  # noqa: E402
 from teonspeed.ortho.coefficients import schedule_for  # noqa: E402
 from teonspeed.ortho.newton_schulz import newton_schulz  # noqa: E402
 

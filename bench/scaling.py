@@ -132,7 +132,7 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
     ns_steps = opt.config.ns_steps or 5
     total_flops = sum(ns_flops(g.stacked_shape, ns_steps) for g in groups)
     full_bytes = sum(4 * m.shape[0] * m.shape[1] for g in groups for m in g.members)
-    runner = opt._runner
+    runner = opt.runner
     if hasattr(runner, "shard_numel"):
         topo = runner.topologies["dense"]
         shard_bytes = sum(4 * runner.shard_numel(m, topo) for g in groups for m in g.members)
@@ -192,8 +192,9 @@ def model_zero_bytes(inner, groups, tp: int, dp: int, ns_steps: int):
     from teonspeed.parallel.cost import cluster_profile
     sent = received = 0
     same_owners = True
-    for flat_step, shards in inner._bucket_sets():
-        parts = [shard.partition for shard in shards]
+    runner = inner.runner  # the partition runner: each set of buckets planned together, and its FlatStep
+    for keys, flat_step in runner.steps.items():
+        parts = [runner.partitions[k] for k in keys]
         names = {n for part in parts for n in part.names()}
         layout = cm.ZeroLayout([g for g in groups if g.members[0].name in names],
                                {e.name: e.offset for part in parts for e in part.entries},
@@ -247,7 +248,7 @@ def distopt_worker(rank: int, world_size: int, tp: int, optimizer: str, mode: st
                                  [ddp])  # fp32 exchange: the Megatron builder has no comm_dtype
     assert type(opt).__name__ == "TeonDistributedOptimizer"
     inner = opt.optimizer
-    runner, groups = inner._runner, inner.grouping.groups
+    runner, groups = inner.runner.base, inner.grouping.groups  # the runner the partition runner wraps
     topo = runner.topologies["dense"]
     assert topo.work_rank == tp_rank + tp * dp_rank  # Megatron's order, which the cost model assumes
     ns_steps = inner.config.ns_steps or 5

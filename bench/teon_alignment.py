@@ -68,7 +68,7 @@ def alignment_report(optimizer, teon_k: int = 2, teon_types=None) -> List[Dict]:
     for the TEON groups that `teon_k` consecutive blocks of the stacked types would form."""
     from teonspeed.config import OptimizerConfig
     from teonspeed.grouping import build_groups
-    from teonspeed.optim.base import matrix_view
+    from teonspeed.matrix_io import matrix_view
     named = list(optimizer._params_by_name.items())
     types = teon_types if teon_types is not None else OptimizerConfig().teon_types
     grouping = build_groups(named, teon_k=teon_k, teon_mode=1, teon_types=types,

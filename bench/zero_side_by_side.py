@@ -184,7 +184,7 @@ def worker(rank: int, world_size: int, variant: str, hidden: int, layers: int, w
     plan = dict(jobs=sum(len(p.jobs) for p in plans), cut=sum(j.cut for p in plans for j in p.jobs),
                 imbalance=max((p.imbalance for p in plans if p.jobs), default=1.0),
                 partition_imbalance=max((p.partition_imbalance for p in plans if p.jobs), default=1.0),
-                old_all_gather=sum(fp.partition_size * 4 * (fp.dp_size - 1) for fp in getattr(opt, "_flat", {}).values()
+                old_all_gather=sum(fp.partition_size * 4 * (fp.dp_size - 1) for fp in getattr(opt, "partitions", {}).values()
                                    if any(j for p in plans for j in p.jobs)))
     return dict(plan=plan, expected=expected, exchange=exchange, step_s=statistics.median(times), bytes=statistics.median(bytes_per_step),
                 flops=statistics.median(flops_per_step), params=params, numel=numel,
