@@ -258,7 +258,8 @@ class FlatStep:
             piece = piece * io.scale(m)
             tp_ranks = tps[id(g)]
             for t in tp_ranks:
-                value = shard_of(piece, split.dim, t, plan.tp_size, split.stride) if len(tp_ranks) > 1 else piece
+                value = (piece if len(tp_ranks) == 1
+                         else shard_of(piece, split.dim, t, plan.tp_size, split.stride))
                 io.store(in_unit(m), updates[(t, u)], value)
 
         transform_stacks([g for job in mine for g in job.groups], whole, lambda g: dtype, io.transform, put)

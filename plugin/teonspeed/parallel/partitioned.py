@@ -31,9 +31,9 @@ def check_groups_within_partitions(partitions: Mapping[Key, FlatPartition],
     owner = {name: key for key, fp in partitions.items() for name in fp.names()}
     for g in groups:
         if len({owner.get(m.name) for m in g.members}) > 1:
-            raise ValueError("teonspeed: under ZeRO-1/2 the members of a TEON group must be in the same param "
-                             "group; " + " + ".join(m.label for m in g.members) + " are not. Put them in one group "
-                             "or set teon_k=1")
+            raise ValueError("teonspeed: under ZeRO-1/2 the members of a TEON group must be in the same "
+                             "param group; " + " + ".join(m.label for m in g.members) + " are not. Put them "
+                             "in one group or set teon_k=1")
 
 
 class PartitionRunner:
@@ -88,18 +88,20 @@ class PartitionRunner:
         if len(set(kinds.values())) > 1:
             dense = next(n for n, kind in kinds.items() if kind == "dense")
             expert = next(n for n, kind in kinds.items() if kind == "expert")
-            raise ValueError(f"teonspeed: a ZeRO-1/2 partition (or Megatron distributed-optimizer bucket) holds dense "
-                             f"weights ({dense!r}) and expert-parallel weights ({expert!r}); they are partitioned over "
-                             f"different data-parallel groups. Put the expert parameters in their own param group "
-                             f"(DeepSpeed: deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)")
+            raise ValueError(f"teonspeed: a ZeRO-1/2 partition (or Megatron distributed-optimizer bucket) "
+                             f"holds dense weights ({dense!r}) and expert-parallel weights ({expert!r}); "
+                             f"they are partitioned over different data-parallel groups. Put the expert "
+                             f"parameters "
+                             f"in their own param group (DeepSpeed: "
+                             f"deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)")
         kind = next(iter(kinds.values()), "dense")
         topology = self._distributed.topologies[kind]
         cut_over = dist.get_process_group_ranks(partition.dp_group) if partition.dp_group is not None else []
         if not set(cut_over) <= set(topology.work_ranks):
-            raise ValueError(f"teonspeed: a ZeRO-1/2 partition of {kind} weights is cut over ranks {cut_over}, outside "
-                             f"the {kind} tensor x data-parallel group {list(topology.work_ranks)}: the data-parallel "
-                             f"groups given to teonspeed (ParallelContext dp_group / expert_dp_group) are not the ones "
-                             f"ZeRO cuts over")
+            raise ValueError(f"teonspeed: a ZeRO-1/2 partition of {kind} weights is cut over ranks "
+                             f"{cut_over}, outside the {kind} tensor x data-parallel group "
+                             f"{list(topology.work_ranks)}: the data-parallel groups given to teonspeed "
+                             f"(ParallelContext dp_group / expert_dp_group) are not the ones ZeRO cuts over")
         return topology
 
     def _plan(self, partitions: List[FlatPartition], groups, device: torch.device) -> FlatStep:
