@@ -10,7 +10,8 @@ and step counters); the comm_stats numbers (bytes sent/received, FLOPs) are comp
 the plain API on a tiny megatron-core GPT (local; DP2/TP2/TP2xDP2 in owner-compute, replicated and auto
 mode; PP2; EP2 experts; comm_dtype bf16; a non-finite gradient skipped), DeepSpeed (ZeRO-0; ZeRO-1/2
 flat partitions, fp32 and bf16; TP2 Megatron model under ZeRO-2; DeepSpeed MoE under ZeRO-2) and
-Megatron's builder (DDP; distributed optimizer fp32 with clip_grad, bf16, MoE expert buckets).
+Megatron's builder (DDP; distributed optimizer fp32 with clip_grad, bf16, small DDP buckets planned
+together, MoE expert buckets).
 Ranks are forked (tests/support/harness.py, gloo); a run takes a few minutes on two CPU cores.
 """
 from __future__ import annotations
@@ -231,6 +232,9 @@ CASES += [
      dict(tp=2, use_distributed_optimizer=True, clip_grad=0.05, layers=3)),
     ("megatron distributed optimizer TP2xDP2 bf16 muon", megatron, 4,
      dict(tp=2, optimizer="muon", use_distributed_optimizer=True, bf16=True)),
+    ("megatron distributed optimizer TP2xDP2 small buckets clip", megatron, 4,
+     dict(tp=2, use_distributed_optimizer=True, clip_grad=0.05,
+          ddp_options=dict(overlap_grad_reduce=True, bucket_size=2000))),
     ("megatron moe distributed optimizer EP2xDP2", megatron_moe, 4, dict(ep=2)),
     ("megatron moe ddp EP2xDP2", megatron_moe, 4, dict(ep=2, distributed_optimizer=False)),
 ]
