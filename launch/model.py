@@ -18,6 +18,7 @@ class SDPACoreAttention(torch.nn.Module):
                  softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None):
         super().__init__()
         self.softmax_scale = softmax_scale
+        self.attn_mask_type = attn_mask_type  # causal for GPT (read by teonspeed.qk_clip's capture)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

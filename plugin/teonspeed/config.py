@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -82,6 +83,14 @@ class OptimizerConfig:
     cluster: Optional[Dict[str, float]] = None
     """Overrides of the hardware constants (teonspeed.parallel.cost.ClusterProfile: bandwidths, latencies,
     FLOP rate) that placement decisions are made with; the same on every rank. Default: H100 + 400 Gb/s IB."""
+    qk_clip: Optional[float] = None
+    """QK-clip (MuonClip) threshold τ: after each step, an attention head whose largest pre-softmax logit S
+    exceeded τ gets its query rows scaled by (τ/S)^α and its key rows by (τ/S)^(1−α) (teonspeed.qk_clip; needs
+    the model: pass the nn.Module, or teonspeed.qk_clip.attach(model, opt)). None: off."""
+    qk_clip_alpha: float = 0.5
+    """QK-clip: the share α of the rescale that goes to the queries (the keys get 1 − α)."""
+    qk_clip_log: bool = False
+    """Capture and report the largest attention logit (opt.qk_clip.max_logit) without clipping."""
     grouping_rule: Optional[Callable[[str], Any]] = field(default=None, repr=False)
     """Optional callable name -> grouping.LayerRef | None that overrides the built-in name rules."""
 
@@ -117,6 +126,13 @@ class OptimizerConfig:
         need(isinstance(self.overlap_waves, int) and self.overlap_waves >= 1, "overlap_waves",
              f"must be an integer >= 1, got {self.overlap_waves!r}")
         need(self.comm_dtype in COMM_DTYPES, "comm_dtype", f"must be one of {COMM_DTYPES}, got {self.comm_dtype!r}")
+        need(self.qk_clip is None or (_is_number(self.qk_clip) and math.isfinite(self.qk_clip) and self.qk_clip > 0),
+             "qk_clip", f"must be None (off) or a finite number > 0 (the max logit τ), got {self.qk_clip!r}")
+        need(_is_number(self.qk_clip_alpha) and 0 <= self.qk_clip_alpha <= 1, "qk_clip_alpha",
+             f"must be a number in [0, 1], got {self.qk_clip_alpha!r}")
+        need(isinstance(self.qk_clip_log, bool), "qk_clip_log", f"must be true or false, got {self.qk_clip_log!r}")
+        need(not (self.qk_clip_log and self.qk_clip is not None), "qk_clip_log",
+             "logs the max logit without clipping; unset 'qk_clip' (or drop qk_clip_log to clip)")
         if self.cluster is not None:
             from .parallel.cost import cluster_profile
             cluster_profile(self.cluster)
@@ -129,6 +145,10 @@ class OptimizerConfig:
             except ValueError as err:
                 raise ValueError(f"teonspeed: option 'ht_power' {err}") from None
         return self
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 DEFAULTS: Dict[str, Dict[str, Any]] = {

@@ -22,6 +22,7 @@ from ..parallel.context import ParallelContext
 from ..parallel.cost import adamw_bytes
 from ..parallel.flat import FlatEntry, FlatPartition
 from ..parallel.shard_spec import megatron_shard_specs
+from .. import qk_clip
 
 DEEPSPEED_TYPES = {"TEON": TEON, "TeonspeedMuon": Muon, "TeonspeedHTMuon": HTMuon}
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
@@ -107,7 +108,10 @@ def build_optimizer(engine, model_parameters) -> OrthoOptimizer:
                 # class name contains "muon": untag, so only our step runs.
                 p.use_muon = False
     parallel = deepspeed_context(engine)
-    return DEEPSPEED_TYPES[name](groups, parallel=parallel, **options)
+    optimizer = DEEPSPEED_TYPES[name](groups, parallel=parallel, **options)
+    if optimizer.config.qk_clip is not None or optimizer.config.qk_clip_log:
+        qk_clip.attach(engine.module, optimizer)  # clips the fp32 masters / ZeRO partitions inside step()
+    return optimizer
 
 
 def deepspeed_context(engine) -> ParallelContext:

@@ -22,6 +22,7 @@ from ..fused import annotate_model
 from ..optim import HTMuon, Muon, OrthoOptimizer, TEON
 from ..parallel.context import megatron_groups_context
 from ..parallel.shard_spec import megatron_shard_specs
+from .. import qk_clip
 
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
@@ -54,6 +55,11 @@ class TeonOptimizerConfig(OptimizerConfig):
     cluster: Optional[Dict[str, float]] = None
     """Overrides of teonspeed.parallel.cost.ClusterProfile, which parallel_mode="auto" decides with."""
     cut_groups_at_stage_boundary: bool = False
+    qk_clip: Optional[float] = None
+    """QK-clip threshold τ (teonspeed.qk_clip, after each step; None: off). Megatron's own TransformerConfig
+    qk_clip stays off: with Transformer Engine set log_max_attention_logit=True on the model's config."""
+    qk_clip_alpha: float = 0.5
+    qk_clip_log: bool = False
 
 
 def teonspeed_options(config: TeonOptimizerConfig) -> Dict[str, Any]:
@@ -68,7 +74,8 @@ def teonspeed_options(config: TeonOptimizerConfig) -> Dict[str, Any]:
         ns_backend=config.ns_backend,
         lr_scale=config.lr_scale, teon_mode=config.teon_mode, teon_types=config.teon_types,
         parallel_mode=config.parallel_mode, cluster=config.cluster,
-        cut_groups_at_stage_boundary=config.cut_groups_at_stage_boundary)
+        cut_groups_at_stage_boundary=config.cut_groups_at_stage_boundary,
+        qk_clip=config.qk_clip, qk_clip_alpha=config.qk_clip_alpha, qk_clip_log=config.qk_clip_log)
     if config.optimizer != "muon":
         options["teon_k"] = config.teon_k
     if config.optimizer == "htmuon":
@@ -103,6 +110,8 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
     model_config = getattr(getattr(first, "module", first), "config", None)
     parallel = megatron_groups_context(parallel_state, specs, getattr(model_config, "num_layers", None))
     optimizer: OrthoOptimizer = MEGATRON_TYPES[kind](named, parallel=parallel, **teonspeed_options(config))
+    if config.qk_clip is not None or config.qk_clip_log:
+        qk_clip.attach(model_chunks, optimizer)  # runs inside the inner step, before the wrappers copy back
     if config.use_distributed_optimizer:
         return megatron_distributed.wrap(optimizer, config, model_chunks)
     if not (config.bf16 or config.fp16):

@@ -36,6 +36,7 @@ from ..parallel.topology import build_step_group, build_topology
 from .checkpoint import LAYOUT_KEY, CheckpointState  # noqa: F401  (LAYOUT_KEY: re-exported)
 from ..params import ROUTE_KEY, internal_groups, normalize_params
 from ..plan import Plan
+from ..qk_clip import attach_from_options
 from .scaling import lr_multiplier
 from .step_check import check_step
 from .stepped import BucketTensors, FlatTensors, ParamTensors, Stepped, part
@@ -91,6 +92,9 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         self._runner: Runner = self._make_runner()
         self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
         self.grad_norm: Optional[float] = None  # the last step's global gradient norm, where it clips
+        # QK-clip runs after each step through torch's step hooks (teonspeed.qk_clip), not inside step():
+        # attached here when the model was passed, else by the integration or teonspeed.qk_clip.attach.
+        self.qk_clip = attach_from_options(params, self)
 
     # -- the layout: what the step updates and who gathers the matrices ---------------------------------
     def rebind(self, pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> None:

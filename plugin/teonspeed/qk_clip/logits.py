@@ -1,0 +1,84 @@
+"""The largest pre-softmax logit of each attention head, computed a chunk of query rows at a time so that
+no more than `chunk_elements` logits exist at once (attention kernels such as SDPA never materialise
+QKᵀ; the clip must not make them). Pure tensor functions; the result stays on the device (fp32).
+
+Masks follow the attention they mirror, broadcastable to [b, heads, sq, sk]: `allowed` is a boolean mask
+(True = the position takes part: torch's SDPA) or an additive float mask (0 / very negative: Hugging Face
+eager), `blocked` a boolean mask of the positions left out (Megatron's convention); `causal` leaves out key
+j > query i (top-left aligned, as torch's SDPA and Megatron's causal softmax do).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 22
+"""Logits materialised at once: 4 Mi elements (16 MiB in fp32), whatever the sequence length."""
+
+
+def _rows_per_chunk(other_elements: int, num_rows: int, chunk_elements: int) -> int:
+    return max(1, min(num_rows, chunk_elements // max(1, other_elements)))
+
+
+def _rows_of(mask: torch.Tensor, rows: slice) -> torch.Tensor:
+    return mask[..., rows, :] if mask.dim() >= 2 and mask.size(-2) > 1 else mask
+
+
+def _masked(s: torch.Tensor, rows: slice, causal: bool, allowed: Optional[torch.Tensor],
+            blocked: Optional[torch.Tensor]) -> torch.Tensor:
+    """Logits s [b, h, c, sk] of query rows `rows` with the positions that do not enter the softmax at -inf
+    (or, for an additive mask, with the mask added as the attention adds it)."""
+    if allowed is not None:
+        m = _rows_of(allowed, rows)
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+    if blocked is not None:
+        s = s.masked_fill(_rows_of(blocked, rows), float("-inf"))
+    if causal:
+        q_pos = torch.arange(rows.start, rows.stop, device=s.device).unsqueeze(1)
+        k_pos = torch.arange(s.size(-1), device=s.device).unsqueeze(0)
+        s = s.masked_fill(k_pos > q_pos, float("-inf"))
+    return s
+
+
+def head_max_logits(query: torch.Tensor, key: torch.Tensor, scale: float, *, causal: bool,
+                    allowed: Optional[torch.Tensor] = None, blocked: Optional[torch.Tensor] = None,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """max over batch, query and key positions of scale · q·k, per query head: query [b, H, sq, d], key
+    [b, Hk, sk, d] with H a multiple of Hk (GQA: query heads g·H/Hk ... (g+1)·H/Hk − 1 share key head g, as
+    Hugging Face's repeat_kv and Megatron's repeat_interleave arrange them). Returns [H] fp32; a head whose
+    every position is masked gets -inf."""
+    b, heads, sq, d = query.shape
+    kv_heads, sk = key.size(1), key.size(2)
+    if heads % kv_heads:
+        raise ValueError(f"teonspeed: QK-clip: {heads} query heads cannot share {kv_heads} key heads evenly")
+    group = heads // kv_heads
+    with torch.no_grad():
+        q = query.reshape(b, kv_heads, group, sq, d)
+        k_t = key.transpose(-1, -2).unsqueeze(2)  # [b, Hk, 1, d, sk]: broadcast over the group, no copy
+        out = torch.full((heads,), float("-inf"), dtype=torch.float32, device=query.device)
+        step = _rows_per_chunk(b * heads * sk, sq, chunk_elements)
+        for start in range(0, sq, step):
+            rows = slice(start, min(sq, start + step))
+            s = torch.matmul(q[:, :, :, rows] * scale, k_t).view(b, heads, rows.stop - rows.start, sk)
+            s = _masked(s, rows, causal, allowed, blocked)
+            out = torch.maximum(out, s.amax(dim=(0, 2, 3)).float())
+    return out
+
+
+def head_max_of_scores(scores: torch.Tensor, scale: float = 1.0, *, causal: bool,
+                       allowed: Optional[torch.Tensor] = None, blocked: Optional[torch.Tensor] = None,
+                       chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """The same maximum from logits an attention has already materialised (scores [b, H, sq, sk], to be
+    multiplied by `scale`, as Megatron's softmax does with its layer-scaling coefficient): no matmul, and
+    the masking copies one chunk at a time. Returns [H] fp32."""
+    b, heads, sq, sk = scores.shape
+    with torch.no_grad():
+        out = torch.full((heads,), float("-inf"), dtype=torch.float32, device=scores.device)
+        step = _rows_per_chunk(b * heads * sk, sq, chunk_elements)
+        for start in range(0, sq, step):
+            rows = slice(start, min(sq, start + step))
+            s = scores[:, :, rows].float()
+            s = _masked(s * scale if scale != 1.0 else s, rows, causal, allowed, blocked)
+            out = torch.maximum(out, s.amax(dim=(0, 2, 3)))
+    return out
