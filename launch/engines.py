@@ -67,12 +67,36 @@ def deepspeed_config(args, dp: int) -> Dict[str, Any]:
     else:
         config = {"optimizer": optimizer, "zero_optimization": {"stage": args.zero_stage},
                   "gradient_clipping": args.clip_grad}
+    if str(config["optimizer"].get("type")).lower() in {t.lower() for t in ortho.values()}:
+        config["optimizer"].setdefault("params", {}).update(qk_clip_options(args))
     # The lr schedule is launch/schedule.py's (validated in launch/options.py), passed to initialize().
     config.pop("scheduler", None)
     config.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accumulation x DP
     config.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps=args.grad_accum,
                   steps_per_print=10 ** 9, wall_clock_breakdown=False)
     return config
+
+
+def qk_clip_options(args) -> Dict[str, Any]:
+    """teonspeed's QK-clip options from --qk-clip / --qk-clip-alpha / --qk-clip-log."""
+    if args.qk_clip is not None:
+        return {"qk_clip": args.qk_clip, "qk_clip_alpha": args.qk_clip_alpha}
+    return {"qk_clip_log": True} if args.qk_clip_log else {}
+
+
+def qk_clip_for(options: Dict[str, Any], model, optimizer):
+    """The run's QKClip and whether the backend drives it itself: teonspeed's optimizer runs its own inside
+    step(); --qk-clip-log with another optimizer (AdamW) gets a log-only one the backend steps after the
+    optimizer. (None, False) without --qk-clip / --qk-clip-log."""
+    clip = getattr(optimizer, "qk_clip", None)
+    if clip is not None or not options:
+        return clip, False
+    if "qk_clip" in options:
+        raise SystemExit(f"--qk-clip: the run's optimizer ({type(optimizer).__name__}) is not teonspeed's, which "
+                         f"rescales the weights where its wrappers keep them; use --optimizer muon/teon/htmuon (and "
+                         f"a --ds-config optimizer of those types), or --qk-clip-log")
+    from teonspeed import qk_clip
+    return qk_clip.attach(model, log_only=True), True
 
 
 def _deepspeed_checkpoint_classes():
@@ -86,7 +110,7 @@ def _deepspeed_checkpoint_classes():
 class DeepSpeedBackend:
     name = "deepspeed"
 
-    def __init__(self, model, config: Dict[str, Any], lr_scheduler):
+    def __init__(self, model, config: Dict[str, Any], lr_scheduler, qk_options: Optional[Dict[str, Any]] = None):
         import deepspeed
 
         import teonspeed  # noqa: F401  (registers the optimizer types)
@@ -96,6 +120,7 @@ class DeepSpeedBackend:
             model=model, model_parameters=model.parameters(), config=copy.deepcopy(config), mpu=MegatronMPU(),
             lr_scheduler=lr_scheduler)
         self.model = self.engine.module
+        self.qk_clip, self._steps_qk_clip = qk_clip_for(qk_options or {}, self.model, self.basic_optimizer)
 
     @property
     def basic_optimizer(self):
@@ -112,6 +137,8 @@ class DeepSpeedBackend:
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer and the scheduler at the accumulation boundary
             total += loss.item()
+        if self._steps_qk_clip:
+            self.qk_clip.step()
         return total / len(micro_batches)
 
     @torch.no_grad()
@@ -195,9 +222,11 @@ class MegatronBackend:
             extra = {"teon_k": args.teon_k} if args.optimizer != "muon" and args.teon_k is not None else {}
             cfg = TeonOptimizerConfig(optimizer=args.optimizer, lr=args.lr, min_lr=args.lr * args.min_lr_ratio,
                                       adamw_lr=args.adamw_lr, weight_decay=args.weight_decay, clip_grad=clip,
-                                      muon_use_nesterov=True, use_distributed_optimizer=distributed, **extra)
+                                      muon_use_nesterov=True, use_distributed_optimizer=distributed,
+                                      **qk_clip_options(args), **extra)
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
             peak = args.lr
+        self.qk_clip, self._steps_qk_clip = qk_clip_for(qk_clip_options(args), self.ddp, self.basic_optimizer)
         self.scheduler = megatron_scheduler(self.optimizer, args, peak)
         self.forward_backward = get_forward_backward_func()
         self.last_stage = ps.is_pipeline_last_stage()
@@ -229,6 +258,8 @@ class MegatronBackend:
         self.optimizer.zero_grad()
         outputs = self._run(micro_batches, forward_only=False)
         self.optimizer.step()
+        if self._steps_qk_clip:
+            self.qk_clip.step()
         self.scheduler.step(increment=1)
         if not self.last_stage:
             return None

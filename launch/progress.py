@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 FIELDS = ["step", "train_loss", "val_loss", "lr", "tokens_per_s"]
+OPTIONAL_FIELDS = ["max_attn_logit"]  # --qk-clip / --qk-clip-log: the largest attention logit of the step
 HEADER = f"{'step':>6} | {'train loss':>10} | {'val loss':>8} | {'lr':>9} | {'tokens/s':>9}"
 
 
@@ -29,7 +30,7 @@ def tensorboard_writer(log_dir: Path):
 def write_csv(rows: List[dict], path: Path) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=FIELDS + [k for k in OPTIONAL_FIELDS if any(k in r for r in rows)])
         w.writeheader()
         w.writerows(rows)
     tmp.replace(path)

@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from launch import checkpoint
 from launch.corpus import CORPUS_MODULES, corpus_digest, load_documents, split_documents
 from launch.data import TrainBatches, build_tokenizer, encode, indexed_data, val_batches
-from launch.engines import DeepSpeedBackend, MegatronBackend, deepspeed_config
+from launch.engines import DeepSpeedBackend, MegatronBackend, deepspeed_config, qk_clip_options
 from launch.model import build_model, padded_vocab
 from launch.options import summary
 from launch.progress import HEADER, Progress, read_csv, table_row, write_csv
@@ -70,7 +70,7 @@ def agree_on_run_dir(args, rank: int) -> Path:
 
 def build_backend(args, model, dp: int):
     if args.backend == "deepspeed":
-        return DeepSpeedBackend(model, deepspeed_config(args, dp), deepspeed_scheduler(args))
+        return DeepSpeedBackend(model, deepspeed_config(args, dp), deepspeed_scheduler(args), qk_clip_options(args))
     return MegatronBackend(model, args)
 
 
@@ -91,6 +91,19 @@ def world_mean(value, device) -> float | None:
                      device=device)
     dist.all_reduce(t)
     return (t[0] / t[1]).item() if t[1] > 0 else None
+
+
+def world_mean_and_max(value, max_logit, device) -> tuple:
+    """world_mean of the loss and the largest attention logit over every rank (each holds its pipeline stage's
+    and TP shard's heads), with the same single host read: (mean or None, max or None)."""
+    t = torch.tensor([0.0 if value is None else float(value), 0.0 if value is None else 1.0], dtype=torch.float64,
+                     device=device)
+    dist.all_reduce(t)
+    m = (max_logit.detach().to(device=device, dtype=torch.float64).reshape(1) if max_logit is not None
+         else torch.full((1,), float("-inf"), dtype=torch.float64, device=device))
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    total, count, top = torch.cat([t, m]).tolist()
+    return (total / count if count > 0 else None), (top if top != float("-inf") else None)
 
 
 def evaluate(backend, batches: list, dp_rank: int, dp: int, device) -> float:
@@ -210,7 +223,7 @@ def run(args) -> dict:
         progress = Progress(rank == 0, args.steps, start, run_dir, bar=args.progress,
                             tensorboard=not args.no_tensorboard, log=log)
         out = progress.log
-        losses, lrs, vals = [], [], []
+        losses, lrs, vals, max_logits = [], [], [], []
         out(f"\n{args.steps} steps of {tokens_per_step} tokens, optimizer {args.optimizer}, backend {args.backend}"
             + (f", from step {start}" if start else "") + f"\n{HEADER}\n{'-' * len(HEADER)}")
         if start == 0:
@@ -226,7 +239,14 @@ def run(args) -> dict:
             lrs.append(lr)
             micro = [batches.next() for _ in range(args.grad_accum)]
             t0 = time.perf_counter()
-            loss = world_mean(backend.train_step(micro), device)
+            clip = backend.qk_clip
+            if clip is None:
+                loss, max_logit = world_mean(backend.train_step(micro), device), None
+            else:
+                loss, max_logit = world_mean_and_max(backend.train_step(micro), clip.max_logit, device)
+                max_logits.append(max_logit)
+                if max_logit is not None:
+                    progress.scalars({"train/max_attn_logit": max_logit}, step + 1)
             losses.append(loss)
             window.append(loss)
             done = step + 1
@@ -237,6 +257,8 @@ def run(args) -> dict:
                 progress.scalars({"val/loss": val}, done)
             row = {"step": done, "train_loss": loss, "val_loss": "" if val is None else val, "lr": lr,
                    "tokens_per_s": ""}
+            if clip is not None:
+                row["max_attn_logit"] = "" if max_logit is None else max_logit
             step_tps = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
             if done % args.log_every == 0 or val is not None or done == start + 1:  # every eval gets a row too
                 now = time.perf_counter()
@@ -278,7 +300,7 @@ def run(args) -> dict:
             log(f"stopped at step {stop} of {args.steps} (--stop-at)" + (
                 f"; continue with the same command plus --resume (and --name {args.name})" if args.save_every else
                 "; nothing was saved (no --save-every), so a later --resume starts over"))
-        return {"losses": losses, "lrs": lrs, "vals": vals, "start": start, "run_dir": str(run_dir), "backend": args.backend,
+        return {"losses": losses, "lrs": lrs, "vals": vals, "max_attn_logits": max_logits, "start": start, "run_dir": str(run_dir), "backend": args.backend,
                 "optimizer": type(backend.basic_optimizer).__name__, "wrapper": type(backend.optimizer).__name__,
                 "dp": dp, "rank": rank}
     finally:

@@ -20,8 +20,7 @@ import torch.distributed as dist
 
 from .capture import ClipLayer
 from .clip import Models, QKClip
-from .hf_layers import hf_layers
-from .megatron_layers import data_context_parallel_group, megatron_layers
+from . import hf_layers as hf, megatron_layers as megatron
 from .rescale import RowPart, group_eta, row_scale, scale_flat_rows, scale_rows
 
 __all__ = ["attach", "QKClip", "ClipLayer", "find_layers", "RowPart", "group_eta", "row_scale", "scale_rows",
@@ -34,7 +33,7 @@ def find_layers(models: Models) -> List[ClipLayer]:
     layers = []
     for i, chunk in enumerate(chunks):
         prefix = f"chunk{i}." if len(chunks) > 1 else ""
-        layers += megatron_layers(chunk, prefix) + hf_layers(chunk, prefix)
+        layers += megatron.megatron_layers(chunk, prefix) + hf.hf_layers(chunk, prefix)
     return layers
 
 
@@ -103,7 +102,7 @@ def _check_options(threshold, alpha, log_only) -> None:
 def _default_group(optimizer):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    megatron_group = data_context_parallel_group() if "megatron.core.parallel_state" in sys.modules else None
+    megatron_group = megatron.data_context_parallel_group() if "megatron.core.parallel_state" in sys.modules else None
     if megatron_group is not None:
         return megatron_group
     ctx = getattr(optimizer, "parallel", None)

@@ -21,23 +21,30 @@ def _rows_per_chunk(other_elements: int, num_rows: int, chunk_elements: int) -> 
     return max(1, min(num_rows, chunk_elements // max(1, other_elements)))
 
 
-def _rows_of(mask: torch.Tensor, rows: slice) -> torch.Tensor:
-    return mask[..., rows, :] if mask.dim() >= 2 and mask.size(-2) > 1 else mask
+def _window(mask: torch.Tensor, rows: slice, keys: int) -> torch.Tensor:
+    """The mask's entries for query rows `rows` and the first `keys` keys (broadcast dims kept)."""
+    if mask.dim() >= 2 and mask.size(-2) > 1:
+        mask = mask[..., rows, :]
+    return mask[..., :keys] if mask.size(-1) > 1 else mask
 
 
-def _masked(s: torch.Tensor, rows: slice, causal: bool, allowed: Optional[torch.Tensor],
-            blocked: Optional[torch.Tensor]) -> torch.Tensor:
-    """Logits s [b, h, c, sk] of query rows `rows` with the positions that do not enter the softmax at -inf
-    (or, for an additive mask, with the mask added as the attention adds it)."""
+def _mask_(s: torch.Tensor, rows: slice, causal: bool, allowed: Optional[torch.Tensor],
+           blocked: Optional[torch.Tensor]) -> torch.Tensor:
+    """In place on the chunk s [b, h, c, keys] (a tensor made here): the positions that do not enter the
+    softmax at -inf (an additive mask added, as the attention adds it)."""
+    keys = s.size(-1)
     if allowed is not None:
-        m = _rows_of(allowed, rows)
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+        m = _window(allowed, rows, keys)
+        if m.dtype == torch.bool:
+            s.masked_fill_(~m, float("-inf"))
+        else:
+            s.add_(m)
     if blocked is not None:
-        s = s.masked_fill(_rows_of(blocked, rows), float("-inf"))
+        s.masked_fill_(_window(blocked, rows, keys), float("-inf"))
     if causal:
         q_pos = torch.arange(rows.start, rows.stop, device=s.device).unsqueeze(1)
-        k_pos = torch.arange(s.size(-1), device=s.device).unsqueeze(0)
-        s = s.masked_fill(k_pos > q_pos, float("-inf"))
+        k_pos = torch.arange(keys, device=s.device).unsqueeze(0)
+        s.masked_fill_(k_pos > q_pos, float("-inf"))
     return s
 
 
@@ -46,7 +53,8 @@ def head_max_logits(query: torch.Tensor, key: torch.Tensor, scale: float, *, cau
                     chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """max over batch, query and key positions of scale · q·k, per query head: query [b, H, sq, d], key
     [b, Hk, sk, d] with H a multiple of Hk (GQA: query heads g·H/Hk ... (g+1)·H/Hk − 1 share key head g, as
-    Hugging Face's repeat_kv and Megatron's repeat_interleave arrange them). Returns [H] fp32; a head whose
+    Hugging Face's repeat_kv and Megatron's repeat_interleave arrange them). Causal: a chunk of query rows
+    only meets the keys up to its last row (about half the products of QKᵀ). Returns [H] fp32; a head whose
     every position is masked gets -inf."""
     b, heads, sq, d = query.shape
     kv_heads, sk = key.size(1), key.size(2)
@@ -60,9 +68,9 @@ def head_max_logits(query: torch.Tensor, key: torch.Tensor, scale: float, *, cau
         step = _rows_per_chunk(b * heads * sk, sq, chunk_elements)
         for start in range(0, sq, step):
             rows = slice(start, min(sq, start + step))
-            s = torch.matmul(q[:, :, :, rows] * scale, k_t).view(b, heads, rows.stop - rows.start, sk)
-            s = _masked(s, rows, causal, allowed, blocked)
-            out = torch.maximum(out, s.amax(dim=(0, 2, 3)).float())
+            keys = min(sk, rows.stop) if causal else sk
+            s = torch.matmul(q[:, :, :, rows] * scale, k_t[..., :keys]).view(b, heads, rows.stop - start, keys)
+            out = torch.maximum(out, _mask_(s, rows, causal, allowed, blocked).amax(dim=(0, 2, 3)).float())
     return out
 
 
@@ -70,15 +78,17 @@ def head_max_of_scores(scores: torch.Tensor, scale: float = 1.0, *, causal: bool
                        allowed: Optional[torch.Tensor] = None, blocked: Optional[torch.Tensor] = None,
                        chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """The same maximum from logits an attention has already materialised (scores [b, H, sq, sk], to be
-    multiplied by `scale`, as Megatron's softmax does with its layer-scaling coefficient): no matmul, and
-    the masking copies one chunk at a time. Returns [H] fp32."""
+    multiplied by `scale`, as Megatron's softmax does with its layer-scaling coefficient): no matmul; one
+    chunk is copied (fp32) and masked at a time. Returns [H] fp32."""
     b, heads, sq, sk = scores.shape
     with torch.no_grad():
         out = torch.full((heads,), float("-inf"), dtype=torch.float32, device=scores.device)
         step = _rows_per_chunk(b * heads * sk, sq, chunk_elements)
         for start in range(0, sq, step):
             rows = slice(start, min(sq, start + step))
-            s = scores[:, :, rows].float()
-            s = _masked(s * scale if scale != 1.0 else s, rows, causal, allowed, blocked)
-            out = torch.maximum(out, s.amax(dim=(0, 2, 3)))
+            keys = min(sk, rows.stop) if causal else sk
+            s = scores[:, :, rows, :keys].to(torch.float32, copy=True)  # ours to mask in place
+            if scale != 1.0:
+                s.mul_(scale)
+            out = torch.maximum(out, _mask_(s, rows, causal, allowed, blocked).amax(dim=(0, 2, 3)))
     return out

@@ -1,0 +1,70 @@
+"""--qk-clip / --qk-clip-alpha / --qk-clip-log in launch/pretrain.py (2 forked CPU ranks): the quickstart
+model's logged maximum held within 1.2 τ at τ = half the unclipped run's maximum, the metrics.csv column,
+pipeline stages clipping their own layers like one process, AdamW logging only, bad flags refused."""
+import csv
+
+import pytest
+
+from support.harness import run_ranks
+from test_pretrain import _main, _refused, data_dir  # noqa: F401  (data_dir: the module's fixture)
+
+QUICK = ["--progress", "off", "--no-plot", "--eval-every", "1000", "--eval-batches", "2", "--log-every", "1000"]
+
+
+def train(argv, world=2, timeout=240):
+    return run_ranks(_main, world, argv, timeout=timeout)[0]
+
+
+def _column(path):
+    rows = list(csv.DictReader(open(path)))
+    return [r["max_attn_logit"] for r in rows]
+
+
+def test_the_quickstart_model_stays_within_1_2_tau_at_half_its_unclipped_maximum(data_dir, tmp_path):
+    """`python -m launch.pretrain` defaults (llama_tiny, TEON, DeepSpeed ZeRO-1, DP 2, batch 32 x 64 tokens)
+    over 40 steps: log the maxima, then clip at half of their largest."""
+    common = ["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps", "40", *QUICK]
+    free = train(common + ["--name", "free", "--qk-clip-log"])
+    maxima = free["max_attn_logits"]
+    assert len(maxima) == 40 and all(m > 0 for m in maxima)
+    column = _column(tmp_path / "free" / "metrics.csv")
+    assert column[0] == "" and [float(v) for v in column[1:]] == pytest.approx(maxima, rel=1e-12)
+    tau = max(maxima) / 2
+    clipped = train(common + ["--name", "clipped", "--qk-clip", str(tau)])["max_attn_logits"]
+    first = next(i for i, m in enumerate(maxima) if m > tau)
+    assert clipped[:first + 1] == maxima[:first + 1]  # nothing is rescaled while every head is below τ
+    assert max(clipped[2:]) <= 1.2 * tau, (tau, clipped)  # the issue's bound, from step 3 on
+    assert max(maxima[first + 2:]) > 1.2 * tau  # ... which the unclipped run breaks
+
+
+def test_pipeline_stages_clip_their_own_layers_like_one_process(data_dir, tmp_path):
+    common = ["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps", "6", "--warmup", "1",
+              "--backend", "megatron", "--micro-batch", "4", "--seq", "32", "--grad-accum", "2", "--lr", "0.05",
+              "--qk-clip", "0.3", *QUICK]
+    one = train(common + ["--name", "pp1"], world=1)
+    two = train(common + ["--name", "pp2", "--pp", "2"])
+    assert max(one["max_attn_logits"]) > 0.3  # the clip acts
+    # The same arithmetic per stage; the pipeline sends activations between stages unchanged (fp32): the
+    # layouts agree to rounding (~1e-7 per step)
+    assert two["max_attn_logits"] == pytest.approx(one["max_attn_logits"], rel=1e-5)
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+
+
+def test_adamw_logs_the_max_logit_without_clipping(data_dir, tmp_path):
+    out = train(["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--name", "adamw", "--steps", "3",
+                 "--warmup", "1", "--optimizer", "adamw", "--qk-clip-log", "--micro-batch", "4", "--seq", "32",
+                 *QUICK])
+    assert len(out["max_attn_logits"]) == 3 and all(m > 0 for m in out["max_attn_logits"])
+    assert _column(tmp_path / "adamw" / "metrics.csv")[1:] != ["", "", ""]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--qk-clip", "0"], r"--qk-clip must be a finite number > 0"),
+    (["--qk-clip", "nan"], r"--qk-clip must be a finite number > 0"),
+    (["--qk-clip", "50", "--qk-clip-log"], r"--qk-clip-log logs the max logit without clipping .* give one of them"),
+    (["--qk-clip", "50", "--optimizer", "adamw"], r"--qk-clip rescales the weights through teonspeed's optimizer"),
+    (["--qk-clip", "50", "--qk-clip-alpha", "1.5"], r"--qk-clip-alpha must be in \[0, 1\]"),
+    (["--qk-clip-alpha", "0.3"], r"--qk-clip-alpha needs --qk-clip TAU"),
+])
+def test_bad_qk_clip_flags_are_refused_before_anything_runs(argv, match, tmp_path, monkeypatch):
+    _refused(argv, match, tmp_path=tmp_path, monkeypatch=monkeypatch)
