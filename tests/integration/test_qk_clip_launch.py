@@ -1,6 +1,6 @@
 """--qk-clip / --qk-clip-alpha / --qk-clip-log in launch/pretrain.py (2 forked CPU ranks): the quickstart
 model's logged maximum held within 1.2 τ at τ = half the unclipped run's maximum, the metrics.csv column,
-pipeline stages clipping their own layers like one process, AdamW logging only, bad flags refused."""
+AdamW logging only, bad flags refused. (Pipeline stages: test_qk_clip_megatron.py.)"""
 import csv
 
 import pytest
@@ -20,34 +20,24 @@ def _column(path):
     return [r["max_attn_logit"] for r in rows]
 
 
-def test_the_quickstart_model_stays_within_1_2_tau_at_half_its_unclipped_maximum(data_dir, tmp_path):
-    """`python -m launch.pretrain` defaults (llama_tiny, TEON, DeepSpeed ZeRO-1, DP 2, batch 32 x 64 tokens)
-    over 40 steps: log the maxima, then clip at half of their largest."""
-    common = ["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps", "40", *QUICK]
-    free = train(common + ["--name", "free", "--qk-clip-log"])
+def test_the_quickstart_stays_within_1_2_tau_at_half_its_unclipped_maximum(tmp_path):
+    """The issue's criterion, on `python -m launch.pretrain`'s defaults as scripts/pretrain.sh runs them
+    (llama_tiny, TEON, DeepSpeed ZeRO-1, 2 data-parallel ranks, 200 steps of 32 x 64 tokens, the embedded
+    corpus; ~1 minute a run): log the maxima, then clip at half of their largest. The clip reads the step's
+    forward (before its update), so the next forward may exceed τ by one update's growth; 1.2 τ bounds it
+    here (bench/results/qk_clip_cpu.md: 1.12 τ). A shorter run reaches τ at a higher lr, where it does not."""
+    common = ["--runs-dir", str(tmp_path), *QUICK]
+    free = train(common + ["--name", "free", "--qk-clip-log"], timeout=900)
     maxima = free["max_attn_logits"]
-    assert len(maxima) == 40 and all(m > 0 for m in maxima)
+    assert len(maxima) == 200 and all(m > 0 for m in maxima)
     column = _column(tmp_path / "free" / "metrics.csv")
     assert column[0] == "" and [float(v) for v in column[1:]] == pytest.approx(maxima, rel=1e-12)
     tau = max(maxima) / 2
-    clipped = train(common + ["--name", "clipped", "--qk-clip", str(tau)])["max_attn_logits"]
+    clipped = train(common + ["--name", "clipped", "--qk-clip", repr(tau)], timeout=900)["max_attn_logits"]
     first = next(i for i, m in enumerate(maxima) if m > tau)
     assert clipped[:first + 1] == maxima[:first + 1]  # nothing is rescaled while every head is below τ
     assert max(clipped[2:]) <= 1.2 * tau, (tau, clipped)  # the issue's bound, from step 3 on
-    assert max(maxima[first + 2:]) > 1.2 * tau  # ... which the unclipped run breaks
-
-
-def test_pipeline_stages_clip_their_own_layers_like_one_process(data_dir, tmp_path):
-    common = ["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps", "6", "--warmup", "1",
-              "--backend", "megatron", "--micro-batch", "4", "--seq", "32", "--grad-accum", "2", "--lr", "0.05",
-              "--qk-clip", "0.3", *QUICK]
-    one = train(common + ["--name", "pp1"], world=1)
-    two = train(common + ["--name", "pp2", "--pp", "2"])
-    assert max(one["max_attn_logits"]) > 0.3  # the clip acts
-    # The same arithmetic per stage; the pipeline sends activations between stages unchanged (fp32): the
-    # layouts agree to rounding (~1e-7 per step)
-    assert two["max_attn_logits"] == pytest.approx(one["max_attn_logits"], rel=1e-5)
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert max(maxima[first + 1:]) > 1.5 * tau  # ... which the unclipped run exceeds by far
 
 
 def test_adamw_logs_the_max_logit_without_clipping(data_dir, tmp_path):

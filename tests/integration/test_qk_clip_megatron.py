@@ -190,6 +190,63 @@ def test_bf16_distributed_optimizer_clips_its_fp32_masters_and_the_bf16_partitio
             assert torch.allclose(a, b, rtol=2 ** -7, atol=0)
 
 
+# -- pipeline stages: each clips its own layers ------------------------------------------------------------
+PP_TAU = 0.009  # these synthetic weights give logits of 0.005-0.014: some heads clip, some not
+
+
+def train_pipeline(rank, world_size, pp=1, steps=3):
+    """Megatron DDP + 1F1B over `pp` stages (2 micro-batches a step); weights a function of each parameter's
+    global name (support/synthetic.py), so every layout starts from the same model."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from support.synthetic import global_name, local_tensor
+    from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+    from teonspeed.parallel.shard_spec import megatron_shard_specs
+    ps.initialize_model_parallel(pipeline_model_parallel_size=pp)
+    config = mm.tiny_config(num_layers=2, pp=pp)
+    model = mm.tiny_gpt(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    specs = megatron_shard_specs(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(local_tensor(name, p, specs[name], 0, 1, 0))
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    config.finalize_model_grads_func = finalize_model_grads
+    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer="muon", lr=0.05, adamw_lr=3e-3, clip_grad=0.0,
+                                                     qk_clip=PP_TAU), [ddp])
+
+    def forward_step(data, chunk):
+        tokens, position_ids, labels = next(data)
+        return chunk(tokens, position_ids, None, labels=labels), lambda out: (out.float().mean(), {})
+    maxima = []
+    for step in range(steps):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        micro = [mm.batch(seed=10 * step + i) for i in range(2)]
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp],
+                                    num_microbatches=2, seq_length=mm.SEQ, micro_batch_size=2, forward_only=False)
+        opt.step()
+        maxima.append([h.clone() for h in opt.optimizer.qk_clip.head_max])
+    params = {global_name(n, specs[n]): p.detach().clone() for n, p in model.named_parameters()}
+    return maxima, params, ps.get_pipeline_model_parallel_rank()
+
+
+def test_pipeline_stages_clip_their_own_layers_like_one_process():
+    (ref_maxima, ref_params, _), = run_ranks(train_pipeline, 1, timeout=180)
+    stages = sorted(run_ranks(train_pipeline, 2, pp=2, timeout=180), key=lambda r: r[2])
+    first = torch.cat(ref_maxima[0])
+    assert (first > PP_TAU).any() and (first < PP_TAU).any()  # the clip acts on some heads, not all
+    for step, want in enumerate(ref_maxima):  # stage s holds layer s: its maxima, nobody else's
+        got = [layer for stage in stages for layer in stage[0][step]]
+        assert len(got) == len(want) == 2
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=1e-5, atol=0), step
+    params = {n: p for stage in stages for n, p in stage[1].items()}
+    for name, want in ref_params.items():  # the same arithmetic per stage, fp32 rounding (as above)
+        assert _rel(params[name], want) <= 1e-5, name
+
+
 # -- DeepSpeed ZeRO-1/2: each rank clips its part of the flat fp32 partitions ---------------------------------
 def train_deepspeed(rank, world_size, stage, steps=3):
     import deepspeed

@@ -52,8 +52,8 @@ def test_head_max_logits_equals_the_full_logits_in_chunks(mask):
     want = _oracle(q, k, scale, causal=mask == "causal", **kw)
     assert got.dtype == torch.float32 and got.shape == (4,)
     assert torch.allclose(got.double(), want, rtol=0, atol=_bound(q, k, scale))
-    scores = torch.matmul(q, k.repeat_interleave(2, dim=1).transpose(-1, -2)) * scale
-    from_scores = head_max_of_scores(scores, causal=mask == "causal", chunk_elements=50, **kw)
+    scores = torch.matmul(q, k.repeat_interleave(2, dim=1).transpose(-1, -2))  # scaled inside, as Megatron's softmax
+    from_scores = head_max_of_scores(scores, scale, causal=mask == "causal", chunk_elements=2 * 4 * 10 * 3, **kw)
     assert torch.allclose(from_scores.double(), want, rtol=0, atol=_bound(q, k, scale))
 
 

@@ -41,11 +41,16 @@ def _mask_(s: torch.Tensor, rows: slice, causal: bool, allowed: Optional[torch.T
             s.add_(m)
     if blocked is not None:
         s.masked_fill_(_window(blocked, rows, keys), float("-inf"))
-    if causal:
-        q_pos = torch.arange(rows.start, rows.stop, device=s.device).unsqueeze(1)
-        k_pos = torch.arange(keys, device=s.device).unsqueeze(0)
-        s.masked_fill_(k_pos > q_pos, float("-inf"))
+    if causal:  # only the chunk's diagonal block has keys after some of its rows
+        _causal_(s[..., rows.start:keys], rows)
     return s
+
+
+def _causal_(block: torch.Tensor, rows: slice) -> None:
+    """block [.., c, c'] holds keys rows.start, rows.start + 1, ... of query rows `rows`: key > query to -inf."""
+    q_pos = torch.arange(rows.stop - rows.start, device=block.device).unsqueeze(1)
+    k_pos = torch.arange(block.size(-1), device=block.device).unsqueeze(0)
+    block.masked_fill_(k_pos > q_pos, float("-inf"))
 
 
 def head_max_logits(query: torch.Tensor, key: torch.Tensor, scale: float, *, causal: bool,
@@ -78,8 +83,9 @@ def head_max_of_scores(scores: torch.Tensor, scale: float = 1.0, *, causal: bool
                        allowed: Optional[torch.Tensor] = None, blocked: Optional[torch.Tensor] = None,
                        chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """The same maximum from logits an attention has already materialised (scores [b, H, sq, sk], to be
-    multiplied by `scale`, as Megatron's softmax does with its layer-scaling coefficient): no matmul; one
-    chunk is copied (fp32) and masked at a time. Returns [H] fp32."""
+    multiplied by `scale` > 0, as Megatron's softmax does with its layer-scaling coefficient): no matmul.
+    Causal without a mask: the keys before a chunk's first row are read in place (no copy) and only the
+    diagonal block is copied and masked; with a mask, one chunk at a time is copied (fp32) and masked."""
     b, heads, sq, sk = scores.shape
     with torch.no_grad():
         out = torch.full((heads,), float("-inf"), dtype=torch.float32, device=scores.device)
@@ -87,6 +93,13 @@ def head_max_of_scores(scores: torch.Tensor, scale: float = 1.0, *, causal: bool
         for start in range(0, sq, step):
             rows = slice(start, min(sq, start + step))
             keys = min(sk, rows.stop) if causal else sk
+            if causal and allowed is None and blocked is None:
+                if start > 0:  # every row of the chunk sees these keys
+                    out = torch.maximum(out, scores[:, :, rows, :start].amax(dim=(0, 2, 3)).float() * scale)
+                s = scores[:, :, rows, start:keys].to(torch.float32, copy=True)
+                _causal_(s, rows)
+                out = torch.maximum(out, s.amax(dim=(0, 2, 3)) * scale)
+                continue
             s = scores[:, :, rows, :keys].to(torch.float32, copy=True)  # ours to mask in place
             if scale != 1.0:
                 s.mul_(scale)
