@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -32,6 +33,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import teonspeed  # noqa: E402
@@ -239,6 +241,7 @@ def markdown(result: dict) -> str:
     q = result.get("quickstart")
     if q:
         lines += ["", "## Quickstart (`python -m launch.pretrain` defaults, 200 steps)", "",
+                  f"Measured on: {environment_line(q['environment'])}" if q.get("environment") else "", "",
                   f"Unclipped (--qk-clip-log): largest logit {q['unclipped_max']:.4f}; clipped at τ = half of it "
                   f"({q['tau']:.4f}): largest from step 3 on {q['clipped_max_from_step_3']:.4f} = "
                   f"{q['ratio_from_step_3']:.3f} τ ({'within' if q['within_1_2_tau'] else 'NOT within'} 1.2 τ). "
@@ -274,7 +277,11 @@ def main(argv=None) -> None:
     result = {"environment": environment(), "load_average": os.getloadavg(), "overhead": rows,
               "clip_step": clip_step_cost(args.repeats * 4)}
     if args.quickstart:
-        result["quickstart"] = quickstart(Path(args.runs_dir), log)
+        result["quickstart"] = dict(quickstart(Path(args.runs_dir), log), environment=result["environment"])
+    else:  # keep the last quickstart measurement (it names its own machine and commit)
+        previous = RESULTS / "qk_clip_cpu.json"
+        if previous.is_file():
+            result["quickstart"] = json.loads(previous.read_text()).get("quickstart")
     for path in write_result("qk_clip_cpu", result, markdown(result)):
         log(f"wrote {path}")
 
