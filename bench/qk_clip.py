@@ -9,8 +9,8 @@ Overhead: the forward pass of a model (training mode) with and without the logit
 DotProductAttention (the softmax's input, no extra matmul), megatron-core with an SDPA core attention (the
 launcher's MLA path: QKᵀ recomputed chunk by chunk), Hugging Face LLaMA eager and SDPA (recomputed). Memory:
 the largest tensor the capture's own calls create (watched by a TorchFunctionMode), next to the size of one
-layer's full QKᵀ in fp32, which the chunking avoids. The clip after the step (one [heads] all-reduce, a row rescale of the
-q/k weights) is timed separately on the optimizer step.
+layer's full QKᵀ in fp32, which the chunking avoids. The clip after the step (one [heads] all-reduce, a
+row rescale of the q/k weights) is timed separately on the optimizer step.
 
 Quickstart (`python -m launch.pretrain` defaults, as scripts/pretrain.sh runs them: llama_tiny, TEON,
 DeepSpeed ZeRO-1, 2 data-parallel ranks, 200 steps, the embedded corpus): --qk-clip-log, then --qk-clip at
@@ -90,14 +90,14 @@ def hf_llama(impl: str, hidden: int, heads: int, layers: int):
 
 
 def megatron_gpt(core: str, hidden: int, heads: int, layers: int, seq: int):
-    """megatron-core GPT with the local spec (GQA, 2 heads per group); core="sdpa" swaps in the launcher's SDPA
-    core attention (written for MLA, which has no GQA: every head its own group there)."""
+    """megatron-core GPT with the local spec (GQA, 2 heads per group); core="sdpa" swaps in the launcher's
+    SDPA core attention (written for MLA, which has no GQA: every head its own group there)."""
     import megatron_models as mm
     from launch.model import SDPACoreAttention
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    config = mm.tiny_config(num_layers=layers, hidden=hidden, heads=heads, groups=heads if core == "sdpa" else heads // 2,
-                            ffn=hidden * 8 // 3)
+    groups = heads if core == "sdpa" else heads // 2
+    config = mm.tiny_config(num_layers=layers, hidden=hidden, heads=heads, groups=groups, ffn=hidden * 8 // 3)
     spec = get_gpt_layer_local_spec()
     if core == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
@@ -165,8 +165,9 @@ def overhead(sizes: List[Dict[str, int]], repeats: int, log) -> List[dict]:
                          "with_capture_ms": statistics.median(captured) * 1e3, "overhead_pct": 100 * ratio,
                          "extra_flops_pct": 100 * (flops_captured / flops - 1),
                          "largest_tensor_bytes": watch.bytes, "full_qk_bytes": b * n * s * s * 4})
-            log(f"  {label:48s} h{h} s{s} b{b}: {rows[-1]['forward_ms']:8.1f} -> {rows[-1]['with_capture_ms']:8.1f} "
-                f"ms ({rows[-1]['overhead_pct']:+.1f}%)")
+            r = rows[-1]
+            log(f"  {label:48s} h{h} s{s} b{b}: {r['forward_ms']:8.1f} -> {r['with_capture_ms']:8.1f} ms "
+                f"({r['overhead_pct']:+.1f}%, matmul FLOPs {r['extra_flops_pct']:+.1f}%)")
     return rows
 
 
@@ -212,7 +213,8 @@ def quickstart(runs_dir: Path, log) -> dict:
     free = run_ranks(_rank_main, 2, common + ["--name", "qk_log", "--qk-clip-log"], timeout=3600)[0]
     tau = max(free["max_attn_logits"]) / 2
     log(f"  quickstart, --qk-clip {tau:.6g} ...")
-    clipped = run_ranks(_rank_main, 2, common + ["--name", "qk_clip", "--qk-clip", repr(tau)], timeout=3600)[0]
+    clipped = run_ranks(_rank_main, 2, common + ["--name", "qk_clip", "--qk-clip", repr(tau)],
+                        timeout=3600)[0]
     after = clipped["max_attn_logits"][2:]
     return {"tau": tau, "unclipped_max": max(free["max_attn_logits"]), "clipped_max_from_step_3": max(after),
             "ratio_from_step_3": max(after) / tau, "within_1_2_tau": max(after) <= 1.2 * tau,
@@ -225,28 +227,31 @@ def markdown(result: dict) -> str:
     lines = ["# QK-clip on the CPU", "", environment_line(result["environment"]) + f"; load average {load} "
              "(a shared machine: timings are medians of paired with/without runs)", "",
              "## Capture overhead (forward pass, training mode)", "",
-             "| path | hidden / heads / layers | seq x batch | forward ms | with capture ms | time overhead | "
-             "extra matmul FLOPs | largest capture tensor | one layer's full QKᵀ |",
+             "| path | hidden / heads / layers | seq x batch | forward ms | with capture ms | "
+             "time overhead | extra matmul FLOPs | largest capture tensor | one layer's full QKᵀ |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["overhead"]:
-        lines.append(f"| {r['path']} | {r['hidden']} / {r['heads']} / {r['layers']} | {r['seq']} x {r['batch']} | "
-                     f"{r['forward_ms']:.1f} | {r['with_capture_ms']:.1f} | {r['overhead_pct']:+.1f}% | "
-                     f"{r['extra_flops_pct']:+.1f}% | "
-                     f"{r['largest_tensor_bytes'] / 2 ** 20:.2f} MiB | {r['full_qk_bytes'] / 2 ** 20:.2f} MiB |")
+        mib = 2 ** 20
+        lines.append(f"| {r['path']} | {r['hidden']} / {r['heads']} / {r['layers']} | {r['seq']} x "
+                     f"{r['batch']} | {r['forward_ms']:.1f} | {r['with_capture_ms']:.1f} | "
+                     f"{r['overhead_pct']:+.1f}% | {r['extra_flops_pct']:+.1f}% | "
+                     f"{r['largest_tensor_bytes'] / mib:.2f} MiB | {r['full_qk_bytes'] / mib:.2f} MiB |")
     c = result["clip_step"]
     lines += ["", "## The clip after the step", "",
-              f"Muon step of a 4-layer LLaMA (hidden 64): {c['step_ms']:.2f} ms; with qk_clip rescaling every head: "
-              f"{c['step_with_clip_ms']:.2f} ms. Collectives: one all-reduce (MAX) of one fp32 per local query "
-              f"head over data x context parallel ranks (none in one process); host reads: none."]
+              f"Muon step of a 4-layer LLaMA (hidden 64): {c['step_ms']:.2f} ms; with qk_clip rescaling "
+              f"every head: {c['step_with_clip_ms']:.2f} ms. Collectives: one all-reduce (MAX) of one fp32 "
+              f"per local query head over data x context parallel ranks (none in one process); host reads: "
+              f"none."]
     q = result.get("quickstart")
     if q:
         lines += ["", "## Quickstart (`python -m launch.pretrain` defaults, 200 steps)", "",
                   f"Measured on: {environment_line(q['environment'])}" if q.get("environment") else "", "",
-                  f"Unclipped (--qk-clip-log): largest logit {q['unclipped_max']:.4f}; clipped at τ = half of it "
-                  f"({q['tau']:.4f}): largest from step 3 on {q['clipped_max_from_step_3']:.4f} = "
-                  f"{q['ratio_from_step_3']:.3f} τ ({'within' if q['within_1_2_tau'] else 'NOT within'} 1.2 τ). "
-                  f"Final validation loss {q['final_val_unclipped']:.4f} unclipped, {q['final_val_clipped']:.4f} "
-                  f"clipped.", "", "| step | unclipped | clipped | clipped / τ |", "|---|---|---|---|"]
+                  f"Unclipped (--qk-clip-log): largest logit {q['unclipped_max']:.4f}; clipped at τ = half "
+                  f"of it ({q['tau']:.4f}): largest from step 3 on {q['clipped_max_from_step_3']:.4f} = "
+                  f"{q['ratio_from_step_3']:.3f} τ ({'within' if q['within_1_2_tau'] else 'NOT within'} "
+                  f"1.2 τ). Final validation loss {q['final_val_unclipped']:.4f} unclipped, "
+                  f"{q['final_val_clipped']:.4f} clipped.", "",
+                  "| step | unclipped | clipped | clipped / τ |", "|---|---|---|---|"]
         for i, (a, b) in enumerate(zip(q["unclipped"], q["clipped"])):
             if i < 5 or (i + 1) % 20 == 0:
                 lines.append(f"| {i + 1} | {a:.4f} | {b:.4f} | {b / q['tau']:.3f} |")

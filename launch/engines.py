@@ -92,9 +92,9 @@ def qk_clip_for(options: Dict[str, Any], model, optimizer):
     if clip is not None or not options:
         return clip, False
     if "qk_clip" in options:
-        raise SystemExit(f"--qk-clip: the run's optimizer ({type(optimizer).__name__}) is not teonspeed's, which "
-                         f"rescales the weights where its wrappers keep them; use --optimizer muon/teon/htmuon (and "
-                         f"a --ds-config optimizer of those types), or --qk-clip-log")
+        raise SystemExit(f"--qk-clip: the run's optimizer ({type(optimizer).__name__}) is not teonspeed's, "
+                         f"which rescales the weights where its wrappers keep them; use --optimizer "
+                         f"muon/teon/htmuon (and a --ds-config optimizer of those types), or --qk-clip-log")
     from teonspeed import qk_clip
     return qk_clip.attach(model, log_only=True), True
 
@@ -110,7 +110,8 @@ def _deepspeed_checkpoint_classes():
 class DeepSpeedBackend:
     name = "deepspeed"
 
-    def __init__(self, model, config: Dict[str, Any], lr_scheduler, qk_options: Optional[Dict[str, Any]] = None):
+    def __init__(self, model, config: Dict[str, Any], lr_scheduler,
+                 qk_options: Optional[Dict[str, Any]] = None):
         import deepspeed
 
         import teonspeed  # noqa: F401  (registers the optimizer types)

@@ -95,12 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "pipeline stage")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
     p.add_argument("--qk-clip", type=float, default=None, metavar="TAU",
-                   help="QK-clip (MuonClip, teonspeed optimizers): after each step rescale the query/key rows of "
-                        "every attention head whose largest logit exceeded TAU; logs max_attn_logit (docs/qk-clip.md)")
+                   help="QK-clip (MuonClip, teonspeed optimizers): after each step rescale the query/key "
+                        "rows of every attention head whose largest logit exceeded TAU; logs max_attn_logit "
+                        "(docs/qk-clip.md)")
     p.add_argument("--qk-clip-alpha", type=float, default=0.5,
-                   help="QK-clip: the share of the rescale on the queries; the keys get 1 - alpha (default 0.5)")
+                   help="QK-clip: the share of the rescale on the queries; the keys get 1 - alpha "
+                        "(default 0.5)")
     p.add_argument("--qk-clip-log", action="store_true",
-                   help="log the largest attention logit (metrics.csv max_attn_logit, TensorBoard) without clipping")
+                   help="log the largest attention logit (metrics.csv max_attn_logit, TensorBoard) without "
+                        "clipping")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
     p.add_argument("--log-every", type=int, default=20, help="steps between rows of the loss table")
     p.add_argument("--eval-every", type=int, default=50, help="steps between validation losses")
@@ -300,18 +303,20 @@ def check_qk_clip(args) -> None:
     """--qk-clip TAU / --qk-clip-alpha / --qk-clip-log (teonspeed.qk_clip)."""
     tau, alpha = args.qk_clip, args.qk_clip_alpha
     if tau is not None and not (math.isfinite(tau) and tau > 0):
-        raise ConfigError(f"--qk-clip must be a finite number > 0 (the largest attention logit allowed), got {tau}")
+        raise ConfigError(f"--qk-clip must be a finite number > 0 (the largest attention logit allowed), "
+                          f"got {tau}")
     if not (math.isfinite(alpha) and 0 <= alpha <= 1):
-        raise ConfigError(f"--qk-clip-alpha must be in [0, 1] (the queries' share of the rescale), got {alpha}")
+        raise ConfigError(f"--qk-clip-alpha must be in [0, 1] (the queries' share of the rescale), "
+                          f"got {alpha}")
     if tau is not None and args.qk_clip_log:
-        raise ConfigError("--qk-clip-log logs the max logit without clipping and --qk-clip TAU clips at TAU (and logs "
-                          "it too); give one of them")
+        raise ConfigError("--qk-clip-log logs the max logit without clipping and --qk-clip TAU clips at TAU "
+                          "(and logs it too); give one of them")
     if "qk_clip_alpha" in args.explicit and tau is None:
         raise ConfigError("--qk-clip-alpha needs --qk-clip TAU")
     if tau is not None and args.optimizer == "adamw":
-        raise ConfigError("--qk-clip rescales the weights through teonspeed's optimizer (it knows where the fp32 "
-                          "masters and ZeRO partitions live); use --optimizer muon/teon/htmuon, or --qk-clip-log "
-                          "to log the max logit of an AdamW run")
+        raise ConfigError("--qk-clip rescales the weights through teonspeed's optimizer (it knows where the "
+                          "fp32 masters and ZeRO partitions live); use --optimizer muon/teon/htmuon, or "
+                          "--qk-clip-log to log the max logit of an AdamW run")
 
 
 def tokenizer_vocab(path: Path) -> int:
@@ -428,8 +433,13 @@ def summary(args) -> str:
             + f", backend {args.backend}; batch {args.global_batch} sequences x {args.seq} tokens = "
             f"{args.global_batch * args.seq} tokens/step (micro-batch {args.micro_batch} x DP {args.dp} x accumulation "
             f"{args.grad_accum}); {peak}, warmup {args.warmup} steps, cosine to {args.min_lr_ratio:g}x over "
-            f"{args.steps} steps" + (f"; qk-clip at {args.qk_clip:g} (alpha {args.qk_clip_alpha:g})"
-                                     if args.qk_clip is not None else "; qk-clip log only" if args.qk_clip_log else ""))
+            f"{args.steps} steps" + _qk_clip_summary(args))
+
+
+def _qk_clip_summary(args) -> str:
+    if args.qk_clip is not None:
+        return f"; qk-clip at {args.qk_clip:g} (alpha {args.qk_clip_alpha:g})"
+    return "; qk-clip log only" if args.qk_clip_log else ""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -70,7 +70,8 @@ def agree_on_run_dir(args, rank: int) -> Path:
 
 def build_backend(args, model, dp: int):
     if args.backend == "deepspeed":
-        return DeepSpeedBackend(model, deepspeed_config(args, dp), deepspeed_scheduler(args), qk_clip_options(args))
+        return DeepSpeedBackend(model, deepspeed_config(args, dp), deepspeed_scheduler(args),
+                                qk_clip_options(args))
     return MegatronBackend(model, args)
 
 
@@ -300,7 +301,8 @@ def run(args) -> dict:
             log(f"stopped at step {stop} of {args.steps} (--stop-at)" + (
                 f"; continue with the same command plus --resume (and --name {args.name})" if args.save_every else
                 "; nothing was saved (no --save-every), so a later --resume starts over"))
-        return {"losses": losses, "lrs": lrs, "vals": vals, "max_attn_logits": max_logits, "start": start, "run_dir": str(run_dir), "backend": args.backend,
+        return {"losses": losses, "lrs": lrs, "vals": vals, "max_attn_logits": max_logits, "start": start,
+                "run_dir": str(run_dir), "backend": args.backend,
                 "optimizer": type(backend.basic_optimizer).__name__, "wrapper": type(backend.optimizer).__name__,
                 "dp": dp, "rank": rank}
     finally:

@@ -12,6 +12,7 @@ from .ortho import heavy_tail, orthogonalize
 from .parallel.context import ParallelContext, megatron_context
 from .parallel.shard_spec import ShardSpec, megatron_shard_specs
 from .plan import Plan, plan
+from . import qk_clip  # noqa: E402  (teonspeed.qk_clip.attach(model, optimizer); option qk_clip=τ)
 
 __version__ = "0.1.0"
 

@@ -126,11 +126,13 @@ class OptimizerConfig:
         need(isinstance(self.overlap_waves, int) and self.overlap_waves >= 1, "overlap_waves",
              f"must be an integer >= 1, got {self.overlap_waves!r}")
         need(self.comm_dtype in COMM_DTYPES, "comm_dtype", f"must be one of {COMM_DTYPES}, got {self.comm_dtype!r}")
-        need(self.qk_clip is None or (_is_number(self.qk_clip) and math.isfinite(self.qk_clip) and self.qk_clip > 0),
-             "qk_clip", f"must be None (off) or a finite number > 0 (the max logit τ), got {self.qk_clip!r}")
+        tau = self.qk_clip
+        need(tau is None or (_is_number(tau) and math.isfinite(tau) and tau > 0), "qk_clip",
+             f"must be None (off) or a finite number > 0 (the max logit τ), got {tau!r}")
         need(_is_number(self.qk_clip_alpha) and 0 <= self.qk_clip_alpha <= 1, "qk_clip_alpha",
              f"must be a number in [0, 1], got {self.qk_clip_alpha!r}")
-        need(isinstance(self.qk_clip_log, bool), "qk_clip_log", f"must be true or false, got {self.qk_clip_log!r}")
+        need(isinstance(self.qk_clip_log, bool), "qk_clip_log",
+             f"must be true or false, got {self.qk_clip_log!r}")
         need(not (self.qk_clip_log and self.qk_clip is not None), "qk_clip_log",
              "logs the max logit without clipping; unset 'qk_clip' (or drop qk_clip_log to clip)")
         if self.cluster is not None:

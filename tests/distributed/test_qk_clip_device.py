@@ -41,7 +41,7 @@ def clipped_steps(rank, world_size, tp=1, steps=2):
     for _ in range(steps):
         set_standin_grads(model.parameters())
         with DeviceRecorder() as rec:
-            for layer in opt.qk_clip.layers:  # what the forward's capture leaves: per-head maxima, on the device
+            for layer in opt.qk_clip.layers:  # what the forward's capture leaves: maxima on the device
                 layer.source.observe(torch.empty(layer.num_heads, device="meta"))
             opt.step()
         reads.append(len(rec.host_reads))

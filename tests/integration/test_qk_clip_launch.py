@@ -8,7 +8,8 @@ import pytest
 from support.harness import run_ranks
 from test_pretrain import _main, _refused, data_dir  # noqa: F401  (data_dir: the module's fixture)
 
-QUICK = ["--progress", "off", "--no-plot", "--eval-every", "1000", "--eval-batches", "2", "--log-every", "1000"]
+QUICK = ["--progress", "off", "--no-plot", "--eval-every", "1000", "--eval-batches", "2",
+         "--log-every", "1000"]
 
 
 def train(argv, world=2, timeout=240):
@@ -42,8 +43,8 @@ def test_the_quickstart_stays_within_1_2_tau_at_half_its_unclipped_maximum(tmp_p
 
 def test_adamw_logs_the_max_logit_without_clipping(data_dir, tmp_path):
     out = train(["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--name", "adamw", "--steps", "3",
-                 "--warmup", "1", "--optimizer", "adamw", "--qk-clip-log", "--micro-batch", "4", "--seq", "32",
-                 *QUICK])
+                 "--warmup", "1", "--optimizer", "adamw", "--qk-clip-log", "--micro-batch", "4",
+                 "--seq", "32", *QUICK])
     assert len(out["max_attn_logits"]) == 3 and all(m > 0 for m in out["max_attn_logits"])
     assert _column(tmp_path / "adamw" / "metrics.csv")[1:] != ["", "", ""]
 
@@ -51,8 +52,10 @@ def test_adamw_logs_the_max_logit_without_clipping(data_dir, tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["--qk-clip", "0"], r"--qk-clip must be a finite number > 0"),
     (["--qk-clip", "nan"], r"--qk-clip must be a finite number > 0"),
-    (["--qk-clip", "50", "--qk-clip-log"], r"--qk-clip-log logs the max logit without clipping .* give one of them"),
-    (["--qk-clip", "50", "--optimizer", "adamw"], r"--qk-clip rescales the weights through teonspeed's optimizer"),
+    (["--qk-clip", "50", "--qk-clip-log"],
+     r"--qk-clip-log logs the max logit without clipping .* give one of them"),
+    (["--qk-clip", "50", "--optimizer", "adamw"],
+     r"--qk-clip rescales the weights through teonspeed's optimizer"),
     (["--qk-clip", "50", "--qk-clip-alpha", "1.5"], r"--qk-clip-alpha must be in \[0, 1\]"),
     (["--qk-clip-alpha", "0.3"], r"--qk-clip-alpha needs --qk-clip TAU"),
 ])

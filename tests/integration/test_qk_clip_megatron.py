@@ -27,9 +27,10 @@ def tiny_mla(q_lora_rank):
     transformer = dict(multi_latent_attention=True, num_layers=1, hidden_size=32, ffn_hidden_size=48,
                        num_attention_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=8, qk_head_dim=8,
                        qk_pos_emb_head_dim=4, v_head_dim=8, rope_type="rope", gated_linear_unit=True,
-                       add_bias_linear=False, normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0)
-    args = SimpleNamespace(transformer=transformer, gpt=dict(activation="silu", position_embedding_type="rope",
-                           share_embeddings_and_output_weights=False), ep=1, tp=1, pp=1, device="cpu", seed=3,
+                       add_bias_linear=False, normalization="RMSNorm", hidden_dropout=0.0,
+                       attention_dropout=0.0)
+    gpt = dict(activation="silu", position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    args = SimpleNamespace(transformer=transformer, gpt=gpt, ep=1, tp=1, pp=1, device="cpu", seed=3,
                            seq=mm.SEQ)
     return build_model(args, mm.VOCAB)
 
@@ -60,11 +61,11 @@ def test_the_rescale_equals_megatrons_clip_qk_on_the_same_logits(kind):
     before, ours, theirs, heads_per_group = run_ranks(megatron_clip, 1, kind, timeout=120)[0]
     assert heads_per_group == (2 if kind == "gqa" else 1)
     for b, o, t in zip(before, ours, theirs):
-        # The same fp32 powers of the same η times the same rows; torch's vectorised and scalar pow kernels may
-        # round η^α one ulp apart (Megatron raises a per-row copy of η, we one η per group): 2 ulps at most.
+        # The same fp32 powers of the same η times the same rows; torch's vectorised and scalar pow kernels
+        # may round η^α one ulp apart (Megatron raises a per-row copy of η, we one η per group): 2 ulps.
         assert torch.allclose(o, t, rtol=2 ** -22, atol=0)
         changed = (o != b).any(dim=1)
-        assert changed.any() and not changed.all()  # clipped heads' rows moved; value rows / heads under τ not
+        assert changed.any() and not changed.all()  # clipped heads' rows moved; value rows, heads under τ not
 
 
 # -- the capture is the attention's logits -------------------------------------------------------------------
@@ -91,7 +92,8 @@ def capture_vs_inputs(rank, world_size, kind):
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
         # fp32 dot products of length d: d·2⁻²⁴·Σ|q_i k_i|, doubled (scaling, accumulation order)
-        bound = 2 * q.size(-1) * 2 ** -24 * float(torch.matmul(q.abs(), k.abs().transpose(-1, -2)).max()) * scale
+        magnitude = float(torch.matmul(q.abs(), k.abs().transpose(-1, -2)).max())
+        bound = 2 * q.size(-1) * 2 ** -24 * magnitude * scale
         oracle.append((s.amax(dim=(0, 2, 3)), bound))
     return [h.double() for h in opt.qk_clip.head_max], oracle
 
@@ -104,7 +106,7 @@ def test_the_captured_maxima_are_the_attentions_logits(kind):
         assert torch.allclose(g, want, rtol=0, atol=bound)
 
 
-# -- training with the clip: every layout equals one process ---------------------------------------------------
+# -- training with the clip: every layout equals one process -------------------------------------------
 def train(rank, world_size, tp=1, steps=3, distributed=False, optimizer="muon", bf16=False):
     """A tiny GPT in Megatron DDP with teonspeed's Megatron optimizer and qk_clip=TAU; every step's global
     batch is the same 4 sequences, split over the DP ranks. Returns the per-step maxima, the parameters."""
@@ -117,8 +119,9 @@ def train(rank, world_size, tp=1, steps=3, distributed=False, optimizer="muon", 
     model = mm.tiny_gpt(config)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed), model.bfloat16() if bf16 else model)
-    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, lr=0.05, adamw_lr=3e-3, clip_grad=0.0, bf16=bf16,
-                                                     use_distributed_optimizer=distributed, qk_clip=TAU), [ddp])
+    opt = get_megatron_optimizer(TeonOptimizerConfig(
+        optimizer=optimizer, lr=0.05, adamw_lr=3e-3, clip_grad=0.0, bf16=bf16,
+        use_distributed_optimizer=distributed, qk_clip=TAU), [ddp])
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     maxima = []
     for step in range(steps):
@@ -130,8 +133,9 @@ def train(rank, world_size, tp=1, steps=3, distributed=False, optimizer="muon", 
         ddp.finish_grad_sync()
         opt.step()
         maxima.append([h.clone() for h in opt.optimizer.qk_clip.head_max])
-    params = {n: (p.detach().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
-                  else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
+    params = {n: (p.detach().clone(),
+                  getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else None,
+                  getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
               for n, p in ddp.module.named_parameters()}
     return maxima, params, dp_rank
 
@@ -176,7 +180,7 @@ def test_training_with_the_clip_equals_one_process(layout, one_process):
 def test_bf16_distributed_optimizer_clips_its_fp32_masters_and_the_bf16_partition_it_gathers():
     """bf16 weights with fp32 masters: Megatron's Float16 wrapper (masters rebound, copied into the bf16
     parameters after the step) and the distributed optimizer (master partitions, copied into the bf16
-    partitions DDP all-gathers) must both clip the masters and leave the bf16 weights the masters' rounding."""
+    partitions DDP all-gathers) must both clip the masters and leave the bf16 weights their rounding."""
     plain = run_ranks(train, 2, bf16=True, timeout=180)
     distributed = run_ranks(train, 2, bf16=True, distributed=True, timeout=180)
     for name, (want, *_rest) in plain[0][1].items():
@@ -198,7 +202,8 @@ def train_pipeline(rank, world_size, pp=1, steps=3):
     """Megatron DDP + 1F1B over `pp` stages (2 micro-batches a step); weights a function of each parameter's
     global name (support/synthetic.py), so every layout starts from the same model."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from support.synthetic import global_name, local_tensor
@@ -206,7 +211,8 @@ def train_pipeline(rank, world_size, pp=1, steps=3):
     from teonspeed.parallel.shard_spec import megatron_shard_specs
     ps.initialize_model_parallel(pipeline_model_parallel_size=pp)
     config = mm.tiny_config(num_layers=2, pp=pp)
-    model = mm.tiny_gpt(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    model = mm.tiny_gpt(config, pre_process=ps.is_pipeline_first_stage(),
+                        post_process=ps.is_pipeline_last_stage())
     specs = megatron_shard_specs(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -225,7 +231,8 @@ def train_pipeline(rank, world_size, pp=1, steps=3):
         opt.zero_grad()
         micro = [mm.batch(seed=10 * step + i) for i in range(2)]
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp],
-                                    num_microbatches=2, seq_length=mm.SEQ, micro_batch_size=2, forward_only=False)
+                                    num_microbatches=2, seq_length=mm.SEQ, micro_batch_size=2,
+                                    forward_only=False)
         opt.step()
         maxima.append([h.clone() for h in opt.optimizer.qk_clip.head_max])
     params = {global_name(n, specs[n]): p.detach().clone() for n, p in model.named_parameters()}
@@ -247,7 +254,7 @@ def test_pipeline_stages_clip_their_own_layers_like_one_process():
         assert _rel(params[name], want) <= 1e-5, name
 
 
-# -- DeepSpeed ZeRO-1/2: each rank clips its part of the flat fp32 partitions ---------------------------------
+# -- DeepSpeed ZeRO-1/2: each rank clips its part of the flat fp32 partitions --------------------------
 def train_deepspeed(rank, world_size, stage, steps=3):
     import deepspeed
     from megatron.core import parallel_state as ps
@@ -255,14 +262,17 @@ def train_deepspeed(rank, world_size, stage, steps=3):
     from teonspeed.deepspeed import MegatronMPU
     deepspeed.init_distributed(dist_backend="gloo")
     ps.initialize_model_parallel()
-    # 3 layers with ffn 16: the two ZeRO partitions of the matrices' flat group meet inside layer 1's linear_qkv
+    # 3 layers with ffn 16: the two ZeRO partitions of the matrices' flat group meet inside layer 1's
+    # linear_qkv
     model = mm.tiny_gpt(mm.tiny_config(num_layers=3, ffn=16))
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     config = {"train_micro_batch_size_per_gpu": 4 // dp, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "TeonspeedMuon", "params": {"lr": 0.05, "adamw_lr": 3e-3, "qk_clip": TAU}},
-              "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6, "wall_clock_breakdown": False}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(config),
-                                      mpu=MegatronMPU())
+              "optimizer": {"type": "TeonspeedMuon",
+                            "params": {"lr": 0.05, "adamw_lr": 3e-3, "qk_clip": TAU}},
+              "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6,
+              "wall_clock_breakdown": False}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=copy.deepcopy(config), mpu=MegatronMPU())
     opt = engine.basic_optimizer
     maxima = []
     for step in range(steps):
@@ -275,26 +285,28 @@ def train_deepspeed(rank, world_size, stage, steps=3):
     qk = {opt._names[id(p)] for layer in opt.qk_clip.layers for p, _ in layer.targets}
     cut = sorted(e.name for fp in opt._flat.values() for e in fp.entries if e.name in qk
                  and e.offset < fp.start + fp.partition_size < e.offset + e.numel)
-    return maxima, {n: p.detach().clone() for n, p in engine.module.named_parameters()}, type(engine.optimizer).__name__, cut
+    params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return maxima, params, type(engine.optimizer).__name__, cut
 
 
 def test_deepspeed_zero_1_and_2_clip_like_zero_0():
     results = {s: run_ranks(train_deepspeed, 2, s, timeout=180) for s in (0, 1, 2)}
-    assert [results[s][0][2] for s in (0, 1, 2)] == ["Muon", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer"]
+    assert [results[s][0][2] for s in (0, 1, 2)] == ["Muon"] + ["DeepSpeedZeroOptimizer"] * 2
     ref_maxima, ref_params = results[0][0][0], results[0][0][1]
     assert all(float(m.max()) > TAU for m in ref_maxima)
     for stage in (1, 2):
         for maxima, params, _, _ in results[stage]:
             for got, want in zip(maxima, ref_maxima):  # rounding of the same arithmetic, ~1e-7 (as above)
                 assert torch.allclose(got, want, rtol=1e-5, atol=0)
-            # ZeRO reduces the gradients in another order than stage 0: ~5e-6 through three steps with or without
-            # the clip (test_deepspeed.py's bound for this model: 1e-5); a misplaced row factor is 1e-2-level
+            # ZeRO reduces the gradients in another order than stage 0: ~5e-6 through three steps with or
+            # without the clip (test_deepspeed.py's bound for this model: 1e-5); a misplaced row factor is
+            # 1e-2-level
             for name, want in ref_params.items():
                 assert _rel(params[name], want) <= 1e-5, (stage, name)
     assert results[1][0][3] == results[2][0][3] == ["decoder.layers.1.self_attention.linear_qkv.weight"]
 
 
-# -- context parallelism with Transformer Engine's maxima (a stand-in; TE cannot run here) ------------------------
+# -- context parallelism with Transformer Engine's maxima (a stand-in; TE cannot run here) -------------
 class TEDotProductAttention(torch.nn.Module):
     """Named as megatron's TE attention: after a forward it holds the running per-head max in
     current_max_attn_logits (TE's return_max_logit), which the clip reads and resets."""
@@ -336,10 +348,12 @@ def test_context_parallel_ranks_clip_by_the_max_over_the_whole_sequence():
     assert torch.equal(seen0, torch.tensor([2.5, 3.0, 4.0, 5.0])) and torch.equal(seen1, seen0)
     assert torch.equal(after0, after1)
     want = before.clone()
-    scale_rows(want, row_scale(group_eta(seen0, 2, 2.0), find_layers(FakeSelfAttention())[0].targets[0][1], 0.5))
+    parts = find_layers(FakeSelfAttention())[0].targets[0][1]
+    scale_rows(want, row_scale(group_eta(seen0, 2, 2.0), parts, 0.5))
     assert torch.equal(after0, want)
 
 
 def test_transformer_engine_attention_without_its_max_logit_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match=r"set log_max_attention_logit=True \(and leave Megatron's own qk_clip off"):
+    with pytest.raises(ValueError,
+                       match=r"set log_max_attention_logit=True \(and leave Megatron's own qk_clip off"):
         teonspeed.qk_clip.attach(FakeSelfAttention(with_max=False), threshold=2.0)

@@ -67,8 +67,8 @@ def _or_unseen(value, num_heads: int, device: torch.device) -> torch.Tensor:
     if value is None:  # no forward in training mode: nothing to clip (-inf never exceeds a threshold)
         return torch.full((num_heads,), float("-inf"), dtype=torch.float32, device=device)
     if value.numel() != num_heads:
-        raise ValueError(f"teonspeed: QK-clip: an attention layer reported {value.numel()} per-head maxima for "
-                         f"its {num_heads} heads on this rank")
+        raise ValueError(f"teonspeed: QK-clip: an attention layer reported {value.numel()} per-head maxima "
+                         f"for its {num_heads} heads on this rank")
     return value.float().reshape(num_heads).to(device)
 
 
@@ -124,8 +124,9 @@ def watch_qk_inputs(core_attention: torch.nn.Module, record: LogitRecord):
         if not module.training:
             return
         if kwargs.get("packed_seq_params") is not None:
-            raise ValueError("teonspeed: QK-clip cannot recompute the logits of packed sequences (packed_seq_params) "
-                             "outside Transformer Engine; use TEDotProductAttention with log_max_attention_logit=True")
+            raise ValueError("teonspeed: QK-clip cannot recompute the logits of packed sequences "
+                             "(packed_seq_params) outside Transformer Engine; use TEDotProductAttention with "
+                             "log_max_attention_logit=True")
         query, key = args[0], args[1]
         mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
         mask_type = kwargs.get("attn_mask_type") or getattr(module, "attn_mask_type", "causal")

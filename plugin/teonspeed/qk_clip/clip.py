@@ -77,7 +77,8 @@ class QKClip:
         """Reduce and rescale the model's parameters in place (after the optimizer's step); returns
         max_logit. For optimizers attached with `optimizer=`, this happens inside their step()."""
         if self.optimizer is not None:
-            raise RuntimeError("teonspeed: this QK-clip runs inside its optimizer's step(); do not call step()")
+            raise RuntimeError("teonspeed: this QK-clip runs inside its optimizer's step(); do not call "
+                               "step()")
         if self.fresh:
             scales = self.reduce()
             if scales:

@@ -25,8 +25,8 @@ _WRAPPED: Dict[str, Callable] = {}  # implementation -> the wrapper installed fo
 
 
 def is_llama_attention(m: torch.nn.Module) -> bool:
-    return (isinstance(getattr(m, "q_proj", None), torch.nn.Linear) and isinstance(getattr(m, "k_proj", None),
-            torch.nn.Linear) and hasattr(m, "head_dim") and hasattr(getattr(m, "config", None), "num_attention_heads"))
+    linears = all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("q_proj", "k_proj"))
+    return linears and hasattr(m, "head_dim") and hasattr(getattr(m, "config", None), "num_attention_heads")
 
 
 def hf_layers(model: torch.nn.Module, prefix: str = "") -> List[ClipLayer]:
@@ -40,18 +40,19 @@ def _layer(name: str, m: torch.nn.Module) -> ClipLayer:
     config = m.config
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"teonspeed: QK-clip on {name}: attn_implementation {impl!r} does not expose its logits; "
-                         f"load the model with attn_implementation='sdpa' (or 'eager')")
+        raise ValueError(f"teonspeed: QK-clip on {name}: attn_implementation {impl!r} does not expose its "
+                         f"logits; load the model with attn_implementation='sdpa' (or 'eager')")
     if getattr(m, "q_norm", None) is not None or getattr(m, "k_norm", None) is not None:
-        raise ValueError(f"teonspeed: QK-clip on {name}: q_norm/k_norm normalise every query and key head, which "
-                         f"undoes a rescale of their rows; drop qk_clip for this model")
+        raise ValueError(f"teonspeed: QK-clip on {name}: q_norm/k_norm normalise every query and key head, "
+                         f"which undoes a rescale of their rows; drop qk_clip for this model")
     _check_interface(name, m)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     d = m.head_dim
     if m.q_proj.out_features != heads * d or m.k_proj.out_features != kv_heads * d:
         raise ValueError(f"teonspeed: QK-clip on {name}: q_proj/k_proj have {m.q_proj.out_features}/"
-                         f"{m.k_proj.out_features} rows, expected {heads}x{d} / {kv_heads}x{d} (LLaMA layout)")
+                         f"{m.k_proj.out_features} rows, expected {heads}x{d} / {kv_heads}x{d} (LLaMA "
+                         f"layout)")
     group = heads // kv_heads
     # One unit per key head: its query heads' rows (contiguous in q_proj), its own rows in k_proj.
     targets = []
@@ -69,7 +70,8 @@ def _check_reached(name: str, m: torch.nn.Module, record: LogitRecord):
         if module.training and record.observed == seen[0]:
             raise RuntimeError(f"teonspeed: QK-clip on {name}: the attention ran without passing through "
                                f"transformers' ALL_ATTENTION_FUNCTIONS, so its logits were not captured; use "
-                               f"attn_implementation='sdpa' (or a transformers version that dispatches eager there)")
+                               f"attn_implementation='sdpa' (or a transformers version that dispatches eager "
+                               f"there)")
         seen[0] = record.observed
 
     def before(module, args):
@@ -113,8 +115,8 @@ def _check_interface(name: str, m: torch.nn.Module) -> None:
     instance would bypass the wrapper and nothing would be recorded)."""
     own = getattr(sys.modules.get(type(m).__module__), "ALL_ATTENTION_FUNCTIONS", None)
     if own is not None and own is not _interface():
-        raise ValueError(f"teonspeed: QK-clip on {name}: {type(m).__module__} dispatches attention through its own "
-                         f"AttentionInterface, which the capture does not reach")
+        raise ValueError(f"teonspeed: QK-clip on {name}: {type(m).__module__} dispatches attention through "
+                         f"its own AttentionInterface, which the capture does not reach")
 
 
 def install() -> None:
@@ -142,7 +144,8 @@ def _eager_of(module: torch.nn.Module) -> Callable:
     """The eager function the model's own file defines (transformers falls back to it for "eager")."""
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
-        raise ValueError(f"teonspeed: QK-clip: {type(module).__module__} has no eager_attention_forward to call")
+        raise ValueError(f"teonspeed: QK-clip: {type(module).__module__} has no eager_attention_forward to "
+                         f"call")
     return fn
 
 

@@ -47,7 +47,8 @@ def _mask_(s: torch.Tensor, rows: slice, causal: bool, allowed: Optional[torch.T
 
 
 def _causal_(block: torch.Tensor, rows: slice) -> None:
-    """block [.., c, c'] holds keys rows.start, rows.start + 1, ... of query rows `rows`: key > query to -inf."""
+    """block [.., c, c'] holds keys rows.start, rows.start + 1, ... of query rows `rows`: every key after its
+    query to -inf."""
     q_pos = torch.arange(rows.stop - rows.start, device=block.device).unsqueeze(1)
     k_pos = torch.arange(block.size(-1), device=block.device).unsqueeze(0)
     block.masked_fill_(k_pos > q_pos, float("-inf"))
@@ -74,7 +75,8 @@ def head_max_logits(query: torch.Tensor, key: torch.Tensor, scale: float, *, cau
         for start in range(0, sq, step):
             rows = slice(start, min(sq, start + step))
             keys = min(sk, rows.stop) if causal else sk
-            s = torch.matmul(q[:, :, :, rows] * scale, k_t[..., :keys]).view(b, heads, rows.stop - start, keys)
+            s = torch.matmul(q[:, :, :, rows] * scale, k_t[..., :keys])
+            s = s.view(b, heads, rows.stop - start, keys)
             out = torch.maximum(out, _mask_(s, rows, causal, allowed, blocked).amax(dim=(0, 2, 3)).float())
     return out
 

@@ -20,7 +20,7 @@ from .rescale import FULL, K, NONE, Q, RowPart
 
 
 def is_self_attention(m: torch.nn.Module) -> bool:
-    return hasattr(m, "core_attention") and hasattr(m, "linear_qkv") and hasattr(m, "num_query_groups_per_partition")
+    return all(hasattr(m, a) for a in ("core_attention", "linear_qkv", "num_query_groups_per_partition"))
 
 
 def is_mla(m: torch.nn.Module) -> bool:
@@ -39,9 +39,9 @@ def megatron_layers(model: torch.nn.Module, prefix: str = "") -> List[ClipLayer]
 
 def _self_attention(name: str, m: torch.nn.Module) -> ClipLayer:
     if _normalises(getattr(m, "q_layernorm", None)) or _normalises(getattr(m, "k_layernorm", None)):
-        raise ValueError(f"teonspeed: QK-clip on {name}: qk_layernorm normalises every query and key head, which "
-                         f"undoes a rescale of their rows (and bounds the logits already); drop qk_clip for this "
-                         f"model or set qk_layernorm=False")
+        raise ValueError(f"teonspeed: QK-clip on {name}: qk_layernorm normalises every query and key head, "
+                         f"which undoes a rescale of their rows (and bounds the logits already); drop "
+                         f"qk_clip for this model or set qk_layernorm=False")
     heads, groups = m.num_attention_heads_per_partition, m.num_query_groups_per_partition
     head_dim = m.hidden_size_per_attention_head
     parts = (RowPart(heads // groups * head_dim, Q), RowPart(head_dim, K), RowPart(head_dim, NONE))
@@ -57,8 +57,9 @@ def _mla(name: str, m: torch.nn.Module) -> ClipLayer:
     c = m.config
     heads = m.num_attention_heads_per_partition
     q_proj = m.linear_q_up_proj if getattr(c, "q_lora_rank", None) is not None else m.linear_q_proj
-    targets = (_targets(name, q_proj, (RowPart(c.qk_head_dim, Q), RowPart(c.qk_pos_emb_head_dim, FULL)), heads)
-               + _targets(name, m.linear_kv_up_proj, (RowPart(c.qk_head_dim, K), RowPart(c.v_head_dim, NONE)), heads))
+    q_parts = (RowPart(c.qk_head_dim, Q), RowPart(c.qk_pos_emb_head_dim, FULL))
+    kv_parts = (RowPart(c.qk_head_dim, K), RowPart(c.v_head_dim, NONE))
+    targets = _targets(name, q_proj, q_parts, heads) + _targets(name, m.linear_kv_up_proj, kv_parts, heads)
     return _layer(name, m.core_attention, heads, 1, targets)
 
 
@@ -73,28 +74,31 @@ def _targets(name: str, linear: torch.nn.Module, parts: Tuple[RowPart, ...], uni
         if not isinstance(p, torch.nn.Parameter):
             continue
         if p.size(0) != rows:
-            raise ValueError(f"teonspeed: QK-clip on {name}: {pname} has {p.size(0)} rows on this rank, expected "
-                             f"{units} x {[(x.rows, x.factor) for x in parts]} = {rows}")
+            raise ValueError(f"teonspeed: QK-clip on {name}: {pname} has {p.size(0)} rows on this rank, "
+                             f"expected {units} x {[(x.rows, x.factor) for x in parts]} = {rows}")
         out.append((p, parts))
     return out
 
 
-def _layer(name: str, core_attention: torch.nn.Module, heads: int, heads_per_group: int, targets) -> ClipLayer:
+def _layer(name: str, core_attention: torch.nn.Module, heads: int, heads_per_group: int,
+           targets) -> ClipLayer:
     """The layer with its source of maxima: Transformer Engine's own, the local softmax's input, or the query
     and key any other core attention receives."""
     if is_transformer_engine(core_attention):
         if not hasattr(core_attention, "current_max_attn_logits"):
-            raise ValueError(f"teonspeed: QK-clip on {name}: Transformer Engine's attention computes the max logit "
-                             f"only when the model's TransformerConfig sets log_max_attention_logit=True (or qk_clip) "
-                             f"before the model is built; set log_max_attention_logit=True (and leave Megatron's own "
-                             f"qk_clip off, teonspeed clips)")
+            raise ValueError(f"teonspeed: QK-clip on {name}: Transformer Engine's attention computes the max "
+                             f"logit only when the model's TransformerConfig sets "
+                             f"log_max_attention_logit=True (or qk_clip) before the model is built; set "
+                             f"log_max_attention_logit=True (and leave Megatron's own qk_clip off, teonspeed "
+                             f"clips)")
         return ClipLayer(name, TEMaxLogits(core_attention, heads), heads, heads_per_group, targets)
     record = LogitRecord(heads)
     softmax = getattr(core_attention, "scale_mask_softmax", None)
     if softmax is not None:
         if getattr(softmax, "window_size", None) is not None:
-            raise ValueError(f"teonspeed: QK-clip on {name}: sliding-window attention (window_size) is not captured "
-                             f"by the local DotProductAttention path; use Transformer Engine's attention")
+            raise ValueError(f"teonspeed: QK-clip on {name}: sliding-window attention (window_size) is not "
+                             f"captured by the local DotProductAttention path; use Transformer Engine's "
+                             f"attention")
         hook = watch_softmax(softmax, record)
     else:
         hook = watch_qk_inputs(core_attention, record)

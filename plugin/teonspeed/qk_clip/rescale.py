@@ -61,7 +61,8 @@ def row_scale(eta: torch.Tensor, parts: Sequence[RowPart], alpha: float) -> torc
 def scale_rows(weight: torch.Tensor, scale: torch.Tensor) -> None:
     """weight[r, ...] *= scale[r], in place (a matrix, or a bias with one value per row)."""
     if weight.size(0) != scale.numel():
-        raise ValueError(f"teonspeed: QK-clip: a weight with {weight.size(0)} rows got {scale.numel()} row factors")
+        raise ValueError(f"teonspeed: QK-clip: a weight with {weight.size(0)} rows got {scale.numel()} row "
+                         f"factors")
     weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
 
 
