@@ -41,12 +41,20 @@ def test_the_quickstart_stays_within_1_2_tau_at_half_its_unclipped_maximum(tmp_p
     assert max(maxima[first + 1:]) > 1.5 * tau  # ... which the unclipped run exceeds by far
 
 
-def test_adamw_logs_the_max_logit_without_clipping(data_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
+def test_adamw_logs_the_max_logit_without_clipping(backend, data_dir, tmp_path):
+    """--qk-clip-log with another optimizer than teonspeed's: the backend steps a log-only clip itself."""
     out = train(["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--name", "adamw", "--steps", "3",
                  "--warmup", "1", "--optimizer", "adamw", "--qk-clip-log", "--micro-batch", "4",
-                 "--seq", "32", *QUICK])
-    assert len(out["max_attn_logits"]) == 3 and all(m > 0 for m in out["max_attn_logits"])
-    assert _column(tmp_path / "adamw" / "metrics.csv")[1:] != ["", "", ""]
+                 "--seq", "32", "--backend", backend, *QUICK])
+    maxima = out["max_attn_logits"]
+    assert len(maxima) == 3 and all(m > 0 for m in maxima)
+    assert [float(v) for v in _column(tmp_path / "adamw" / "metrics.csv")[1:]] == pytest.approx(maxima, rel=1e-12)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "adamw" / "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/max_attn_logit")]
+    assert logged == pytest.approx(maxima, rel=1e-6)  # (TensorBoard stores float32)
 
 
 @pytest.mark.parametrize("argv,match", [
