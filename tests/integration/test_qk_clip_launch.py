@@ -2,6 +2,7 @@
 model's logged maximum held within 1.2 τ at τ = half the unclipped run's maximum, the metrics.csv column,
 AdamW logging only, bad flags refused. (Pipeline stages: test_qk_clip_megatron.py.)"""
 import csv
+import math
 
 import pytest
 
@@ -69,3 +70,16 @@ def test_adamw_logs_the_max_logit_without_clipping(backend, data_dir, tmp_path):
 ])
 def test_bad_qk_clip_flags_are_refused_before_anything_runs(argv, match, tmp_path, monkeypatch):
     _refused(argv, match, tmp_path=tmp_path, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("config", ["gpt2_tiny", "mla_moe_tiny"])
+def test_the_other_tiny_configs_clip_too(config, data_dir, tmp_path):
+    """GPT-2 (fused QKV with biases, learned positions) and MLA + MoE (the launcher's SDPA core attention,
+    the q LoRA and kv up-projections): the clip acts and training goes on."""
+    common = ["--model-config", config, "--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps",
+              "3", "--warmup", "1", "--micro-batch", "4", "--seq", "32", *QUICK]
+    free = train(common + ["--name", "free", "--qk-clip-log"])["max_attn_logits"]
+    tau = min(free) / 2  # every step clips
+    out = train(common + ["--name", "clipped", "--qk-clip", repr(tau)])
+    assert out["max_attn_logits"][0] == free[0] > tau
+    assert out["max_attn_logits"][1] < free[1] and all(math.isfinite(x) for x in out["losses"])
