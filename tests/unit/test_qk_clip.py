@@ -224,6 +224,28 @@ def test_a_run_whose_logits_exceed_tau_without_the_clip_stays_near_tau_with_it()
     assert min(clipped[first + 2:]) >= 0.8 * tau  # held near τ, not collapsed
 
 
+def test_a_skipped_step_is_not_clipped_and_the_next_one_is_clipped_once():
+    model = tiny_llama()
+    opt = teonspeed.Muon(model, lr=0.0, adamw_lr=0.0, qk_clip=1e-3)  # every head far above τ
+    tokens = _tokens()
+    model(tokens, labels=tokens).loss.backward()
+    next(model.parameters()).grad[0, 0] = float("nan")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the skip promise holds
+    opt.zero_grad()
+    model(tokens, labels=tokens).loss.backward()
+    opt.step()
+    q = model.model.layers[0].self_attn.q_proj.weight
+    eta = 1e-3 / opt.qk_clip.head_max[0].view(2, 2).amax(1)  # this forward's η per group
+    want = before["model.layers.0.self_attn.q_proj.weight"].view(2, -1) * eta.sqrt().unsqueeze(1)
+    assert torch.allclose(q.view(2, -1), want, rtol=2 ** -21, atol=0)  # one rescale, by this step's η
+    clipped = q.clone()
+    opt.step()  # a step() without a forward since: nothing recorded, nothing rescaled again
+    assert torch.equal(q, clipped) and not opt.qk_clip.fresh
+
+
 # -- options and refusals --------------------------------------------------------------------------------
 @pytest.mark.parametrize("options,match", [
     ({"qk_clip": 0.0}, r"option 'qk_clip' must be None \(off\) or a finite number > 0"),
