@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qk-clip", type=float, default=None, metavar="TAU",
                    help="QK-clip (MuonClip, teonspeed optimizers): after each step rescale the query/key "
                         "rows of every attention head whose largest logit exceeded TAU; logs max_attn_logit "
-                        "(docs/qk-clip.md)")
+                        "(docs/qk-clip.md; default: off)")
     p.add_argument("--qk-clip-alpha", type=float, default=0.5,
                    help="QK-clip: the share of the rescale on the queries; the keys get 1 - alpha "
                         "(default 0.5)")

@@ -86,20 +86,24 @@ def describe_optimizer(backend) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------------
-def world_mean(value, device) -> float | None:
-    """Mean over the ranks that have `value` (the last pipeline stage's ranks; TP ranks hold the same)."""
+def _loss_sum(value, device) -> torch.Tensor:
+    """[sum, count] of `value` over the ranks that have one (the last pipeline stage's, TP ranks alike)."""
     t = torch.tensor([0.0 if value is None else float(value), 0.0 if value is None else 1.0], dtype=torch.float64,
                      device=device)
     dist.all_reduce(t)
-    return (t[0] / t[1]).item() if t[1] > 0 else None
+    return t
+
+
+def world_mean(value, device) -> float | None:
+    """Mean over the ranks that have `value` (one host read)."""
+    total, count = _loss_sum(value, device).tolist()
+    return total / count if count > 0 else None
 
 
 def world_mean_and_max(value, max_logit, device) -> tuple:
-    """world_mean of the loss and the largest attention logit over every rank (each holds its pipeline stage's
-    and TP shard's heads), with the same single host read: (mean or None, max or None)."""
-    t = torch.tensor([0.0 if value is None else float(value), 0.0 if value is None else 1.0], dtype=torch.float64,
-                     device=device)
-    dist.all_reduce(t)
+    """world_mean of the loss, and the largest attention logit over every rank (each holds its pipeline
+    stage's and TP shard's heads) in the same host read: (mean or None, max or None)."""
+    t = _loss_sum(value, device)
     m = (max_logit.detach().to(device=device, dtype=torch.float64).reshape(1) if max_logit is not None
          else torch.full((1,), float("-inf"), dtype=torch.float64, device=device))
     dist.all_reduce(m, op=dist.ReduceOp.MAX)
