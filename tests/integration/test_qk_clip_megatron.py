@@ -283,7 +283,7 @@ def train_deepspeed(rank, world_size, stage, steps=3):
         maxima.append(torch.cat(opt.qk_clip.head_max))
     # which query/key weights the ZeRO partitions cut (their rows are clipped in two pieces)
     qk = {opt._names[id(p)] for layer in opt.qk_clip.layers for p, _ in layer.targets}
-    cut = sorted(e.name for fp in opt._flat.values() for e in fp.entries if e.name in qk
+    cut = sorted(e.name for fp in opt.partitions.values() for e in fp.entries if e.name in qk
                  and e.offset < fp.start + fp.partition_size < e.offset + e.numel)
     params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     return maxima, params, type(engine.optimizer).__name__, cut
