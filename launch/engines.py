@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from launch.checkpoint import safe_load
+from launch.options import json_optimizer
 from launch.schedule import megatron_scheduler
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -58,7 +59,7 @@ def deepspeed_config(args, dp: int) -> Dict[str, Any]:
     if args.ds_config_dict is not None:
         config = copy.deepcopy(args.ds_config_dict)
         given = args.explicit
-        if "optimizer" not in config or given & {"optimizer", "lr", "adamw_lr", "weight_decay", "teon_k"}:
+        if json_optimizer(args) is None:  # (its lrs are the ones launch.options.adopt_json_optimizer put in args)
             config["optimizer"] = optimizer
         if "zero_stage" in given or "zero_optimization" not in config:
             config.setdefault("zero_optimization", {})["stage"] = args.zero_stage

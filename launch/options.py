@@ -319,6 +319,54 @@ def check_qk_clip(args) -> None:
                           "--qk-clip-log to log the max logit of an AdamW run")
 
 
+# The flags that replace a --ds-config's optimizer block (launch/engines.py then builds it from the flags).
+OPTIMIZER_FLAGS = frozenset({"optimizer", "lr", "adamw_lr", "weight_decay", "teon_k"})
+KIND_OF_TYPE = {**{t.lower(): kind for kind, t in ORTHO_TYPES.items()}, "adamw": "adamw"}
+
+
+def json_optimizer(args) -> Optional[dict]:
+    """The --ds-config optimizer block when the engine gets it as written (no optimizer flag typed), else None."""
+    block = (args.ds_config_dict or {}).get("optimizer")
+    return None if block is None or args.explicit & OPTIMIZER_FLAGS else block
+
+
+def json_learning_rates(params: dict) -> tuple:
+    """(the matrices' lr, the AdamW part's lr) a teonspeed optimizer reads from DeepSpeed params, None where
+    absent; DeepSpeed's names as teonspeed.config.resolve_aliases reads them (with `muon_lr`, `lr` is the
+    AdamW part's; `adam_lr` is `adamw_lr`)."""
+    part = params.get("adamw_lr", params.get("adam_lr"))
+    if "muon_lr" in params:
+        return params["muon_lr"], part if part is not None else params.get("lr")
+    return params.get("lr"), part
+
+
+def adopt_json_optimizer(args) -> None:
+    """When the engine gets --ds-config's optimizer block, the run's optimizer and learning rates are the
+    JSON's: copy them into args (which the `run:` line, the run name and the memory estimate read), and
+    give the block the launcher's --lr / --adamw-lr where the JSON has none, so that the engine and the
+    `run:` line agree. DeepSpeed's other optimizer types keep their own defaults (noted)."""
+    block = json_optimizer(args)
+    if block is None:
+        return
+    kind = KIND_OF_TYPE.get(str(block.get("type")).lower())
+    if kind is None:
+        args.notes.append(f"--ds-config {args.ds_config}: optimizer {block.get('type')} (DeepSpeed's own) with its "
+                          f"params {json.dumps(block.get('params') or {})}; the lr below is the launcher's")
+        return
+    params = block.setdefault("params", {})
+    if kind == "adamw":
+        args.adamw_lr = params.setdefault("lr", args.adamw_lr)
+    else:
+        lr, part = json_learning_rates(params)
+        if lr is None:
+            params["lr"] = lr = args.lr
+        if part is None:
+            params["adamw_lr"] = part = args.adamw_lr
+        args.lr, args.adamw_lr = lr, part
+        args.teon_k = params.get("teon_k", args.teon_k)
+    args.optimizer = kind
+
+
 def tokenizer_vocab(path: Path) -> int:
     """The vocabulary size of a tokenizers JSON file (its vocab plus added tokens), read without loading it."""
     tok = json.loads(path.read_text())
@@ -413,6 +461,7 @@ def validate(args, world: int) -> argparse.Namespace:
     args.dp = check_shapes(args, world)
     if args.ds_config:
         check_ds_config(args)
+        adopt_json_optimizer(args)
     if args.data_dir:
         check_data(args)
     check_batch(args, args.dp)
