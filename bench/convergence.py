@@ -367,6 +367,9 @@ def model_study(size: Size, seeds: List[int], train: Train, log) -> Dict:
                             "sweep": [asdict(r) for r in row["sweep"]], "seeds": [asdict(r) for r in seeded]}
     adamw_seeds = out["rows"]["adamw"]["seeds"]
     out["versus_adamw"] = {opt: versus(row["seeds"], adamw_seeds) for opt, row in out["rows"].items() if opt != "adamw"}
+    if "muon" in out["rows"]:
+        out["versus_muon"] = {opt: versus(out["rows"][opt]["seeds"], out["rows"]["muon"]["seeds"])
+                              for opt in ("teon", "htmuon") if opt in out["rows"]}
     if size.teon_k and "teon" in rows:
         best = rows["teon"]["best"]
         log(f"[{size.name}] TEON group size at lr {best.lr:g}, adamw_lr {best.adamw_lr:g}")

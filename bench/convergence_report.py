@@ -30,6 +30,15 @@ def _fractions(values: List[Optional[float]]) -> str:
     return ", ".join("–" if f is None else f"{100 * f:.0f}%" for f in values)
 
 
+def bracketed(row: Dict) -> bool:
+    """Whether the row's best setting has a run on both sides of it along each swept axis."""
+    best = (row["best_lr"], row["best_adamw_lr"])
+    lrs = [r["lr"] for r in row["sweep"] if r["adamw_lr"] == best[1]]
+    parts = [r["adamw_lr"] for r in row["sweep"] if r["lr"] == best[0]]
+    inside = lambda xs, x: min(xs) < x < max(xs)  # noqa: E731
+    return inside(lrs, best[0]) and (best[1] is None or inside(parts, best[1]))
+
+
 def headline(name: str, model: Dict) -> List[str]:
     n = len(model["seeds_used"])
     lines = [f"\n### {name}: {model['what']} ({model['steps']} steps, {model['steps'] * TOKENS_PER_STEP / 1e6:.2f}M "
@@ -40,6 +49,8 @@ def headline(name: str, model: Dict) -> List[str]:
     for opt, row in model["rows"].items():
         finals = [_final(r) for r in row["seeds"]]
         part = f"{row['best_adamw_lr']:g}" if row["best_adamw_lr"] is not None else "–"
+        if not bracketed(row):
+            part += " (grid edge)"
         if not all(math.isfinite(f) for f in finals):
             lines.append(f"| {opt} | {row['best_lr']:g} | {part} | failed | | | | | | |")
             continue
@@ -48,6 +59,10 @@ def headline(name: str, model: Dict) -> List[str]:
                f"{_steps(v['steps_to_target'])} | {_fractions(v['fraction_of_steps'])}") if v else "– | – | – | – | –"
         lines.append(f"| {opt} | {row['best_lr']:g} | {part} | {_mean_sd(finals)} | "
                      f"{math.exp(statistics.mean(finals)):.2f} | {cmp} |")
+    if model.get("versus_muon"):
+        lines += ["\nAgainst Muon, paired by seed (each at its best setting): " + "; ".join(
+            f"{opt} − muon {v['mean']:+.4f} ± {v['sd']:.4f} (t = {v['t']:.1f}, perplexity {v['ppl_pct_mean']:+.1f}%)"
+            for opt, v in model["versus_muon"].items())]
     return lines
 
 

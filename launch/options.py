@@ -33,6 +33,15 @@ ORTHO_TYPES = {"teon": "TEON", "muon": "TeonspeedMuon", "htmuon": "TeonspeedHTMu
 DEEPSPEED_TYPES = ("Adagrad", "Adam", "AdamW", "Lamb", "MuAdam", "MuAdamW", "MuSGD", "Lion", "Muon",
                    "OneBitAdam", "ZeroOneAdam", "OneBitLamb")
 DEFAULT_GLOBAL_BATCH = 32  # sequences per optimizer step, whatever the layout
+# --adamw-lr's default, by what it sets (bench/results/convergence.md, docs: "Convergence study"): AdamW's own
+# lr, its sweep's best on the tiny models; and the AdamW part of Muon/TEON/HTMuon (embeddings, head, norms,
+# router), the best of the joint (lr, adamw_lr) sweeps: with the matrices orthogonalized, that part trains
+# best at about 4x the lr AdamW alone tolerates.
+ADAMW_LR_DEFAULT = {"adamw": 3e-3, "adamw_part": 1.2e-2}
+
+
+def default_adamw_lr(optimizer: str) -> float:
+    return ADAMW_LR_DEFAULT["adamw" if optimizer == "adamw" else "adamw_part"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", type=int, default=2, help="query groups (GQA)")
     p.add_argument("--ffn", type=int, default=172, help="SwiGLU hidden size")
     p.add_argument("--lr", type=float, default=0.02, help="peak lr of the orthogonalized matrices")
-    p.add_argument("--adamw-lr", type=float, default=3e-3, help="peak lr of the AdamW part (and of --optimizer adamw)")
+    p.add_argument("--adamw-lr", type=float, default=None,
+                   help=f"peak lr of the AdamW part (default {ADAMW_LR_DEFAULT['adamw_part']:g}), and of --optimizer "
+                        f"adamw (default {ADAMW_LR_DEFAULT['adamw']:g})")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="decoupled weight decay of the orthogonalized matrices (of every parameter with "
                         "--optimizer adamw)")
@@ -148,6 +159,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.explicit = set(vars(quiet.parse_args(argv)))
     args.argv = argv
     args.resume = args.resume or args.resume_strict
+    if args.adamw_lr is None:
+        args.adamw_lr = default_adamw_lr(args.optimizer)
     args.backend = args.backend or ("megatron" if args.pp > 1 or args.ep > 1 else "deepspeed")
     if args.model_config:
         args.transformer, args.gpt, _ = model_sections(args.model_config)
@@ -354,6 +367,7 @@ def adopt_json_optimizer(args) -> None:
                           f"params {json.dumps(block.get('params') or {})}; the lr below is the launcher's")
         return
     params = block.setdefault("params", {})
+    args.adamw_lr = default_adamw_lr(kind)  # (no optimizer flag was typed: the block's kind decides)
     if kind == "adamw":
         args.adamw_lr = params.setdefault("lr", args.adamw_lr)
     else:

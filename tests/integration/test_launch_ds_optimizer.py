@@ -53,3 +53,15 @@ def test_run_line_of_a_deepspeed_adamw_block(tmp_path):
     args, engine_block = _check(tmp_path, {"type": "AdamW", "params": {"lr": 7e-4, "betas": [0.9, 0.95]}})
     assert engine_block["params"]["lr"] == 7e-4
     assert options.summary(args).startswith("adamw on ") and "lr 0.0007," in options.summary(args)
+
+
+def test_adamw_lr_default_is_the_one_of_what_it_sets(tmp_path):
+    """--adamw-lr's default: AdamW's own lr for --optimizer adamw, the AdamW part's for the others (they
+    differ: launch.options.ADAMW_LR_DEFAULT), also when a --ds-config block, not a flag, names the optimizer."""
+    part, own = options.ADAMW_LR_DEFAULT["adamw_part"], options.ADAMW_LR_DEFAULT["adamw"]
+    assert options.parse_args([]).adamw_lr == part and options.parse_args(["--optimizer", "adamw"]).adamw_lr == own
+    assert options.parse_args(["--optimizer", "adamw", "--adamw-lr", "0.05"]).adamw_lr == 0.05
+    args, engine_block = _check(tmp_path, {"type": "AdamW", "params": {"betas": [0.9, 0.95]}})
+    assert engine_block["params"]["lr"] == own and f"lr {own:g}," in options.summary(args)
+    args, engine_block = _check(tmp_path, {"type": "TeonspeedMuon", "params": {"lr": 0.01}}, "--optimizer", "adamw")
+    assert engine_block["type"] == "AdamW" and engine_block["params"]["lr"] == own

@@ -87,6 +87,7 @@ def test_model_study_sweeps_the_adamw_part_with_every_optimizer_and_seeds_every_
     # HTMuon starts at Muon's best lr and 3x it (the authors' ratio)
     assert {0.01, 0.03} <= {r["lr"] for r in rows["htmuon"]["sweep"]}
     assert model["versus_adamw"]["muon"]["n"] == 3
+    assert set(model["versus_muon"]) == {"teon", "htmuon"} and model["versus_muon"]["teon"]["n"] == 3
     assert set(model["teon_k"]) == {"1", "2", "4"} and model["teon_k"]["2"]["teon_k"] is None
     # every run of the orthogonalizing optimizers carries its AdamW part's lr to the launcher
     argv = convergence.pretrain_argv(launched[-1], Path("/d"), 20, Path("/r"))
