@@ -203,6 +203,14 @@ class Trainer:
         return run
 
 
+class NotRun(Exception):
+    """--report-only: the protocol asked for a run that the cache does not hold."""
+
+
+def not_run(run: Run) -> Run:
+    raise NotRun(run.name)
+
+
 class RunCache:
     """Every finished run, by its key; a run already done is not run again. `save` is called with the
     records after each new run (the study's partial file), so a restarted study resumes."""
@@ -399,7 +407,11 @@ def study(sizes: List[Size], seeds: List[int], train: Train, log,
     """The protocol on every model; `checkpoint(results)` after each model (the tables so far)."""
     results: Dict = {"protocol": protocol(), "models": {}, "pending": [s.name for s in sizes]}
     for size in sizes:
-        results["models"][size.name] = model_study(size, seeds, train, log)
+        try:
+            results["models"][size.name] = model_study(size, seeds, train, log)
+        except NotRun as missing:  # (--report-only: this model's runs are not all done)
+            log(f"[{size.name}] not reported: {missing} has not run")
+            break
         results["pending"].remove(size.name)
         results["seed_paper"] = seed_paper(results["models"])
         checkpoint(results)
@@ -539,6 +551,8 @@ def main() -> None:
                    help="--teon-study: an earlier result JSON; reuse its runs, run only the missing ones")
     p.add_argument("--reuse", action="append", default=[],
                    help="an earlier result JSON whose finished runs are reused (besides <stem>.partial.json)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the tables of the models whose runs are all in the partial/--reuse files")
     p.add_argument("--data-dir", default=str(REPO / "data" / "embedded"))
     p.add_argument("--runs-dir", default=None,
                    help="keep the run directories here (default: a temporary folder, removed at the end)")
@@ -589,7 +603,7 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
     sizes = [Size(**{**asdict(MODELS[n]), "steps": steps or MODELS[n].steps}) for n in names]
     stem = "convergence_quick" if args.quick else "convergence"
     partial = out / f"{stem}.partial.json"
-    cache = RunCache(trainer, load_records(partial, *map(Path, args.reuse)),
+    cache = RunCache(not_run if args.report_only else trainer, load_records(partial, *map(Path, args.reuse)),
                      save=lambda records: partial.write_text(json.dumps({"runs": records}, indent=1)))
     if cache.done:
         log(f"reusing {len(cache.done)} finished runs ({partial})")
@@ -603,7 +617,8 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
 
     results = study(sizes, seeds, cache, log, checkpoint=write)
     write(results)
-    partial.unlink(missing_ok=True)
+    if not results["pending"]:
+        partial.unlink(missing_ok=True)
     print((out / f"{stem}.md").read_text())
 
 

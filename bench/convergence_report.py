@@ -148,8 +148,9 @@ def summarize(results: Dict, quick: bool = False) -> str:
              "the embedded corpus as Megatron indexed datasets, equal tokens per optimizer (global batch 32 x 64 "
              "tokens), linear warmup then cosine to 0.1x, weight decay 0.01, clipping 1.0."]
     if pending:
-        lines.append(f"\n**Partial:** not yet run: {', '.join(pending)}. Resume with the same command "
-                     "(finished runs are reused from the .partial.json).")
+        lines.append(f"\n**Partial:** not yet run: {', '.join(pending)}. To finish: `python bench/convergence.py` "
+                     "(every model; the finished runs are reused from bench/results/convergence.partial.json, so "
+                     "only the missing ones train).")
     p = results.get("protocol", {})
     if p:
         lines.append(f"\nProtocol: AdamW's lr swept from {list(p['adamw_grid'])}; every orthogonalizing optimizer "

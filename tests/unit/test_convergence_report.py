@@ -228,3 +228,16 @@ def test_teon_study_protocol_with_a_fake_trainer():
                                   previous=first)
     assert {seed for _, _, seed in launched} == {3} and len(launched) == len(convergence.TEON_ARMS)
     assert more["pairs"]["teon_mode1 - muon"]["n"] == 4
+
+
+def test_report_only_reports_the_finished_models_and_leaves_the_rest_pending():
+    best = {"adamw": (0.006, None), "muon": (0.01, 0.012), "teon": (0.02, 0.012), "htmuon": (0.03, 0.006)}
+    train, launched = _fake_train(best)
+    cache = convergence.RunCache(train)
+    tiny = convergence.Size("tiny", None, 40)
+    convergence.study([tiny], [1234, 1, 2], cache, lambda m: None)
+    other = convergence.Size("moe_tiny", "moe_tiny", 40)
+    report = convergence.study([tiny, other], [1234, 1, 2], convergence.RunCache(convergence.not_run, cache.records()),
+                               lambda m: None)
+    assert list(report["models"]) == ["tiny"] and report["pending"] == ["moe_tiny"]
+    assert "PARTIAL" in convergence_report.summarize({**report, "machine": {}})
