@@ -24,8 +24,9 @@ Every run is launch/pretrain.py's main() on 2 data-parallel ranks forked from th
 Megatron indexed datasets that `launch/prepare_data.py --embedded` writes once, with the orthogonalizer in
 fp32 (TEONSPEED_CPU_BF16=0, so no timing probe decides the arithmetic). Run directories go to a temporary
 folder (removed at the end) unless --runs-dir names one. Every finished run is recorded in
-bench/results/<stem>.partial.json as it finishes; the same command run again reuses them (the protocol is
-deterministic given the results), so an interrupted study continues where it stopped. The tables are
+bench/results/<stem>.partial.json as it finishes, and in <stem>.json with the tables; the same command run
+again reuses both (the protocol is deterministic given the results), so an interrupted study continues where
+it stopped. The tables are
 rewritten after each model (marked partial until every model is done): bench/results/<stem>.{json,md,png}.
 The ordering is a measurement, not a test: nothing here asserts it.
 """
@@ -550,7 +551,8 @@ def main() -> None:
     p.add_argument("--more-seeds", default=None,
                    help="--teon-study: an earlier result JSON; reuse its runs, run only the missing ones")
     p.add_argument("--reuse", action="append", default=[],
-                   help="an earlier result JSON whose finished runs are reused (besides <stem>.partial.json)")
+                   help="an earlier result JSON whose finished runs are reused (besides <stem>.partial.json and "
+                        "<stem>.json)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: the tables of the models whose runs are all in the partial/--reuse files")
     p.add_argument("--data-dir", default=str(REPO / "data" / "embedded"))
@@ -603,7 +605,8 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
     sizes = [Size(**{**asdict(MODELS[n]), "steps": steps or MODELS[n].steps}) for n in names]
     stem = "convergence_quick" if args.quick else "convergence"
     partial = out / f"{stem}.partial.json"
-    cache = RunCache(not_run if args.report_only else trainer, load_records(partial, *map(Path, args.reuse)),
+    earlier = load_records(partial, out / f"{stem}.json", *map(Path, args.reuse))
+    cache = RunCache(not_run if args.report_only else trainer, earlier,
                      save=lambda records: partial.write_text(json.dumps({"runs": records}, indent=1)))
     if cache.done:
         log(f"reusing {len(cache.done)} finished runs ({partial})")
@@ -617,8 +620,7 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
 
     results = study(sizes, seeds, cache, log, checkpoint=write)
     write(results)
-    if not results["pending"]:
-        partial.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)  # (<stem>.json holds every finished run, the pending models' too)
     print((out / f"{stem}.md").read_text())
 
 

@@ -149,8 +149,8 @@ def summarize(results: Dict, quick: bool = False) -> str:
              "tokens), linear warmup then cosine to 0.1x, weight decay 0.01, clipping 1.0."]
     if pending:
         lines.append(f"\n**Partial:** not yet run: {', '.join(pending)}. To finish: `python bench/convergence.py` "
-                     "(every model; the finished runs are reused from bench/results/convergence.partial.json, so "
-                     "only the missing ones train).")
+                     "(every model; the finished runs, the pending models' included, are reused from "
+                     "bench/results/convergence.json, so only the missing ones train).")
     p = results.get("protocol", {})
     if p:
         lines.append(f"\nProtocol: AdamW's lr swept from {list(p['adamw_grid'])}; every orthogonalizing optimizer "
