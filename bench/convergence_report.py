@@ -128,7 +128,8 @@ norms, router) is about 40% of the parameters, so its lr decides much of every c
 is a short horizon. `python3 bench/convergence.py --gpu [--arm NAME]` (bench/gpu_preset.py) trains a
 LLaMA-60M (the HTMuon authors' shape) on >= 100M tokens built offline, one arm per 10-minute command:
 `adamw` (lr 1e-3), `muon` (0.01), `teon_mode1` and `teon_mode2` (0.01·√2) and `htmuon` (0.03), every
-orthogonalizing arm's AdamW part at 1e-3, weight decay 0.1, batch 131k tokens. It adds the regime the
+orthogonalizing arm's AdamW part at 1e-3 (AdamW's lr: by the sweeps here it should be swept too, up to ~4x),
+weight decay 0.1, batch 131k tokens. It adds the regime the
 papers report (embeddings a small share, ~80M tokens per arm), so it tests whether the orderings measured
 here survive scale. It does not test the MLA+MoE claim: the GPU preset is a dense LLaMA. That needs
 `launch/pretrain.py --device cuda` with an MLA+MoE model config at 60M+ and a dense MHA one of equal
