@@ -605,14 +605,16 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
     sizes = [Size(**{**asdict(MODELS[n]), "steps": steps or MODELS[n].steps}) for n in names]
     stem = "convergence_quick" if args.quick else "convergence"
     partial = out / f"{stem}.partial.json"
-    earlier = load_records(partial, out / f"{stem}.json", *map(Path, args.reuse))
+    final = out / f"{stem}.json"
+    measured_on = json.loads(final.read_text()).get("machine") if args.report_only and final.is_file() else None
+    earlier = load_records(partial, final, *map(Path, args.reuse))
     cache = RunCache(not_run if args.report_only else trainer, earlier,
                      save=lambda records: partial.write_text(json.dumps({"runs": records}, indent=1)))
     if cache.done:
-        log(f"reusing {len(cache.done)} finished runs ({partial})")
+        log(f"reusing {len(cache.done)} finished runs")
 
     def write(results: Dict) -> None:
-        results["machine"] = machine(start)
+        results["machine"] = measured_on or machine(start)  # (--report-only: where the runs were measured)
         results["runs"] = cache.records()
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
         (out / f"{stem}.md").write_text(summarize(results, quick=args.quick))
