@@ -78,7 +78,8 @@ class Size:
 
 MODELS = {s.name: s for s in [
     Size("tiny", None, 200, teon_k=True,
-         what="pretrain.py's default: LLaMA-style, 4 layers, hidden 64, GQA 4 heads / 2 groups, dense SwiGLU"),
+         what="pretrain.py's default: LLaMA-style, 4 layers, hidden 64, GQA 4 heads / 2 groups, "
+              "dense SwiGLU"),
     Size("mla_moe_tiny", "mla_moe_tiny", 200,
          what="MLA (q/kv low rank) + MoE (4 experts top-2 + shared expert, first layer dense)"),
     Size("dense_mha_tiny", None, 200, ["--groups", "4"], optimizers=("adamw",),
@@ -165,8 +166,8 @@ def _rank_main(rank, world_size, argv):
 
 def pretrain_argv(run: Run, data_dir: Path, eval_every: int, runs_dir: Path) -> List[str]:
     """launch/pretrain.py's flags for `run`; its run directory goes under `runs_dir`."""
-    argv = ["--steps", str(run.steps), "--seed", str(run.seed), "--name", run.name, "--runs-dir", str(runs_dir),
-            "--eval-every", str(eval_every), "--data-dir", str(data_dir), "--progress", "off", "--no-plot",
+    argv = ["--steps", str(run.steps), "--seed", str(run.seed), "--name", run.name,
+            "--runs-dir", str(runs_dir), "--eval-every", str(eval_every), "--data-dir", str(data_dir), "--progress", "off", "--no-plot",
             "--no-tensorboard", "--overwrite"]
     if run.options:
         argv += ["--ds-config", str(write_ds_config(run, runs_dir / "ds_configs"))]
@@ -216,7 +217,8 @@ class RunCache:
     """Every finished run, by its key; a run already done is not run again. `save` is called with the
     records after each new run (the study's partial file), so a restarted study resumes."""
 
-    def __init__(self, train: Train, records: List[Dict] = (), save: Callable[[List[Dict]], None] = lambda r: None):
+    def __init__(self, train: Train, records: List[Dict] = (),
+                 save: Callable[[List[Dict]], None] = lambda records: None):
         self.train, self.save = train, save
         self.done = {as_run(r).key: dict(r) for r in records if r.get("val_curve")}
 
@@ -329,7 +331,8 @@ def versus(runs: List[Dict], baseline: List[Dict]) -> Dict:
     reach = [steps_to_reach(r["val_curve"], _final(b)) for r, b in pairs]
     total = [b["val_curve"][-1][0] for _, b in pairs]
     return {**p, "seeds": [r["seed"] for r, _ in pairs],
-            "ppl_pct": [100.0 * math.expm1(d) for d in p["diffs"]], "ppl_pct_mean": 100.0 * math.expm1(p["mean"]),
+            "ppl_pct": [100.0 * math.expm1(d) for d in p["diffs"]],
+            "ppl_pct_mean": 100.0 * math.expm1(p["mean"]),
             "steps_to_target": reach,
             "fraction_of_steps": [None if s is None else s / n for s, n in zip(reach, total)]}
 
@@ -348,7 +351,8 @@ def round_lr(x: float) -> float:
 def model_study(size: Size, seeds: List[int], train: Train, log) -> Dict:
     """The protocol (module docstring) on one model."""
     def run(opt: str, lr: float, adamw_lr: Optional[float] = None, seed: int = seeds[0], teon_k=None) -> Run:
-        return train(Run(size.name, opt, lr, adamw_lr, seed, teon_k, size.model_config, size.steps, list(size.extra)))
+        return train(Run(size.name, opt, lr, adamw_lr, seed, teon_k, size.model_config, size.steps,
+                         list(size.extra)))
 
     rows: Dict[str, Dict] = {}
     log(f"[{size.name}] AdamW lr sweep")
@@ -369,13 +373,14 @@ def model_study(size: Size, seeds: List[int], train: Train, log) -> Dict:
                  "rows": {}}
     for opt, row in rows.items():
         best = row["best"]
-        log(f"[{size.name}] {opt}: best lr {best.lr:g}" + (f", adamw_lr {best.adamw_lr:g}" if best.adamw_lr else "")
-            + f"; seeds {seeds[1:]}")
+        part = f", adamw_lr {best.adamw_lr:g}" if best.adamw_lr else ""
+        log(f"[{size.name}] {opt}: best lr {best.lr:g}{part}; seeds {seeds[1:]}")
         seeded = [best] + [run(opt, best.lr, best.adamw_lr, seed) for seed in seeds[1:]]
         out["rows"][opt] = {"best_lr": best.lr, "best_adamw_lr": best.adamw_lr,
                             "sweep": [asdict(r) for r in row["sweep"]], "seeds": [asdict(r) for r in seeded]}
     adamw_seeds = out["rows"]["adamw"]["seeds"]
-    out["versus_adamw"] = {opt: versus(row["seeds"], adamw_seeds) for opt, row in out["rows"].items() if opt != "adamw"}
+    out["versus_adamw"] = {opt: versus(row["seeds"], adamw_seeds) for opt, row in out["rows"].items()
+                           if opt != "adamw"}
     if "muon" in out["rows"]:
         out["versus_muon"] = {opt: versus(out["rows"][opt]["seeds"], out["rows"]["muon"]["seeds"])
                               for opt in ("teon", "htmuon") if opt in out["rows"]}
@@ -397,7 +402,8 @@ def seed_paper(models: Dict[str, Dict]) -> Dict:
         out["muon_vs_adamw_on_mla_moe"] = mla["versus_adamw"]["muon"]
     dense = models.get("dense_mha_tiny")
     if mla and dense and "muon" in mla["rows"]:
-        out["mla_moe_muon_vs_dense_mha_adamw"] = versus(mla["rows"]["muon"]["seeds"], dense["rows"]["adamw"]["seeds"])
+        dense_adamw = dense["rows"]["adamw"]["seeds"]
+        out["mla_moe_muon_vs_dense_mha_adamw"] = versus(mla["rows"]["muon"]["seeds"], dense_adamw)
         out["mla_moe_adamw_vs_dense_mha_adamw"] = versus(mla["rows"]["adamw"]["seeds"],
                                                          dense["rows"]["adamw"]["seeds"])
     return out
@@ -458,8 +464,8 @@ PAIRS = [("teon_mode1", "muon"), ("teon_mode2", "muon"), ("teon_mode2", "teon_mo
          ("htmuon", "muon")]
 
 
-def teon_study(size: Size, seeds: List[int], train: Train, log, arms=None, adamw_lr: float = TEON_STUDY_ADAMW_LR,
-               checkpoint=lambda results: None, previous: Optional[Dict] = None) -> Dict:
+def teon_study(size: Size, seeds: List[int], train: Train, log, arms=None,
+               adamw_lr: float = TEON_STUDY_ADAMW_LR, checkpoint=lambda results: None, previous: Optional[Dict] = None) -> Dict:
     """Every arm's AdamW part at `adamw_lr`. `previous`: an earlier result of the same size, steps and
     adamw_lr. Its runs are reused (same arm, lr and seed) and only the missing ones run: more seeds, or a
     sweep extended further, without redoing the rest."""
@@ -469,7 +475,8 @@ def teon_study(size: Size, seeds: List[int], train: Train, log, arms=None, adamw
     if previous and (previous["size"], previous["steps"]) != (size.name, size.steps):
         raise ValueError(f"--more-seeds: {previous['size']} at {previous['steps']} steps is another study")
     if previous and previous.get("adamw_lr", 3e-3) != adamw_lr:
-        raise ValueError(f"--more-seeds: its AdamW part ran at {previous.get('adamw_lr', 3e-3):g}, not {adamw_lr:g}")
+        raise ValueError(f"--more-seeds: its AdamW part ran at {previous.get('adamw_lr', 3e-3):g}, "
+                         f"not {adamw_lr:g}")
     done = {(r["arm"], round(r["lr"], 12), r["seed"]): r for a in (previous or {}).get("arms", {}).values()
             for r in a["sweep"] + a["seeds"]}
 
@@ -533,7 +540,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline in a few minutes")
     p.add_argument("--models", default=None,
-                   help=f"comma-separated, run in this order (default {','.join(DEFAULT_MODELS)}; --quick: tiny)")
+                   help=f"comma-separated, run in this order (default {','.join(DEFAULT_MODELS)}; "
+                        "--quick: tiny)")
     p.add_argument("--teon-study", action="store_true",
                    help="the TEON study: unfolding modes, matched settings, own lr sweeps, paired seeds (tiny model)")
     p.add_argument("--adamw-lr", type=float, default=TEON_STUDY_ADAMW_LR,
@@ -551,10 +559,10 @@ def main() -> None:
     p.add_argument("--more-seeds", default=None,
                    help="--teon-study: an earlier result JSON; reuse its runs, run only the missing ones")
     p.add_argument("--reuse", action="append", default=[],
-                   help="an earlier result JSON whose finished runs are reused (besides <stem>.partial.json and "
-                        "<stem>.json)")
+                   help="an earlier result JSON whose finished runs are reused (besides "
+                        "<stem>.partial.json and <stem>.json)")
     p.add_argument("--report-only", action="store_true",
-                   help="train nothing: the tables of the models whose runs are all in the partial/--reuse files")
+                   help="train nothing: the tables of the models whose runs are all in the result files")
     p.add_argument("--data-dir", default=str(REPO / "data" / "embedded"))
     p.add_argument("--runs-dir", default=None,
                    help="keep the run directories here (default: a temporary folder, removed at the end)")
@@ -584,7 +592,7 @@ def main() -> None:
     start = time.perf_counter()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs_dir = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="teonspeed-convergence-"))
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="teonspeed-convergence-"))
     try:
         trainer = Trainer(data_dir, eval_every, runs_dir, log)
         if args.teon_study:
@@ -606,7 +614,9 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
     stem = "convergence_quick" if args.quick else "convergence"
     partial = out / f"{stem}.partial.json"
     final = out / f"{stem}.json"
-    measured_on = json.loads(final.read_text()).get("machine") if args.report_only and final.is_file() else None
+    measured_on = None  # --report-only: the machine that measured the runs, not this one
+    if args.report_only and final.is_file():
+        measured_on = json.loads(final.read_text()).get("machine")
     earlier = load_records(partial, final, *map(Path, args.reuse))
     cache = RunCache(not_run if args.report_only else trainer, earlier,
                      save=lambda records: partial.write_text(json.dumps({"runs": records}, indent=1)))

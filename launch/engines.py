@@ -59,7 +59,7 @@ def deepspeed_config(args, dp: int) -> Dict[str, Any]:
     if args.ds_config_dict is not None:
         config = copy.deepcopy(args.ds_config_dict)
         given = args.explicit
-        if json_optimizer(args) is None:  # (its lrs are the ones launch.options.adopt_json_optimizer put in args)
+        if json_optimizer(args) is None:  # (else its lrs are in args: launch.options.adopt_json_optimizer)
             config["optimizer"] = optimizer
         if "zero_stage" in given or "zero_optimization" not in config:
             config.setdefault("zero_optimization", {})["stage"] = args.zero_stage

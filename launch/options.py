@@ -338,7 +338,7 @@ KIND_OF_TYPE = {**{t.lower(): kind for kind, t in ORTHO_TYPES.items()}, "adamw":
 
 
 def json_optimizer(args) -> Optional[dict]:
-    """The --ds-config optimizer block when the engine gets it as written (no optimizer flag typed), else None."""
+    """--ds-config's optimizer block when the engine gets it as written (no optimizer flag typed), else None."""
     block = (args.ds_config_dict or {}).get("optimizer")
     return None if block is None or args.explicit & OPTIMIZER_FLAGS else block
 
@@ -363,8 +363,8 @@ def adopt_json_optimizer(args) -> None:
         return
     kind = KIND_OF_TYPE.get(str(block.get("type")).lower())
     if kind is None:
-        args.notes.append(f"--ds-config {args.ds_config}: optimizer {block.get('type')} (DeepSpeed's own) with its "
-                          f"params {json.dumps(block.get('params') or {})}; the lr below is the launcher's")
+        args.notes.append(f"--ds-config {args.ds_config}: optimizer {block.get('type')} (DeepSpeed's own) with "
+                          f"its params {json.dumps(block.get('params') or {})}; the lr below is the launcher's")
         return
     params = block.setdefault("params", {})
     args.adamw_lr = default_adamw_lr(kind)  # (no optimizer flag was typed: the block's kind decides)
