@@ -467,7 +467,6 @@ def validate(args, world: int) -> argparse.Namespace:
     if args.distributed_optimizer and args.optimizer == "adamw" and args.device != "cuda":
         raise ConfigError("--distributed-optimizer with --optimizer adamw runs Megatron's own DistributedOptimizer, "
                           "which needs CUDA tensors; use --device cuda, or a teonspeed optimizer on the CPU")
-    check_qk_clip(args)
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues a run directory and --overwrite replaces it; give one of them")
     if args.keep_last and not args.save_every:
@@ -476,6 +475,7 @@ def validate(args, world: int) -> argparse.Namespace:
     if args.ds_config:
         check_ds_config(args)
         adopt_json_optimizer(args)
+    check_qk_clip(args)  # (after the --ds-config block has named the optimizer)
     if args.data_dir:
         check_data(args)
     check_batch(args, args.dp)
