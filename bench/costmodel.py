@@ -413,7 +413,9 @@ def zero_layout(model: ModelSpec, optimizer: str, a: Assumptions, dp: int, exper
     """expert=True: the expert param group (expert TP = 1), cut into `dp` expert-DP partitions."""
     params = expert_parameters(model) if expert else stage_parameters(model)
     named = [(n, torch.nn.Parameter(torch.empty(s, device="meta"))) for n, s in params]
-    groups = teonspeed.plan(named, optimizer, **({"teon_k": a.teon_k} if optimizer == "teon" else {})).groups
+    # The expert group alone holds no q/k/v: TEON gives its matrices per-layer Muon (said explicitly).
+    teon = {"teon_k": a.teon_k, "teon_per_layer_fallback": expert} if optimizer == "teon" else {}
+    groups = teonspeed.plan(named, optimizer, **teon).groups
     offsets, shapes, offset = {}, {}, 0
     for n, s in params:
         offsets[n], shapes[n] = offset, local_shape(n, s, 1 if expert else model.tp)

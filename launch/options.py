@@ -229,13 +229,25 @@ def check_shapes(args, world: int) -> int:
         if args.tp > 1 and not t.get("sequence_parallel"):
             raise ConfigError(f"MoE with --tp {args.tp} needs sequence parallelism (Megatron's rule); set "
                               "transformer.sequence_parallel: true in the model config, or use --tp 1")
-    if args.optimizer in ("teon", "htmuon") and args.pp > 1:
+    if args.teon_k is not None and args.optimizer not in ("teon", "htmuon"):
+        raise ConfigError(f"--teon-k is TEON's and HTMuon's group size; --optimizer {args.optimizer} would "
+                          f"ignore it: drop --teon-k, or use --optimizer teon")
+    if args.optimizer in ("teon", "htmuon"):
         k = args.teon_k if args.teon_k is not None else (2 if args.optimizer == "teon" else 1)
         per_stage = t["num_layers"] // args.pp
+        layers = f"{per_stage} layers per pipeline stage" if args.pp > 1 else f"{per_stage} layers"
+        if k < 1:
+            raise ConfigError(f"--teon-k must be at least 1, got {k}")
+        if k > per_stage:  # no TEON stack would form: a run named teon would train per-layer Muon
+            raise ConfigError(f"--teon-k {k} is more than the {layers} (num_layers={t['num_layers']}, "
+                              f"--pp {args.pp}): no TEON stack would form; use a --teon-k that divides "
+                              f"{per_stage}")
         if per_stage % k:
-            raise ConfigError(f"--teon-k {k} does not divide the {per_stage} layers per pipeline stage "
-                              f"(num_layers={t['num_layers']}, --pp {args.pp}): a TEON group would span two stages; "
-                              f"use a --teon-k that divides {per_stage}, or a smaller --pp")
+            why = ("a TEON group would span two stages" if args.pp > 1
+                   else "the last layers would fall back to Muon")
+            raise ConfigError(f"--teon-k {k} does not divide the {layers} (num_layers={t['num_layers']}, "
+                              f"--pp {args.pp}): {why}; use a --teon-k that divides {per_stage}"
+                              + (", or a smaller --pp" if args.pp > 1 else ""))
     return world // (args.tp * args.pp)
 
 

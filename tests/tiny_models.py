@@ -33,5 +33,6 @@ class TinyLlama(torch.nn.Module):
             gate = torch.sigmoid(a.k_proj(x) * a.v_proj(x)).repeat_interleave(x.size(-1) // a.k_proj.out_features, -1)
             h = h + a.o_proj(a.q_proj(x) * gate)
             h = h + b.mlp.down_proj(torch.nn.functional.silu(b.mlp.gate_proj(x)))
-        logits = self.lm_head(h).float()
+        # fp32 at least (fp64 oracles)
+        logits = self.lm_head(h).to(torch.promote_types(h.dtype, torch.float32))
         return torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab), labels.reshape(-1))

@@ -69,6 +69,9 @@ class OptimizerConfig:
     cut_groups_at_stage_boundary: bool = False
     """Pipeline parallelism: let a TEON group that would span two stages fall back to Muon instead of
     refusing the layout (the update then depends on the PP size; `plan` lists the cut groups)."""
+    teon_per_layer_fallback: bool = False
+    """TEON: accept a teon_k that forms no TEON stack (more than the blocks, per pipeline stage), every
+    matrix then getting per-layer Muon; without it such a teon_k is refused at construction."""
     parallel_mode: str = "auto"
     """distributed: each group is orthogonalized once, by one owner rank; replicated: every rank
     gathers and computes everything (the simple baseline); auto: per group, whichever of the two the

@@ -8,6 +8,7 @@ the FLOP rate / link bandwidth ratio is set between the two, with latencies made
 """
 import pytest
 
+from support import tolerance as tol
 from support.harness import RankError, run_ranks
 from test_parallel_step import assert_same_model, gather_full, reference, train
 
@@ -39,7 +40,7 @@ def test_a_mixed_plan_equals_the_single_process_step_and_moves_what_it_predicts(
     assert replicated > 0 and owned > 0, results[0][3]  # the plan really mixes both ways
     assert f"parallel_mode=auto: {owned} groups at owners, {replicated} on every rank" in results[0][3]
     assert_same_model(gather_full(results), reference("teon", moe=layout.get("moe", False)))
-    for _, (sent, received, _, _), expected, _ in results:
+    for _, (sent, received, _, _), expected, *_ in results:
         assert (sent, received) == expected
 
 
@@ -82,11 +83,12 @@ def _replicated_with_a_whole_matrix(rank, world_size):
     opt.step()
     ref = [(n, torch.nn.Parameter(torch.zeros(s))) for n, s in full.items()]
     ref_opt = teonspeed.Muon(ref)
+    budget = tol.RoundingBudget(ref_opt)  # the gathered matrices are the same numbers: rounding only
     for (n, p) in ref:
         p.grad = grads[n].clone()
     ref_opt.step()
     want = {n: p.detach().chunk(world_size, 0)[rank] if specs[n].tp_partition_dim == 0 else p.detach() for n, p in ref}
-    same = all(torch.allclose(p, want[n], atol=1e-6) for n, p in params)
+    same = tol.distance({n: p.detach() for n, p in params}, want) <= budget.weights(0.02)
     return same, (opt.comm_stats.sent, opt.comm_stats.received), opt._runner.expected_bytes(opt.grouping.groups)
 
 

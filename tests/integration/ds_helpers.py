@@ -11,6 +11,7 @@ from teonspeed.patches import cpu_shims
 cpu_shims.apply()
 
 import deepspeed  # noqa: E402
+from support import tolerance as tol  # noqa: E402
 from tiny_models import TinyLlama  # noqa: E402
 
 VOCAB, SEQ, HIDDEN = 48, 8, 16
@@ -40,14 +41,17 @@ def ds_config(optimizer="TEON", stage=0, bf16=False, params=None, **extra):
     return config
 
 
-def train(rank, world_size, config, steps=5, model_fn=TinyLM, checkpoint=None, mpu=None):
-    """Train `steps` optimizer steps; returns the losses (averaged over ranks) and final parameters."""
+def train(rank, world_size, config, steps=5, model_fn=TinyLM, checkpoint=None, mpu=None, rounding=None):
+    """Train `steps` optimizer steps; returns the losses (averaged over ranks) and final parameters.
+    rounding: the gradients' relative rounding error; then also returns the bound that rounding puts on
+    the weights through the steps taken (tol.RoundingBudget)."""
     import torch.distributed as dist
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     deepspeed.init_distributed(dist_backend="gloo")
     model = model_fn()
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                              config=copy.deepcopy(config), mpu=mpu() if mpu else None)
+    budget = tol.RoundingBudget(engine.basic_optimizer, eps_in=rounding) if rounding is not None else None
     losses = []
     start = 0
     if checkpoint and checkpoint.get("load"):
@@ -65,7 +69,8 @@ def train(rank, world_size, config, steps=5, model_fn=TinyLM, checkpoint=None, m
         if checkpoint and checkpoint.get("save_at") == step + 1:
             engine.save_checkpoint(checkpoint["dir"])
     params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
-    return losses, params, type(engine.optimizer).__name__, type(engine.basic_optimizer).__name__
+    result = losses, params, type(engine.optimizer).__name__, type(engine.basic_optimizer).__name__
+    return result + (budget.weights(config["optimizer"]["params"]["lr"]),) if budget else result
 
 
 def train_megatron(rank, world_size, config, tp=1, steps=3):
@@ -93,6 +98,34 @@ def train_megatron(rank, world_size, config, tp=1, steps=3):
                   else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
               for n, p in engine.module.named_parameters()}
     return losses, params, dp_rank
+
+
+def megatron_plain(rank, world_size, steps=3, dp=2, float64=False):
+    """train_megatron's training without DeepSpeed: TEON in one process (TP=1), the DP ranks' batches
+    averaged and clipped at DeepSpeed's default norm (1.0). float64: the same initial weights and
+    training in fp64, tol's float64 oracle. Returns the weights, losses and gradient norms."""
+    import teonspeed
+    from megatron.core import parallel_state as ps
+
+    import megatron_models as mm
+    ps.initialize_model_parallel()
+    model = mm.tiny_gpt(mm.tiny_config())
+    if float64:
+        model = model.double()
+    opt = teonspeed.TEON(model, lr=0.02, adamw_lr=3e-3)
+    losses, grad_norms = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = 0.0
+        for r in range(dp):
+            tokens, position_ids, labels = mm.batch(seed=100 * step + r)
+            value = model(tokens, position_ids, None, labels=labels).mean()
+            (value / dp).backward()
+            loss += float(value) / dp
+        losses.append(loss)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, losses, grad_norms
 
 
 def train_comm(rank, world_size, config, steps=2):

@@ -11,7 +11,8 @@ from teonspeed.patches import cpu_shims
 cpu_shims.apply()
 
 import teonspeed  # noqa: E402,F401  (registers "TEON" with DeepSpeed)
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,  # noqa: E402
+                          TrainingArguments)
 
 VOCAB, SEQ, STEPS = 64, 8, 3
 
@@ -53,6 +54,8 @@ def train(stage, out_dir):
                              lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
                              deepspeed=ds_config(stage), accelerator_config={"use_configured_state": True}, seed=0, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model(), args=args, train_dataset=Tokens(64))
+    rounding = RoundingBudgetCallback(trainer)
+    trainer.add_callback(rounding)
     trainer.train()
     optimizer = trainer.model_wrapped.optimizer
     basic = type(getattr(trainer.model_wrapped, "basic_optimizer", optimizer)).__name__
@@ -63,7 +66,28 @@ def train(stage, out_dir):
     unset_hf_deepspeed_config()
     AcceleratorState._reset_state()
     return {"losses": losses, "weights": weights.tolist(), "optimizer": type(optimizer).__name__, "basic": basic,
-            "adamw": adamw}
+            "adamw": adamw, "grad_norms": rounding.grad_norms, "budget": rounding.budget.weights(0.02)}
+
+
+class RoundingBudgetCallback(TrainerCallback):
+    """tol.RoundingBudget on the optimizer the Trainer built: the stages feed it the same gradients (two
+    ranks' sums are exact in either order, halving is exact), so only its iterations' rounding differs."""
+
+    def __init__(self, trainer):
+        self.trainer, self.grad_norms = trainer, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from support import tolerance as tol
+        engine = self.trainer.model_wrapped
+        self.budget = tol.RoundingBudget(engine.basic_optimizer)
+        clip = engine.clip_fp32_gradients  # ZeRO stage 0, fp32: the reduced, whole gradients, before the clip
+
+        def clip_recording_the_norm():
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            self.grad_norms.append(float(torch.nn.utils.get_total_norm(grads)))  # the losses' sensitivity
+            return clip()
+
+        engine.clip_fp32_gradients = clip_recording_the_norm
 
 
 def main(out_path):

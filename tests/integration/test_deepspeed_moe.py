@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ds_helpers as h
+from support import tolerance as tol
 from support.harness import RankError, run_ranks
 
 WORLD, EP, STEPS = 4, 2, 2
@@ -66,7 +67,11 @@ def train(rank, world_size, stage, mode="distributed"):
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * expert + len(name))) * 0.2)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "dense"})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                      config=copy.deepcopy(h.ds_config("TEON", stage=stage, params={"parallel_mode": mode})))
+                                      config=copy.deepcopy(h.ds_config("TEON", stage=stage, params={
+                                          "parallel_mode": mode,
+                                          "teon_per_layer_fallback": True})))  # no q/k/v here: no TEON stack
+    # the stages reduce the 4 ranks' gradients in other orders (all-reduce, reduce-scatter): sums of 4 terms
+    budget = tol.RoundingBudget(engine.basic_optimizer, eps_in=tol.sums(torch.float32, WORLD))
     for step in range(STEPS):
         tokens, labels = h.batch(step, dist.get_rank())
         engine.backward(engine(tokens, labels))
@@ -78,7 +83,8 @@ def train(rank, world_size, stage, mode="distributed"):
                       for fp, plan in plans if plan.jobs})
     expert_jobs = [j for fp, plan in plans if opt.parallel.spec(fp.entries[0].name).is_expert for j in plan.jobs]
     slices = {(j.cut, any(u.expert_index is not None for u in j.units)) for j in expert_jobs}
-    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}, planned, slices
+    weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return weights, planned, slices, budget.weights(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +92,8 @@ def zero0():
     """ZeRO-0, checked against every rank computing every matrix itself (no exchange at all)."""
     owner_compute = run_ranks(train, WORLD, 0, timeout=120)
     replicated = run_ranks(train, WORLD, 0, mode="replicated", timeout=120)
-    for a, b in zip(owner_compute, replicated):
-        for name, p in a[0].items():
-            assert float((p - b[0][name]).norm() / p.norm()) <= 1e-6, name
+    for a, b in zip(owner_compute, replicated):  # the same gradients: the iterations' rounding only
+        assert tol.distance(a[0], b[0]) <= a[3], (tol.distance(a[0], b[0]), a[3])
     return owner_compute
 
 
@@ -101,9 +106,10 @@ def test_deepspeed_moe_zero_1_2_equal_zero_0(zero0, stage):
         assert (True, True) in got[rank][2]  # an expert job holding a 3-D weight's slice is cut and exchanged
         params, ref = got[rank][0], zero0[rank][0]
         assert any("deepspeed_experts.1." in n for n in params)
-        for name, want in ref.items():
-            err = float((params[name] - want).norm() / want.norm())
-            assert err <= 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
+        # the gradients' reduction order and the iterations' rounding (tol.RoundingBudget; each step's
+        # gradients also see the previous steps' weight differences, of the budget's own size, which the
+        # per-step sums(4) of a gradient reduction exceeds while the budget stays far below the weights)
+        assert tol.distance(params, ref) <= zero0[rank][3], (rank, tol.distance(params, ref), zero0[rank][3])
     # expert-DP replicas (ranks r and r + EP hold the same experts) stayed identical; EP peers did not
     for name, p in got[0][0].items():
         assert torch.equal(p, got[EP][0][name]), name

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import teonspeed
+from support import tolerance as tol
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,18 +35,24 @@ def test_hf_trainer_with_auto_params_agrees_across_zero_stages(tmp_path):
     # "betas": "auto", "eps": "auto" came from TrainingArguments(adam_beta1/2, adam_epsilon)
     assert all(r["adamw"] == {"betas": [0.85, 0.98], "eps": 1e-7} for r in runs)
     reference = torch.tensor(runs[0]["weights"])
+    budget = runs[0]["budget"]  # stage 0's rounding budget (hf_trainer_script.RoundingBudgetCallback)
     for r in runs[1:]:
-        assert len(r["losses"]) == 3 and r["losses"] == pytest.approx(runs[0]["losses"], rel=1e-6)
-        assert float((torch.tensor(r["weights"]) - reference).norm() / reference.norm()) <= 1e-6
+        assert float((torch.tensor(r["weights"]) - reference).norm()) <= budget
+        assert len(r["losses"]) == 3
+        for a, b, g in zip(r["losses"], runs[0]["losses"], runs[0]["grad_norms"]):
+            # ‖∇L‖ times the weights' bound, plus the loss's own reductions (a log-softmax over 64 tokens)
+            assert abs(a - b) <= g * budget + tol.sums(torch.float32, 64) * abs(b)
 
 
 def test_deepspeed_option_names_mean_the_same_as_ours():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    theirs = teonspeed.TEON(model, betas=(0.8, 0.9), eps=1e-6, adam_lr=1e-3, adam_w_mode=True).config
-    ours = teonspeed.TEON(model, adamw_betas=(0.8, 0.9), adamw_eps=1e-6, adamw_lr=1e-3).config
+    blockless = dict(teon_per_layer_fallback=True)  # no transformer blocks here: no TEON stack can form
+    theirs = teonspeed.TEON(model, betas=(0.8, 0.9), eps=1e-6, adam_lr=1e-3, adam_w_mode=True,
+                            **blockless).config
+    ours = teonspeed.TEON(model, adamw_betas=(0.8, 0.9), adamw_eps=1e-6, adamw_lr=1e-3, **blockless).config
     assert theirs == ours
     # DeepSpeed's Muon: muon_lr for the matrices, the shared lr then for the Adam half
-    split = teonspeed.TEON(model, lr=3e-4, muon_lr=0.02).config
+    split = teonspeed.TEON(model, lr=3e-4, muon_lr=0.02, **blockless).config
     assert (split.lr, split.adamw_lr) == (0.02, 3e-4)
 
 

@@ -6,16 +6,19 @@ import pytest
 import torch
 
 import megatron_models as mm
+from support import tolerance as tol
 from support.harness import RankError, run_ranks
 
 STEPS, SAVE_AT = 4, 2
 
 
-def build(tp, bf16=False):
+def build(tp, bf16=False, float64=False):
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
     model = mm.tiny_gpt(mm.tiny_config(tp=tp))
     if bf16:
         model = model.bfloat16()
+    if float64:  # the same initial weights and training in fp64: tol.oracle_bound's oracle
+        model = model.double()
     opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer="teon", lr=0.02, adamw_lr=3e-3, weight_decay=0.01,
                                                      clip_grad=0.0, bf16=bf16), [model])
     return model, opt
@@ -112,16 +115,19 @@ def test_a_tp2_checkpoint_resumes_at_tp1(tmp_path):
     run_ranks(train_then_save, 2, directory, SAVE_AT, timeout=120)
     weights, state, steps = run_ranks(load_then_train, 1, directory, timeout=120)[0]
     ref_weights = run_ranks(_four_steps_at_tp1, 1, timeout=120)[0]
+    oracle = run_ranks(_four_steps_at_tp1, 1, float64=True, timeout=120)[0]
     assert steps == [STEPS] * len(steps)
-    for name, (value, *_) in ref_weights.items():
-        err = float((weights[name][0] - value).norm() / value.norm())
-        assert err <= 3e-5, f"{name}: relative error {err:.2e}"  # TP=2 rounds its forward differently
+    # TP=2 rounds its forward differently for the first two steps: within the fp64 oracle's measure of the
+    # TP=1 run's own rounding
+    first = {name: value[0] for name, value in ref_weights.items()}
+    bound = tol.oracle_bound(first, {name: value[0] for name, value in oracle.items()})
+    assert tol.distance({name: value[0] for name, value in weights.items()}, first) <= bound
 
 
-def _four_steps_at_tp1(rank, world_size):
+def _four_steps_at_tp1(rank, world_size, float64=False):
     from megatron.core import parallel_state as ps
     ps.initialize_model_parallel()
-    model, opt = build(1)
+    model, opt = build(1, float64=float64)
     train(model, opt, range(STEPS))
     return snapshot(model, opt)[0]
 

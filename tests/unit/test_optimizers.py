@@ -8,6 +8,7 @@ import torch
 
 import teonspeed
 from teonspeed.fused import LAYOUT_ATTR, qkv_layout, split
+from support import tolerance as tol
 from tiny_models import TinyLlama
 
 
@@ -49,8 +50,10 @@ def ds_muon(monkeypatch):
 @pytest.mark.parametrize("shape", [(16, 24), (24, 16)])
 def test_ns5_equals_deepspeeds_newton_schulz(ds_muon, shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(teonspeed.orthogonalize(x, "ns5"), ds_muon.zeropower_via_newtonschulz5(x, 5),
-                               rtol=1e-5, atol=1e-6)
+    ours = teonspeed.orthogonalize(x, "ns5", compute_dtype=torch.float32)  # the oracle is forced to fp32 too
+    # the same iteration evaluated in another order: each side's own fp32 rounding (√2 of one)
+    bound = 2 ** 0.5 * tol.ns_error_rms(0.0, "ns5", 5, torch.float32, x)
+    assert tol.rel(ours, ds_muon.zeropower_via_newtonschulz5(x, 5)) <= bound
 
 
 def test_ns5_in_bf16_matches_deepspeeds_bf16_iteration():
@@ -59,10 +62,12 @@ def test_ns5_in_bf16_matches_deepspeeds_bf16_iteration():
     ours = teonspeed.orthogonalize(x, "ns5", compute_dtype=torch.bfloat16).float()
     theirs = original_muon.zeropower_via_newtonschulz5(x, 5).float()
     exact_fp32 = teonspeed.orthogonalize(x, "ns5", compute_dtype=torch.float32)
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-    # bf16 rounding compounds over 5 iterations: both land a few % from the fp32 result, ours no further.
-    assert rel(ours, theirs) < 6e-2
-    assert rel(ours, exact_fp32) <= 1.5 * rel(theirs, exact_fp32) + 1e-3
+    # each is the fp32 iteration with bf16 rounding: the input cast (u_bf16 per entry) and 3 products per step
+    # rounded to bf16, grown by this input's spectrum (tol.ns_error_rms); the fp32 result's own rounding is
+    # 2⁻¹⁶ times smaller
+    bound = tol.ns_error_rms(tol.u(torch.bfloat16), "ns5", 5, torch.bfloat16, x)
+    assert tol.rel(ours, exact_fp32) <= bound and tol.rel(theirs, exact_fp32) <= bound
+    assert tol.rel(ours, theirs) <= 2 * bound
 
 
 @pytest.mark.parametrize("shape", [(16, 24), (24, 16)])
@@ -71,7 +76,10 @@ def test_muon_step_equals_deepspeeds_muon_update(ds_muon, shape):
     w = torch.nn.Parameter(torch.randn(*shape))
     w_ref = w.detach().clone()
     momentum_ref = torch.zeros_like(w_ref)
-    opt = teonspeed.Muon([("decoder.layers.0.mlp.linear_fc2.weight", w)], lr=lr, weight_decay=wd, momentum=beta)
+    # the oracle is forced to fp32, ours too
+    opt = teonspeed.Muon([("decoder.layers.0.mlp.linear_fc2.weight", w)], lr=lr, weight_decay=wd,
+                         momentum=beta, ns_dtype="fp32")
+    bound = 0.0
     for s in range(3):
         grad = torch.randn(*shape, generator=torch.Generator().manual_seed(s))
         w.grad = grad.clone()
@@ -79,7 +87,12 @@ def test_muon_step_equals_deepspeeds_muon_update(ds_muon, shape):
         update = ds_muon.muon_update(grad.clone(), momentum_ref, beta=beta, ns_steps=5, nesterov=True,
                                      ns_method="standard")
         w_ref = w_ref * (1 - lr * wd) - lr * update
-    torch.testing.assert_close(w.detach(), w_ref, rtol=1e-5, atol=1e-6)
+        # this step's update: both sides' iteration rounding on the direction they orthogonalized (the
+        # Nesterov momentum), grown by its spectrum; the decay and subtraction round twice (2u·|w|)
+        direction = grad.lerp(momentum_ref, beta)
+        bound = bound * (1 - lr * wd) + lr * float(update.norm()) * 2 ** 0.5 * tol.ns_error_rms(
+            0.0, "ns5", 5, torch.float32, direction) + 2 * tol.LAMBDA * tol.u() * float(w_ref.norm())
+    assert float((w.detach() - w_ref).norm()) <= bound
 
 
 # -- routing and the AdamW part ---------------------------------------------------------------------
@@ -96,8 +109,12 @@ def test_adamw_part_equals_torch_adamw():
         set_grads(ref, s)
         torch_opt.step()
     got = dict(model.named_parameters())
+    # the same elementwise AdamW, its ~10 rounded operations per step (2 moments, 2 bias corrections, √, +ε,
+    # ÷, ×lr, decay, −) ordered differently: ≤ 2·10·u of the step lr·|m̂/(√v̂+ε)| ≤ lr·4 (β₁/√β₂ = 0.84
+    # bounds the ratio's growth) and ≤ 2·2·u of |w| (decay and subtraction), over 3 steps
     for n in adamw_names:
-        torch.testing.assert_close(got[n], ref_params[n], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got[n], ref_params[n], rtol=3 * 4 * tol.u(),
+                                   atol=3 * 20 * tol.u() * 1e-2 * 4)
 
 
 def test_matrices_get_orthogonalized_updates():
@@ -106,7 +123,12 @@ def test_matrices_get_orthogonalized_updates():
     opt = teonspeed.Muon(model.named_parameters(), lr=1.0, orthogonalizer="svd", lr_scale="none", momentum=0.0)
     opt.step()
     delta = before["layers.2.self_attn.o_proj.weight"] - model.layers[2].self_attn.o_proj.weight.detach()
-    torch.testing.assert_close(delta.T @ delta, torch.eye(16), rtol=0, atol=1e-5)
+    # the fp64 polar factor O, cast to fp32 (u|O|), applied as w − O and recovered as before − after: two fp32
+    # roundings of |w| + |O| each, E; then δᵀδ − I = OᵀE + EᵀO + EᵀE plus the fp32 product's own rounding
+    w = before["layers.2.self_attn.o_proj.weight"]
+    e = 3 * tol.u() * (float(w.norm()) + 4.0)  # ‖E‖_F, ‖O‖_F = √16
+    torch.testing.assert_close(delta.T @ delta, torch.eye(16), rtol=0,
+                               atol=2 * e + e ** 2 + tol.sums(torch.float32, 16))
 
 
 # -- TEON ---------------------------------------------------------------------------------------------
@@ -122,8 +144,12 @@ def test_teon_hand_computed_two_block_step():
     w1.grad, w2.grad = g1.clone(), g2.clone()
     opt.step()
     r = 1 / math.sqrt(2)
-    torch.testing.assert_close(w1.detach(), torch.ones(2, 2) - 0.1 * torch.tensor([[1.0, 0.0], [0.0, r]]))
-    torch.testing.assert_close(w2.detach(), torch.ones(2, 2) - 0.1 * torch.tensor([[0.0, 0.0], [0.0, r]]))
+    # the fp64 SVD of a 2×4 stack, cast to fp32, times lr and subtracted from 1: three fp32 roundings of ≤ 1
+    exact = dict(rtol=0, atol=3 * tol.u() + tol.sums(torch.float64, 4))
+    torch.testing.assert_close(w1.detach(), torch.ones(2, 2) - 0.1 * torch.tensor([[1.0, 0.0], [0.0, r]]),
+                               **exact)
+    torch.testing.assert_close(w2.detach(), torch.ones(2, 2) - 0.1 * torch.tensor([[0.0, 0.0], [0.0, r]]),
+                               **exact)
 
 
 @pytest.mark.parametrize("teon_mode, dim", [(1, 1), (2, 0)])  # mode 1: along the input dim; 2: the output dim
@@ -136,8 +162,12 @@ def test_teon_update_is_the_split_polar_factor_of_the_stack(teon_mode, dim):
     polar = teonspeed.orthogonalize(torch.cat([directions[q0], directions[q1]], dim=dim).double(), "svd").float()
     first, second = polar.chunk(2, dim=dim)
     scale = math.sqrt(8 / 16)  # fan_ratio √(m/n) of the single layer, TEON's default
-    torch.testing.assert_close(before[q0] - dict(model.named_parameters())[q0], scale * first, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(before[q1] - dict(model.named_parameters())[q1], scale * second, atol=1e-5, rtol=1e-5)
+    # the same fp64 SVD of the same stack; the update is cast to fp32, scaled, subtracted from w and recovered
+    # as before − after: ≤ 4 fp32 roundings of |w| + |update| per entry
+    after = dict(model.named_parameters())
+    for name, part in ((q0, first), (q1, second)):
+        atol = 4 * tol.u() * float(before[name].abs().max() + scale * part.abs().max())
+        torch.testing.assert_close(before[name] - after[name], scale * part, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("orthogonalizer", ["ns5", "polar_express", "svd"])
@@ -158,8 +188,10 @@ def test_fused_qkv_is_split_orthogonalized_per_part_and_refused():
     teonspeed.Muon([("decoder.layers.0.self_attention.linear_qkv.weight", w)], lr=1.0, orthogonalizer="svd",
                    momentum=0.0, lr_scale="none").step()
     got = split(-w.detach(), qkv_layout(heads, groups, hd))
+    # the same fp64 SVD of the same rows, both cast to fp32; the step subtracts it from 0 (exact)
     for name in ("q", "k", "v"):
-        torch.testing.assert_close(got[name], teonspeed.orthogonalize(parts[name], "svd"), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got[name], teonspeed.orthogonalize(parts[name], "svd"), rtol=0,
+                                   atol=tol.u() + tol.sums(torch.float64, 16))
 
 
 # -- HTMuon ---------------------------------------------------------------------------------------------
@@ -172,15 +204,44 @@ def test_htmuon_update_is_u_sigma_p_vt_of_the_nesterov_momentum():
     beta = 0.95
     nesterov = (1 - beta) * g + beta * ((1 - beta) * g)
     U, S, Vh = torch.linalg.svd(nesterov.double(), full_matrices=False)
-    torch.testing.assert_close(-w.detach().double(), U @ torch.diag(S**0.25) @ Vh, atol=1e-5, rtol=1e-5)
+    # HTMuon's SVD runs in fp32 (as the authors'): backward error ≈ √20·u·‖X‖ (probabilistic), and
+    # X ↦ U Σᵖ Vᵀ grows a perturbation by at most σ_min^(p−1) (its divided differences: p·σ^(p−1) and
+    # (σᵢᵖ + σⱼᵖ)/(σᵢ + σⱼ))
+    grow = float(S.min()) ** (0.25 - 1)
+    bound = (tol.sums(torch.float32, 20) * float(nesterov.norm()) * grow
+             + tol.u() * float(S.max()) ** 0.25 * 12 ** 0.5)
+    assert float((-w.detach().double() - U @ torch.diag(S**0.25) @ Vh).norm()) <= bound
 
 
 def test_htmuon_power_zero_is_muon_with_exact_polar():
     a, b = model_with_grads(), model_with_grads()
     run(teonspeed.HTMuon, a, ht_power=0.0)
     run(teonspeed.Muon, b, orthogonalizer="svd")
+    # p = 0 gives U Vᵀ from an fp32 SVD, Muon's from an fp64 one: the polar factor moves by ≤ ‖δX‖_F/σ_min
+    # (Li's bound), LAPACK's backward error ‖δX‖ ≈ √n·u·‖X‖ (tol.sums), for each direction the optimizer
+    # saw; each step moves the weight by lr·√max(1, m/n) times that, and rounds it by u·|w| (twice)
+    directions = nesterov_directions()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=n)
+        bound = 2 * 3 * tol.LAMBDA * tol.u() * float(pb.norm())
+        if pb.ndim == 2 and "embed" not in n and "lm_head" not in n:
+            scale = max(1.0, pb.shape[0] / pb.shape[1]) ** 0.5
+            bound += sum(0.02 * scale * tol.sums(torch.float32, max(d.shape)) * float(d.norm())
+                         / float(torch.linalg.svdvals(d).min()) for d in directions[n])
+        assert float((pa - pb).norm()) <= bound, (n, float((pa - pb).norm()), bound)
+
+
+def nesterov_directions(steps=3, beta=0.95):
+    """name -> the Nesterov momentum direction each step orthogonalizes, for model_with_grads() fed by
+    run(): M ← βM + (1−β)G, D = (1−β)G + βM (the optimizer's rule, computed in fp64)."""
+    model = model_with_grads()
+    momentum, out = {}, {}
+    for s in range(steps):
+        set_grads(model, s)
+        for n, p in model.named_parameters():
+            g = p.grad.double()
+            momentum[n] = beta * momentum.get(n, torch.zeros_like(g)) + (1 - beta) * g
+            out.setdefault(n, []).append((1 - beta) * g + beta * momentum[n])
+    return out
 
 
 def test_htmuon_interval_alternates_heavy_tail_and_muon():
@@ -198,7 +259,9 @@ def test_htmuon_interval_alternates_heavy_tail_and_muon():
     ht = teonspeed.HTMuon([("layers.0.mlp.down_proj.weight", w)], ht_interval=2, lr=1.0, lr_scale="none")
     ht.step()
     first = -w.detach().clone()
-    assert not torch.allclose(torch.linalg.svdvals(first), torch.ones(6), atol=1e-2)  # step 0: heavy-tailed
+    # step 0: heavy-tailed, σᵖ of a Gaussian 6×8's spread-out σ (a factor ≥ 2 apart): far from 1, by more than
+    # 1e-2 ≫ any rounding of a 6×8 SVD (√8·u)
+    assert not torch.allclose(torch.linalg.svdvals(first), torch.ones(6), atol=1e-2)
     w.grad = torch.randn(6, 8)
     before = w.detach().clone()
     ht.step()

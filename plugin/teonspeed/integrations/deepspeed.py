@@ -5,13 +5,14 @@
                                              config="ds_config.json", mpu=teonspeed.deepspeed.MegatronMPU())
 
 Types: "TEON", "TeonspeedMuon", "TeonspeedHTMuon". DeepSpeed lower-cases "Muon" to its own built-in
-optimizer, so ours carry a prefix that cannot collide. ZeRO stages 0, 1 and 2 (fp32, bf16) are supported;
-stage 3 is refused. This module builds the optimizer and describes DeepSpeed's buffers to it; the changes
-to DeepSpeed's classes themselves live in patches/.
+optimizer, so ours carry a prefix that cannot collide (and "Muon" with teonspeed imported warns, naming
+"TeonspeedMuon"). ZeRO stages 0, 1 and 2 (fp32, bf16) are supported; stage 3, fp16, ZeRO-Offload and
+universal checkpoints are refused when the engine starts. This module builds the optimizer and describes
+DeepSpeed's buffers to it; the changes to DeepSpeed's classes themselves live in patches/.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -73,30 +74,82 @@ class MegatronMPU:
         return self.ps.get_tensor_model_parallel_rank()
 
 
-def build_optimizer(engine, model_parameters) -> OrthoOptimizer:
-    """What DeepSpeed's engine calls for our config types (see patches/deepspeed_0_19.py)."""
+def our_optimizer_name(engine) -> Optional[str]:
+    """The teonspeed optimizer this engine is being built with (a config type of ours, or an instance or
+    class of ours passed as `optimizer=`), or None."""
+    client = engine.client_optimizer
+    if isinstance(client, type) and issubclass(client, OrthoOptimizer):
+        return client.__name__
+    if isinstance(client, OrthoOptimizer):
+        return type(client).__name__
     name = engine.optimizer_name()
+    return name if client is None and name in DEEPSPEED_TYPES else None
+
+
+def check_engine(engine, name: str) -> None:
+    """What teonspeed refuses in a DeepSpeed config, checked where the engine starts (before DeepSpeed's
+    own device checks and before any collective of the engine), the same on every rank: one line naming
+    the setting and what to use instead."""
+    if engine.fp16_enabled():
+        # DeepSpeed's fp16 wrappers (dynamic loss scaling, overflow-skipped steps) are not verified with
+        # our step, and CPUs differ in whether DeepSpeed takes fp16 at all; bf16 needs no loss scale.
+        raise ValueError(f"teonspeed: optimizer {name!r} is not verified under DeepSpeed's fp16 "
+                         f"(loss-scaled) training; set \"bf16\": {{\"enabled\": true}} instead of \"fp16\" "
+                         f"(or train in fp32)")
     stage = engine.zero_optimization_stage()
     if stage not in SUPPORTED_ZERO_STAGES:
-        raise ValueError(f"teonspeed: optimizer {name!r} supports ZeRO stages {SUPPORTED_ZERO_STAGES}, got "
-                         f"zero_optimization.stage={stage}; use stage 1 or 2 to partition optimizer state")
-    offload = engine.zero_offload_optimizer() if hasattr(engine, "zero_offload_optimizer") else None
-    offload_device = str(getattr(getattr(offload, "device", None), "value", getattr(offload, "device", "none")))
-    if offload is not None and offload_device not in ("none", "None"):
+        raise ValueError(f"teonspeed: optimizer {name!r} supports ZeRO stages {SUPPORTED_ZERO_STAGES}, not "
+                         f"zero_optimization.stage={stage} (stage 3 partitions the parameters themselves: no "
+                         f"rank holds a whole matrix); use stage 1 or 2 to partition the optimizer state")
+    offload = engine.zero_offload_optimizer()
+    device = str(getattr(getattr(offload, "device", None), "value", getattr(offload, "device", "none")))
+    if offload is not None and device not in ("none", "None"):
         # ZeRO-Offload keeps the partitions on the host while NCCL moves only device tensors, and the
         # step would run the orthogonalization on the CPU: refused rather than slow or broken.
         raise ValueError(f"teonspeed: optimizer {name!r} does not support ZeRO-Offload "
-                         f"(zero_optimization.offload_optimizer.device={offload_device!r}): its exchange needs the "
-                         f"optimizer partitions on the GPU. Remove zero_optimization.offload_optimizer (or set its "
-                         f"device to \"none\"); ZeRO-1/2 already partition the optimizer state over "
+                         f"(zero_optimization.offload_optimizer.device={device!r}): its exchange needs the "
+                         f"optimizer partitions on the GPU. Remove zero_optimization.offload_optimizer (or "
+                         f"set its device to \"none\"); ZeRO-1/2 already partition the optimizer state over "
                          f"data-parallel ranks")
     if engine.load_universal_checkpoint():
         # Universal checkpoints re-cut Adam-named state fragments per parameter; ours (momentum of flat
         # partitions, TEON groups) is not converted by ds_to_universal, so it would be lost or misplaced.
         raise ValueError(f"teonspeed: optimizer {name!r} cannot load DeepSpeed universal checkpoints "
-                         f"(checkpoint.load_universal=true): ds_to_universal does not convert its state. Resume "
-                         f"from the regular checkpoint at the DP size it was saved with (ZeRO-0 checkpoints also "
-                         f"load at another DP size), or through Megatron's torch_dist checkpoints, which reshard")
+                         f"(checkpoint.load_universal=true): ds_to_universal does not convert its state. "
+                         f"Resume from the regular checkpoint at the DP size it was saved with (ZeRO-0 "
+                         f"checkpoints also load at another DP size), or through Megatron's torch_dist "
+                         f"checkpoints, which reshard")
+
+
+# What DeepSpeed's own Muon reads from "params" (engine._MUON_HALF_KEYS, _ADAM_HALF_KEYS and the lrs).
+_DEEPSPEED_MUON_KEYS = {"lr", "muon_lr", "adam_lr", "momentum", "weight_decay", "ns_method", "betas", "eps",
+                        "adam_w_mode", "torch_adam"}
+
+
+def builtin_muon_warning(engine) -> Optional[str]:
+    """`"type": "Muon"` is DeepSpeed's own Muon (DeepSpeed lower-cases the name), whatever teonspeed
+    options its params hold: the one line that says so, or None for any other type."""
+    if engine.client_optimizer is not None or engine.optimizer_name() != "muon":
+        return None
+    from ..config import OPTION_NAMES
+    params = engine.optimizer_params() or {}
+    ignored = sorted(k for k in params if k in OPTION_NAMES and k not in _DEEPSPEED_MUON_KEYS)
+    message = ("teonspeed: \"type\": \"Muon\" runs DeepSpeed's own Muon, not teonspeed's"
+               + (f" (it ignores {', '.join(ignored)})" if ignored else "")
+               + "; use \"type\": \"TeonspeedMuon\" (or \"TEON\") for teonspeed's optimizer")
+    mpu = engine.mpu
+    tp = mpu.get_model_parallel_world_size() if hasattr(mpu, "get_model_parallel_world_size") else 1
+    tp = max(tp, engine.autotp_size() or 1)
+    if tp > 1:
+        message += (f"; under tensor parallelism ({tp}) DeepSpeed's Muon orthogonalizes each shard alone, "
+                    f"not the whole matrix")
+    return message
+
+
+def build_optimizer(engine, model_parameters) -> OrthoOptimizer:
+    """What DeepSpeed's engine calls for our config types (see patches/deepspeed_0_19.py); the engine's
+    settings were checked by `check_engine` when it started."""
+    name = engine.optimizer_name()
     options = dict(engine.optimizer_params() or {})
     annotate_model(engine.module)  # tag Megatron's fused QKV / gated-MLP weights so they are split
     names = {id(p): n for n, p in engine.module.named_parameters()}

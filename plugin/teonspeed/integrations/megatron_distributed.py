@@ -34,6 +34,7 @@ import torch.distributed as dist
 from .megatron_wrappers import TeonFP32Optimizer
 from ..optim import OrthoOptimizer
 from ..optim.checkpoint import LAYOUT_KEY
+from ..optim.checks import names_differ
 from ..parallel.flat import BucketShard, FlatEntry, FlatPartition
 
 
@@ -263,7 +264,8 @@ def _check_same_layout(saved: Optional[Dict[str, Any]], current: Dict[str, Any])
             diff = next(((f, x, y) for f, x, y in zip(fields, a, b) if x != y), None)
             if diff is not None:
                 what, x, y = diff
-                problem = f"bucket {i} differs in its {what}" + (f": {x} saved, {y} here" if what != fields[2] else "")
+                problem = f"bucket {i} differs in its {what}: " + (_entries_differ(x, y) if what == fields[2]
+                                                                   else f"{x} saved, {y} here")
                 break
     if problem is not None:
         raise ValueError(
@@ -272,6 +274,15 @@ def _check_same_layout(saved: Optional[Dict[str, Any]], current: Dict[str, Any])
             f"resharded: resume with the same TP/PP/DP sizes, model, DDP bucket size and precision, each rank "
             f"loading the file it saved; or resume from a checkpoint saved with use_distributed_optimizer=False "
             f"through megatron.core.dist_checkpointing, which reshards")
+
+
+def _entries_differ(saved: List, current: List) -> str:
+    """Which parameters of a bucket partition differ ([name, offset, shape] entries), by name."""
+    named = names_differ([e[0] for e in saved], [e[0] for e in current])
+    if named is not None:
+        return named
+    a, b = next((a, b) for a, b in zip(saved, current) if a != b)
+    return f"{a[0]!r} at offset {a[1]} with shape {tuple(a[2])} saved, at {b[1]} with {tuple(b[2])} here"
 
 
 def wrap(optimizer: OrthoOptimizer, config, model_chunks) -> TeonDistributedOptimizer:

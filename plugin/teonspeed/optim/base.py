@@ -34,6 +34,7 @@ from ..parallel.partitioned import PartitionRunner, check_groups_within_partitio
 from ..parallel.runner import Runner, StepIO
 from ..parallel.topology import build_step_group, build_topology
 from .checkpoint import LAYOUT_KEY, CheckpointState  # noqa: F401  (LAYOUT_KEY: re-exported)
+from .checks import agreed_construction, refuse_dtensor_parameters, require_teon_stacks
 from ..params import ROUTE_KEY, internal_groups, normalize_params
 from ..plan import Plan
 from ..qk_clip import attach_from_options
@@ -56,12 +57,30 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
     kind = "muon"
 
     def __init__(self, params, *, parallel: Optional[ParallelContext] = None, **options: Any) -> None:
+        # Every rank raises the same refusal, before the runner's first collective (none is left waiting).
+        with agreed_construction():
+            named = self._construct(params, parallel, options)
+        self._params_by_name = {n: p for n, p in named}
+        self._layouts = {n: getattr(p, LAYOUT_ATTR, None) for n, p in named}
+        self._tensors: ParamTensors = ParamTensors()  # what the step updates: the parameters, until attached
+        self._runner: Runner = self._make_runner()
+        self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
+        self.grad_norm: Optional[float] = None  # the last step's global gradient norm, where it clips
+        # QK-clip runs after each step through torch's step hooks (teonspeed.qk_clip), not inside step():
+        # attached here when the model was passed, else by the integration or teonspeed.qk_clip.attach.
+        self.qk_clip = attach_from_options(params, self)
+
+    def _construct(self, params, parallel: Optional[ParallelContext], options: Dict[str, Any]
+                   ) -> List[Tuple[str, torch.Tensor]]:
+        """Options, parameters, layout and groups: everything that can refuse the optimizer, made
+        without any collective. Returns the named parameters."""
         self.config: OptimizerConfig = make_config(self.kind, options)
         # parallel_mode="distributed" named explicitly: run the exchange code even in a world of one rank
         # (one GPU with an NCCL group exercises it); otherwise a one-rank world takes the local path.
         self._mode_forced = options.get("parallel_mode") == "distributed"
         check_cpu_bf16_env()  # a bad TEONSPEED_CPU_BF16 fails here, not mid-step after the momentum moved
         user_groups = normalize_params(params)
+        refuse_dtensor_parameters(np for g in user_groups for np in g["named"])
         if parallel is None and isinstance(params, torch.nn.Module):
             parallel = megatron_context(params)
         elif parallel is None:
@@ -84,17 +103,11 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
                     force_route[name] = group[ROUTE_KEY]
         self.grouping: GroupingResult = self._build_grouping(named, force_route)
         check_stage_cuts(self.grouping, self.parallel, self.config.cut_groups_at_stage_boundary)
+        require_teon_stacks(self.grouping, self.config.teon_k, self.config.teon_types,
+                            self.config.teon_per_layer_fallback)
         route = {r.name: r.route for r in self.grouping.routing}
         super().__init__(internal_groups(self.config, user_groups, route), {})
-        self._params_by_name = {n: p for n, p in named}
-        self._layouts = {n: getattr(p, LAYOUT_ATTR, None) for n, p in named}
-        self._tensors: ParamTensors = ParamTensors()  # what the step updates: the parameters, until attached
-        self._runner: Runner = self._make_runner()
-        self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
-        self.grad_norm: Optional[float] = None  # the last step's global gradient norm, where it clips
-        # QK-clip runs after each step through torch's step hooks (teonspeed.qk_clip), not inside step():
-        # attached here when the model was passed, else by the integration or teonspeed.qk_clip.attach.
-        self.qk_clip = attach_from_options(params, self)
+        return named
 
     # -- the layout: what the step updates and who gathers the matrices ---------------------------------
     def rebind(self, pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.flat import BucketShard
+from .checks import check_same_layout
 from .stepped import BUCKET_STATE_KEYS, bucket_state
 
 LAYOUT_KEY = "teonspeed_layout"  # in state_dict(): the layout the state was saved in
@@ -63,23 +64,3 @@ class CheckpointState:
 
 def _group_size(group) -> int:
     return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-def check_same_layout(saved: Dict[str, Any], current: Dict[str, Any]) -> None:
-    problem = None
-    if saved["sizes"] != current["sizes"]:
-        problem = "parallel sizes differ"
-    elif saved["names"] != current["names"]:
-        problem = "the param groups hold other parameters"
-    else:
-        for names, a, b in zip(current["names"], saved["shapes"], current["shapes"]):
-            if a != b:
-                problem = f"the state of {names[0]!r}... has local shape(s) {a} in the checkpoint, {b} here"
-                break
-    if problem is None:
-        return
-    raise ValueError(
-        f"teonspeed: this optimizer state was saved in another layout ({problem}): saved with "
-        f"{saved['sizes']}, loading into {current['sizes']}. A plain state dict holds each rank's shards only "
-        f"and is not resharded; resume with the saved TP/EP sizes (and, under ZeRO-1/2, DP size), or save "
-        f"and load through megatron.core.dist_checkpointing (teonspeed.megatron), which reshards")

@@ -10,12 +10,17 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..parallel.runner import StepCheck
+from .checks import GradientError, gradient_problem, mark_plan
 from .stepped import digest
 
 
 def check_step(opt) -> bool:
     """True: take the step. False: a non-finite gradient somewhere; skip it (warned, nothing changed)."""
     params = [p for g in opt.param_groups for p in g["params"]]
+    # Layout, shape, dtype and device of every gradient (metadata only): a refused step changes nothing.
+    problem = gradient_problem((opt._names.get(id(p), "a flat ZeRO partition"), p) for p in params)
+    if problem is not None and opt._runner.stats is None:  # no collective to pass through first
+        raise GradientError(problem)
     grads = opt._tensors.grads(opt)
     norm_sq = opt._tensors.norm_sq()
     opt.grad_norm = None
@@ -28,7 +33,12 @@ def check_step(opt) -> bool:
     else:
         finite = torch.ones((), dtype=torch.bool, device=device)
     digests, lines = step_plan(opt, params)
+    if problem is not None:  # through the step's collective first, so that no rank is left waiting in it
+        lines = mark_plan(lines, problem)
+        digests = {k: digest(v) for k, v in lines.items()}
     ok, total_norm_sq = opt._runner.check_step(StepCheck(finite, digests, lambda: lines, norm_sq))
+    if problem is not None:
+        raise GradientError(problem)
     if total_norm_sq is not None:
         opt.grad_norm = math.sqrt(total_norm_sq)
     if ok:

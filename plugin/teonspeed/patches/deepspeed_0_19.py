@@ -5,15 +5,22 @@
 2. ZeRO's "tested optimizer" list gains our classes (tested: stages 0, 1, 2 in fp32 and bf16).
 3. The wrappers that replace parameters by other buffers tell our optimizer what those buffers are:
    DeepSpeedZeroOptimizer (ZeRO-1/2 flat partitions), BF16_Optimizer (bf16 ZeRO-1 flat partitions),
-   FP16_UnfusedOptimizer (bf16 stage 0 fp32 masters, without its zero-gradient warm-up step). ZeRO-3
-   refuses our optimizer. Each wrapper is patched by wrapping a method, so DeepSpeed's own code runs.
+   FP16_UnfusedOptimizer (bf16 stage 0 fp32 masters, without its zero-gradient warm-up step). Each
+   wrapper is patched by wrapping a method, so DeepSpeed's own code runs.
+4. Where the engine starts (`_do_sanity_check`, before its device checks and its first collective):
+   a config that teonspeed refuses with our optimizer (ZeRO-3, fp16, ZeRO-Offload, universal checkpoints)
+   raises one line on every rank, and the process group is torn down at exit so that the failing ranks
+   exit cleanly; `"type": "Muon"` logs one warning line (rank 0) naming "TeonspeedMuon".
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import logging
 
 WRITTEN_FOR = ("0.19.8",)
 _APPLIED = False
+_TEARDOWN_REGISTERED = False
 
 
 class UnsupportedVersion(RuntimeError):
@@ -38,8 +45,8 @@ def apply() -> None:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero import utils as zero_utils
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.utils import log_dist
 
     from teonspeed.integrations import deepspeed as integration
     from teonspeed.optim import OrthoOptimizer
@@ -91,15 +98,37 @@ def apply() -> None:
 
     FP16_UnfusedOptimizer.initialize_optimizer_states = initialize_optimizer_states
 
-    original_stage3 = DeepSpeedZeroOptimizer_Stage3.__init__
+    original_sanity_check = Engine._do_sanity_check
 
-    @functools.wraps(original_stage3)
-    def stage3_init(self, module, init_optimizer, *args, **kwargs):
-        if isinstance(init_optimizer, OrthoOptimizer):
-            raise ValueError(f"teonspeed: {type(init_optimizer).__name__} supports ZeRO stages "
-                             f"{integration.SUPPORTED_ZERO_STAGES}, not stage 3 (its parameters are partitioned "
-                             f"before the optimizer could see whole matrices); use zero_optimization.stage 1 or 2")
-        original_stage3(self, module, init_optimizer, *args, **kwargs)
+    @functools.wraps(original_sanity_check)
+    def _do_sanity_check(self):
+        name = integration.our_optimizer_name(self)
+        if name is not None:
+            try:
+                integration.check_engine(self, name)
+            except ValueError:
+                _tear_down_at_exit()
+                raise
+        warning = integration.builtin_muon_warning(self)
+        if warning is not None:
+            log_dist(warning, ranks=[0], level=logging.WARNING)
+        original_sanity_check(self)
 
-    DeepSpeedZeroOptimizer_Stage3.__init__ = stage3_init
+    Engine._do_sanity_check = _do_sanity_check
     _APPLIED = True
+
+
+def _tear_down_at_exit() -> None:
+    """A refused engine ends the script with the process group alive; a rank exiting so can abort in
+    gloo's teardown ("terminate called without an active exception", SIGABRT), so destroy the group
+    at exit instead (once; only if the script has not)."""
+    global _TEARDOWN_REGISTERED
+    if not _TEARDOWN_REGISTERED:
+        atexit.register(_destroy_process_group)
+        _TEARDOWN_REGISTERED = True
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,170 @@
+"""Refusals made before anything changes, each one line naming the parameter or option and the fix.
+
+Construction (the ranks agree on any refusal before the runner's first collective, so every rank
+raises the same line; see agreed_construction):
+- parameters that are DTensors (PyTorch FSDP2's `fully_shard`, or `parallelize_module`): refused;
+- a TEON run whose grouping formed no TEON stack (teon_k larger than the blocks, per pipeline stage):
+  refused unless the user opted into the per-layer fallback.
+
+Each step, before the first write: every gradient is dense and has its parameter's shape, dtype and
+device. Metadata only (no device work, no host read), so the step keeps its one host read.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..grouping import GroupingResult
+
+FALLBACK_OPTION = "teon_per_layer_fallback"
+
+
+@contextlib.contextmanager
+def agreed_construction() -> Iterator[None]:
+    """Around everything that may refuse an optimizer, before its first collective: in a job of several
+    ranks (where constructing is already collective, every rank at the same point), the ranks exchange
+    their refusals in one all_gather_object, and every rank raises: its own refusal, or the lowest
+    refusing rank's, word for word. A refusal on some stages only (their layers differ) cannot leave the
+    other ranks waiting in the runner's collectives."""
+    error: Optional[BaseException] = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - every refusal is shared, whatever its type
+        error = err
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: List[Optional[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, None if error is None else str(error))
+        first = next((text for text in everyone if text is not None), None)
+        if error is None and first is not None:
+            raise ValueError(first)
+    if error is not None:
+        raise error
+
+
+class GradientError(ValueError):
+    """A gradient the step cannot use; raised before any weight or optimizer state changes."""
+
+
+def refuse_dtensor_parameters(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) and DTensor tensor parallelism replace parameters by
+    DTensors holding a shard each; the step would orthogonalize shards as if they were whole matrices
+    (and fails inside DTensor dispatch). Refused at construction, naming the first such parameter."""
+    for name, p in named:
+        placements = getattr(p, "placements", None)
+        if placements is None or not hasattr(p, "device_mesh"):
+            continue
+        raise ValueError(
+            f"teonspeed: parameter {name!r} is a DTensor (placements {tuple(placements)}, as made by PyTorch "
+            f"FSDP2's fully_shard or DTensor parallelize_module); teonspeed does not step DTensor parameters "
+            f"yet. Shard with DeepSpeed ZeRO-1/2 (\"optimizer\": {{\"type\": \"TEON\"}}), Megatron-core "
+            f"(tensor parallel, use_distributed_optimizer) or DDP instead")
+
+
+def require_teon_stacks(grouping: GroupingResult, teon_k: int, teon_types, fallback: bool) -> None:
+    """TEON stacks matrices of `teon_types` from teon_k consecutive blocks; with more than the blocks a
+    pipeline stage holds, no stack forms and every matrix silently gets Muon. Refuse a run that forms
+    no stack unless `fallback` (the option `teon_per_layer_fallback`) says so. Every stage of an even
+    pipeline split holds as many blocks, so every rank decides alike."""
+    if teon_k <= 1 or fallback or any(g.is_teon for g in grouping.groups):
+        return
+    types = set(teon_types)
+    blocks = sorted({m.layer.block for g in grouping.groups for m in g.members
+                     if m.layer.block is not None and m.layer.layer_type in types})
+    if blocks:
+        # the count, not the block numbers: every pipeline stage raises the same line
+        where = f"{len(blocks)} block(s) with {'/'.join(sorted(types))} matrices (per pipeline stage)"
+    else:
+        where = (f"no {'/'.join(sorted(types))} matrix in a recognised transformer block (layer names like "
+                 f"layers.<i>.self_attn.q_proj; see grouping_rule=)")
+    raise ValueError(
+        f"teonspeed: teon_k={teon_k} forms no TEON stack: the model has {where}, so every matrix would fall "
+        f"back to per-layer Muon. Use a teon_k that divides the layers per pipeline stage, or pass "
+        f"{FALLBACK_OPTION}=True to accept the per-layer fallback")
+
+
+def gradient_problem(named: Iterable[Tuple[str, torch.Tensor]]) -> Optional[str]:
+    """The first gradient the step cannot use, as a one-line refusal, or None. Reads tensor metadata
+    only: layout, shape, dtype and device (a sparse gradient from nn.Embedding(sparse=True), or one set
+    through `.grad.data` with another shape, dtype or device)."""
+    for name, p in named:
+        g = p.grad
+        if g is None:
+            continue
+        if g.layout != torch.strided:
+            return (f"teonspeed: parameter {name!r} has a sparse gradient ({g.layout}); the optimizer needs "
+                    f"dense gradients: build the layer with sparse=False (nn.Embedding(..., sparse=False))")
+        for what, got, want in (("shape", tuple(g.shape), tuple(p.shape)), ("dtype", g.dtype, p.dtype),
+                                ("device", g.device, p.device)):
+            if got != want:
+                return (f"teonspeed: the gradient of parameter {name!r} has {what} {got}, the parameter "
+                        f"{want}; the step was refused before any weight or state changed (set .grad to a "
+                        f"tensor like the parameter)")
+    return None
+
+
+def mark_plan(lines: Dict[str, List[str]], problem: str) -> Dict[str, List[str]]:
+    """The step check's plan lines, marked with this rank's gradient problem: ranks where only some
+    refuse disagree on the plan and all raise (naming the line); ranks that all refuse raise their own
+    error after the check's collective. Nobody is left waiting in a collective."""
+    return {k: list(v) + [f"refused: {problem}"] for k, v in lines.items()}
+
+
+# -- load_state_dict: the saved layout against this optimizer's ----------------------------------------
+
+def names_differ(saved: List[str], current: List[str], limit: int = 3) -> Optional[str]:
+    """What differs between two lists of parameter names, naming them (None where they are equal)."""
+    if saved == current:
+        return None
+    gone = [n for n in saved if n not in set(current)]
+    new = [n for n in current if n not in set(saved)]
+
+    def some(names: List[str]) -> str:
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return ", ".join(repr(n) for n in names[:limit]) + more
+
+    parts = []
+    if gone:
+        parts.append(f"the checkpoint has {some(gone)}, which this model lacks")
+    if new:
+        parts.append(f"this model has {some(new)}, which the checkpoint lacks")
+    if not parts:
+        first = next(i for i, (a, b) in enumerate(zip(saved, current)) if a != b)
+        parts.append(f"the same parameters in another order (position {first}: {saved[first]!r} saved, "
+                     f"{current[first]!r} here)")
+    return "; ".join(parts)
+
+
+def check_same_layout(saved: Dict, current: Dict) -> None:
+    """Refuse, before anything changes, a state saved for other parameters or another parallel layout,
+    naming what differs: the parameters (another model, other param groups), a parameter's local
+    shape, or the parallel sizes (only then is the advice about TP/EP/DP sizes)."""
+    if saved["sizes"] != current["sizes"]:
+        raise ValueError(
+            f"teonspeed: this optimizer state was saved in another parallel layout: saved with "
+            f"{saved['sizes']}, loading into {current['sizes']}. A plain state dict holds each rank's shards "
+            f"only and is not resharded; resume with the saved TP/EP sizes (and, under ZeRO-1/2, DP size), "
+            f"or save and load through megatron.core.dist_checkpointing (teonspeed.megatron), which reshards")
+    fix = ("load it into the model and param groups it was saved from (the same layers, the same "
+           "requires_grad, the same param-group split)")
+    if len(saved["names"]) != len(current["names"]):
+        every = names_differ([n for g in saved["names"] for n in g],
+                             [n for g in current["names"] for n in g])
+        raise ValueError(f"teonspeed: this optimizer state was saved for {len(saved['names'])} param "
+                         f"group(s), this optimizer has {len(current['names'])}"
+                         + (f" ({every})" if every else "") + f"; {fix}")
+    for i, (a, b) in enumerate(zip(saved["names"], current["names"])):
+        problem = names_differ(a, b)
+        if problem is not None:
+            raise ValueError(f"teonspeed: this optimizer state was saved for other parameters (param group "
+                             f"{i}: {problem}); {fix}")
+    for i, (names, a, b) in enumerate(zip(current["names"], saved["shapes"], current["shapes"])):
+        # under ZeRO-1/2 a param group holds one flat partition of all its parameters
+        labels = [repr(n) for n in names] if len(names) == len(b) else [f"param group {i}'s flat partition"]
+        for label, x, y in zip(labels, a, b):
+            if x != y:
+                raise ValueError(f"teonspeed: this optimizer state was saved for another shape of {label}: "
+                                 f"local shape {x} in the checkpoint, {y} here (another model size, or "
+                                 f"another DP/TP size: saved with {saved['sizes']}); {fix}")
