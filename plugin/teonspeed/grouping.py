@@ -9,7 +9,8 @@ optimizer step turns into tensor slices. Rules, in order:
    weight is a stack of independent matrices (grouped-GEMM experts), one per leading index.
 3. TEON: matrices whose layer type is in `teon_types` are stacked with the *same type* (and the same
    expert index) from `teon_k` consecutive blocks, aligned at block 0: blocks (0,1), (2,3), ... for K=2.
-   A block without its partners (an odd last layer, a pipeline-stage boundary) falls back to Muon.
+   A block without its partners (an odd last layer, a pipeline-stage boundary) falls back to Muon; a
+   teon_k that forms no stack at all is refused (require_teon_stacks) unless teon_per_layer_fallback.
 """
 from __future__ import annotations
 
@@ -248,3 +249,28 @@ def _stack(matrices: List[MatrixRef], k: int, mode: int, stacked_types: set, not
             groups.append(OrthoGroup(tuple(present), mode))
     groups.extend(OrthoGroup((m,), mode) for m in singles)
     return groups
+
+
+FALLBACK_OPTION = "teon_per_layer_fallback"
+
+
+def require_teon_stacks(grouping: GroupingResult, teon_k: int, teon_types, fallback: bool) -> None:
+    """TEON stacks matrices of `teon_types` from teon_k consecutive blocks; with more than the blocks a
+    pipeline stage holds, no stack forms and every matrix silently gets Muon. Refuse a run that forms
+    no stack unless `fallback` (the option `teon_per_layer_fallback`) says so. Every stage of an even
+    pipeline split holds as many blocks, so every rank decides alike."""
+    if teon_k <= 1 or fallback or any(g.is_teon for g in grouping.groups):
+        return
+    types = set(teon_types)
+    blocks = sorted({m.layer.block for g in grouping.groups for m in g.members
+                     if m.layer.block is not None and m.layer.layer_type in types})
+    if blocks:
+        # the count, not the block numbers: every pipeline stage raises the same line
+        where = f"{len(blocks)} block(s) with {'/'.join(sorted(types))} matrices (per pipeline stage)"
+    else:
+        where = (f"no {'/'.join(sorted(types))} matrix in a recognised transformer block (layer names like "
+                 f"layers.<i>.self_attn.q_proj; see grouping_rule=)")
+    raise ValueError(
+        f"teonspeed: teon_k={teon_k} forms no TEON stack: the model has {where}, so every matrix would fall "
+        f"back to per-layer Muon. Use a teon_k that divides the layers per pipeline stage, or pass "
+        f"{FALLBACK_OPTION}=True to accept the per-layer fallback")

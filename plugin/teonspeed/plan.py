@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 
 from .config import OptimizerConfig, make_config
-from .grouping import GroupingResult, build_groups
+from .grouping import GroupingResult, build_groups, require_teon_stacks
 from .params import normalize_params
 
 
@@ -73,6 +73,5 @@ def plan(params: Any, optimizer: str = "teon", **options: Any) -> Plan:
     named = [(n, p) for g in normalize_params(params) for n, p in g["named"]]
     grouping = build_groups(named, teon_k=config.teon_k, teon_mode=config.teon_mode, teon_types=config.teon_types,
                             split_fused=config.split_fused, grouping_rule=config.grouping_rule)
-    from .optim.checks import require_teon_stacks
     require_teon_stacks(grouping, config.teon_k, config.teon_types, config.teon_per_layer_fallback)
     return Plan(optimizer.lower(), config, grouping)

@@ -28,7 +28,9 @@ class ToyEngine:
         self.model = torch.nn.Linear(4, out)
         if teon_lr is not None:
             from teonspeed import TEON
-            self.basic_optimizer = TEON(self.model.named_parameters(), lr=teon_lr)
+            # a Linear has no transformer blocks: TEON's per-layer fallback, said explicitly
+            self.basic_optimizer = TEON(self.model.named_parameters(), lr=teon_lr,
+                                        teon_per_layer_fallback=True)
         else:
             self.basic_optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=momentum)
         self.fail_save = fail_save

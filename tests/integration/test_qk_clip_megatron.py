@@ -11,14 +11,11 @@ import torch
 
 import megatron_models as mm
 import teonspeed
+from support import tolerance as tol
 from support.harness import run_ranks
 from teonspeed.qk_clip import find_layers, group_eta, row_scale, scale_rows
 
 TAU = 0.035  # the tiny GPT's logits start at 0.02-0.05 (hidden 32, 4 heads of 8): some heads clip, some not
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def tiny_mla(q_lora_rank):
@@ -107,18 +104,20 @@ def test_the_captured_maxima_are_the_attentions_logits(kind):
 
 
 # -- training with the clip: every layout equals one process -------------------------------------------
-def train(rank, world_size, tp=1, steps=3, distributed=False, optimizer="muon", bf16=False):
+def train(rank, world_size, tp=1, steps=3, distributed=False, optimizer="muon", bf16=False, float64=False):
     """A tiny GPT in Megatron DDP with teonspeed's Megatron optimizer and qk_clip=TAU; every step's global
-    batch is the same 4 sequences, split over the DP ranks. Returns the per-step maxima, the parameters."""
+    batch is the same 4 sequences, split over the DP ranks. Returns the per-step maxima, the parameters.
+    float64: the same model, initial weights and training in fp64 (tol.oracle_bound's oracle)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     config = mm.tiny_config(num_layers=2, tp=tp)
-    model = mm.tiny_gpt(config)
+    model = mm.tiny_gpt(config).double() if float64 else mm.tiny_gpt(config)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed), model.bfloat16() if bf16 else model)
+        grad_reduce_in_fp32=not float64, use_distributed_optimizer=distributed),
+        model.bfloat16() if bf16 else model)
     opt = get_megatron_optimizer(TeonOptimizerConfig(
         optimizer=optimizer, lr=0.05, adamw_lr=3e-3, clip_grad=0.0, bf16=bf16,
         use_distributed_optimizer=distributed, qk_clip=TAU), [ddp])
@@ -145,6 +144,11 @@ def one_process():
     return run_ranks(train, 1, timeout=180)[0]
 
 
+@pytest.fixture(scope="module")
+def one_process_fp64():
+    return run_ranks(train, 1, float64=True, timeout=180)[0]
+
+
 def test_the_reference_run_clips_some_heads_and_not_others(one_process):
     maxima = one_process[0]
     first = torch.cat(maxima[0])
@@ -152,26 +156,36 @@ def test_the_reference_run_clips_some_heads_and_not_others(one_process):
     assert all(float(torch.cat(m).max()) > TAU for m in maxima)  # the clip acts at every step
 
 
-# The layouts split the matmuls' reductions differently: fp32 rounding (~1e-7 relative) through three Muon
-# steps stays under 1e-5 (test_megatron_builder's bound for the same model); a wrong head, group or rank
-# in the clip moves whole rows by (τ/S)^α, a 1e-2-level difference.
+def maxima_bound(ref_maxima, oracle_maxima):
+    """Per step: how far another layout's per-head maxima may be from the reference's, all heads of all
+    layers together. The maxima are the forward's logits at that step's weights: the fp64 oracle's measure
+    of the reference's rounding at that step, (1 + λ) of it (tol.oracle_bound), plus the logit's own
+    rounding (a sum of 8 products, a head's width)."""
+    return [tol.oracle_bound(dict(enumerate(ref)), dict(enumerate(exact)))
+            + tol.sums(torch.float32, 8) * float(torch.cat(ref).norm())
+            for ref, exact in zip(ref_maxima, oracle_maxima)]
+
+
+# The layouts split the matmuls' reductions differently: fp32 rounding grown through three Muon steps, which
+# the fp64 oracle measures for the reference (tol.oracle_bound); a wrong head, group or rank in the clip
+# moves whole rows by (τ/S)^α, a 1e-2-level difference.
 @pytest.mark.parametrize("layout", [dict(world=2, tp=2), dict(world=2), dict(world=2, distributed=True)],
                          ids=["TP2", "DP2", "DP2-distributed-optimizer"])
-def test_training_with_the_clip_equals_one_process(layout, one_process):
+def test_training_with_the_clip_equals_one_process(layout, one_process, one_process_fp64):
     world = layout.pop("world")
     results = run_ranks(train, world, timeout=180, **layout)
     ref_maxima, ref_params, _ = one_process
-    for step, want in enumerate(ref_maxima):
-        for layer, want_layer in enumerate(want):
-            if layout.get("tp") == 2:  # TP rank r holds query groups r (heads 2r, 2r+1) of each layer
-                got = torch.cat([r[0][step][layer] for r in results])
-                assert torch.allclose(got, want_layer, rtol=1e-5, atol=0), (step, layer)
-            else:  # every replica gets the maximum over the whole batch, not over its half
-                for r in results:
-                    assert torch.allclose(r[0][step][layer], want_layer, rtol=1e-5, atol=0), (step, layer)
-    full = mm.full_params_of_replica0(results)
-    for name, (want, *_rest) in ref_params.items():
-        assert _rel(full[name], want) <= 1e-5, name
+    bounds = maxima_bound(ref_maxima, one_process_fp64[0])
+    for step, (want, bound) in enumerate(zip(ref_maxima, bounds)):
+        if layout.get("tp") == 2:  # TP rank r holds query groups r (heads 2r, 2r+1) of each layer
+            got = [torch.cat([r[0][step][layer] for r in results]) for layer in range(len(want))]
+            assert tol.distance(dict(enumerate(got)), dict(enumerate(want))) <= bound, step
+        else:  # every replica gets the maximum over the whole batch, not over its half
+            for r in results:
+                assert tol.distance(dict(enumerate(r[0][step])), dict(enumerate(want))) <= bound, step
+    weights = {name: value[0] for name, value in ref_params.items()}
+    exact = {name: value[0] for name, value in one_process_fp64[1].items()}
+    assert tol.distance(mm.full_params_of_replica0(results), weights) <= tol.oracle_bound(weights, exact)
     if not layout.get("tp"):  # the replicas stayed identical
         for name in ref_params:
             assert torch.equal(results[0][1][name][0], results[1][1][name][0]), name
@@ -198,9 +212,10 @@ def test_bf16_distributed_optimizer_clips_its_fp32_masters_and_the_bf16_partitio
 PP_TAU = 0.009  # these synthetic weights give logits of 0.005-0.014: some heads clip, some not
 
 
-def train_pipeline(rank, world_size, pp=1, steps=3):
+def train_pipeline(rank, world_size, pp=1, steps=3, float64=False):
     """Megatron DDP + 1F1B over `pp` stages (2 micro-batches a step); weights a function of each parameter's
-    global name (support/synthetic.py), so every layout starts from the same model."""
+    global name (support/synthetic.py), so every layout starts from the same model. float64: in fp64 (one
+    stage), tol.oracle_bound's oracle."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)
@@ -213,11 +228,13 @@ def train_pipeline(rank, world_size, pp=1, steps=3):
     config = mm.tiny_config(num_layers=2, pp=pp)
     model = mm.tiny_gpt(config, pre_process=ps.is_pipeline_first_stage(),
                         post_process=ps.is_pipeline_last_stage())
+    model = model.double() if float64 else model
     specs = megatron_shard_specs(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(local_tensor(name, p, specs[name], 0, 1, 0))
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=not float64),
+                                  model)
     config.finalize_model_grads_func = finalize_model_grads
     opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer="muon", lr=0.05, adamw_lr=3e-3, clip_grad=0.0,
                                                      qk_clip=PP_TAU), [ddp])
@@ -241,17 +258,17 @@ def train_pipeline(rank, world_size, pp=1, steps=3):
 
 def test_pipeline_stages_clip_their_own_layers_like_one_process():
     (ref_maxima, ref_params, _), = run_ranks(train_pipeline, 1, timeout=180)
+    (exact_maxima, exact_params, _), = run_ranks(train_pipeline, 1, float64=True, timeout=180)
     stages = sorted(run_ranks(train_pipeline, 2, pp=2, timeout=180), key=lambda r: r[2])
     first = torch.cat(ref_maxima[0])
     assert (first > PP_TAU).any() and (first < PP_TAU).any()  # the clip acts on some heads, not all
-    for step, want in enumerate(ref_maxima):  # stage s holds layer s: its maxima, nobody else's
-        got = [layer for stage in stages for layer in stage[0][step]]
+    for step, (want, bound) in enumerate(zip(ref_maxima, maxima_bound(ref_maxima, exact_maxima))):
+        got = [layer for stage in stages for layer in stage[0][step]]  # stage s holds layer s: its maxima
         assert len(got) == len(want) == 2
-        for g, w in zip(got, want):
-            assert torch.allclose(g, w, rtol=1e-5, atol=0), step
+        assert tol.distance(dict(enumerate(got)), dict(enumerate(want))) <= bound, step
     params = {n: p for stage in stages for n, p in stage[1].items()}
-    for name, want in ref_params.items():  # the same arithmetic per stage, fp32 rounding (as above)
-        assert _rel(params[name], want) <= 1e-5, name
+    # the same arithmetic per stage: within the fp64 oracle's measure of the one-stage run's rounding
+    assert tol.distance(params, ref_params) <= tol.oracle_bound(ref_params, exact_params)
 
 
 # -- DeepSpeed ZeRO-1/2: each rank clips its part of the flat fp32 partitions --------------------------
@@ -289,20 +306,43 @@ def train_deepspeed(rank, world_size, stage, steps=3):
     return maxima, params, type(engine.optimizer).__name__, cut
 
 
+def plain_deepspeed_training(rank, world_size, float64=False, steps=3):
+    """train_deepspeed's training without DeepSpeed, in one process: the 4 sequences' mean loss, clipped at
+    DeepSpeed's default norm (1.0), Muon with qk_clip=TAU. float64: tol's fp64 oracle of it."""
+    from megatron.core import parallel_state as ps
+    ps.initialize_model_parallel()
+    model = mm.tiny_gpt(mm.tiny_config(num_layers=3, ffn=16))
+    model = model.double() if float64 else model
+    opt = teonspeed.Muon(model, lr=0.05, adamw_lr=3e-3, qk_clip=TAU)
+    maxima = []
+    for step in range(steps):
+        opt.zero_grad()
+        tokens, position_ids, labels = mm.batch(seed=step, batch_size=4)
+        model(tokens, position_ids, None, labels=labels).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        maxima.append(torch.cat(opt.qk_clip.head_max))
+    return maxima, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def test_deepspeed_zero_1_and_2_clip_like_zero_0():
     results = {s: run_ranks(train_deepspeed, 2, s, timeout=180) for s in (0, 1, 2)}
     assert [results[s][0][2] for s in (0, 1, 2)] == ["Muon"] + ["DeepSpeedZeroOptimizer"] * 2
     ref_maxima, ref_params = results[0][0][0], results[0][0][1]
     assert all(float(m.max()) > TAU for m in ref_maxima)
+    # ZeRO reduces the gradients in another order than stage 0: the same training's rounding, measured in
+    # one process (fp32 against fp64), 2λ of it between two runs neither of which was measured; a misplaced
+    # row factor is 1e-2-level
+    (max32, plain32), (max64, plain64) = (run_ranks(plain_deepspeed_training, 1, float64=f, timeout=180)[0]
+                                          for f in (False, True))
+    bound = tol.oracle_bound(plain32, plain64, measured=False)
+    maxima_bounds = [2 * tol.LAMBDA * float((a.double() - b.double()).norm())
+                     + tol.sums(torch.float32, 8) * float(a.norm()) for a, b in zip(max32, max64)]
     for stage in (1, 2):
         for maxima, params, _, _ in results[stage]:
-            for got, want in zip(maxima, ref_maxima):  # rounding of the same arithmetic, ~1e-7 (as above)
-                assert torch.allclose(got, want, rtol=1e-5, atol=0)
-            # ZeRO reduces the gradients in another order than stage 0: ~5e-6 through three steps with or
-            # without the clip (test_deepspeed.py's bound for this model: 1e-5); a misplaced row factor is
-            # 1e-2-level
-            for name, want in ref_params.items():
-                assert _rel(params[name], want) <= 1e-5, (stage, name)
+            for got, want, slack in zip(maxima, ref_maxima, maxima_bounds):
+                assert float((got.double() - want.double()).norm()) <= slack
+            assert tol.distance(params, ref_params) <= bound, stage
     assert results[1][0][3] == results[2][0][3] == ["decoder.layers.1.self_attention.linear_qkv.weight"]
 
 

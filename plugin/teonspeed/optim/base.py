@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..config import OptimizerConfig, make_config
 from ..fused import LAYOUT_ATTR
-from ..grouping import GroupingResult, OrthoGroup, build_groups
+from ..grouping import GroupingResult, OrthoGroup, build_groups, require_teon_stacks
 from ..matrix_io import matrix_view, write_matrix
 from ..ortho import heavy_tail, orthogonalize
 from ..ortho.compute_dtype import check_cpu_bf16_env
@@ -34,7 +34,7 @@ from ..parallel.partitioned import PartitionRunner, check_groups_within_partitio
 from ..parallel.runner import Runner, StepIO
 from ..parallel.topology import build_step_group, build_topology
 from .checkpoint import LAYOUT_KEY, CheckpointState  # noqa: F401  (LAYOUT_KEY: re-exported)
-from .checks import agreed_construction, refuse_dtensor_parameters, require_teon_stacks
+from .checks import agreed_construction, refuse_dtensor_parameters
 from ..params import ROUTE_KEY, internal_groups, normalize_params
 from ..plan import Plan
 from ..qk_clip import attach_from_options

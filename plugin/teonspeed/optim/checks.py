@@ -3,8 +3,7 @@
 Construction (the ranks agree on any refusal before the runner's first collective, so every rank
 raises the same line; see agreed_construction):
 - parameters that are DTensors (PyTorch FSDP2's `fully_shard`, or `parallelize_module`): refused;
-- a TEON run whose grouping formed no TEON stack (teon_k larger than the blocks, per pipeline stage):
-  refused unless the user opted into the per-layer fallback.
+- (grouping.require_teon_stacks: a TEON run that forms no stack, unless the per-layer fallback is asked.)
 
 Each step, before the first write: every gradient is dense and has its parameter's shape, dtype and
 device. Metadata only (no device work, no host read), so the step keeps its one host read.
@@ -16,11 +15,6 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-
-from ..grouping import GroupingResult
-
-FALLBACK_OPTION = "teon_per_layer_fallback"
-
 
 @contextlib.contextmanager
 def agreed_construction() -> Iterator[None]:
@@ -61,28 +55,6 @@ def refuse_dtensor_parameters(named: Iterable[Tuple[str, torch.Tensor]]) -> None
             f"FSDP2's fully_shard or DTensor parallelize_module); teonspeed does not step DTensor parameters "
             f"yet. Shard with DeepSpeed ZeRO-1/2 (\"optimizer\": {{\"type\": \"TEON\"}}), Megatron-core "
             f"(tensor parallel, use_distributed_optimizer) or DDP instead")
-
-
-def require_teon_stacks(grouping: GroupingResult, teon_k: int, teon_types, fallback: bool) -> None:
-    """TEON stacks matrices of `teon_types` from teon_k consecutive blocks; with more than the blocks a
-    pipeline stage holds, no stack forms and every matrix silently gets Muon. Refuse a run that forms
-    no stack unless `fallback` (the option `teon_per_layer_fallback`) says so. Every stage of an even
-    pipeline split holds as many blocks, so every rank decides alike."""
-    if teon_k <= 1 or fallback or any(g.is_teon for g in grouping.groups):
-        return
-    types = set(teon_types)
-    blocks = sorted({m.layer.block for g in grouping.groups for m in g.members
-                     if m.layer.block is not None and m.layer.layer_type in types})
-    if blocks:
-        # the count, not the block numbers: every pipeline stage raises the same line
-        where = f"{len(blocks)} block(s) with {'/'.join(sorted(types))} matrices (per pipeline stage)"
-    else:
-        where = (f"no {'/'.join(sorted(types))} matrix in a recognised transformer block (layer names like "
-                 f"layers.<i>.self_attn.q_proj; see grouping_rule=)")
-    raise ValueError(
-        f"teonspeed: teon_k={teon_k} forms no TEON stack: the model has {where}, so every matrix would fall "
-        f"back to per-layer Muon. Use a teon_k that divides the layers per pipeline stage, or pass "
-        f"{FALLBACK_OPTION}=True to accept the per-layer fallback")
 
 
 def gradient_problem(named: Iterable[Tuple[str, torch.Tensor]]) -> Optional[str]:
