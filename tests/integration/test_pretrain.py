@@ -205,8 +205,10 @@ def test_unknown_model_config_key_is_refused(tmp_path, monkeypatch):
      r"--ddp-bucket-size 1000: Megatron DDP buckets only with overlap_grad_reduce .*"
      r"add --overlap-grad-reduce"),
     (["--layers", "6", "--pp", "2", "--teon-k", "2"], 2,
-     r"--teon-k 2 does not divide the 3 layers per pipeline stage .*use a --teon-k that divides 3, or a smaller --pp"),
-    (["--pp", "2", "--teon-k", "4"], 2, r"--teon-k 4 is more than the 2 layers per pipeline stage .*no TEON stack"),
+     r"--teon-k 2 does not divide the 3 layers per pipeline stage .*use a --teon-k that divides 3, "
+     r"or a smaller --pp"),
+    (["--pp", "2", "--teon-k", "4"], 2,
+     r"--teon-k 4 is more than the 2 layers per pipeline stage .*no TEON stack"),
     (["--ep", "2", "--backend", "megatron"], 2, r"--ep 2 needs a MoE model"),
     (["--model-config", "moe_tiny", "--ep", "3", "--backend", "megatron"], 3, r"--ep 3 does not divide num_moe_experts=4"),
     (["--save-every", "0", "--keep-last", "2"], 2, r"--keep-last needs --save-every"),
