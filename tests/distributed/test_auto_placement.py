@@ -87,7 +87,7 @@ def _replicated_with_a_whole_matrix(rank, world_size):
     ref_opt.step()
     want = {n: p.detach().chunk(world_size, 0)[rank] if specs[n].tp_partition_dim == 0 else p.detach() for n, p in ref}
     same = all(torch.allclose(p, want[n], atol=1e-6) for n, p in params)
-    return same, (opt.comm_stats.sent, opt.comm_stats.received), opt._runner.expected_bytes(opt.grouping.groups)
+    return same, (opt.comm_stats.sent, opt.comm_stats.received), opt.runner.expected_bytes(opt.grouping.groups)
 
 
 def test_the_tp_gather_of_replicated_groups_moves_only_the_split_matrices():

@@ -51,7 +51,7 @@ def train(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, num_l
                                         etp_rank if spec.is_expert else tp_rank, ps.get_data_parallel_rank())
     stats = opt.comm_stats
     return out, (stats.sent, stats.received, stats.flops, stats.adamw_bytes) if stats else None, \
-        (opt._runner.expected_bytes(opt.grouping.groups) if stats else None), str(opt.plan)
+        (opt.runner.expected_bytes(opt.grouping.groups) if stats else None), str(opt.plan)
 
 
 def gather_full(results):
