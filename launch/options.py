@@ -314,12 +314,13 @@ def json_optimizer(args) -> Optional[dict]:
 
 def json_learning_rates(params: dict) -> tuple:
     """(the matrices' lr, the AdamW part's lr) a teonspeed optimizer reads from DeepSpeed params, None where
-    absent; DeepSpeed's names as teonspeed.config.resolve_aliases reads them (with `muon_lr`, `lr` is the
-    AdamW part's; `adam_lr` is `adamw_lr`)."""
-    part = params.get("adamw_lr", params.get("adam_lr"))
-    if "muon_lr" in params:
-        return params["muon_lr"], part if part is not None else params.get("lr")
-    return params.get("lr"), part
+    absent; DeepSpeed's names read as teonspeed reads them (rules.resolve_aliases: with `muon_lr`, `lr` is
+    the AdamW part's; `adam_lr` is `adamw_lr`)."""
+    try:
+        ours = rules.resolve_aliases(params)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return ours.get("lr"), ours.get("adamw_lr")
 
 
 def adopt_json_optimizer(args) -> None:

@@ -41,6 +41,7 @@ ORTHO_OPTIMIZERS = _kinds.OPTIMIZER_KINDS                     # teonspeed's: muo
 OPTIMIZERS = (*ORTHO_OPTIMIZERS, "adamw")                     # what --optimizer takes
 ORTHO_TYPES = _kinds.DEEPSPEED_TYPE_NAMES                     # their "type" in a DeepSpeed config
 TEON_TYPES = _kinds.QKV_TYPES                                 # the layer types TEON stacks by default
+resolve_aliases = _kinds.resolve_aliases                      # DeepSpeed's option names -> teonspeed's
 # DeepSpeed 0.19's own optimizer types (deepspeed/runtime/config.py; DeepSpeed lower-cases them).
 DEEPSPEED_TYPES = ("Adagrad", "Adam", "AdamW", "Lamb", "MuAdam", "MuAdamW", "MuSGD", "Lion", "Muon",
                    "OneBitAdam", "ZeroOneAdam", "OneBitLamb")

@@ -15,7 +15,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from .kinds import KIND_DEFAULTS, OPTIMIZER_KINDS, QKV_TYPES
+from .kinds import (ADAMW_ALIASES, DEEPSPEED_OPTIONS, KIND_DEFAULTS, OPTIMIZER_KINDS, QKV_TYPES,
+                    resolve_aliases)
 from .ortho import HEAVY_TAIL_METHODS, NS_BACKENDS, NS_STEPS, ORTHOGONALIZERS, num_square_roots
 
 LR_SCALES = ("spectral", "fan_ratio", "rms_match", "none")
@@ -238,31 +239,8 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
 
 # -- building one from user options -------------------------------------------------------------------
 
-# What a user of DeepSpeed's own Muon or AdamW writes in "params" (and Hugging Face's DeepSpeed config
-# templates, `"betas": "auto", "eps": "auto"`): the AdamW part's options without their prefix.
-ADAMW_ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps", "adam_lr": "adamw_lr"}
-# DeepSpeed's Muon: `muon_lr` is the matrices' lr (then `lr` is its Adam half's); `adam_w_mode` must be true.
-DEEPSPEED_OPTIONS = ("muon_lr", "adam_w_mode")
+# Every name make_config takes: our options, and DeepSpeed's names of some of them (kinds.py).
 ACCEPTED_OPTIONS = OPTION_NAMES + tuple(ADAMW_ALIASES) + DEEPSPEED_OPTIONS
-
-
-def resolve_aliases(options: Mapping[str, Any]) -> Dict[str, Any]:
-    """Options under DeepSpeed's names -> ours."""
-    out = dict(options)
-    for alias, name in ADAMW_ALIASES.items():
-        if alias in out:
-            if name in out:
-                raise ValueError(f"teonspeed: options {alias!r} and {name!r} both set the AdamW part's "
-                                 f"{name[6:]}; keep one")
-            out[name] = out.pop(alias)
-    if "muon_lr" in out:
-        if "lr" in out and "adamw_lr" not in out:
-            out["adamw_lr"] = out["lr"]
-        out["lr"] = out.pop("muon_lr")
-    if "adam_w_mode" in out and not out.pop("adam_w_mode"):
-        raise ValueError("teonspeed: option 'adam_w_mode' must be true: the AdamW part always decouples "
-                         "weight decay (Adam with L2 regularisation is not offered)")
-    return out
 
 
 def make_config(kind: str, options: Mapping[str, Any]) -> OptimizerConfig:

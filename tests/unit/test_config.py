@@ -21,7 +21,7 @@ def test_every_option_has_a_check():
 @pytest.mark.parametrize("kind", OPTIMIZER_KINDS)
 def test_no_option_is_left_unresolved_and_each_kind_gets_its_defaults(kind):
     config = make_config(kind, {})
-    nullable = {"cluster", "grouping_rule"}  # None is their value: no overrides, the built-in name rules
+    nullable = {"cluster", "grouping_rule", "qk_clip"}  # None: no overrides, the name rules, QK-clip off
     assert all(getattr(config, name) is not None for name in OPTION_NAMES if name not in nullable)
     assert {k: getattr(config, k) for k in KIND_DEFAULTS[kind]} == KIND_DEFAULTS[kind]
     assert all(getattr(config, name) == default(name, kind) for name in OPTION_NAMES)
