@@ -6,8 +6,7 @@ from typing import Any, Optional
 
 from .config import OptimizerConfig, make_config
 from .grouping import GroupingResult
-from .parallel.context import ParallelContext
-from .params import build_grouping
+from .parallel.context import ParallelContext, build_grouping
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..grouping import GroupingResult, MatrixRef, OrthoGroup
 from ..matrix_io import matrix_view, write_matrix
 from ..ortho import heavy_tail, orthogonalize
 from ..ortho.compute_dtype import check_cpu_bf16_env
-from ..parallel.context import ParallelContext
+from ..parallel.context import ParallelContext, build_grouping
 from ..parallel.cost import adamw_bytes, cluster_profile
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import BucketShard, FlatPartition
@@ -34,7 +34,7 @@ from ..parallel.partitioned import PartitionRunner, check_groups_within_partitio
 from ..parallel.runner import Runner, StepIO
 from ..parallel.topology import build_step_group, build_topology
 from .checkpoint import LAYOUT_KEY, CheckpointState  # noqa: F401  (LAYOUT_KEY: re-exported)
-from ..params import build_grouping, internal_groups
+from ..params import internal_groups
 from ..plan import Plan
 from ..qk_clip import attach_from_options
 from .scaling import lr_multiplier
