@@ -56,6 +56,7 @@ RESULTS_DIR = ROOT / "bench" / "results"
 import torch
 
 import teonspeed
+from teonspeed.config import default  # the optimizer's own defaults
 from teonspeed.parallel.owner_compute import split_waves  # the implementation's own rules
 from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.owners import assign_owners, ns_flops
@@ -80,9 +81,9 @@ class Assumptions:
     """HBM bytes/s for the element-wise part (H100 SXM; no placement decision depends on it)."""
     elementwise_bytes_per_param: int = 40
     """Bytes touched per local matrix element by momentum + weight update (fp32 grad, momentum, master)."""
-    ns_steps: int = 5
-    teon_k: int = 2
-    overlap_waves: int = 2
+    ns_steps: int = default("ns_steps")
+    teon_k: int = default("teon_k", "teon")
+    overlap_waves: int = default("overlap_waves")
 
     def __getattr__(self, name: str):
         if name.startswith("_") or name == "cluster":

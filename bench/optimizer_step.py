@@ -204,7 +204,7 @@ def build(size: str, spec: str, device):
         c = opt.config
         ns_compute = (str(default_compute_dtype(named[0][1])) if c.ns_dtype == "auto"
                       else "torch." + DTYPES[c.ns_dtype]).replace("torch.", "")
-        label = (f"teonspeed.{cls.__name__} (orthogonalizer={c.orthogonalizer} x{c.ns_steps or 5}, "
+        label = (f"teonspeed.{cls.__name__} (orthogonalizer={c.orthogonalizer} x{c.ns_steps}, "
                  f"ns_dtype={c.ns_dtype} -> {ns_compute}, teon_k={c.teon_k}"
                  + (f", ht_method={c.ht_method}, ht_power={c.ht_power}" if name == "htmuon" else "") + ")")
     return opt, named, label, ns_compute

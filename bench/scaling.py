@@ -129,7 +129,7 @@ def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmu
     cls = {"teon": teonspeed.TEON, "muon": teonspeed.Muon}[optimizer]
     opt = cls(model, lr=0.02, adamw_lr=1e-3, comm_dtype=comm_dtype, **MODE_OPTIONS[mode])
     groups = opt.grouping.groups
-    ns_steps = opt.config.ns_steps or 5
+    ns_steps = opt.config.ns_steps
     total_flops = sum(ns_flops(g.stacked_shape, ns_steps) for g in groups)
     full_bytes = sum(4 * m.shape[0] * m.shape[1] for g in groups for m in g.members)
     runner = opt.runner
@@ -251,7 +251,7 @@ def distopt_worker(rank: int, world_size: int, tp: int, optimizer: str, mode: st
     runner, groups = inner.runner.base, inner.grouping.groups  # the runner the partition runner wraps
     topo = runner.topologies["dense"]
     assert topo.work_rank == tp_rank + tp * dp_rank  # Megatron's order, which the cost model assumes
-    ns_steps = inner.config.ns_steps or 5
+    ns_steps = inner.config.ns_steps
     plans = inner.zero_plans
     expected = inner.zero_expected_bytes()
     model_sent, model_received, same_owners = model_zero_bytes(inner, groups, tp, world_size // tp, ns_steps)

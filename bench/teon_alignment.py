@@ -66,21 +66,20 @@ def group_alignment(members: Sequence[torch.Tensor]) -> Dict[str, float]:
 def alignment_report(optimizer, teon_k: int = 2, teon_types=None) -> List[Dict]:
     """group_alignment of the momentum buffers of a trained teonspeed optimizer (Muon, TEON or HTMuon),
     for the TEON groups that `teon_k` consecutive blocks of the stacked types would form."""
-    from teonspeed.config import OptimizerConfig
+    from teonspeed.config import default
     from teonspeed.grouping import build_groups
-    from teonspeed.matrix_io import matrix_view
-    named = list(optimizer._params_by_name.items())
-    types = teon_types if teon_types is not None else OptimizerConfig().teon_types
+    named = list(optimizer.parameters_by_name.items())
+    types = teon_types if teon_types is not None else default("teon_types", "teon")
     grouping = build_groups(named, teon_k=teon_k, teon_mode=1, teon_types=types,
                             full_shape=optimizer.parallel.full_shape, relocate=optimizer.parallel.relocate)
     rows = []
     for g in grouping.groups:
         if not g.is_teon:
             continue
-        params = [optimizer._params_by_name[m.name] for m in g.members]
+        params = [optimizer.parameters_by_name[m.name] for m in g.members]
         if any("momentum_buffer" not in optimizer.state[p] for p in params):
             continue
-        members = [matrix_view(optimizer.state[p]["momentum_buffer"], m, optimizer._layouts[m.name])
+        members = [optimizer.matrix_of(optimizer.state[p]["momentum_buffer"], m)
                    for p, m in zip(params, g.members)]
         rows.append({"type": g.members[0].layer.layer_type, "blocks": [m.layer.block for m in g.members],
                      "shape": list(g.members[0].shape), **group_alignment(members)})
@@ -97,7 +96,8 @@ def trained_muon(size: str, steps: int, lr: float, data_dir: Path):
     sys.path.insert(0, str(REPO))
     from launch.data import indexed_data
     from launch.engines import forward_loss
-    from launch.model import build_model, padded_vocab
+    from launch.model import build_model
+    from launch.rules import padded_vocab
     from launch.options import check
     from launch.train import init_parallel
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch.corpus import EOT
+from launch.corpus import CORPUS_MODULES, EOT, corpus_digest, load_documents, split_documents
 from launch.prepare_data import MegatronTokenizerAdapter, gpt_dataset, train_bpe
 
 
@@ -99,3 +99,36 @@ def val_batches(stream: torch.Tensor, seq: int, batch: int, count: int) -> list:
     starts = torch.linspace(0, len(stream) - seq - 2, n).long()
     return [windows(stream, starts[i * batch:(i + 1) * batch], seq) for i in range(count)]
 
+
+def training_data(args, dp: int, dp_rank: int, run_dir: Path, resuming: bool, log=print):
+    """(train batches, validation batches, vocabulary size) of a run: --data-dir's indexed datasets, or
+    the embedded corpus tokenized in memory."""
+    if args.data_dir:
+        tok, batches, val_set = indexed_data(args, dp, dp_rank, log)
+        return batches, val_set, tok.vocab_size
+    return embedded_data(args, dp_rank, run_dir, resuming, log)
+
+
+def embedded_data(args, dp_rank: int, run_dir: Path, resuming: bool, log=print):
+    """The stdlib corpus, a fixed 95/5 split, a BPE tokenizer trained on the training part (reused from the
+    run directory when resuming, so the token ids cannot change): (train batches, validation batches,
+    vocabulary size)."""
+    docs = load_documents()
+    train_docs, val_docs = split_documents(docs)
+    digest = corpus_digest(docs)
+    tok_path = run_dir / "tokenizer.json"
+    if resuming and tok_path.exists():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        tok = build_tokenizer(train_docs, args.vocab, tok_path)
+    train_stream, val_stream = encode(tok, train_docs), encode(tok, val_docs)
+    vocab_size = tok.get_vocab_size()
+    if vocab_size < args.vocab:
+        log(f"vocab: the BPE reached {vocab_size} tokens on the embedded corpus, fewer than the {args.vocab} "
+            f"asked for: the model uses {vocab_size}")
+    log(f"corpus: {len(CORPUS_MODULES)} stdlib modules, {sum(map(len, docs)) / 1e6:.2f} MB, sha256 "
+        f"{digest}; {len(train_docs)}/{len(val_docs)} train/val documents, {len(train_stream)}/"
+        f"{len(val_stream)} tokens, vocab {vocab_size}")
+    batches = TrainBatches(train_stream, args.seq, args.micro_batch, args.seed, dp_rank)
+    return batches, val_batches(val_stream, args.seq, args.micro_batch, args.eval_batches), vocab_size

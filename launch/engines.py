@@ -28,9 +28,22 @@ import torch.distributed as dist
 
 from launch.checkpoint import safe_load
 from launch.options import json_optimizer
+from launch.rules import ORTHO_TYPES
 from launch.schedule import megatron_scheduler
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+# --optimizer adamw, in both backends: the moments of teonspeed's AdamW part, so the baseline and the
+# non-matrix parameters of a teonspeed run are stepped alike.
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.95), 1e-8
+
+
+def teonspeed_params(args) -> Dict[str, Any]:
+    """What the launcher sets of a teonspeed optimizer's options, in either backend (teonspeed's own
+    defaults for the rest): the two lrs, the weight decay, and --teon-k where the optimizer stacks."""
+    options = {"lr": args.lr, "adamw_lr": args.adamw_lr, "weight_decay": args.weight_decay}
+    if args.optimizer != "muon" and args.teon_k is not None:
+        options["teon_k"] = args.teon_k
+    return options
 
 
 def forward_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -47,15 +60,12 @@ def forward_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def deepspeed_config(args, dp: int) -> Dict[str, Any]:
     """The DeepSpeed config of this run: --ds-config's JSON (if given) with the CLI's batch sizes and
     steps, and the CLI's optimizer / lr / ZeRO / clipping where given explicitly; else built from the CLI."""
-    ortho = {"teon": "TEON", "muon": "TeonspeedMuon", "htmuon": "TeonspeedHTMuon"}
     if args.optimizer == "adamw":
-        optimizer = {"type": "AdamW", "params": {"lr": args.adamw_lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                 "weight_decay": args.weight_decay, "torch_adam": True}}
+        optimizer = {"type": "AdamW", "params": {"lr": args.adamw_lr, "betas": list(ADAMW_BETAS),
+                                                 "eps": ADAMW_EPS, "weight_decay": args.weight_decay,
+                                                 "torch_adam": True}}
     else:
-        params = {"lr": args.lr, "adamw_lr": args.adamw_lr, "weight_decay": args.weight_decay}
-        if args.optimizer != "muon" and args.teon_k is not None:
-            params["teon_k"] = args.teon_k
-        optimizer = {"type": ortho[args.optimizer], "params": params}
+        optimizer = {"type": ORTHO_TYPES[args.optimizer], "params": teonspeed_params(args)}
     if args.ds_config_dict is not None:
         config = copy.deepcopy(args.ds_config_dict)
         given = args.explicit
@@ -68,7 +78,7 @@ def deepspeed_config(args, dp: int) -> Dict[str, Any]:
     else:
         config = {"optimizer": optimizer, "zero_optimization": {"stage": args.zero_stage},
                   "gradient_clipping": args.clip_grad}
-    if str(config["optimizer"].get("type")).lower() in {t.lower() for t in ortho.values()}:
+    if str(config["optimizer"].get("type")).lower() in {t.lower() for t in ORTHO_TYPES.values()}:
         config["optimizer"].setdefault("params", {}).update(qk_clip_options(args))
     # The lr schedule is launch/schedule.py's (validated in launch/options.py), passed to initialize().
     config.pop("scheduler", None)
@@ -215,17 +225,16 @@ class MegatronBackend:
         if args.optimizer == "adamw":
             from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
             cfg = OptimizerConfig(optimizer="adam", lr=args.adamw_lr, min_lr=args.adamw_lr * args.min_lr_ratio,
-                                  weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.95, clip_grad=clip,
+                                  weight_decay=args.weight_decay, adam_beta1=ADAMW_BETAS[0],
+                                  adam_beta2=ADAMW_BETAS[1], adam_eps=ADAMW_EPS, clip_grad=clip,
                                   use_distributed_optimizer=distributed)
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
             peak = args.adamw_lr
         else:
             from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
-            extra = {"teon_k": args.teon_k} if args.optimizer != "muon" and args.teon_k is not None else {}
-            cfg = TeonOptimizerConfig(optimizer=args.optimizer, lr=args.lr, min_lr=args.lr * args.min_lr_ratio,
-                                      adamw_lr=args.adamw_lr, weight_decay=args.weight_decay, clip_grad=clip,
-                                      muon_use_nesterov=True, use_distributed_optimizer=distributed,
-                                      **qk_clip_options(args), **extra)
+            cfg = TeonOptimizerConfig(optimizer=args.optimizer, min_lr=args.lr * args.min_lr_ratio,
+                                      clip_grad=clip, muon_use_nesterov=True, use_distributed_optimizer=distributed,
+                                      **teonspeed_params(args), **qk_clip_options(args))
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
             peak = args.lr
         self.qk_clip, self._steps_qk_clip = qk_clip_for(qk_clip_options(args), self.ddp, self.basic_optimizer)

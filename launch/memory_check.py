@@ -19,7 +19,7 @@ from typing import List, Sequence
 
 from launch import cli
 from launch.configs import REPO
-from launch.memory import GIB, estimate, setup_from_launch
+from launch.estimator import GIB, estimate, setup_from_launch
 
 PAIRS = [("llama_small_cpu", 256, 8, 32), ("gpt2_tiny", 256, 8, 32)]  # (config, seq, small batch, large batch)
 

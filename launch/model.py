@@ -63,10 +63,3 @@ def build_model(args, vocab_size: int) -> GPTModel:
                      share_embeddings_and_output_weights=args.gpt["share_embeddings_and_output_weights"],
                      rotary_base=args.gpt.get("rotary_base", 10000))
     return model.cuda() if args.device == "cuda" else model
-
-
-def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
-    """The output layer is split over TP ranks: pad the embedding rows to a multiple of 128 * tp."""
-    m = multiple * tp
-    return (vocab + m - 1) // m * m
-

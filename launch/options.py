@@ -16,10 +16,11 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-from launch import cli
+from launch import cli, rules
 from launch.configs import REPO, ConfigError, model_sections
+from launch.rules import DEEPSPEED_TYPES, OPTIMIZERS, ORTHO_TYPES
 
 DESCRIPTION = "Pretrain a megatron-core GPT (LLaMA, GPT-2, MoE, MLA) with TEON, Muon, HTMuon or AdamW."
 EPILOG = """examples:
@@ -28,10 +29,6 @@ EPILOG = """examples:
   torchrun --nproc_per_node=8 -m launch.pretrain --device cuda --model-config llama_60m
   python -m launch.options --world 16 --model-config llama_1b --tp 2 --pp 2   # check a setup only
 """
-ORTHO_TYPES = {"teon": "TEON", "muon": "TeonspeedMuon", "htmuon": "TeonspeedHTMuon"}
-# DeepSpeed 0.19's built-in optimizer types (deepspeed/runtime/config.py; DeepSpeed lower-cases them).
-DEEPSPEED_TYPES = ("Adagrad", "Adam", "AdamW", "Lamb", "MuAdam", "MuAdamW", "MuSGD", "Lion", "Muon",
-                   "OneBitAdam", "ZeroOneAdam", "OneBitLamb")
 DEFAULT_GLOBAL_BATCH = 32  # sequences per optimizer step, whatever the layout
 # --adamw-lr's default, by what it sets (bench/results/convergence.md, docs: "Convergence study"): AdamW's own
 # lr, its sweep's best on the tiny models; and the AdamW part of Muon/TEON/HTMuon (embeddings, head, norms,
@@ -53,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory given by --name")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu (gloo) or cuda (NCCL, one GPU per process)")
-    p.add_argument("--optimizer", default="teon", choices=["teon", "muon", "htmuon", "adamw"],
+    p.add_argument("--optimizer", default="teon", choices=OPTIMIZERS,
                    help="teonspeed's TEON, Muon or HTMuon (AdamW for the rest), or AdamW alone")
     p.add_argument("--backend", default=None, choices=["deepspeed", "megatron"],
                    help="deepspeed (default at --pp 1) or megatron (required at --pp > 1 and --ep > 1)")
@@ -102,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoupled weight decay of the orthogonalized matrices (of every parameter with "
                         "--optimizer adamw)")
     p.add_argument("--teon-k", type=int, default=None,
-                   help="TEON/HTMuon group size (default 2 for TEON, 1 for HTMuon); must divide the layers per "
-                        "pipeline stage")
+                   help=f"TEON/HTMuon group size (default {rules.teon_k('teon')} for TEON, "
+                        f"{rules.teon_k('htmuon')} for HTMuon: teonspeed's); must divide the layers per pipeline "
+                        f"stage")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
     p.add_argument("--qk-clip", type=float, default=None, metavar="TAU",
                    help="QK-clip (MuonClip, teonspeed optimizers): after each step rescale the query/key "
@@ -182,43 +180,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _moe_layers(t: dict) -> List[bool]:
-    freq = t.get("moe_layer_freq", 1)
-    if not t.get("num_moe_experts"):
-        return [False] * t["num_layers"]
-    return [i % freq == 0 for i in range(t["num_layers"])] if isinstance(freq, int) else [bool(f) for f in freq]
-
-
 def check_shapes(args, world: int) -> int:
-    """The layout against the world and the model's shapes (Megatron's divisibility rules); returns DP."""
-    for flag in ("tp", "pp", "ep"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    """The layout against the world and the model's shapes (launch/rules.py: Megatron's divisibility,
+    TEON's stages; and what this launcher cannot build); returns DP."""
     t = args.transformer
     layout = args.tp * args.pp * args.ep
-    if world % layout:
-        raise ConfigError(f"the parallel layout --tp {args.tp} x --pp {args.pp} x --ep {args.ep} = {layout} does not "
-                          f"divide the world size {world} (processes); choose sizes whose product divides {world}")
-    if t["num_layers"] % args.pp:
-        raise ConfigError(f"--pp {args.pp} does not divide num_layers={t['num_layers']}; use a --pp that divides it")
-    if args.heads % args.tp or args.groups % args.tp:
-        raise ConfigError(f"--tp {args.tp} must divide the attention heads ({args.heads}) and query groups "
-                          f"({args.groups}); use a --tp that divides both")
-    moe = _moe_layers(t)
-    if not all(moe) and args.ffn % args.tp:
-        raise ConfigError(f"--tp {args.tp} does not divide ffn_hidden_size={args.ffn} (Megatron splits the MLP over "
-                          "TP); use a --tp that divides it, or a model config with a TP-friendly ffn_hidden_size")
-    experts = t.get("num_moe_experts")
-    if args.ep > 1 and not experts:
-        raise ConfigError(f"--ep {args.ep} needs a MoE model (num_moe_experts in --model-config); use --ep 1")
-    if experts:
-        if experts % args.ep:
-            raise ConfigError(f"--ep {args.ep} does not divide num_moe_experts={experts}; use an --ep that divides it")
-        moe_ffn = t.get("moe_ffn_hidden_size") or args.ffn
-        etp = t.get("expert_tensor_parallel_size") or args.tp
-        if moe_ffn % etp:
-            raise ConfigError(f"expert tensor parallel {etp} does not divide moe_ffn_hidden_size={moe_ffn}; use a "
-                              "--tp that divides it")
+    try:
+        if min(args.tp, args.pp, args.ep) >= 1 and world % layout:
+            raise ConfigError(f"the parallel layout --tp {args.tp} x --pp {args.pp} x --ep {args.ep} = {layout} "
+                              f"does not divide the world size {world} (processes); choose sizes whose product "
+                              f"divides {world}")
+        rules.check_layout(t, args.tp, args.pp, args.ep)
+        rules.check_teon_stages(args.optimizer, args.teon_k, t["num_layers"], args.pp)
+    except rules.LayoutError as err:
+        raise ConfigError(str(err)) from None
+    if t.get("num_moe_experts"):
         if t.get("moe_grouped_gemm") and importlib.util.find_spec("grouped_gemm") is None:
             raise ConfigError("transformer.moe_grouped_gemm: true needs the grouped_gemm package (megatron-core's local "
                               "GroupedMLP; the launcher builds without Transformer Engine); install it, or set "
@@ -229,25 +205,6 @@ def check_shapes(args, world: int) -> int:
         if args.tp > 1 and not t.get("sequence_parallel"):
             raise ConfigError(f"MoE with --tp {args.tp} needs sequence parallelism (Megatron's rule); set "
                               "transformer.sequence_parallel: true in the model config, or use --tp 1")
-    if args.teon_k is not None and args.optimizer not in ("teon", "htmuon"):
-        raise ConfigError(f"--teon-k is TEON's and HTMuon's group size; --optimizer {args.optimizer} would "
-                          f"ignore it: drop --teon-k, or use --optimizer teon")
-    if args.optimizer in ("teon", "htmuon"):
-        k = args.teon_k if args.teon_k is not None else (2 if args.optimizer == "teon" else 1)
-        per_stage = t["num_layers"] // args.pp
-        layers = f"{per_stage} layers per pipeline stage" if args.pp > 1 else f"{per_stage} layers"
-        if k < 1:
-            raise ConfigError(f"--teon-k must be at least 1, got {k}")
-        if k > per_stage:  # no TEON stack would form: a run named teon would train per-layer Muon
-            raise ConfigError(f"--teon-k {k} is more than the {layers} (num_layers={t['num_layers']}, "
-                              f"--pp {args.pp}): no TEON stack would form; use a --teon-k that divides "
-                              f"{per_stage}")
-        if per_stage % k:
-            why = ("a TEON group would span two stages" if args.pp > 1
-                   else "the last layers would fall back to Muon")
-            raise ConfigError(f"--teon-k {k} does not divide the {layers} (num_layers={t['num_layers']}, "
-                              f"--pp {args.pp}): {why}; use a --teon-k that divides {per_stage}"
-                              + (", or a smaller --pp" if args.pp > 1 else ""))
     return world // (args.tp * args.pp)
 
 
@@ -357,12 +314,13 @@ def json_optimizer(args) -> Optional[dict]:
 
 def json_learning_rates(params: dict) -> tuple:
     """(the matrices' lr, the AdamW part's lr) a teonspeed optimizer reads from DeepSpeed params, None where
-    absent; DeepSpeed's names as teonspeed.config.resolve_aliases reads them (with `muon_lr`, `lr` is the
-    AdamW part's; `adam_lr` is `adamw_lr`)."""
-    part = params.get("adamw_lr", params.get("adam_lr"))
-    if "muon_lr" in params:
-        return params["muon_lr"], part if part is not None else params.get("lr")
-    return params.get("lr"), part
+    absent; DeepSpeed's names read as teonspeed reads them (rules.resolve_aliases: with `muon_lr`, `lr` is
+    the AdamW part's; `adam_lr` is `adamw_lr`)."""
+    try:
+        ours = rules.resolve_aliases(params)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return ours.get("lr"), ours.get("adamw_lr")
 
 
 def adopt_json_optimizer(args) -> None:

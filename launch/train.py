@@ -16,12 +16,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from launch import checkpoint
-from launch.corpus import CORPUS_MODULES, corpus_digest, load_documents, split_documents
-from launch.data import TrainBatches, build_tokenizer, encode, indexed_data, val_batches
+from launch.data import training_data
 from launch.engines import DeepSpeedBackend, MegatronBackend, deepspeed_config, qk_clip_options
-from launch.model import build_model, padded_vocab
+from launch.model import build_model
 from launch.options import summary
 from launch.progress import HEADER, Progress, read_csv, table_row, write_csv
+from launch.rules import padded_vocab
 from launch.schedule import deepspeed_scheduler
 
 
@@ -73,6 +73,21 @@ def build_backend(args, model, dp: int):
         return DeepSpeedBackend(model, deepspeed_config(args, dp), deepspeed_scheduler(args),
                                 qk_clip_options(args))
     return MegatronBackend(model, args)
+
+
+def describe_backend(args, backend) -> str:
+    if args.backend == "deepspeed":
+        c = backend.config
+        source = f" (from {args.ds_config})" if args.ds_config else ""
+        return (f"backend: DeepSpeed engine, ZeRO stage {c['zero_optimization'].get('stage', 0)}, optimizer "
+                f"{c['optimizer']['type']} {json.dumps(c['optimizer'].get('params', {}))}, lr schedule "
+                f"launch/schedule.py, clipping {c.get('gradient_clipping', 0)}, accumulation "
+                f"{c['gradient_accumulation_steps']}{source}")
+    clip = f"; {backend.clip_note}" if backend.clip_note else ""
+    wrapper, inner = type(backend.optimizer).__name__, type(backend.basic_optimizer).__name__
+    return (f"backend: Megatron DDP ({backend.ddp_note()}) + {wrapper}({inner}), OptimizerParamScheduler "
+            f"(launch/schedule.py's sequence), {args.grad_accum} micro-batch(es) per step through "
+            f"{backend.forward_backward.__name__}{clip}")
 
 
 def describe_optimizer(backend) -> str:
@@ -164,32 +179,8 @@ def run(args) -> dict:
         random.seed(args.seed)
         torch.manual_seed(args.seed)
 
-        if args.data_dir:
-            # Data: Megatron indexed datasets written by launch/prepare_data.py.
-            tok, batches, val_set = indexed_data(args, dp, dp_rank, log)
-            vocab_size = tok.vocab_size
-        else:
-            # Data: the stdlib corpus, a fixed 95/5 split, a BPE tokenizer trained on the training part
-            # (reused from the run directory when resuming, so the token ids cannot change).
-            docs = load_documents()
-            train_docs, val_docs = split_documents(docs)
-            digest = corpus_digest(docs)
-            tok_path = run_dir / "tokenizer.json"
-            if resume_from is not None and tok_path.exists():
-                from tokenizers import Tokenizer
-                tok = Tokenizer.from_file(str(tok_path))
-            else:
-                tok = build_tokenizer(train_docs, args.vocab, tok_path)
-            train_stream, val_stream = encode(tok, train_docs), encode(tok, val_docs)
-            vocab_size = tok.get_vocab_size()
-            if vocab_size < args.vocab:
-                log(f"vocab: the BPE reached {vocab_size} tokens on the embedded corpus, fewer than the {args.vocab} "
-                    f"asked for: the model uses {vocab_size}")
-            log(f"corpus: {len(CORPUS_MODULES)} stdlib modules, {sum(map(len, docs)) / 1e6:.2f} MB, sha256 {digest}; "
-                f"{len(train_docs)}/{len(val_docs)} train/val documents, {len(train_stream)}/{len(val_stream)} tokens, "
-                f"vocab {vocab_size}")
-            batches = TrainBatches(train_stream, args.seq, args.micro_batch, args.seed, dp_rank)
-            val_set = val_batches(val_stream, args.seq, args.micro_batch, args.eval_batches)
+        # Data: --data-dir's indexed datasets, or the embedded corpus (launch/data.py).
+        batches, val_set, vocab_size = training_data(args, dp, dp_rank, run_dir, resume_from is not None, log)
 
         # Model and backend (optimizer, scheduler, data parallelism).
         model = build_model(args, padded_vocab(vocab_size, args.tp))
@@ -198,17 +189,7 @@ def run(args) -> dict:
             f"ffn {args.ffn}, seq {args.seq}; {n_params / 1e6:.3f} M parameters on this rank; "
             f"layout TP={args.tp} x PP={args.pp} x DP={dp}" + (f" (EP={args.ep})" if args.ep > 1 else ""))
         backend = build_backend(args, model, dp)
-        if args.backend == "deepspeed":
-            c = backend.config
-            log(f"backend: DeepSpeed engine, ZeRO stage {c['zero_optimization'].get('stage', 0)}, optimizer "
-                f"{c['optimizer']['type']} {json.dumps(c['optimizer'].get('params', {}))}, lr schedule "
-                f"launch/schedule.py, clipping {c.get('gradient_clipping', 0)}, accumulation "
-                f"{c['gradient_accumulation_steps']}" + (f" (from {args.ds_config})" if args.ds_config else ""))
-        else:
-            log(f"backend: Megatron DDP ({backend.ddp_note()}) + "
-                f"{type(backend.optimizer).__name__}({type(backend.basic_optimizer).__name__})"
-                f", OptimizerParamScheduler (launch/schedule.py's sequence), {args.grad_accum} micro-batch(es) per step through "
-                f"{backend.forward_backward.__name__}" + (f"; {backend.clip_note}" if backend.clip_note else ""))
+        log(describe_backend(args, backend))
         log(describe_optimizer(backend))
 
         # Resume.

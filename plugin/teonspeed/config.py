@@ -1,29 +1,34 @@
-"""The one options object: every entry point (Python, DeepSpeed JSON, Megatron config, launch YAML)
-converts into `OptimizerConfig` and is validated here, once, before any optimizer state exists."""
+"""The one options object. Every entry point (the Python API, DeepSpeed's "params", Megatron's
+TeonOptimizerConfig, the launcher) builds an `OptimizerConfig` through `make_config`; it is checked in
+`__post_init__`, once, before any optimizer state exists, and cannot change afterwards (frozen).
+
+Every default is written once: a field default below, or, for the three options where Muon, TEON and
+HTMuon differ (orthogonalizer, lr_scale, teon_k), in kinds.KIND_DEFAULTS, which `make_config` fills in.
+`default(option, kind)` reads either.
+"""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from .ortho import HEAVY_TAIL_METHODS, NS_BACKENDS, ORTHOGONALIZERS
+from .kinds import (ADAMW_ALIASES, DEEPSPEED_OPTIONS, KIND_DEFAULTS, OPTIMIZER_KINDS, QKV_TYPES,
+                    resolve_aliases)
+from .ortho import HEAVY_TAIL_METHODS, NS_BACKENDS, NS_STEPS, ORTHOGONALIZERS, num_square_roots
 
 LR_SCALES = ("spectral", "fan_ratio", "rms_match", "none")
 NS_DTYPES = ("auto", "fp32", "bf16")
 COMM_DTYPES = ("auto", "fp32", "bf16")
 PARALLEL_MODES = ("auto", "distributed", "replicated")
-OPTIMIZER_KINDS = ("muon", "teon", "htmuon")
-
-# The attention projections that produce queries, keys and values, by the layer types that
-# `grouping.layer_types` assigns (MLA's up-projections play the same role as q/k/v).
-QKV_TYPES = ("q", "k", "v", "q_up", "k_up", "v_up")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    """Options of Muon, TEON and HTMuon. `None` means "the default of that optimizer" (see DEFAULTS)."""
+    """Options of Muon, TEON and HTMuon; `make_config(kind, options)` builds one with that optimizer's
+    defaults. Each field is checked when the object is made (type, finiteness, range)."""
 
     lr: float = 0.02
     """Learning rate of the orthogonalized matrices (units: spectral norm per step before lr_scale)."""
@@ -33,21 +38,22 @@ class OptimizerConfig:
     """Orthogonalize (1−β)G + βM instead of M."""
     weight_decay: float = 0.0
     """Decoupled weight decay of the orthogonalized matrices: W ← W(1 − lr·wd)."""
-    orthogonalizer: Optional[str] = None
-    """ns5 | polar_express | svd. Default: ns5 for Muon, polar_express for TEON (the paper's), ns5 for HTMuon."""
-    ns_steps: Optional[int] = None
-    """Iterations of ns5/polar_express (default 5)."""
+    orthogonalizer: str
+    """ns5 | polar_express | svd. Its default depends on the optimizer (kinds.KIND_DEFAULTS)."""
+    ns_steps: int = NS_STEPS
+    """Iterations of ns5/polar_express."""
     ns_dtype: str = "auto"
-    """Compute dtype of the iteration: auto (bf16 on GPU; on the CPU bf16 only where a cached timing probe finds
-    it faster, see teonspeed.ortho.compute_dtype; TEONSPEED_CPU_BF16=0/1 fixes it), fp32 or bf16."""
+    """Compute dtype of the iteration: auto (bf16 on GPU; on the CPU bf16 only where a cached timing probe
+    finds it faster, see teonspeed.ortho.compute_dtype; TEONSPEED_CPU_BF16=0/1 fixes it), fp32 or bf16."""
     ns_backend: str = "auto"
     """Newton–Schulz implementation: auto (the Triton kernels of teonspeed.ortho.kernels for CUDA tensors when
     triton imports, torch otherwise), torch, or triton (an error where it cannot run)."""
-    lr_scale: Optional[str] = None
-    """spectral √max(1,m/n) | fan_ratio √(m/n) | rms_match 0.2·√max(m,n) | none.
-    Default: spectral for Muon and HTMuon, fan_ratio for TEON (the paper's)."""
-    teon_k: Optional[int] = None
-    """TEON group size: matrices of one type from this many consecutive blocks are stacked. Muon: 1."""
+    lr_scale: str
+    """spectral √max(1,m/n) | fan_ratio √(m/n) | rms_match 0.2·√max(m,n) | none. Its default depends on
+    the optimizer (kinds.KIND_DEFAULTS)."""
+    teon_k: int
+    """TEON group size: matrices of one type from this many consecutive blocks are stacked (Muon: 1).
+    Its default depends on the optimizer (kinds.KIND_DEFAULTS)."""
     teon_mode: int = 1
     """Unfolding mode: 1 concatenates along the input dim (the paper's), 2 along the output dim."""
     teon_types: Tuple[str, ...] = QKV_TYPES
@@ -61,6 +67,7 @@ class OptimizerConfig:
     ht_interval: int = 1
     """HTMuon: heavy-tailed update every this many steps, plain orthogonalization in between."""
     adamw_lr: float = 3e-4
+    """lr of the AdamW part (embeddings, output head, norms, biases)."""
     adamw_betas: Tuple[float, float] = (0.9, 0.95)
     adamw_eps: float = 1e-8
     adamw_weight_decay: float = 0.0
@@ -97,116 +104,166 @@ class OptimizerConfig:
     grouping_rule: Optional[Callable[[str], Any]] = field(default=None, repr=False)
     """Optional callable name -> grouping.LayerRef | None that overrides the built-in name rules."""
 
-    def validate(self) -> "OptimizerConfig":
-        def need(cond: bool, option: str, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"teonspeed: option {option!r} {msg}")
-
-        need(self.lr >= 0, "lr", f"must be >= 0, got {self.lr}")
-        need(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        need(self.orthogonalizer in ORTHOGONALIZERS, "orthogonalizer",
-             f"must be one of {ORTHOGONALIZERS}, got {self.orthogonalizer!r}")
-        need(self.ns_steps is None or (isinstance(self.ns_steps, int) and self.ns_steps >= 1), "ns_steps",
-             f"must be a positive integer, got {self.ns_steps!r}")
-        need(self.ns_dtype in NS_DTYPES, "ns_dtype", f"must be one of {NS_DTYPES}, got {self.ns_dtype!r}")
-        need(self.ns_backend in NS_BACKENDS, "ns_backend", f"must be one of {NS_BACKENDS}, got {self.ns_backend!r}")
-        need(self.lr_scale in LR_SCALES, "lr_scale", f"must be one of {LR_SCALES}, got {self.lr_scale!r}")
-        need(isinstance(self.teon_k, int) and self.teon_k >= 1, "teon_k",
-             f"must be an integer >= 1, got {self.teon_k!r}")
-        need(self.teon_mode in (1, 2), "teon_mode", f"must be 1 or 2, got {self.teon_mode!r}")
-        need(self.ht_power >= 0, "ht_power", f"must be >= 0, got {self.ht_power}")
-        need(self.ht_method in HEAVY_TAIL_METHODS, "ht_method",
-             f"must be one of {HEAVY_TAIL_METHODS}, got {self.ht_method!r}")
-        need(isinstance(self.ht_interval, int) and self.ht_interval >= 1, "ht_interval",
-             f"must be an integer >= 1, got {self.ht_interval!r}")
-        need(self.adamw_lr >= 0, "adamw_lr", f"must be >= 0, got {self.adamw_lr}")
-        need(len(tuple(self.adamw_betas)) == 2 and all(0 <= b < 1 for b in self.adamw_betas), "adamw_betas",
-             f"must be two numbers in [0, 1), got {self.adamw_betas!r}")
-        need(self.adamw_eps > 0, "adamw_eps", f"must be > 0, got {self.adamw_eps}")
-        need(self.parallel_mode in PARALLEL_MODES, "parallel_mode",
-             f"must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}")
-        need(isinstance(self.overlap_waves, int) and self.overlap_waves >= 1, "overlap_waves",
-             f"must be an integer >= 1, got {self.overlap_waves!r}")
-        need(self.comm_dtype in COMM_DTYPES, "comm_dtype", f"must be one of {COMM_DTYPES}, got {self.comm_dtype!r}")
-        tau = self.qk_clip
-        need(tau is None or (_is_number(tau) and math.isfinite(tau) and tau > 0), "qk_clip",
-             f"must be None (off) or a finite number > 0 (the max logit τ), got {tau!r}")
-        need(_is_number(self.qk_clip_alpha) and 0 <= self.qk_clip_alpha <= 1, "qk_clip_alpha",
-             f"must be a number in [0, 1], got {self.qk_clip_alpha!r}")
-        need(isinstance(self.qk_clip_log, bool), "qk_clip_log",
-             f"must be true or false, got {self.qk_clip_log!r}")
-        need(not (self.qk_clip_log and self.qk_clip is not None), "qk_clip_log",
-             "logs the max logit without clipping; unset 'qk_clip' (or drop qk_clip_log to clip)")
-        if self.cluster is not None:
-            from .parallel.cost import cluster_profile
-            cluster_profile(self.cluster)
-        self.teon_types = tuple(self.teon_types)
-        self.adamw_betas = tuple(self.adamw_betas)
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, CHECKS[f.name](f.name, getattr(self, f.name)))
         if self.ht_method == "ns":
-            from .ortho import _num_square_roots
             try:
-                _num_square_roots(self.ht_power)
+                num_square_roots(self.ht_power)
             except ValueError as err:
                 raise ValueError(f"teonspeed: option 'ht_power' {err}") from None
-        return self
+        if self.qk_clip_log and self.qk_clip is not None:
+            raise ValueError("teonspeed: option 'qk_clip_log' logs the max logit without clipping; unset "
+                             "'qk_clip' (or drop qk_clip_log to clip)")
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "muon": {"orthogonalizer": "ns5", "lr_scale": "spectral", "teon_k": 1},
-    "teon": {"orthogonalizer": "polar_express", "lr_scale": "fan_ratio", "teon_k": 2},
-    "htmuon": {"orthogonalizer": "ns5", "lr_scale": "spectral", "teon_k": 1},
-}
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
+_FIELDS = {f.name: f for f in dataclasses.fields(OptimizerConfig)}
 
 
-# What a user of DeepSpeed's own Muon or AdamW writes in "params" (and Hugging Face's DeepSpeed config
-# templates, `"betas": "auto", "eps": "auto"`): the AdamW part's options without their prefix.
-ADAMW_ALIASES = {"betas": "adamw_betas", "eps": "adamw_eps", "adam_lr": "adamw_lr"}
+def default(option: str, kind: str = "muon") -> Any:
+    """The default of `option` for optimizer `kind`: for callers that show it or pass it on (the launcher,
+    the benches), so that none of them writes it again."""
+    if option in KIND_DEFAULTS[kind]:
+        return KIND_DEFAULTS[kind][option]
+    return _FIELDS[option].default
 
 
-def resolve_aliases(options: Mapping[str, Any]) -> Dict[str, Any]:
-    """Options under DeepSpeed's names -> ours. DeepSpeed's Muon takes `muon_lr` for the matrices and then
-    `lr` for its Adam half; `adam_w_mode` must stay true (the AdamW part decouples weight decay)."""
-    out = dict(options)
-    for alias, name in ADAMW_ALIASES.items():
-        if alias in out:
-            if name in out:
-                raise ValueError(f"teonspeed: options {alias!r} and {name!r} both set the AdamW part's {name[6:]}; "
-                                 f"keep one")
-            out[name] = out.pop(alias)
-    if "muon_lr" in out:
-        if "lr" in out and "adamw_lr" not in out:
-            out["adamw_lr"] = out["lr"]
-        out["lr"] = out.pop("muon_lr")
-    if "adam_w_mode" in out and not out.pop("adam_w_mode"):
-        raise ValueError("teonspeed: option 'adam_w_mode' must be true: the AdamW part always decouples weight "
-                         "decay (Adam with L2 regularisation is not offered)")
-    return out
+# -- the checks: one per field, each returning the value as stored (sequences become tuples) ---------
+
+def _refuse(option: str, expected: str, value: Any) -> None:
+    hint = ""
+    if isinstance(value, str) and value == "auto":
+        hint = "; \"auto\" is filled in by the Hugging Face Trainer, which DeepSpeed alone does not do"
+    raise ValueError(f"teonspeed: option {option!r} must be {expected}, got {value!r} "
+                     f"({type(value).__name__}){hint}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _real(low: float, high: Optional[float] = None, *, low_open: bool = False, high_open: bool = True):
+    """A finite number from low to high (included unless open); high None: no upper bound."""
+    if high is not None:  # (a number in a bounded range is finite)
+        expected = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    else:
+        expected = f"a finite number {'>' if low_open else '>='} {low}"
+
+    def valid(value: Any) -> bool:
+        if not _is_real(value):
+            return False
+        above = value > low if low_open else value >= low
+        return above and (high is None or (value < high if high_open else value <= high))
+
+    def check(option: str, value: Any) -> Any:
+        if not valid(value):
+            _refuse(option, expected, value)
+        return value
+    check.valid, check.expected = valid, expected
+    return check
+
+
+def _integer(low: int):
+    def check(option: str, value: Any) -> Any:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+            _refuse(option, f"an integer >= {low}", value)
+        return value
+    return check
+
+
+def _one_of(choices: Tuple):
+    kind = str if isinstance(choices[0], str) else numbers.Integral
+
+    def check(option: str, value: Any) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool) or value not in choices:
+            _refuse(option, f"one of {choices}", value)
+        return value
+    return check
+
+
+def _flag(option: str, value: Any) -> Any:
+    if not isinstance(value, bool):
+        _refuse(option, "true or false", value)
+    return value
+
+
+def _betas(option: str, value: Any) -> Any:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(_is_real(b) and 0 <= b < 1 for b in value)):
+        _refuse(option, "two numbers in [0, 1)", value)
+    return tuple(value)
+
+
+def _layer_types(option: str, value: Any) -> Any:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        _refuse(option, "a list of layer types (teonspeed.grouping.LAYER_TYPES)", value)
+    return tuple(value)
+
+
+def _cluster(option: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        _refuse(option, "a mapping of teonspeed.parallel.cost.ClusterProfile fields to numbers", value)
+    from .parallel.cost import cluster_profile
+    cluster_profile(value)  # names unknown fields and bad values
+    return dict(value)
+
+
+def _or_none(check):
+    """A number `check` takes, or None (the option off)."""
+    def either(option: str, value: Any) -> Any:
+        if value is not None and not check.valid(value):
+            _refuse(option, f"None (off) or {check.expected}", value)
+        return value
+    return either
+
+
+def _callable_or_none(option: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        _refuse(option, "a callable name -> LayerRef | None, or None", value)
+    return value
+
+
+CHECKS: Dict[str, Callable[[str, Any], Any]] = {
+    "lr": _real(0), "momentum": _real(0, 1), "nesterov": _flag, "weight_decay": _real(0),
+    "orthogonalizer": _one_of(ORTHOGONALIZERS), "ns_steps": _integer(1), "ns_dtype": _one_of(NS_DTYPES),
+    "ns_backend": _one_of(NS_BACKENDS), "lr_scale": _one_of(LR_SCALES), "teon_k": _integer(1),
+    "teon_mode": _one_of((1, 2)), "teon_types": _layer_types, "split_fused": _flag, "ht_power": _real(0),
+    "ht_method": _one_of(HEAVY_TAIL_METHODS), "ht_interval": _integer(1), "adamw_lr": _real(0),
+    "adamw_betas": _betas, "adamw_eps": _real(0, low_open=True), "adamw_weight_decay": _real(0),
+    "skip_nonfinite": _flag, "cut_groups_at_stage_boundary": _flag, "parallel_mode": _one_of(PARALLEL_MODES),
+    "overlap_waves": _integer(1), "comm_dtype": _one_of(COMM_DTYPES), "cluster": _cluster,
+    "qk_clip": _or_none(_real(0, low_open=True)), "qk_clip_alpha": _real(0, 1, high_open=False),
+    "qk_clip_log": _flag, "grouping_rule": _callable_or_none,
+}
+
+
+# -- building one from user options -------------------------------------------------------------------
+
+# Every name make_config takes: our options, and DeepSpeed's names of some of them (kinds.py).
+ACCEPTED_OPTIONS = OPTION_NAMES + tuple(ADAMW_ALIASES) + DEEPSPEED_OPTIONS
 
 
 def make_config(kind: str, options: Mapping[str, Any]) -> OptimizerConfig:
-    """Build and validate the config of optimizer `kind` from user options (ours, or DeepSpeed's names of
-    the same things: ADAMW_ALIASES, muon_lr, adam_w_mode), naming any unknown key."""
-    kind = kind.lower()
-    if kind not in OPTIMIZER_KINDS:
+    """The config of optimizer `kind` from user options (ours, or DeepSpeed's names of the same things:
+    ADAMW_ALIASES, DEEPSPEED_OPTIONS); an option given as None takes its default. Unknown keys are named
+    with the closest accepted one."""
+    if not isinstance(kind, str) or kind.lower() not in OPTIMIZER_KINDS:
         raise ValueError(f"teonspeed: unknown optimizer {kind!r}; choose one of {OPTIMIZER_KINDS}")
+    kind = kind.lower()
     options = resolve_aliases(options)
     unknown = [k for k in options if k not in OPTION_NAMES]
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, OPTION_NAMES, n=1)
+            close = difflib.get_close_matches(str(key), ACCEPTED_OPTIONS, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"teonspeed: unknown option(s) {', '.join(hints)} for {kind}; "
-                         f"valid options are: {', '.join(OPTION_NAMES)} (and DeepSpeed's names "
-                         f"{', '.join(ADAMW_ALIASES)}, muon_lr, adam_w_mode)")
-    if kind == "muon" and options.get("teon_k", 1) != 1:
+        raise ValueError(f"teonspeed: unknown option(s) {', '.join(hints)} for {kind}; valid options are: "
+                         f"{', '.join(OPTION_NAMES)}; and DeepSpeed's names {', '.join(ADAMW_ALIASES)}, "
+                         f"{', '.join(DEEPSPEED_OPTIONS)}")
+    if kind == "muon" and options.get("teon_k") not in (None, 1):
         raise ValueError("teonspeed: option 'teon_k' must be 1 for Muon; use teonspeed.TEON to stack layers")
-    values = dict(DEFAULTS[kind])
-    values.update({k: v for k, v in options.items() if v is not None or k not in DEFAULTS[kind]})
-    return OptimizerConfig(**values).validate()
+    given = {k: v for k, v in options.items() if v is not None}
+    return OptimizerConfig(**{**KIND_DEFAULTS[kind], **given})

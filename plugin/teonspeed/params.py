@@ -1,12 +1,13 @@
 """The user's parameters -> the optimizer's param groups: names for every parameter, the keys a user group
-may override, and the split of each user group into its orthogonalized and its AdamW side."""
+may override (each checked like the option of the same name), and the split of each user group into its
+orthogonalized and its AdamW side."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
-from .config import OptimizerConfig
+from .config import CHECKS, OptimizerConfig
 from .fused import annotate_model
 
 # Keys a user's param group may override, and the internal group key each one sets.
@@ -33,7 +34,7 @@ def normalize_params(params) -> List[Dict[str, Any]]:
     allowed = set(ORTHO_GROUP_KEYS) | set(ADAMW_GROUP_KEYS) | {"params", "names", ROUTE_KEY, *DEEPSPEED_MOE_KEYS}
     counter = 0
     out = []
-    for group in params:
+    for index, group in enumerate(params):
         unknown = sorted(set(group) - allowed)
         if unknown:
             raise ValueError(f"teonspeed: unknown param-group key(s) {unknown}; a group may set: {sorted(allowed)}")
@@ -52,8 +53,11 @@ def normalize_params(params) -> List[Dict[str, Any]]:
                     name, counter = f"param_{counter}", counter + 1
                     unnamed.add(id(item))
                 named.append((name, item))
+        # a group's override is checked like the option of the same name
+        overrides = {k: CHECKS[k](f"param_groups[{index}].{k}", v) if k in CHECKS else v
+                     for k, v in group.items() if k not in ("params", "names", ROUTE_KEY)}
         entry = {"named": [(n, p) for n, p in named if p.requires_grad], "unnamed": unnamed,
-                 "overrides": {k: v for k, v in group.items() if k not in ("params", "names", ROUTE_KEY)}}
+                 "overrides": overrides}
         if ROUTE_KEY in group:
             entry[ROUTE_KEY] = group[ROUTE_KEY]
         out.append(entry)
@@ -88,3 +92,18 @@ def internal_groups(c: OptimizerConfig, user_groups, route: Dict[str, str]) -> L
             g.update(params=[p for _, p in members], names=[n for n, _ in members], route=side, step=0)
             out.append(g)
     return out
+
+
+def refuse_dtensor_parameters(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) and DTensor tensor parallelism replace parameters by
+    DTensors holding a shard each; the step would orthogonalize shards as if they were whole matrices
+    (and fails inside DTensor dispatch). Refused at construction, naming the first such parameter."""
+    for name, p in named:
+        placements = getattr(p, "placements", None)
+        if placements is None or not hasattr(p, "device_mesh"):
+            continue
+        raise ValueError(
+            f"teonspeed: parameter {name!r} is a DTensor (placements {tuple(placements)}, as made by PyTorch "
+            f"FSDP2's fully_shard or DTensor parallelize_module); teonspeed does not step DTensor parameters "
+            f"yet. Shard with DeepSpeed ZeRO-1/2 (\"optimizer\": {{\"type\": \"TEON\"}}), Megatron-core "
+            f"(tensor parallel, use_distributed_optimizer) or DDP instead")

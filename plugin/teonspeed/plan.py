@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-
 from .config import OptimizerConfig, make_config
-from .grouping import GroupingResult, build_groups, require_teon_stacks
-from .params import normalize_params
+from .grouping import GroupingResult
+from .parallel.context import ParallelContext, build_grouping
 
 
 @dataclass
@@ -30,7 +29,7 @@ class Plan:
 
     def __str__(self) -> str:
         c = self.config
-        steps = "" if c.orthogonalizer == "svd" else f" x{c.ns_steps or 5}"
+        steps = "" if c.orthogonalizer == "svd" else f" x{c.ns_steps}"
         head = (f"teonspeed plan: {self.optimizer} (orthogonalizer={c.orthogonalizer}{steps}, lr_scale={c.lr_scale}, "
                 f"teon_k={c.teon_k}, teon_mode={c.teon_mode}")
         if self.optimizer == "htmuon":
@@ -66,12 +65,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(params: Any, optimizer: str = "teon", **options: Any) -> Plan:
+def plan(params: Any, optimizer: str = "teon", *, parallel: Optional[ParallelContext] = None,
+         **options: Any) -> Plan:
     """The routing and groups that `optimizer` ("muon" | "teon" | "htmuon") would use for `params`
-    (a model or named parameters), without building any state. print() it to see it."""
+    (a model, named parameters or param groups, in any layout the optimizer takes: the same grouping
+    builder, the same parallel layout found), without building any state or running any collective.
+    print() it to see it."""
     config = make_config(optimizer, options)
-    named = [(n, p) for g in normalize_params(params) for n, p in g["named"]]
-    grouping = build_groups(named, teon_k=config.teon_k, teon_mode=config.teon_mode, teon_types=config.teon_types,
-                            split_fused=config.split_fused, grouping_rule=config.grouping_rule)
-    require_teon_stacks(grouping, config.teon_k, config.teon_types, config.teon_per_layer_fallback)
-    return Plan(optimizer.lower(), config, grouping)
+    return Plan(optimizer.lower(), config, build_grouping(params, config, parallel).grouping)

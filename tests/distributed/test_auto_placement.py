@@ -89,7 +89,7 @@ def _replicated_with_a_whole_matrix(rank, world_size):
     ref_opt.step()
     want = {n: p.detach().chunk(world_size, 0)[rank] if specs[n].tp_partition_dim == 0 else p.detach() for n, p in ref}
     same = tol.distance({n: p.detach() for n, p in params}, want) <= budget.weights(0.02)
-    return same, (opt.comm_stats.sent, opt.comm_stats.received), opt._runner.expected_bytes(opt.grouping.groups)
+    return same, (opt.comm_stats.sent, opt.comm_stats.received), opt.runner.expected_bytes(opt.grouping.groups)
 
 
 def test_the_tp_gather_of_replicated_groups_moves_only_the_split_matrices():

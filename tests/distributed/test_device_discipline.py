@@ -64,7 +64,7 @@ def world_one_step(rank, world_size):
     set_standin_grads(model.parameters())
     with DeviceRecorder() as rec:
         opt.step()
-    return type(opt._runner).__name__, rec.collectives, len(rec.host_reads)
+    return type(opt.runner).__name__, rec.collectives, len(rec.host_reads)
 
 
 def test_world_of_one_runs_the_exchange_on_the_device():

@@ -50,7 +50,7 @@ def train_each_entry(rank, world_size, tp=1, pp=1):
                                                  specs[n].tp_partition_stride, tp_rank)
                       for n, p in model.named_parameters()}
         # the ranks that share the step's skip decision and plan check: the pipeline stages included
-        out["step group", entry] = opt._runner.step_group.size if hasattr(opt._runner, "step_group") else 1
+        out["step group", entry] = opt.runner.step_group.size if hasattr(opt.runner, "step_group") else 1
         out["budget", entry] = budget.weights(0.02)
         del opt, model
     return out, ps.get_data_parallel_rank()

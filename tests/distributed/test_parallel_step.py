@@ -56,7 +56,7 @@ def train(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, num_l
                                         etp_rank if spec.is_expert else tp_rank, ps.get_data_parallel_rank())
     stats = opt.comm_stats
     moved = (stats.sent, stats.received, stats.flops, stats.adamw_bytes) if stats else None
-    expected = opt._runner.expected_bytes(opt.grouping.groups) if stats else None
+    expected = opt.runner.expected_bytes(opt.grouping.groups) if stats else None
     return out, moved, expected, str(opt.plan), budget.weights(0.02)
 
 

@@ -42,7 +42,7 @@ def train(model, parallel=None, steps=STEPS, **options):
     for step in range(steps):
         grads(model, step)
         opt.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, type(opt._runner).__name__
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, type(opt.runner).__name__
 
 
 def mixed_dp(rank, world_size, mode):
@@ -139,7 +139,7 @@ def independent_ranks(rank, world_size):
     before = model.layers[1].mlp.down_proj.weight.detach().clone()
     with pytest.warns(RuntimeWarning, match="step skipped") if rank == 1 else _nothing():
         opt.step()
-    sg = opt._runner.step_group
+    sg = opt.runner.step_group
     return sg.group is None, sg.size, not torch.equal(before, model.layers[1].mlp.down_proj.weight)
 
 

@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 MODELS = sorted(p.stem for p in configs.MODELS_DIR.glob("*.yaml"))
 LAYOUTS = sorted(configs.LAYOUTS_DIR.glob("*.yaml"))
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-ENV = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="default")
+# (the caller's PYTHONPATH kept, like the other subprocess tests: the teonspeed under test, not another install)
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           PYTHONWARNINGS="default")
 
 
 def divisors(n, upto):
@@ -62,7 +64,8 @@ def _meta_build(config, tp, pp, ep):
 
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-    from launch.model import build_model, padded_vocab
+    from launch.model import build_model
+    from launch.rules import padded_vocab
     from teonspeed.patches import cpu_shims
     cpu_shims.apply()
     # The all-to-all dispatcher (moe_small) makes a CUDA stream at build time, used only when it runs on a GPU.
@@ -224,26 +227,26 @@ def test_dry_run_checks_the_run_for_the_allocation(monkeypatch):
 
 
 def test_memory_uses_the_launchers_validator_and_honours_every_flag():
-    from launch import memory
+    from launch import estimator, memory
 
     def total(argv):
-        spec, par, train = memory.setup_from_launch(argv, 8)
-        return memory.estimate(spec, par, train)
+        spec, par, train = estimator.setup_from_launch(argv, 8)
+        return estimator.estimate(spec, par, train)
 
     with pytest.raises(SystemExit, match=r"--zero-stage 1 is DeepSpeed's: the Megatron backend"):
         memory.main(["llama_1b_tp2_pp2", "--zero-stage", "1"])
     with pytest.raises(SystemExit, match=r"--tp 3 must divide the attention heads \(32\)"):
         memory.main(["llama_1b", "--tp", "3", "--dp", "8"])
     layout = configs.read_yaml(configs.LAYOUTS_DIR / "llama_1b_dp8.yaml")
-    argv, world = memory.layout_argv(layout, configs.LAYOUTS_DIR / "llama_1b_dp8.yaml")
+    argv, world = estimator.layout_argv(layout, configs.LAYOUTS_DIR / "llama_1b_dp8.yaml")
     zero1 = total(argv)
     zero0 = total(argv + ["--zero-stage", "0"])
     assert zero1.training["zero_stage"] == 1 and zero0.training["zero_stage"] == 0
     assert zero0.bytes["optimizer_states"] == 8 * zero1.bytes["optimizer_states"]  # ZeRO-1 shards over DP 8
-    pp2 = memory.setup_from_launch(memory.layout_argv(configs.read_yaml(LAYOUTS[2]), LAYOUTS[2])[0], 16)[2]
+    pp2_argv = estimator.layout_argv(configs.read_yaml(LAYOUTS[2]), LAYOUTS[2])[0]
+    pp2 = estimator.setup_from_launch(pp2_argv, 16)[2]
     assert LAYOUTS[2].stem == "llama_1b_tp2_pp2" and pp2.zero_stage == 0  # Megatron backend: no ZeRO
-    pp2_argv = memory.layout_argv(configs.read_yaml(LAYOUTS[2]), LAYOUTS[2])[0]
-    assert memory.setup_from_launch(pp2_argv + ["--distributed-optimizer"], 16)[2].zero_stage == 1
+    assert estimator.setup_from_launch(pp2_argv + ["--distributed-optimizer"], 16)[2].zero_stage == 1
 
 
 # --- readable errors ---------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, sa
 def _matrix_numel(ddp, opt):
     """Elements of this rank's (TP-local) orthogonalized matrices."""
     inner = opt.optimizer
-    return sum(p.numel() for n, p in ddp.module.named_parameters() if inner.group_of(inner._names[id(p)])["route"] == "ortho")
+    return sum(p.numel() for n, p in ddp.module.named_parameters() if inner.group_of(inner.name_of(p))["route"] == "ortho")
 
 
 def weights(result):
@@ -188,3 +188,62 @@ def _state_round_trip(rank, world_size):
 
 def test_state_dict_round_trip_through_megatrons_wrapper():
     assert all(run_ranks(_state_round_trip, 1, timeout=120)[0])
+
+
+# A value other than teonspeed's default (and other than Megatron's, where Megatron holds the option), for
+# every option: a new option without one fails test_every_teonspeed_option_is_reachable_from_the_config.
+NON_DEFAULT = dict(lr=0.03, momentum=0.9, nesterov=True, weight_decay=0.02, orthogonalizer="svd", ns_steps=6,
+                   ns_dtype="fp32", ns_backend="torch", lr_scale="rms_match", teon_k=1, teon_mode=2,
+                   teon_types=("q",), split_fused=False, ht_power=0.25, ht_method="ns", ht_interval=2,
+                   adamw_lr=1e-3, adamw_betas=(0.8, 0.9), adamw_eps=1e-6, adamw_weight_decay=0.03,
+                   skip_nonfinite=False, cut_groups_at_stage_boundary=True, parallel_mode="replicated",
+                   overlap_waves=3, comm_dtype="bf16", cluster={"peak_flops": 1e12}, qk_clip=50.0,
+                   qk_clip_alpha=0.25, qk_clip_log=True, grouping_rule=len)
+
+
+def test_every_teonspeed_option_is_reachable_from_the_config():
+    """Each option set through the field that holds it (its own, teon_/muon_-prefixed, or Megatron's name
+    for it) reaches the optimizer's config; Megatron's other fields keep their meaning."""
+    import dataclasses
+
+    from teonspeed.config import OPTION_NAMES, make_config
+    from teonspeed.megatron import MEGATRON_NAMES, TeonOptimizerConfig, teonspeed_options
+    assert set(NON_DEFAULT) == set(OPTION_NAMES)
+    fields = {f.name for f in dataclasses.fields(TeonOptimizerConfig)}
+    for option, value in NON_DEFAULT.items():
+        where = MEGATRON_NAMES.get(option) or next(
+            n for n in (f"teon_{option}", f"muon_{option}", option) if n in fields)
+        given = dict(zip(where, value)) if isinstance(where, tuple) else {where: value}
+        if option == "weight_decay":  # Megatron's one weight decay sets both parts
+            given["weight_decay"] = value
+        config = TeonOptimizerConfig(optimizer="htmuon", **given)
+        got = getattr(make_config("htmuon", teonspeed_options(config)), option)
+        assert got == (tuple(value) if isinstance(value, list) else value), (option, where)
+    defaults = teonspeed_options(TeonOptimizerConfig(lr=0.02))
+    assert defaults["adamw_lr"] == 0.02 and defaults["adamw_betas"] == (0.9, 0.999)  # Megatron's lr and Adam
+    assert defaults["nesterov"] is False and defaults["teon_k"] is None  # Megatron's default; teonspeed's
+
+
+def test_megatron_muon_fields_teonspeed_does_not_read_are_refused_naming_the_option_to_set():
+    from teonspeed.megatron import TeonOptimizerConfig
+    with pytest.raises(ValueError, match=r"muon_tp_mode='duplicated' is Megatron's Muon's; teonspeed does not "
+                                         r"read it \(leave it at 'blockwise'\): set parallel_mode"):
+        TeonOptimizerConfig(muon_tp_mode="duplicated")
+    with pytest.raises(ValueError, match=r"muon_extra_scale_factor=2.0 .* set lr instead"):
+        TeonOptimizerConfig(muon_extra_scale_factor=2.0)
+    with pytest.raises(ValueError, match=r"option 'overlap_waves' must be an integer >= 1, got 0"):
+        TeonOptimizerConfig(overlap_waves=0)  # checked when the config is made, not at the first step
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['htmuon', 'muon', 'teon'\], got 'adam'"):
+        TeonOptimizerConfig(optimizer="adam")
+
+
+def _built_options(rank, world_size):
+    from megatron.core import parallel_state as ps
+    ps.initialize_model_parallel()
+    _, opt = build(skip_nonfinite=False, overlap_waves=3, comm_dtype="bf16", cluster={"peak_flops": 1e12})
+    c = opt.optimizer.config
+    return c.skip_nonfinite, c.overlap_waves, c.comm_dtype, c.cluster
+
+
+def test_the_builder_hands_the_options_megatron_could_not_set_before_to_the_optimizer():
+    assert run_ranks(_built_options, 1, timeout=120)[0] == (False, 3, "bf16", {"peak_flops": 1e12})

@@ -54,7 +54,7 @@ def load(model, opt, directory):
 def snapshot(model, opt):
     from megatron.core import parallel_state as ps
     inner = opt.optimizer
-    state = {f"{inner._names[id(p)]}.{key}": (v.detach().clone() if torch.is_tensor(v) else v)
+    state = {f"{inner.name_of(p)}.{key}": (v.detach().clone() if torch.is_tensor(v) else v)
              for p, s in inner.state.items() for key, v in s.items() if key != "step" or "exp_avg" in s}
     weights = {n: (p.detach().float().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel",
                False) else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())

@@ -1,4 +1,4 @@
-"""launch/memory.py: parameter counts against real megatron-core models built from configs/models/*.yaml
+"""launch/estimator (python -m launch.memory): parameter counts against real megatron-core models built from configs/models/*.yaml
 (names, shapes, teonspeed's routing; per rank under TP=2, EP=2, PP=2), the activation formula against
 Korthikanti et al.'s, monotonicity in the parallel sizes, and the generated layout estimates."""
 import dataclasses
@@ -10,14 +10,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
-from launch import memory as mem  # noqa: E402
+from launch import configs  # noqa: E402
+from launch import estimator as mem  # noqa: E402
 from teonspeed.grouping import adamw_reason  # noqa: E402
 from teonspeed.patches import cpu_shims  # noqa: E402
 from support.harness import run_ranks  # noqa: E402
 
 cpu_shims.apply()
 
-MODELS = sorted(p.stem for p in mem.MODELS_DIR.glob("*.yaml"))
+MODELS = sorted(p.stem for p in configs.MODELS_DIR.glob("*.yaml"))
 # Full-width layers, fewer of them and a smaller vocabulary, so that even the 1B model builds in a blink
 # (weights are allocated, not initialised). The tiny models are built whole.
 SHRINK = {"num_layers": 2, "vocab_size": 1000}
@@ -27,7 +28,7 @@ CPU = dict(use_cpu_initialization=True, perform_initialization=False, params_dty
 
 
 def config_of(name):
-    cfg = mem.load_model_config(name)
+    cfg = configs.load_model_config(name)
     if cfg["transformer"]["num_layers"] > 4:
         cfg["transformer"]["num_layers"] = SHRINK["num_layers"]
         cfg["model"]["vocab_size"] = SHRINK["vocab_size"]
@@ -123,14 +124,14 @@ def test_full_size_counts():
     """The published sizes: GaLore's LLaMA family (vocab 32000) and GPT-2 (vocab 50257 padded to 50304)."""
     # llama_1b ships a TP-friendly FFN (5504); the papers' count is of their 5461.
     paper = {"llama_1b": {"ffn_hidden_size": 5461}}
-    total = {m: mem.estimate(mem.ModelSpec.from_config(mem.load_model_config(m), **paper.get(m, {}))).params_total / 1e6
+    total = {m: mem.estimate(mem.ModelSpec.from_config(configs.load_model_config(m), **paper.get(m, {}))).params_total / 1e6
              for m in ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "gpt2_130m", "gpt2_350m", "gpt2_774m")}
-    shipped = mem.estimate(mem.ModelSpec.from_config(mem.load_model_config("llama_1b"))).params_total / 1e6
+    shipped = mem.estimate(mem.ModelSpec.from_config(configs.load_model_config("llama_1b"))).params_total / 1e6
     assert 0 < shipped / total["llama_1b"] - 1 < 0.005, shipped
     for m, published in {"llama_60m": 58.1, "llama_130m": 134.1, "llama_350m": 368.0, "llama_1b": 1339.1,
                          "gpt2_130m": 124.4, "gpt2_350m": 354.8, "gpt2_774m": 774.0}.items():
         assert abs(total[m] - published) < 0.2, (m, total[m])
-    moe = mem.estimate(mem.ModelSpec.from_config(mem.load_model_config("moe_small")))
+    moe = mem.estimate(mem.ModelSpec.from_config(configs.load_model_config("moe_small")))
     assert moe.params_active_per_token < moe.params_total / 4
 
 
@@ -165,7 +166,7 @@ GPT2_DROPOUT = dict(hidden_dropout=0.1, attention_dropout=0.1)
 def test_activations_are_korthikanti():
     """GPT-2 layer with dropout: sbh(34 + 5as/h) per layer, /t with sequence parallelism, and
     sbh(10 + 24/t + 5as/(ht)) without."""
-    spec = mem.ModelSpec.from_config(mem.load_model_config("gpt2_350m"), **GPT2_DROPOUT)
+    spec = mem.ModelSpec.from_config(configs.load_model_config("gpt2_350m"), **GPT2_DROPOUT)
     s, b, h, a = 1024, 2, spec.hidden_size, spec.num_attention_heads
     sbh = s * b * h
     for t in (1, 2, 4, 8):
@@ -178,7 +179,7 @@ def test_activations_are_korthikanti():
 
 
 def est(model="llama_350m", par=None, **train):
-    spec = mem.ModelSpec.from_config(mem.load_model_config(model))
+    spec = mem.ModelSpec.from_config(configs.load_model_config(model))
     return mem.estimate(spec, par or mem.Parallel(), mem.Training(**train))
 
 
@@ -198,7 +199,7 @@ def test_monotone_in_parallel_sizes():
 
 def test_optimizer_states():
     """AdamW: 2 fp32 moments everywhere; TEON/Muon: 1 for the orthogonalized matrices."""
-    spec = mem.ModelSpec.from_config(mem.load_model_config("llama_130m"))
+    spec = mem.ModelSpec.from_config(configs.load_model_config("llama_130m"))
     counts = mem.params_per_rank(spec, mem.Parallel(), 0)
     adamw, teon, muon = (est("llama_130m", optimizer=o, zero_stage=0) for o in ("adamw", "teon", "muon"))
     assert adamw.bytes["optimizer_states"] == 8 * sum(counts.values())
@@ -223,17 +224,17 @@ def test_activations_scale():
 
 
 def test_rejects_layouts_megatron_refuses():
-    spec = mem.ModelSpec.from_config(mem.load_model_config("llama_1b"), ffn_hidden_size=5461)
-    with pytest.raises(ValueError, match="5461 not divisible by TP=2"):
+    spec = mem.ModelSpec.from_config(configs.load_model_config("llama_1b"), ffn_hidden_size=5461)
+    with pytest.raises(ValueError, match=r"--tp 2 does not divide ffn_hidden_size=5461"):
         mem.estimate(spec, mem.Parallel(tp=2))
-    with pytest.raises(ValueError, match="experts not divisible"):
-        mem.estimate(mem.ModelSpec.from_config(mem.load_model_config("moe_small")), mem.Parallel(dp=32, ep=32))
+    with pytest.raises(ValueError, match=r"--ep 32 does not divide num_moe_experts="):
+        mem.estimate(mem.ModelSpec.from_config(configs.load_model_config("moe_small")), mem.Parallel(dp=32, ep=32))
 
 
 def test_configs_are_megatron_fields():
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
     for name in MODELS:
-        cfg = mem.load_model_config(name)
+        cfg = configs.load_model_config(name)
         cls = MLATransformerConfig if cfg["transformer"].get("multi_latent_attention") else TransformerConfig
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(cfg["transformer"]) <= fields, (name, set(cfg["transformer"]) - fields)
@@ -242,11 +243,11 @@ def test_configs_are_megatron_fields():
 
 
 def test_layout_estimates_are_generated_and_current():
-    layouts = sorted(mem.LAYOUTS_DIR.glob("*.yaml"))
+    layouts = sorted(configs.LAYOUTS_DIR.glob("*.yaml"))
     assert {p.stem for p in layouts} >= {"llama_1b_tp2_pp2", "moe_small_ep8"}
     assert mem.update_layouts(layouts, check=True) == []  # run launch/memory.py --update-layouts
     for path in layouts:
-        raw = mem._read_yaml(path)
+        raw = configs.read_yaml(path)
         world = raw["cluster"]["nodes"] * raw["cluster"]["gpus_per_node"]
         assert raw["parallel"]["tp"] * raw["parallel"].get("pp", 1) * raw["parallel"]["dp"] == world
         block = raw["memory_estimate"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import teonspeed
+from teonspeed.config import default
 from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.distributed import DistributedRunner
 from teonspeed.parallel.topology import Topology
@@ -37,7 +38,8 @@ def _specs(named):
 def _runner(specs, tp, dp, rank, mode, profile=None):
     positions = [(q % tp, q // tp) for q in range(tp * dp)]
     topo = Topology(None, tp, rank % tp, None, tp * dp, rank, positions, tuple(range(tp * dp)))
-    return DistributedRunner({"dense": topo, "expert": topo}, specs, mode, ns_steps=5, profile=profile)
+    return DistributedRunner({"dense": topo, "expert": topo}, specs, mode, ns_steps=default("ns_steps"),
+                             profile=profile, waves=default("overlap_waves"))
 
 
 @pytest.mark.parametrize("tp,dp,peak_flops", [(1, 4, 2.8e12), (2, 2, 8.4e12), (4, 2, 8.4e12)])
@@ -53,7 +55,7 @@ def test_auto_choices_and_bytes_equal_the_runners(tp, dp, peak_flops):
                              latency_per_peer=1e-12)
     owned = cm.auto_choice(as_model, tp, dp, tp, cm.Assumptions(cluster=profile))
     assert (0 < sum(owned) < len(owned)) == (tp < 4), owned
-    rc = cm.per_rank_bytes(as_model, tp, dp, ns_steps=5, itemsize=4, mode="auto", owned=owned)
+    rc = cm.per_rank_bytes(as_model, tp, dp, ns_steps=default("ns_steps"), itemsize=4, mode="auto", owned=owned)
     for q in range(tp * dp):
         runner = _runner(specs, tp, dp, q, "auto", profile)
         assert runner.owner_computed(groups, runner.topologies["dense"]) == owned
@@ -74,7 +76,7 @@ def test_per_rank_bytes_equal_expected_bytes_of_the_runner(tp, dp, mode):
     specs = _specs(named)
     groups = teonspeed.plan(named, "teon").groups
     as_model = [cm.Group(g.stacked_shape, sum(m.shape[0] * m.shape[1] for m in g.members), True) for g in groups]
-    rc = cm.per_rank_bytes(as_model, tp, dp, ns_steps=5, itemsize=4, mode=mode)
+    rc = cm.per_rank_bytes(as_model, tp, dp, ns_steps=default("ns_steps"), itemsize=4, mode=mode)
     for q in range(tp * dp):
         assert _runner(specs, tp, dp, q, mode).expected_bytes(groups) == (rc.sent[q], rc.received[q]), q
 

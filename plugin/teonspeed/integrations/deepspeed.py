@@ -4,7 +4,7 @@
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                              config="ds_config.json", mpu=teonspeed.deepspeed.MegatronMPU())
 
-Types: "TEON", "TeonspeedMuon", "TeonspeedHTMuon". DeepSpeed lower-cases "Muon" to its own built-in
+Types: "TEON", "TeonspeedMuon", "TeonspeedHTMuon" (kinds.DEEPSPEED_TYPE_NAMES). DeepSpeed lower-cases "Muon" to its own built-in
 optimizer, so ours carry a prefix that cannot collide (and "Muon" with teonspeed imported warns, naming
 "TeonspeedMuon"). ZeRO stages 0, 1 and 2 (fp32, bf16) are supported; stage 3, fp16, ZeRO-Offload and
 universal checkpoints are refused when the engine starts. This module builds the optimizer and describes
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..fused import annotate_model
+from ..kinds import DEEPSPEED_TYPE_NAMES
 from ..optim import HTMuon, Muon, OrthoOptimizer, TEON
 from ..parallel.context import ParallelContext
 from ..parallel.cost import adamw_bytes
@@ -25,7 +26,7 @@ from ..parallel.flat import FlatEntry, FlatPartition
 from ..parallel.shard_spec import megatron_shard_specs
 from .. import qk_clip
 
-DEEPSPEED_TYPES = {"TEON": TEON, "TeonspeedMuon": Muon, "TeonspeedHTMuon": HTMuon}
+DEEPSPEED_TYPES = {DEEPSPEED_TYPE_NAMES[cls.kind]: cls for cls in (TEON, Muon, HTMuon)}
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
 
@@ -222,7 +223,7 @@ def attach_zero_stage_1_2(zero_optimizer) -> None:
         offsets = zero_optimizer.round_robin_bit16_offsets[i]
         group = zero_optimizer.real_dp_process_group[i]
         partitions[id(zero_optimizer.single_partition_of_fp32_groups[i])] = FlatPartition(
-            entries=[FlatEntry(opt._names[id(p)], off, tuple(p.shape)) for p, off in zip(params, offsets)],
+            entries=[FlatEntry(opt.name_of(p), off, tuple(p.shape)) for p, off in zip(params, offsets)],
             partition_size=int(zero_optimizer.partition_size[i]), dp_group=group,
             dp_rank=dist.get_rank(group=group), dp_size=dist.get_world_size(group=group))
     # DeepSpeed 0.19.8 all-reduces every gradient bucket unless reduce_scatter is on and multi-rank bucket
@@ -239,7 +240,7 @@ def _adamw_bytes(opt: OrthoOptimizer, groups, dp_groups, comm_itemsize: int, all
     """comm_stats.adamw_bytes in this ZeRO layout: the orthogonalized matrices' gradient reduction and
     parameter all-gather, per flat group over its data-parallel group."""
     ortho = set(opt.grouping.ortho_names())
-    return sum(adamw_bytes(sum(p.numel() for p in params if opt._names.get(id(p)) in ortho),
+    return sum(adamw_bytes(sum(p.numel() for p in params if opt.name_of(p) in ortho),
                            dist.get_world_size(group=group), comm_itemsize, params[0].element_size() if params else 0,
                            gradient_allreduce=allreduce)
                for params, group in zip(groups, dp_groups))
@@ -254,7 +255,7 @@ def attach_bf16_optimizer(bf16_optimizer) -> None:
         size = dist.get_world_size(group=group)
         entries, offset = [], 0
         for p in params:
-            entries.append(FlatEntry(opt._names[id(p)], offset, tuple(p.shape)))
+            entries.append(FlatEntry(opt.name_of(p), offset, tuple(p.shape)))
             offset += p.numel()
         partitions[id(bf16_optimizer.fp32_groups_flat_partition[i])] = FlatPartition(
             entries=entries, partition_size=bf16_optimizer.bf16_groups_flat[i].numel() // size, dp_group=group,

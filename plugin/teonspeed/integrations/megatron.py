@@ -5,20 +5,27 @@
     optimizer = get_megatron_optimizer(config, model_chunks)   # a MegatronOptimizer
     success, grad_norm, num_zeros = optimizer.step()
 
-`TeonOptimizerConfig` is Megatron's `OptimizerConfig` plus teonspeed's options. Megatron's own Muon fields
-keep their meaning: muon_momentum → momentum, muon_use_nesterov → nesterov (Megatron's default is off),
-muon_num_ns_steps → ns_steps, muon_split_qkv → split_fused; adam_beta1/2 and adam_eps configure the AdamW
-part, `lr` is the scheduled lr of both parts and `adamw_lr` (default: lr) the AdamW part's.
+`TeonOptimizerConfig` is Megatron's `OptimizerConfig` plus every teonspeed option, derived from the fields
+of teonspeed's `OptimizerConfig` (a new option needs no glue here). Each option is read from the config's
+`teon_<name>`, `muon_<name>` or `<name>` field, whichever exists, like Megatron's `_kwargs_from_config`;
+only real renames are spelled out (MEGATRON_NAMES). So Megatron's own fields keep their meaning:
+muon_momentum → momentum, muon_use_nesterov → nesterov (Megatron's default is off), muon_num_ns_steps →
+ns_steps, muon_split_qkv → split_fused; adam_beta1/2, adam_eps and weight_decay configure the AdamW part;
+`lr` is the scheduled lr of both parts and `adamw_lr` (default: lr) the AdamW part's. The options Megatron
+does not have are fields of their own, None meaning teonspeed's default. `qk_clip` is teonspeed's QK-clip,
+after each step (Megatron's own TransformerConfig qk_clip stays off: with Transformer Engine set
+log_max_attention_logit=True on the model's config).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+import dataclasses
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..config import QKV_TYPES
+from ..config import OPTION_NAMES, OptimizerConfig as TeonspeedConfig, default, make_config
 from ..fused import annotate_model
+from ..kinds import OPTIMIZER_KINDS
 from ..optim import HTMuon, Muon, OrthoOptimizer, TEON
 from ..parallel.context import megatron_groups_context
 from ..parallel.shard_spec import megatron_shard_specs
@@ -33,53 +40,64 @@ from .megatron_wrappers import TeonFloat16Optimizer, TeonFP32Optimizer, grad_sca
 
 MEGATRON_TYPES = {"muon": Muon, "teon": TEON, "htmuon": HTMuon}
 
+# teonspeed options that Megatron's OptimizerConfig holds under another name (its one weight decay
+# serves both parts).
+MEGATRON_NAMES = {"nesterov": "muon_use_nesterov", "ns_steps": "muon_num_ns_steps",
+                  "split_fused": "muon_split_qkv", "adamw_betas": ("adam_beta1", "adam_beta2"),
+                  "adamw_eps": "adam_eps", "adamw_weight_decay": "weight_decay"}
+# Megatron's Muon fields that teonspeed does not read, and what to set instead: refused unless at their
+# Megatron default, so that a setting never goes silently unused.
+NOT_READ = {"muon_scale_mode": "lr_scale", "muon_extra_scale_factor": "lr",
+            "muon_fp32_matmul_prec": "ns_dtype",
+            "muon_tp_mode": "parallel_mode (teonspeed always orthogonalizes the whole matrix)"}
 
-@dataclass
-class TeonOptimizerConfig(OptimizerConfig):
-    """Megatron's OptimizerConfig with `optimizer` in {"teon", "muon", "htmuon"} and teonspeed's options."""
-
-    optimizer: str = "teon"
-    adamw_lr: Optional[float] = None
-    """lr of the AdamW part (embeddings, output head, norms, biases); None: the same as `lr`."""
-    orthogonalizer: Optional[str] = None
-    ns_dtype: str = "auto"
-    ns_backend: str = "auto"
-    lr_scale: Optional[str] = None
-    teon_k: Optional[int] = None
-    teon_mode: int = 1
-    teon_types: Tuple[str, ...] = QKV_TYPES
-    ht_power: float = 0.125
-    ht_method: str = "svd"
-    ht_interval: int = 1
-    parallel_mode: str = "auto"
-    cluster: Optional[Dict[str, float]] = None
-    """Overrides of teonspeed.parallel.cost.ClusterProfile, which parallel_mode="auto" decides with."""
-    cut_groups_at_stage_boundary: bool = False
-    qk_clip: Optional[float] = None
-    """QK-clip threshold τ (teonspeed.qk_clip, after each step; None: off). Megatron's own TransformerConfig
-    qk_clip stays off: with Transformer Engine set log_max_attention_logit=True on the model's config."""
-    qk_clip_alpha: float = 0.5
-    qk_clip_log: bool = False
+_MEGATRON_FIELDS = {f.name: f for f in dataclasses.fields(OptimizerConfig)}
 
 
-def teonspeed_options(config: TeonOptimizerConfig) -> Dict[str, Any]:
-    """The teonspeed options a TeonOptimizerConfig stands for (validated by the optimizer)."""
-    lr = config.lr if config.lr is not None else 0.02
-    options = dict(
-        lr=lr, weight_decay=config.weight_decay, momentum=config.muon_momentum, nesterov=config.muon_use_nesterov,
-        ns_steps=config.muon_num_ns_steps, split_fused=config.muon_split_qkv,
-        adamw_lr=config.adamw_lr if config.adamw_lr is not None else lr,
-        adamw_betas=(config.adam_beta1, config.adam_beta2), adamw_eps=config.adam_eps,
-        adamw_weight_decay=config.weight_decay, orthogonalizer=config.orthogonalizer, ns_dtype=config.ns_dtype,
-        ns_backend=config.ns_backend,
-        lr_scale=config.lr_scale, teon_mode=config.teon_mode, teon_types=config.teon_types,
-        parallel_mode=config.parallel_mode, cluster=config.cluster,
-        cut_groups_at_stage_boundary=config.cut_groups_at_stage_boundary,
-        qk_clip=config.qk_clip, qk_clip_alpha=config.qk_clip_alpha, qk_clip_log=config.qk_clip_log)
-    if config.optimizer != "muon":
-        options["teon_k"] = config.teon_k
-    if config.optimizer == "htmuon":
-        options.update(ht_power=config.ht_power, ht_method=config.ht_method, ht_interval=config.ht_interval)
+def _megatron_name(option: str, fields) -> Optional[str]:
+    """Which field of a Megatron config holds teonspeed `option`: teon_<name>, muon_<name> or <name>."""
+    return next((n for n in (f"teon_{option}", f"muon_{option}", option) if n in fields), None)
+
+
+def _added_fields():
+    """A field, default None (teonspeed's default), for every option Megatron's config lacks."""
+    teonspeed_fields = {f.name: f for f in dataclasses.fields(TeonspeedConfig)}
+    missing = [n for n in OPTION_NAMES
+               if n not in MEGATRON_NAMES and _megatron_name(n, _MEGATRON_FIELDS) is None]
+    return [(n, f"Optional[{teonspeed_fields[n].type}]", dataclasses.field(default=None)) for n in missing]
+
+
+def _check(self) -> None:
+    OptimizerConfig.__post_init__(self)
+    if str(self.optimizer).lower() not in OPTIMIZER_KINDS:
+        raise ValueError(f"teonspeed: TeonOptimizerConfig.optimizer must be one of "
+                         f"{sorted(OPTIMIZER_KINDS)}, got {self.optimizer!r}; use "
+                         f"megatron.core.optimizer.get_megatron_optimizer for Adam/SGD")
+    for name, instead in NOT_READ.items():
+        if getattr(self, name) != _MEGATRON_FIELDS[name].default:
+            raise ValueError(f"teonspeed: TeonOptimizerConfig.{name}={getattr(self, name)!r} is Megatron's "
+                             f"Muon's; teonspeed does not read it (leave it at "
+                             f"{_MEGATRON_FIELDS[name].default!r}): set {instead} instead")
+    make_config(self.optimizer, teonspeed_options(self))  # every option checked now, not at the first step
+
+
+TeonOptimizerConfig = dataclasses.make_dataclass(
+    "TeonOptimizerConfig", [("optimizer", str, dataclasses.field(default="teon")), *_added_fields()],
+    bases=(OptimizerConfig,), namespace={"__post_init__": _check, "__module__": __name__, "__doc__": (
+        "Megatron's OptimizerConfig with `optimizer` in {\"teon\", \"muon\", \"htmuon\"} and every teonspeed "
+        "option (see teonspeed.OptimizerConfig for each one's meaning and default; None: that default).")})
+
+
+def teonspeed_options(config) -> Dict[str, Any]:
+    """The teonspeed options a TeonOptimizerConfig stands for (None: teonspeed's default)."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    options = {}
+    for option in OPTION_NAMES:
+        source = MEGATRON_NAMES.get(option) or _megatron_name(option, fields)
+        options[option] = (tuple(getattr(config, n) for n in source) if isinstance(source, tuple)
+                           else getattr(config, source))
+    if options["adamw_lr"] is None:  # Megatron schedules one lr: the AdamW part follows it unless told
+        options["adamw_lr"] = default("lr") if options["lr"] is None else options["lr"]
     return options
 
 

@@ -67,10 +67,10 @@ def bucket_shards(optimizer: OrthoOptimizer, model_chunks) -> List[BucketShard]:
             group = buffer.data_parallel_group
             size, rank = group.size(), group.rank()
             for bucket in buffer.buckets:
-                entries = sorted((FlatEntry(optimizer._names[id(p)], buffer.param_index_map[p][0] - bucket.offset,
+                entries = sorted((FlatEntry(optimizer.name_of(p), buffer.param_index_map[p][0] - bucket.offset,
                                             tuple(p.shape)) for p in bucket.params), key=lambda e: e.offset)
                 # Megatron's get_main_grads_for_grad_norm: a TP-duplicated (or pipeline-shared) parameter once
-                counted = {optimizer._names[id(p)] for p in bucket.params
+                counted = {optimizer.name_of(p) for p in bucket.params
                            if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)}
                 n = bucket.grad_data.numel() // size
                 param = bucket.param_data[rank * n:(rank + 1) * n]
@@ -182,8 +182,8 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
         whole = self._whole_parameters(gather=not is_loading)
         state = {}
         for i, p in enumerate(params):
-            keys = ("momentum_buffer",) if inner.group_of(inner._names[id(p)])["route"] == "ortho" else ADAMW_KEYS
-            state[i] = {k: whole[inner._names[id(p)]][k] for k in keys}
+            keys = ("momentum_buffer",) if inner.group_of(inner.name_of(p))["route"] == "ortho" else ADAMW_KEYS
+            state[i] = {k: whole[inner.name_of(p)][k] for k in keys}
         ids = {id(p): i for i, p in enumerate(params)}
         optimizer_state = {"state": state, "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
                                                              "params": [ids[id(p)] for p in g["params"]]}
@@ -195,7 +195,7 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
             optimizer_state["state"]["common_step"] = adamw_steps[0]
         if not any(s.master is not None for s in self.shards):
             return optimizer_state
-        masters = [[make_sharded_optimizer_tensor(id_to_sharded[ids[id(p)]], whole[inner._names[id(p)]]["master"],
+        masters = [[make_sharded_optimizer_tensor(id_to_sharded[ids[id(p)]], whole[inner.name_of(p)]["master"],
                                                   prefix="optimizer.state.fp32_param") for p in g["params"]]
                    for g in inner.param_groups]
         return {"optimizer": optimizer_state, "fp32_from_fp16_params": masters}
@@ -234,10 +234,10 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
                              else "fp32") + ": resume with the precision (bf16 or not) it was saved with")
         self._restore_param_groups(self._filter_and_reorder_param_groups(inner.param_groups, loaded["param_groups"]))
         params = self.get_parameters()
-        values = {inner._names[id(p)]: dict(loaded["state"][i]) for i, p in enumerate(params)}
+        values = {inner.name_of(p): dict(loaded["state"][i]) for i, p in enumerate(params)}
         for g, saved_group in zip(inner.param_groups, masters or []):
             for p, master in zip(g["params"], saved_group):
-                values[inner._names[id(p)]]["master"] = master
+                values[inner.name_of(p)]["master"] = master
         for shard in self.shards:
             state, start = self.optimizer.bucket_state(shard), shard.partition.start
             targets = {**state, **({"master": shard.master} if shard.master is not None else {})}

@@ -13,19 +13,19 @@ matrices), never a step path of its own.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..config import OptimizerConfig, make_config
 from ..fused import LAYOUT_ATTR
-from ..grouping import GroupingResult, OrthoGroup, build_groups, require_teon_stacks
+from ..grouping import GroupingResult, MatrixRef, OrthoGroup
 from ..matrix_io import matrix_view, write_matrix
 from ..ortho import heavy_tail, orthogonalize
 from ..ortho.compute_dtype import check_cpu_bf16_env
-from ..parallel.context import (ParallelContext, check_stage_cuts, megatron_context,
-                                megatron_context_of_parameters)
+from ..parallel.context import ParallelContext, build_grouping
 from ..parallel.cost import adamw_bytes, cluster_profile
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import BucketShard, FlatPartition
@@ -34,8 +34,8 @@ from ..parallel.partitioned import PartitionRunner, check_groups_within_partitio
 from ..parallel.runner import Runner, StepIO
 from ..parallel.topology import build_step_group, build_topology
 from .checkpoint import LAYOUT_KEY, CheckpointState  # noqa: F401  (LAYOUT_KEY: re-exported)
-from .checks import agreed_construction, refuse_dtensor_parameters
-from ..params import ROUTE_KEY, internal_groups, normalize_params
+from .checks import agreed_construction
+from ..params import internal_groups
 from ..plan import Plan
 from ..qk_clip import attach_from_options
 from .scaling import lr_multiplier
@@ -79,32 +79,11 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         # (one GPU with an NCCL group exercises it); otherwise a one-rank world takes the local path.
         self._mode_forced = options.get("parallel_mode") == "distributed"
         check_cpu_bf16_env()  # a bad TEONSPEED_CPU_BF16 fails here, not mid-step after the momentum moved
-        user_groups = normalize_params(params)
-        refuse_dtensor_parameters(np for g in user_groups for np in g["named"])
-        if parallel is None and isinstance(params, torch.nn.Module):
-            parallel = megatron_context(params)
-        elif parallel is None:
-            # named_parameters() and param groups of a Megatron model get the layout passing the model gets
-            parallel, renamed = megatron_context_of_parameters([np for g in user_groups for np in g["named"]],
-                                                               {i for g in user_groups for i in g["unnamed"]})
-            for g in user_groups:
-                g["named"] = [(renamed.get(id(p), n), p) for n, p in g["named"]]
-        self.parallel = parallel or ParallelContext()
-        self._names: Dict[int, str] = {}
-        named: List[Tuple[str, torch.Tensor]] = []
-        force_route: Dict[str, str] = {}
-        for group in user_groups:
-            for name, p in group["named"]:
-                if id(p) in self._names:
-                    raise ValueError(f"teonspeed: parameter {name!r} appears twice in the param groups")
-                self._names[id(p)] = name
-                named.append((name, p))
-                if ROUTE_KEY in group:
-                    force_route[name] = group[ROUTE_KEY]
-        self.grouping: GroupingResult = self._build_grouping(named, force_route)
-        check_stage_cuts(self.grouping, self.parallel, self.config.cut_groups_at_stage_boundary)
-        require_teon_stacks(self.grouping, self.config.teon_k, self.config.teon_types,
-                            self.config.teon_per_layer_fallback)
+        setup = build_grouping(params, self.config, parallel)  # the same call as teonspeed.plan's
+        user_groups, named = setup.groups, setup.named
+        self.parallel: ParallelContext = setup.parallel
+        self.grouping: GroupingResult = setup.grouping
+        self._names: Dict[int, str] = {id(p): n for n, p in named}
         route = {r.name: r.route for r in self.grouping.routing}
         super().__init__(internal_groups(self.config, user_groups, route), {})
         return named
@@ -157,16 +136,10 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         topologies = {"dense": build_topology(ctx.tp_group, ctx.dp_group),
                       "expert": build_topology(ctx.expert_tp_group, ctx.expert_dp_group)}
         comm_dtype = _compute_dtype(self.config.comm_dtype)
-        return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps or 5,
+        return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps,
                                  step_group=build_step_group(topologies, ctx.pipeline_group),
                                  waves=self.config.overlap_waves, comm_dtype=comm_dtype,
                                  profile=cluster_profile(self.config.cluster))
-
-    def _build_grouping(self, named, force_route) -> GroupingResult:
-        c = self.config
-        return build_groups(named, teon_k=c.teon_k, teon_mode=c.teon_mode, teon_types=c.teon_types,
-                            split_fused=c.split_fused, grouping_rule=c.grouping_rule, force_route=force_route,
-                            full_shape=self.parallel.full_shape, relocate=self.parallel.relocate)
 
     # -- introspection --------------------------------------------------------------------------------
     @property
@@ -198,6 +171,25 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
     @property
     def plan(self) -> Plan:
         return Plan(self.kind, self.config, self.grouping, self._runner)
+
+    def name_of(self, p: torch.Tensor) -> str:
+        """The name of parameter `p`, or of the parameter a tensor stands for after `rebind` (an fp32
+        master copy)."""
+        try:
+            return self._names[id(p)]
+        except KeyError:
+            raise ValueError(f"teonspeed: a tensor of shape {tuple(p.shape)} is not a parameter of this "
+                             f"optimizer (nor rebound to one)") from None
+
+    @property
+    def parameters_by_name(self) -> Mapping[str, torch.Tensor]:
+        """Name -> the tensor the step updates for it (read-only)."""
+        return MappingProxyType(self._params_by_name)
+
+    def matrix_of(self, t: torch.Tensor, m: MatrixRef) -> torch.Tensor:
+        """Matrix `m` of `t` (its parameter, its gradient or a state buffer of the same shape): the
+        expert's slice of a 3-D weight, or its part of a fused weight (a copy)."""
+        return matrix_view(t, m, self._layouts[m.name])
 
     # -- the step -------------------------------------------------------------------------------------
     def transform(self, stacked: torch.Tensor, step: int) -> torch.Tensor:

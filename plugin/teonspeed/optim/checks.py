@@ -2,7 +2,7 @@
 
 Construction (the ranks agree on any refusal before the runner's first collective, so every rank
 raises the same line; see agreed_construction):
-- parameters that are DTensors (PyTorch FSDP2's `fully_shard`, or `parallelize_module`): refused;
+- (params.refuse_dtensor_parameters: DTensor parameters, as FSDP2's `fully_shard` makes them.)
 - (grouping.require_teon_stacks: a TEON run that forms no stack, unless the per-layer fallback is asked.)
 
 Each step, before the first write: every gradient is dense and has its parameter's shape, dtype and
@@ -40,21 +40,6 @@ def agreed_construction() -> Iterator[None]:
 
 class GradientError(ValueError):
     """A gradient the step cannot use; raised before any weight or optimizer state changes."""
-
-
-def refuse_dtensor_parameters(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
-    """FSDP2 (`torch.distributed.fsdp.fully_shard`) and DTensor tensor parallelism replace parameters by
-    DTensors holding a shard each; the step would orthogonalize shards as if they were whole matrices
-    (and fails inside DTensor dispatch). Refused at construction, naming the first such parameter."""
-    for name, p in named:
-        placements = getattr(p, "placements", None)
-        if placements is None or not hasattr(p, "device_mesh"):
-            continue
-        raise ValueError(
-            f"teonspeed: parameter {name!r} is a DTensor (placements {tuple(placements)}, as made by PyTorch "
-            f"FSDP2's fully_shard or DTensor parallelize_module); teonspeed does not step DTensor parameters "
-            f"yet. Shard with DeepSpeed ZeRO-1/2 (\"optimizer\": {{\"type\": \"TEON\"}}), Megatron-core "
-            f"(tensor parallel, use_distributed_optimizer) or DDP instead")
 
 
 def gradient_problem(named: Iterable[Tuple[str, torch.Tensor]]) -> Optional[str]:

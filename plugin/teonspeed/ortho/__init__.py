@@ -20,7 +20,9 @@ from .spectral import heavy_tail_svd, matrix_root_newton_schulz, polar_svd
 ORTHOGONALIZERS = ("ns5", "polar_express", "svd")
 NS_BACKENDS = ("auto", "torch", "triton")
 HEAVY_TAIL_METHODS = ("svd", "ns")
-DEFAULT_STEPS = {"ns5": 5, "polar_express": 5}
+# Iterations of ns5 / polar_express unless told otherwise (the `ns_steps` option's default): Jordan's
+# choice for ns5, and where Polar Express's per-step optimal schedule reaches bf16 accuracy.
+NS_STEPS = 5
 
 
 def _newton_schulz_impl(x: torch.Tensor, backend: str):
@@ -40,12 +42,12 @@ def _newton_schulz_impl(x: torch.Tensor, backend: str):
     return newton_schulz
 
 
-def orthogonalize(x: torch.Tensor, method: str = "ns5", steps: Optional[int] = None,
+def orthogonalize(x: torch.Tensor, method: str = "ns5", steps: int = NS_STEPS,
                   compute_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
     """The (approximate) orthogonal polar factor of every matrix in x, shape (..., m, n).
 
-    method: "ns5" (Jordan's quintic, 5 steps by default), "polar_express" (per-step optimal quintics,
-    5 steps by default) or "svd" (exact U Vᵀ). Zero matrices map to zero.
+    method: "ns5" (Jordan's quintic), "polar_express" (per-step optimal quintics), each `steps` times,
+    or "svd" (exact U Vᵀ; `steps` unused). Zero matrices map to zero.
     backend: the Newton–Schulz implementation, "auto" | "torch" | "triton" (see _newton_schulz_impl);
     ignored for "svd".
     """
@@ -57,13 +59,13 @@ def orthogonalize(x: torch.Tensor, method: str = "ns5", steps: Optional[int] = N
         return x.clone()
     if method == "svd":
         return polar_svd(x).to(x.dtype)
-    schedule = schedule_for(method, DEFAULT_STEPS[method] if steps is None else steps)
+    schedule = schedule_for(method, steps)
     dtype = compute_dtype or default_compute_dtype(x)
     return _newton_schulz_impl(x, backend)(x, schedule, dtype).to(x.dtype)
 
 
 def heavy_tail(x: torch.Tensor, power: float, method: str = "svd", orthogonalizer: str = "ns5",
-               steps: Optional[int] = None, compute_dtype: Optional[torch.dtype] = None,
+               steps: int = NS_STEPS, compute_dtype: Optional[torch.dtype] = None,
                root_steps: int = 8, backend: str = "auto") -> torch.Tensor:
     """HTMuon's heavy-tailed transform U diag(σᵖ) Vᵀ of every matrix in x.
 
@@ -77,7 +79,7 @@ def heavy_tail(x: torch.Tensor, power: float, method: str = "svd", orthogonalize
         raise ValueError(f"ht_power must be >= 0, got {power}")
     if method == "svd":
         return heavy_tail_svd(x, power).to(x.dtype)
-    num_roots = _num_square_roots(power)
+    num_roots = num_square_roots(power)
     polar = orthogonalize(x, orthogonalizer, steps, compute_dtype, backend).to(torch.float32)
     work = x.to(torch.float32)
     wide = x.size(-2) <= x.size(-1)
@@ -91,7 +93,7 @@ def heavy_tail(x: torch.Tensor, power: float, method: str = "svd", orthogonalize
     return out.to(x.dtype)
 
 
-def _num_square_roots(power: float) -> int:
+def num_square_roots(power: float) -> int:
     """(Gram)^{p/2} with p = 2⁻ᵏ is k + 1 nested square roots."""
     if power <= 0:
         raise ValueError("ht_method='ns' needs ht_power = 2^-k with k >= 0 (e.g. 0.125); use ht_method='svd'")
@@ -102,6 +104,6 @@ def _num_square_roots(power: float) -> int:
     return int(round(k)) + 1
 
 
-__all__ = ["orthogonalize", "heavy_tail", "ORTHOGONALIZERS", "HEAVY_TAIL_METHODS", "NS_BACKENDS", "JORDAN_NS5",
-           "POLAR_EXPRESS_CANONICAL_8", "Schedule", "schedule_for", "newton_schulz", "polar_svd",
-           "heavy_tail_svd", "matrix_root_newton_schulz", "default_compute_dtype"]
+__all__ = ["orthogonalize", "heavy_tail", "num_square_roots", "ORTHOGONALIZERS", "HEAVY_TAIL_METHODS",
+           "NS_BACKENDS", "NS_STEPS", "JORDAN_NS5", "POLAR_EXPRESS_CANONICAL_8", "Schedule", "schedule_for",
+           "newton_schulz", "polar_svd", "heavy_tail_svd", "matrix_root_newton_schulz", "default_compute_dtype"]

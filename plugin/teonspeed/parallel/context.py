@@ -1,17 +1,21 @@
 """Everything the optimizer needs to know about the parallel layout, in one object, built from
-megatron-core's parallel_state or from explicit process groups and ShardSpecs."""
+megatron-core's parallel_state or from explicit process groups and ShardSpecs; and `build_grouping`, the
+user's parameters in that layout -> routing and groups: the one builder of the optimizers and of
+`teonspeed.plan`, so a plan printed before training is the plan the optimizer runs, in every layout."""
 from __future__ import annotations
 
 import gc
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ..config import OptimizerConfig
 from ..fused import annotate_model
-from ..grouping import GroupingResult, LayerRef
+from ..grouping import GroupingResult, LayerRef, build_groups, require_teon_stacks
+from ..params import ROUTE_KEY, normalize_params, refuse_dtensor_parameters
 from .shard_spec import ShardSpec, full_shape, megatron_shard_specs
 
 
@@ -143,3 +147,53 @@ def _root_modules_holding(param_ids) -> List[torch.nn.Module]:
                 seen.add(id(m))
             roots[id(m)] = m
     return list(roots.values())
+
+
+@dataclass(frozen=True)
+class ParamSetup:
+    """What an optimizer is built on: the user's param groups (normalize_params' form, with their final
+    names), the parallel layout they live in, and the routing and groups."""
+
+    groups: List[Dict[str, Any]]
+    parallel: ParallelContext
+    grouping: GroupingResult
+
+    @property
+    def named(self) -> List[Tuple[str, torch.Tensor]]:
+        return [np for g in self.groups for np in g["named"]]
+
+
+def build_grouping(params: Any, config: OptimizerConfig, parallel: Optional[ParallelContext] = None
+                   ) -> ParamSetup:
+    """The routing and groups of `params` under `config`. Without `parallel`, the layout is megatron-core's
+    when its parallel state is initialised (found from the model, or from Megatron's parameters given
+    without it), else a single process. Refuses DTensor parameters, a parameter given twice, a TEON run
+    that forms no stack (unless teon_per_layer_fallback) and, under pipeline parallelism, a TEON group cut
+    by a stage boundary (unless config allows it). No collective."""
+    user_groups = normalize_params(params)
+    refuse_dtensor_parameters(np for g in user_groups for np in g["named"])
+    if parallel is None and isinstance(params, torch.nn.Module):
+        parallel = megatron_context(params)
+    elif parallel is None:
+        # named_parameters() and param groups of a Megatron model get the layout passing the model gets
+        parallel, renamed = megatron_context_of_parameters([np for g in user_groups for np in g["named"]],
+                                                           {i for g in user_groups for i in g["unnamed"]})
+        for g in user_groups:
+            g["named"] = [(renamed.get(id(p), n), p) for n, p in g["named"]]
+    parallel = parallel or ParallelContext()
+    seen, named, force_route = set(), [], {}
+    for group in user_groups:
+        for name, p in group["named"]:
+            if id(p) in seen:
+                raise ValueError(f"teonspeed: parameter {name!r} appears twice in the param groups")
+            seen.add(id(p))
+            named.append((name, p))
+            if ROUTE_KEY in group:
+                force_route[name] = group[ROUTE_KEY]
+    c = config
+    grouping = build_groups(named, teon_k=c.teon_k, teon_mode=c.teon_mode, teon_types=c.teon_types,
+                            split_fused=c.split_fused, grouping_rule=c.grouping_rule, force_route=force_route,
+                            full_shape=parallel.full_shape, relocate=parallel.relocate)
+    check_stage_cuts(grouping, parallel, c.cut_groups_at_stage_boundary)
+    require_teon_stacks(grouping, c.teon_k, c.teon_types, c.teon_per_layer_fallback)
+    return ParamSetup(user_groups, parallel, grouping)

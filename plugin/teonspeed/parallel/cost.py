@@ -9,6 +9,7 @@ every rank), never from timings measured at run time. The defaults are H100 SXM 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -66,7 +67,8 @@ def cluster_profile(overrides: Optional[Mapping[str, Any]] = None) -> ClusterPro
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ValueError(f"teonspeed: option 'cluster' has unknown field(s) {unknown}; valid fields: {', '.join(FIELDS)}")
-    bad = [k for k, v in overrides.items() if not isinstance(v, (int, float)) or v <= 0]
+    bad = [k for k, v in overrides.items()
+           if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0]
     if bad:
-        raise ValueError(f"teonspeed: option 'cluster' fields {bad} must be positive numbers")
+        raise ValueError(f"teonspeed: option 'cluster' fields {bad} must be positive finite numbers")
     return ClusterProfile(**overrides)

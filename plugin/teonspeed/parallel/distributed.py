@@ -53,7 +53,7 @@ class DistributedRunner:
     computed by an owner (owner-compute), by every rank (replicated), or either as "auto" decides."""
 
     def __init__(self, topologies: Dict[str, Topology], specs: Dict[str, ShardSpec], mode: str,
-                 ns_steps: int, *, step_group: Optional[StepGroup] = None, waves: int = 2,
+                 ns_steps: int, *, step_group: Optional[StepGroup] = None, waves: int,
                  comm_dtype: Optional[torch.dtype] = None, profile: Optional[ClusterProfile] = None) -> None:
         self.topologies = topologies  # "dense" and "expert"
         self.pieces = Pieces(specs, topologies)

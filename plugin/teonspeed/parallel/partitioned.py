@@ -50,7 +50,7 @@ class PartitionRunner:
         self.partitions = dict(partitions)
         self._distributed = base if isinstance(base, DistributedRunner) else None
         self._adamw_bytes = adamw_bytes  # what AdamW moves for the same matrices in this layout (comm_stats)
-        self._ns_steps, self._cluster = config.ns_steps or 5, cluster_profile(config.cluster)
+        self._ns_steps, self._cluster = config.ns_steps, cluster_profile(config.cluster)
         sets: Dict[Tuple, List[Key]] = {}  # (topology, data-parallel ranks), or the key alone -> keys
         for key, fp in self.partitions.items():
             if together:

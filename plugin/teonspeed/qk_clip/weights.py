@@ -25,12 +25,13 @@ WHOLE = "whole"  # the key of "every tensor" where nothing is partitioned
 
 class RowWriter:
     """Writes row factors into wherever `optimizer` keeps the parameters (duck-typed on teonspeed's
-    OrthoOptimizer: its names and rebound tensors, and what its step updates, `_tensors`: the parameters,
-    DeepSpeed's flat partitions (`partitions`) or Megatron's bucket shards (`buckets`))."""
+    OrthoOptimizer: `name_of`, `parameters_by_name` (the rebound tensors), and what its step updates,
+    `_tensors`: the parameters, DeepSpeed's flat partitions (`partitions`) or Megatron's bucket shards
+    (`buckets`))."""
 
     def __init__(self, optimizer) -> None:
         self.optimizer = optimizer
-        self.teonspeed = optimizer is not None and hasattr(optimizer, "_params_by_name")
+        self.teonspeed = optimizer is not None and hasattr(optimizer, "parameters_by_name")
 
     def _stepped(self):
         return getattr(self.optimizer, "_tensors", None) if self.teonspeed else None
@@ -58,8 +59,12 @@ class RowWriter:
                 scale_rows(p.data, scale)
             return
         opt = self.optimizer
-        by_name = {opt._names[id(p)]: scale for p, scale in scales if id(p) in opt._names}
-        missing = [p for p, _ in scales if id(p) not in opt._names]
+        by_name, missing = {}, []
+        for p, scale in scales:
+            try:
+                by_name[opt.name_of(p)] = scale
+            except ValueError:
+                missing.append(p)
         if missing:
             shape = tuple(missing[0].shape)
             raise ValueError(f"teonspeed: QK-clip: a query/key weight of shape {shape} is not among the "
@@ -71,7 +76,7 @@ class RowWriter:
             self._write_flat(self._flat(), by_name, keys)
         else:
             for name, scale in by_name.items():
-                scale_rows(opt._params_by_name[name], scale)
+                scale_rows(opt.parameters_by_name[name], scale)
 
     def _write_flat(self, partitions: Dict, by_name: Dict[str, torch.Tensor], keys: Set) -> None:
         for group in self.optimizer.param_groups:
