@@ -236,7 +236,7 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "skip_nonfinite": _flag, "cut_groups_at_stage_boundary": _flag, "parallel_mode": _one_of(PARALLEL_MODES),
     "overlap_waves": _integer(1), "comm_dtype": _one_of(COMM_DTYPES), "cluster": _cluster,
     "qk_clip": _or_none(_real(0, low_open=True)), "qk_clip_alpha": _real(0, 1, high_open=False),
-    "qk_clip_log": _flag, "grouping_rule": _callable_or_none,
+    "qk_clip_log": _flag, "teon_per_layer_fallback": _flag, "grouping_rule": _callable_or_none,
 }
 
 

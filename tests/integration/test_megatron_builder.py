@@ -198,7 +198,7 @@ NON_DEFAULT = dict(lr=0.03, momentum=0.9, nesterov=True, weight_decay=0.02, orth
                    adamw_lr=1e-3, adamw_betas=(0.8, 0.9), adamw_eps=1e-6, adamw_weight_decay=0.03,
                    skip_nonfinite=False, cut_groups_at_stage_boundary=True, parallel_mode="replicated",
                    overlap_waves=3, comm_dtype="bf16", cluster={"peak_flops": 1e12}, qk_clip=50.0,
-                   qk_clip_alpha=0.25, qk_clip_log=True, grouping_rule=len)
+                   qk_clip_alpha=0.25, qk_clip_log=True, teon_per_layer_fallback=True, grouping_rule=len)
 
 
 def test_every_teonspeed_option_is_reachable_from_the_config():
