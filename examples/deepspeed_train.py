@@ -69,6 +69,10 @@ def main() -> None:
         print(f"{type(engine.basic_optimizer).__name__} on {torch.distributed.get_world_size()} ranks, "
               f"ZeRO stage {engine.zero_optimization_stage()}: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
               f"after {args.steps} steps")
+    # Tear the process group down on every rank together: a rank that exits while another is still in
+    # gloo's teardown can abort the job at exit.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

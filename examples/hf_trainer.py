@@ -79,6 +79,9 @@ def main() -> None:
         print(f"{type(trainer.model_wrapped.basic_optimizer).__name__} under the Trainer on "
               f"{trainer.args.world_size} ranks: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
               f"after {args.steps} steps")
+    if torch.distributed.is_initialized():  # every rank together (see examples/deepspeed_train.py)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

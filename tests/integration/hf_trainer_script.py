@@ -103,6 +103,10 @@ def main(out_path):
     results = {stage: train(stage, out_path + ".runs") for stage in (0, 1, 2)}
     if dist.get_rank() == 0:
         json.dump({"results": results, "world_size": dist.get_world_size()}, open(out_path, "w"))
+    # Every rank tears the group down together: a rank exiting while another is in gloo's teardown can
+    # abort the job at exit ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
