@@ -83,8 +83,8 @@ MODELS = {s.name: s for s in [
     Size("mla_moe_tiny", "mla_moe_tiny", 200,
          what="MLA (q/kv low rank) + MoE (4 experts top-2 + shared expert, first layer dense)"),
     Size("dense_mha_tiny", None, 200, ["--groups", "4"], optimizers=("adamw",),
-         what="the seed paper's baseline at tiny size: tiny with multi-head attention (4 heads / 4 groups), "
-              "dense SwiGLU, AdamW only"),
+         what="the seed paper's baseline at tiny size: tiny with multi-head attention (4 heads / 4 "
+              "groups), dense SwiGLU, AdamW only"),
     Size("moe_tiny", "moe_tiny", 200, what="LLaMA-style MoE, 4 experts top-2 in every layer"),
     Size("small", "llama_small_cpu", 150, teon_k=True, what="llama_small_cpu"),
 ]}
@@ -652,7 +652,8 @@ def teon_main(args, seeds, trainer, out: Path, start: float, log, summarize_teon
     table = summarize_teon(result)
     (out / f"{stem}.md").write_text(
         f"# TEON study{' (quick)' if args.quick else ''}\n\n{m['platform']}, {m['cpus']} CPUs, Python "
-        f"{m['python']}, {m['date']}; wall time {m['wall_seconds']:.0f} s. Every run: launch/pretrain.py on 2 "
+        f"{m['python']}, {m['date']}; wall time {m['wall_seconds']:.0f} s. Every run: "
+        "launch/pretrain.py on 2 "
         f"processes (data parallel), the embedded corpus, equal tokens; every arm's AdamW part at lr "
         f"{result['adamw_lr']:g}.\n{table}\n")
     print(table)

@@ -41,11 +41,13 @@ def bracketed(row: Dict) -> bool:
 
 def headline(name: str, model: Dict) -> List[str]:
     n = len(model["seeds_used"])
-    lines = [f"\n### {name}: {model['what']} ({model['steps']} steps, {model['steps'] * TOKENS_PER_STEP / 1e6:.2f}M "
+    lines = [f"\n### {name}: {model['what']} ({model['steps']} "
+             f"steps, {model['steps'] * TOKENS_PER_STEP / 1e6:.2f}M "
              f"tokens, 2 ranks, seeds {model['seeds_used']})\n",
-             f"| optimizer | best lr | AdamW part's lr | final val loss (mean ± sd, {n} seeds) | perplexity | − AdamW, "
-             f"paired (mean ± sd) | t | perplexity vs AdamW | steps to AdamW's final loss (per seed) | as a share of "
-             "AdamW's steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| optimizer | best lr | AdamW part's lr | final val loss (mean ± sd, {n} seeds) | perplexity "
+             "| − AdamW, "
+             "paired (mean ± sd) | t | perplexity vs AdamW | steps to AdamW's final loss (per seed) | as a "
+             "share of AdamW's steps |", "|---|---|---|---|---|---|---|---|---|---|"]
     for opt, row in model["rows"].items():
         finals = [_final(r) for r in row["seeds"]]
         part = f"{row['best_adamw_lr']:g}" if row["best_adamw_lr"] is not None else "–"
@@ -61,7 +63,8 @@ def headline(name: str, model: Dict) -> List[str]:
                      f"{math.exp(statistics.mean(finals)):.2f} | {cmp} |")
     if model.get("versus_muon"):
         lines += ["\nAgainst Muon, paired by seed (each at its best setting): " + "; ".join(
-            f"{opt} − muon {v['mean']:+.4f} ± {v['sd']:.4f} (t = {v['t']:.1f}, perplexity {v['ppl_pct_mean']:+.1f}%)"
+            f"{opt} − muon {v['mean']:+.4f} ± {v['sd']:.4f} (t = {v['t']:.1f}, "
+            f"perplexity {v['ppl_pct_mean']:+.1f}%)"
             for opt, v in model["versus_muon"].items())]
     return lines
 
@@ -102,13 +105,15 @@ def _verdict_ppl(pct: float) -> str:
 def seed_paper_lines(paper: Dict) -> List[str]:
     lines = ["\n## The seed paper's claims on CPU (arXiv 2509.24406: Muon with MLA and MoE)\n",
              "The paper: Muon reaches AdamW's target loss with 48–52% of AdamW's training, and MLA+MoE+Muon has "
-             "8–12% lower perplexity than its baseline (presumably a dense MHA model with AdamW). Measured here on "
+             "8–12% lower perplexity than its baseline (presumably a dense MHA model with AdamW). Measured "
+             "here on "
              "the tiny models at equal tokens, each side at its own tuned learning rates, paired by seed:\n",
-             "| comparison | − baseline, paired (mean ± sd) | t | perplexity vs baseline (per seed) | steps to the "
-             "baseline's final loss | share of its steps | reading |", "|---|---|---|---|---|---|---|"]
+             "| comparison | − baseline, paired (mean ± sd) | t | perplexity vs baseline (per seed) | steps "
+             "to the baseline's final loss | share of its steps | reading |", "|---|---|---|---|---|---|---|"]
     names = {"muon_vs_adamw_on_mla_moe": "Muon − AdamW, both on mla_moe_tiny",
              "mla_moe_muon_vs_dense_mha_adamw": "mla_moe_tiny + Muon − dense_mha_tiny + AdamW",
-             "mla_moe_adamw_vs_dense_mha_adamw": "mla_moe_tiny + AdamW − dense_mha_tiny + AdamW (architecture only)"}
+             "mla_moe_adamw_vs_dense_mha_adamw": "mla_moe_tiny + AdamW − dense_mha_tiny + AdamW "
+                                                 "(architecture only)"}
     for key, v in paper.items():
         reached = [f for f in v["fraction_of_steps"] if f is not None]
         share = (f"mean {100 * statistics.mean(reached):.0f}% of the steps ({len(reached)}/{len(v['seeds'])} "
@@ -145,7 +150,8 @@ def summarize(results: Dict, quick: bool = False) -> str:
              f"{m.get('platform', '?')}, {m.get('cpus', '?')} CPUs (shared with other jobs; load average "
              f"{m.get('load_average_at_end', float('nan')):.1f} at the end), Python {m.get('python', '?')}, "
              f"{m.get('date', '?')}; wall time {m.get('wall_seconds', 0):.0f} s; orthogonalizer in "
-             f"{m.get('orthogonalizer_dtype', '?')}. Every run: launch/pretrain.py on 2 processes (data parallel), "
+             f"{m.get('orthogonalizer_dtype', '?')}. Every run: launch/pretrain.py on 2 processes (data "
+             "parallel), "
              "the embedded corpus as Megatron indexed datasets, equal tokens per optimizer (global batch 32 x 64 "
              "tokens), linear warmup then cosine to 0.1x, weight decay 0.01, clipping 1.0."]
     if pending:
@@ -176,8 +182,10 @@ def summarize(results: Dict, quick: bool = False) -> str:
 def summarize_teon(study_result: Dict) -> str:
     r = study_result
     n = len(r["seeds_used"])
-    lines = [f"\n### TEON study: {r['size']} ({r['model_config']}, {r['steps']} steps, 2 ranks, seeds {r['seeds_used']})\n",
-             f"| arm | what | best lr | final val loss (mean ± std, {n} seeds) | lr sweep (seed {r['seeds_used'][0]}) |",
+    lines = [f"\n### TEON study: {r['size']} ({r['model_config']}, {r['steps']} steps, 2 ranks, "
+             f"seeds {r['seeds_used']})\n",
+             f"| arm | what | best lr | final val loss (mean ± std, {n} seeds) | lr sweep "
+             f"(seed {r['seeds_used'][0]}) |",
              "|---|---|---|---|---|"]
     for name, arm in r["arms"].items():
         finals = [_final(x) for x in arm["seeds"]]
@@ -186,8 +194,8 @@ def summarize_teon(study_result: Dict) -> str:
                           for x in arm["sweep"])
         lrs = [x["lr"] for x in arm["sweep"]]
         edge = " (grid edge)" if len(lrs) > 2 and arm["best_lr"] in (min(lrs), max(lrs)) else ""
-        lines.append(f"| {name} | {arm['what']} | {arm['best_lr']:.4g}{edge} | {statistics.mean(finals):.4f} ± {std:.4f} "
-                     f"| {sweep} |")
+        lines.append(f"| {name} | {arm['what']} | {arm['best_lr']:.4g}{edge} | {statistics.mean(finals):.4f} "
+                     f"± {std:.4f} | {sweep} |")
     if r.get("pairs"):
         lines += ["\nPaired by seed, each arm at its own best lr (difference of final validation loss; negative: "
                   "the first arm is better; t = mean / (sd/√n)):\n",

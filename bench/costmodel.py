@@ -24,20 +24,22 @@ The structure of the model follows the implementation (plugin/teonspeed/parallel
   time       compute = FLOPs / (peak · ns_efficiency); comm = phase A and B (1) over TP (NVLink inside a
              node), B (2) over the column's ring (InfiniBand once the column spans nodes); latency per
              collective (+ per hop of a ring); distributed hides placement.hidden_fraction(waves) of the
-             shorter of compute and comm (1/2 for 2 waves), as the rule does; a memory-bound element-wise part (momentum, update) is added to every mode.
+             shorter of compute and comm (1/2 for 2 waves), as the rule does; a memory-bound element-wise part
+             (momentum, update) is added to every mode.
   auto       parallel_mode="auto": the package's own rule (teonspeed.parallel.placement) picks owner-compute
              or replicated per group from the constants of ClusterProfile; the chosen plan is then timed
              as above (replicated groups, then the owner-compute waves).
   deepspeed  DeepSpeed 0.19.8's own Muon under ZeRO-1/2 (see deepspeed_time), for comparison; at ZeRO
              stage 0 (deepspeed_zero0_time) every rank runs it on each local weight: replicated, TP-local.
-  zero       teonspeed's own ZeRO-1/2 step (plugin/teonspeed/parallel/flat.py): the hidden matrices of one stage in
-             the model's parameter order (HF names: q, k, v, o, gate, up, down per layer; TP-local shapes)
-             form one flat param group cut into DP equal partitions (DeepSpeed's alignment padding
+  zero       teonspeed's own ZeRO-1/2 step (plugin/teonspeed/parallel/flat.py): the hidden matrices of one
+             stage in the model's parameter order (HF names: q, k, v, o, gate, up, down per layer; TP-local
+             shapes) form one flat param group cut into DP equal partitions (DeepSpeed's alignment padding
              ignored); teonspeed.parallel.zero_partition.plan_zero_partition, the implementation's own
-             planner, decides local/cut jobs and owners; bytes are its point-to-point rounds, FLOPs its loads (see
-             zero_partition_time; tests/unit/test_costmodel.py checks the bytes against FlatStep.expected_bytes).
-             MoE: one EP rank's expert matrices form their own param group, cut into expert-DP partitions
-             and planned on the expert topology (expert TP 1 × expert-DP), as the implementation does.
+             planner, decides local/cut jobs and owners; bytes are its point-to-point rounds, FLOPs its loads
+             (see zero_partition_time; tests/unit/test_costmodel.py checks the bytes against
+             FlatStep.expected_bytes). MoE: one EP rank's expert matrices form their own param group, cut into
+             expert-DP partitions and planned on the expert topology (expert TP 1 × expert-DP), as the
+             implementation does.
   training   forward+backward = 6 · active params · global batch tokens / (GPUs · peak · train_mfu);
              overhead % = optimizer step / forward+backward.
 """
@@ -50,9 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
-
 import torch
 
 import teonspeed
@@ -62,6 +61,9 @@ from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.owners import assign_owners, ns_flops
 from teonspeed.parallel.placement import GroupCost, choose_owner_compute, hidden_fraction, layout_of
 from teonspeed.parallel.zero_partition import ZeroPlan, plan_zero_buckets
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
 
 
 @dataclass
@@ -426,9 +428,9 @@ def zero_layout(model: ModelSpec, optimizer: str, a: Assumptions, dp: int, exper
 
 def zero_plan(layout: ZeroLayout, tp: int, dp: int, ns_steps: int, cluster: ClusterProfile = ClusterProfile(),
               itemsize: int = 4) -> ZeroPlan:
-    """The implementation's plan (what plugin/teonspeed/parallel/flat.py plan_partition builds on every rank: NS
-    FLOPs of the full, TP-gathered stacks as the cost, jobs balanced with `cluster`'s constants); work
-    rank d·T + t: Megatron's order, TP adjacent."""
+    """The implementation's plan (what plugin/teonspeed/parallel/flat.py plan_partition builds on every
+    rank: NS FLOPs of the full, TP-gathered stacks as the cost, jobs balanced with `cluster`'s constants);
+    work rank d·T + t: Megatron's order, TP adjacent."""
     work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
     places = {n: (layout.bucket_of.get(n, 0), offset) for n, offset in layout.offsets.items()}
     sizes = layout.partition_sizes or (layout.partition_size,)
@@ -448,7 +450,8 @@ class ZeroBytes:
 
 
 def zero_rank_bytes(plan: ZeroPlan, itemsize: int, gpus_per_node: int) -> ZeroBytes:
-    """The two point-to-point rounds of FlatStep, pair by pair (the same pieces as ZeroPlan.bytes_per_rank)."""
+    """The two point-to-point rounds of FlatStep, pair by pair (the same pieces as
+    ZeroPlan.bytes_per_rank)."""
     w = plan.work_size
     link = {(ph, d, l): [0] * w for ph in "ab" for d in ("sent", "received") for l in ("intra", "inter")}
     peers = {ph: [set() for _ in range(w)] for ph in "ab"}
@@ -640,8 +643,8 @@ def zero_table(key: str, by: Dict[str, Dict[int, Dict[str, float]]], misses: Lis
              "and DeepSpeed's own Muon (another update: not the bar).", "",
              "| GPUs | DP | fwd+bwd s | teonspeed ZeRO-1/2: step ms | compute ms | comm ms | latency ms "
              "| cut / jobs (moved by balancing) | NS FLOPs max/mean over TP×DP ranks: before → after balancing "
-             "(largest job alone) | MB/rank | teonspeed ZeRO-1/2 % | DeepSpeed's strategy, same update: % (MB/rank) "
-             "| DeepSpeed Muon, native (other update) % | replicated % | meets the bar |",
+             "(largest job alone) | MB/rank | teonspeed ZeRO-1/2 % | DeepSpeed's strategy, same update: % "
+             "(MB/rank) | DeepSpeed Muon, native (other update) % | replicated % | meets the bar |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, z in by["zero"].items():
         ds, r = by["deepspeed"][n], by["replicated"][n]
@@ -689,13 +692,16 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
              "gradient copied to each from ZeRO's default all-reduce, which AdamW pays too, so it adds no byte; "
              "under TP it orthogonalizes the local shard, a different update). *AdamW MB*: the "
              "data-parallel all-reduce of the same gradients, per rank and direction, which every optimizer "
-             "pays. *teonspeed ZeRO-1/2*: teonspeed's partition-local step under DeepSpeed ZeRO-1/2 (plugin/teonspeed/parallel/"
-             "flat.py): the hidden matrices of a stage, in the model's parameter order and TP-local shapes, as one "
+             "pays. *teonspeed ZeRO-1/2*: teonspeed's partition-local step under DeepSpeed ZeRO-1/2 "
+             "(plugin/teonspeed/parallel/"
+             "flat.py): the hidden matrices of a stage, in the model's parameter order and TP-local shapes, "
+             "as one "
              "flat param group cut into DP equal partitions; the implementation's planner (plan_zero_partition) "
              "runs on that layout: a job inside a partition is computed there (TP-gathered among that partition's "
              "TP peers), only cut jobs go to one owner (the rank free first that exchanges them fastest) and only "
              "holders' slices come back, and jobs move off the busiest rank where that pays; two rounds of "
-             "point-to-point sends with only the ranks concerned, not overlapped with the Newton–Schulz work (tests/unit/test_costmodel.py "
+             "point-to-point sends with only the ranks concerned, not overlapped with the Newton–Schulz "
+             "work (tests/unit/test_costmodel.py "
              "checks its bytes against FlatStep.expected_bytes). Both ZeRO-1/2 modes count only the partition's "
              "element-wise work; ZeRO's parameter all-gather is paid by AdamW too, so not counted.", "",
              "Assumptions (the hardware ones: teonspeed.parallel.cost.ClusterProfile, the constants "
@@ -720,18 +726,18 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
                          f"{1e3 * d['compute_s']:.0f} | {1e3 * d['comm_s']:.0f} | {1e3 * d['latency_s']:.1f} | "
                          f"{d['dense_imbalance']:.2f} | {d['busiest_rank_bytes'] / 1e6:.0f} | "
                          f"{d['adamw_bytes'] / 1e6:.0f} | {d['overhead_pct']:.1f} | {bf['overhead_pct']:.1f} | "
-                         f"{r['overhead_pct']:.1f} | {au['overhead_pct']:.1f} | {au['owned_groups']} / {au['groups']} | "
-                         f"{ds['overhead_pct']:.1f} |")
+                         f"{r['overhead_pct']:.1f} | {au['overhead_pct']:.1f} | {au['owned_groups']} "
+                         f"/ {au['groups']} | {ds['overhead_pct']:.1f} |")
             why = []
             for other, label in ((d, "owner-compute"), (r, "replicated")):
                 if au["optimizer_s"] > other["optimizer_s"] * (1 + 1e-9):
                     why.append(f"slower than {label} ({1e3 * au['optimizer_s']:.1f} ms vs "
-                               f"{1e3 * other['optimizer_s']:.1f} ms: the rule predicts the owner part as one block, this model per "
-                               f"rank with the busiest rank's own bytes)")
+                               f"{1e3 * other['optimizer_s']:.1f} ms: the rule predicts the owner part as one "
+                               "block, this model per rank with the busiest rank's own bytes)")
             if au["optimizer_s"] > ds["optimizer_s"]:
                 why.append(f"slower than DeepSpeed's Muon at ZeRO-0 ({au['overhead_pct']:.1f}% vs "
-                           f"{ds['overhead_pct']:.1f}%" + (f"; DeepSpeed orthogonalizes each TP shard alone, a "
-                                                         f"different update" if m.tp > 1 else "") + ")")
+                           f"{ds['overhead_pct']:.1f}%" + ("; DeepSpeed orthogonalizes each TP shard alone, a "
+                                                         "different update" if m.tp > 1 else "") + ")")
             if au["fwd_bwd_s"] >= 1 and au["overhead_pct"] >= 5:
                 why.append(f"{au['overhead_pct']:.1f}% ≥ 5% of a {au['fwd_bwd_s']:.2f} s forward+backward")
             if why:
@@ -761,8 +767,8 @@ def write_outputs(pred, a: Assumptions, optimizer: str, calib: Dict, out_dir: Pa
               "its whole Newton–Schulz work on every rank and no bytes. auto takes, group by group, whichever the "
               "cluster's constants predict is cheaper (large matrices to owners, small ones everywhere; everything "
               "replicated once the column crosses many nodes or replicas outnumber the groups), so it is never "
-              "predicted slower than either uniform plan (the rule predicts with average bytes per rank, this model "
-              "with the busiest rank's). What it cannot remove is "
+              "predicted slower than either uniform plan (the rule predicts with average bytes per rank, "
+              "this model with the busiest rank's). What it cannot remove is "
               "the floor of both choices: replicated compute of the small groups, or the update's bytes of the "
               "large ones. DeepSpeed's Muon at ZeRO-0 has the same floor as replicated, lower under TP because it "
               "orthogonalizes each TP shard alone (1/T of the rows: cheaper, and a different update). ZeRO-0 also "

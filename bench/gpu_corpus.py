@@ -114,11 +114,11 @@ def build_corpus(out: Path, min_tokens: int, roots: Sequence[Path] = (), vocab: 
             "seconds": round(time.perf_counter() - start, 1)}
     meta_path.write_text(json.dumps(meta, indent=1))
     log(f"corpus: {meta['documents']} documents, {meta['bytes'] / 1e6:.0f} MB from {len(roots)} roots, "
-        f"{meta['train_tokens'] / 1e6:.1f}M train / {meta['valid_tokens'] / 1e6:.2f}M validation tokens, vocab "
-        f"{meta['vocab']} ({meta['seconds']:.0f} s)")
+        f"{meta['train_tokens'] / 1e6:.1f}M train / {meta['valid_tokens'] / 1e6:.2f}M validation "
+        f"tokens, vocab {meta['vocab']} ({meta['seconds']:.0f} s)")
     if meta["train_tokens"] < min_tokens:
-        log(f"corpus: only {meta['train_tokens']} tokens of the {min_tokens} asked for: this machine has no more "
-            "text under the roots; pass more --roots")
+        log(f"corpus: only {meta['train_tokens']} tokens of the {min_tokens} asked for: this machine "
+            "has no more text under the roots; pass more --roots")
     return meta
 
 

@@ -143,7 +143,8 @@ TINY_PRESET = Preset(shape=LlamaShape(vocab=512, hidden=32, ffn=64, heads=2, lay
 
 
 def import_teonspeed():
-    """teonspeed, installed or straight from this checkout's plugin/teonspeed (the GPU image has no install of it)."""
+    """teonspeed, installed or straight from this checkout's plugin/teonspeed (the GPU image has no
+    install of it)."""
     try:
         import teonspeed
         return teonspeed
@@ -284,9 +285,10 @@ def summarize_gpu(results: Dict) -> str:
     c, p = results["corpus"], results["preset"]
     lines = [f"# Convergence, GPU preset ({results['device']}, torch {results['torch']})\n",
              f"LLaMA {p['shape']['hidden']}/{p['shape']['ffn']}/{p['shape']['heads']}/{p['shape']['layers']} "
-             f"(hidden/FFN/heads/layers), vocab {p['shape']['vocab']}, seq {p['shape']['seq']}, batch {p['batch']} "
-             f"sequences; corpus: {c['train_tokens'] / 1e6:.1f}M train tokens from the machine's Python installation "
-             f"(digest {c['digest']}).\n",
+             f"(hidden/FFN/heads/layers), vocab {p['shape']['vocab']}, seq {p['shape']['seq']}, "
+             f"batch {p['batch']} "
+             f"sequences; corpus: {c['train_tokens'] / 1e6:.1f}M train tokens from the machine's Python "
+             f"installation (digest {c['digest']}).\n",
              "| arm | lr | steps (stopped by) | tokens | final val loss | perplexity | tokens/s |", "|---|---|---|---|---|---|---|"]
     for name, r in results["runs"].items():
         final = r["val_curve"][-1][1]

@@ -248,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "junit":
         env = environment()
         summary = junit_summary(args.xml)
-        md = [f"# tests/unit/test_kernels.py on this machine", "", environment_line(env), "",
+        md = ["# tests/unit/test_kernels.py on this machine", "", environment_line(env), "",
               "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())), "",
               "| test | outcome | seconds | message |", "|---|---|---|---|"]
         md += [f"| {t['name']} | {t['outcome']} | {t['seconds']:.2f} | {t['message'].replace('|', '/')} |"
@@ -260,7 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         md = ["# launch/pretrain.py, single process (DeepSpeed engine, bf16, ZeRO-1)", "", environment_line(env), "",
               f"Flags: `{args.command_line}`", "",
               "| optimizer | steps | final train loss | final val loss | median tokens/s | status |", "|---|---|---|---|---|---|"]
-        md += [f"| {label} | {r.get('steps', '—')} | {fmt(r.get('final_train_loss'))} | {fmt(r.get('final_val_loss'))} | "
+        md += [f"| {label} | {r.get('steps', '—')} | {fmt(r.get('final_train_loss'))} "
+               f"| {fmt(r.get('final_val_loss'))} | "
                f"{fmt(r.get('median_tokens_per_s'), '.0f')} | {r['status']} |" for label, r in runs.items()]
         write_result(args.stem, {"environment": env, "command_line": args.command_line, "runs": runs}, "\n".join(md), out)
     elif args.command == "summary":

@@ -120,7 +120,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           gpu_report.environment_line(env), "",
           f"Parameter set {args.size}, {args.steps} steps, fp32 Newton–Schulz, tolerance {args.atol}. "
           "Times: each step's wall time (ms), the first includes state allocation.", "",
-          "| optimizer | local runner | distributed runner | max abs diff | state on | local ms | distributed ms | status |",
+          "| optimizer | local runner | distributed runner | max abs diff | state on | local ms | "
+          "distributed ms | status |",
           "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['optimizer']} | {r['local_runner']} | {r['distributed_runner']} | {r['max_abs_diff']:.3g} | "
            f"{', '.join(r['state_devices'])} | {', '.join(f'{t:.1f}' for t in r['local_step_ms'])} | "

@@ -194,9 +194,9 @@ def run_gpu(args: argparse.Namespace, checkpoint: Callable[[dict, List[dict]], N
             ref = newton_schulz(x, sched, bf16)
             ref32 = newton_schulz(x, sched, torch.float32)
             paths: Dict[str, Optional[Callable[[], torch.Tensor]]] = {
-                "torch": lambda: newton_schulz(x, sched, bf16),
-                "compile": (lambda: compiled(x, sched, bf16)) if compiled is not None else None,
-                "triton": (lambda: kernels.newton_schulz_triton(x, sched, bf16)) if triton_ok else None,
+                "torch": lambda x=x: newton_schulz(x, sched, bf16),
+                "compile": (lambda x=x: compiled(x, sched, bf16)) if compiled is not None else None,
+                "triton": (lambda x=x: kernels.newton_schulz_triton(x, sched, bf16)) if triton_ok else None,
             }
             for path, fn in paths.items():
                 if fn is None:
@@ -214,7 +214,7 @@ def run_gpu(args: argparse.Namespace, checkpoint: Callable[[dict, List[dict]], N
                     row = pending_row(shape, batch, path, "OOM")
                 rows.append(row)
                 print_row(row)
-            del x, ref, ref32
+            del x, ref, ref32, paths, fn  # the lambdas hold x: dropped with them
             torch.cuda.empty_cache()
         checkpoint(peak, rows)  # a run stopped by its time limit keeps the shapes it finished
     return peak, rows

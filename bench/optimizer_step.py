@@ -340,15 +340,19 @@ def markdown(info: dict, rows: List[dict], args: argparse.Namespace) -> str:
     lines = [f"# Optimizer step time and memory ({info['device']})", "",
              f"{where}; torch {info['torch']}, Python {info['python']}, {info['platform']}, "
              f"{info['cpu_count']} CPUs; {info['date']}; git {info.get('git_commit', '?')[:12]}"
-             f"{' (dirty tree)' if info.get('git_dirty') else ''}; load average at the end: {info['loadavg_1_5_15']}.",
+             f"{' (dirty tree)' if info.get('git_dirty') else ''}; load average at the "
+             f"end: {info['loadavg_1_5_15']}.",
              "",
              f"LLaMA parameter sets with HF names, fp32 parameters and random fp32 gradients; library defaults; "
-             f"{args.warmup} warmup step(s) (the first allocates the state: *first step*), then {args.repeats} timed "
+             f"{args.warmup} warmup step(s) (the first allocates the state: *first step*), "
+             f"then {args.repeats} timed "
              "steps (median, min). Each (size, optimizer) runs in its own process. *extra peak MiB*: "
              + ("CUDA max_memory_allocated during the steps minus what was allocated before (parameters and "
                 "gradients): optimizer state plus step temporaries." if info["device"] == "cuda" else
-                "the rise of the process's resident-set high-water mark over the steps (state plus temporaries, "
-                "including allocator slack). CPU timings on a shared 2-core machine vary by up to ~2x between runs.")
+                "the rise of the process's resident-set high-water mark over the steps (state plus "
+                "temporaries, "
+                "including allocator slack). CPU timings on a shared 2-core machine vary by up to ~2x "
+                "between runs.")
              + " *state MiB*: tensors held in optimizer.state.", "",
              f"Versions: deepspeed {info.get('deepspeed')}, teonspeed {info.get('teonspeed')}. CPU bf16 flags: "
              f"{', '.join(info.get('cpu_bf16_flags') or []) or 'none'}."
@@ -361,8 +365,8 @@ def markdown(info: dict, rows: List[dict], args: argparse.Namespace) -> str:
                   "choice); below 1 means ours is faster. "
                   + ("Steps interleaved in one process (--paired): load swings hit both alike." if all(
                       r.get("paired") for r in rows if r.get("median_ms")) else
-                     "Each optimizer ran in its own process, one after the other: on a shared machine the load "
-                     "changes between them, so for ratios prefer a --paired run."), "",
+                     "Each optimizer ran in its own process, one after the other: on a shared machine the "
+                     "load changes between them, so for ratios prefer a --paired run."), "",
                   "| size | dtype choice | ours | ours ms | DeepSpeed | DeepSpeed ms | ratio ours/DS |", "|---|---|---|---|---|---|---|"]
         for q in pairs:
             lines.append(f"| {q['size']} | {q['dtypes']} | {q['ours']} ({q['ours_dtype']}) | {q['ours_ms']:.1f} | "
@@ -370,7 +374,8 @@ def markdown(info: dict, rows: List[dict], args: argparse.Namespace) -> str:
                          f"**{q['ratio_ours_over_ds']:.2f}** |")
         lines.append("")
     lines += ["## All rows", "",
-             "| size | params | optimizer | median ms | min ms | first step ms | extra peak MiB | state MiB | status |",
+             "| size | params | optimizer | median ms | min ms | first step ms | extra peak MiB | state MiB "
+             "| status |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r.get('num_params', 0) / 1e6:.1f}M | {r.get('label', r['optimizer'])} | "
@@ -449,8 +454,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append(result)
             print(f"{size:5s} {result['optimizer']:7s} median {fmt(result.get('median_ms'), '9.1f')} ms  "
                   f"first {fmt(result.get('first_step_ms'), '9.1f')} ms  extra peak "
-                  f"{fmt(result.get('peak_extra_mib'), '7.0f')} MiB  state {fmt(result.get('state_mib'), '6.0f')} MiB  "
-                  f"{result['status']}", flush=True)
+                  f"{fmt(result.get('peak_extra_mib'), '7.0f')} MiB  "
+                  f"state {fmt(result.get('state_mib'), '6.0f')} MiB  {result['status']}", flush=True)
         write_results(args, stem, info, sizes, rows)  # after every job: a killed run keeps what it measured
     write_results(args, stem, info, sizes, rows)
     print(f"wrote {args.out_dir / stem}.json and .md")

@@ -104,7 +104,6 @@ def predicted_bytes(runner, groups, options: Dict[str, Any], itemsize: int):
 def worker(rank: int, world_size: int, tp: int, optimizer: str, mode: str, warmup: int, steps: int,
            num_layers: int = MODEL["num_layers"], comm_dtype: str = "auto") -> Dict[str, Any]:
     import torch
-    import torch.distributed as dist
     import megatron_models as mm
     import teonspeed
     from megatron.core import parallel_state as ps
@@ -362,24 +361,35 @@ def machine() -> Dict[str, Any]:
 def write_md(data: Dict[str, Any], path: Path) -> None:
     m = data["machine"]
     lines = ["# Distributed optimizer step: scaling on CPU/gloo", "",
-             f"{m['cpu']}, {m['cpus']} CPUs; torch {m['torch']}, Python {m['python']}; {m['date']}; git {m['git']}; "
-             f"load average at the end: {m['load_average']}.", "",
+             f"{m['cpu']}, {m['cpus']} CPUs; torch {m['torch']}, Python {m['python']}; {m['date']}; "
+             f"git {m['git']}; load average at the end: {m['load_average']}.", "",
              f"**Note:** {m['note']}. FLOPs and bytes are exact counters and do not depend on the load.", "",
-             f"Model: megatron-core GPT, hidden {MODEL['hidden']}, {MODEL['num_layers']} layers, {MODEL['heads']} heads, "
-             f"{MODEL['groups']} query groups, ffn {MODEL['ffn']} (gated); fp32. Layout TxD = tensor-parallel T × data-parallel D. "
-             "*FLOPs max/mean*: load balance of the per-rank Newton–Schulz FLOPs; *max/ideal*: the busiest rank against "
-             "total/ranks. *shard*: the rank's own fp32 bytes of the orthogonalized matrices (= full matrices when T = 1). "
-             "*sent/shard*, *recv/shard*: the busiest rank's bytes per step over its shard. *plan*: the counter equals "
-             "`expected_bytes` on every rank; *model*: it equals bench/costmodel.py's per_rank_bytes (the GPU model's "
-             "count) on every rank, and under auto the model's own choice (costmodel.auto_choice) equals the runner's. "
+             f"Model: megatron-core GPT, hidden {MODEL['hidden']}, {MODEL['num_layers']} "
+             f"layers, {MODEL['heads']} heads, "
+             f"{MODEL['groups']} query groups, ffn {MODEL['ffn']} (gated); fp32. Layout TxD = "
+             "tensor-parallel T × data-parallel D. "
+             "*FLOPs max/mean*: load balance of the per-rank Newton–Schulz FLOPs; *max/ideal*: the busiest "
+             "rank against "
+             "total/ranks. *shard*: the rank's own fp32 bytes of the orthogonalized matrices (= full "
+             "matrices when T = 1). "
+             "*sent/shard*, *recv/shard*: the busiest rank's bytes per step over its shard. *plan*: the "
+             "counter equals "
+             "`expected_bytes` on every rank; *model*: it equals bench/costmodel.py's per_rank_bytes (the "
+             "GPU model's "
+             "count) on every rank, and under auto the model's own choice (costmodel.auto_choice) equals "
+             "the runner's. "
              "*owner-computed*: groups an owner computes (the rest every rank); mode *auto* uses the default "
              "ClusterProfile (H100), *auto-mixed* the `cluster` override "
-             f"{json.dumps(MIXED_CLUSTER)}. *AdamW/shard*: what AdamW's data-parallel all-reduce of the same gradients moves "
-             "per rank and direction, over the shard. *step ms*: median wall time of the timed steps, slowest rank (oversubscribed: "
-             "unreliable); *CPU ms*: median CPU time of the step (process_time, includes gloo's polling), busiest rank.", "",
-             "| optimizer | mode | exchange | layout | layers | ranks | groups (owner-computed) | FLOPs/rank max (M) "
-             "| FLOPs max/mean | max/ideal | shard KiB | sent/shard | recv/shard | AdamW/shard | plan | model | step ms "
-             "| CPU ms |",
+             f"{json.dumps(MIXED_CLUSTER)}. *AdamW/shard*: what AdamW's data-parallel all-reduce of the "
+             "same gradients moves "
+             "per rank and direction, over the shard. *step ms*: median wall time of the timed steps, "
+             "slowest rank (oversubscribed: "
+             "unreliable); *CPU ms*: median CPU time of the step (process_time, includes gloo's polling), "
+             "busiest rank.", "",
+             "| optimizer | mode | exchange | layout | layers | ranks | groups (owner-computed) | "
+             "FLOPs/rank max (M) "
+             "| FLOPs max/mean | max/ideal | shard KiB | sent/shard | recv/shard | AdamW/shard | plan | "
+             "model | step ms | CPU ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     zero0 = [r for r in data["runs"].values() if r["mode"] not in DISTOPT_MODES]
     for r in sorted(zero0, key=lambda r: (-r.get("num_layers", 8), r["optimizer"], r["world"], r["tp"],
@@ -388,8 +398,10 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
             f"| {r['optimizer']} | {r['mode']} | {r.get('comm_dtype', 'auto')} | {r['layout']} | "
             f"{r.get('num_layers', MODEL['num_layers'])} | "
             f"{r['world']} | {r['groups']} ({_owner_computed(r)}) | "
-            f"{max(r['flops_per_rank']) / 1e6:.0f} | {r['flops_max_over_mean']:.2f} | {r['flops_max_over_ideal']:.2f} | "
-            f"{r['shard_bytes'] / 1024:.0f} | {r['max_sent_over_shard']:.2f} | {r['max_received_over_shard']:.2f} | "
+            f"{max(r['flops_per_rank']) / 1e6:.0f} | {r['flops_max_over_mean']:.2f} "
+            f"| {r['flops_max_over_ideal']:.2f} | "
+            f"{r['shard_bytes'] / 1024:.0f} | {r['max_sent_over_shard']:.2f} "
+            f"| {r['max_received_over_shard']:.2f} | "
             f"{max(r.get('adamw_bytes_per_rank') or [0]) / r['shard_bytes']:.2f} | "
             f"{_yes(r['counter_equals_plan'])} | {_yes(r.get('counter_equals_costmodel'))} | "
             f"{r['step_ms_max_rank']:.0f} | {r.get('cpu_ms_max_rank', float('nan')):.0f} |")
@@ -403,38 +415,50 @@ def distopt_table(runs: List[Dict[str, Any]]) -> List[str]:
     if not runs:
         return []
     lines = ["", "## Megatron's distributed optimizer (ZeRO-1-like)", "",
-             "The same model in megatron-core DDP with `DistributedDataParallelConfig(use_distributed_optimizer=True)`, "
+             "The same model in megatron-core DDP with "
+             "`DistributedDataParallelConfig(use_distributed_optimizer=True)`, "
              "fp32, stepped by `teonspeed.megatron.get_megatron_optimizer` (`use_distributed_optimizer=True`, "
              "clip_grad=1.0; mode *megatron-distopt-cpu* plans with the `cluster` override "
-             f"{json.dumps(CPU_CLUSTER)}, a device as slow as one core here, on which moving a job off the busiest "
-             "rank pays): each DP rank steps its "
-             "partition of every DDP bucket; a matrix inside one partition is orthogonalized there (TP-gathered), a "
-             "matrix cut by a partition boundary goes to one owner. *jobs local/cut*: the plan's jobs (a TEON stack or "
-             "matrix computed together) inside one partition / cut by a boundary; *NS FLOPs max/mean*: over the ranks, "
-             "as placed → after balancing (the plan's loads; the measured per-rank FLOPs equal them: *FLOPs = plan*). "
+             f"{json.dumps(CPU_CLUSTER)}, a device as slow as one core here, on which moving a job off the "
+             "busiest rank pays): each DP rank steps its "
+             "partition of every DDP bucket; a matrix inside one partition is orthogonalized there "
+             "(TP-gathered), a "
+             "matrix cut by a partition boundary goes to one owner. *jobs local/cut*: the plan's jobs (a "
+             "TEON stack or "
+             "matrix computed together) inside one partition / cut by a boundary; *NS FLOPs max/mean*: over "
+             "the ranks, "
+             "as placed → after balancing (the plan's loads; the measured per-rank FLOPs equal them: *FLOPs "
+             "= plan*). "
              "*plan*: `opt.comm_stats` bytes equal `zero_expected_bytes()` on every rank; *wire*: so do, on every "
              "rank and step (warm-up included), the payloads of the isend/irecv operations the step hands to "
              "`torch.distributed.batch_isend_irecv` (wrapped); *model*: they equal "
-             "bench/costmodel.py's ZeRO-1/2 count (`zero_plan` + `zero_rank_bytes`) applied to each DDP bucket's own "
+             "bench/costmodel.py's ZeRO-1/2 count (`zero_plan` + `zero_rank_bytes`) applied to each DDP "
+             "bucket's own "
              "layout (Megatron's offsets and partition size), and the model's job owners equal the runner's. "
-             "*AdamW/shard*: `opt.comm_stats.adamw_bytes`, DDP's reduce-scatter of the gradients plus all-gather of "
-             "the parameters for the same matrices (2·(D−1)/D of the shard per direction, what AdamW pays with the "
-             "distributed optimizer; equal to the ZeRO-0 rows' all-reduce count in every run: "
+             "*AdamW/shard*: `opt.comm_stats.adamw_bytes`, DDP's reduce-scatter of the gradients plus "
+             "all-gather of "
+             "the parameters for the same matrices (2·(D−1)/D of the shard per direction, what AdamW pays "
+             "with the distributed optimizer; equal to the ZeRO-0 rows' all-reduce count in every run: "
              f"{_yes(all(r.get('adamw_equals_zero0') for r in runs))}). "
              "*step ms* includes DDP's parameter all-gather, which the optimizer's step starts (the gradients are "
              "written into DDP's buffer; its reduce-scatter is not run).", "",
-             "| optimizer | mode | layout | ranks | groups | buckets | jobs local/cut | NS FLOPs max/mean (as placed → balanced) "
-             "| FLOPs max/ideal | FLOPs = plan | shard KiB | sent/shard | recv/shard | AdamW/shard | plan | wire | model "
-             "| step ms | CPU ms |",
+             "| optimizer | mode | layout | ranks | groups | buckets | jobs local/cut | NS FLOPs max/mean "
+             "(as placed → balanced) "
+             "| FLOPs max/ideal | FLOPs = plan | shard KiB | sent/shard | recv/shard | AdamW/shard | plan | "
+             "wire | model | step ms | CPU ms |",
              "|" + "---|" * 19]
     for r in sorted(runs, key=lambda r: (r["optimizer"], r["world"], r["tp"], r["mode"])):
         lines.append(
-            f"| {r['optimizer']} | {r['mode']} | {r['layout']} | {r['world']} | {r['groups']} | {r['buckets']} | "
+            f"| {r['optimizer']} | {r['mode']} | {r['layout']} | {r['world']} | {r['groups']} "
+            f"| {r['buckets']} | "
             f"{r['local_jobs']}/{r['cut_jobs']} | {r['plan_flops_max_over_mean_before']:.2f} → "
-            f"{r['plan_flops_max_over_mean_after']:.2f} | {r['flops_max_over_ideal']:.2f} | {_yes(r['flops_equal_plan'])} | "
-            f"{r['shard_bytes'] / 1024:.0f} | {r['max_sent_over_shard']:.2f} | {r['max_received_over_shard']:.2f} | "
+            f"{r['plan_flops_max_over_mean_after']:.2f} | {r['flops_max_over_ideal']:.2f} "
+            f"| {_yes(r['flops_equal_plan'])} | "
+            f"{r['shard_bytes'] / 1024:.0f} | {r['max_sent_over_shard']:.2f} "
+            f"| {r['max_received_over_shard']:.2f} | "
             f"{max(r['adamw_bytes_per_rank']) / r['shard_bytes']:.2f} | {_yes(r['counter_equals_plan'])} | "
-            f"{_yes(r.get('wire_equals_plan'))} | {_yes(r['counter_equals_costmodel'])} | {r['step_ms_max_rank']:.0f} | {r['cpu_ms_max_rank']:.0f} |")
+            f"{_yes(r.get('wire_equals_plan'))} | {_yes(r['counter_equals_costmodel'])} "
+            f"| {r['step_ms_max_rank']:.0f} | {r['cpu_ms_max_rank']:.0f} |")
     return lines
 
 
@@ -455,7 +479,8 @@ def verdict(runs: Dict[str, Dict[str, Any]]) -> List[str]:
     ok_f = [r for r in dist_runs if r["flops_max_over_ideal"] <= GOAL_FLOPS]
     bad_f = [r for r in dist_runs if r["flops_max_over_ideal"] > GOAL_FLOPS]
     ok_b = [r for r in dist_runs if max(r["max_sent_over_shard"], r["max_received_over_shard"]) <= GOAL_BYTES]
-    out.append(f"- distributed, FLOPs goal (busiest rank ≤ 1.10 × total/ranks): met in {len(ok_f)}/{len(dist_runs)} runs"
+    out.append("- distributed, FLOPs goal (busiest rank ≤ 1.10 × total/ranks): met "
+               f"in {len(ok_f)}/{len(dist_runs)} runs"
                + (": not met in " + ", ".join(f"{r['optimizer']} {r['layout']} ({r['flops_max_over_ideal']:.2f}, "
                                               f"{r['groups']} groups on {r['world']} ranks)" for r in bad_f)
                   if bad_f else "") + ".")
@@ -464,25 +489,31 @@ def verdict(runs: Dict[str, Dict[str, Any]]) -> List[str]:
                f"{max((r['max_sent_plus_received_over_shard'] for r in dist_runs), default=0):.2f} × shard.")
     checked = [r for r in runs.values() if r.get("counter_equals_costmodel") is not None]
     out.append(f"- measured == predicted: the byte counters equal the plan's expected_bytes in "
-               f"{sum(bool(r['counter_equals_plan']) for r in checked)}/{len(checked)} runs and bench/costmodel.py's "
-               f"count (per_rank_bytes; zero_rank_bytes for megatron-distopt) in "
+               f"{sum(bool(r['counter_equals_plan']) for r in checked)}/{len(checked)} runs and "
+               "bench/costmodel.py's count (per_rank_bytes; zero_rank_bytes for megatron-distopt) in "
                f"{sum(bool(r['counter_equals_costmodel']) for r in checked)}/{len(checked)} runs.")
     distopt = [r for r in runs.values() if r["mode"] in DISTOPT_MODES]
     if distopt:
+        most_over_adamw = max((max(r["sent_per_rank"] + r["received_per_rank"]) / max(r["adamw_bytes_per_rank"])
+                               for r in distopt if r["dp"] > 1), default=0)
         out.append(f"- megatron-distopt (Megatron's distributed optimizer): counters == plan in "
-                   f"{sum(bool(r['counter_equals_plan']) for r in distopt)}/{len(distopt)} runs, isend/irecv payloads "
-                   f"== plan in {sum(bool(r.get('wire_equals_plan')) for r in distopt)}/{len(distopt)}, == the cost model's "
-                   f"ZeRO-1/2 count on the buckets' layout in {sum(bool(r['counter_equals_costmodel']) for r in distopt)}"
+                   f"{sum(bool(r['counter_equals_plan']) for r in distopt)}/{len(distopt)} runs, isend/irecv "
+                   "payloads "
+                   f"== plan in {sum(bool(r.get('wire_equals_plan')) for r in distopt)}/{len(distopt)}, == "
+                   "the cost model's "
+                   "ZeRO-1/2 count on the buckets' layout "
+                   f"in {sum(bool(r['counter_equals_costmodel']) for r in distopt)}"
                    f"/{len(distopt)}; cut jobs per run: " + ", ".join(
                        f"{r['optimizer']} {r['layout']} {r['cut_jobs']}/{r['jobs']}" for r in
                        sorted(distopt, key=lambda r: (r["optimizer"], r["world"], r["tp"])) if r["mode"] == "megatron-distopt")
                    + "; NS FLOPs max/mean as placed → balanced where they differ: " + (", ".join(
-                       f"{r['optimizer']} {r['mode']} {r['layout']} {r['plan_flops_max_over_mean_before']:.2f} → "
+                       f"{r['optimizer']} {r['mode']} {r['layout']} "
+                       f"{r['plan_flops_max_over_mean_before']:.2f} → "
                        f"{r['plan_flops_max_over_mean_after']:.2f}" for r in
                        sorted(distopt, key=lambda r: (r["optimizer"], r["world"], r["tp"], r["mode"]))
                        if r["moved_jobs"]) or "none") + "; bytes per direction "
                    f"over AdamW's (reduce-scatter + all-gather; D > 1) at most "
-                   f"{max((max(r['sent_per_rank'] + r['received_per_rank']) / max(r['adamw_bytes_per_rank']) for r in distopt if r['dp'] > 1), default=0):.2f}.")
+                   f"{most_over_adamw:.2f}.")
     auto_runs = [r for r in runs.values() if r["mode"].startswith("auto") and r["world"] > 1]
     for mode in sorted({r["mode"] for r in auto_runs}):
         rows = sorted((r for r in auto_runs if r["mode"] == mode), key=lambda r: (r["optimizer"], r["world"], r["tp"]))
@@ -555,11 +586,13 @@ def main(argv=None) -> None:
                 suffix = ("" if args.layers == MODEL["num_layers"] else f"/L{args.layers}") + \
                     ("" if comm_dtype == "auto" else f"/{comm_dtype}")
                 data["runs"][f"{optimizer}/{mode}/{layout}{suffix}"] = row
-                print(f"{optimizer:5s} {mode:11s} {layout:4s} flops max/ideal {row['flops_max_over_ideal']:.2f} "
+                print(f"{optimizer:5s} {mode:11s} {layout:4s} flops "
+                      f"max/ideal {row['flops_max_over_ideal']:.2f} "
                       f"max/mean {row['flops_max_over_mean']:.2f} sent/shard {row['max_sent_over_shard']:.2f} "
                       f"recv/shard {row['max_received_over_shard']:.2f} plan={row['counter_equals_plan']} "
                       f"model={row['counter_equals_costmodel']} "
-                      f"step {row['step_ms_max_rank']:.0f} ms cpu {row['cpu_ms_max_rank']:.0f} ms ({time.time() - t0:.1f} s)", flush=True)
+                      f"step {row['step_ms_max_rank']:.0f} ms cpu {row['cpu_ms_max_rank']:.0f} ms "
+                      f"({time.time() - t0:.1f} s)", flush=True)
                 save(data, args.out_dir)  # after every run, so an interrupted sweep keeps what it measured
     save(data, args.out_dir)
     print("\n".join(data["verdict"]))

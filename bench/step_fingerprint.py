@@ -1,9 +1,9 @@
 """A fingerprint of the optimizer step in every layout the tests cover: a fixed set of steps from fixed
 seeds, and a hash of the bytes of every resulting weight and optimizer-state tensor, per rank.
 
-    .venv/bin/python bench/step_fingerprint.py --out /tmp/before.json          # record
-    .venv/bin/python bench/step_fingerprint.py --compare /tmp/before.json      # record again and compare
-    .venv/bin/python bench/step_fingerprint.py --only zero --compare ...       # the cases whose name has "zero"
+    .venv/bin/python bench/step_fingerprint.py --out /tmp/before.json        # record
+    .venv/bin/python bench/step_fingerprint.py --compare /tmp/before.json    # record again and compare
+    .venv/bin/python bench/step_fingerprint.py --only zero --compare ...     # the cases whose name has "zero"
 
 A refactor that leaves the arithmetic alone must leave every hash unchanged (bit-identical weights, state
 and step counters); the comm_stats numbers (bytes sent/received, FLOPs) are compared too. The cases:

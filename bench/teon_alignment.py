@@ -130,8 +130,8 @@ def summarize(results: Dict) -> str:
     for size, data in results["sizes"].items():
         lines += [f"\n### {size} ({data['steps']} Muon steps, final train loss {data['final_train_loss']:.3f}, "
                   f"K = {results['teon_k']})\n",
-                  "| group | shape (out, in) | out-side \\|u₁·u₁′\\| | in-side \\|v₁·v₁′\\| | gain mode 1 (cat along in) "
-                  "| gain mode 2 (cat along out) |", "|---|---|---|---|---|---|"]
+                  "| group | shape (out, in) | out-side \\|u₁·u₁′\\| | in-side \\|v₁·v₁′\\| | gain mode 1 "
+                  "(cat along in) | gain mode 2 (cat along out) |", "|---|---|---|---|---|---|"]
         for r in data["groups"]:
             lines.append(f"| {r['type']} blocks {r['blocks']} | {tuple(r['shape'])} | {r['out_align']:.2f} "
                          f"(random {r['random_out']:.2f}) | {r['in_align']:.2f} (random {r['random_in']:.2f}) "
@@ -180,10 +180,12 @@ def main() -> None:
     (out / f"{args.stem}.json").write_text(json.dumps(results, indent=1))
     table = summarize(results)
     (out / f"{args.stem}.md").write_text(
-        f"# TEON alignment diagnostic\n\n{results['machine']['platform']}, Python {results['machine']['python']}, "
-        f"torch {results['machine']['torch']}; `bench/teon_alignment.py --steps {args.steps} --lr {args.lr}`.\n"
-        f"Momentum buffers (EMA, β = 0.95) of the Q/K/V matrices after Muon training, PyTorch (out, in) layout.\n"
-        f"{table}\n")
+        f"# TEON alignment diagnostic\n\n{results['machine']['platform']}, "
+        f"Python {results['machine']['python']}, "
+        f"torch {results['machine']['torch']}; `bench/teon_alignment.py --steps {args.steps} "
+        f"--lr {args.lr}`.\n"
+        "Momentum buffers (EMA, β = 0.95) of the Q/K/V matrices after Muon training, PyTorch (out, "
+        f"in) layout.\n{table}\n")
     print(table)
 
 

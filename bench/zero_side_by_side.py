@@ -55,8 +55,9 @@ VARIANTS = {
     "DeepSpeed Muon ZeRO-0": {"stage": 0, "type": "Muon", "params": dict(SHARED, muon_lr=0.02, adam_lr=3e-3,
                                                                         betas=[0.9, 0.95], eps=1e-8, momentum=0.95,
                                                                         ns_method="standard", torch_adam=True)},
-    # The same, planned with a `cluster` override (1 TFLOP/s, 2 GB/s, 1 µs): on the default H100 constants no
-    # move of this tiny model's microsecond jobs pays for a collective's latency; here the balancer moves some.
+    # The same, planned with a `cluster` override (1 TFLOP/s, 2 GB/s, 1 µs): on the default H100 constants
+    # no move of this tiny model's microsecond jobs pays for a collective's latency; here the balancer moves
+    # some.
     "teonspeed Muon cluster": {"type": "TeonspeedMuon", "params": dict(SHARED, adamw_lr=3e-3, adamw_betas=[0.9, 0.95],
                                                                         adamw_eps=1e-8, adamw_weight_decay=0.01,
                                                                         ns_dtype="bf16", cluster=MIXED_CLUSTER)},
@@ -226,7 +227,8 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
     m = data["machine"]
     a = data["args"]
     lines = ["# teonspeed vs DeepSpeed's built-in Muon, DeepSpeed ZeRO-1 on CPU/gloo", "",
-             f"{m['cpu']}, {m['cpus']} CPUs; torch {m['torch']}, deepspeed {m['deepspeed']}, Python {m['python']}; "
+             f"{m['cpu']}, {m['cpus']} CPUs; torch {m['torch']}, deepspeed {m['deepspeed']}, "
+             f"Python {m['python']}; "
              f"{m['date']}; git {m['git']}; load average at the end: {m['load_average']}.", "",
              f"**Note:** {m['note']}. Bytes and FLOPs are exact counters and do not depend on the load.", "",
              f"Model: LLaMA-named TinyLlama, hidden {a['hidden']}, {a['layers']} layers (parameters: "
@@ -239,30 +241,37 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
              "busiest rank's bytes sent / received by the flat step's point-to-point exchange (opt.comm_stats); "
              "*plan*: on every rank and timed step the counters equal the plans' prediction "
              "(`zero_expected_bytes`, from FlatStep.expected_bytes) and the sent bytes equal what the collective "
-             "wrapper saw in `batch_isend_irecv` (both teonspeed runs). *with `cluster`*: our run planned with the "
+             "wrapper saw in `batch_isend_irecv` (both teonspeed runs). *with `cluster`*: our run planned "
+             "with the "
              f"`cluster` override {json.dumps(MIXED_CLUSTER)} (NS GFLOP max, max/mean, exchange KiB sent max), "
              "where moving a job pays off; the default H100 constants keep this tiny model's jobs where they are "
              "(a move costs a collective's latency, more than the microseconds of Newton–Schulz it would save).", "",
              "| ranks | AdamW KiB | DS Muon KiB (extra) | teonspeed KiB (extra) | old teonspeed all-gather KiB | "
              "DS NS GFLOP max (sum) | teonspeed NS GFLOP max (sum) | cut / jobs | NS max/mean (equal-byte) | "
-             "AdamW ms | DS Muon ms | teonspeed ms | ours vs DS ZeRO-0 | DS ZeRO-1 vs DS ZeRO-0 | ours vs DS ZeRO-1 | "
-             "bf16 vs fp32 NS | teonspeed exchange KiB sent / recv | plan | with `cluster`: NS GFLOP max, max/mean, "
-             "KiB |",
+             "AdamW ms | DS Muon ms | teonspeed ms | ours vs DS ZeRO-0 | DS ZeRO-1 vs DS ZeRO-0 | ours vs "
+             "DS ZeRO-1 | "
+             "bf16 vs fp32 NS | teonspeed exchange KiB sent / recv | plan | with `cluster`: NS GFLOP max, "
+             "max/mean, KiB |",
              "|" + "---|" * 19]
     for r in data["rows"]:
         ad, ds, us, cl = r["AdamW"], r["DeepSpeed Muon"], r["teonspeed Muon"], r["teonspeed Muon cluster"]
         plan = us["plan"]
+        counters_ok = all(x["counter_equals_plan"] and x["wrapper_equals_counter"] for x in (us, cl))
         lines.append(
-            f"| {r['ranks']} | {ad['bytes_max'] / 1024:.1f} | {ds['bytes_max'] / 1024:.1f} ({ds['extra_bytes_max'] / 1024:+.1f}) | "
-            f"{us['bytes_max'] / 1024:.1f} ({us['extra_bytes_max'] / 1024:+.1f}) | {plan['old_all_gather'] / 1024:.1f} | "
+            f"| {r['ranks']} | {ad['bytes_max'] / 1024:.1f} | {ds['bytes_max'] / 1024:.1f} "
+            f"({ds['extra_bytes_max'] / 1024:+.1f}) | "
+            f"{us['bytes_max'] / 1024:.1f} ({us['extra_bytes_max'] / 1024:+.1f}) "
+            f"| {plan['old_all_gather'] / 1024:.1f} | "
             f"{ds['flops_max'] / 1e9:.3f} ({ds['flops_total'] / 1e9:.3f}) | {us['flops_max'] / 1e9:.3f} "
             f"({us['flops_total'] / 1e9:.3f}) | {plan['cut']} / {plan['jobs']} | {plan['imbalance']:.2f} "
-            f"({plan['partition_imbalance']:.2f}) | {ad['step_ms']:.0f} | {ds['step_ms']:.0f} | {us['step_ms']:.0f} | "
+            f"({plan['partition_imbalance']:.2f}) | {ad['step_ms']:.0f} | {ds['step_ms']:.0f} "
+            f"| {us['step_ms']:.0f} | "
             f"{r['rel_diff_ours_vs_deepspeed_zero0']:.1e} | {r['rel_diff_deepspeed_zero1_vs_zero0']:.1e} | "
             f"{r['rel_diff_ours_vs_deepspeed']:.1e} | {r['rel_diff_bf16_vs_fp32_ns']:.1e} | "
             f"{us['exchange_sent_max'] / 1024:.1f} / {us['exchange_received_max'] / 1024:.1f} | "
-            f"{'yes' if all(x['counter_equals_plan'] and x['wrapper_equals_counter'] for x in (us, cl)) else 'NO'} | "
-            f"{cl['flops_max'] / 1e9:.3f}, {cl['plan']['imbalance']:.2f}, {cl['exchange_sent_max'] / 1024:.1f} |")
+            f"{'yes' if counters_ok else 'NO'} | "
+            f"{cl['flops_max'] / 1e9:.3f}, {cl['plan']['imbalance']:.2f}, "
+            f"{cl['exchange_sent_max'] / 1024:.1f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -316,7 +316,8 @@ def save(root: Path, step: int, engine, state: Dict[str, Any], metrics_csv: Opti
 def prune(root: Path, kept: Path, keep_last: int) -> List[Path]:
     """--keep-last: remove complete checkpoints older than `kept` (the one just written, verified by its save)
     beyond the keep_last newest. Never `kept`; never a newer one (left by a run that resumed from an older
-    checkpoint because that newer one failed verification: resume skips it again, a save at its step replaces it)."""
+    checkpoint because that newer one failed verification: resume skips it again, a save at its step
+    replaces it)."""
     step = int(PATTERN.match(kept.name).group(1))
     older = [p for p in complete_checkpoints(root) if int(PATTERN.match(p.name).group(1)) < step]
     gone = older[:max(len(older) - (keep_last - 1), 0)]

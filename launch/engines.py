@@ -11,10 +11,10 @@
   accumulation, launch/schedule.py's lr), the optimizer from the DeepSpeed config ("TEON" /
   "TeonspeedMuon" / "TeonspeedHTMuon" / "AdamW"), teonspeed.deepspeed.MegatronMPU for tensor parallelism.
 - MegatronBackend: Megatron DDP + teonspeed.megatron.get_megatron_optimizer + OptimizerParamScheduler
-  (launch/schedule.py's sequence), steps driven by megatron.core.pipeline_parallel.get_forward_backward_func() (1F1B across pipeline
-  stages, gradient accumulation as micro-batches). DeepSpeed's engine cannot drive megatron-core's
-  pipeline schedules (its own pipeline engine needs a deepspeed.pipe.PipelineModule), so pipeline
-  parallelism runs here.
+  (launch/schedule.py's sequence), steps driven by megatron.core.pipeline_parallel.get_forward_backward_func()
+  (1F1B across pipeline stages, gradient accumulation as micro-batches). DeepSpeed's engine cannot drive
+  megatron-core's pipeline schedules (its own pipeline engine needs a deepspeed.pipe.PipelineModule), so
+  pipeline parallelism runs here.
 """
 from __future__ import annotations
 

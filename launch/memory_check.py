@@ -76,10 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 rows = [(f"{large}-{small}", est[1] - est[0], meas[1] - meas[0])]
             for label, e, m in rows:
-                print(f"{config:16} {seq:>4} {label:>9} | {e / 2**20:10.1f} {m / 2**20:10.1f} {(e - m) / m:+7.1%}")
+                print(f"{config:16} {seq:>4} {label:>9} "
+                      f"| {e / 2**20:10.1f} {m / 2**20:10.1f} {(e - m) / m:+7.1%}")
             if args.device == "cpu":
-                print(f"{'':16} {'':>4} {'baseline':>9} | peak RSS of the small run {meas[0] / GIB:.2f} GiB, estimate "
-                      f"{est[0] / GIB:.3f} GiB (the rest: libraries, BPE trainer, data)")
+                print(f"{'':16} {'':>4} {'baseline':>9} | peak RSS of the small run {meas[0] / GIB:.2f} "
+                      f"GiB, estimate {est[0] / GIB:.3f} GiB (the rest: libraries, BPE trainer, data)")
     return 0
 
 

@@ -307,7 +307,8 @@ KIND_OF_TYPE = {**{t.lower(): kind for kind, t in ORTHO_TYPES.items()}, "adamw":
 
 
 def json_optimizer(args) -> Optional[dict]:
-    """--ds-config's optimizer block when the engine gets it as written (no optimizer flag typed), else None."""
+    """--ds-config's optimizer block when the engine gets it as written (no optimizer flag typed), else
+    None."""
     block = (args.ds_config_dict or {}).get("optimizer")
     return None if block is None or args.explicit & OPTIMIZER_FLAGS else block
 
@@ -352,7 +353,8 @@ def adopt_json_optimizer(args) -> None:
 
 
 def tokenizer_vocab(path: Path) -> int:
-    """The vocabulary size of a tokenizers JSON file (its vocab plus added tokens), read without loading it."""
+    """The vocabulary size of a tokenizers JSON file (its vocab plus added tokens), read without loading
+    it."""
     tok = json.loads(path.read_text())
     ids = set((tok.get("model") or {}).get("vocab", {}).values())
     ids |= {a["id"] for a in tok.get("added_tokens") or []}
@@ -464,7 +466,8 @@ def summary(args) -> str:
     peak = f"lr {args.adamw_lr:g}" if args.optimizer == "adamw" else f"lr {args.lr:g} (AdamW part {args.adamw_lr:g})"
     return (f"{args.optimizer} on TP={args.tp} x PP={args.pp} x DP={args.dp}" + (f" (EP={args.ep})" if args.ep > 1 else "")
             + f", backend {args.backend}; batch {args.global_batch} sequences x {args.seq} tokens = "
-            f"{args.global_batch * args.seq} tokens/step (micro-batch {args.micro_batch} x DP {args.dp} x accumulation "
+            f"{args.global_batch * args.seq} tokens/step (micro-batch {args.micro_batch} x DP {args.dp} x "
+            "accumulation "
             f"{args.grad_accum}); {peak}, warmup {args.warmup} steps, cosine to {args.min_lr_ratio:g}x over "
             f"{args.steps} steps" + _qk_clip_summary(args))
 

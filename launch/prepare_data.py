@@ -338,7 +338,8 @@ def build_embedded(out_dir: str | Path, vocab_size: int = 1024, tokenizer: Optio
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, val, info = embedded_corpus()
-    log(f"embedded corpus: {len(info['modules'])} stdlib modules (Python {info['python']}), sha256 {info['sha256']}; "
+    log(f"embedded corpus: {len(info['modules'])} stdlib modules (Python {info['python']}), "
+        f"sha256 {info['sha256']}; "
         f"{len(train)}/{len(val)} train/valid documents (every {info['val_every']}th to validation)")
     if tokenizer:
         tok = load_tokenizer(tokenizer)

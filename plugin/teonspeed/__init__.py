@@ -12,14 +12,15 @@ from .ortho import heavy_tail, orthogonalize
 from .parallel.context import ParallelContext, megatron_context
 from .parallel.shard_spec import ShardSpec, megatron_shard_specs
 from .plan import Plan, plan
-from . import qk_clip  # noqa: E402  (teonspeed.qk_clip.attach(model, optimizer); option qk_clip=τ)
+from . import qk_clip  # noqa: F401  (teonspeed.qk_clip.attach(model, optimizer); option qk_clip=τ)
 
 __version__ = "0.1.0"
 
-from . import deepspeed  # noqa: E402  (teonspeed.deepspeed.MegatronMPU; imports DeepSpeed only when used)
+from . import deepspeed  # noqa: E402, F401  (teonspeed.deepspeed.MegatronMPU; imports DeepSpeed only when used)
 from .integrations import deepspeed_hook  # noqa: E402
 
-deepspeed_hook.install()  # the DeepSpeed config types, registered when DeepSpeed is imported (before or after)
+# the DeepSpeed config types, registered when DeepSpeed is imported (before or after)
+deepspeed_hook.install()
 
 
 def __getattr__(name):

@@ -245,7 +245,8 @@ def _stack(matrices: List[MatrixRef], k: int, mode: int, stacked_types: set, not
                 raise ValueError(
                     "teonspeed: TEON group of " + ", ".join(f"{m.label} {m.shape}" for m in present) +
                     " has members of different shapes; stacking needs equal shapes. Fix: remove "
-                    f"{layer_type!r} from teon_types, set teon_k=1, or give them different types with grouping_rule=")
+                    f"{layer_type!r} from teon_types, set teon_k=1, or give them different types with "
+                    "grouping_rule=")
             groups.append(OrthoGroup(tuple(present), mode))
     groups.extend(OrthoGroup((m,), mode) for m in singles)
     return groups

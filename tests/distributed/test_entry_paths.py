@@ -1,6 +1,7 @@
 """Every way of handing a megatron-core model's parameters to the optimizer (the module, its
-named_parameters(), a list of param-group dicts of (name, parameter) pairs or of bare parameters) discovers the same parallel layout: after a few steps at
-TP=2 (and TP=2 x PP=2) the weights equal the single-process run on the full model."""
+named_parameters(), a list of param-group dicts of (name, parameter) pairs or of bare parameters) discovers
+the same parallel layout: after a few steps at TP=2 (and TP=2 x PP=2) the weights equal the single-process
+run on the full model."""
 import pytest
 import torch
 
@@ -93,7 +94,8 @@ def test_every_entry_gets_the_layout_of_the_module(reference, layout, world_size
 
 
 def test_named_parameters_of_a_model_that_no_longer_exists_are_refused():
-    """Parameters carrying Megatron's TP attributes whose module cannot be found: a clear error, not a guess."""
+    """Parameters carrying Megatron's TP attributes whose module cannot be found: a clear error, not a
+    guess."""
     p = torch.nn.Parameter(torch.randn(8, 4))
     p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
     with pytest.raises(ValueError, match="'decoder.layers.0.mlp.linear_fc2.weight' carries Megatron's tensor-par"):

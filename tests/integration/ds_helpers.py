@@ -76,7 +76,6 @@ def train(rank, world_size, config, steps=5, model_fn=TinyLM, checkpoint=None, m
 def train_megatron(rank, world_size, config, tp=1, steps=3):
     """A tiny megatron-core GPT at TP=`tp` inside the DeepSpeed engine, DeepSpeed's mpu given by teonspeed's
     adapter over megatron.core.parallel_state. Returns the (TP-rank, partition) of each parameter too."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     import megatron_models as mm

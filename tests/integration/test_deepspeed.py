@@ -163,7 +163,8 @@ def test_one_rank_engine_equals_a_plain_loop_clipped_at_deepspeeds_default_norm(
     """A config without gradient_clipping clips the global gradient norm to 1.0 (DeepSpeed's default), at
     every DP size: this one-rank batch has norm 1.31, so an unclipped oracle drifts (2.6e-6 after one step,
     where only AdamW's eps sees the scale; 4.9e-4 after three, as the momentum mixes differently scaled
-    gradients), while the DP=2 average (norm 0.95) is never clipped. Stage 2 runs the flat path at dp_size 1."""
+    gradients), while the DP=2 average (norm 0.95) is never clipped. Stage 2 runs the flat path at dp_size
+    1."""
     from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
     assert GRADIENT_CLIPPING_DEFAULT == 1.0
     # an fp32 iteration whatever TEONSPEED_CPU_BF16 says: a bf16 one's rounding would hide the clip's effect

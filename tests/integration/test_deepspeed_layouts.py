@@ -52,7 +52,8 @@ def test_universal_checkpoints_are_refused_with_the_fix():
 
 
 def test_a_plain_state_dict_at_another_tp_size_is_refused_before_any_state_changes():
-    """The same check as Megatron's (test_megatron_checkpoint.py), on the plain API: layouts compared first."""
+    """The same check as Megatron's (test_megatron_checkpoint.py), on the plain API: layouts compared
+    first."""
     model = h.TinyLM()
     opt = teonspeed.TEON(model, lr=0.02)
     saved = opt.state_dict()

@@ -18,7 +18,8 @@ DOCS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
     "Ünïcödé text — with “quotes”, emoji 🚀 and CJK 漢字.",
     "   ",  # blank: skipped
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        self.items.append(x)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        "
+    "self.items.append(x)\n",
     "A short one.",
     "\n".join(f"line {i}: value = {i * i}" for i in range(20)),
     "Tensor-parallel, pipeline-parallel and data-parallel training of a GPT.",
@@ -130,7 +131,8 @@ def test_gpt_dataset_serves_windows(built, epochs):
 
 def test_embedded_mode_uses_pretrain_split(tmp_path, monkeypatch):
     """--embedded takes the corpus and the split from launch/corpus.py, as launch/pretrain.py does (here
-    with a stand-in corpus, to keep the test fast) and writes train/valid datasets with the split's documents."""
+    with a stand-in corpus, to keep the test fast) and writes train/valid datasets with the split's
+    documents."""
     from launch import corpus
     docs = [f"def f{i}(x):\n    return x * {i}\n" for i in range(45)]
     monkeypatch.setattr(pdata, "load_documents", lambda: docs)

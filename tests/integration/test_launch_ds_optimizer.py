@@ -23,7 +23,8 @@ def _engine_lrs(engine_block):
 
 
 @pytest.mark.parametrize("block", [
-    # what bench/convergence.py writes for a variant arm: its lrs differ from the CLI defaults (0.02 / 0.003)
+    # what bench/convergence.py writes for a variant arm: its lrs differ from the CLI defaults
+    # (0.02 / 0.003)
     {"type": "TeonspeedMuon", "params": {"lr": 0.01, "adamw_lr": 0.01, "weight_decay": 0.01, "lr_scale": "fan_ratio"}},
     # DeepSpeed's names: muon_lr for the matrices, then lr is the AdamW part's
     {"type": "TeonspeedHTMuon", "params": {"muon_lr": 0.05, "lr": 0.002}},
@@ -57,7 +58,8 @@ def test_run_line_of_a_deepspeed_adamw_block(tmp_path):
 
 def test_adamw_lr_default_is_the_one_of_what_it_sets(tmp_path):
     """--adamw-lr's default: AdamW's own lr for --optimizer adamw, the AdamW part's for the others (they
-    differ: launch.options.ADAMW_LR_DEFAULT), also when a --ds-config block, not a flag, names the optimizer."""
+    differ: launch.options.ADAMW_LR_DEFAULT), also when a --ds-config block, not a flag, names the
+    optimizer."""
     part, own = options.ADAMW_LR_DEFAULT["adamw_part"], options.ADAMW_LR_DEFAULT["adamw"]
     assert options.parse_args([]).adamw_lr == part and options.parse_args(["--optimizer", "adamw"]).adamw_lr == own
     assert options.parse_args(["--optimizer", "adamw", "--adamw-lr", "0.05"]).adamw_lr == 0.05

@@ -68,7 +68,8 @@ def _meta_build(config, tp, pp, ep):
     from launch.rules import padded_vocab
     from teonspeed.patches import cpu_shims
     cpu_shims.apply()
-    # The all-to-all dispatcher (moe_small) makes a CUDA stream at build time, used only when it runs on a GPU.
+    # The all-to-all dispatcher (moe_small) makes a CUDA stream at build time, used only when it runs on a
+    # GPU.
     MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = MoEAlltoAllTokenDispatcher.cuda_dtoh_stream or object()
     args = options.check(launch_argv(config, tp, pp, ep), tp * pp * ep)
     args.device = "cpu"  # (the build itself: CPU initialization, on the meta device)

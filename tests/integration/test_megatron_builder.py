@@ -166,7 +166,6 @@ def _state_round_trip(rank, world_size):
     from megatron.core import parallel_state as ps
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
     ps.initialize_model_parallel()
-    results = []
     models, opts = [], []
     for _ in range(2):
         model = mm.tiny_gpt()

@@ -117,8 +117,8 @@ def single_process():
     return full_model(results), results[0][7]
 
 
-# world 4: dense TP × DP is 4 ranks; expert-TP × expert-DP is 2 (TP1: expert-DP 2; TP2: expert-TP 2, expert-DP 1;
-# TP1 with expert-TP 2: the experts TP-sharded while the dense weights are not)
+# world 4: dense TP × DP is 4 ranks; expert-TP × expert-DP is 2 (TP1: expert-DP 2; TP2: expert-TP 2,
+# expert-DP 1; TP1 with expert-TP 2: the experts TP-sharded while the dense weights are not)
 @pytest.mark.parametrize("tp,etp", [(1, None), (2, None), (1, 2)], ids=["TP1xEP2xDP2", "TP2xEP2", "TP1xEP2xETP2"])
 def test_moe_distributed_optimizer_equals_the_plain_path_and_one_process(single_process, tp, etp):
     single_process, budget = single_process

@@ -23,7 +23,7 @@ def _column(path):
     return [r["max_attn_logit"] for r in rows]
 
 
-def test_clipping_the_quickstart_model_at_half_its_maximum_logs_and_lowers_it(data_dir, tmp_path):
+def test_clipping_the_quickstart_model_at_half_its_maximum_logs_and_lowers_it(data_dir, tmp_path):  # noqa: F811
     """The quickstart's model and batch (llama_tiny, TEON, DeepSpeed ZeRO-1, DP 2, 32 x 64 tokens) for 30
     steps: the column holds the run's maxima, nothing changes while every head is below τ, and afterwards
     the clipped run's largest logit stays below the unclipped one's."""
@@ -64,7 +64,7 @@ def test_the_quickstart_stays_within_1_2_tau_at_half_its_unclipped_maximum(tmp_p
 
 
 @pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
-def test_adamw_logs_the_max_logit_without_clipping(backend, data_dir, tmp_path):
+def test_adamw_logs_the_max_logit_without_clipping(backend, data_dir, tmp_path):  # noqa: F811
     """--qk-clip-log with another optimizer than teonspeed's: the backend steps a log-only clip itself."""
     out = train(["--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--name", "adamw", "--steps", "3",
                  "--warmup", "1", "--optimizer", "adamw", "--qk-clip-log", "--micro-batch", "4",
@@ -95,7 +95,7 @@ def test_bad_qk_clip_flags_are_refused_before_anything_runs(argv, match, tmp_pat
 
 
 @pytest.mark.parametrize("config", ["gpt2_tiny", "mla_moe_tiny"])
-def test_the_other_tiny_configs_clip_too(config, data_dir, tmp_path):
+def test_the_other_tiny_configs_clip_too(config, data_dir, tmp_path):  # noqa: F811
     """GPT-2 (fused QKV with biases, learned positions) and MLA + MoE (the launcher's SDPA core attention,
     the q LoRA and kv up-projections): the clip acts and training goes on."""
     common = ["--model-config", config, "--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--steps",

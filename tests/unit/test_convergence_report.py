@@ -29,7 +29,8 @@ def test_versus_pairs_by_seed_and_counts_steps_to_the_baseline_of_the_same_seed(
     v = convergence.versus(muon, adamw)
     assert v["seeds"] == [1, 1234] and v["diffs"] == pytest.approx([-0.3, -0.4])
     assert v["ppl_pct"] == pytest.approx([100 * math.expm1(-0.3), 100 * math.expm1(-0.4)])
-    # seed 1: AdamW ends at 5.2; Muon's curve 7.0 -> 5.4 (step 100) -> 4.9 (200) crosses 5.2 at 100 + 100 * 0.2 / 0.5
+    # seed 1: AdamW ends at 5.2; Muon's curve 7.0 -> 5.4 (step 100) -> 4.9 (200) crosses 5.2 at
+    # 100 + 100 * 0.2 / 0.5
     # seed 1234: AdamW ends at 5.0; Muon's 7.0 -> 5.1 -> 4.6 crosses it at 100 + 100 * 0.1 / 0.5
     assert v["steps_to_target"] == pytest.approx([140.0, 120.0])
     assert v["fraction_of_steps"] == pytest.approx([0.7, 0.6])
@@ -38,7 +39,8 @@ def test_versus_pairs_by_seed_and_counts_steps_to_the_baseline_of_the_same_seed(
 
 
 def test_joint_sweep_brackets_both_learning_rates():
-    # A bowl in (log lr, log adamw_lr) with its minimum at lr 0.04, adamw_lr 0.003: both outside the start grid.
+    # A bowl in (log lr, log adamw_lr) with its minimum at lr 0.04, adamw_lr 0.003: both outside the start
+    # grid.
     def loss(lr, a):
         return (math.log(lr / 0.04)) ** 2 + (math.log(a / 0.003)) ** 2
 

@@ -32,7 +32,8 @@ def test_first_screen_names_the_two_commands_their_output_time_and_test_count():
     screen = "\n".join(README.read_text().splitlines()[:FIRST_SCREEN_LINES])
     assert "bash scripts/pretrain.sh" in screen and "bash scripts/test.sh" in screen
     # The main job's expected validation loss: ~3.99 since the AdamW part's default lr became 0.012 (issue 24,
-    # docs/convergence.md: the joint sweeps' best; it was 0.003 and the job ended at ~4.28, no better than AdamW).
+    # docs/convergence.md: the joint sweeps' best; it was 0.003 and the job ended at ~4.28, no better than
+    # AdamW).
     assert re.search(r"6\.94 → ~?3\.9\d", screen), "the main job's expected validation loss"
     assert re.search(r"passed, \d+ skipped", screen), "the suite's expected count"
     assert re.search(r"\d+(–\d+)? s\b", screen), "how long the main job takes"

@@ -82,8 +82,10 @@ def test_junit_summary(tmp_path):
     xml = tmp_path / "j.xml"
     xml.write_text("""<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="3">
       <testcase classname="tests.unit.test_kernels" name="test_a" time="0.5"/>
-      <testcase classname="tests.unit.test_kernels" name="test_b[ns5]" time="1.25"><failure message="rel 0.3 &gt; 1e-4"/></testcase>
-      <testcase classname="tests.unit.test_kernels" name="test_c" time="0"><skipped message="needs CUDA"/></testcase>
+      <testcase classname="tests.unit.test_kernels" name="test_b[ns5]" time="1.25">
+        <failure message="rel 0.3 &gt; 1e-4"/></testcase>
+      <testcase classname="tests.unit.test_kernels" name="test_c" time="0">
+        <skipped message="needs CUDA"/></testcase>
       </testsuite></testsuites>""")
     s = gpu_report.junit_summary(xml)
     assert s["counts"] == {"passed": 1, "failed": 1, "skipped": 1}

@@ -378,7 +378,8 @@ def interpreted_results():
         proc = subprocess.run([sys.executable, __file__, "--worker", str(out)], capture_output=True, text=True,
                               env=env, cwd=str(REPO), timeout=WORKER_TIMEOUT_S)
         if proc.returncode != 0 or not out.exists():
-            pytest.fail(f"interpreter worker failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            pytest.fail("interpreter worker failed "
+                        f"(rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
 
 

@@ -245,7 +245,7 @@ def nesterov_directions(steps=3, beta=0.95):
 
 
 def test_htmuon_interval_alternates_heavy_tail_and_muon():
-    a, b = model_with_grads(), model_with_grads()
+    a = model_with_grads()
     opt = teonspeed.HTMuon(a.named_parameters(), ht_interval=2)
     calls = []
     original = opt.transform

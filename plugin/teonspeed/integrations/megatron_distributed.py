@@ -166,7 +166,7 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
                 else:
                     state[key] = value.to(device=shard.weights.device, dtype=shard.weights.dtype, copy=True)
 
-    # -- dist-checkpointing: whole parameters, in the non-distributed wrappers' format, resharded by Megatron --
+    # -- dist-checkpointing: whole parameters, in the non-distributed wrappers' format, resharded by Megatron
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         """The state as Megatron's non-distributed wrapper (FP32Optimizer; Float16OptimizerWithFloat16Params
         with bf16 masters) saves it: per parameter, sharded like the parameter. Saving all-gathers each
@@ -271,9 +271,10 @@ def _check_same_layout(saved: Optional[Dict[str, Any]], current: Dict[str, Any])
         raise ValueError(
             f"teonspeed: this distributed-optimizer state was saved in another layout ({problem}). With "
             f"use_distributed_optimizer=True each rank's state holds its own bucket partitions and is not "
-            f"resharded: resume with the same TP/PP/DP sizes, model, DDP bucket size and precision, each rank "
-            f"loading the file it saved; or resume from a checkpoint saved with use_distributed_optimizer=False "
-            f"through megatron.core.dist_checkpointing, which reshards")
+            "resharded: resume with the same TP/PP/DP sizes, model, DDP bucket size and precision, "
+            "each rank "
+            "loading the file it saved; or resume from a checkpoint saved with "
+            "use_distributed_optimizer=False through megatron.core.dist_checkpointing, which reshards")
 
 
 def _entries_differ(saved: List, current: List) -> str:

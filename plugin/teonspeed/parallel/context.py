@@ -86,8 +86,10 @@ def check_stage_cuts(grouping: GroupingResult, context: ParallelContext, allow_c
         cut = [b for b in missing if 0 <= b < context.num_layers]
         if cut:
             raise ValueError(
-                f"teonspeed: TEON group of {', '.join(present)} needs block(s) {cut} from another pipeline stage. "
-                f"Groups never cross stages: use a teon_k that divides the layers per stage (and stages that start at "
+                f"teonspeed: TEON group of {', '.join(present)} needs block(s) {cut} from another "
+                "pipeline stage. "
+                "Groups never cross stages: use a teon_k that divides the layers per stage (and "
+                "stages that start at "
                 f"a multiple of teon_k), or pass cut_groups_at_stage_boundary=True to fall back to Muon there")
 
 
@@ -120,7 +122,8 @@ def megatron_context_of_parameters(named: List[Tuple[str, torch.Tensor]], unname
     if missing:
         raise ValueError(
             f"teonspeed: parameter {missing[0]!r} carries Megatron's tensor-parallel attributes but no live "
-            f"module holds it, so its layout (TP shard, layer, fused QKV/fc1 parts) is unknown; pass the model "
+            "module holds it, so its layout (TP shard, layer, fused QKV/fc1 parts) is unknown; pass "
+            "the model "
             f"itself (teonspeed.TEON(model, ...)) or parallel=teonspeed.megatron_context(model)")
     ps = sys.modules.get("megatron.core.parallel_state")
     if ps is None or not ps.model_parallel_is_initialized():

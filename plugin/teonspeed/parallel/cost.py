@@ -53,7 +53,8 @@ def adamw_bytes(numel: int, dp_size: int, grad_itemsize: int, param_itemsize: in
     """Bytes AdamW moves per rank and direction for `numel` local elements over `dp_size` data-parallel ranks
     (ring collectives): the gradients' reduction, an all-reduce (2(D-1)/D of them) or a reduce-scatter
     ((D-1)/D), plus, where the optimizer state is partitioned, the parameters' all-gather after the step
-    ((D-1)/D at `param_itemsize`; 0 under plain data parallelism). The yardstick of `comm_stats.adamw_bytes`."""
+    ((D-1)/D at `param_itemsize`; 0 under plain data parallelism). The yardstick of
+    `comm_stats.adamw_bytes`."""
     per_element = (2 if gradient_allreduce else 1) * grad_itemsize + param_itemsize
     return numel * per_element * (dp_size - 1) // dp_size
 

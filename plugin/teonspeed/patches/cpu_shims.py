@@ -34,8 +34,10 @@ def check_versions() -> None:
         if not any(version == p or (p.endswith(".") and version.startswith(p)) for p in prefixes):
             wanted = " or ".join(p + "x" if p.endswith(".") else p for p in prefixes)
             raise UnsupportedVersion(
-                f"teonspeed: the CPU shims (teonspeed/patches/cpu_shims.py) were written for {dist_name} {wanted}, "
-                f"but {dist_name} {version} is installed; install {dist_name} {wanted} to run on a CPU-only machine")
+                "teonspeed: the CPU shims (teonspeed/patches/cpu_shims.py) were written "
+                f"for {dist_name} {wanted}, "
+                f"but {dist_name} {version} is installed; install {dist_name} {wanted} to run on a "
+                "CPU-only machine")
 
 
 def apply() -> None:
@@ -79,8 +81,9 @@ def _patch_megatron() -> None:
 
 
 def _patch_megatron_tied_embeddings() -> None:
-    """Tied input/output embeddings under pipeline parallelism: LanguageModule.setup_embeddings_and_output_layer
-    moves the last stage's copy with `weight.data.cuda()` before all-reducing it with the first stage's.
+    """Tied input/output embeddings under pipeline parallelism:
+    LanguageModule.setup_embeddings_and_output_layer moves the last stage's copy with `weight.data.cuda()`
+    before all-reducing it with the first stage's.
     During that call only, Tensor.cuda() returns the tensor itself (a method, so the module proxy cannot)."""
     try:
         from megatron.core.models.common.language_module.language_module import LanguageModule

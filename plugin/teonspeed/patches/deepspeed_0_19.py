@@ -33,7 +33,8 @@ def check_version() -> None:
         raise UnsupportedVersion(
             f"teonspeed: the DeepSpeed patch was written for deepspeed {', '.join(WRITTEN_FOR)}, but "
             f"deepspeed {deepspeed.__version__} is installed; install deepspeed=={WRITTEN_FOR[-1]} "
-            f"(pip install 'teonspeed[deepspeed]') or pass a teonspeed optimizer instance instead of a config type")
+            "(pip install 'teonspeed[deepspeed]') or pass a teonspeed optimizer instance instead of a "
+            "config type")
 
 
 def apply() -> None:

@@ -25,7 +25,7 @@ TRITON_INTERPRET=1 before triton is first imported (see `interpreter_ready`); co
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton

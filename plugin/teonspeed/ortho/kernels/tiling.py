@@ -20,7 +20,8 @@ def pow2_clamp(v: int, lo: int, hi: int) -> int:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes and launch options. sym_m: the square tile of the symmetric kernel; upd_*: the update GEMM."""
+    """Tile sizes and launch options. sym_m: the square tile of the symmetric kernel; upd_*: the update
+    GEMM."""
 
     sym_m: int = 128
     sym_k: int = 64
