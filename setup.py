@@ -25,7 +25,7 @@ setup(
         "megatron": ["megatron-core>=0.16.1,<0.17"],
         "launch": ["tokenizers>=0.19", "tqdm", "matplotlib", "pyyaml", "tensorboard>=2.14"],
         # transformers + accelerate: the Hugging Face Trainer integration test (tests/integration/test_hf_trainer.py).
-        "dev": ["pytest>=8", "deepspeed==0.19.8", "megatron-core>=0.16.1,<0.17", "tokenizers>=0.19", "triton>=3.4",
+        "dev": ["pytest>=8", "ruff==0.17.6", "deepspeed==0.19.8", "megatron-core>=0.16.1,<0.17", "tokenizers>=0.19", "triton>=3.4",
                 "transformers==5.24.0", "accelerate==1.15.0"],
         "triton": ["triton>=3.4"],
         # NVIDIA apex is not on PyPI (the PyPI "apex" is an unrelated web toolkit): build it from source.

@@ -30,6 +30,7 @@ it stopped. The tables are
 rewritten after each model (marked partial until every model is done): bench/results/<stem>.{json,md,png}.
 The ordering is a measurement, not a test: nothing here asserts it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,18 +77,36 @@ class Size:
     what: str = ""
 
 
-MODELS = {s.name: s for s in [
-    Size("tiny", None, 200, teon_k=True,
-         what="pretrain.py's default: LLaMA-style, 4 layers, hidden 64, GQA 4 heads / 2 groups, "
-              "dense SwiGLU"),
-    Size("mla_moe_tiny", "mla_moe_tiny", 200,
-         what="MLA (q/kv low rank) + MoE (4 experts top-2 + shared expert, first layer dense)"),
-    Size("dense_mha_tiny", None, 200, ["--groups", "4"], optimizers=("adamw",),
-         what="the seed paper's baseline at tiny size: tiny with multi-head attention (4 heads / 4 "
-              "groups), dense SwiGLU, AdamW only"),
-    Size("moe_tiny", "moe_tiny", 200, what="LLaMA-style MoE, 4 experts top-2 in every layer"),
-    Size("small", "llama_small_cpu", 150, teon_k=True, what="llama_small_cpu"),
-]}
+MODELS = {
+    s.name: s
+    for s in [
+        Size(
+            "tiny",
+            None,
+            200,
+            teon_k=True,
+            what="pretrain.py's default: LLaMA-style, 4 layers, hidden 64, GQA 4 heads / 2 groups, "
+            "dense SwiGLU",
+        ),
+        Size(
+            "mla_moe_tiny",
+            "mla_moe_tiny",
+            200,
+            what="MLA (q/kv low rank) + MoE (4 experts top-2 + shared expert, first layer dense)",
+        ),
+        Size(
+            "dense_mha_tiny",
+            None,
+            200,
+            ["--groups", "4"],
+            optimizers=("adamw",),
+            what="the seed paper's baseline at tiny size: tiny with multi-head attention (4 heads / 4 "
+            "groups), dense SwiGLU, AdamW only",
+        ),
+        Size("moe_tiny", "moe_tiny", 200, what="LLaMA-style MoE, 4 experts top-2 in every layer"),
+        Size("small", "llama_small_cpu", 150, teon_k=True, what="llama_small_cpu"),
+    ]
+}
 DEFAULT_MODELS = ("tiny", "mla_moe_tiny", "dense_mha_tiny", "moe_tiny", "small")
 QUICK_STEPS = 30
 
@@ -139,8 +158,11 @@ def as_run(record: Dict) -> Run:
 def prepare_data(data_dir: Path) -> None:
     if (data_dir / "train.idx").exists() or any(data_dir.glob("*train*.idx")):
         return
-    subprocess.run([str(PY), "-m", "launch.prepare_data", "--embedded", "--output-dir", str(data_dir)], cwd=REPO,
-                   check=True)
+    subprocess.run(
+        [str(PY), "-m", "launch.prepare_data", "--embedded", "--output-dir", str(data_dir)],
+        cwd=REPO,
+        check=True,
+    )
 
 
 DS_TYPES = {"teon": "TEON", "muon": "TeonspeedMuon", "htmuon": "TeonspeedHTMuon"}
@@ -161,20 +183,40 @@ def write_ds_config(run: Run, directory: Path) -> Path:
 
 def _rank_main(rank, world_size, argv):
     from launch import pretrain
+
     return pretrain.main(argv)
 
 
 def pretrain_argv(run: Run, data_dir: Path, eval_every: int, runs_dir: Path) -> List[str]:
     """launch/pretrain.py's flags for `run`; its run directory goes under `runs_dir`."""
-    argv = ["--steps", str(run.steps), "--seed", str(run.seed), "--name", run.name,
-            "--runs-dir", str(runs_dir), "--eval-every", str(eval_every), "--data-dir", str(data_dir), "--progress", "off", "--no-plot",
-            "--no-tensorboard", "--overwrite"]
+    argv = [
+        "--steps",
+        str(run.steps),
+        "--seed",
+        str(run.seed),
+        "--name",
+        run.name,
+        "--runs-dir",
+        str(runs_dir),
+        "--eval-every",
+        str(eval_every),
+        "--data-dir",
+        str(data_dir),
+        "--progress",
+        "off",
+        "--no-plot",
+        "--no-tensorboard",
+        "--overwrite",
+    ]
     if run.options:
         argv += ["--ds-config", str(write_ds_config(run, runs_dir / "ds_configs"))]
     else:
         argv += ["--optimizer", run.optimizer]
-        argv += ["--adamw-lr", str(run.lr)] if run.optimizer == "adamw" else \
-            ["--lr", str(run.lr), "--adamw-lr", str(run.adamw_lr)]
+        argv += (
+            ["--adamw-lr", str(run.lr)]
+            if run.optimizer == "adamw"
+            else ["--lr", str(run.lr), "--adamw-lr", str(run.adamw_lr)]
+        )
         if run.teon_k:
             argv += ["--teon-k", str(run.teon_k)]
     if run.model_config:
@@ -192,6 +234,7 @@ class Trainer:
     def __call__(self, run: Run) -> Run:
         sys.path.insert(0, str(REPO / "tests"))  # the tests' fork-based rank harness
         from support.harness import RankError, run_ranks
+
         argv = pretrain_argv(run, self.data_dir, self.eval_every, self.runs_dir)
         start = time.perf_counter()
         try:
@@ -217,8 +260,12 @@ class RunCache:
     """Every finished run, by its key; a run already done is not run again. `save` is called with the
     records after each new run (the study's partial file), so a restarted study resumes."""
 
-    def __init__(self, train: Train, records: List[Dict] = (),
-                 save: Callable[[List[Dict]], None] = lambda records: None):
+    def __init__(
+        self,
+        train: Train,
+        records: List[Dict] = (),
+        save: Callable[[List[Dict]], None] = lambda records: None,
+    ):
         self.train, self.save = train, save
         self.done = {as_run(r).key: dict(r) for r in records if r.get("val_curve")}
 
@@ -239,13 +286,16 @@ class RunCache:
 def _prepare_parent() -> None:
     """Import the training stack once, single-threaded, so the ranks can be forked from here."""
     import warnings
+
     os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
     os.environ.setdefault("TEONSPEED_CPU_BF16", "0")  # fp32 orthogonalization: no timing probe decides
     warnings.filterwarnings("ignore")
     import torch
+
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
     from teonspeed.patches import cpu_shims
+
     cpu_shims.apply()  # (what launch.pretrain does under --device cpu, once here for the forked ranks)
     from launch import pretrain, train  # noqa: F401  (megatron, deepspeed, teonspeed)
 
@@ -300,8 +350,9 @@ def joint_sweep(run_at, lr_grid, adamw_grid, max_rounds: int = 3) -> List[Run]:
         if not math.isfinite(score(runs[best])):
             break
         lrs, parts = sorted({lr for lr, _ in runs}), sorted({a for _, a in runs})
-        wanted = [(lr, best[1]) for lr in _neighbours(lrs, best[0])] + \
-                 [(best[0], a) for a in _neighbours(parts, best[1])]
+        wanted = [(lr, best[1]) for lr in _neighbours(lrs, best[0])] + [
+            (best[0], a) for a in _neighbours(parts, best[1])
+        ]
         missing = [cell for cell in wanted if cell not in runs]
         if not missing:
             break
@@ -330,11 +381,14 @@ def versus(runs: List[Dict], baseline: List[Dict]) -> Dict:
     p = paired([_final(r) for r, _ in pairs], [_final(b) for _, b in pairs])
     reach = [steps_to_reach(r["val_curve"], _final(b)) for r, b in pairs]
     total = [b["val_curve"][-1][0] for _, b in pairs]
-    return {**p, "seeds": [r["seed"] for r, _ in pairs],
-            "ppl_pct": [100.0 * math.expm1(d) for d in p["diffs"]],
-            "ppl_pct_mean": 100.0 * math.expm1(p["mean"]),
-            "steps_to_target": reach,
-            "fraction_of_steps": [None if s is None else s / n for s, n in zip(reach, total)]}
+    return {
+        **p,
+        "seeds": [r["seed"] for r, _ in pairs],
+        "ppl_pct": [100.0 * math.expm1(d) for d in p["diffs"]],
+        "ppl_pct_mean": 100.0 * math.expm1(p["mean"]),
+        "steps_to_target": reach,
+        "fraction_of_steps": [None if s is None else s / n for s, n in zip(reach, total)],
+    }
 
 
 def _final(record: Dict) -> float:
@@ -350,9 +404,11 @@ def round_lr(x: float) -> float:
 
 def model_study(size: Size, seeds: List[int], train: Train, log) -> Dict:
     """The protocol (module docstring) on one model."""
+
     def run(opt: str, lr: float, adamw_lr: Optional[float] = None, seed: int = seeds[0], teon_k=None) -> Run:
-        return train(Run(size.name, opt, lr, adamw_lr, seed, teon_k, size.model_config, size.steps,
-                         list(size.extra)))
+        return train(
+            Run(size.name, opt, lr, adamw_lr, seed, teon_k, size.model_config, size.steps, list(size.extra))
+        )
 
     rows: Dict[str, Dict] = {}
     log(f"[{size.name}] AdamW lr sweep")
@@ -368,27 +424,43 @@ def model_study(size: Size, seeds: List[int], train: Train, log) -> Dict:
         log(f"[{size.name}] {opt}: joint sweep of lr {lr_grid} x adamw_lr {adamw_axis}")
         sweep = joint_sweep(lambda lr, a: run(opt, lr, a), lr_grid, adamw_axis)
         rows[opt] = {"sweep": sweep, "best": min(sweep, key=score)}
-    out: Dict = {"what": size.what, "model_config": size.model_config or "pretrain.py default",
-                 "extra": size.extra, "steps": size.steps, "seeds_used": seeds, "adamw_part_grid": adamw_axis,
-                 "rows": {}}
+    out: Dict = {
+        "what": size.what,
+        "model_config": size.model_config or "pretrain.py default",
+        "extra": size.extra,
+        "steps": size.steps,
+        "seeds_used": seeds,
+        "adamw_part_grid": adamw_axis,
+        "rows": {},
+    }
     for opt, row in rows.items():
         best = row["best"]
         part = f", adamw_lr {best.adamw_lr:g}" if best.adamw_lr else ""
         log(f"[{size.name}] {opt}: best lr {best.lr:g}{part}; seeds {seeds[1:]}")
         seeded = [best] + [run(opt, best.lr, best.adamw_lr, seed) for seed in seeds[1:]]
-        out["rows"][opt] = {"best_lr": best.lr, "best_adamw_lr": best.adamw_lr,
-                            "sweep": [asdict(r) for r in row["sweep"]], "seeds": [asdict(r) for r in seeded]}
+        out["rows"][opt] = {
+            "best_lr": best.lr,
+            "best_adamw_lr": best.adamw_lr,
+            "sweep": [asdict(r) for r in row["sweep"]],
+            "seeds": [asdict(r) for r in seeded],
+        }
     adamw_seeds = out["rows"]["adamw"]["seeds"]
-    out["versus_adamw"] = {opt: versus(row["seeds"], adamw_seeds) for opt, row in out["rows"].items()
-                           if opt != "adamw"}
+    out["versus_adamw"] = {
+        opt: versus(row["seeds"], adamw_seeds) for opt, row in out["rows"].items() if opt != "adamw"
+    }
     if "muon" in out["rows"]:
-        out["versus_muon"] = {opt: versus(out["rows"][opt]["seeds"], out["rows"]["muon"]["seeds"])
-                              for opt in ("teon", "htmuon") if opt in out["rows"]}
+        out["versus_muon"] = {
+            opt: versus(out["rows"][opt]["seeds"], out["rows"]["muon"]["seeds"])
+            for opt in ("teon", "htmuon")
+            if opt in out["rows"]
+        }
     if size.teon_k and "teon" in rows:
         best = rows["teon"]["best"]
         log(f"[{size.name}] TEON group size at lr {best.lr:g}, adamw_lr {best.adamw_lr:g}")
-        out["teon_k"] = {"2": asdict(best), **{str(k): asdict(run("teon", best.lr, best.adamw_lr, teon_k=k))
-                                               for k in (1, 4)}}
+        out["teon_k"] = {
+            "2": asdict(best),
+            **{str(k): asdict(run("teon", best.lr, best.adamw_lr, teon_k=k)) for k in (1, 4)},
+        }
     return out
 
 
@@ -404,13 +476,19 @@ def seed_paper(models: Dict[str, Dict]) -> Dict:
     if mla and dense and "muon" in mla["rows"]:
         dense_adamw = dense["rows"]["adamw"]["seeds"]
         out["mla_moe_muon_vs_dense_mha_adamw"] = versus(mla["rows"]["muon"]["seeds"], dense_adamw)
-        out["mla_moe_adamw_vs_dense_mha_adamw"] = versus(mla["rows"]["adamw"]["seeds"],
-                                                         dense["rows"]["adamw"]["seeds"])
+        out["mla_moe_adamw_vs_dense_mha_adamw"] = versus(
+            mla["rows"]["adamw"]["seeds"], dense["rows"]["adamw"]["seeds"]
+        )
     return out
 
 
-def study(sizes: List[Size], seeds: List[int], train: Train, log,
-          checkpoint: Callable[[Dict], None] = lambda results: None) -> Dict:
+def study(
+    sizes: List[Size],
+    seeds: List[int],
+    train: Train,
+    log,
+    checkpoint: Callable[[Dict], None] = lambda results: None,
+) -> Dict:
     """The protocol on every model; `checkpoint(results)` after each model (the tables so far)."""
     results: Dict = {"protocol": protocol(), "models": {}, "pending": [s.name for s in sizes]}
     for size in sizes:
@@ -426,8 +504,12 @@ def study(sizes: List[Size], seeds: List[int], train: Train, log,
 
 
 def protocol() -> Dict:
-    return {"adamw_grid": ADAMW_GRID, "matrix_lr_grid": MATRIX_LR_GRID, "htmuon_ratio": HTMUON_RATIO,
-            "adamw_part_factors": ADAMW_PART_FACTORS}
+    return {
+        "adamw_grid": ADAMW_GRID,
+        "matrix_lr_grid": MATRIX_LR_GRID,
+        "htmuon_ratio": HTMUON_RATIO,
+        "adamw_part_factors": ADAMW_PART_FACTORS,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,43 +531,100 @@ SQRT2 = math.sqrt(2.0)
 # large as Muon's, algorithms.md §6) are both on it.
 TEON_ARMS = [
     Arm("muon", "muon", dict(NS5_SPECTRAL), (0.005, 0.01, 0.02), "Muon default: NS5, √max(1, m/n)"),
-    Arm("teon_mode1", "teon", {"teon_mode": 1, **PE_FAN}, (0.01 / SQRT2, 0.01, 0.01 * SQRT2, 0.02),
-        "TEON, concatenated along the input dim (mode 1), PE, √(m/n)"),
-    Arm("teon_mode2", "teon", {"teon_mode": 2, **PE_FAN}, (0.01 / SQRT2, 0.01, 0.01 * SQRT2, 0.02),
-        "TEON, concatenated along the output dim (mode 2), PE, √(m/n)"),
+    Arm(
+        "teon_mode1",
+        "teon",
+        {"teon_mode": 1, **PE_FAN},
+        (0.01 / SQRT2, 0.01, 0.01 * SQRT2, 0.02),
+        "TEON, concatenated along the input dim (mode 1), PE, √(m/n)",
+    ),
+    Arm(
+        "teon_mode2",
+        "teon",
+        {"teon_mode": 2, **PE_FAN},
+        (0.01 / SQRT2, 0.01, 0.01 * SQRT2, 0.02),
+        "TEON, concatenated along the output dim (mode 2), PE, √(m/n)",
+    ),
     Arm("muon_pe_fan", "muon", dict(PE_FAN), (0.005, 0.01, 0.02), "Muon with TEON's settings: PE, √(m/n)"),
-    Arm("teon_ns5_spectral", "teon", dict(NS5_SPECTRAL), (0.01 / SQRT2, 0.01, 0.01 * SQRT2, 0.02),
-        "TEON (the better mode) with Muon's settings: NS5, √max(1, m/n)"),
-    Arm("htmuon", "htmuon", {}, (), "HTMuon (p = 0.125, exact SVD), swept from 1× and 3× Muon's best lr (the authors' ratio)"),
+    Arm(
+        "teon_ns5_spectral",
+        "teon",
+        dict(NS5_SPECTRAL),
+        (0.01 / SQRT2, 0.01, 0.01 * SQRT2, 0.02),
+        "TEON (the better mode) with Muon's settings: NS5, √max(1, m/n)",
+    ),
+    Arm(
+        "htmuon",
+        "htmuon",
+        {},
+        (),
+        "HTMuon (p = 0.125, exact SVD), swept from 1× and 3× Muon's best lr (the authors' ratio)",
+    ),
 ]
 # Which arm each arm is compared with, seed by seed (same seeds: same init and data order).
-PAIRS = [("teon_mode1", "muon"), ("teon_mode2", "muon"), ("teon_mode2", "teon_mode1"), ("muon_pe_fan", "muon"),
-         ("teon_mode1", "muon_pe_fan"), ("teon_mode2", "muon_pe_fan"), ("teon_ns5_spectral", "muon"),
-         ("htmuon", "muon")]
+PAIRS = [
+    ("teon_mode1", "muon"),
+    ("teon_mode2", "muon"),
+    ("teon_mode2", "teon_mode1"),
+    ("muon_pe_fan", "muon"),
+    ("teon_mode1", "muon_pe_fan"),
+    ("teon_mode2", "muon_pe_fan"),
+    ("teon_ns5_spectral", "muon"),
+    ("htmuon", "muon"),
+]
 
 
-def teon_study(size: Size, seeds: List[int], train: Train, log, arms=None,
-               adamw_lr: float = TEON_STUDY_ADAMW_LR, checkpoint=lambda results: None, previous: Optional[Dict] = None) -> Dict:
+def teon_study(
+    size: Size,
+    seeds: List[int],
+    train: Train,
+    log,
+    arms=None,
+    adamw_lr: float = TEON_STUDY_ADAMW_LR,
+    checkpoint=lambda results: None,
+    previous: Optional[Dict] = None,
+) -> Dict:
     """Every arm's AdamW part at `adamw_lr`. `previous`: an earlier result of the same size, steps and
     adamw_lr. Its runs are reused (same arm, lr and seed) and only the missing ones run: more seeds, or a
     sweep extended further, without redoing the rest."""
     arms = arms or TEON_ARMS
-    out: Dict = {"size": size.name, "steps": size.steps, "model_config": size.model_config or "pretrain.py default",
-                 "seeds_used": seeds, "adamw_lr": adamw_lr, "arms": {}}
+    out: Dict = {
+        "size": size.name,
+        "steps": size.steps,
+        "model_config": size.model_config or "pretrain.py default",
+        "seeds_used": seeds,
+        "adamw_lr": adamw_lr,
+        "arms": {},
+    }
     if previous and (previous["size"], previous["steps"]) != (size.name, size.steps):
         raise ValueError(f"--more-seeds: {previous['size']} at {previous['steps']} steps is another study")
     if previous and previous.get("adamw_lr", 3e-3) != adamw_lr:
-        raise ValueError(f"--more-seeds: its AdamW part ran at {previous.get('adamw_lr', 3e-3):g}, "
-                         f"not {adamw_lr:g}")
-    done = {(r["arm"], round(r["lr"], 12), r["seed"]): r for a in (previous or {}).get("arms", {}).values()
-            for r in a["sweep"] + a["seeds"]}
+        raise ValueError(
+            f"--more-seeds: its AdamW part ran at {previous.get('adamw_lr', 3e-3):g}, not {adamw_lr:g}"
+        )
+    done = {
+        (r["arm"], round(r["lr"], 12), r["seed"]): r
+        for a in (previous or {}).get("arms", {}).values()
+        for r in a["sweep"] + a["seeds"]
+    }
 
     def run_at(arm: Arm, lr: float, seed: int = seeds[0]) -> Run:
         earlier = done.get((arm.name, round(lr, 12), seed))
         if earlier is not None:
             return as_run(earlier)
-        return train(Run(size.name, arm.optimizer, lr, adamw_lr, seed=seed, model_config=size.model_config,
-                         steps=size.steps, arm=arm.name, options=dict(arm.options)))
+        return train(
+            Run(
+                size.name,
+                arm.optimizer,
+                lr,
+                adamw_lr,
+                seed=seed,
+                model_config=size.model_config,
+                steps=size.steps,
+                arm=arm.name,
+                options=dict(arm.options),
+            )
+        )
 
     for arm in arms:
         if arm.name == "teon_ns5_spectral":  # the unfolding mode that did better, with Muon's settings
@@ -501,12 +640,20 @@ def teon_study(size: Size, seeds: List[int], train: Train, log, arms=None,
         best = min(sweep, key=score)
         log(f"[{size.name}] {arm.name}: best lr {best.lr:g}; seeds {seeds[1:]}")
         seeded = [best] + [run_at(arm, best.lr, seed) for seed in seeds[1:]]
-        out["arms"][arm.name] = {"what": arm.what, "optimizer": arm.optimizer, "options": arm.options,
-                                 "best_lr": best.lr, "sweep": [asdict(r) for r in sweep],
-                                 "seeds": [asdict(r) for r in seeded]}
+        out["arms"][arm.name] = {
+            "what": arm.what,
+            "optimizer": arm.optimizer,
+            "options": arm.options,
+            "best_lr": best.lr,
+            "sweep": [asdict(r) for r in sweep],
+            "seeds": [asdict(r) for r in seeded],
+        }
         checkpoint(out)
-    out["pairs"] = {f"{a} - {b}": paired(_finals(out["arms"][a]), _finals(out["arms"][b]))
-                    for a, b in PAIRS if a in out["arms"] and b in out["arms"]}
+    out["pairs"] = {
+        f"{a} - {b}": paired(_finals(out["arms"][a]), _finals(out["arms"][b]))
+        for a, b in PAIRS
+        if a in out["arms"] and b in out["arms"]
+    }
     return out
 
 
@@ -520,10 +667,15 @@ def _seed_mean(arm: Optional[Dict]) -> float:
 
 # ---------------------------------------------------------------------------------------------------
 def machine(start: float) -> Dict:
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "date": datetime.datetime.now().isoformat(), "wall_seconds": round(time.perf_counter() - start, 1),
-            "load_average_at_end": os.getloadavg()[0],
-            "orthogonalizer_dtype": "fp32" if os.environ.get("TEONSPEED_CPU_BF16") == "0" else "auto"}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "date": datetime.datetime.now().isoformat(),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "load_average_at_end": os.getloadavg()[0],
+        "orthogonalizer_dtype": "fp32" if os.environ.get("TEONSPEED_CPU_BF16") == "0" else "auto",
+    }
 
 
 def load_records(*paths: Path) -> List[Dict]:
@@ -537,48 +689,87 @@ def load_records(*paths: Path) -> List[Dict]:
 
 def main() -> None:
     from convergence_report import plot, summarize, summarize_teon
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline in a few minutes")
-    p.add_argument("--models", default=None,
-                   help=f"comma-separated, run in this order (default {','.join(DEFAULT_MODELS)}; "
-                        "--quick: tiny)")
-    p.add_argument("--teon-study", action="store_true",
-                   help="the TEON study: unfolding modes, matched settings, own lr sweeps, paired seeds (tiny model)")
-    p.add_argument("--adamw-lr", type=float, default=TEON_STUDY_ADAMW_LR,
-                   help="--teon-study: the AdamW part's lr of every arm")
-    p.add_argument("--gpu", action="store_true",
-                   help="LLaMA-60M on one GPU on a >= 100M-token corpus built offline (bench/gpu_preset.py)")
-    p.add_argument("--arm", action="append", default=[],
-                   help="--gpu: only this arm (adamw, muon, teon_mode1, teon_mode2, htmuon); repeatable")
-    p.add_argument("--corpus-dir", default=str(REPO / "data" / "gpu_corpus"), help="--gpu: where the corpus goes")
+    p.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated, run in this order (default {','.join(DEFAULT_MODELS)}; --quick: tiny)",
+    )
+    p.add_argument(
+        "--teon-study",
+        action="store_true",
+        help="the TEON study: unfolding modes, matched settings, own lr sweeps, paired seeds (tiny model)",
+    )
+    p.add_argument(
+        "--adamw-lr",
+        type=float,
+        default=TEON_STUDY_ADAMW_LR,
+        help="--teon-study: the AdamW part's lr of every arm",
+    )
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="LLaMA-60M on one GPU on a >= 100M-token corpus built offline (bench/gpu_preset.py)",
+    )
+    p.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        help="--gpu: only this arm (adamw, muon, teon_mode1, teon_mode2, htmuon); repeatable",
+    )
+    p.add_argument(
+        "--corpus-dir", default=str(REPO / "data" / "gpu_corpus"), help="--gpu: where the corpus goes"
+    )
     p.add_argument("--time-limit", type=float, default=None, help="--gpu: seconds of training per arm (480)")
     p.add_argument("--steps", type=int, default=None, help="override the steps per run")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 1234,1,2)")
     p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="--teon-study: the model")
     p.add_argument("--arms", default=None, help="--teon-study: comma-separated arm names (default: all)")
-    p.add_argument("--more-seeds", default=None,
-                   help="--teon-study: an earlier result JSON; reuse its runs, run only the missing ones")
-    p.add_argument("--reuse", action="append", default=[],
-                   help="an earlier result JSON whose finished runs are reused (besides "
-                        "<stem>.partial.json and <stem>.json)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: the tables of the models whose runs are all in the result files")
+    p.add_argument(
+        "--more-seeds",
+        default=None,
+        help="--teon-study: an earlier result JSON; reuse its runs, run only the missing ones",
+    )
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        help="an earlier result JSON whose finished runs are reused (besides "
+        "<stem>.partial.json and <stem>.json)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the tables of the models whose runs are all in the result files",
+    )
     p.add_argument("--data-dir", default=str(REPO / "data" / "embedded"))
-    p.add_argument("--runs-dir", default=None,
-                   help="keep the run directories here (default: a temporary folder, removed at the end)")
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        help="keep the run directories here (default: a temporary folder, removed at the end)",
+    )
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     args = p.parse_args()
     if args.gpu:
         import dataclasses
+
         sys.path.insert(0, str(REPO / "bench"))
         from gpu_preset import Preset, run_gpu_preset, summarize_gpu
+
         preset = Preset()
         if args.steps:
             preset = dataclasses.replace(preset, steps=args.steps)
         if args.time_limit:
             preset = dataclasses.replace(preset, time_limit=args.time_limit)
-        results = run_gpu_preset(args.arm, Path(args.out_dir), Path(args.corpus_dir), preset,
-                                 log=lambda msg: print(msg, flush=True))
+        results = run_gpu_preset(
+            args.arm,
+            Path(args.out_dir),
+            Path(args.corpus_dir),
+            preset,
+            log=lambda msg: print(msg, flush=True),
+        )
         print(summarize_gpu(results))
         return
     seeds = [1234, 1] if args.quick else [1234, 1, 2]
@@ -618,8 +809,11 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
     if args.report_only and final.is_file():
         measured_on = json.loads(final.read_text()).get("machine")
     earlier = load_records(partial, final, *map(Path, args.reuse))
-    cache = RunCache(not_run if args.report_only else trainer, earlier,
-                     save=lambda records: partial.write_text(json.dumps({"runs": records}, indent=1)))
+    cache = RunCache(
+        not_run if args.report_only else trainer,
+        earlier,
+        save=lambda records: partial.write_text(json.dumps({"runs": records}, indent=1)),
+    )
     if cache.done:
         log(f"reusing {len(cache.done)} finished runs")
 
@@ -643,8 +837,16 @@ def teon_main(args, seeds, trainer, out: Path, start: float, log, summarize_teon
     arms = [a for a in TEON_ARMS if a.name in args.arms.split(",")] if args.arms else None
     previous = json.loads(Path(args.more_seeds).read_text()) if args.more_seeds else None
     partial = out / f"{stem}.partial.json"
-    result = teon_study(size, seeds, trainer, log, arms=arms, adamw_lr=args.adamw_lr, previous=previous,
-                        checkpoint=lambda r: partial.write_text(json.dumps(r, indent=1)))
+    result = teon_study(
+        size,
+        seeds,
+        trainer,
+        log,
+        arms=arms,
+        adamw_lr=args.adamw_lr,
+        previous=previous,
+        checkpoint=lambda r: partial.write_text(json.dumps(r, indent=1)),
+    )
     partial.unlink(missing_ok=True)
     result["machine"] = machine(start)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
@@ -655,7 +857,8 @@ def teon_main(args, seeds, trainer, out: Path, start: float, log, summarize_teon
         f"{m['python']}, {m['date']}; wall time {m['wall_seconds']:.0f} s. Every run: "
         "launch/pretrain.py on 2 "
         f"processes (data parallel), the embedded corpus, equal tokens; every arm's AdamW part at lr "
-        f"{result['adamw_lr']:g}.\n{table}\n")
+        f"{result['adamw_lr']:g}.\n{table}\n"
+    )
     print(table)
 
 

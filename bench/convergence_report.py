@@ -1,4 +1,5 @@
 """The tables and the plot of bench/convergence.py's results (pure formatting of its JSON)."""
+
 from __future__ import annotations
 
 import math
@@ -41,13 +42,16 @@ def bracketed(row: Dict) -> bool:
 
 def headline(name: str, model: Dict) -> List[str]:
     n = len(model["seeds_used"])
-    lines = [f"\n### {name}: {model['what']} ({model['steps']} "
-             f"steps, {model['steps'] * TOKENS_PER_STEP / 1e6:.2f}M "
-             f"tokens, 2 ranks, seeds {model['seeds_used']})\n",
-             f"| optimizer | best lr | AdamW part's lr | final val loss (mean ± sd, {n} seeds) | perplexity "
-             "| − AdamW, "
-             "paired (mean ± sd) | t | perplexity vs AdamW | steps to AdamW's final loss (per seed) | as a "
-             "share of AdamW's steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n### {name}: {model['what']} ({model['steps']} "
+        f"steps, {model['steps'] * TOKENS_PER_STEP / 1e6:.2f}M "
+        f"tokens, 2 ranks, seeds {model['seeds_used']})\n",
+        f"| optimizer | best lr | AdamW part's lr | final val loss (mean ± sd, {n} seeds) | perplexity "
+        "| − AdamW, "
+        "paired (mean ± sd) | t | perplexity vs AdamW | steps to AdamW's final loss (per seed) | as a "
+        "share of AdamW's steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for opt, row in model["rows"].items():
         finals = [_final(r) for r in row["seeds"]]
         part = f"{row['best_adamw_lr']:g}" if row["best_adamw_lr"] is not None else "–"
@@ -57,40 +61,62 @@ def headline(name: str, model: Dict) -> List[str]:
             lines.append(f"| {opt} | {row['best_lr']:g} | {part} | failed | | | | | | |")
             continue
         v = model.get("versus_adamw", {}).get(opt)
-        cmp = (f"{v['mean']:+.4f} ± {v['sd']:.4f} | {v['t']:.1f} | {v['ppl_pct_mean']:+.1f}% | "
-               f"{_steps(v['steps_to_target'])} | {_fractions(v['fraction_of_steps'])}") if v else "– | – | – | – | –"
-        lines.append(f"| {opt} | {row['best_lr']:g} | {part} | {_mean_sd(finals)} | "
-                     f"{math.exp(statistics.mean(finals)):.2f} | {cmp} |")
+        cmp = (
+            (
+                f"{v['mean']:+.4f} ± {v['sd']:.4f} | {v['t']:.1f} | {v['ppl_pct_mean']:+.1f}% | "
+                f"{_steps(v['steps_to_target'])} | {_fractions(v['fraction_of_steps'])}"
+            )
+            if v
+            else "– | – | – | – | –"
+        )
+        lines.append(
+            f"| {opt} | {row['best_lr']:g} | {part} | {_mean_sd(finals)} | "
+            f"{math.exp(statistics.mean(finals)):.2f} | {cmp} |"
+        )
     if model.get("versus_muon"):
-        lines += ["\nAgainst Muon, paired by seed (each at its best setting): " + "; ".join(
-            f"{opt} − muon {v['mean']:+.4f} ± {v['sd']:.4f} (t = {v['t']:.1f}, "
-            f"perplexity {v['ppl_pct_mean']:+.1f}%)"
-            for opt, v in model["versus_muon"].items())]
+        lines += [
+            "\nAgainst Muon, paired by seed (each at its best setting): "
+            + "; ".join(
+                f"{opt} − muon {v['mean']:+.4f} ± {v['sd']:.4f} (t = {v['t']:.1f}, "
+                f"perplexity {v['ppl_pct_mean']:+.1f}%)"
+                for opt, v in model["versus_muon"].items()
+            )
+        ]
     return lines
 
 
 def sweeps(name: str, model: Dict) -> List[str]:
-    lines = [f"\n#### {name}: the sweeps (final validation loss, seed {model['seeds_used'][0]}; best in bold)\n"]
+    lines = [
+        f"\n#### {name}: the sweeps (final validation loss, seed {model['seeds_used'][0]}; best in bold)\n"
+    ]
     for opt, row in model["rows"].items():
         runs = row["sweep"]
         best = min(runs, key=lambda r: _final(r) if math.isfinite(_final(r)) else math.inf)
-        cell = lambda r: ("**{:.4f}**" if r is best else "{:.4f}").format(_final(r)) if r["val_curve"] else "failed"  # noqa: E731
+        cell = lambda r: (
+            ("**{:.4f}**" if r is best else "{:.4f}").format(_final(r)) if r["val_curve"] else "failed"
+        )  # noqa: E731
         if opt == "adamw":
             lines.append("AdamW, lr: " + ", ".join(f"{r['lr']:g}: {cell(r)}" for r in runs) + "\n")
             continue
         lrs = sorted({r["lr"] for r in runs})
         parts = sorted({r["adamw_lr"] for r in runs})
         at = {(r["lr"], r["adamw_lr"]): r for r in runs}
-        lines += [f"{opt}: lr (rows) x the AdamW part's lr (columns)\n",
-                  "| lr | " + " | ".join(f"adamw_lr {a:g}" for a in parts) + " |",
-                  "|---|" + "---|" * len(parts)]
-        lines += [f"| {lr:g} | " + " | ".join(cell(at[lr, a]) if (lr, a) in at else "" for a in parts) + " |"
-                  for lr in lrs]
+        lines += [
+            f"{opt}: lr (rows) x the AdamW part's lr (columns)\n",
+            "| lr | " + " | ".join(f"adamw_lr {a:g}" for a in parts) + " |",
+            "|---|" + "---|" * len(parts),
+        ]
+        lines += [
+            f"| {lr:g} | " + " | ".join(cell(at[lr, a]) if (lr, a) in at else "" for a in parts) + " |"
+            for lr in lrs
+        ]
         lines.append("")
     if model.get("teon_k"):
-        lines += ["TEON's group size K at TEON's best setting (K = 1 is Muon with TEON's orthogonalizer and "
-                  "scaling): " + ", ".join(f"K = {k}: {_final(r):.4f}" for k, r in sorted(model["teon_k"].items())),
-                  ""]
+        lines += [
+            "TEON's group size K at TEON's best setting (K = 1 is Muon with TEON's orthogonalizer and "
+            "scaling): " + ", ".join(f"K = {k}: {_final(r):.4f}" for k, r in sorted(model["teon_k"].items())),
+            "",
+        ]
     return lines
 
 
@@ -103,25 +129,36 @@ def _verdict_ppl(pct: float) -> str:
 
 
 def seed_paper_lines(paper: Dict) -> List[str]:
-    lines = ["\n## The seed paper's claims on CPU (arXiv 2509.24406: Muon with MLA and MoE)\n",
-             "The paper: Muon reaches AdamW's target loss with 48–52% of AdamW's training, and MLA+MoE+Muon has "
-             "8–12% lower perplexity than its baseline (presumably a dense MHA model with AdamW). Measured "
-             "here on "
-             "the tiny models at equal tokens, each side at its own tuned learning rates, paired by seed:\n",
-             "| comparison | − baseline, paired (mean ± sd) | t | perplexity vs baseline (per seed) | steps "
-             "to the baseline's final loss | share of its steps | reading |", "|---|---|---|---|---|---|---|"]
-    names = {"muon_vs_adamw_on_mla_moe": "Muon − AdamW, both on mla_moe_tiny",
-             "mla_moe_muon_vs_dense_mha_adamw": "mla_moe_tiny + Muon − dense_mha_tiny + AdamW",
-             "mla_moe_adamw_vs_dense_mha_adamw": "mla_moe_tiny + AdamW − dense_mha_tiny + AdamW "
-                                                 "(architecture only)"}
+    lines = [
+        "\n## The seed paper's claims on CPU (arXiv 2509.24406: Muon with MLA and MoE)\n",
+        "The paper: Muon reaches AdamW's target loss with 48–52% of AdamW's training, and MLA+MoE+Muon has "
+        "8–12% lower perplexity than its baseline (presumably a dense MHA model with AdamW). Measured "
+        "here on "
+        "the tiny models at equal tokens, each side at its own tuned learning rates, paired by seed:\n",
+        "| comparison | − baseline, paired (mean ± sd) | t | perplexity vs baseline (per seed) | steps "
+        "to the baseline's final loss | share of its steps | reading |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "muon_vs_adamw_on_mla_moe": "Muon − AdamW, both on mla_moe_tiny",
+        "mla_moe_muon_vs_dense_mha_adamw": "mla_moe_tiny + Muon − dense_mha_tiny + AdamW",
+        "mla_moe_adamw_vs_dense_mha_adamw": "mla_moe_tiny + AdamW − dense_mha_tiny + AdamW "
+        "(architecture only)",
+    }
     for key, v in paper.items():
         reached = [f for f in v["fraction_of_steps"] if f is not None]
-        share = (f"mean {100 * statistics.mean(reached):.0f}% of the steps ({len(reached)}/{len(v['seeds'])} "
-                 "seeds reach it)" if reached else "not reached")
-        lines.append(f"| {names.get(key, key)} | {v['mean']:+.4f} ± {v['sd']:.4f} | {v['t']:.1f} | "
-                     f"{', '.join(f'{p:+.1f}%' for p in v['ppl_pct'])} (mean {v['ppl_pct_mean']:+.1f}%) | "
-                     f"{_steps(v['steps_to_target'])} | {_fractions(v['fraction_of_steps'])} | "
-                     f"{_verdict_ppl(v['ppl_pct_mean'])}; {share} (paper: 48–52%) |")
+        share = (
+            f"mean {100 * statistics.mean(reached):.0f}% of the steps ({len(reached)}/{len(v['seeds'])} "
+            "seeds reach it)"
+            if reached
+            else "not reached"
+        )
+        lines.append(
+            f"| {names.get(key, key)} | {v['mean']:+.4f} ± {v['sd']:.4f} | {v['t']:.1f} | "
+            f"{', '.join(f'{p:+.1f}%' for p in v['ppl_pct'])} (mean {v['ppl_pct_mean']:+.1f}%) | "
+            f"{_steps(v['steps_to_target'])} | {_fractions(v['fraction_of_steps'])} | "
+            f"{_verdict_ppl(v['ppl_pct_mean'])}; {share} (paper: 48–52%) |"
+        )
     return lines
 
 
@@ -146,28 +183,35 @@ def summarize(results: Dict, quick: bool = False) -> str:
     m = results.get("machine", {})
     pending = results.get("pending") or []
     title = "# Convergence study" + (" (quick)" if quick else "") + (" — PARTIAL" if pending else "")
-    lines = [title, "",
-             f"{m.get('platform', '?')}, {m.get('cpus', '?')} CPUs (shared with other jobs; load average "
-             f"{m.get('load_average_at_end', float('nan')):.1f} at the end), Python {m.get('python', '?')}, "
-             f"{m.get('date', '?')}; wall time {m.get('wall_seconds', 0):.0f} s; orthogonalizer in "
-             f"{m.get('orthogonalizer_dtype', '?')}. Every run: launch/pretrain.py on 2 processes (data "
-             "parallel), "
-             "the embedded corpus as Megatron indexed datasets, equal tokens per optimizer (global batch 32 x 64 "
-             "tokens), linear warmup then cosine to 0.1x, weight decay 0.01, clipping 1.0."]
+    lines = [
+        title,
+        "",
+        f"{m.get('platform', '?')}, {m.get('cpus', '?')} CPUs (shared with other jobs; load average "
+        f"{m.get('load_average_at_end', float('nan')):.1f} at the end), Python {m.get('python', '?')}, "
+        f"{m.get('date', '?')}; wall time {m.get('wall_seconds', 0):.0f} s; orthogonalizer in "
+        f"{m.get('orthogonalizer_dtype', '?')}. Every run: launch/pretrain.py on 2 processes (data "
+        "parallel), "
+        "the embedded corpus as Megatron indexed datasets, equal tokens per optimizer (global batch 32 x 64 "
+        "tokens), linear warmup then cosine to 0.1x, weight decay 0.01, clipping 1.0.",
+    ]
     if pending:
-        lines.append(f"\n**Partial:** not yet run: {', '.join(pending)}. To finish: `python bench/convergence.py` "
-                     "(every model; the finished runs, the pending models' included, are reused from "
-                     "bench/results/convergence.json, so only the missing ones train).")
+        lines.append(
+            f"\n**Partial:** not yet run: {', '.join(pending)}. To finish: `python bench/convergence.py` "
+            "(every model; the finished runs, the pending models' included, are reused from "
+            "bench/results/convergence.json, so only the missing ones train)."
+        )
     p = results.get("protocol", {})
     if p:
-        lines.append(f"\nProtocol: AdamW's lr swept from {list(p['adamw_grid'])}; every orthogonalizing optimizer "
-                     f"sweeps its matrices' lr (Muon {list(p['matrix_lr_grid']['muon'])}, TEON "
-                     f"{list(p['matrix_lr_grid']['teon'])}, HTMuon: Muon's best and {p['htmuon_ratio']:g}x it) "
-                     f"jointly with its AdamW part's lr (AdamW's best x {list(p['adamw_part_factors'])}); every axis "
-                     "is extended through the best cell until that cell has a worse neighbour on both sides; the "
-                     "best setting of every row is re-run with every seed. Differences are paired by seed "
-                     "(t = mean / (sd/√n)); \"steps to AdamW's final loss\" is per seed, against AdamW's run of "
-                     "the same seed (linear interpolation between evaluations every 20 steps).")
+        lines.append(
+            f"\nProtocol: AdamW's lr swept from {list(p['adamw_grid'])}; every orthogonalizing optimizer "
+            f"sweeps its matrices' lr (Muon {list(p['matrix_lr_grid']['muon'])}, TEON "
+            f"{list(p['matrix_lr_grid']['teon'])}, HTMuon: Muon's best and {p['htmuon_ratio']:g}x it) "
+            f"jointly with its AdamW part's lr (AdamW's best x {list(p['adamw_part_factors'])}); every axis "
+            "is extended through the best cell until that cell has a worse neighbour on both sides; the "
+            "best setting of every row is re-run with every seed. Differences are paired by seed "
+            "(t = mean / (sd/√n)); \"steps to AdamW's final loss\" is per seed, against AdamW's run of "
+            "the same seed (linear interpolation between evaluations every 20 steps)."
+        )
     for name, model in results["models"].items():
         lines += headline(name, model)
     if results.get("seed_paper"):
@@ -182,24 +226,33 @@ def summarize(results: Dict, quick: bool = False) -> str:
 def summarize_teon(study_result: Dict) -> str:
     r = study_result
     n = len(r["seeds_used"])
-    lines = [f"\n### TEON study: {r['size']} ({r['model_config']}, {r['steps']} steps, 2 ranks, "
-             f"seeds {r['seeds_used']})\n",
-             f"| arm | what | best lr | final val loss (mean ± std, {n} seeds) | lr sweep "
-             f"(seed {r['seeds_used'][0]}) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"\n### TEON study: {r['size']} ({r['model_config']}, {r['steps']} steps, 2 ranks, "
+        f"seeds {r['seeds_used']})\n",
+        f"| arm | what | best lr | final val loss (mean ± std, {n} seeds) | lr sweep "
+        f"(seed {r['seeds_used'][0]}) |",
+        "|---|---|---|---|---|",
+    ]
     for name, arm in r["arms"].items():
         finals = [_final(x) for x in arm["seeds"]]
         std = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        sweep = ", ".join(f"{x['lr']:.4g}: {x['val_curve'][-1][1]:.4f}" if x["val_curve"] else f"{x['lr']:.4g}: failed"
-                          for x in arm["sweep"])
+        sweep = ", ".join(
+            f"{x['lr']:.4g}: {x['val_curve'][-1][1]:.4f}" if x["val_curve"] else f"{x['lr']:.4g}: failed"
+            for x in arm["sweep"]
+        )
         lrs = [x["lr"] for x in arm["sweep"]]
         edge = " (grid edge)" if len(lrs) > 2 and arm["best_lr"] in (min(lrs), max(lrs)) else ""
-        lines.append(f"| {name} | {arm['what']} | {arm['best_lr']:.4g}{edge} | {statistics.mean(finals):.4f} "
-                     f"± {std:.4f} | {sweep} |")
+        lines.append(
+            f"| {name} | {arm['what']} | {arm['best_lr']:.4g}{edge} | {statistics.mean(finals):.4f} "
+            f"± {std:.4f} | {sweep} |"
+        )
     if r.get("pairs"):
-        lines += ["\nPaired by seed, each arm at its own best lr (difference of final validation loss; negative: "
-                  "the first arm is better; t = mean / (sd/√n)):\n",
-                  "| comparison | per-seed differences | mean ± sd | t |", "|---|---|---|---|"]
+        lines += [
+            "\nPaired by seed, each arm at its own best lr (difference of final validation loss; negative: "
+            "the first arm is better; t = mean / (sd/√n)):\n",
+            "| comparison | per-seed differences | mean ± sd | t |",
+            "|---|---|---|---|",
+        ]
         for name, p in r["pairs"].items():
             diffs = ", ".join(f"{d:+.4f}" for d in p["diffs"])
             lines.append(f"| {name} | {diffs} | {p['mean']:+.4f} ± {p['sd']:.4f} | {p['t']:.1f} |")
@@ -209,8 +262,10 @@ def summarize_teon(study_result: Dict) -> str:
 def plot(results: Dict, path: Path) -> None:
     """Validation loss of every optimizer's best setting (first seed), one panel per model."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     models = list(results["models"].items())
     if not models:
         return

@@ -11,6 +11,7 @@ text; both splits are encoded to uint16 token files. No network: nothing is down
 records the roots, file and token counts and a digest of the document list, so two machines can tell
 whether they built the same corpus.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,7 @@ def documents(roots: Sequence[Path], max_bytes: int) -> Iterator[str]:
 def train_tokenizer(texts: Sequence[str], vocab: int):
     """The launcher's byte-level BPE (launch/prepare_data.py), so a GPU corpus tokenizes like the others."""
     from launch.prepare_data import train_bpe
+
     return train_bpe(texts, vocab)
 
 
@@ -71,13 +73,20 @@ def encode(tok, texts: Sequence[str], batch: int = 2048) -> np.ndarray:
     eot = tok.token_to_id(EOT)
     parts = []
     for i in range(0, len(texts), batch):
-        for enc in tok.encode_batch(list(texts[i:i + batch])):
+        for enc in tok.encode_batch(list(texts[i : i + batch])):
             parts.append(np.asarray(enc.ids + [eot], dtype=np.uint16))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-def build_corpus(out: Path, min_tokens: int, roots: Sequence[Path] = (), vocab: int = 32000,
-                 bytes_per_token: float = 4.0, bpe_sample_mb: float = 64.0, log=print) -> Dict:
+def build_corpus(
+    out: Path,
+    min_tokens: int,
+    roots: Sequence[Path] = (),
+    vocab: int = 32000,
+    bytes_per_token: float = 4.0,
+    bpe_sample_mb: float = 64.0,
+    log=print,
+) -> Dict:
     """Write out/{train.bin, valid.bin, tokenizer.json, meta.json}; returns meta. Reuses a finished
     corpus of at least `min_tokens` tokens with the same vocabulary."""
     meta_path = out / "meta.json"
@@ -92,8 +101,10 @@ def build_corpus(out: Path, min_tokens: int, roots: Sequence[Path] = (), vocab: 
     # Read a little more than the token budget asks for (the validation split and the BPE's rate).
     docs = list(documents(roots, int(min_tokens * bytes_per_token * 1.15)))
     if len(docs) < VAL_EVERY:
-        raise ValueError(f"{len(docs)} documents under {[str(r) for r in roots]}: a corpus needs at least {VAL_EVERY} "
-                         "(one goes to validation); pass --roots with more text")
+        raise ValueError(
+            f"{len(docs)} documents under {[str(r) for r in roots]}: a corpus needs at least {VAL_EVERY} "
+            "(one goes to validation); pass --roots with more text"
+        )
     train_docs, val_docs = split_documents(docs)
     sample, size = [], 0
     for d in train_docs:
@@ -107,18 +118,30 @@ def build_corpus(out: Path, min_tokens: int, roots: Sequence[Path] = (), vocab: 
     train, valid = encode(tok, train_docs), encode(tok, val_docs)
     train.tofile(out / "train.bin")
     valid.tofile(out / "valid.bin")
-    meta = {"roots": [str(r) for r in roots], "documents": len(docs), "train_documents": len(train_docs),
-            "bytes": sum(map(len, docs)), "train_tokens": int(train.size), "valid_tokens": int(valid.size),
-            "vocab": tok.get_vocab_size(), "vocab_asked": vocab, "dtype": "uint16",
-            "digest": hashlib.sha256("\0".join(docs).encode()).hexdigest()[:16],
-            "seconds": round(time.perf_counter() - start, 1)}
+    meta = {
+        "roots": [str(r) for r in roots],
+        "documents": len(docs),
+        "train_documents": len(train_docs),
+        "bytes": sum(map(len, docs)),
+        "train_tokens": int(train.size),
+        "valid_tokens": int(valid.size),
+        "vocab": tok.get_vocab_size(),
+        "vocab_asked": vocab,
+        "dtype": "uint16",
+        "digest": hashlib.sha256("\0".join(docs).encode()).hexdigest()[:16],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     meta_path.write_text(json.dumps(meta, indent=1))
-    log(f"corpus: {meta['documents']} documents, {meta['bytes'] / 1e6:.0f} MB from {len(roots)} roots, "
+    log(
+        f"corpus: {meta['documents']} documents, {meta['bytes'] / 1e6:.0f} MB from {len(roots)} roots, "
         f"{meta['train_tokens'] / 1e6:.1f}M train / {meta['valid_tokens'] / 1e6:.2f}M validation "
-        f"tokens, vocab {meta['vocab']} ({meta['seconds']:.0f} s)")
+        f"tokens, vocab {meta['vocab']} ({meta['seconds']:.0f} s)"
+    )
     if meta["train_tokens"] < min_tokens:
-        log(f"corpus: only {meta['train_tokens']} tokens of the {min_tokens} asked for: this machine "
-            "has no more text under the roots; pass more --roots")
+        log(
+            f"corpus: only {meta['train_tokens']} tokens of the {min_tokens} asked for: this machine "
+            "has no more text under the roots; pass more --roots"
+        )
     return meta
 
 
@@ -127,7 +150,9 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "gpu_corpus"))
     p.add_argument("--min-tokens", type=int, default=100_000_000)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--roots", nargs="*", default=[], help="folders to read (default: the Python installation)")
+    p.add_argument(
+        "--roots", nargs="*", default=[], help="folders to read (default: the Python installation)"
+    )
     args = p.parse_args()
     build_corpus(Path(args.out), args.min_tokens, [Path(r) for r in args.roots], args.vocab)
 

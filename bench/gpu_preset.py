@@ -13,6 +13,7 @@ installation text). Protocol as the HTMuon authors' 60M runs: sequence 256, cosi
 at `--time-limit` seconds of training, whichever is first, and says which. Results:
 bench/results/convergence_gpu.{json,md}, with the GPU's name.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,7 @@ def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
     angles = torch.outer(torch.arange(s, device=x.device, dtype=torch.float32), inv)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -82,7 +83,9 @@ class Block(torch.nn.Module):
         b, s, d = h.shape
         a = self.self_attn
         x = self.input_layernorm(h)
-        q, k, v = (proj(x).view(b, s, self.heads, -1).transpose(1, 2) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        q, k, v = (
+            proj(x).view(b, s, self.heads, -1).transpose(1, 2) for proj in (a.q_proj, a.k_proj, a.v_proj)
+        )
         y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
         h = h + a.o_proj(y.transpose(1, 2).reshape(b, s, d))
         x = self.post_attention_layernorm(h)
@@ -116,10 +119,13 @@ class Arm:
     options: Dict = field(default_factory=dict)
 
 
-GPU_ARMS = [Arm("adamw", "adamw", 1e-3), Arm("muon", "muon", 0.01),
-            Arm("teon_mode1", "teon", 0.01 * math.sqrt(2), {"teon_mode": 1}),
-            Arm("teon_mode2", "teon", 0.01 * math.sqrt(2), {"teon_mode": 2}),
-            Arm("htmuon", "htmuon", 0.03)]
+GPU_ARMS = [
+    Arm("adamw", "adamw", 1e-3),
+    Arm("muon", "muon", 0.01),
+    Arm("teon_mode1", "teon", 0.01 * math.sqrt(2), {"teon_mode": 1}),
+    Arm("teon_mode2", "teon", 0.01 * math.sqrt(2), {"teon_mode": 2}),
+    Arm("htmuon", "htmuon", 0.03),
+]
 
 
 @dataclass
@@ -138,8 +144,16 @@ class Preset:
     min_tokens: int = 100_000_000
 
 
-TINY_PRESET = Preset(shape=LlamaShape(vocab=512, hidden=32, ffn=64, heads=2, layers=2, seq=32), batch=4,
-                     micro_batch=2, steps=4, eval_every=2, eval_batches=2, time_limit=60.0, min_tokens=20_000)
+TINY_PRESET = Preset(
+    shape=LlamaShape(vocab=512, hidden=32, ffn=64, heads=2, layers=2, seq=32),
+    batch=4,
+    micro_batch=2,
+    steps=4,
+    eval_every=2,
+    eval_batches=2,
+    time_limit=60.0,
+    min_tokens=20_000,
+)
 
 
 def import_teonspeed():
@@ -147,10 +161,12 @@ def import_teonspeed():
     install of it)."""
     try:
         import teonspeed
+
         return teonspeed
     except ImportError:
         sys.path.insert(0, str(REPO / "plugin"))
         import teonspeed
+
         return teonspeed
 
 
@@ -165,7 +181,7 @@ class Windows:
     def batch(self, n: int, device, starts: Optional[torch.Tensor] = None):
         if starts is None:
             starts = torch.randint(0, len(self.data) - self.seq - 1, (n,), generator=self.gen)
-        rows = np.stack([self.data[s: s + self.seq + 1] for s in starts.tolist()]).astype(np.int64)
+        rows = np.stack([self.data[s : s + self.seq + 1] for s in starts.tolist()]).astype(np.int64)
         t = torch.from_numpy(rows).to(device, non_blocking=True)
         return t[:, :-1], t[:, 1:]
 
@@ -178,14 +194,26 @@ def make_optimizer(arm: Arm, model, preset: Preset):
     if arm.optimizer == "adamw":
         decay = [p for p in model.parameters() if p.ndim >= 2]
         rest = [p for p in model.parameters() if p.ndim < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": preset.weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=arm.lr, betas=(0.9, 0.95), eps=1e-8)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": preset.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=arm.lr,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+        )
     ts = import_teonspeed()
     cls = {"muon": ts.Muon, "teon": ts.TEON, "htmuon": ts.HTMuon}[arm.optimizer]
     # torch's Newton–Schulz, not the Triton kernels: this compares optimizers, and the kernels have their
     # own GPU check (bench/kernel.py); a kernel fault must not cost a 10-minute convergence run.
-    return cls(model.named_parameters(), lr=arm.lr, weight_decay=preset.weight_decay, adamw_lr=preset.adamw_lr,
-               adamw_betas=(0.9, 0.95), adamw_weight_decay=preset.weight_decay, ns_backend="torch", **arm.options)
+    return cls(
+        model.named_parameters(),
+        lr=arm.lr,
+        weight_decay=preset.weight_decay,
+        adamw_lr=preset.adamw_lr,
+        adamw_betas=(0.9, 0.95),
+        adamw_weight_decay=preset.weight_decay,
+        ns_backend="torch",
+        **arm.options,
+    )
 
 
 def lr_factor(step: int, preset: Preset) -> float:
@@ -204,8 +232,11 @@ def train_arm(arm: Arm, corpus: Path, preset: Preset, device: str, seed: int = 1
     train = Windows(corpus / "train.bin", preset.shape.seq, seed)
     valid = Windows(corpus / "valid.bin", preset.shape.seq, seed)
     val_starts = valid.fixed_starts(preset.eval_batches * preset.micro_batch).split(preset.micro_batch)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -236,8 +267,10 @@ def train_arm(arm: Arm, corpus: Path, preset: Preset, device: str, seed: int = 1
         if (step + 1) % preset.eval_every == 0 or step + 1 == preset.steps:
             losses.append([step + 1, float(total)])
             vals.append([step + 1, evaluate()])
-            log(f"  {arm.name} step {step + 1}: train {losses[-1][1]:.4f} val {vals[-1][1]:.4f} "
-                f"({time.perf_counter() - start:.0f} s)")
+            log(
+                f"  {arm.name} step {step + 1}: train {losses[-1][1]:.4f} val {vals[-1][1]:.4f} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
         if time.perf_counter() - start > preset.time_limit:
             stopped = f"time limit {preset.time_limit:.0f} s"
             if vals[-1][0] != step + 1:
@@ -246,20 +279,40 @@ def train_arm(arm: Arm, corpus: Path, preset: Preset, device: str, seed: int = 1
     sync()
     seconds = time.perf_counter() - start
     steps_done = step + 1
-    return {**asdict(arm), "seed": seed, "val_curve": vals, "train_curve": losses, "steps": steps_done,
-            "tokens": steps_done * preset.batch * preset.shape.seq, "seconds": round(seconds, 1), "stopped_by": stopped,
-            "tokens_per_s": round(steps_done * preset.batch * preset.shape.seq / seconds)}
+    return {
+        **asdict(arm),
+        "seed": seed,
+        "val_curve": vals,
+        "train_curve": losses,
+        "steps": steps_done,
+        "tokens": steps_done * preset.batch * preset.shape.seq,
+        "seconds": round(seconds, 1),
+        "stopped_by": stopped,
+        "tokens_per_s": round(steps_done * preset.batch * preset.shape.seq / seconds),
+    }
 
 
 def device_name(device: str) -> str:
-    return torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({platform.processor() or 'x86_64'})"
+    return (
+        torch.cuda.get_device_name(0)
+        if device.startswith("cuda")
+        else f"CPU ({platform.processor() or 'x86_64'})"
+    )
 
 
-def run_gpu_preset(arm_names: List[str], out_dir: Path, corpus_dir: Path, preset: Preset = Preset(),
-                   device: Optional[str] = None, stem: str = "convergence_gpu", log=print) -> Dict:
+def run_gpu_preset(
+    arm_names: List[str],
+    out_dir: Path,
+    corpus_dir: Path,
+    preset: Preset = Preset(),
+    device: Optional[str] = None,
+    stem: str = "convergence_gpu",
+    log=print,
+) -> Dict:
     """Train the named arms (all when empty); merge into out_dir/<stem>.json (one arm per command adds its
     row to the earlier ones of the same GPU) and rewrite <stem>.md."""
     from gpu_corpus import build_corpus
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta = build_corpus(corpus_dir, preset.min_tokens, vocab=preset.shape.vocab, log=log)
     arms = [a for a in GPU_ARMS if not arm_names or a.name in arm_names]
@@ -270,8 +323,12 @@ def run_gpu_preset(arm_names: List[str], out_dir: Path, corpus_dir: Path, preset
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if results.get("device") not in (None, device_name(device)):
         results = {"runs": {}}  # another machine's numbers are not comparable: start over
-    results.update(device=device_name(device), torch=torch.__version__, corpus=meta,
-                   preset={k: v for k, v in asdict(preset).items()})
+    results.update(
+        device=device_name(device),
+        torch=torch.__version__,
+        corpus=meta,
+        preset={k: v for k, v in asdict(preset).items()},
+    )
     for arm in arms:
         log(f"[gpu] {arm.name} ({arm.optimizer}, lr {arm.lr:g}) on {results['device']}")
         results["runs"][arm.name] = train_arm(arm, corpus_dir, preset, device, log=log)
@@ -283,15 +340,20 @@ def run_gpu_preset(arm_names: List[str], out_dir: Path, corpus_dir: Path, preset
 
 def summarize_gpu(results: Dict) -> str:
     c, p = results["corpus"], results["preset"]
-    lines = [f"# Convergence, GPU preset ({results['device']}, torch {results['torch']})\n",
-             f"LLaMA {p['shape']['hidden']}/{p['shape']['ffn']}/{p['shape']['heads']}/{p['shape']['layers']} "
-             f"(hidden/FFN/heads/layers), vocab {p['shape']['vocab']}, seq {p['shape']['seq']}, "
-             f"batch {p['batch']} "
-             f"sequences; corpus: {c['train_tokens'] / 1e6:.1f}M train tokens from the machine's Python "
-             f"installation (digest {c['digest']}).\n",
-             "| arm | lr | steps (stopped by) | tokens | final val loss | perplexity | tokens/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Convergence, GPU preset ({results['device']}, torch {results['torch']})\n",
+        f"LLaMA {p['shape']['hidden']}/{p['shape']['ffn']}/{p['shape']['heads']}/{p['shape']['layers']} "
+        f"(hidden/FFN/heads/layers), vocab {p['shape']['vocab']}, seq {p['shape']['seq']}, "
+        f"batch {p['batch']} "
+        f"sequences; corpus: {c['train_tokens'] / 1e6:.1f}M train tokens from the machine's Python "
+        f"installation (digest {c['digest']}).\n",
+        "| arm | lr | steps (stopped by) | tokens | final val loss | perplexity | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results["runs"].items():
         final = r["val_curve"][-1][1]
-        lines.append(f"| {name} | {r['lr']:.4g} | {r['steps']} ({r['stopped_by']}) | {r['tokens'] / 1e6:.1f}M | "
-                     f"{final:.4f} | {math.exp(final):.2f} | {r['tokens_per_s']:,} |")
+        lines.append(
+            f"| {name} | {r['lr']:.4g} | {r['steps']} ({r['stopped_by']}) | {r['tokens'] / 1e6:.1f}M | "
+            f"{final:.4f} | {math.exp(final):.2f} | {r['tokens_per_s']:,} |"
+        )
     return "\n".join(lines) + "\n"

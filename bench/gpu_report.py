@@ -10,6 +10,7 @@ Every command writes into --results-dir (default bench/results) and, when $OUT i
 machine's folder that comes back), nowhere else: scripts/gpu_check.sh packs the results for $OUT itself,
 because only a few files may come back from there. Needs no GPU: on a CPU machine the environment says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ STAGES = ("kernel_tests", "kernel_bench", "optimizer_step", "world1_step", "pret
 
 # ------------------------------------------------------------------------------------------ environment
 
+
 def _version(module: str) -> Optional[str]:
     try:
         mod = __import__(module)
@@ -44,8 +46,12 @@ def _version(module: str) -> Optional[str]:
 def nvidia_smi(query: str = "name,driver_version,memory.total") -> Optional[List[str]]:
     """One CSV row per GPU from nvidia-smi, or None where there is no nvidia-smi / no driver."""
     try:
-        proc = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if proc.returncode != 0:
@@ -66,13 +72,24 @@ def cpu_model() -> str:
 def environment(smi=nvidia_smi) -> dict:
     """The machine and software versions every *_gpu result names (safe to call with no GPU)."""
     import torch
+
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(), "triton": _version("triton"),
-        "deepspeed": _version("deepspeed"), "megatron_core": _megatron_version(),
-        "gpu": None, "gpu_count": 0, "driver": None, "gpu_memory": None, "compute_capability": None,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "triton": _version("triton"),
+        "deepspeed": _version("deepspeed"),
+        "megatron_core": _megatron_version(),
+        "gpu": None,
+        "gpu_count": 0,
+        "driver": None,
+        "gpu_memory": None,
+        "compute_capability": None,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -91,6 +108,7 @@ def environment(smi=nvidia_smi) -> dict:
 def _megatron_version() -> Optional[str]:
     try:
         from megatron.core import package_info
+
         return package_info.__version__
     except Exception as exc:  # noqa: BLE001
         return f"not importable ({type(exc).__name__})"
@@ -99,8 +117,12 @@ def _megatron_version() -> Optional[str]:
 def git_state() -> dict:
     """{"git_commit", "git_dirty"} of this checkout (None where git cannot tell)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO
+        ).stdout
         return {"git_commit": commit or None, "git_dirty": bool(dirty.strip())}
     except OSError:
         return {"git_commit": None, "git_dirty": None}
@@ -109,13 +131,16 @@ def git_state() -> dict:
 def environment_line(env: dict) -> str:
     """One line naming the GPU, driver, torch, Triton and CUDA versions (the header of every *_gpu.md)."""
     gpu = f"{env['gpu']} (driver {env['driver']}, {env['gpu_memory']})" if env.get("gpu") else "no GPU"
-    return (f"{gpu}; torch {env['torch']}, CUDA {env['cuda_runtime']}, Triton {env['triton']}, DeepSpeed "
-            f"{env['deepspeed']}, megatron-core {env['megatron_core']}, Python {env['python']}; {env['cpu']}, "
-            f"{env['cpu_count']} CPUs; {env['date']}; git {str(env.get('git_commit'))[:12]}"
-            f"{' (dirty tree)' if env.get('git_dirty') else ''}")
+    return (
+        f"{gpu}; torch {env['torch']}, CUDA {env['cuda_runtime']}, Triton {env['triton']}, DeepSpeed "
+        f"{env['deepspeed']}, megatron-core {env['megatron_core']}, Python {env['python']}; {env['cpu']}, "
+        f"{env['cpu_count']} CPUs; {env['date']}; git {str(env.get('git_commit'))[:12]}"
+        f"{' (dirty tree)' if env.get('git_dirty') else ''}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ writing
+
 
 def write_result(stem: str, payload: dict, markdown: str, results_dir: Path = RESULTS_DIR) -> List[Path]:
     """<stem>.json and <stem>.md in results_dir; returns both paths."""
@@ -126,15 +151,28 @@ def write_result(stem: str, payload: dict, markdown: str, results_dir: Path = RE
     return paths
 
 
-def record_stage(results_dir: Path, name: str, rc: int, seconds: float, log: Optional[Path] = None,
-                 timeout_s: Optional[float] = None) -> dict:
+def record_stage(
+    results_dir: Path,
+    name: str,
+    rc: int,
+    seconds: float,
+    log: Optional[Path] = None,
+    timeout_s: Optional[float] = None,
+) -> dict:
     """Append one stage's outcome to the stages file (one JSON object a line)."""
     status = "passed" if rc == 0 else ("timed out" if rc in (124, 137) else f"failed (rc {rc})")
     tail = []
     if log is not None and Path(log).is_file():
         tail = Path(log).read_text(errors="replace").splitlines()[-15:]
-    entry = {"stage": name, "rc": rc, "status": status, "seconds": round(seconds, 1), "timeout_s": timeout_s,
-             "log": str(log) if log else None, "log_tail": tail}
+    entry = {
+        "stage": name,
+        "rc": rc,
+        "status": status,
+        "seconds": round(seconds, 1),
+        "timeout_s": timeout_s,
+        "log": str(log) if log else None,
+        "log_tail": tail,
+    }
     results_dir.mkdir(parents=True, exist_ok=True)
     with open(results_dir / STAGES_FILE, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
@@ -150,6 +188,7 @@ def read_stages(results_dir: Path) -> List[dict]:
 
 # ------------------------------------------------------------------------------------------ summaries
 
+
 def junit_summary(xml_path: Path) -> dict:
     """Per-test outcomes of a pytest --junitxml file."""
     root = ET.parse(xml_path).getroot()
@@ -162,8 +201,14 @@ def junit_summary(xml_path: Path) -> dict:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[kind]
                 message = (node.get("message") or "")[:300]
                 break
-        tests.append({"name": f"{case.get('classname', '')}::{case.get('name')}", "outcome": outcome,
-                      "seconds": float(case.get("time") or 0), "message": message})
+        tests.append(
+            {
+                "name": f"{case.get('classname', '')}::{case.get('name')}",
+                "outcome": outcome,
+                "seconds": float(case.get("time") or 0),
+                "message": message,
+            }
+        )
     counts: Dict[str, int] = {}
     for t in tests:
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
@@ -184,9 +229,14 @@ def metrics_summary(run_dir: Path) -> dict:
 
     rates = [float(r["tokens_per_s"]) for r in rows if r.get("tokens_per_s") not in (None, "")]
     steps = [int(float(r["step"])) for r in rows if r.get("step") not in (None, "")]
-    return {"run_dir": str(run_dir), "status": "measured", "steps": max(steps) if steps else 0,
-            "final_train_loss": last("train_loss"), "final_val_loss": last("val_loss"),
-            "median_tokens_per_s": statistics.median(rates) if rates else None}
+    return {
+        "run_dir": str(run_dir),
+        "status": "measured",
+        "steps": max(steps) if steps else 0,
+        "final_train_loss": last("train_loss"),
+        "final_val_loss": last("val_loss"),
+        "median_tokens_per_s": statistics.median(rates) if rates else None,
+    }
 
 
 def fmt(v, spec: str = ".4g") -> str:
@@ -194,8 +244,14 @@ def fmt(v, spec: str = ".4g") -> str:
 
 
 def summary_markdown(env: dict, stages: List[dict], mode: str) -> str:
-    lines = [f"# scripts/gpu_check.sh ({mode})", "", environment_line(env), "",
-             "| stage | status | seconds | timeout s |", "|---|---|---|---|"]
+    lines = [
+        f"# scripts/gpu_check.sh ({mode})",
+        "",
+        environment_line(env),
+        "",
+        "| stage | status | seconds | timeout s |",
+        "|---|---|---|---|",
+    ]
     for s in stages:
         lines.append(f"| {s['stage']} | {s['status']} | {s['seconds']} | {fmt(s.get('timeout_s'), 'g')} |")
     missing = [name for name in STAGES if name not in {s["stage"] for s in stages}]
@@ -208,6 +264,7 @@ def summary_markdown(env: dict, stages: List[dict], mode: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,27 +305,55 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "junit":
         env = environment()
         summary = junit_summary(args.xml)
-        md = ["# tests/unit/test_kernels.py on this machine", "", environment_line(env), "",
-              "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())), "",
-              "| test | outcome | seconds | message |", "|---|---|---|---|"]
-        md += [f"| {t['name']} | {t['outcome']} | {t['seconds']:.2f} | {t['message'].replace('|', '/')} |"
-               for t in summary["tests"]]
+        md = [
+            "# tests/unit/test_kernels.py on this machine",
+            "",
+            environment_line(env),
+            "",
+            "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())),
+            "",
+            "| test | outcome | seconds | message |",
+            "|---|---|---|---|",
+        ]
+        md += [
+            f"| {t['name']} | {t['outcome']} | {t['seconds']:.2f} | {t['message'].replace('|', '/')} |"
+            for t in summary["tests"]
+        ]
         write_result(args.stem, {"environment": env, **summary}, "\n".join(md), out)
     elif args.command == "pretrain":
         env = environment()
         runs = {label: metrics_summary(Path(d)) for label, d in (item.split("=", 1) for item in args.run)}
-        md = ["# launch/pretrain.py, single process (DeepSpeed engine, bf16, ZeRO-1)", "", environment_line(env), "",
-              f"Flags: `{args.command_line}`", "",
-              "| optimizer | steps | final train loss | final val loss | median tokens/s | status |", "|---|---|---|---|---|---|"]
-        md += [f"| {label} | {r.get('steps', '—')} | {fmt(r.get('final_train_loss'))} "
-               f"| {fmt(r.get('final_val_loss'))} | "
-               f"{fmt(r.get('median_tokens_per_s'), '.0f')} | {r['status']} |" for label, r in runs.items()]
-        write_result(args.stem, {"environment": env, "command_line": args.command_line, "runs": runs}, "\n".join(md), out)
+        md = [
+            "# launch/pretrain.py, single process (DeepSpeed engine, bf16, ZeRO-1)",
+            "",
+            environment_line(env),
+            "",
+            f"Flags: `{args.command_line}`",
+            "",
+            "| optimizer | steps | final train loss | final val loss | median tokens/s | status |",
+            "|---|---|---|---|---|---|",
+        ]
+        md += [
+            f"| {label} | {r.get('steps', '—')} | {fmt(r.get('final_train_loss'))} "
+            f"| {fmt(r.get('final_val_loss'))} | "
+            f"{fmt(r.get('median_tokens_per_s'), '.0f')} | {r['status']} |"
+            for label, r in runs.items()
+        ]
+        write_result(
+            args.stem,
+            {"environment": env, "command_line": args.command_line, "runs": runs},
+            "\n".join(md),
+            out,
+        )
     elif args.command == "summary":
         env = environment()
         stages = read_stages(out)
-        write_result(f"gpu_check_{args.mode}", {"environment": env, "mode": args.mode, "stages": stages},
-                     summary_markdown(env, stages, args.mode), out)
+        write_result(
+            f"gpu_check_{args.mode}",
+            {"environment": env, "mode": args.mode, "stages": stages},
+            summary_markdown(env, stages, args.mode),
+            out,
+        )
         print(summary_markdown(env, stages, args.mode))
     return 0
 

@@ -12,6 +12,7 @@ here within --atol (the NS iteration runs in fp32 for this check so bf16 batchin
 exchange). Reports which runner each optimizer took, the max abs difference, that every state tensor
 is on the device, and the step times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ def make_params(size: str, device: torch.device):
 
 def run(kind: str, params, parallel, steps: int, sync) -> dict:
     import teonspeed
+
     named = []
     for name, w, g in params:
         p = torch.nn.Parameter(w.clone())
@@ -71,8 +73,12 @@ def run(kind: str, params, parallel, steps: int, sync) -> dict:
         sync()
         times.append(1e3 * (time.perf_counter() - t0))
     devices = {str(t.device) for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
-    return {"runner": type(opt.runner).__name__, "weights": [p.detach() for _, p in named], "step_ms": times,
-            "state_devices": sorted(devices)}
+    return {
+        "runner": type(opt.runner).__name__,
+        "weights": [p.detach() for _, p in named],
+        "step_ms": times,
+        "state_devices": sorted(devices),
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -85,11 +91,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cuda:
         torch.cuda.set_device(device)
     from support.harness import free_port
+
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend, rank=0, world_size=1, **({"device_id": device} if cuda else {}))
     from teonspeed.parallel.context import ParallelContext
+
     world = dist.group.WORLD
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     params = make_params(args.size, device)
@@ -102,32 +110,73 @@ def main(argv: Optional[List[str]] = None) -> int:
             took_exchange = distributed["runner"] == "DistributedRunner"
             on_device = distributed["state_devices"] == [str(device)]
             ok = took_exchange and diff <= args.atol and on_device
-            status = ("passed" if ok else "FAILED: " + "; ".join(
-                m for m, bad in (("the distributed runner was not taken at world size 1 (forced parallel_mode="
-                                  "'distributed' not in this build?)", not took_exchange),
-                                 (f"max abs diff {diff:.3g} > atol {args.atol}", diff > args.atol),
-                                 (f"state on {distributed['state_devices']}, not {device}", not on_device)) if bad))
-            rows.append({"optimizer": kind, "local_runner": local["runner"], "distributed_runner": distributed["runner"],
-                         "max_abs_diff": diff, "state_devices": distributed["state_devices"],
-                         "local_step_ms": local["step_ms"], "distributed_step_ms": distributed["step_ms"],
-                         "status": status})
+            status = (
+                "passed"
+                if ok
+                else "FAILED: "
+                + "; ".join(
+                    m
+                    for m, bad in (
+                        (
+                            "the distributed runner was not taken at world size 1 (forced parallel_mode="
+                            "'distributed' not in this build?)",
+                            not took_exchange,
+                        ),
+                        (f"max abs diff {diff:.3g} > atol {args.atol}", diff > args.atol),
+                        (f"state on {distributed['state_devices']}, not {device}", not on_device),
+                    )
+                    if bad
+                )
+            )
+            rows.append(
+                {
+                    "optimizer": kind,
+                    "local_runner": local["runner"],
+                    "distributed_runner": distributed["runner"],
+                    "max_abs_diff": diff,
+                    "state_devices": distributed["state_devices"],
+                    "local_step_ms": local["step_ms"],
+                    "distributed_step_ms": distributed["step_ms"],
+                    "status": status,
+                }
+            )
             print(f"{kind}: {status} (diff {diff:.3g}, runner {distributed['runner']})", flush=True)
     finally:
         dist.destroy_process_group()
     env = gpu_report.environment()
     stem = "world1_gpu" if cuda else "world1_cpu_smoke"
-    md = [f"# Distributed step at world size 1 ({backend}, {device}) vs the local step", "",
-          gpu_report.environment_line(env), "",
-          f"Parameter set {args.size}, {args.steps} steps, fp32 Newton–Schulz, tolerance {args.atol}. "
-          "Times: each step's wall time (ms), the first includes state allocation.", "",
-          "| optimizer | local runner | distributed runner | max abs diff | state on | local ms | "
-          "distributed ms | status |",
-          "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['optimizer']} | {r['local_runner']} | {r['distributed_runner']} | {r['max_abs_diff']:.3g} | "
-           f"{', '.join(r['state_devices'])} | {', '.join(f'{t:.1f}' for t in r['local_step_ms'])} | "
-           f"{', '.join(f'{t:.1f}' for t in r['distributed_step_ms'])} | {r['status']} |" for r in rows]
-    gpu_report.write_result(stem, {"environment": env, "backend": backend, "device": str(device), "size": args.size,
-                                   "steps": args.steps, "atol": args.atol, "rows": rows}, "\n".join(md), args.results_dir)
+    md = [
+        f"# Distributed step at world size 1 ({backend}, {device}) vs the local step",
+        "",
+        gpu_report.environment_line(env),
+        "",
+        f"Parameter set {args.size}, {args.steps} steps, fp32 Newton–Schulz, tolerance {args.atol}. "
+        "Times: each step's wall time (ms), the first includes state allocation.",
+        "",
+        "| optimizer | local runner | distributed runner | max abs diff | state on | local ms | "
+        "distributed ms | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['optimizer']} | {r['local_runner']} | {r['distributed_runner']} | {r['max_abs_diff']:.3g} | "
+        f"{', '.join(r['state_devices'])} | {', '.join(f'{t:.1f}' for t in r['local_step_ms'])} | "
+        f"{', '.join(f'{t:.1f}' for t in r['distributed_step_ms'])} | {r['status']} |"
+        for r in rows
+    ]
+    gpu_report.write_result(
+        stem,
+        {
+            "environment": env,
+            "backend": backend,
+            "device": str(device),
+            "size": args.size,
+            "steps": args.steps,
+            "atol": args.atol,
+            "rows": rows,
+        },
+        "\n".join(md),
+        args.results_dir,
+    )
     return 0 if all(r["status"] == "passed" for r in rows) else 1
 
 

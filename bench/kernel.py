@@ -29,6 +29,7 @@ honest count, not an inflated one). Columns:
   % peak             TFLOP/s executed / the bf16 peak measured in the same run with a large
                      torch.matmul (8192³ on GPU)
 """
+
 from __future__ import annotations
 
 import os
@@ -89,6 +90,7 @@ def parse_batches(text: Optional[str]) -> List[int]:
 
 # ------------------------------------------------------------------------------------------- timing
 
+
 def time_gpu(fn: Callable[[], object], warmup: int, repeats: int) -> List[float]:
     for _ in range(warmup):
         fn()
@@ -124,14 +126,22 @@ def matmul_peak(device: str, dtype: torch.dtype, sizes: Tuple[int, ...], warmup:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         times = timer(lambda: torch.matmul(a, b), warmup, repeats)
-        per_size[n] = {"median_ms": statistics.median(times), "min_ms": min(times),
-                       "tflops": 2 * n ** 3 / (min(times) * 1e-3) / 1e12}
+        per_size[n] = {
+            "median_ms": statistics.median(times),
+            "min_ms": min(times),
+            "tflops": 2 * n**3 / (min(times) * 1e-3) / 1e12,
+        }
     best_n = max(per_size, key=lambda n: per_size[n]["tflops"])
-    return {"dtype": str(dtype).replace("torch.", ""), "n": best_n, "tflops": per_size[best_n]["tflops"],
-            "per_size": per_size}
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "n": best_n,
+        "tflops": per_size[best_n]["tflops"],
+        "per_size": per_size,
+    }
 
 
 # ------------------------------------------------------------------------------------------- rows
+
 
 def row_flops(m: int, n: int, batch: int, steps: int, path: str) -> Tuple[int, int]:
     executed = batch * steps * flops_per_step(m, n, symmetric=(path == "triton"))
@@ -143,11 +153,21 @@ def make_row(shape, batch, path, dtype, times_ms, peak_tflops, steps, **extra) -
     m, n = shape
     executed, effective = row_flops(m, n, batch, steps, path if path != "triton-interpreter" else "triton")
     med = statistics.median(times_ms)
-    row = {"shape": f"{m}x{n}", "batch": batch, "path": path, "compute_dtype": dtype, "status": "measured",
-           "repeats": len(times_ms), "median_ms": med, "min_ms": min(times_ms),
-           "flops_executed": executed, "flops_effective": effective,
-           "tflops_executed": executed / (med * 1e-3) / 1e12, "tflops_effective": effective / (med * 1e-3) / 1e12,
-           "pct_peak": None}
+    row = {
+        "shape": f"{m}x{n}",
+        "batch": batch,
+        "path": path,
+        "compute_dtype": dtype,
+        "status": "measured",
+        "repeats": len(times_ms),
+        "median_ms": med,
+        "min_ms": min(times_ms),
+        "flops_executed": executed,
+        "flops_effective": effective,
+        "tflops_executed": executed / (med * 1e-3) / 1e12,
+        "tflops_effective": effective / (med * 1e-3) / 1e12,
+        "pct_peak": None,
+    }
     if peak_tflops:
         row["pct_peak"] = 100.0 * row["tflops_executed"] / peak_tflops
     row.update(extra)
@@ -156,10 +176,21 @@ def make_row(shape, batch, path, dtype, times_ms, peak_tflops, steps, **extra) -
 
 def pending_row(shape, batch, path, status) -> dict:
     m, n = shape
-    return {"shape": f"{m}x{n}", "batch": batch, "path": path, "compute_dtype": "bfloat16", "status": status,
-            "repeats": 0, "median_ms": None, "min_ms": None,
-            "flops_executed": row_flops(m, n, batch, 5, path)[0], "flops_effective": row_flops(m, n, batch, 5, path)[1],
-            "tflops_executed": None, "tflops_effective": None, "pct_peak": None}
+    return {
+        "shape": f"{m}x{n}",
+        "batch": batch,
+        "path": path,
+        "compute_dtype": "bfloat16",
+        "status": status,
+        "repeats": 0,
+        "median_ms": None,
+        "min_ms": None,
+        "flops_executed": row_flops(m, n, batch, 5, path)[0],
+        "flops_effective": row_flops(m, n, batch, 5, path)[1],
+        "tflops_executed": None,
+        "tflops_effective": None,
+        "pct_peak": None,
+    }
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -169,8 +200,10 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------- GPU run
 
-def run_gpu(args: argparse.Namespace, checkpoint: Callable[[dict, List[dict]], None] = lambda peak, rows: None
-            ) -> Tuple[dict, List[dict]]:
+
+def run_gpu(
+    args: argparse.Namespace, checkpoint: Callable[[dict, List[dict]], None] = lambda peak, rows: None
+) -> Tuple[dict, List[dict]]:
     sched = schedule_for(args.method, args.steps)
     bf16 = torch.bfloat16
     peak = {"gpu": matmul_peak("cuda", bf16, (PEAK_N_GPU,), args.warmup, args.repeats)}
@@ -207,9 +240,18 @@ def run_gpu(args: argparse.Namespace, checkpoint: Callable[[dict, List[dict]], N
                     torch.cuda.reset_peak_memory_stats()
                     out = fn()
                     times = time_gpu(fn, args.warmup, args.repeats)
-                    row = make_row(shape, batch, path, "bfloat16", times, peak["gpu"]["tflops"], args.steps,
-                                   rel_diff_vs_torch=rel_diff(out, ref), rel_diff_vs_fp32=rel_diff(out, ref32),
-                                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+                    row = make_row(
+                        shape,
+                        batch,
+                        path,
+                        "bfloat16",
+                        times,
+                        peak["gpu"]["tflops"],
+                        args.steps,
+                        rel_diff_vs_torch=rel_diff(out, ref),
+                        rel_diff_vs_fp32=rel_diff(out, ref32),
+                        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+                    )
                 except torch.OutOfMemoryError:
                     row = pending_row(shape, batch, path, "OOM")
                 rows.append(row)
@@ -222,11 +264,14 @@ def run_gpu(args: argparse.Namespace, checkpoint: Callable[[dict, List[dict]], N
 
 # ------------------------------------------------------------------------------------------- CPU smoke
 
+
 def run_cpu_smoke(args: argparse.Namespace) -> Tuple[dict, List[dict]]:
     torch.set_num_threads(args.threads)
     sched = schedule_for(args.method, args.steps)
-    peaks = {"float32": matmul_peak("cpu", torch.float32, (256, 512, 1024), 1, 3),
-             "bfloat16": matmul_peak("cpu", torch.bfloat16, (64, 128, 256, 512), 1, 3)}
+    peaks = {
+        "float32": matmul_peak("cpu", torch.float32, (256, 512, 1024), 1, 3),
+        "bfloat16": matmul_peak("cpu", torch.bfloat16, (64, 128, 256, 512), 1, 3),
+    }
     for k, v in peaks.items():
         print(f"CPU {k} matmul peak ({v['n']}³): {v['tflops'] * 1e3:.1f} GFLOP/s", flush=True)
     rows: List[dict] = []
@@ -238,8 +283,16 @@ def run_cpu_smoke(args: argparse.Namespace) -> Tuple[dict, List[dict]]:
             name = str(dtype).replace("torch.", "")
             times = time_cpu(lambda: newton_schulz(x, sched, dtype), 1, 5)
             # No % of peak on the CPU: on a shared 2-core machine both rates swing by 2x between runs.
-            row = make_row(shape, batch, "torch (CPU)", name, times, None, args.steps,
-                           rel_diff_vs_fp32=rel_diff(newton_schulz(x, sched, dtype), ref32))
+            row = make_row(
+                shape,
+                batch,
+                "torch (CPU)",
+                name,
+                times,
+                None,
+                args.steps,
+                rel_diff_vs_fp32=rel_diff(newton_schulz(x, sched, dtype), ref32),
+            )
             rows.append(row)
             print_row(row)
     # One interpreted Triton run: a correctness smoke, not a performance number.
@@ -248,12 +301,20 @@ def run_cpu_smoke(args: argparse.Namespace) -> Tuple[dict, List[dict]]:
         out = kernels.newton_schulz_triton(x, sched, torch.bfloat16)  # warm the interpreter's rewrite
         times = time_cpu(lambda: kernels.newton_schulz_triton(x, sched, torch.bfloat16), 0, 1)
         per_matrix = torch.stack([newton_schulz(xi, sched, torch.bfloat16) for xi in x])
-        row = make_row((16, 32), 2, "triton-interpreter", "bfloat16", times, None, args.steps,
-                       rel_diff_vs_torch=rel_diff(out, per_matrix),
-                       rel_diff_vs_fp32=rel_diff(out, newton_schulz(x, sched, torch.float32)),
-                       note="TRITON_INTERPRET=1 on the CPU: a correctness smoke, the time is the Python "
-                            "interpreter's and no TFLOP/s are given; rel diff vs torch is against the torch "
-                            "path run matrix by matrix (same rounding points as the kernels)")
+        row = make_row(
+            (16, 32),
+            2,
+            "triton-interpreter",
+            "bfloat16",
+            times,
+            None,
+            args.steps,
+            rel_diff_vs_torch=rel_diff(out, per_matrix),
+            rel_diff_vs_fp32=rel_diff(out, newton_schulz(x, sched, torch.float32)),
+            note="TRITON_INTERPRET=1 on the CPU: a correctness smoke, the time is the Python "
+            "interpreter's and no TFLOP/s are given; rel diff vs torch is against the torch "
+            "path run matrix by matrix (same rounding points as the kernels)",
+        )
         row["tflops_executed"] = row["tflops_effective"] = None
     else:
         why = kernels.TRITON_IMPORT_ERROR or "TRITON_INTERPRET=1 was not in effect at triton's import"
@@ -269,27 +330,36 @@ def run_cpu_smoke(args: argparse.Namespace) -> Tuple[dict, List[dict]]:
 
 # ------------------------------------------------------------------------------------------- output
 
+
 def fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['shape']:>10s} x{r['batch']:<3d} {r['path']:20s} {r['compute_dtype']:9s} "
-          f"{fmt(r['median_ms'], '10.3f')} ms  exec {fmt(r['tflops_executed'], '.4f')} TFLOP/s  "
-          f"eff {fmt(r['tflops_effective'], '.4f')}  peak% {fmt(r['pct_peak'], '.1f')}  "
-          f"{r['status'] if r['status'] != 'measured' else ''}", flush=True)
+    print(
+        f"{r['shape']:>10s} x{r['batch']:<3d} {r['path']:20s} {r['compute_dtype']:9s} "
+        f"{fmt(r['median_ms'], '10.3f')} ms  exec {fmt(r['tflops_executed'], '.4f')} TFLOP/s  "
+        f"eff {fmt(r['tflops_effective'], '.4f')}  peak% {fmt(r['pct_peak'], '.1f')}  "
+        f"{r['status'] if r['status'] != 'measured' else ''}",
+        flush=True,
+    )
 
 
 def machine_info(gpu: bool) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "cuda_available": torch.cuda.is_available(),
-        "triton": None, "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda_available": torch.cuda.is_available(),
+        "triton": None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "loadavg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     try:
         import triton
+
         info["triton"] = triton.__version__
     except Exception as exc:  # noqa: BLE001 - report, never fail
         info["triton"] = f"not importable: {type(exc).__name__}"
@@ -298,48 +368,69 @@ def machine_info(gpu: bool) -> dict:
         info["cuda"] = torch.version.cuda
         try:
             import gpu_report
+
             env = gpu_report.environment()
-            info.update(driver=env["driver"], gpu_memory=env["gpu_memory"], compute_capability=env["compute_capability"])
+            info.update(
+                driver=env["driver"],
+                gpu_memory=env["gpu_memory"],
+                compute_capability=env["compute_capability"],
+            )
         except Exception as exc:  # noqa: BLE001 - metadata only
             info["driver"] = f"unknown ({type(exc).__name__})"
     import gpu_report
+
     info.update(gpu_report.git_state())
     return info
 
 
 def markdown(title: str, info: dict, peak: dict, rows: List[dict], args: argparse.Namespace) -> str:
-    lines = [f"# {title}", "",
-             f"Date {info['date']}; torch {info['torch']}, triton {info['triton']}, Python {info['python']}; "
-             f"{info.get('gpu', 'no GPU')}" + (f" (driver {info.get('driver')}, CUDA {info.get('cuda')})"
-                                                 if info.get("gpu") else "") + f"; {info['platform']}, {info['cpu_count']} CPUs; "
-             f"git {info.get('git_commit', '?')[:12]}{' (dirty tree)' if info.get('git_dirty') else ''}.", "",
-             f"Schedule: {args.method} × {args.steps} steps. Input (B, m, n) fp32 Gaussian; every path includes "
-             "the Frobenius normalisation and returns the compute dtype.", "",
-             "FLOP convention (per step, wide m × n, 2 FLOPs per multiply-add): torch paths execute "
-             "4m²n + 2m³; the Triton path computes only the lower-triangle tiles of X Xᵀ and A·A and is "
-             "credited with 3m²n + m³. *TFLOP/s exec* = executed FLOPs / median time; *TFLOP/s eff* = "
-             "4m²n + 2m³ / median time for every path (useful work, comparable across paths); *% peak* = "
-             "exec / the matmul peak measured in this run.", "",
-             "Rel diffs are relative Frobenius norms of the output against (a) the torch bf16 path, whose "
-             "batched form rounds b·A and A·A separately (a few % apart from the kernels' single rounding is "
-             "expected) and (b) the same iteration in fp32 (the bf16 rounding error of each path).", "",
-             "Matmul peak, measured in this run (best rate of a square torch.matmul over the sizes listed):", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"Date {info['date']}; torch {info['torch']}, triton {info['triton']}, Python {info['python']}; "
+        f"{info.get('gpu', 'no GPU')}"
+        + (f" (driver {info.get('driver')}, CUDA {info.get('cuda')})" if info.get("gpu") else "")
+        + f"; {info['platform']}, {info['cpu_count']} CPUs; "
+        f"git {info.get('git_commit', '?')[:12]}{' (dirty tree)' if info.get('git_dirty') else ''}.",
+        "",
+        f"Schedule: {args.method} × {args.steps} steps. Input (B, m, n) fp32 Gaussian; every path includes "
+        "the Frobenius normalisation and returns the compute dtype.",
+        "",
+        "FLOP convention (per step, wide m × n, 2 FLOPs per multiply-add): torch paths execute "
+        "4m²n + 2m³; the Triton path computes only the lower-triangle tiles of X Xᵀ and A·A and is "
+        "credited with 3m²n + m³. *TFLOP/s exec* = executed FLOPs / median time; *TFLOP/s eff* = "
+        "4m²n + 2m³ / median time for every path (useful work, comparable across paths); *% peak* = "
+        "exec / the matmul peak measured in this run.",
+        "",
+        "Rel diffs are relative Frobenius norms of the output against (a) the torch bf16 path, whose "
+        "batched form rounds b·A and A·A separately (a few % apart from the kernels' single rounding is "
+        "expected) and (b) the same iteration in fp32 (the bf16 rounding error of each path).",
+        "",
+        "Matmul peak, measured in this run (best rate of a square torch.matmul over the sizes listed):",
+        "",
+    ]
     for key, pk in peak.items():
         sizes = ", ".join(f"{n}³: {v['tflops']:.4g}" for n, v in pk["per_size"].items())
         lines.append(f"- {key}: **{pk['tflops']:.4g} TFLOP/s** ({sizes})")
     if not info.get("gpu"):
-        lines.append("- CPU rows give no % of peak: on this shared 2-core machine both rates swing by about "
-                     "2x between runs (load average at the end: " + str(info.get("loadavg")) + ").")
+        lines.append(
+            "- CPU rows give no % of peak: on this shared 2-core machine both rates swing by about "
+            "2x between runs (load average at the end: " + str(info.get("loadavg")) + ")."
+        )
     lines.append("")
-    header = ("| shape | batch | path | dtype | median ms | min ms | TFLOP/s exec | TFLOP/s eff | % peak "
-              "| rel diff vs torch bf16 | rel diff vs fp32 iteration | status |")
+    header = (
+        "| shape | batch | path | dtype | median ms | min ms | TFLOP/s exec | TFLOP/s eff | % peak "
+        "| rel diff vs torch bf16 | rel diff vs fp32 iteration | status |"
+    )
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['path']} | {r['compute_dtype']} | "
-                     f"{fmt(r['median_ms'], '.3f')} | {fmt(r['min_ms'], '.3f')} | "
-                     f"{fmt(r['tflops_executed'], '.4g')} | {fmt(r['tflops_effective'], '.4g')} | "
-                     f"{fmt(r['pct_peak'], '.1f')} | {fmt(r.get('rel_diff_vs_torch'), '.2e')} | "
-                     f"{fmt(r.get('rel_diff_vs_fp32'), '.2e')} | {r['status']} |")
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['path']} | {r['compute_dtype']} | "
+            f"{fmt(r['median_ms'], '.3f')} | {fmt(r['min_ms'], '.3f')} | "
+            f"{fmt(r['tflops_executed'], '.4g')} | {fmt(r['tflops_effective'], '.4g')} | "
+            f"{fmt(r['pct_peak'], '.1f')} | {fmt(r.get('rel_diff_vs_torch'), '.2e')} | "
+            f"{fmt(r.get('rel_diff_vs_fp32'), '.2e')} | {r['status']} |"
+        )
     notes = [r for r in rows if r.get("note")]
     if notes:
         lines += ["", "Notes:"] + [f"- {r['path']} {r['shape']} x{r['batch']}: {r['note']}" for r in notes]
@@ -350,7 +441,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     gpu = torch.cuda.is_available() and not args.cpu_smoke
     if not gpu and not args.cpu_smoke:
-        print("no CUDA device: run with --cpu-smoke (GPU rows are then listed as not measured)", file=sys.stderr)
+        print(
+            "no CUDA device: run with --cpu-smoke (GPU rows are then listed as not measured)", file=sys.stderr
+        )
         return 2
     stem = "kernel_gpu" if gpu else "kernel_cpu_smoke"
     title = "Batched Newton–Schulz: Triton vs torch vs torch.compile" + ("" if gpu else " (CPU smoke run)")
@@ -359,10 +452,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def write(peak: dict, rows: List[dict]) -> None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        payload = {"machine": info, "method": args.method, "steps": args.steps, "peak": peak,
-                   "flop_convention": {"torch": "4*m^2*n + 2*m^3 per step", "triton": "3*m^2*n + m^3 per step",
-                                       "m": "min(rows, cols)", "n": "max(rows, cols)"},
-                   "rows": rows}
+        payload = {
+            "machine": info,
+            "method": args.method,
+            "steps": args.steps,
+            "peak": peak,
+            "flop_convention": {
+                "torch": "4*m^2*n + 2*m^3 per step",
+                "triton": "3*m^2*n + m^3 per step",
+                "m": "min(rows, cols)",
+                "n": "max(rows, cols)",
+            },
+            "rows": rows,
+        }
         (args.out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
         (args.out_dir / f"{stem}.md").write_text(markdown(title, info, peak, rows, args))
 

@@ -34,6 +34,7 @@ first step), then times `--repeats` more steps (median and min). Gradients stay 
     steps, which also counts allocator slack; AdamW is torch's default (foreach) implementation.
   - state MiB: the bytes of the tensors held in optimizer.state after the steps (exact, both devices).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,9 +63,9 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def parse_variant(spec: str) -> Tuple[str, Optional[str], bool]:
-    """"muon:fp32+compile" -> ("muon", "fp32", True); ValueError naming the bad part otherwise."""
+    """ "muon:fp32+compile" -> ("muon", "fp32", True); ValueError naming the bad part otherwise."""
     compile_ = spec.endswith("+compile")
-    base = spec[:-len("+compile")] if compile_ else spec
+    base = spec[: -len("+compile")] if compile_ else spec
     name, _, dtype = base.partition(":")
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r} in {spec!r}; choose from {OPTIMIZERS}")
@@ -75,7 +76,9 @@ def parse_variant(spec: str) -> Tuple[str, Optional[str], bool]:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)} (default: 130m on CPU, 130m,1b on GPU)")
+    p.add_argument(
+        "--sizes", default=None, help=f"comma list of {list(SIZES)} (default: 130m on CPU, 130m,1b on GPU)"
+    )
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     p.add_argument("--repeats", type=int, default=3, help="timed steps after warmup (median reported)")
     p.add_argument("--warmup", type=int, default=1)
@@ -84,12 +87,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per (size, optimizer) subprocess")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--stem", default=None, help="output file stem (default optimizer_step_<cpu|gpu>[_tiny])")
-    p.add_argument("--budget-s", type=float, default=0,
-                   help="stop starting new rows after this many seconds (0: no limit); the rest are listed as skipped")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="stop starting new rows after this many seconds (0: no limit); the rest are listed as skipped",
+    )
     p.add_argument("--worker", nargs=2, metavar=("SIZE", "OPTIMIZER"), help=argparse.SUPPRESS)
-    p.add_argument("--paired", action="store_true",
-                   help="run all optimizers of a size in one process with interleaved steps (fair ratios on a "
-                        "loaded machine; no memory figures)")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="run all optimizers of a size in one process with interleaved steps (fair ratios on a "
+        "loaded machine; no memory figures)",
+    )
     p.add_argument("--worker-paired", nargs=2, metavar=("SIZE", "OPTIMIZERS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -101,9 +111,13 @@ def llama_param_shapes(size: str) -> List[Tuple[str, Tuple[int, ...]]]:
         pre = f"model.layers.{i}"
         for proj in ("q", "k", "v", "o"):
             shapes.append((f"{pre}.self_attn.{proj}_proj.weight", (hidden, hidden)))
-        shapes += [(f"{pre}.mlp.gate_proj.weight", (ffn, hidden)), (f"{pre}.mlp.up_proj.weight", (ffn, hidden)),
-                   (f"{pre}.mlp.down_proj.weight", (hidden, ffn)),
-                   (f"{pre}.input_layernorm.weight", (hidden,)), (f"{pre}.post_attention_layernorm.weight", (hidden,))]
+        shapes += [
+            (f"{pre}.mlp.gate_proj.weight", (ffn, hidden)),
+            (f"{pre}.mlp.up_proj.weight", (ffn, hidden)),
+            (f"{pre}.mlp.down_proj.weight", (hidden, ffn)),
+            (f"{pre}.input_layernorm.weight", (hidden,)),
+            (f"{pre}.post_attention_layernorm.weight", (hidden,)),
+        ]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     return shapes
 
@@ -119,6 +133,7 @@ def num_params(size: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------- worker
+
 
 def _vm_kib(field: str) -> Optional[int]:
     try:
@@ -154,6 +169,7 @@ def _state_bytes(opt) -> int:
 
 def _is_adamw_side(name: str, p) -> bool:
     from teonspeed.grouping import adamw_reason  # teonspeed's own routing rule, for DeepSpeed's groups too
+
     return adamw_reason(name, p) is not None
 
 
@@ -161,18 +177,37 @@ def build_deepspeed_muon(named, ns_method: str, dtype: Optional[str], cuda: bool
     """DeepSpeed's shipped Muon (MuonWithAuxAdam) on the same split as ours; `dtype` forces its NS dtype."""
     import torch
     from deepspeed.runtime.zero.muon import muon_optimizer, original_muon
+
     if dtype is not None:
         forced = getattr(torch, DTYPES[dtype])
-        original_muon.ns_compute_dtype = lambda ns_method="gram": forced  # read at call time by both NS kernels
-    groups = [dict(params=[p for n, p in named if not _is_adamw_side(n, p)], use_muon=True, lr=0.02,
-                   momentum=0.95, weight_decay=0.0, ns_method=ns_method),
-              dict(params=[p for n, p in named if _is_adamw_side(n, p)], use_muon=False, lr=3e-4,
-                   betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)]
+        original_muon.ns_compute_dtype = lambda ns_method="gram": (
+            forced
+        )  # read at call time by both NS kernels
+    groups = [
+        dict(
+            params=[p for n, p in named if not _is_adamw_side(n, p)],
+            use_muon=True,
+            lr=0.02,
+            momentum=0.95,
+            weight_decay=0.0,
+            ns_method=ns_method,
+        ),
+        dict(
+            params=[p for n, p in named if _is_adamw_side(n, p)],
+            use_muon=False,
+            lr=3e-4,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            weight_decay=0.0,
+        ),
+    ]
     kw = dict(adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={"fused": True}) if cuda else {}
     opt = muon_optimizer.MuonWithAuxAdam(groups, **kw)
     picked = str(original_muon.ns_compute_dtype(ns_method)).replace("torch.", "")
-    label = (f"deepspeed MuonWithAuxAdam (ns_method={ns_method}, NS dtype {picked}"
-             f"{' forced' if dtype else ' (its own pick)'}, aux Adam {'torch fused' if cuda else 'inline'})")
+    label = (
+        f"deepspeed MuonWithAuxAdam (ns_method={ns_method}, NS dtype {picked}"
+        f"{' forced' if dtype else ' (its own pick)'}, aux Adam {'torch fused' if cuda else 'inline'})"
+    )
     return opt, label, picked
 
 
@@ -196,17 +231,22 @@ def build(size: str, spec: str, device):
         opt = torch.optim.AdamW([p for _, p in named], lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0, **kw)
         label = "torch.optim.AdamW" + (" (fused)" if cuda else " (foreach)")
     elif name.startswith("ds_muon"):
-        opt, label, ns_compute = build_deepspeed_muon(named, "standard" if name == "ds_muon_standard" else "gram",
-                                                      dtype, cuda)
+        opt, label, ns_compute = build_deepspeed_muon(
+            named, "standard" if name == "ds_muon_standard" else "gram", dtype, cuda
+        )
     else:
         cls = {"muon": teonspeed.Muon, "teon": teonspeed.TEON, "htmuon": teonspeed.HTMuon}[name]
         opt = cls(named, ns_dtype=dtype or "auto")
         c = opt.config
-        ns_compute = (str(default_compute_dtype(named[0][1])) if c.ns_dtype == "auto"
-                      else "torch." + DTYPES[c.ns_dtype]).replace("torch.", "")
-        label = (f"teonspeed.{cls.__name__} (orthogonalizer={c.orthogonalizer} x{c.ns_steps}, "
-                 f"ns_dtype={c.ns_dtype} -> {ns_compute}, teon_k={c.teon_k}"
-                 + (f", ht_method={c.ht_method}, ht_power={c.ht_power}" if name == "htmuon" else "") + ")")
+        ns_compute = (
+            str(default_compute_dtype(named[0][1])) if c.ns_dtype == "auto" else "torch." + DTYPES[c.ns_dtype]
+        ).replace("torch.", "")
+        label = (
+            f"teonspeed.{cls.__name__} (orthogonalizer={c.orthogonalizer} x{c.ns_steps}, "
+            f"ns_dtype={c.ns_dtype} -> {ns_compute}, teon_k={c.teon_k}"
+            + (f", ht_method={c.ht_method}, ht_power={c.ht_power}" if name == "htmuon" else "")
+            + ")"
+        )
     return opt, named, label, ns_compute
 
 
@@ -242,16 +282,24 @@ def worker(size: str, spec: str, args: argparse.Namespace) -> dict:
         hwm = _vm_kib("VmHWM")
         peak_extra = (hwm * 1024 - base) if hwm is not None else None
         mem_kind = "rise of the process RSS high-water mark (VmHWM) over the steps"
-    timed = step_ms[args.warmup:] or step_ms
+    timed = step_ms[args.warmup :] or step_ms
     return {
-        "size": size, "optimizer": spec, "label": label, "device": str(device), "ns_compute_dtype": ns_compute,
+        "size": size,
+        "optimizer": spec,
+        "label": label,
+        "device": str(device),
+        "ns_compute_dtype": ns_compute,
         "torch_compile": parse_variant(spec)[2],
-        "num_params": num_params(size), "first_step_ms": step_ms[0],
-        "median_ms": statistics.median(timed), "min_ms": min(timed), "timed_steps": len(timed),
+        "num_params": num_params(size),
+        "first_step_ms": step_ms[0],
+        "median_ms": statistics.median(timed),
+        "min_ms": min(timed),
+        "timed_steps": len(timed),
         "all_steps_ms": step_ms,
-        "peak_extra_mib": None if peak_extra is None else peak_extra / 2 ** 20, "peak_memory_measure": mem_kind,
-        "state_mib": _state_bytes(opt) / 2 ** 20,
-        "param_mib": sum(p.numel() * p.element_size() for _, p in named) / 2 ** 20,
+        "peak_extra_mib": None if peak_extra is None else peak_extra / 2**20,
+        "peak_memory_measure": mem_kind,
+        "state_mib": _state_bytes(opt) / 2**20,
+        "param_mib": sum(p.numel() * p.element_size() for _, p in named) / 2**20,
     }
 
 
@@ -260,6 +308,7 @@ def paired_worker(size: str, specs: List[str], args: argparse.Namespace) -> List
     order rotated by r), so that a shared machine's load swings hit every optimizer alike. Memory is not
     separable here and is not reported."""
     import torch
+
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if not cuda:
@@ -269,7 +318,7 @@ def paired_worker(size: str, specs: List[str], args: argparse.Namespace) -> List
     times: List[List[float]] = [[] for _ in specs]
     for r in range(args.warmup + args.repeats):
         order = list(range(len(specs)))
-        order = order[r % len(order):] + order[:r % len(order)]
+        order = order[r % len(order) :] + order[: r % len(order)]
         for i in order:
             sync()
             t0 = time.perf_counter()
@@ -278,28 +327,47 @@ def paired_worker(size: str, specs: List[str], args: argparse.Namespace) -> List
             times[i].append(1e3 * (time.perf_counter() - t0))
     rows = []
     for spec, (opt, named, label, ns_compute), step_ms in zip(specs, built, times):
-        timed = step_ms[args.warmup:] or step_ms
-        rows.append({"size": size, "optimizer": spec, "label": label, "device": str(device),
-                     "ns_compute_dtype": ns_compute, "torch_compile": False, "paired": True,
-                     "num_params": num_params(size), "first_step_ms": step_ms[0],
-                     "median_ms": statistics.median(timed), "min_ms": min(timed), "timed_steps": len(timed),
-                     "all_steps_ms": step_ms, "peak_extra_mib": None,
-                     "peak_memory_measure": "not measured (--paired: all optimizers share one process)",
-                     "state_mib": _state_bytes(opt) / 2 ** 20})
+        timed = step_ms[args.warmup :] or step_ms
+        rows.append(
+            {
+                "size": size,
+                "optimizer": spec,
+                "label": label,
+                "device": str(device),
+                "ns_compute_dtype": ns_compute,
+                "torch_compile": False,
+                "paired": True,
+                "num_params": num_params(size),
+                "first_step_ms": step_ms[0],
+                "median_ms": statistics.median(timed),
+                "min_ms": min(timed),
+                "timed_steps": len(timed),
+                "all_steps_ms": step_ms,
+                "peak_extra_mib": None,
+                "peak_memory_measure": "not measured (--paired: all optimizers share one process)",
+                "state_mib": _state_bytes(opt) / 2**20,
+            }
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------------------- driver
 
+
 def machine_info(device: str) -> dict:
     import torch
+
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "device": device,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
         "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     import gpu_report
+
     info["cpu_model"] = gpu_report.cpu_model()
     info["cpu_bf16_flags"] = cpu_bf16_flags()
     if device == "cuda":
@@ -307,6 +375,7 @@ def machine_info(device: str) -> dict:
         info["cuda"] = torch.version.cuda
     else:
         from teonspeed.ortho.compute_dtype import cpu_bf16_decision
+
         info["ns_dtype_auto_cpu"] = cpu_bf16_decision()
     info["deepspeed"] = gpu_report._version("deepspeed")
     info["teonspeed"] = gpu_report._version("teonspeed")
@@ -317,8 +386,14 @@ def machine_info(device: str) -> dict:
 def cpu_bf16_flags() -> List[str]:
     """The CPU's bf16-related feature flags (avx512_bf16, amx_bf16...), from /proc/cpuinfo."""
     try:
-        flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("flags")), [])
+        flags = next(
+            (
+                ln.split(":", 1)[1].split()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("flags")
+            ),
+            [],
+        )
     except OSError:
         return []
     return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
@@ -331,60 +406,93 @@ def fmt(v, spec: str) -> str:
 def _auto_text(d: dict) -> str:
     if d.get("source") != "probe":
         return f"{'bf16' if d['bf16'] else 'fp32'} (set by {d['source']})"
-    return (f"{'bf16' if d['bf16'] else 'fp32'} (probe at {d['probe_size']}³: fp32 {d['fp32_ms']:.2f} ms, bf16 "
-            f"{d['bf16_ms']:.2f} ms, bf16 speedup {d['bf16_speedup']:.2f}x; bf16 needs > {d['min_speedup']}x)")
+    return (
+        f"{'bf16' if d['bf16'] else 'fp32'} (probe at {d['probe_size']}³: fp32 {d['fp32_ms']:.2f} ms, bf16 "
+        f"{d['bf16_ms']:.2f} ms, bf16 speedup {d['bf16_speedup']:.2f}x; bf16 needs > {d['min_speedup']}x)"
+    )
 
 
 def markdown(info: dict, rows: List[dict], args: argparse.Namespace) -> str:
     where = info.get("gpu") or f"{info.get('cpu_model') or 'CPU'}, {args.threads} torch threads"
-    lines = [f"# Optimizer step time and memory ({info['device']})", "",
-             f"{where}; torch {info['torch']}, Python {info['python']}, {info['platform']}, "
-             f"{info['cpu_count']} CPUs; {info['date']}; git {info.get('git_commit', '?')[:12]}"
-             f"{' (dirty tree)' if info.get('git_dirty') else ''}; load average at the "
-             f"end: {info['loadavg_1_5_15']}.",
-             "",
-             f"LLaMA parameter sets with HF names, fp32 parameters and random fp32 gradients; library defaults; "
-             f"{args.warmup} warmup step(s) (the first allocates the state: *first step*), "
-             f"then {args.repeats} timed "
-             "steps (median, min). Each (size, optimizer) runs in its own process. *extra peak MiB*: "
-             + ("CUDA max_memory_allocated during the steps minus what was allocated before (parameters and "
-                "gradients): optimizer state plus step temporaries." if info["device"] == "cuda" else
-                "the rise of the process's resident-set high-water mark over the steps (state plus "
-                "temporaries, "
-                "including allocator slack). CPU timings on a shared 2-core machine vary by up to ~2x "
-                "between runs.")
-             + " *state MiB*: tensors held in optimizer.state.", "",
-             f"Versions: deepspeed {info.get('deepspeed')}, teonspeed {info.get('teonspeed')}. CPU bf16 flags: "
-             f"{', '.join(info.get('cpu_bf16_flags') or []) or 'none'}."
-             + (f" ns_dtype='auto' on this CPU: {_auto_text(info['ns_dtype_auto_cpu'])}."
-                if info.get("ns_dtype_auto_cpu") else ""), ""]
+    lines = [
+        f"# Optimizer step time and memory ({info['device']})",
+        "",
+        f"{where}; torch {info['torch']}, Python {info['python']}, {info['platform']}, "
+        f"{info['cpu_count']} CPUs; {info['date']}; git {info.get('git_commit', '?')[:12]}"
+        f"{' (dirty tree)' if info.get('git_dirty') else ''}; load average at the "
+        f"end: {info['loadavg_1_5_15']}.",
+        "",
+        f"LLaMA parameter sets with HF names, fp32 parameters and random fp32 gradients; library defaults; "
+        f"{args.warmup} warmup step(s) (the first allocates the state: *first step*), "
+        f"then {args.repeats} timed "
+        "steps (median, min). Each (size, optimizer) runs in its own process. *extra peak MiB*: "
+        + (
+            "CUDA max_memory_allocated during the steps minus what was allocated before (parameters and "
+            "gradients): optimizer state plus step temporaries."
+            if info["device"] == "cuda"
+            else "the rise of the process's resident-set high-water mark over the steps (state plus "
+            "temporaries, "
+            "including allocator slack). CPU timings on a shared 2-core machine vary by up to ~2x "
+            "between runs."
+        )
+        + " *state MiB*: tensors held in optimizer.state.",
+        "",
+        f"Versions: deepspeed {info.get('deepspeed')}, teonspeed {info.get('teonspeed')}. CPU bf16 flags: "
+        f"{', '.join(info.get('cpu_bf16_flags') or []) or 'none'}."
+        + (
+            f" ns_dtype='auto' on this CPU: {_auto_text(info['ns_dtype_auto_cpu'])}."
+            if info.get("ns_dtype_auto_cpu")
+            else ""
+        ),
+        "",
+    ]
     pairs = side_by_side(rows)
     if pairs:
-        lines += ["## Ours vs DeepSpeed's shipped Muon (same parameter set, same run)", "",
-                  "Ratio = our median step / DeepSpeed's (the faster of its gram and standard NS at that dtype "
-                  "choice); below 1 means ours is faster. "
-                  + ("Steps interleaved in one process (--paired): load swings hit both alike." if all(
-                      r.get("paired") for r in rows if r.get("median_ms")) else
-                     "Each optimizer ran in its own process, one after the other: on a shared machine the "
-                     "load changes between them, so for ratios prefer a --paired run."), "",
-                  "| size | dtype choice | ours | ours ms | DeepSpeed | DeepSpeed ms | ratio ours/DS |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Ours vs DeepSpeed's shipped Muon (same parameter set, same run)",
+            "",
+            "Ratio = our median step / DeepSpeed's (the faster of its gram and standard NS at that dtype "
+            "choice); below 1 means ours is faster. "
+            + (
+                "Steps interleaved in one process (--paired): load swings hit both alike."
+                if all(r.get("paired") for r in rows if r.get("median_ms"))
+                else "Each optimizer ran in its own process, one after the other: on a shared machine the "
+                "load changes between them, so for ratios prefer a --paired run."
+            ),
+            "",
+            "| size | dtype choice | ours | ours ms | DeepSpeed | DeepSpeed ms | ratio ours/DS |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for q in pairs:
-            lines.append(f"| {q['size']} | {q['dtypes']} | {q['ours']} ({q['ours_dtype']}) | {q['ours_ms']:.1f} | "
-                         f"{q['deepspeed']} ({q['deepspeed_dtype']}) | {q['deepspeed_ms']:.1f} | "
-                         f"**{q['ratio_ours_over_ds']:.2f}** |")
+            lines.append(
+                f"| {q['size']} | {q['dtypes']} | {q['ours']} ({q['ours_dtype']}) | {q['ours_ms']:.1f} | "
+                f"{q['deepspeed']} ({q['deepspeed_dtype']}) | {q['deepspeed_ms']:.1f} | "
+                f"**{q['ratio_ours_over_ds']:.2f}** |"
+            )
         lines.append("")
-    lines += ["## All rows", "",
-             "| size | params | optimizer | median ms | min ms | first step ms | extra peak MiB | state MiB "
-             "| status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## All rows",
+        "",
+        "| size | params | optimizer | median ms | min ms | first step ms | extra peak MiB | state MiB "
+        "| status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['size']} | {r.get('num_params', 0) / 1e6:.1f}M | {r.get('label', r['optimizer'])} | "
-                     f"{fmt(r.get('median_ms'), '.1f')} | {fmt(r.get('min_ms'), '.1f')} | "
-                     f"{fmt(r.get('first_step_ms'), '.1f')} | {fmt(r.get('peak_extra_mib'), '.0f')} | "
-                     f"{fmt(r.get('state_mib'), '.0f')} | {r.get('status', 'measured')} |")
+        lines.append(
+            f"| {r['size']} | {r.get('num_params', 0) / 1e6:.1f}M | {r.get('label', r['optimizer'])} | "
+            f"{fmt(r.get('median_ms'), '.1f')} | {fmt(r.get('min_ms'), '.1f')} | "
+            f"{fmt(r.get('first_step_ms'), '.1f')} | {fmt(r.get('peak_extra_mib'), '.0f')} | "
+            f"{fmt(r.get('state_mib'), '.0f')} | {r.get('status', 'measured')} |"
+        )
     lines.append("")
-    lines.append("Sizes: " + "; ".join(f"{s} = hidden {h}, {nl} layers, {nh} heads, ffn {f}, vocab {v}"
-                                       for s, (h, nl, nh, f, v) in SIZES.items()) + ".")
+    lines.append(
+        "Sizes: "
+        + "; ".join(
+            f"{s} = hidden {h}, {nl} layers, {nh} heads, ffn {f}, vocab {v}"
+            for s, (h, nl, nh, f, v) in SIZES.items()
+        )
+        + "."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -392,6 +500,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.device is None:
         import torch
+
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args)), flush=True)
@@ -421,16 +530,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.perf_counter()
     # One job per (size, optimizer), or with --paired one job per size running all its optimizers.
     # Optimizer-major order: under --budget-s the first optimizers are measured at every size.
-    jobs = [(size, names) for size in sizes] if args.paired else [(size, [n]) for n in names for size in sizes]
+    jobs = (
+        [(size, names) for size in sizes] if args.paired else [(size, [n]) for n in names for size in sizes]
+    )
     for size, job in jobs:
         label = ",".join(job)
         if args.budget_s and time.perf_counter() - start > args.budget_s:
-            rows += [{"size": size, "optimizer": n, "num_params": num_params(size),
-                      "status": f"skipped (--budget-s {args.budget_s} spent)"} for n in job]
+            rows += [
+                {
+                    "size": size,
+                    "optimizer": n,
+                    "num_params": num_params(size),
+                    "status": f"skipped (--budget-s {args.budget_s} spent)",
+                }
+                for n in job
+            ]
             continue
         flag = ["--worker-paired", size, label] if args.paired else ["--worker", size, label]
-        cmd = [sys.executable, __file__, *flag, "--device", args.device,
-               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            *flag,
+            "--device",
+            args.device,
+            "--repeats",
+            str(args.repeats),
+            "--warmup",
+            str(args.warmup),
+            "--threads",
+            str(args.threads),
+        ]
         env = {**os.environ, "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1")}
         if not args.paired and parse_variant(label)[2]:
             env["TORCHDYNAMO_DISABLE"] = "0"
@@ -443,19 +572,36 @@ def main(argv: Optional[List[str]] = None) -> int:
             results = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if not results:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                results = [{"size": size, "optimizer": n, "num_params": num_params(size),
-                            "status": f"failed (rc {proc.returncode}): {tail[0][:200]}"} for n in job]
+                results = [
+                    {
+                        "size": size,
+                        "optimizer": n,
+                        "num_params": num_params(size),
+                        "status": f"failed (rc {proc.returncode}): {tail[0][:200]}",
+                    }
+                    for n in job
+                ]
         except subprocess.TimeoutExpired:
-            results = [{"size": size, "optimizer": n, "num_params": num_params(size),
-                        "status": f"timed out after {timeout:.0f} s"} for n in job]
+            results = [
+                {
+                    "size": size,
+                    "optimizer": n,
+                    "num_params": num_params(size),
+                    "status": f"timed out after {timeout:.0f} s",
+                }
+                for n in job
+            ]
         for result in results:
             result.setdefault("status", "measured")
             result["wall_s"] = time.perf_counter() - t0
             rows.append(result)
-            print(f"{size:5s} {result['optimizer']:7s} median {fmt(result.get('median_ms'), '9.1f')} ms  "
-                  f"first {fmt(result.get('first_step_ms'), '9.1f')} ms  extra peak "
-                  f"{fmt(result.get('peak_extra_mib'), '7.0f')} MiB  "
-                  f"state {fmt(result.get('state_mib'), '6.0f')} MiB  {result['status']}", flush=True)
+            print(
+                f"{size:5s} {result['optimizer']:7s} median {fmt(result.get('median_ms'), '9.1f')} ms  "
+                f"first {fmt(result.get('first_step_ms'), '9.1f')} ms  extra peak "
+                f"{fmt(result.get('peak_extra_mib'), '7.0f')} MiB  "
+                f"state {fmt(result.get('state_mib'), '6.0f')} MiB  {result['status']}",
+                flush=True,
+            )
         write_results(args, stem, info, sizes, rows)  # after every job: a killed run keeps what it measured
     write_results(args, stem, info, sizes, rows)
     print(f"wrote {args.out_dir / stem}.json and .md")
@@ -463,10 +609,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def write_results(args, stem: str, info: dict, sizes: List[str], rows: List[dict]) -> None:
-    info = {**info, "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
-    payload = {"machine": info, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
-               "sizes": {s: dict(zip(("hidden", "layers", "heads", "ffn", "vocab"), SIZES[s])) for s in sizes},
-               "rows": rows, "side_by_side": side_by_side(rows)}
+    info = {
+        **info,
+        "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    payload = {
+        "machine": info,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "sizes": {s: dict(zip(("hidden", "layers", "heads", "ffn", "vocab"), SIZES[s])) for s in sizes},
+        "rows": rows,
+        "side_by_side": side_by_side(rows),
+    }
     (args.out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.out_dir / f"{stem}.md").write_text(markdown(info, rows, args))
 
@@ -480,15 +635,27 @@ def side_by_side(rows: List[dict]) -> List[dict]:
         for ours in ("muon", "teon", "htmuon"):
             for suffix, label in (("", "own pick"), (":fp32", "fp32"), (":bf16", "bf16")):
                 mine = by_key.get((size, ours + suffix))
-                theirs = [by_key[(size, d + suffix)] for d in ("ds_muon", "ds_muon_standard")
-                          if (size, d + suffix) in by_key]
+                theirs = [
+                    by_key[(size, d + suffix)]
+                    for d in ("ds_muon", "ds_muon_standard")
+                    if (size, d + suffix) in by_key
+                ]
                 if mine is None or not theirs:
                     continue
                 best = min(theirs, key=lambda r: r["median_ms"])
-                out.append({"size": size, "dtypes": label, "ours": mine["optimizer"], "ours_ms": mine["median_ms"],
-                            "ours_dtype": mine.get("ns_compute_dtype"), "deepspeed": best["optimizer"],
-                            "deepspeed_ms": best["median_ms"], "deepspeed_dtype": best.get("ns_compute_dtype"),
-                            "ratio_ours_over_ds": mine["median_ms"] / best["median_ms"]})
+                out.append(
+                    {
+                        "size": size,
+                        "dtypes": label,
+                        "ours": mine["optimizer"],
+                        "ours_ms": mine["median_ms"],
+                        "ours_dtype": mine.get("ns_compute_dtype"),
+                        "deepspeed": best["optimizer"],
+                        "deepspeed_ms": best["median_ms"],
+                        "deepspeed_dtype": best.get("ns_compute_dtype"),
+                        "ratio_ours_over_ds": mine["median_ms"] / best["median_ms"],
+                    }
+                )
     return out
 
 

@@ -7,6 +7,7 @@ Writes bench/results/orthogonalize_cpu.{json,md} (the --quick run writes orthogo
 a smoke run never overwrites the full results). The reference U Vᵀ is taken in float64 from the same
 fp32 input, so the error column measures the method, not the input's rounding.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -142,15 +143,19 @@ def accuracy(out: torch.Tensor, reference: torch.Tensor) -> dict:
     }
 
 
-def make_row(label: str, x: torch.Tensor, reference: torch.Tensor, config: Config,
-             times: List[float]) -> Row:
+def make_row(label: str, x: torch.Tensor, reference: torch.Tensor, config: Config, times: List[float]) -> Row:
     effective = config.compute_dtype or (
-        torch.float32 if config.method == "svd" else default_compute_dtype(x))
+        torch.float32 if config.method == "svd" else default_compute_dtype(x)
+    )
     return Row(
-        case=label, shape=list(x.shape), method=config.method,
+        case=label,
+        shape=list(x.shape),
+        method=config.method,
         compute_dtype=str(effective).replace("torch.", ""),
-        bf16_on_cpu=effective == torch.bfloat16, repeats=len(times),
-        median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times),
+        bf16_on_cpu=effective == torch.bfloat16,
+        repeats=len(times),
+        median_ms=1e3 * statistics.median(times),
+        min_ms=1e3 * min(times),
         **accuracy(run(x, config), reference),
     )
 
@@ -174,8 +179,11 @@ def normalised_sigma_min(x: torch.Tensor) -> float:
 
 
 def print_row(r: Row) -> None:
-    print(f"{r.case:26s} {r.method:14s} {r.compute_dtype:9s} {r.median_ms:9.1f} ms (min {r.min_ms:8.1f})  "
-          f"err {r.rel_fro_error:.2e}  σ [{r.sigma_min:.3g}, {r.sigma_max:.4f}]", flush=True)
+    print(
+        f"{r.case:26s} {r.method:14s} {r.compute_dtype:9s} {r.median_ms:9.1f} ms (min {r.min_ms:8.1f})  "
+        f"err {r.rel_fro_error:.2e}  σ [{r.sigma_min:.3g}, {r.sigma_max:.4f}]",
+        flush=True,
+    )
 
 
 def machine_info(threads: int) -> dict:
@@ -195,7 +203,9 @@ def machine_info(threads: int) -> dict:
 
 
 def markdown(rows: List[Row], info: dict, inputs: Dict[str, float]) -> str:
-    header = "| case | method | compute dtype | median ms | min ms | rel Frobenius err | σ min | σ p01 | σ max |"
+    header = (
+        "| case | method | compute dtype | median ms | min ms | rel Frobenius err | σ min | σ p01 | σ max |"
+    )
     lines = [
         "# teonspeed.orthogonalize on CPU",
         "",
@@ -213,11 +223,17 @@ def markdown(rows: List[Row], info: dict, inputs: Dict[str, float]) -> str:
     ]
     for r in rows:
         dtype = f"**{r.compute_dtype}**" if r.bf16_on_cpu else r.compute_dtype
-        lines.append(f"| {r.case} | {r.method} | {dtype} | {r.median_ms:.1f} | {r.min_ms:.1f} "
-                     f"| {r.rel_fro_error:.2e} | {r.sigma_min:.3g} | {r.sigma_p01:.3g} | {r.sigma_max:.4f} |")
-    lines += ["", "Input conditioning: smallest singular value of the input over its Frobenius norm, the "
-              "scale the iterations start from. Square Gaussians sit far below Polar Express's design "
-              "bound l = 1e-3, which is why their σ min stays far below 1 for ns5 and polar_express.", ""]
+        lines.append(
+            f"| {r.case} | {r.method} | {dtype} | {r.median_ms:.1f} | {r.min_ms:.1f} "
+            f"| {r.rel_fro_error:.2e} | {r.sigma_min:.3g} | {r.sigma_p01:.3g} | {r.sigma_max:.4f} |"
+        )
+    lines += [
+        "",
+        "Input conditioning: smallest singular value of the input over its Frobenius norm, the "
+        "scale the iterations start from. Square Gaussians sit far below Polar Express's design "
+        "bound l = 1e-3, which is why their σ min stays far below 1 for ns5 and polar_express.",
+        "",
+    ]
     lines += [f"- {label}: {v:.2e}" for label, v in inputs.items()]
     return "\n".join(lines) + "\n"
 
@@ -226,8 +242,14 @@ def write_results(args: argparse.Namespace, rows: List[Row], inputs: Dict[str, f
     info = machine_info(args.threads)
     stem = "orthogonalize_cpu_quick" if args.quick else "orthogonalize_cpu"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "seed": args.seed, "repeats": args.repeats, "quick": args.quick,
-               "input_sigma_min_over_fro": inputs, "rows": [asdict(r) for r in rows]}
+    payload = {
+        "machine": info,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "input_sigma_min_over_fro": inputs,
+        "rows": [asdict(r) for r in rows],
+    }
     (args.out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.out_dir / f"{stem}.md").write_text(markdown(rows, info, inputs))
     print(f"wrote {args.out_dir / stem}.json and .md")

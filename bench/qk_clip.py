@@ -17,6 +17,7 @@ DeepSpeed ZeRO-1, 2 data-parallel ranks, 200 steps, the embedded corpus): --qk-c
 half of that run's largest logged maximum; records every step's maximum and whether it stays within 1.2 τ
 from step 3 on. Writes bench/results/qk_clip_cpu.{json,md}. Measurements, not tests: nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,16 +59,24 @@ class LargestTensor(TorchFunctionMode):
 def capture_watched():
     """LargestTensor active inside the capture's calls only (not the model's own tensors)."""
     from teonspeed.qk_clip import capture, hf_layers
+
     watch = LargestTensor()
-    originals = {(m, name): getattr(m, name) for m, name in ((capture, "head_max_logits"),
-                                                             (capture, "head_max_of_scores"),
-                                                             (hf_layers, "head_max_logits"))}
+    originals = {
+        (m, name): getattr(m, name)
+        for m, name in (
+            (capture, "head_max_logits"),
+            (capture, "head_max_of_scores"),
+            (hf_layers, "head_max_logits"),
+        )
+    }
 
     def watched(fn):
         def call(*args, **kwargs):
             with watch:
                 return fn(*args, **kwargs)
+
         return call
+
     for (m, name), fn in originals.items():
         setattr(m, name, watched(fn))
     try:
@@ -80,9 +89,16 @@ def capture_watched():
 # -- models, one per capture path --------------------------------------------------------------------------
 def hf_llama(impl: str, hidden: int, heads: int, layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                         max_position_embeddings=4096)
+
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=4096,
+    )
     config._attn_implementation = impl
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -96,18 +112,25 @@ def megatron_gpt(core: str, hidden: int, heads: int, layers: int, seq: int):
     from launch.model import SDPACoreAttention
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
     groups = heads if core == "sdpa" else heads // 2
     config = mm.tiny_config(num_layers=layers, hidden=hidden, heads=heads, groups=groups, ffn=hidden * 8 // 3)
     spec = get_gpt_layer_local_spec()
     if core == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     mm.cpu_shims.megatron_seed(0)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=1024, max_sequence_length=seq,
-                     position_embedding_type="rope")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=1024,
+        max_sequence_length=seq,
+        position_embedding_type="rope",
+    )
 
     def forward(tokens):
         positions = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
         return model(tokens, positions, None)
+
     return model, forward
 
 
@@ -128,6 +151,7 @@ def timed(fn: Callable[[], None]) -> float:
 def matmul_flops(fn: Callable[[], None]) -> int:
     """The forward's matmul/attention FLOPs (torch's FlopCounterMode): machine-independent extra work."""
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -147,6 +171,7 @@ def overhead(sizes: List[Dict[str, int]], repeats: int, log) -> List[dict]:
             def run():
                 with torch.no_grad():
                     forward(tokens)
+
             run()  # warm-up
             base, captured = [], []
             for _ in range(repeats):
@@ -161,23 +186,40 @@ def overhead(sizes: List[Dict[str, int]], repeats: int, log) -> List[dict]:
             flops_captured = matmul_flops(run)
             clip.detach()
             ratio = statistics.median(c / b_ - 1 for b_, c in zip(base, captured))
-            rows.append({"path": label, **size, "forward_ms": statistics.median(base) * 1e3,
-                         "with_capture_ms": statistics.median(captured) * 1e3, "overhead_pct": 100 * ratio,
-                         "extra_flops_pct": 100 * (flops_captured / flops - 1),
-                         "largest_tensor_bytes": watch.bytes, "full_qk_bytes": b * n * s * s * 4})
+            rows.append(
+                {
+                    "path": label,
+                    **size,
+                    "forward_ms": statistics.median(base) * 1e3,
+                    "with_capture_ms": statistics.median(captured) * 1e3,
+                    "overhead_pct": 100 * ratio,
+                    "extra_flops_pct": 100 * (flops_captured / flops - 1),
+                    "largest_tensor_bytes": watch.bytes,
+                    "full_qk_bytes": b * n * s * s * 4,
+                }
+            )
             r = rows[-1]
-            log(f"  {label:48s} h{h} s{s} b{b}: {r['forward_ms']:8.1f} -> {r['with_capture_ms']:8.1f} ms "
-                f"({r['overhead_pct']:+.1f}%, matmul FLOPs {r['extra_flops_pct']:+.1f}%)")
+            log(
+                f"  {label:48s} h{h} s{s} b{b}: {r['forward_ms']:8.1f} -> {r['with_capture_ms']:8.1f} ms "
+                f"({r['overhead_pct']:+.1f}%, matmul FLOPs {r['extra_flops_pct']:+.1f}%)"
+            )
     return rows
 
 
 def clip_step_cost(repeats: int) -> dict:
     """The clip after a step: Muon's step on the quickstart-sized LLaMA with and without qk_clip."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     rows = {}
     for tau in (None, 0.999):  # every head clipped (its recorded max is 1.0) by a factor close to 1
-        config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2)
+        config = LlamaConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=172,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         config._attn_implementation = "sdpa"
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
@@ -190,15 +232,18 @@ def clip_step_cost(repeats: int) -> dict:
                 for layer in opt.qk_clip.layers:
                     layer.source.value = torch.full((layer.num_heads,), 1.0)
             opt.step()
+
         step()
-        rows["step_ms" if tau is None else "step_with_clip_ms"] = statistics.median(
-            timed(step) for _ in range(repeats)) * 1e3
+        rows["step_ms" if tau is None else "step_with_clip_ms"] = (
+            statistics.median(timed(step) for _ in range(repeats)) * 1e3
+        )
     return rows
 
 
 # -- the quickstart ------------------------------------------------------------------------------------------
 def _rank_main(rank, world_size, argv):
     from launch import pretrain
+
     return pretrain.main(argv)
 
 
@@ -206,52 +251,81 @@ def quickstart(runs_dir: Path, log) -> dict:
     os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
     from support.harness import run_ranks
     from teonspeed.patches import cpu_shims
+
     cpu_shims.apply()  # what launch.pretrain does under --device cpu, once here for the forked ranks
     from launch import pretrain, train  # noqa: F401  (imported once; the ranks are forked from here)
+
     common = ["--runs-dir", str(runs_dir), "--progress", "off", "--no-plot", "--overwrite"]
     log("  quickstart, --qk-clip-log ...")
     free = run_ranks(_rank_main, 2, common + ["--name", "qk_log", "--qk-clip-log"], timeout=3600)[0]
     tau = max(free["max_attn_logits"]) / 2
     log(f"  quickstart, --qk-clip {tau:.6g} ...")
-    clipped = run_ranks(_rank_main, 2, common + ["--name", "qk_clip", "--qk-clip", repr(tau)],
-                        timeout=3600)[0]
+    clipped = run_ranks(_rank_main, 2, common + ["--name", "qk_clip", "--qk-clip", repr(tau)], timeout=3600)[
+        0
+    ]
     after = clipped["max_attn_logits"][2:]
-    return {"tau": tau, "unclipped_max": max(free["max_attn_logits"]), "clipped_max_from_step_3": max(after),
-            "ratio_from_step_3": max(after) / tau, "within_1_2_tau": max(after) <= 1.2 * tau,
-            "unclipped": free["max_attn_logits"], "clipped": clipped["max_attn_logits"],
-            "final_val_unclipped": free["vals"][-1][1], "final_val_clipped": clipped["vals"][-1][1]}
+    return {
+        "tau": tau,
+        "unclipped_max": max(free["max_attn_logits"]),
+        "clipped_max_from_step_3": max(after),
+        "ratio_from_step_3": max(after) / tau,
+        "within_1_2_tau": max(after) <= 1.2 * tau,
+        "unclipped": free["max_attn_logits"],
+        "clipped": clipped["max_attn_logits"],
+        "final_val_unclipped": free["vals"][-1][1],
+        "final_val_clipped": clipped["vals"][-1][1],
+    }
 
 
 def markdown(result: dict) -> str:
     load = ", ".join(f"{x:.1f}" for x in result["load_average"])
-    lines = ["# QK-clip on the CPU", "", environment_line(result["environment"]) + f"; load average {load} "
-             "(a shared machine: timings are medians of paired with/without runs)", "",
-             "## Capture overhead (forward pass, training mode)", "",
-             "| path | hidden / heads / layers | seq x batch | forward ms | with capture ms | "
-             "time overhead | extra matmul FLOPs | largest capture tensor | one layer's full QKᵀ |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# QK-clip on the CPU",
+        "",
+        environment_line(result["environment"]) + f"; load average {load} "
+        "(a shared machine: timings are medians of paired with/without runs)",
+        "",
+        "## Capture overhead (forward pass, training mode)",
+        "",
+        "| path | hidden / heads / layers | seq x batch | forward ms | with capture ms | "
+        "time overhead | extra matmul FLOPs | largest capture tensor | one layer's full QKᵀ |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["overhead"]:
-        mib = 2 ** 20
-        lines.append(f"| {r['path']} | {r['hidden']} / {r['heads']} / {r['layers']} | {r['seq']} x "
-                     f"{r['batch']} | {r['forward_ms']:.1f} | {r['with_capture_ms']:.1f} | "
-                     f"{r['overhead_pct']:+.1f}% | {r['extra_flops_pct']:+.1f}% | "
-                     f"{r['largest_tensor_bytes'] / mib:.2f} MiB | {r['full_qk_bytes'] / mib:.2f} MiB |")
+        mib = 2**20
+        lines.append(
+            f"| {r['path']} | {r['hidden']} / {r['heads']} / {r['layers']} | {r['seq']} x "
+            f"{r['batch']} | {r['forward_ms']:.1f} | {r['with_capture_ms']:.1f} | "
+            f"{r['overhead_pct']:+.1f}% | {r['extra_flops_pct']:+.1f}% | "
+            f"{r['largest_tensor_bytes'] / mib:.2f} MiB | {r['full_qk_bytes'] / mib:.2f} MiB |"
+        )
     c = result["clip_step"]
-    lines += ["", "## The clip after the step", "",
-              f"Muon step of a 4-layer LLaMA (hidden 64): {c['step_ms']:.2f} ms; with qk_clip rescaling "
-              f"every head: {c['step_with_clip_ms']:.2f} ms. Collectives: one all-reduce (MAX) of one fp32 "
-              f"per local query head over data x context parallel ranks (none in one process); host reads: "
-              f"none."]
+    lines += [
+        "",
+        "## The clip after the step",
+        "",
+        f"Muon step of a 4-layer LLaMA (hidden 64): {c['step_ms']:.2f} ms; with qk_clip rescaling "
+        f"every head: {c['step_with_clip_ms']:.2f} ms. Collectives: one all-reduce (MAX) of one fp32 "
+        f"per local query head over data x context parallel ranks (none in one process); host reads: "
+        f"none.",
+    ]
     q = result.get("quickstart")
     if q:
-        lines += ["", "## Quickstart (`python -m launch.pretrain` defaults, 200 steps)", "",
-                  f"Measured on: {environment_line(q['environment'])}" if q.get("environment") else "", "",
-                  f"Unclipped (--qk-clip-log): largest logit {q['unclipped_max']:.4f}; clipped at τ = half "
-                  f"of it ({q['tau']:.4f}): largest from step 3 on {q['clipped_max_from_step_3']:.4f} = "
-                  f"{q['ratio_from_step_3']:.3f} τ ({'within' if q['within_1_2_tau'] else 'NOT within'} "
-                  f"1.2 τ). Final validation loss {q['final_val_unclipped']:.4f} unclipped, "
-                  f"{q['final_val_clipped']:.4f} clipped.", "",
-                  "| step | unclipped | clipped | clipped / τ |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Quickstart (`python -m launch.pretrain` defaults, 200 steps)",
+            "",
+            f"Measured on: {environment_line(q['environment'])}" if q.get("environment") else "",
+            "",
+            f"Unclipped (--qk-clip-log): largest logit {q['unclipped_max']:.4f}; clipped at τ = half "
+            f"of it ({q['tau']:.4f}): largest from step 3 on {q['clipped_max_from_step_3']:.4f} = "
+            f"{q['ratio_from_step_3']:.3f} τ ({'within' if q['within_1_2_tau'] else 'NOT within'} "
+            f"1.2 τ). Final validation loss {q['final_val_unclipped']:.4f} unclipped, "
+            f"{q['final_val_clipped']:.4f} clipped.",
+            "",
+            "| step | unclipped | clipped | clipped / τ |",
+            "|---|---|---|---|",
+        ]
         for i, (a, b) in enumerate(zip(q["unclipped"], q["clipped"])):
             if i < 5 or (i + 1) % 20 == 0:
                 lines.append(f"| {i + 1} | {a:.4f} | {b:.4f} | {b / q['tau']:.3f} |")
@@ -266,21 +340,30 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one thread, as the launcher's ranks run (and the quickstart's forks need)
     import warnings
+
     warnings.filterwarnings("ignore")
     from teonspeed.patches import cpu_shims
+
     cpu_shims.apply()
     sys.path.insert(0, str(REPO / "tests"))
     from support.harness import run_ranks
 
     def log(*a):
         print(*a, flush=True)
-    sizes = [dict(hidden=64, heads=4, layers=4, seq=64, batch=16),  # the quickstart model and micro-batch
-             dict(hidden=512, heads=8, layers=2, seq=1024, batch=2)]
+
+    sizes = [
+        dict(hidden=64, heads=4, layers=4, seq=64, batch=16),  # the quickstart model and micro-batch
+        dict(hidden=512, heads=8, layers=2, seq=1024, batch=2),
+    ]
     log("capture overhead:")
     # Megatron's models need its parallel state: measure inside a one-rank world.
     rows = run_ranks(_overhead_rank, 1, sizes, args.repeats, timeout=3600)[0]
-    result = {"environment": environment(), "load_average": os.getloadavg(), "overhead": rows,
-              "clip_step": clip_step_cost(args.repeats * 4)}
+    result = {
+        "environment": environment(),
+        "load_average": os.getloadavg(),
+        "overhead": rows,
+        "clip_step": clip_step_cost(args.repeats * 4),
+    }
     if args.quickstart:
         result["quickstart"] = dict(quickstart(Path(args.runs_dir), log), environment=result["environment"])
     else:  # keep the last quickstart measurement (it names its own machine and commit)
@@ -293,6 +376,7 @@ def main(argv=None) -> None:
 
 def _overhead_rank(rank, world_size, sizes, repeats):
     from megatron.core import parallel_state as ps
+
     ps.initialize_model_parallel()
     return overhead(sizes, repeats, lambda *a: print(*a, flush=True))
 

@@ -14,6 +14,7 @@ Megatron's builder (DDP; distributed optimizer fp32 with clip_grad, bf16, small 
 together, MoE expert buckets).
 Ranks are forked (tests/support/harness.py, gloo); a run takes a few minutes on two CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,12 @@ STEPS = 3
 
 # -- hashing -------------------------------------------------------------------------------------------
 
+
 def _tensor_bytes(t) -> bytes:
     t = t.detach().cpu().contiguous()
-    return f"{t.dtype}{tuple(t.shape)}".encode() + t.view(-1).view(__import__("torch").uint8).numpy().tobytes()
+    return (
+        f"{t.dtype}{tuple(t.shape)}".encode() + t.view(-1).view(__import__("torch").uint8).numpy().tobytes()
+    )
 
 
 def _digest(items) -> str:
@@ -61,30 +65,58 @@ def fingerprint(inner, named_weights, extra=()) -> Dict[str, Any]:
         numbers = sorted((k, v) for k, v in g.items() if k not in ("params",))
         groups.append(_digest(numbers + [(i, p) for i, p in enumerate(g["params"])]))
     stats = inner.comm_stats
-    return {"weights": weights, "state": _digest(enumerate(entries + groups + [_digest(extra)])),
-            "stats": None if stats is None else [stats.sent, stats.received, stats.total_sent, stats.total_received,
-                                                 stats.flops, stats.adamw_bytes]}
+    return {
+        "weights": weights,
+        "state": _digest(enumerate(entries + groups + [_digest(extra)])),
+        "stats": None
+        if stats is None
+        else [
+            stats.sent,
+            stats.received,
+            stats.total_sent,
+            stats.total_received,
+            stats.flops,
+            stats.adamw_bytes,
+        ],
+    }
 
 
 # -- the plain API on a megatron-core GPT -----------------------------------------------------------------
 
-def plain(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, mode="distributed", options=None,
-          nan_at=None):
+
+def plain(
+    rank,
+    world_size,
+    tp=1,
+    pp=1,
+    ep=1,
+    optimizer="teon",
+    moe=False,
+    mode="distributed",
+    options=None,
+    nan_at=None,
+):
     import torch
     import megatron_models as mm
     import teonspeed
     from megatron.core import parallel_state as ps
     from teonspeed.parallel.shard_spec import megatron_shard_specs
     from support.synthetic import local_tensor
+
     kinds = {"muon": teonspeed.Muon, "teon": teonspeed.TEON, "htmuon": teonspeed.HTMuon}
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+    )
     extra = dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="allgather") if moe else {}
     config = mm.tiny_config(num_layers=4, tp=tp, pp=pp, expert_model_parallel_size=ep, **extra)
-    model = mm.tiny_gpt(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    model = mm.tiny_gpt(
+        config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+    )
     specs = megatron_shard_specs(model)
-    ranks = {False: (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
-             True: (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())}
+    ranks = {
+        False: (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+        True: (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
+    }
 
     def local_of(name, p, salt):
         return local_tensor(name, p, specs[name], *ranks[specs[name].is_expert], salt)
@@ -92,7 +124,9 @@ def plain(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, mode=
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(local_of(name, p, 0))
-    opt = kinds[optimizer](model, lr=0.02, adamw_lr=1e-3, weight_decay=0.01, parallel_mode=mode, **(options or {}))
+    opt = kinds[optimizer](
+        model, lr=0.02, adamw_lr=1e-3, weight_decay=0.01, parallel_mode=mode, **(options or {})
+    )
     for step in range(1, STEPS + 1):
         for i, (name, p) in enumerate(model.named_parameters()):
             p.grad = local_of(name, p, step)
@@ -104,23 +138,28 @@ def plain(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, mode=
 
 # -- DeepSpeed ------------------------------------------------------------------------------------------
 
-def deepspeed_flat(rank, world_size, stage=1, bf16=False, optimizer="TEON", megatron_tp=None, moe=False,
-                   params=None):
+
+def deepspeed_flat(
+    rank, world_size, stage=1, bf16=False, optimizer="TEON", megatron_tp=None, moe=False, params=None
+):
     import copy
 
     import torch.distributed as dist
     import ds_helpers as h
     import deepspeed
+
     deepspeed.init_distributed(dist_backend="gloo")
     config = copy.deepcopy(h.ds_config(optimizer, stage=stage, bf16=bf16, params=params))
     if megatron_tp is not None:
         import megatron_models as mm
         from megatron.core import parallel_state as ps
         from teonspeed.deepspeed import MegatronMPU
+
         ps.initialize_model_parallel(tensor_model_parallel_size=megatron_tp)
         model = mm.tiny_gpt(mm.tiny_config(tp=megatron_tp))
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config,
-                                          mpu=MegatronMPU())
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=config, mpu=MegatronMPU()
+        )
         for step in range(STEPS):
             tokens, position_ids, labels = mm.batch(seed=100 * step + ps.get_data_parallel_rank())
             engine.backward(engine(tokens, position_ids, None, labels=labels).mean())
@@ -130,16 +169,22 @@ def deepspeed_flat(rank, world_size, stage=1, bf16=False, optimizer="TEON", mega
             from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
             from test_deepspeed_moe import EP, TinyMoELM
             import torch
+
             model = TinyMoELM()
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     if not getattr(p, "allreduce", True):
                         local = int(name.split("deepspeed_experts.")[1].split(".")[0])
                         expert = dist.get_rank() % EP * 2 + local
-                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * expert + len(name)))
-                                * 0.2)
-            groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()),
-                                                                          "name": "dense"})
+                        p.copy_(
+                            torch.randn(
+                                p.shape, generator=torch.Generator().manual_seed(100 * expert + len(name))
+                            )
+                            * 0.2
+                        )
+            groups = split_params_into_different_moe_groups_for_optimizer(
+                {"params": list(model.parameters()), "name": "dense"}
+            )
         else:
             model = h.TinyLM()
             groups = model.parameters()
@@ -153,15 +198,19 @@ def deepspeed_flat(rank, world_size, stage=1, bf16=False, optimizer="TEON", mega
 
 # -- Megatron's builder ---------------------------------------------------------------------------------
 
+
 def megatron(rank, world_size, tp=1, optimizer="teon", layers=None, **config_kw):
     from megatron.core import parallel_state as ps
     from test_megatron_builder import build, run_steps
+
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     ddp, opt = build(tp, optimizer, layers, **config_kw)
     _, _, results = run_steps(ddp, opt, range(STEPS))
     masters = [(i, s.master) for i, s in enumerate(getattr(opt, "shards", [])) if s.master is not None]
-    return dict(fingerprint(opt.optimizer, list(ddp.module.named_parameters()), masters),
-                results=[[bool(a), b] for a, b, _ in results])
+    return dict(
+        fingerprint(opt.optimizer, list(ddp.module.named_parameters()), masters),
+        results=[[bool(a), b] for a, b, _ in results],
+    )
 
 
 def megatron_moe(rank, world_size, tp=1, ep=2, distributed_optimizer=True):
@@ -173,27 +222,50 @@ def megatron_moe(rank, world_size, tp=1, ep=2, distributed_optimizer=True):
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
     from teonspeed.parallel.shard_spec import megatron_shard_specs
     from support.synthetic import local_tensor
+
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
-    config = mm.tiny_config(num_layers=2, tp=tp, expert_model_parallel_size=ep, num_moe_experts=4,
-                            moe_router_topk=2, moe_token_dispatcher_type="allgather")
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), mm.tiny_gpt(config))
+    config = mm.tiny_config(
+        num_layers=2,
+        tp=tp,
+        expert_model_parallel_size=ep,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_token_dispatcher_type="allgather",
+    )
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
+        ),
+        mm.tiny_gpt(config),
+    )
     specs = megatron_shard_specs(ddp.module)
-    ranks = {False: (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
-             True: (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())}
+    ranks = {
+        False: (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+        True: (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
+    }
     scale = ps.get_data_parallel_world_size() / ps.get_expert_data_parallel_world_size()
     with torch.no_grad():
         for name, p in ddp.module.named_parameters():
             p.copy_(local_tensor(name, p, specs[name], *ranks[specs[name].is_expert], 0))
-    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer="muon", lr=0.02, adamw_lr=1e-3, weight_decay=0.01,
-                                                     clip_grad=0.0, use_distributed_optimizer=distributed_optimizer),
-                                 [ddp])
+    opt = get_megatron_optimizer(
+        TeonOptimizerConfig(
+            optimizer="muon",
+            lr=0.02,
+            adamw_lr=1e-3,
+            weight_decay=0.01,
+            clip_grad=0.0,
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        [ddp],
+    )
     for step in range(1, STEPS + 1):
         ddp.zero_grad_buffer()
         for name, p in ddp.module.named_parameters():
             spec = specs[name]
-            p.main_grad.copy_(local_tensor(name, p, spec, *ranks[spec.is_expert], step)
-                              * (scale if spec.is_expert else 1.0))
+            p.main_grad.copy_(
+                local_tensor(name, p, spec, *ranks[spec.is_expert], step) * (scale if spec.is_expert else 1.0)
+            )
         ddp.finish_grad_sync()
         opt.step()
     return fingerprint(opt.optimizer, list(ddp.module.named_parameters()))
@@ -213,7 +285,12 @@ for _layout, _world, _kw in (("DP2", 2, {}), ("TP2", 2, dict(tp=2)), ("TP2xDP2",
 CASES += [
     ("TP2xDP2 muon distributed", plain, 4, dict(tp=2, optimizer="muon")),
     ("TP2xDP2 htmuon distributed", plain, 4, dict(tp=2, optimizer="htmuon")),
-    ("TP2xDP2 teon comm_dtype bf16 waves 3", plain, 4, dict(tp=2, options=dict(comm_dtype="bf16", overlap_waves=3))),
+    (
+        "TP2xDP2 teon comm_dtype bf16 waves 3",
+        plain,
+        4,
+        dict(tp=2, options=dict(comm_dtype="bf16", overlap_waves=3)),
+    ),
     ("TP2xDP2 teon skip_nonfinite", plain, 4, dict(tp=2, options=dict(skip_nonfinite=True), nan_at=2)),
     ("PP2 teon distributed", plain, 2, dict(pp=2)),
     ("EP2 muon expert distributed", plain, 2, dict(ep=2, moe=True, optimizer="muon")),
@@ -227,28 +304,53 @@ CASES += [
     ("deepspeed zero2 megatron TP2xDP2", deepspeed_flat, 4, dict(stage=2, megatron_tp=2)),
     ("deepspeed zero2 moe EP2 DP4", deepspeed_flat, 4, dict(stage=2, moe=True)),
     ("megatron ddp TP2xDP2", megatron, 4, dict(tp=2)),
-    ("megatron distributed optimizer DP2 clip", megatron, 2, dict(use_distributed_optimizer=True, clip_grad=0.05)),
-    ("megatron distributed optimizer TP2xDP2 clip", megatron, 4,
-     dict(tp=2, use_distributed_optimizer=True, clip_grad=0.05, layers=3)),
-    ("megatron distributed optimizer TP2xDP2 bf16 muon", megatron, 4,
-     dict(tp=2, optimizer="muon", use_distributed_optimizer=True, bf16=True)),
-    ("megatron distributed optimizer TP2xDP2 small buckets clip", megatron, 4,
-     dict(tp=2, use_distributed_optimizer=True, clip_grad=0.05,
-          ddp_options=dict(overlap_grad_reduce=True, bucket_size=2000))),
+    (
+        "megatron distributed optimizer DP2 clip",
+        megatron,
+        2,
+        dict(use_distributed_optimizer=True, clip_grad=0.05),
+    ),
+    (
+        "megatron distributed optimizer TP2xDP2 clip",
+        megatron,
+        4,
+        dict(tp=2, use_distributed_optimizer=True, clip_grad=0.05, layers=3),
+    ),
+    (
+        "megatron distributed optimizer TP2xDP2 bf16 muon",
+        megatron,
+        4,
+        dict(tp=2, optimizer="muon", use_distributed_optimizer=True, bf16=True),
+    ),
+    (
+        "megatron distributed optimizer TP2xDP2 small buckets clip",
+        megatron,
+        4,
+        dict(
+            tp=2,
+            use_distributed_optimizer=True,
+            clip_grad=0.05,
+            ddp_options=dict(overlap_grad_reduce=True, bucket_size=2000),
+        ),
+    ),
     ("megatron moe distributed optimizer EP2xDP2", megatron_moe, 4, dict(ep=2)),
     ("megatron moe ddp EP2xDP2", megatron_moe, 4, dict(ep=2, distributed_optimizer=False)),
 ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", help="write the fingerprints here (JSON)")
     parser.add_argument("--compare", help="a recorded fingerprint file to compare with")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
     args = parser.parse_args()
     import torch
+
     torch.set_num_threads(1)
     from support.harness import run_ranks
+
     got: Dict[str, Any] = {}
     for name, fn, world, kw in CASES:
         if args.only not in name:
@@ -265,8 +367,12 @@ def main() -> None:
             if name not in before:
                 print(f"NEW      {name}")
                 continue
-            diffs = [f"rank {r} {k}" for r, (a, b) in enumerate(zip(before[name], ranks)) for k in sorted(b)
-                     if a.get(k) != b.get(k)]
+            diffs = [
+                f"rank {r} {k}"
+                for r, (a, b) in enumerate(zip(before[name], ranks))
+                for k in sorted(b)
+                if a.get(k) != b.get(k)
+            ]
             if diffs:
                 differ += 1
                 print(f"DIFFERS  {name}: {', '.join(diffs)}")

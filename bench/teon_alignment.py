@@ -19,6 +19,7 @@ TEON's stacked polar factor close to per-layer Muon at a 1/√K smaller step (al
 `alignment_report(optimizer)` does the same for any trained teonspeed optimizer.
 Results: bench/results/teon_alignment.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,18 +50,24 @@ def group_alignment(members: Sequence[torch.Tensor]) -> Dict[str, float]:
     gain_mode1 / gain_mode2: ‖[M¹|…|Mᴷ]‖_op / max_k ‖Mᵏ‖_op and ‖[M¹;…;Mᴷ]‖_op / max_k ‖Mᵏ‖_op, in [1, √K].
     """
     if len(members) < 2 or any(m.shape != members[0].shape for m in members):
-        raise ValueError("group_alignment needs at least two members of one shape, got shapes "
-                         f"{[tuple(m.shape) for m in members]}")
+        raise ValueError(
+            "group_alignment needs at least two members of one shape, got shapes "
+            f"{[tuple(m.shape) for m in members]}"
+        )
     tops = [top_singular_vectors(m) for m in members]
     pairs = list(zip(tops, tops[1:]))
     largest = max(float(s) for _, s, _ in tops)
     stacked = [torch.cat([m.double() for m in members], dim=d) for d in (1, 0)]
     gains = [float(torch.linalg.matrix_norm(z, ord=2)) / largest if largest > 0 else 1.0 for z in stacked]
     out_dim, in_dim = members[0].shape
-    return {"out_align": sum(abs(float(a[0] @ b[0])) for a, b in pairs) / len(pairs),
-            "in_align": sum(abs(float(a[2] @ b[2])) for a, b in pairs) / len(pairs),
-            "gain_mode1": gains[0], "gain_mode2": gains[1],
-            "random_out": math.sqrt(2 / (math.pi * out_dim)), "random_in": math.sqrt(2 / (math.pi * in_dim))}
+    return {
+        "out_align": sum(abs(float(a[0] @ b[0])) for a, b in pairs) / len(pairs),
+        "in_align": sum(abs(float(a[2] @ b[2])) for a, b in pairs) / len(pairs),
+        "gain_mode1": gains[0],
+        "gain_mode2": gains[1],
+        "random_out": math.sqrt(2 / (math.pi * out_dim)),
+        "random_in": math.sqrt(2 / (math.pi * in_dim)),
+    }
 
 
 def alignment_report(optimizer, teon_k: int = 2, teon_types=None) -> List[Dict]:
@@ -68,10 +75,17 @@ def alignment_report(optimizer, teon_k: int = 2, teon_types=None) -> List[Dict]:
     for the TEON groups that `teon_k` consecutive blocks of the stacked types would form."""
     from teonspeed.config import default
     from teonspeed.grouping import build_groups
+
     named = list(optimizer.parameters_by_name.items())
     types = teon_types if teon_types is not None else default("teon_types", "teon")
-    grouping = build_groups(named, teon_k=teon_k, teon_mode=1, teon_types=types,
-                            full_shape=optimizer.parallel.full_shape, relocate=optimizer.parallel.relocate)
+    grouping = build_groups(
+        named,
+        teon_k=teon_k,
+        teon_mode=1,
+        teon_types=types,
+        full_shape=optimizer.parallel.full_shape,
+        relocate=optimizer.parallel.relocate,
+    )
     rows = []
     for g in grouping.groups:
         if not g.is_teon:
@@ -79,10 +93,17 @@ def alignment_report(optimizer, teon_k: int = 2, teon_types=None) -> List[Dict]:
         params = [optimizer.parameters_by_name[m.name] for m in g.members]
         if any("momentum_buffer" not in optimizer.state[p] for p in params):
             continue
-        members = [optimizer.matrix_of(optimizer.state[p]["momentum_buffer"], m)
-                   for p, m in zip(params, g.members)]
-        rows.append({"type": g.members[0].layer.layer_type, "blocks": [m.layer.block for m in g.members],
-                     "shape": list(g.members[0].shape), **group_alignment(members)})
+        members = [
+            optimizer.matrix_of(optimizer.state[p]["momentum_buffer"], m) for p, m in zip(params, g.members)
+        ]
+        rows.append(
+            {
+                "type": g.members[0].layer.layer_type,
+                "blocks": [m.layer.block for m in g.members],
+                "shape": list(g.members[0].shape),
+                **group_alignment(members),
+            }
+        )
     return rows
 
 
@@ -103,6 +124,7 @@ def trained_muon(size: str, steps: int, lr: float, data_dir: Path):
 
     import teonspeed
     from teonspeed.patches import cpu_shims
+
     cpu_shims.apply()  # what launch.pretrain does under --device cpu
     argv = ["--steps", str(steps), "--data-dir", str(data_dir), "--zero-stage", "0"]
     if SIZES[size]:
@@ -128,19 +150,26 @@ def trained_muon(size: str, steps: int, lr: float, data_dir: Path):
 def summarize(results: Dict) -> str:
     lines = []
     for size, data in results["sizes"].items():
-        lines += [f"\n### {size} ({data['steps']} Muon steps, final train loss {data['final_train_loss']:.3f}, "
-                  f"K = {results['teon_k']})\n",
-                  "| group | shape (out, in) | out-side \\|u₁·u₁′\\| | in-side \\|v₁·v₁′\\| | gain mode 1 "
-                  "(cat along in) | gain mode 2 (cat along out) |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"\n### {size} ({data['steps']} Muon steps, final train loss {data['final_train_loss']:.3f}, "
+            f"K = {results['teon_k']})\n",
+            "| group | shape (out, in) | out-side \\|u₁·u₁′\\| | in-side \\|v₁·v₁′\\| | gain mode 1 "
+            "(cat along in) | gain mode 2 (cat along out) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in data["groups"]:
-            lines.append(f"| {r['type']} blocks {r['blocks']} | {tuple(r['shape'])} | {r['out_align']:.2f} "
-                         f"(random {r['random_out']:.2f}) | {r['in_align']:.2f} (random {r['random_in']:.2f}) "
-                         f"| {r['gain_mode1']:.3f} | {r['gain_mode2']:.3f} |")
+            lines.append(
+                f"| {r['type']} blocks {r['blocks']} | {tuple(r['shape'])} | {r['out_align']:.2f} "
+                f"(random {r['random_out']:.2f}) | {r['in_align']:.2f} (random {r['random_in']:.2f}) "
+                f"| {r['gain_mode1']:.3f} | {r['gain_mode2']:.3f} |"
+            )
         g = data["groups"]
         if g:
             mean = lambda key: sum(r[key] for r in g) / len(g)  # noqa: E731
-            lines.append(f"| **mean** | | {mean('out_align'):.2f} | {mean('in_align'):.2f} | "
-                         f"{mean('gain_mode1'):.3f} | {mean('gain_mode2'):.3f} |")
+            lines.append(
+                f"| **mean** | | {mean('out_align'):.2f} | {mean('in_align'):.2f} | "
+                f"{mean('gain_mode1'):.3f} | {mean('gain_mode2'):.3f} |"
+            )
     lines.append(f"\nThe most a gain can be is √K = {math.sqrt(results['teon_k']):.3f}.")
     return "\n".join(lines)
 
@@ -156,10 +185,12 @@ def main() -> None:
     p.add_argument("--stem", default="teon_alignment")
     args = p.parse_args()
     import os
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO / "bench"))
     from convergence import prepare_data
+
     data_dir = Path(args.data_dir)
     prepare_data(data_dir)
     results: Dict = {"teon_k": args.teon_k, "lr": args.lr, "sizes": {}}
@@ -168,13 +199,21 @@ def main() -> None:
         import torch.distributed as dist
 
         from megatron.core import parallel_state
+
         opt, loss = trained_muon(size, args.steps, args.lr, data_dir)
-        results["sizes"][size] = {"steps": args.steps, "final_train_loss": loss,
-                                  "groups": alignment_report(opt, args.teon_k)}
+        results["sizes"][size] = {
+            "steps": args.steps,
+            "final_train_loss": loss,
+            "groups": alignment_report(opt, args.teon_k),
+        }
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
-    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
-                          "platform": platform.platform(), "wall_seconds": round(time.perf_counter() - start, 1)}
+    results["machine"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.stem}.json").write_text(json.dumps(results, indent=1))
@@ -185,7 +224,8 @@ def main() -> None:
         f"torch {results['machine']['torch']}; `bench/teon_alignment.py --steps {args.steps} "
         f"--lr {args.lr}`.\n"
         "Momentum buffers (EMA, β = 0.95) of the Q/K/V matrices after Muon training, PyTorch (out, "
-        f"in) layout.\n{table}\n")
+        f"in) layout.\n{table}\n"
+    )
     print(table)
 
 

@@ -14,6 +14,7 @@ config are the only changes from a script that trains with DeepSpeed's AdamW.
 - The data: sequences in which each token is the previous one plus a fixed step (mod the vocabulary),
   a pattern the model learns in a few dozen steps, so the loss visibly falls.
 """
+
 import argparse
 
 import torch
@@ -21,6 +22,7 @@ import torch
 if not torch.cuda.is_available():
     # CPU only: skip DeepSpeed's JIT build of a shared-memory communication op (about 35 s at every start).
     from teonspeed.patches import cpu_shims
+
     cpu_shims.apply()
 
 import deepspeed  # noqa: E402
@@ -31,9 +33,11 @@ VOCAB, SEQ = 64, 16
 CONFIG = {
     "train_micro_batch_size_per_gpu": 8,
     "gradient_clipping": 1.0,
-    "optimizer": {"type": "TEON",
-                  "params": {"lr": 0.02, "adamw_lr": 3e-3, "weight_decay": 0.01, "teon_k": 2}},
-    "zero_optimization": {"stage": 1},   # 0, 1 and 2 work; under 1/2 each rank orthogonalizes its partition
+    "optimizer": {
+        "type": "TEON",
+        "params": {"lr": 0.02, "adamw_lr": 3e-3, "weight_decay": 0.01, "teon_k": 2},
+    },
+    "zero_optimization": {"stage": 1},  # 0, 1 and 2 work; under 1/2 each rank orthogonalizes its partition
     "bf16": {"enabled": torch.cuda.is_available()},
     "steps_per_print": 1_000_000,
 }
@@ -51,9 +55,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="optimizer steps (default: 30)")
     args, _ = p.parse_known_args()  # the deepspeed launcher may add --local_rank
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=SEQ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=SEQ,
+        )
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=CONFIG)
     rank = torch.distributed.get_rank()
     if rank == 0:
@@ -66,9 +78,11 @@ def main() -> None:
         engine.step()
         losses.append(loss.item())
     if rank == 0:
-        print(f"{type(engine.basic_optimizer).__name__} on {torch.distributed.get_world_size()} ranks, "
-              f"ZeRO stage {engine.zero_optimization_stage()}: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-              f"after {args.steps} steps")
+        print(
+            f"{type(engine.basic_optimizer).__name__} on {torch.distributed.get_world_size()} ranks, "
+            f"ZeRO stage {engine.zero_optimization_stage()}: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+            f"after {args.steps} steps"
+        )
     # Tear the process group down on every rank together: a rank that exits while another is still in
     # gloo's teardown can abort the job at exit.
     torch.distributed.barrier()

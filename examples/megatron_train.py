@@ -13,6 +13,7 @@ On a CPU-only machine: gloo instead of NCCL, teonspeed's CPU shims (Megatron ask
 RNG tracker), and no gradient clipping (Megatron's clip_grad checks for CUDA tensors).
 The data: sequences in which each token is the previous one plus a fixed step (mod the vocabulary).
 """
+
 import argparse
 import os
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 CUDA = torch.cuda.is_available()
 if not CUDA:
     from teonspeed.patches import cpu_shims
+
     cpu_shims.apply()
 
 from megatron.core import parallel_state  # noqa: E402
@@ -37,21 +39,41 @@ VOCAB, SEQ, MICRO_BATCH = 128, 16, 8
 
 def build_model(tp: int, seed: int = 0) -> GPTModel:
     config = TransformerConfig(
-        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp,
-        params_dtype=torch.float32, use_cpu_initialization=True,  # the same weights at any TP size
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,  # the same weights at any TP size
         # no fused kernels: they need Transformer Engine or apex
-        gradient_accumulation_fusion=False, masked_softmax_fusion=False, bias_activation_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False)
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+    )
     if CUDA:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
         model_parallel_cuda_manual_seed(seed)
     else:
         cpu_shims.megatron_seed(seed)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                     max_sequence_length=SEQ, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+    )
     return model.cuda() if CUDA else model
 
 
@@ -79,8 +101,14 @@ def main() -> None:
         model = build_model(args.tp)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
         ddp = DistributedDataParallel(model.config, ddp_config, model)
-        config = TeonOptimizerConfig(optimizer=args.optimizer, lr=0.02, adamw_lr=3e-3, weight_decay=0.01,
-                                     muon_use_nesterov=True, clip_grad=1.0 if CUDA else 0.0)
+        config = TeonOptimizerConfig(
+            optimizer=args.optimizer,
+            lr=0.02,
+            adamw_lr=3e-3,
+            weight_decay=0.01,
+            muon_use_nesterov=True,
+            clip_grad=1.0 if CUDA else 0.0,
+        )
         optimizer = get_megatron_optimizer(config, [ddp])
         dp_rank = parallel_state.get_data_parallel_rank()
         device = next(model.parameters()).device
@@ -95,10 +123,12 @@ def main() -> None:
             success, grad_norm, _ = optimizer.step()
             losses.append(loss.item())
         if dist.get_rank() == 0:
-            print(f"{args.optimizer} through get_megatron_optimizer on TP={args.tp} x "
-                  f"DP={parallel_state.get_data_parallel_world_size()}: "
-                  f"loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-                  f"after {args.steps} steps")
+            print(
+                f"{args.optimizer} through get_megatron_optimizer on TP={args.tp} x "
+                f"DP={parallel_state.get_data_parallel_world_size()}: "
+                f"loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+                f"after {args.steps} steps"
+            )
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

@@ -23,6 +23,7 @@ them, before any state changes, and unpickles our own files with weights_only=Tr
 What each backend puts in the directory is the engine's business (launch/engines.py): DeepSpeed's
 engine.save_checkpoint files, or one torch.save file per rank for the Megatron backend.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,11 @@ def complete_checkpoints(root: Path) -> List[Path]:
     """Complete checkpoint directories under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := PATTERN.match(p.name)) and (p / MARKER).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if p.is_dir() and (m := PATTERN.match(p.name)) and (p / MARKER).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -202,6 +206,7 @@ def model_shapes(engine) -> Dict[str, List[int]]:
 
 def _versions() -> Dict[str, str]:
     from importlib import metadata
+
     out = {}
     for dist_name in ("teonspeed", "torch", "deepspeed", "megatron-core"):
         try:
@@ -214,8 +219,9 @@ def _versions() -> Dict[str, str]:
 # ---------------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------------
-def _write_rank_files(tmp: Path, engine, state: Dict[str, Any], metrics_csv: Optional[Path],
-                      rank: int) -> List[str]:
+def _write_rank_files(
+    tmp: Path, engine, state: Dict[str, Any], metrics_csv: Optional[Path], rank: int
+) -> List[str]:
     written: List[Path] = []
     with _recording_saves(written):
         engine.save(tmp.parent, tmp.name, state)
@@ -227,14 +233,26 @@ def _write_rank_files(tmp: Path, engine, state: Dict[str, Any], metrics_csv: Opt
             shutil.copyfile(metrics_csv, tmp / "metrics.csv")
             written.append(tmp / "metrics.csv")
     inside = tmp.resolve()
-    return sorted({str(p.relative_to(inside)) for p in map(lambda q: Path(q).resolve(), written)
-                   if p.is_relative_to(inside)})
+    return sorted(
+        {
+            str(p.relative_to(inside))
+            for p in map(lambda q: Path(q).resolve(), written)
+            if p.is_relative_to(inside)
+        }
+    )
 
 
 def _write_manifest(tmp: Path, files: List[str], engine, rank: int) -> int:
     entries = {name: file_entry(tmp / name, sync=True) for name in files}
-    text = json.dumps({"rank": rank, "files": entries, "optimizer": optimizer_options(engine),
-                       "model": model_shapes(engine)}, indent=1)
+    text = json.dumps(
+        {
+            "rank": rank,
+            "files": entries,
+            "optimizer": optimizer_options(engine),
+            "model": model_shapes(engine),
+        },
+        indent=1,
+    )
     _write_synced(tmp / MANIFEST.format(rank), text)
     return zlib.crc32(text.encode())
 
@@ -251,8 +269,15 @@ def _attempt(fn: Callable[[], Any]) -> tuple:
         return ("error", f"{type(e).__name__}: {e}")
 
 
-def save(root: Path, step: int, engine, state: Dict[str, Any], metrics_csv: Optional[Path], layout: Dict[str, Any],
-         keep_last: int = 0) -> Path:
+def save(
+    root: Path,
+    step: int,
+    engine,
+    state: Dict[str, Any],
+    metrics_csv: Optional[Path],
+    layout: Dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
     """Collective: every rank calls it. Returns the final directory; raises CheckpointError on every rank
     if any rank failed, leaving the earlier checkpoints as they were and no directory --resume could pick."""
     rank, _ = _rank_world()
@@ -268,8 +293,10 @@ def save(root: Path, step: int, engine, state: Dict[str, Any], metrics_csv: Opti
     def abort(message: str):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"checkpoint {final}: {message}. The earlier checkpoints are intact; free space / "
-                              f"fix the file system, then continue with --resume")
+        raise CheckpointError(
+            f"checkpoint {final}: {message}. The earlier checkpoints are intact; free space / "
+            f"fix the file system, then continue with --resume"
+        )
 
     made = _from_rank0(_attempt(prepare) if rank == 0 else None)
     if made[0] == "error":
@@ -288,8 +315,13 @@ def save(root: Path, step: int, engine, state: Dict[str, Any], metrics_csv: Opti
         abort(problem)
 
     def commit():
-        marker = dict(step=step, **layout, versions=_versions(), optimizer=optimizer_options(engine),
-                      manifests={MANIFEST.format(r): crc for r, (_, crc) in enumerate(manifests)})
+        marker = dict(
+            step=step,
+            **layout,
+            versions=_versions(),
+            optimizer=optimizer_options(engine),
+            manifests={MANIFEST.format(r): crc for r, (_, crc) in enumerate(manifests)},
+        )
         _write_synced(tmp / MARKER, json.dumps(marker, indent=1))
         _fsync_dir(tmp)
         if final.exists():  # saved again at the same step (e.g. after a resume): replace it
@@ -320,7 +352,7 @@ def prune(root: Path, kept: Path, keep_last: int) -> List[Path]:
     replaces it)."""
     step = int(PATTERN.match(kept.name).group(1))
     older = [p for p in complete_checkpoints(root) if int(PATTERN.match(p.name).group(1)) < step]
-    gone = older[:max(len(older) - (keep_last - 1), 0)]
+    gone = older[: max(len(older) - (keep_last - 1), 0)]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
@@ -353,9 +385,13 @@ def verify(path: Path, share: int = 0, shares: int = 1) -> Optional[str]:
                 return f"{path / file} is missing"
             got = file_entry(path / file)
             if got["size"] != want["size"]:
-                return f"{path / file} has {got['size']} bytes, the manifest records {want['size']} (truncated?)"
+                return (
+                    f"{path / file} has {got['size']} bytes, the manifest records {want['size']} (truncated?)"
+                )
             if got["crc32"] != want["crc32"]:
-                return f"{path / file} has CRC-32 {got['crc32']:08x}, the manifest records {want['crc32']:08x}"
+                return (
+                    f"{path / file} has CRC-32 {got['crc32']:08x}, the manifest records {want['crc32']:08x}"
+                )
     return None
 
 
@@ -377,16 +413,23 @@ def resume_point(root: Path, strict: bool = False, log: Callable[[str], None] = 
             return path
         problems.append(problem)
         if strict:
-            raise CheckpointError(f"--resume-strict: the latest checkpoint {path} does not verify: {problem}. "
-                                  f"Drop --resume-strict to fall back to the newest checkpoint that verifies")
+            raise CheckpointError(
+                f"--resume-strict: the latest checkpoint {path} does not verify: {problem}. "
+                f"Drop --resume-strict to fall back to the newest checkpoint that verifies"
+            )
         log(f"--resume: skipping {path}: {problem}")
-    raise CheckpointError(f"--resume: no checkpoint in {root} verifies ({'; '.join(problems)}); restore one "
-                          f"from a copy, or start a new --name")
+    raise CheckpointError(
+        f"--resume: no checkpoint in {root} verifies ({'; '.join(problems)}); restore one "
+        f"from a copy, or start a new --name"
+    )
 
 
 def _differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
-    return [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+    return [
+        f"{k}={saved.get(k)!r} (now {now.get(k)!r})"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
 
 
 def _shape_differences(saved: Dict[str, List[int]], now: Dict[str, List[int]]) -> List[str]:
@@ -403,9 +446,12 @@ def load(path: Path, engine, layout: Dict[str, Any], log: Callable[[str], None] 
     marker = read_marker(path)
     different = _differences({k: marker.get(k) for k in layout}, layout)
     if different:
-        raise CheckpointError(f"--resume: checkpoint {path} was written with a different layout " + ", ".join(different)
-                              + "; resume with the same --backend/--tp/--pp/--ep/--zero-stage and number of "
-                                "processes, or start a new --name")
+        raise CheckpointError(
+            f"--resume: checkpoint {path} was written with a different layout "
+            + ", ".join(different)
+            + "; resume with the same --backend/--tp/--pp/--ep/--zero-stage and number of "
+            "processes, or start a new --name"
+        )
     mismatch = []
     manifest = path / MANIFEST.format(rank)
     saved = json.loads(manifest.read_text()) if manifest.is_file() else {}
@@ -414,16 +460,24 @@ def load(path: Path, engine, layout: Dict[str, Any], log: Callable[[str], None] 
             mismatch.append("optimizer options " + ", ".join(diff))
     if "model" in saved:
         if diff := _shape_differences(saved["model"], model_shapes(engine)):
-            mismatch.append(f"model shapes on rank {rank}: " + ", ".join(diff[:8])
-                            + (f" and {len(diff) - 8} more" if len(diff) > 8 else ""))
+            mismatch.append(
+                f"model shapes on rank {rank}: "
+                + ", ".join(diff[:8])
+                + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+            )
     everyone = _gather(mismatch)
     reported = sorted({m for ms in everyone for m in ms})
     if reported:
-        raise CheckpointError(f"--resume: checkpoint {path} was written by a different run: " + "; ".join(reported)
-                              + ". Resume with the checkpoint's options and model, or start a new --name")
+        raise CheckpointError(
+            f"--resume: checkpoint {path} was written by a different run: "
+            + "; ".join(reported)
+            + ". Resume with the checkpoint's options and model, or start a new --name"
+        )
     if marker.get("versions", {}).get("teonspeed") != _versions()["teonspeed"]:
-        log(f"--resume: {path} was written by teonspeed {marker.get('versions', {}).get('teonspeed')}, "
-            f"this is {_versions()['teonspeed']}")
+        log(
+            f"--resume: {path} was written by teonspeed {marker.get('versions', {}).get('teonspeed')}, "
+            f"this is {_versions()['teonspeed']}"
+        )
     state = json.loads((path / "state.json").read_text())
     engine.load(path.parent, path.name)
     set_rng_state(safe_load(path / f"rng_rank{rank}.pt"))

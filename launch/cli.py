@@ -9,6 +9,7 @@ each option's default.
 - A renamed flag keeps its old spelling only to refuse it, naming the new one (`refuse_old_spelling`).
 - A mistake on the command line is one line (a ConfigError), as every other refusal (launch/refusal.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """A command-line mistake is one line, like every other refusal (argparse prints the usage first)."""
         from launch.configs import ConfigError
+
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
@@ -45,11 +47,20 @@ def parser(**kwargs) -> argparse.ArgumentParser:
 class _OldSpelling(argparse.Action):
     def __call__(self, p, namespace, values, option_string=None):
         from launch.configs import ConfigError
-        raise ConfigError(f"{option_string} is spelled {self.metavar} now (as in python -m launch.pretrain); "
-                          f"use {self.metavar}" + (f" {values}" if values not in (None, []) else ""))
+
+        raise ConfigError(
+            f"{option_string} is spelled {self.metavar} now (as in python -m launch.pretrain); "
+            f"use {self.metavar}" + (f" {values}" if values not in (None, []) else "")
+        )
 
 
 def refuse_old_spelling(p: argparse.ArgumentParser, old: str, new: str, takes_value: bool = True) -> None:
     """Accept `old` on the command line only to stop with "old is spelled new now" (hidden from --help)."""
-    p.add_argument(old, action=_OldSpelling, metavar=new, nargs=None if takes_value else 0,
-                   help=argparse.SUPPRESS, dest=argparse.SUPPRESS)
+    p.add_argument(
+        old,
+        action=_OldSpelling,
+        metavar=new,
+        nargs=None if takes_value else 0,
+        help=argparse.SUPPRESS,
+        dest=argparse.SUPPRESS,
+    )

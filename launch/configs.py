@@ -4,6 +4,7 @@ refusing unknown keys, without importing megatron-core (12 s) so a typo fails in
 A model config has `model` (GPTModel's arguments) and `transformer` (megatron.core TransformerConfig
 fields); a layout names a model config in `model:` and may add `model_overrides`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,20 +19,47 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "configs" / "models"
 LAYOUTS_DIR = MODELS_DIR / "layouts"
 
-MODEL_KEYS = {"vocab_size", "seq_length", "position_embedding_type", "share_embeddings_and_output_weights",
-              "activation", "rotary_base"}
-REQUIRED_MODEL_KEYS = ("vocab_size", "seq_length", "position_embedding_type", "share_embeddings_and_output_weights",
-                       "activation")
+MODEL_KEYS = {
+    "vocab_size",
+    "seq_length",
+    "position_embedding_type",
+    "share_embeddings_and_output_weights",
+    "activation",
+    "rotary_base",
+}
+REQUIRED_MODEL_KEYS = (
+    "vocab_size",
+    "seq_length",
+    "position_embedding_type",
+    "share_embeddings_and_output_weights",
+    "activation",
+)
 TOP_KEYS = {"name", "description", "model", "transformer"}
-LAYOUT_KEYS = {"name", "description", "model", "model_overrides", "cluster", "parallel", "training",
-               "memory_estimate"}
+LAYOUT_KEYS = {
+    "name",
+    "description",
+    "model",
+    "model_overrides",
+    "cluster",
+    "parallel",
+    "training",
+    "memory_estimate",
+}
 # Fields of TransformerConfig that the launcher sets itself (from flags, or because the device needs them).
 SET_BY_LAUNCHER = {
-    "tensor_model_parallel_size": "--tp", "pipeline_model_parallel_size": "--pp",
-    "expert_model_parallel_size": "--ep", "activation_func": "model.activation", "params_dtype": None,
-    "pipeline_dtype": None, "use_cpu_initialization": None, "gradient_accumulation_fusion": None,
-    "masked_softmax_fusion": None, "bias_activation_fusion": None, "bias_dropout_fusion": None,
-    "apply_rope_fusion": None, "batch_p2p_comm": None,
+    "tensor_model_parallel_size": "--tp",
+    "pipeline_model_parallel_size": "--pp",
+    "expert_model_parallel_size": "--ep",
+    "activation_func": "model.activation",
+    "params_dtype": None,
+    "pipeline_dtype": None,
+    "use_cpu_initialization": None,
+    "gradient_accumulation_fusion": None,
+    "masked_softmax_fusion": None,
+    "bias_activation_fusion": None,
+    "bias_dropout_fusion": None,
+    "apply_rope_fusion": None,
+    "batch_p2p_comm": None,
 }
 
 
@@ -57,12 +85,15 @@ def unknown_keys(kind: str, keys: Iterable[str], known: Iterable[str], where: st
 
 def read_yaml(path: Path) -> dict:
     import yaml
+
     with open(path) as f:
         return yaml.safe_load(f) or {}
 
 
 def known_configs() -> list[str]:
-    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml")) + sorted(p.stem for p in LAYOUTS_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml")) + sorted(
+        p.stem for p in LAYOUTS_DIR.glob("*.yaml")
+    )
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -111,10 +142,16 @@ def transformer_fields(mla: bool) -> frozenset:
         tree = ast.parse((root / rel).read_text())
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
-                names = [s.target.id for s in node.body if isinstance(s, ast.AnnAssign)
-                         and isinstance(s.target, ast.Name)
-                         and not (isinstance(s.annotation, ast.Subscript) and getattr(s.annotation.value, "id", "")
-                                  == "ClassVar")]
+                names = [
+                    s.target.id
+                    for s in node.body
+                    if isinstance(s, ast.AnnAssign)
+                    and isinstance(s.target, ast.Name)
+                    and not (
+                        isinstance(s.annotation, ast.Subscript)
+                        and getattr(s.annotation.value, "id", "") == "ClassVar"
+                    )
+                ]
                 classes[node.name] = ([b.id for b in node.bases if isinstance(b, ast.Name)], names)
 
     def fields(name: str) -> set:
@@ -132,16 +169,29 @@ def model_sections(name_or_path: str) -> tuple[dict, dict, Path]:
     unknown_keys("top-level", raw, top, f"--model-config {path}", f"the valid ones are {sorted(top)}")
     cfg = load_model_config(name_or_path)
     transformer, model = dict(cfg.get("transformer") or {}), dict(cfg.get("model") or {})
-    unknown_keys("model", model, MODEL_KEYS, f"--model-config {path} section 'model'",
-                 f"the valid ones are {sorted(MODEL_KEYS)}")
+    unknown_keys(
+        "model",
+        model,
+        MODEL_KEYS,
+        f"--model-config {path} section 'model'",
+        f"the valid ones are {sorted(MODEL_KEYS)}",
+    )
     mla = bool(transformer.get("multi_latent_attention"))
     cls = "MLATransformerConfig" if mla else "TransformerConfig"
-    unknown_keys("transformer", transformer, transformer_fields(mla) - set(SET_BY_LAUNCHER),
-                 f"--model-config {path} section 'transformer'", f"it takes the fields of megatron.core {cls}"
-                 + ("" if mla else " (set multi_latent_attention: true for the MLA fields)"))
+    unknown_keys(
+        "transformer",
+        transformer,
+        transformer_fields(mla) - set(SET_BY_LAUNCHER),
+        f"--model-config {path} section 'transformer'",
+        f"it takes the fields of megatron.core {cls}"
+        + ("" if mla else " (set multi_latent_attention: true for the MLA fields)"),
+    )
     for key in sorted(set(transformer) & set(SET_BY_LAUNCHER)):
-        raise ConfigError(f"--model-config {path}: transformer.{key} is set by the launcher"
-                          + (f" (use {SET_BY_LAUNCHER[key]})" if SET_BY_LAUNCHER[key] else "") + "; remove it")
+        raise ConfigError(
+            f"--model-config {path}: transformer.{key} is set by the launcher"
+            + (f" (use {SET_BY_LAUNCHER[key]})" if SET_BY_LAUNCHER[key] else "")
+            + "; remove it"
+        )
     for key in REQUIRED_MODEL_KEYS:
         if key not in model:
             raise ConfigError(f"--model-config {path}: section 'model' needs {key!r}")

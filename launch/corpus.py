@@ -1,6 +1,7 @@
 """The embedded default corpus: the source of a fixed list of standard-library modules (~2 MB), cut
 into documents at top-level definitions, with a fixed 95/5 train/validation split. Standard library
 only, so launch/prepare_data.py and launch/data.py share it without importing each other."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,13 +13,47 @@ EOT = "<|endoftext|>"
 
 # A fixed, sorted list of standard-library modules: their source is the corpus (~2 MB). Sorting and
 # fixing the list keeps the corpus (and thus the tokenizer and the split) deterministic.
-CORPUS_MODULES = sorted([
-    "argparse", "ast", "base64", "bisect", "calendar", "collections", "configparser", "contextlib",
-    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools",
-    "gettext", "heapq", "inspect", "ipaddress", "json.decoder", "json.encoder", "logging", "pprint",
-    "queue", "random", "shlex", "shutil", "statistics", "string", "tarfile", "textwrap", "threading",
-    "tokenize", "typing", "uuid",
-])
+CORPUS_MODULES = sorted(
+    [
+        "argparse",
+        "ast",
+        "base64",
+        "bisect",
+        "calendar",
+        "collections",
+        "configparser",
+        "contextlib",
+        "copy",
+        "csv",
+        "dataclasses",
+        "datetime",
+        "decimal",
+        "difflib",
+        "enum",
+        "fractions",
+        "functools",
+        "gettext",
+        "heapq",
+        "inspect",
+        "ipaddress",
+        "json.decoder",
+        "json.encoder",
+        "logging",
+        "pprint",
+        "queue",
+        "random",
+        "shlex",
+        "shutil",
+        "statistics",
+        "string",
+        "tarfile",
+        "textwrap",
+        "threading",
+        "tokenize",
+        "typing",
+        "uuid",
+    ]
+)
 VAL_EVERY = 20  # every 20th document goes to validation: a fixed 5% split drawn from all modules
 
 

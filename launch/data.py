@@ -1,5 +1,6 @@
 """Training and validation batches for launch/pretrain.py: the embedded corpus tokenized in memory by
 a BPE trained on the fly, or Megatron indexed datasets written by launch/prepare_data.py."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +15,7 @@ from launch.prepare_data import MegatronTokenizerAdapter, gpt_dataset, train_bpe
 def build_tokenizer(train_docs: list[str], vocab: int, path: Path):
     """Byte-level BPE trained on the training split by rank 0; the other ranks load its file."""
     from tokenizers import Tokenizer
+
     if dist.get_rank() == 0:
         tok = train_bpe(train_docs, vocab)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ def encode(tok, docs: list[str]) -> torch.Tensor:
 
 def windows(stream: torch.Tensor, starts: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token labels from windows of seq+1 tokens starting at `starts`."""
-    chunk = torch.stack([stream[s:s + seq + 1] for s in starts.tolist()])
+    chunk = torch.stack([stream[s : s + seq + 1] for s in starts.tolist()])
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
 
@@ -84,12 +86,22 @@ def indexed_data(args, dp: int, dp_rank: int, log=print):
     (global rank 0 writes the sample-index cache first, the others then read it)."""
     data = Path(args.data_dir)
     tok = MegatronTokenizerAdapter(data / "tokenizer.json")
-    train = gpt_dataset(data / "train", tok, args.seq, num_samples=args.steps * args.grad_accum * args.micro_batch * dp, seed=args.seed)
+    train = gpt_dataset(
+        data / "train",
+        tok,
+        args.seq,
+        num_samples=args.steps * args.grad_accum * args.micro_batch * dp,
+        seed=args.seed,
+    )
     valid = gpt_dataset(data / "valid", tok, args.seq, seed=args.seed, split="valid")
     n = min(args.eval_batches, len(valid) // args.micro_batch)
-    val_set = [stack_samples([valid[i * args.micro_batch + j] for j in range(args.micro_batch)]) for i in range(n)]
-    log(f"data: {data} (Megatron indexed datasets), {len(train)} train / {len(valid)} validation samples of "
-        f"{args.seq} + 1 tokens, vocab {tok.vocab_size}")
+    val_set = [
+        stack_samples([valid[i * args.micro_batch + j] for j in range(args.micro_batch)]) for i in range(n)
+    ]
+    log(
+        f"data: {data} (Megatron indexed datasets), {len(train)} train / {len(valid)} validation samples of "
+        f"{args.seq} + 1 tokens, vocab {tok.vocab_size}"
+    )
     return tok, IndexedBatches(train, args.micro_batch, dp_rank, dp), val_set
 
 
@@ -97,7 +109,7 @@ def val_batches(stream: torch.Tensor, seq: int, batch: int, count: int) -> list:
     """A fixed set of evenly spaced validation windows, the same at every evaluation."""
     n = count * batch
     starts = torch.linspace(0, len(stream) - seq - 2, n).long()
-    return [windows(stream, starts[i * batch:(i + 1) * batch], seq) for i in range(count)]
+    return [windows(stream, starts[i * batch : (i + 1) * batch], seq) for i in range(count)]
 
 
 def training_data(args, dp: int, dp_rank: int, run_dir: Path, resuming: bool, log=print):
@@ -119,16 +131,21 @@ def embedded_data(args, dp_rank: int, run_dir: Path, resuming: bool, log=print):
     tok_path = run_dir / "tokenizer.json"
     if resuming and tok_path.exists():
         from tokenizers import Tokenizer
+
         tok = Tokenizer.from_file(str(tok_path))
     else:
         tok = build_tokenizer(train_docs, args.vocab, tok_path)
     train_stream, val_stream = encode(tok, train_docs), encode(tok, val_docs)
     vocab_size = tok.get_vocab_size()
     if vocab_size < args.vocab:
-        log(f"vocab: the BPE reached {vocab_size} tokens on the embedded corpus, fewer than the {args.vocab} "
-            f"asked for: the model uses {vocab_size}")
-    log(f"corpus: {len(CORPUS_MODULES)} stdlib modules, {sum(map(len, docs)) / 1e6:.2f} MB, sha256 "
+        log(
+            f"vocab: the BPE reached {vocab_size} tokens on the embedded corpus, fewer than the {args.vocab} "
+            f"asked for: the model uses {vocab_size}"
+        )
+    log(
+        f"corpus: {len(CORPUS_MODULES)} stdlib modules, {sum(map(len, docs)) / 1e6:.2f} MB, sha256 "
         f"{digest}; {len(train_docs)}/{len(val_docs)} train/val documents, {len(train_stream)}/"
-        f"{len(val_stream)} tokens, vocab {vocab_size}")
+        f"{len(val_stream)} tokens, vocab {vocab_size}"
+    )
     batches = TrainBatches(train_stream, args.seq, args.micro_batch, args.seed, dp_rank)
     return batches, val_batches(val_stream, args.seq, args.micro_batch, args.eval_batches), vocab_size

@@ -16,6 +16,7 @@
   megatron-core's pipeline schedules (its own pipeline engine needs a deepspeed.pipe.PipelineModule), so
   pipeline parallelism runs here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,9 +62,16 @@ def deepspeed_config(args, dp: int) -> Dict[str, Any]:
     """The DeepSpeed config of this run: --ds-config's JSON (if given) with the CLI's batch sizes and
     steps, and the CLI's optimizer / lr / ZeRO / clipping where given explicitly; else built from the CLI."""
     if args.optimizer == "adamw":
-        optimizer = {"type": "AdamW", "params": {"lr": args.adamw_lr, "betas": list(ADAMW_BETAS),
-                                                 "eps": ADAMW_EPS, "weight_decay": args.weight_decay,
-                                                 "torch_adam": True}}
+        optimizer = {
+            "type": "AdamW",
+            "params": {
+                "lr": args.adamw_lr,
+                "betas": list(ADAMW_BETAS),
+                "eps": ADAMW_EPS,
+                "weight_decay": args.weight_decay,
+                "torch_adam": True,
+            },
+        }
     else:
         optimizer = {"type": ORTHO_TYPES[args.optimizer], "params": teonspeed_params(args)}
     if args.ds_config_dict is not None:
@@ -76,15 +84,22 @@ def deepspeed_config(args, dp: int) -> Dict[str, Any]:
         if "clip_grad" in given or "gradient_clipping" not in config:
             config["gradient_clipping"] = args.clip_grad
     else:
-        config = {"optimizer": optimizer, "zero_optimization": {"stage": args.zero_stage},
-                  "gradient_clipping": args.clip_grad}
+        config = {
+            "optimizer": optimizer,
+            "zero_optimization": {"stage": args.zero_stage},
+            "gradient_clipping": args.clip_grad,
+        }
     if str(config["optimizer"].get("type")).lower() in {t.lower() for t in ORTHO_TYPES.values()}:
         config["optimizer"].setdefault("params", {}).update(qk_clip_options(args))
     # The lr schedule is launch/schedule.py's (validated in launch/options.py), passed to initialize().
     config.pop("scheduler", None)
     config.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accumulation x DP
-    config.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps=args.grad_accum,
-                  steps_per_print=10 ** 9, wall_clock_breakdown=False)
+    config.update(
+        train_micro_batch_size_per_gpu=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum,
+        steps_per_print=10**9,
+        wall_clock_breakdown=False,
+    )
     return config
 
 
@@ -103,10 +118,13 @@ def qk_clip_for(options: Dict[str, Any], model, optimizer):
     if clip is not None or not options:
         return clip, False
     if "qk_clip" in options:
-        raise SystemExit(f"--qk-clip: the run's optimizer ({type(optimizer).__name__}) is not teonspeed's, "
-                         f"which rescales the weights where its wrappers keep them; use --optimizer "
-                         f"muon/teon/htmuon (and a --ds-config optimizer of those types), or --qk-clip-log")
+        raise SystemExit(
+            f"--qk-clip: the run's optimizer ({type(optimizer).__name__}) is not teonspeed's, "
+            f"which rescales the weights where its wrappers keep them; use --optimizer "
+            f"muon/teon/htmuon (and a --ds-config optimizer of those types), or --qk-clip-log"
+        )
     from teonspeed import qk_clip
+
     return qk_clip.attach(model, log_only=True), True
 
 
@@ -115,22 +133,29 @@ def _deepspeed_checkpoint_classes():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
+
     return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
 class DeepSpeedBackend:
     name = "deepspeed"
 
-    def __init__(self, model, config: Dict[str, Any], lr_scheduler,
-                 qk_options: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self, model, config: Dict[str, Any], lr_scheduler, qk_options: Optional[Dict[str, Any]] = None
+    ):
         import deepspeed
 
         import teonspeed  # noqa: F401  (registers the optimizer types)
         from teonspeed.deepspeed import MegatronMPU
+
         self.config = config
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=copy.deepcopy(config), mpu=MegatronMPU(),
-            lr_scheduler=lr_scheduler)
+            model=model,
+            model_parameters=model.parameters(),
+            config=copy.deepcopy(config),
+            mpu=MegatronMPU(),
+            lr_scheduler=lr_scheduler,
+        )
         self.model = self.engine.module
         self.qk_clip, self._steps_qk_clip = qk_clip_for(qk_options or {}, self.model, self.basic_optimizer)
 
@@ -198,7 +223,11 @@ class MegatronBackend:
 
     def __init__(self, model, args):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.model, self.args = model, args
@@ -206,8 +235,11 @@ class MegatronBackend:
         distributed = bool(getattr(args, "distributed_optimizer", False))
         overlap = bool(getattr(args, "overlap_grad_reduce", False))
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, overlap_grad_reduce=overlap,
-            bucket_size=getattr(args, "ddp_bucket_size", None))
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=distributed,
+            overlap_grad_reduce=overlap,
+            bucket_size=getattr(args, "ddp_bucket_size", None),
+        )
         self.ddp = DistributedDataParallel(self.config, ddp_config, model)
         if overlap:  # as Megatron-LM's training loop: reduce once, in the last micro-batch's backward
             self.config.no_sync_func = self.ddp.no_sync
@@ -224,17 +256,32 @@ class MegatronBackend:
             self.clip_note = None
         if args.optimizer == "adamw":
             from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-            cfg = OptimizerConfig(optimizer="adam", lr=args.adamw_lr, min_lr=args.adamw_lr * args.min_lr_ratio,
-                                  weight_decay=args.weight_decay, adam_beta1=ADAMW_BETAS[0],
-                                  adam_beta2=ADAMW_BETAS[1], adam_eps=ADAMW_EPS, clip_grad=clip,
-                                  use_distributed_optimizer=distributed)
+
+            cfg = OptimizerConfig(
+                optimizer="adam",
+                lr=args.adamw_lr,
+                min_lr=args.adamw_lr * args.min_lr_ratio,
+                weight_decay=args.weight_decay,
+                adam_beta1=ADAMW_BETAS[0],
+                adam_beta2=ADAMW_BETAS[1],
+                adam_eps=ADAMW_EPS,
+                clip_grad=clip,
+                use_distributed_optimizer=distributed,
+            )
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
             peak = args.adamw_lr
         else:
             from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
-            cfg = TeonOptimizerConfig(optimizer=args.optimizer, min_lr=args.lr * args.min_lr_ratio,
-                                      clip_grad=clip, muon_use_nesterov=True, use_distributed_optimizer=distributed,
-                                      **teonspeed_params(args), **qk_clip_options(args))
+
+            cfg = TeonOptimizerConfig(
+                optimizer=args.optimizer,
+                min_lr=args.lr * args.min_lr_ratio,
+                clip_grad=clip,
+                muon_use_nesterov=True,
+                use_distributed_optimizer=distributed,
+                **teonspeed_params(args),
+                **qk_clip_options(args),
+            )
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp])
             peak = args.lr
         self.qk_clip, self._steps_qk_clip = qk_clip_for(qk_clip_options(args), self.ddp, self.basic_optimizer)
@@ -252,17 +299,23 @@ class MegatronBackend:
         c = self.ddp.ddp_config
         buckets = sum(len(b.buckets) for b in list(self.ddp.buffers) + list(self.ddp.expert_parallel_buffers))
         overlap = "on" if c.overlap_grad_reduce else "off"
-        return (f"overlap_grad_reduce {overlap}, {buckets} gradient bucket(s)"
-                + (f" of {c.bucket_size} elements" if c.overlap_grad_reduce and c.bucket_size else ""))
+        return f"overlap_grad_reduce {overlap}, {buckets} gradient bucket(s)" + (
+            f" of {c.bucket_size} elements" if c.overlap_grad_reduce and c.bucket_size else ""
+        )
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def _run(self, batches: List[Batch], forward_only: bool):
         return self.forward_backward(
-            forward_step_func=_forward_step, data_iterator=iter(batches), model=[self.ddp],
-            num_microbatches=len(batches), seq_length=batches[0][0].size(1), micro_batch_size=batches[0][0].size(0),
-            forward_only=forward_only)
+            forward_step_func=_forward_step,
+            data_iterator=iter(batches),
+            model=[self.ddp],
+            num_microbatches=len(batches),
+            seq_length=batches[0][0].size(1),
+            micro_batch_size=batches[0][0].size(0),
+            forward_only=forward_only,
+        )
 
     def train_step(self, micro_batches: List[Batch]) -> Optional[float]:
         self.ddp.zero_grad_buffer()
@@ -289,8 +342,15 @@ class MegatronBackend:
         return Path(root) / tag / f"megatron_rank{dist.get_rank():05d}.pt"
 
     def save(self, root: Path, tag: str, state: Dict[str, Any]) -> None:
-        torch.save({"model": self.ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "state": dict(state)}, self._file(root, tag))
+        torch.save(
+            {
+                "model": self.ddp.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "state": dict(state),
+            },
+            self._file(root, tag),
+        )
 
     def load(self, root: Path, tag: str) -> None:
         # Only tensors and plain containers: a planted pickle cannot run code.

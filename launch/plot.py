@@ -9,6 +9,7 @@ columns are read from each file's header: `step` is the x axis (or a tokens colu
 column whose name ends in `loss` is a curve (train_* thin and optionally smoothed, val_* with markers);
 empty cells (steps without that measurement) are skipped. Prints each run's last values.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,10 @@ def find_metrics(item: str) -> Path:
     for candidate in (path, path / "metrics.csv", RUNS / item / "metrics.csv"):
         if candidate.is_file():
             return candidate
-    raise SystemExit(f"no metrics.csv for {item!r} (looked at {path}, {path / 'metrics.csv'}, "
-                     f"{RUNS / item / 'metrics.csv'})")
+    raise SystemExit(
+        f"no metrics.csv for {item!r} (looked at {path}, {path / 'metrics.csv'}, "
+        f"{RUNS / item / 'metrics.csv'})"
+    )
 
 
 def read_metrics(path: Path) -> Dict[str, List[Optional[float]]]:
@@ -63,8 +66,11 @@ def smooth(values: List[float], window: int) -> List[float]:
 
 
 def series(columns: Dict[str, List[Optional[float]]], x_name: str, y_name: str):
-    pairs = [(x, y) for x, y in zip(columns[x_name], columns[y_name]) if x is not None and y is not None
-             and math.isfinite(y)]
+    pairs = [
+        (x, y)
+        for x, y in zip(columns[x_name], columns[y_name])
+        if x is not None and y is not None and math.isfinite(y)
+    ]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -79,9 +85,16 @@ def x_column(columns: Dict[str, list], want: str) -> str:
     raise SystemExit(f"--x tokens: no tokens column (columns: {', '.join(columns)})")
 
 
-def plot_runs(runs: Dict[str, Path], out: Path, smooth_window: int = 1, x: str = "step",
-              title: Optional[str] = None, log_y: bool = False) -> List[str]:
+def plot_runs(
+    runs: Dict[str, Path],
+    out: Path,
+    smooth_window: int = 1,
+    x: str = "step",
+    title: Optional[str] = None,
+    log_y: bool = False,
+) -> List[str]:
     import matplotlib
+
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
 
@@ -104,8 +117,15 @@ def plot_runs(runs: Dict[str, Path], out: Path, smooth_window: int = 1, x: str =
             if name.startswith("val"):
                 ax.plot(xs, ys, "o-", color=color, markersize=3.5, linewidth=1.6, label=f"{label} {kind}")
             else:
-                ax.plot(xs, smooth(ys, smooth_window), "-", color=color, alpha=0.45, linewidth=1.0,
-                        label=f"{label} {kind}" + (f" (avg {smooth_window})" if smooth_window > 1 else ""))
+                ax.plot(
+                    xs,
+                    smooth(ys, smooth_window),
+                    "-",
+                    color=color,
+                    alpha=0.45,
+                    linewidth=1.0,
+                    label=f"{label} {kind}" + (f" (avg {smooth_window})" if smooth_window > 1 else ""),
+                )
             last.append(f"{name} {ys[-1]:.4f} @ {xs_name} {xs[-1]:g}")
         summary.append(f"{label}: " + ", ".join(last))
     ax.set_xlabel("tokens" if x == "tokens" else "step")
@@ -124,13 +144,15 @@ def plot_runs(runs: Dict[str, Path], out: Path, smooth_window: int = 1, x: str =
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = cli.parser(prog="python -m launch.plot", description=__doc__)
-    p.add_argument("runs", nargs="*",
-                   help="run names under runs/, run directories or metrics.csv files (default: every run "
-                        "under runs/)")
+    p.add_argument(
+        "runs",
+        nargs="*",
+        help="run names under runs/, run directories or metrics.csv files (default: every run under runs/)",
+    )
     p.add_argument("--out", default=str(RUNS / "loss_curves.png"), help="the PNG to write")
     p.add_argument("--smooth", type=int, default=1, help="moving average window of the train curves")
     p.add_argument("--x", default="step", choices=["step", "tokens"], help="the x axis")
-    p.add_argument("--title", default=None, help="the plot's title (default: \"N runs\")")
+    p.add_argument("--title", default=None, help='the plot\'s title (default: "N runs")')
     p.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     args = p.parse_args(argv)
     items = args.runs or sorted(str(d.parent) for d in RUNS.glob("*/metrics.csv"))

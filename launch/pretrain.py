@@ -9,6 +9,7 @@ the CPU shims under --device cpu, then trains (launch/train.py): the data (launc
 --pp > 1), checkpoints (launch/checkpoint.py), the lr schedule (launch/schedule.py), and the outputs
 under runs/<name>/ (metrics.csv, loss.png, TensorBoard).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     # `python launch/pretrain.py` / `torchrun launch/pretrain.py`: run as the module `launch.pretrain`.
     import runpy
+
     sys.path[0] = str(Path(__file__).resolve().parents[1])
     runpy.run_module("launch.pretrain", run_name="__main__", alter_sys=True)
     raise SystemExit(0)
@@ -30,6 +32,7 @@ def launch_world_size() -> int:
     environment, or the process group a caller (the tests' fork harness) has already made."""
     if "torch" in sys.modules:
         import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -42,11 +45,14 @@ def main(argv=None) -> dict:
     if args.device == "cpu":
         # Megatron asks CUDA for devices and RNG trackers at import and build time: the shims answer "cpu".
         from teonspeed.patches import cpu_shims
+
         cpu_shims.apply()
     from launch.train import run
+
     return run(args)
 
 
 if __name__ == "__main__":
     from launch import refusal
+
     sys.exit(refusal.run(main))  # a refused setup: one line, from rank 0, exit status 2

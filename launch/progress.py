@@ -1,6 +1,7 @@
 """What launch/pretrain.py shows and writes on rank 0: the loss table, a tqdm progress bar (step, loss,
 tokens/s, lr, ETA), TensorBoard event files (when the `tensorboard` package is installed) and metrics.csv.
 Every other rank gets a Progress whose methods do nothing."""
+
 from __future__ import annotations
 
 import csv
@@ -47,16 +48,32 @@ def read_csv(path: Path) -> List[dict]:
 class Progress:
     """Rank 0's outputs. `bar`: 'on', 'off' or 'auto' (on when stderr is a terminal)."""
 
-    def __init__(self, enabled: bool, total_steps: int, start_step: int, run_dir: Path, bar: str = "auto",
-                 tensorboard: bool = True, log=print):
+    def __init__(
+        self,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        run_dir: Path,
+        bar: str = "auto",
+        tensorboard: bool = True,
+        log=print,
+    ):
         self.enabled, self.log_fn = enabled, log
         self.bar = self.writer = None
         if not enabled:
             return
         if bar == "on" or (bar == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                            leave=True, file=sys.stderr)
+
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                leave=True,
+                file=sys.stderr,
+            )
         if tensorboard:
             self.writer, reason = tensorboard_writer(run_dir / "tensorboard")
             if self.writer is None:
@@ -69,6 +86,7 @@ class Progress:
             return
         if self.bar is not None:
             from tqdm import tqdm
+
             tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
             sys.stdout.flush()
         else:

@@ -12,6 +12,7 @@ refusal a rank other than 0 waits GRACE_S first: when rank 0 refused too, the la
 deepspeed launcher) ends this process as soon as rank 0 exits; when rank 0 did not, this rank's message
 is printed, with its rank, instead of being lost.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,6 +34,7 @@ def _raised_in_teonspeed(err: BaseException) -> bool:
     while tb.tb_next is not None:
         tb = tb.tb_next
     import teonspeed  # light: neither DeepSpeed nor Megatron
+
     package = Path(teonspeed.__file__).parent.resolve()
     return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 

@@ -1,6 +1,7 @@
 """The lr schedule of a run, the same in both backends: linear warmup over --warmup steps, then cosine
 decay to --min-lr-ratio x the peak at --steps. Step i (0-based) runs at peak x lr_factor(i); the first
 step is never at lr 0 (warmup reaches the peak at step warmup - 1)."""
+
 from __future__ import annotations
 
 import math
@@ -23,6 +24,7 @@ def deepspeed_scheduler(args):
 
     def make(optimizer):
         return LambdaLR(optimizer, lambda step: lr_factor(step, args.warmup, args.steps, args.min_lr_ratio))
+
     return make
 
 
@@ -37,9 +39,18 @@ def megatron_scheduler(optimizer, args, peak: float):
             super().load_state_dict(state_dict)
 
     scheduler = AdvancedOnce(
-        optimizer, init_lr=0.0, max_lr=peak, min_lr=peak * args.min_lr_ratio, lr_warmup_steps=args.warmup,
+        optimizer,
+        init_lr=0.0,
+        max_lr=peak,
+        min_lr=peak * args.min_lr_ratio,
+        lr_warmup_steps=args.warmup,
         # (megatron asserts warmup < decay steps; a warmup as long as the run never reaches the decay anyway)
-        lr_decay_steps=max(args.steps, args.warmup + 1), lr_decay_style="cosine", start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=args.steps, wd_incr_style="constant")
+        lr_decay_steps=max(args.steps, args.warmup + 1),
+        lr_decay_style="cosine",
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.steps,
+        wd_incr_style="constant",
+    )
     scheduler.step(increment=1)
     return scheduler

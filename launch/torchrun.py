@@ -7,6 +7,7 @@ about the failed one, its traceback and a table of the ranks: about 35 lines) af
 when every failed rank exited with the refusal's status (or was ended by torchrun after such a rank),
 the report is left out and the status is passed on; any other failure gets torchrun's report unchanged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,6 +38,7 @@ class _HoldShutdownLines(logging.Filter):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
+
     logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     hold = _HoldShutdownLines()
     logger.addFilter(hold)

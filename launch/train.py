@@ -1,6 +1,7 @@
 """The training run of launch/pretrain.py, top to bottom: processes, data, model, backend, resume,
 the loop, the outputs. Imported only after launch/options.py has checked the setup (it loads
 megatron-core, DeepSpeed and torch)."""
+
 from __future__ import annotations
 
 import json
@@ -34,13 +35,24 @@ def init_parallel(args) -> tuple[int, int, int]:
         torch.set_num_threads(1)  # 2 processes on 2 cores: one thread each, no oversubscription
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # plain `python -m launch.pretrain`: a world of one
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                              LOCAL_RANK="0")
+            os.environ.update(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()),
+                RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_RANK="0",
+            )
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp,
-                                             pipeline_model_parallel_size=args.pp,
-                                             expert_model_parallel_size=args.ep)
-    return dist.get_rank(), parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        expert_model_parallel_size=args.ep,
+    )
+    return (
+        dist.get_rank(),
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
 
 
 def shutdown(owned: bool) -> None:
@@ -70,8 +82,9 @@ def agree_on_run_dir(args, rank: int) -> Path:
 
 def build_backend(args, model, dp: int):
     if args.backend == "deepspeed":
-        return DeepSpeedBackend(model, deepspeed_config(args, dp), deepspeed_scheduler(args),
-                                qk_clip_options(args))
+        return DeepSpeedBackend(
+            model, deepspeed_config(args, dp), deepspeed_scheduler(args), qk_clip_options(args)
+        )
     return MegatronBackend(model, args)
 
 
@@ -79,15 +92,19 @@ def describe_backend(args, backend) -> str:
     if args.backend == "deepspeed":
         c = backend.config
         source = f" (from {args.ds_config})" if args.ds_config else ""
-        return (f"backend: DeepSpeed engine, ZeRO stage {c['zero_optimization'].get('stage', 0)}, optimizer "
-                f"{c['optimizer']['type']} {json.dumps(c['optimizer'].get('params', {}))}, lr schedule "
-                f"launch/schedule.py, clipping {c.get('gradient_clipping', 0)}, accumulation "
-                f"{c['gradient_accumulation_steps']}{source}")
+        return (
+            f"backend: DeepSpeed engine, ZeRO stage {c['zero_optimization'].get('stage', 0)}, optimizer "
+            f"{c['optimizer']['type']} {json.dumps(c['optimizer'].get('params', {}))}, lr schedule "
+            f"launch/schedule.py, clipping {c.get('gradient_clipping', 0)}, accumulation "
+            f"{c['gradient_accumulation_steps']}{source}"
+        )
     clip = f"; {backend.clip_note}" if backend.clip_note else ""
     wrapper, inner = type(backend.optimizer).__name__, type(backend.basic_optimizer).__name__
-    return (f"backend: Megatron DDP ({backend.ddp_note()}) + {wrapper}({inner}), OptimizerParamScheduler "
-            f"(launch/schedule.py's sequence), {args.grad_accum} micro-batch(es) per step through "
-            f"{backend.forward_backward.__name__}{clip}")
+    return (
+        f"backend: Megatron DDP ({backend.ddp_note()}) + {wrapper}({inner}), OptimizerParamScheduler "
+        f"(launch/schedule.py's sequence), {args.grad_accum} micro-batch(es) per step through "
+        f"{backend.forward_backward.__name__}{clip}"
+    )
 
 
 def describe_optimizer(backend) -> str:
@@ -103,8 +120,11 @@ def describe_optimizer(backend) -> str:
 # ---------------------------------------------------------------------------------------------------
 def _loss_sum(value, device) -> torch.Tensor:
     """[sum, count] of `value` over the ranks that have one (the last pipeline stage's, TP ranks alike)."""
-    t = torch.tensor([0.0 if value is None else float(value), 0.0 if value is None else 1.0], dtype=torch.float64,
-                     device=device)
+    t = torch.tensor(
+        [0.0 if value is None else float(value), 0.0 if value is None else 1.0],
+        dtype=torch.float64,
+        device=device,
+    )
     dist.all_reduce(t)
     return t
 
@@ -119,8 +139,11 @@ def world_mean_and_max(value, max_logit, device) -> tuple:
     """world_mean of the loss, and the largest attention logit over every rank (each holds its pipeline
     stage's and TP shard's heads) in the same host read: (mean or None, max or None)."""
     t = _loss_sum(value, device)
-    m = (max_logit.detach().to(device=device, dtype=torch.float64).reshape(1) if max_logit is not None
-         else torch.full((1,), float("-inf"), dtype=torch.float64, device=device))
+    m = (
+        max_logit.detach().to(device=device, dtype=torch.float64).reshape(1)
+        if max_logit is not None
+        else torch.full((1,), float("-inf"), dtype=torch.float64, device=device)
+    )
     dist.all_reduce(m, op=dist.ReduceOp.MAX)
     total, count, top = torch.cat([t, m]).tolist()
     return (total / count if count > 0 else None), (top if top != float("-inf") else None)
@@ -139,8 +162,10 @@ def evaluate(backend, batches: list, dp_rank: int, dp: int, device) -> float:
 # ---------------------------------------------------------------------------------------------------
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     train = [r for r in rows if r["train_loss"] != ""]
     ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train", alpha=0.8)
@@ -163,7 +188,9 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     owned = not dist.is_initialized()
     rank, dp_rank, dp = init_parallel(args)
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    )
     progress = None
     try:
         run_dir = agree_on_run_dir(args, rank)
@@ -171,8 +198,14 @@ def run(args) -> dict:
             log(note)
         log(f"run: {summary(args)}; run directory {run_dir}")
         ckpt_root = run_dir / "checkpoints"
-        layout = dict(backend=args.backend, world=dist.get_world_size(), tp=args.tp, pp=args.pp, ep=args.ep,
-                      zero_stage=args.zero_stage if args.backend == "deepspeed" else None)
+        layout = dict(
+            backend=args.backend,
+            world=dist.get_world_size(),
+            tp=args.tp,
+            pp=args.pp,
+            ep=args.ep,
+            zero_stage=args.zero_stage if args.backend == "deepspeed" else None,
+        )
         resume_from = checkpoint.resume_point(ckpt_root, args.resume_strict, log) if args.resume else None
         if args.resume and resume_from is None:
             log(f"--resume: no complete checkpoint in {ckpt_root}; starting from step 0")
@@ -185,9 +218,11 @@ def run(args) -> dict:
         # Model and backend (optimizer, scheduler, data parallelism).
         model = build_model(args, padded_vocab(vocab_size, args.tp))
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.groups} groups, "
+        log(
+            f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.groups} groups, "
             f"ffn {args.ffn}, seq {args.seq}; {n_params / 1e6:.3f} M parameters on this rank; "
-            f"layout TP={args.tp} x PP={args.pp} x DP={dp}" + (f" (EP={args.ep})" if args.ep > 1 else ""))
+            f"layout TP={args.tp} x PP={args.pp} x DP={dp}" + (f" (EP={args.ep})" if args.ep > 1 else "")
+        )
         backend = build_backend(args, model, dp)
         log(describe_backend(args, backend))
         log(describe_optimizer(backend))
@@ -206,12 +241,23 @@ def run(args) -> dict:
 
         # Train.
         tokens_per_step = dp * args.micro_batch * args.grad_accum * args.seq
-        progress = Progress(rank == 0, args.steps, start, run_dir, bar=args.progress,
-                            tensorboard=not args.no_tensorboard, log=log)
+        progress = Progress(
+            rank == 0,
+            args.steps,
+            start,
+            run_dir,
+            bar=args.progress,
+            tensorboard=not args.no_tensorboard,
+            log=log,
+        )
         out = progress.log
         losses, lrs, vals, max_logits = [], [], [], []
-        out(f"\n{args.steps} steps of {tokens_per_step} tokens, optimizer {args.optimizer}, backend {args.backend}"
-            + (f", from step {start}" if start else "") + f"\n{HEADER}\n{'-' * len(HEADER)}")
+        out(
+            f"\n{args.steps} steps of {tokens_per_step} tokens, optimizer {args.optimizer}, "
+            f"backend {args.backend}"
+            + (f", from step {start}" if start else "")
+            + f"\n{HEADER}\n{'-' * len(HEADER)}"
+        )
         if start == 0:
             val0 = evaluate(backend, val_set, dp_rank, dp, device)
             rows.append({"step": 0, "train_loss": "", "val_loss": val0, "lr": "", "tokens_per_s": ""})
@@ -241,12 +287,19 @@ def run(args) -> dict:
                 val = evaluate(backend, val_set, dp_rank, dp, device)
                 vals.append((done, val))
                 progress.scalars({"val/loss": val}, done)
-            row = {"step": done, "train_loss": loss, "val_loss": "" if val is None else val, "lr": lr,
-                   "tokens_per_s": ""}
+            row = {
+                "step": done,
+                "train_loss": loss,
+                "val_loss": "" if val is None else val,
+                "lr": lr,
+                "tokens_per_s": "",
+            }
             if clip is not None:
                 row["max_attn_logit"] = "" if max_logit is None else max_logit
             step_tps = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-            if done % args.log_every == 0 or val is not None or done == start + 1:  # every eval gets a row too
+            if (
+                done % args.log_every == 0 or val is not None or done == start + 1
+            ):  # every eval gets a row too
                 now = time.perf_counter()
                 tps = tokens_per_step * len(window) / (now - t_log)
                 row["tokens_per_s"] = tps
@@ -259,9 +312,15 @@ def run(args) -> dict:
                 if rank == 0:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     write_csv(rows, run_dir / "metrics.csv")
-                path = checkpoint.save(ckpt_root, done, backend,
-                                       {"step": done, "micro_batches": done * args.grad_accum},
-                                       run_dir / "metrics.csv", layout, keep_last=args.keep_last)
+                path = checkpoint.save(
+                    ckpt_root,
+                    done,
+                    backend,
+                    {"step": done, "micro_batches": done * args.grad_accum},
+                    run_dir / "metrics.csv",
+                    layout,
+                    keep_last=args.keep_last,
+                )
                 out(f"saved {path}")
         t_train = time.perf_counter() - t_train
         progress.close()
@@ -270,26 +329,46 @@ def run(args) -> dict:
         final_val = next((r["val_loss"] for r in reversed(rows) if r["val_loss"] != ""), None)
         ran = max(stop - start, 0)
         if final_val is not None and val0 is not None:
-            log(f"\ninitial val loss {val0:.4f} -> final val loss {final_val:.4f} "
+            log(
+                f"\ninitial val loss {val0:.4f} -> final val loss {final_val:.4f} "
                 f"(train {t_train:.1f} s, {ran * tokens_per_step / max(t_train, 1e-9):.0f} tokens/s; "
-                f"total {time.perf_counter() - t_start:.1f} s)")
+                f"total {time.perf_counter() - t_start:.1f} s)"
+            )
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)  # (--data-dir: no tokenizer was written there)
             write_csv(rows, run_dir / "metrics.csv")
             written = [run_dir / "metrics.csv"]
             if not args.no_plot:
-                plot(rows, run_dir / "loss.png", f"{args.optimizer} ({args.backend}), TP={args.tp} x PP={args.pp} x "
-                                                 f"DP={dp}, {args.steps} steps")
+                plot(
+                    rows,
+                    run_dir / "loss.png",
+                    f"{args.optimizer} ({args.backend}), TP={args.tp} x PP={args.pp} x "
+                    f"DP={dp}, {args.steps} steps",
+                )
                 written.append(run_dir / "loss.png")
             log(f"wrote {' and '.join(map(str, written))}")
         if stop < args.steps:
-            log(f"stopped at step {stop} of {args.steps} (--stop-at)" + (
-                f"; continue with the same command plus --resume (and --name {args.name})" if args.save_every else
-                "; nothing was saved (no --save-every), so a later --resume starts over"))
-        return {"losses": losses, "lrs": lrs, "vals": vals, "max_attn_logits": max_logits, "start": start,
-                "run_dir": str(run_dir), "backend": args.backend,
-                "optimizer": type(backend.basic_optimizer).__name__, "wrapper": type(backend.optimizer).__name__,
-                "dp": dp, "rank": rank}
+            log(
+                f"stopped at step {stop} of {args.steps} (--stop-at)"
+                + (
+                    f"; continue with the same command plus --resume (and --name {args.name})"
+                    if args.save_every
+                    else "; nothing was saved (no --save-every), so a later --resume starts over"
+                )
+            )
+        return {
+            "losses": losses,
+            "lrs": lrs,
+            "vals": vals,
+            "max_attn_logits": max_logits,
+            "start": start,
+            "run_dir": str(run_dir),
+            "backend": args.backend,
+            "optimizer": type(backend.basic_optimizer).__name__,
+            "wrapper": type(backend.optimizer).__name__,
+            "dp": dp,
+            "rank": rank,
+        }
     finally:
         if progress is not None:
             progress.close()

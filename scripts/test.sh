@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh dev,launch
 VENV="${TEONSPEED_VENV:-.venv}"
 export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=1
+# Lint and format first (ruff.toml: lines <= 110): a second or so, and a failure names the file and line.
+LINTED=(plugin launch bench tests examples)
+"$VENV/bin/python" -m ruff check -q "${LINTED[@]}"
+"$VENV/bin/python" -m ruff format --check -q "${LINTED[@]}"
 set +e
 "$VENV/bin/python" -m pytest -q "$@"
 rc=$?

@@ -1,5 +1,6 @@
 """A tiny LLaMA-style model with Hugging Face names (embed_tokens, layers.N.self_attn.{q,k,v,o}_proj,
 layers.N.mlp.{gate,down}_proj, layers.N.norm, lm_head), for single-process and DeepSpeed tests."""
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,9 @@ class TinyLlama(torch.nn.Module):
         for b in self.layers:
             x = b.norm(h)
             a = b.self_attn
-            gate = torch.sigmoid(a.k_proj(x) * a.v_proj(x)).repeat_interleave(x.size(-1) // a.k_proj.out_features, -1)
+            gate = torch.sigmoid(a.k_proj(x) * a.v_proj(x)).repeat_interleave(
+                x.size(-1) // a.k_proj.out_features, -1
+            )
             h = h + a.o_proj(a.q_proj(x) * gate)
             h = h + b.mlp.down_proj(torch.nn.functional.silu(b.mlp.gate_proj(x)))
         # fp32 at least (fp64 oracles)

@@ -31,15 +31,49 @@ Not counted: allocator fragmentation, communication buffers, interleaved-schedul
 Modules: params (the tensors and their splits), activations (and the `Training` setup), workspace (the
 orthogonalizing step), peak (the estimate), layouts (launcher command lines and the layout configs).
 """
+
 from launch.estimator.activations import Training, activation_bytes, layer_activation_bytes
-from launch.estimator.layouts import (launch_argv, layout_argv, layout_estimate_block, layout_from_config,
-                                      setup_from_launch, update_layouts)
-from launch.estimator.params import (ModelSpec, Parallel, Tensor, check_layout, count, parameter_tensors,
-                                     params_per_rank, stage_of)
+from launch.estimator.layouts import (
+    launch_argv,
+    layout_argv,
+    layout_estimate_block,
+    layout_from_config,
+    setup_from_launch,
+    update_layouts,
+)
+from launch.estimator.params import (
+    ModelSpec,
+    Parallel,
+    Tensor,
+    check_layout,
+    count,
+    parameter_tensors,
+    params_per_rank,
+    stage_of,
+)
 from launch.estimator.peak import GIB, Estimate, estimate
 from launch.estimator.workspace import ortho_workspace_bytes
 
-__all__ = ["GIB", "Estimate", "ModelSpec", "Parallel", "Tensor", "Training", "activation_bytes",
-           "check_layout", "count", "estimate", "launch_argv", "layer_activation_bytes", "layout_argv",
-           "layout_estimate_block", "layout_from_config", "ortho_workspace_bytes", "parameter_tensors",
-           "params_per_rank", "setup_from_launch", "stage_of", "update_layouts"]
+__all__ = [
+    "GIB",
+    "Estimate",
+    "ModelSpec",
+    "Parallel",
+    "Tensor",
+    "Training",
+    "activation_bytes",
+    "check_layout",
+    "count",
+    "estimate",
+    "launch_argv",
+    "layer_activation_bytes",
+    "layout_argv",
+    "layout_estimate_block",
+    "layout_from_config",
+    "ortho_workspace_bytes",
+    "parameter_tensors",
+    "params_per_rank",
+    "setup_from_launch",
+    "stage_of",
+    "update_layouts",
+]

@@ -1,6 +1,7 @@
 """Activation memory per layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation
 Recomputation"), for the actual widths (GQA, SwiGLU, MoE top-k, MLA), and what a 1F1B pipeline stage
 keeps in flight; the training setup (`Training`) the whole estimate is made for."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,23 +13,24 @@ from launch.estimator.params import ModelSpec, Parallel
 @dataclass
 class Training:
     micro_batch: int = 1
-    seq_length: Optional[int] = None        # default: the model's
+    seq_length: Optional[int] = None  # default: the model's
     num_microbatches: Optional[int] = None  # default: enough to fill the pipeline
-    optimizer: str = "adamw"                # launch.rules.OPTIMIZERS
-    zero_stage: int = 1                     # 0 | 1 (Megatron distributed optimizer) | 2 | 3
-    recompute: str = "none"                 # none | selective | full
+    optimizer: str = "adamw"  # launch.rules.OPTIMIZERS
+    zero_stage: int = 1  # 0 | 1 (Megatron distributed optimizer) | 2 | 3
+    recompute: str = "none"  # none | selective | full
     flash_attention: bool = False
-    teon_k: Optional[int] = None            # default: the optimizer's (launch.rules.teon_k)
-    weight_bytes: int = 2                   # bf16
-    grad_bytes: int = 4                     # fp32 main grads
-    master_bytes: int = 4                   # fp32 master weights (0 for pure fp32 training: use weight_bytes 4)
-    state_bytes: int = 4                    # fp32 optimizer states
-    activation_bytes: int = 2               # bf16 activations (4: an fp32 run)
-    overhead_gib: float = 1.0               # CUDA context, allocator, libraries
+    teon_k: Optional[int] = None  # default: the optimizer's (launch.rules.teon_k)
+    weight_bytes: int = 2  # bf16
+    grad_bytes: int = 4  # fp32 main grads
+    master_bytes: int = 4  # fp32 master weights (0 for pure fp32 training: use weight_bytes 4)
+    state_bytes: int = 4  # fp32 optimizer states
+    activation_bytes: int = 2  # bf16 activations (4: an fp32 run)
+    overhead_gib: float = 1.0  # CUDA context, allocator, libraries
 
 
-def layer_activation_bytes(spec: ModelSpec, layer: int, s: int, b: int, par: Parallel,
-                           flash: bool = False) -> float:
+def layer_activation_bytes(
+    spec: ModelSpec, layer: int, s: int, b: int, par: Parallel, flash: bool = False
+) -> float:
     """Bytes one layer keeps for backward, per micro-batch (16-bit activations, 1-byte dropout masks).
     For a GPT-2 layer (MHA, 4h GELU MLP, dropout on) it is exactly sbh(34 + 5as/h)/t with sequence
     parallelism and sbh(10 + 24/t + 5as/(ht)) without."""
@@ -52,14 +54,16 @@ def layer_activation_bytes(spec: ModelSpec, layer: int, s: int, b: int, par: Par
     scores = 0.0
     if not flash:
         adrop = 3 if spec.attention_dropout > 0 else 0  # mask (1) + dropped-out probabilities (2)
-        scores = (2 + adrop) * a * s * s * b / t          # softmax output (2 bytes)
+        scores = (2 + adrop) * a * s * s * b / t  # softmax output (2 bytes)
     # MLP block: norm input, fc1 input, fc1 output (the activation's input), fc2 input.
     up = 2 if spec.gated_linear_unit else 1
     mlp = (2 * h + 2 * h) * rep + hdrop * h * rep
     if spec.is_moe_layer(layer):
         k, f, et = spec.moe_router_topk, spec.moe_ffn, par.expert_tp
-        mlp += 4 * spec.num_moe_experts * rep                  # fp32 router logits
-        mlp += k * (2 * h * rep + (2 * up * f + 2 * f) / et + 2 * h * rep)  # dispatched in, fc1 out, act out, fc2 out
+        mlp += 4 * spec.num_moe_experts * rep  # fp32 router logits
+        mlp += k * (
+            2 * h * rep + (2 * up * f + 2 * f) / et + 2 * h * rep
+        )  # dispatched in, fc1 out, act out, fc2 out
         if spec.moe_shared_expert_intermediate_size:
             fs = spec.moe_shared_expert_intermediate_size
             mlp += (2 * up * fs + 2 * fs) / t

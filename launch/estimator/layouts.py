@@ -1,6 +1,7 @@
 """The estimate of a launcher setup: a command line of `python -m launch.pretrain`, checked by the
 launcher's own validator, becomes (model, layout, training); configs/models/layouts/*.yaml carry a
 generated `memory_estimate` block (`python -m launch.memory --update-layouts`)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -21,42 +22,88 @@ LAYOUT_HEADER = """\
 """
 
 
-def launch_argv(config: str, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1, optimizer: str = "teon",
-                micro_batch: Optional[int] = None, global_batch: Optional[int] = None, grad_accum: int = 1,
-                seq: Optional[int] = None, zero_stage: Optional[int] = None, ds_config: Optional[str] = None) -> List[str]:
+def launch_argv(
+    config: str,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    ep: int = 1,
+    optimizer: str = "teon",
+    micro_batch: Optional[int] = None,
+    global_batch: Optional[int] = None,
+    grad_accum: int = 1,
+    seq: Optional[int] = None,
+    zero_stage: Optional[int] = None,
+    ds_config: Optional[str] = None,
+) -> List[str]:
     """The launcher's command line for this setup (the setup the estimate is of)."""
-    argv = ["--model-config", str(config), "--device", "cuda", "--tp", str(tp), "--pp", str(pp), "--ep", str(ep),
-            "--optimizer", optimizer, "--grad-accum", str(grad_accum)]
-    for flag, value in (("--micro-batch", micro_batch), ("--global-batch", global_batch), ("--seq", seq),
-                        ("--zero-stage", zero_stage), ("--ds-config", ds_config)):
+    argv = [
+        "--model-config",
+        str(config),
+        "--device",
+        "cuda",
+        "--tp",
+        str(tp),
+        "--pp",
+        str(pp),
+        "--ep",
+        str(ep),
+        "--optimizer",
+        optimizer,
+        "--grad-accum",
+        str(grad_accum),
+    ]
+    for flag, value in (
+        ("--micro-batch", micro_batch),
+        ("--global-batch", global_batch),
+        ("--seq", seq),
+        ("--zero-stage", zero_stage),
+        ("--ds-config", ds_config),
+    ):
         if value is not None:
             argv += [flag, str(value)]
     return argv
 
 
-def setup_from_launch(argv: Sequence[str], world: int, overhead_gib: float = 1.0) -> Tuple[ModelSpec, Parallel, Training]:
+def setup_from_launch(
+    argv: Sequence[str], world: int, overhead_gib: float = 1.0
+) -> Tuple[ModelSpec, Parallel, Training]:
     """(model, parallel layout, training) of what `launch/pretrain.py ARGV` runs on `world` GPUs, checked
     by the launcher's own validator (launch/options.py): the estimate is of a setup the launcher runs.
     Sequence parallelism and activation recompute come from the model config's transformer fields (the
     launcher sets neither); attention is megatron-core's local one (no flash attention); the Megatron
-    backend shards the optimizer state over DP only with --distributed-optimizer (ZeRO 1, else 0); weights are bf16 with fp32 master weights
-    where the DeepSpeed config enables bf16, else fp32."""
+    backend shards the optimizer state over DP only with --distributed-optimizer (ZeRO 1, else 0); weights
+    are bf16 with fp32 master weights where the DeepSpeed config enables bf16, else fp32."""
     args = check(list(argv), world)
     t = args.transformer
-    spec = ModelSpec.from_config({"name": Path(args.model_config).stem, "model": args.gpt, "transformer": t},
-                                 seq_length=args.seq)
-    par = Parallel(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, etp=t.get("expert_tensor_parallel_size"),
-                   sequence_parallel=bool(t.get("sequence_parallel", False)))
+    spec = ModelSpec.from_config(
+        {"name": Path(args.model_config).stem, "model": args.gpt, "transformer": t}, seq_length=args.seq
+    )
+    par = Parallel(
+        tp=args.tp,
+        pp=args.pp,
+        dp=args.dp,
+        ep=args.ep,
+        etp=t.get("expert_tensor_parallel_size"),
+        sequence_parallel=bool(t.get("sequence_parallel", False)),
+    )
     deepspeed = args.backend == "deepspeed"
     bf16 = deepspeed and bool(((args.ds_config_dict or {}).get("bf16") or {}).get("enabled"))
     granularity = t.get("recompute_granularity")
-    train = Training(micro_batch=args.micro_batch, seq_length=args.seq, num_microbatches=args.grad_accum,
-                     optimizer=args.optimizer,
-                     zero_stage=args.zero_stage if deepspeed else int(args.distributed_optimizer),
-                     recompute=granularity or "none", flash_attention=False,
-                     teon_k=args.teon_k,
-                     weight_bytes=2 if bf16 else 4, master_bytes=4 if bf16 else 0, activation_bytes=2 if bf16 else 4,
-                     overhead_gib=overhead_gib)
+    train = Training(
+        micro_batch=args.micro_batch,
+        seq_length=args.seq,
+        num_microbatches=args.grad_accum,
+        optimizer=args.optimizer,
+        zero_stage=args.zero_stage if deepspeed else int(args.distributed_optimizer),
+        recompute=granularity or "none",
+        flash_attention=False,
+        teon_k=args.teon_k,
+        weight_bytes=2 if bf16 else 4,
+        master_bytes=4 if bf16 else 0,
+        activation_bytes=2 if bf16 else 4,
+        overhead_gib=overhead_gib,
+    )
     return spec, par, train
 
 
@@ -66,16 +113,34 @@ def layout_argv(raw: dict, path: Path) -> Tuple[List[str], int]:
     dp = par.get("dp", 1)
     world = par.get("tp", 1) * par.get("pp", 1) * dp
     if cluster and cluster["nodes"] * cluster["gpus_per_node"] != world:
-        raise ConfigError(f"{path}: {cluster['nodes']} nodes x {cluster['gpus_per_node']} GPUs = "
-                          f"{cluster['nodes'] * cluster['gpus_per_node']} but TP x PP x DP = {world}")
-    unknown_keys("training", tr, ("micro_batch", "global_batch", "optimizer", "zero_stage", "ds_config"), str(path),
-                 "the valid ones are micro_batch, global_batch, optimizer, zero_stage, ds_config (launch/pretrain.py's "
-                 "flags)")
-    accum = tr["global_batch"] // (tr["micro_batch"] * dp) if "global_batch" in tr and "micro_batch" in tr else 1
-    return launch_argv(str(path), tp=par.get("tp", 1), pp=par.get("pp", 1), dp=dp, ep=par.get("ep", 1),
-                       optimizer=tr.get("optimizer", "teon"), micro_batch=tr.get("micro_batch"),
-                       global_batch=tr.get("global_batch"), grad_accum=accum, zero_stage=tr.get("zero_stage"),
-                       ds_config=str(REPO / tr["ds_config"]) if tr.get("ds_config") else None), world
+        raise ConfigError(
+            f"{path}: {cluster['nodes']} nodes x {cluster['gpus_per_node']} GPUs = "
+            f"{cluster['nodes'] * cluster['gpus_per_node']} but TP x PP x DP = {world}"
+        )
+    unknown_keys(
+        "training",
+        tr,
+        ("micro_batch", "global_batch", "optimizer", "zero_stage", "ds_config"),
+        str(path),
+        "the valid ones are micro_batch, global_batch, optimizer, zero_stage, ds_config "
+        "(launch/pretrain.py's flags)",
+    )
+    accum = (
+        tr["global_batch"] // (tr["micro_batch"] * dp) if "global_batch" in tr and "micro_batch" in tr else 1
+    )
+    return launch_argv(
+        str(path),
+        tp=par.get("tp", 1),
+        pp=par.get("pp", 1),
+        dp=dp,
+        ep=par.get("ep", 1),
+        optimizer=tr.get("optimizer", "teon"),
+        micro_batch=tr.get("micro_batch"),
+        global_batch=tr.get("global_batch"),
+        grad_accum=accum,
+        zero_stage=tr.get("zero_stage"),
+        ds_config=str(REPO / tr["ds_config"]) if tr.get("ds_config") else None,
+    ), world
 
 
 def layout_from_config(raw: dict, path: Optional[Path] = None) -> Tuple[ModelSpec, Parallel, Training]:
@@ -87,8 +152,10 @@ def layout_from_config(raw: dict, path: Optional[Path] = None) -> Tuple[ModelSpe
 def layout_estimate_block(raw: dict, path: Optional[Path] = None) -> dict:
     spec, par, train = layout_from_config(raw, path)
     est = estimate(spec, par, train)
-    by_opt = {opt: round(estimate(spec, par, replace(train, optimizer=opt)).total_bytes / GIB, 2)
-              for opt in ("adamw", "teon")}
+    by_opt = {
+        opt: round(estimate(spec, par, replace(train, optimizer=opt)).total_bytes / GIB, 2)
+        for opt in ("adamw", "teon")
+    }
     return {
         "params_total": est.params_total,
         "params_active_per_token": est.params_active_per_token,
@@ -103,6 +170,7 @@ def layout_estimate_block(raw: dict, path: Optional[Path] = None) -> dict:
 def update_layouts(paths: Optional[Sequence[Path]] = None, check: bool = False) -> List[Path]:
     """Recompute memory_estimate in each layout file; with check=True only report the stale ones."""
     import yaml
+
     stale = []
     for path in paths or sorted(LAYOUTS_DIR.glob("*.yaml")):
         raw = read_yaml(path)

@@ -2,6 +2,7 @@
 column/row-parallel weights and the (padded) vocabulary over TP, norms, position embeddings, routers and
 MLA down-projections replicated, experts over EP and expert-TP, layers over PP; and each tensor's side
 in teonspeed's routing (orthogonalized or AdamW)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from launch.rules import VOCAB_MULTIPLE, moe_layers, padded_vocab
 @dataclass
 class ModelSpec:
     """The shape facts the estimate needs, read from a model config (megatron field names)."""
+
     name: str
     num_layers: int
     hidden_size: int
@@ -76,18 +78,18 @@ class ModelSpec:
         return padded_vocab(self.vocab_size, tp, self.make_vocab_size_divisible_by)
 
 
-
 @dataclass
 class Tensor:
     """One parameter tensor (or several identical ones: `copies`) of the full model."""
+
     name: str
     shape: Tuple[int, ...]
-    split: int = 1            # how many ranks share it (TP, ETP, or 1 = replicated)
-    where: str = "layer"      # embedding | layer | final | output
+    split: int = 1  # how many ranks share it (TP, ETP, or 1 = replicated)
+    where: str = "layer"  # embedding | layer | final | output
     layer: Optional[int] = None
     expert: bool = False
-    route: str = "ortho"      # teonspeed: ortho (Muon/TEON) or adamw
-    copies: int = 1           # identical tensors (local experts of a layer): count = copies * numel
+    route: str = "ortho"  # teonspeed: ortho (Muon/TEON) or adamw
+    copies: int = 1  # identical tensors (local experts of a layer): count = copies * numel
     parts: Tuple[Tuple[str, Tuple[int, int]], ...] = ()  # orthogonalized parts of a fused matrix
 
     @property
@@ -104,7 +106,7 @@ class Parallel:
     pp: int = 1
     dp: int = 1
     ep: int = 1
-    etp: Optional[int] = None     # expert tensor parallel (Megatron's default: = tp)
+    etp: Optional[int] = None  # expert tensor parallel (Megatron's default: = tp)
     sequence_parallel: Optional[bool] = None  # default: on when tp > 1
 
     @property
@@ -124,7 +126,6 @@ class Parallel:
         return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
 
 
-
 def check_layout(spec: ModelSpec, par: Parallel) -> None:
     """Megatron's divisibility rules for this layout (it refuses to build otherwise): launch/rules.py's,
     the launcher's own check. Raises rules.LayoutError (a ValueError)."""
@@ -142,21 +143,49 @@ def _attention(spec: ModelSpec, i: int, tp: int) -> List[Tensor]:
             out.append(Tensor(p + "linear_q_down_proj.weight", (spec.q_lora_rank, h), layer=i))
             if spec.qk_layernorm:
                 out.append(Tensor(p + "q_layernorm.weight", (spec.q_lora_rank,), layer=i, route="adamw"))
-            out.append(Tensor(p + "linear_q_up_proj.weight", (a * (qk + pos), spec.q_lora_rank), tp, layer=i,
-                              parts=(("q_up", (a * (qk + pos), spec.q_lora_rank)),)))
+            out.append(
+                Tensor(
+                    p + "linear_q_up_proj.weight",
+                    (a * (qk + pos), spec.q_lora_rank),
+                    tp,
+                    layer=i,
+                    parts=(("q_up", (a * (qk + pos), spec.q_lora_rank)),),
+                )
+            )
         else:
-            out.append(Tensor(p + "linear_q_proj.weight", (a * (qk + pos), h), tp, layer=i,
-                              parts=(("q", (a * (qk + pos), h)),)))
+            out.append(
+                Tensor(
+                    p + "linear_q_proj.weight",
+                    (a * (qk + pos), h),
+                    tp,
+                    layer=i,
+                    parts=(("q", (a * (qk + pos), h)),),
+                )
+            )
         out.append(Tensor(p + "linear_kv_down_proj.weight", (spec.kv_lora_rank + pos, h), layer=i))
         if spec.qk_layernorm:
             out.append(Tensor(p + "kv_layernorm.weight", (spec.kv_lora_rank,), layer=i, route="adamw"))
-        out.append(Tensor(p + "linear_kv_up_proj.weight", (a * (qk + v), spec.kv_lora_rank), tp, layer=i,
-                          parts=(("k_up", (a * qk, spec.kv_lora_rank)), ("v_up", (a * v, spec.kv_lora_rank)))))
+        out.append(
+            Tensor(
+                p + "linear_kv_up_proj.weight",
+                (a * (qk + v), spec.kv_lora_rank),
+                tp,
+                layer=i,
+                parts=(("k_up", (a * qk, spec.kv_lora_rank)), ("v_up", (a * v, spec.kv_lora_rank))),
+            )
+        )
         out.append(Tensor(p + "linear_proj.weight", (h, a * v), tp, layer=i))
     else:
         d, q, kv = spec.head_dim, spec.num_attention_heads * spec.head_dim, spec.groups * spec.head_dim
-        out.append(Tensor(p + "linear_qkv.weight", (q + 2 * kv, h), tp, layer=i,
-                          parts=(("q", (q, h)), ("k", (kv, h)), ("v", (kv, h)))))
+        out.append(
+            Tensor(
+                p + "linear_qkv.weight",
+                (q + 2 * kv, h),
+                tp,
+                layer=i,
+                parts=(("q", (q, h)), ("k", (kv, h)), ("v", (kv, h))),
+            )
+        )
         if bias or spec.add_qkv_bias:
             out.append(Tensor(p + "linear_qkv.bias", (q + 2 * kv,), tp, layer=i, route="adamw"))
         if spec.qk_layernorm:
@@ -167,19 +196,43 @@ def _attention(spec: ModelSpec, i: int, tp: int) -> List[Tensor]:
     return out
 
 
-def _mlp(spec: ModelSpec, prefix: str, ffn: int, split: int, layer: int, expert: bool = False,
-         copies: int = 1) -> List[Tensor]:
+def _mlp(
+    spec: ModelSpec, prefix: str, ffn: int, split: int, layer: int, expert: bool = False, copies: int = 1
+) -> List[Tensor]:
     h, up = spec.hidden_size, (2 if spec.gated_linear_unit else 1) * ffn
     parts = (("gate", (ffn, h)), ("up", (ffn, h))) if spec.gated_linear_unit else (("fc1", (ffn, h)),)
-    out = [Tensor(prefix + "linear_fc1.weight", (up, h), split, layer=layer, expert=expert, copies=copies,
-                  parts=parts)]
+    out = [
+        Tensor(
+            prefix + "linear_fc1.weight",
+            (up, h),
+            split,
+            layer=layer,
+            expert=expert,
+            copies=copies,
+            parts=parts,
+        )
+    ]
     if spec.add_bias_linear:
-        out.append(Tensor(prefix + "linear_fc1.bias", (up,), split, layer=layer, expert=expert, copies=copies,
-                          route="adamw"))
-    out.append(Tensor(prefix + "linear_fc2.weight", (h, ffn), split, layer=layer, expert=expert, copies=copies))
+        out.append(
+            Tensor(
+                prefix + "linear_fc1.bias",
+                (up,),
+                split,
+                layer=layer,
+                expert=expert,
+                copies=copies,
+                route="adamw",
+            )
+        )
+    out.append(
+        Tensor(prefix + "linear_fc2.weight", (h, ffn), split, layer=layer, expert=expert, copies=copies)
+    )
     if spec.add_bias_linear:
-        out.append(Tensor(prefix + "linear_fc2.bias", (h,), 1, layer=layer, expert=expert, copies=copies,
-                          route="adamw"))
+        out.append(
+            Tensor(
+                prefix + "linear_fc2.bias", (h,), 1, layer=layer, expert=expert, copies=copies, route="adamw"
+            )
+        )
     return out
 
 
@@ -197,8 +250,11 @@ def parameter_tensors(spec: ModelSpec, par: Parallel = Parallel()) -> List[Tenso
     vocab = spec.padded_vocab(tp)
     out = [Tensor("embedding.word_embeddings.weight", (vocab, h), tp, where="embedding", route="adamw")]
     if spec.position_embedding_type == "learned_absolute":
-        out.append(Tensor("embedding.position_embeddings.weight", (spec.seq_length, h), where="embedding",
-                          route="adamw"))
+        out.append(
+            Tensor(
+                "embedding.position_embeddings.weight", (spec.seq_length, h), where="embedding", route="adamw"
+            )
+        )
     for i in range(spec.num_layers):
         out += _norm(spec, f"decoder.layers.{i}.input_layernorm", layer=i)
         out += _attention(spec, i, tp)
@@ -207,8 +263,9 @@ def parameter_tensors(spec: ModelSpec, par: Parallel = Parallel()) -> List[Tenso
         if spec.is_moe_layer(i):
             e = spec.num_moe_experts
             out.append(Tensor(mlp + "router.weight", (e, h), layer=i, route="adamw"))
-            out += _mlp(spec, mlp + "experts.local_experts.*.", spec.moe_ffn, par.expert_tp, i, expert=True,
-                        copies=e)
+            out += _mlp(
+                spec, mlp + "experts.local_experts.*.", spec.moe_ffn, par.expert_tp, i, expert=True, copies=e
+            )
             if spec.moe_shared_expert_intermediate_size:
                 out += _mlp(spec, mlp + "shared_experts.", spec.moe_shared_expert_intermediate_size, tp, i)
         else:

@@ -1,6 +1,7 @@
 """The estimate: per GPU, for the pipeline stage that needs the most, weights, gradients, master weights
 and optimizer states (sharded by the ZeRO stage), activations, the optimizer step's workspace and a fixed
 allowance; the step runs after backward has freed the activations, so the peak takes the larger one."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -8,11 +9,17 @@ from typing import Any, Dict
 
 from launch import rules
 from launch.estimator.activations import Training, activation_bytes
-from launch.estimator.params import (ModelSpec, Parallel, check_layout, count, parameter_tensors,
-                                     params_per_rank)
+from launch.estimator.params import (
+    ModelSpec,
+    Parallel,
+    check_layout,
+    count,
+    parameter_tensors,
+    params_per_rank,
+)
 from launch.estimator.workspace import ortho_workspace_bytes
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass
@@ -22,7 +29,7 @@ class Estimate:
     training: Dict[str, Any]
     params_total: int
     params_active_per_token: int
-    stage: int                          # the pipeline stage the numbers below are for (the largest)
+    stage: int  # the pipeline stage the numbers below are for (the largest)
     params_per_gpu: int
     bytes: Dict[str, float] = field(default_factory=dict)
 
@@ -35,12 +42,15 @@ class Estimate:
 
     def table(self) -> str:
         par, tr = self.parallel, self.training
-        head = (f"{self.model}: {self.params_total / 1e6:.1f} M parameters ({self.params_active_per_token / 1e6:.1f} M "
-                f"active per token); TP={par['tp']} PP={par['pp']} DP={par['dp']} EP={par['ep']} "
-                f"(world {par['world']}), micro-batch {tr['micro_batch']} x seq {tr['seq_length']}, "
-                f"{tr['optimizer']}, ZeRO-{tr['zero_stage']}, recompute {tr['recompute']}"
-                f"{', flash attention' if tr['flash_attention'] else ''}\n"
-                f"per GPU (pipeline stage {self.stage}, {self.params_per_gpu / 1e6:.1f} M parameters):")
+        head = (
+            f"{self.model}: {self.params_total / 1e6:.1f} M parameters "
+            f"({self.params_active_per_token / 1e6:.1f} M active per token); "
+            f"TP={par['tp']} PP={par['pp']} DP={par['dp']} EP={par['ep']} "
+            f"(world {par['world']}), micro-batch {tr['micro_batch']} x seq {tr['seq_length']}, "
+            f"{tr['optimizer']}, ZeRO-{tr['zero_stage']}, recompute {tr['recompute']}"
+            f"{', flash attention' if tr['flash_attention'] else ''}\n"
+            f"per GPU (pipeline stage {self.stage}, {self.params_per_gpu / 1e6:.1f} M parameters):"
+        )
         rows = [f"  {k:<22} {v / GIB:9.3f} GiB" for k, v in self.bytes.items() if k != "total"]
         return "\n".join([head, *rows, f"  {'total':<22} {self.total_bytes / GIB:9.3f} GiB"])
 
@@ -54,7 +64,11 @@ def estimate(spec: ModelSpec, par: Parallel = Parallel(), train: Training = Trai
     tensors = parameter_tensors(spec, Parallel(tp=1))
     total = sum(t.numel for t in tensors)
     expert = count(tensors, expert=True)
-    active = total - expert + (expert * spec.moe_router_topk // spec.num_moe_experts if spec.num_moe_experts else 0)
+    active = (
+        total
+        - expert
+        + (expert * spec.moe_router_topk // spec.num_moe_experts if spec.num_moe_experts else 0)
+    )
     best = None
     for stage in range(par.pp):
         p = params_per_rank(spec, par, stage)
@@ -84,8 +98,14 @@ def estimate(spec: ModelSpec, par: Parallel = Parallel(), train: Training = Trai
         # The optimizer step runs after backward has freed the activations: the peak is the larger one.
         b["total"] = static + max(b["activations"] + b["logits"], workspace)
         if best is None or b["total"] > best.bytes["total"]:
-            best = Estimate(model=spec.name, parallel={**asdict(par), "world": par.world, "sp": par.sp},
-                            training={**asdict(train), "seq_length": train.seq_length or spec.seq_length},
-                            params_total=total, params_active_per_token=active, stage=stage,
-                            params_per_gpu=dense + experts, bytes=b)
+            best = Estimate(
+                model=spec.name,
+                parallel={**asdict(par), "world": par.world, "sp": par.sp},
+                training={**asdict(train), "seq_length": train.seq_length or spec.seq_length},
+                params_total=total,
+                params_active_per_token=active,
+                stage=stage,
+                params_per_gpu=dense + experts,
+                bytes=b,
+            )
     return best

@@ -1,5 +1,6 @@
 """Transient memory of the Muon / TEON / HTMuon step: the full (stacked) matrices each rank owns and the
 Newton-Schulz buffers of its largest shape batch, in fp32."""
+
 from __future__ import annotations
 
 import math

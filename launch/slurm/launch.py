@@ -17,6 +17,7 @@ Everything after `--` goes to the script unchanged. Without SLURM variables (no 
 is no allocation to plan: --dry-run refuses, a real launch runs on this host alone and says so. --hostfile
 PATH also writes a DeepSpeed hostfile ("host slots=N" per node, see launch/hostfile.example).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 if __name__ == "__main__" and not __package__:
     # `python launch/slurm/launch.py`: run as the module `launch.slurm.launch`.
     import runpy
+
     sys.path[0] = str(Path(__file__).resolve().parents[2])
     runpy.run_module("launch.slurm.launch", run_name="__main__", alter_sys=True)
     raise SystemExit(0)
@@ -129,14 +131,20 @@ def _gpus_from_env(env: Mapping[str, str]) -> Optional[int]:
     return None
 
 
-def slurm_layout(env: Optional[Mapping[str, str]] = None, nproc_per_node: Optional[int] = None,
-                 master_port: Optional[int] = None, master_addr: Optional[str] = None) -> Layout:
+def slurm_layout(
+    env: Optional[Mapping[str, str]] = None,
+    nproc_per_node: Optional[int] = None,
+    master_port: Optional[int] = None,
+    master_addr: Optional[str] = None,
+) -> Layout:
     env = os.environ if env is None else env
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     hosts = expand_nodelist(nodelist) if nodelist else ["localhost"]
     nnodes = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
     if nnodes is not None and int(nnodes) != len(hosts):
-        raise SystemExit(f"SLURM_JOB_NUM_NODES={nnodes} but the node list {nodelist!r} has {len(hosts)} hosts")
+        raise SystemExit(
+            f"SLURM_JOB_NUM_NODES={nnodes} but the node list {nodelist!r} has {len(hosts)} hosts"
+        )
     node_rank = int(env.get("SLURM_NODEID", "0"))
     if not 0 <= node_rank < len(hosts):
         raise SystemExit(f"SLURM_NODEID={node_rank} outside 0..{len(hosts) - 1}")
@@ -144,20 +152,36 @@ def slurm_layout(env: Optional[Mapping[str, str]] = None, nproc_per_node: Option
     job_id = env.get("SLURM_JOB_ID")
     if master_port is None:
         master_port = 10000 + int(job_id) % 20000 if job_id and job_id.isdigit() else DEFAULT_PORT
-    return Layout(hosts=hosts, node_rank=node_rank, nproc_per_node=nproc, master_addr=master_addr or hosts[0],
-                  master_port=master_port, job_id=job_id)
+    return Layout(
+        hosts=hosts,
+        node_rank=node_rank,
+        nproc_per_node=nproc,
+        master_addr=master_addr or hosts[0],
+        master_port=master_port,
+        job_id=job_id,
+    )
 
 
-def torchrun_command(layout: Layout, node_rank: int, script_args: Sequence[str] = (),
-                     script: Optional[str | Path] = None, torchrun: Optional[Sequence[str]] = None) -> List[str]:
+def torchrun_command(
+    layout: Layout,
+    node_rank: int,
+    script_args: Sequence[str] = (),
+    script: Optional[str | Path] = None,
+    torchrun: Optional[Sequence[str]] = None,
+) -> List[str]:
     """One node's command: torchrun with a static rendezvous at MASTER_ADDR:MASTER_PORT, running `script`
     (a path), by default the module launch.pretrain (from the repository root)."""
     target = [str(script)] if script is not None else ["-m", DEFAULT_MODULE]
-    return [*(torchrun or default_torchrun()),
-            f"--nnodes={layout.nnodes}", f"--node_rank={node_rank}",
-            f"--master_addr={layout.master_addr}", f"--master_port={layout.master_port}",
-            f"--nproc_per_node={layout.nproc_per_node}",
-            *target, *script_args]
+    return [
+        *(torchrun or default_torchrun()),
+        f"--nnodes={layout.nnodes}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={layout.master_addr}",
+        f"--master_port={layout.master_port}",
+        f"--nproc_per_node={layout.nproc_per_node}",
+        *target,
+        *script_args,
+    ]
 
 
 def default_torchrun() -> List[str]:
@@ -179,21 +203,36 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     script_args: List[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, script_args = argv[:cut], argv[cut + 1:]
+        argv, script_args = argv[:cut], argv[cut + 1 :]
     p = cli.parser(prog="python -m launch.slurm.launch", description=__doc__)
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="processes (GPUs) per node (default: SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE, "
-                        "else 1)")
-    p.add_argument("--master-port", type=int, default=None,
-                   help="rendezvous port (default: 10000 + SLURM_JOB_ID %% 20000, else 29500)")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes (GPUs) per node (default: SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE, else 1)",
+    )
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="rendezvous port (default: 10000 + SLURM_JOB_ID %% 20000, else 29500)",
+    )
     p.add_argument("--master-addr", default=None, help="default: the first host of the node list")
-    p.add_argument("--script", default=None,
-                   help="a torchrun target script (default: the module launch.pretrain, whose arguments are checked "
-                        "before anything starts)")
-    p.add_argument("--torchrun", default=None, help="torchrun executable (default: the one beside this Python)")
+    p.add_argument(
+        "--script",
+        default=None,
+        help="a torchrun target script (default: the module launch.pretrain, whose arguments are checked "
+        "before anything starts)",
+    )
+    p.add_argument(
+        "--torchrun", default=None, help="torchrun executable (default: the one beside this Python)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print every node's command and exit")
-    p.add_argument("--hostfile", default=None,
-                   help="also write a DeepSpeed hostfile for this allocation there (default: none)")
+    p.add_argument(
+        "--hostfile",
+        default=None,
+        help="also write a DeepSpeed hostfile for this allocation there (default: none)",
+    )
     args = p.parse_args(argv)
     return args, script_args
 
@@ -202,21 +241,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, script_args = parse_args(argv)
     outside = not (os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST"))
     if outside and args.dry_run:
-        raise SystemExit("error: --dry-run: no SLURM allocation in the environment (SLURM_JOB_NODELIST is unset); run "
-                         "it inside `salloc --nodes=N --gpus-per-node=G`, or set SLURM_JOB_NODELIST, "
-                         "SLURM_JOB_NUM_NODES and SLURM_GPUS_ON_NODE (or --nproc-per-node) to plan one")
-    layout = slurm_layout(nproc_per_node=args.nproc_per_node, master_port=args.master_port,
-                          master_addr=args.master_addr)
+        raise SystemExit(
+            "error: --dry-run: no SLURM allocation in the environment (SLURM_JOB_NODELIST is unset); run "
+            "it inside `salloc --nodes=N --gpus-per-node=G`, or set SLURM_JOB_NODELIST, "
+            "SLURM_JOB_NUM_NODES and SLURM_GPUS_ON_NODE (or --nproc-per-node) to plan one"
+        )
+    layout = slurm_layout(
+        nproc_per_node=args.nproc_per_node, master_port=args.master_port, master_addr=args.master_addr
+    )
     if outside:
-        print(f"[launch] no SLURM variables: running on this host alone, {layout.nproc_per_node} process(es)",
-              file=sys.stderr)
+        print(
+            f"[launch] no SLURM variables: running on this host alone, {layout.nproc_per_node} process(es)",
+            file=sys.stderr,
+        )
     run = check(script_args, layout.world_size) if args.script is None else None  # before anything starts
     if run is not None and run.device == "cpu" and _gpus_from_env(os.environ):
         run.notes.append("warning: the allocation has GPUs but the run is on --device cpu; add --device cuda")
     torchrun = shlex.split(args.torchrun) if args.torchrun else default_torchrun()
     commands = [torchrun_command(layout, r, script_args, args.script, torchrun) for r in range(layout.nnodes)]
-    summary = (f"{layout.nnodes} nodes x {layout.nproc_per_node} processes = world {layout.world_size}; "
-               f"master {layout.master_addr}:{layout.master_port}" + (f"; job {layout.job_id}" if layout.job_id else ""))
+    summary = (
+        f"{layout.nnodes} nodes x {layout.nproc_per_node} processes = world {layout.world_size}; "
+        f"master {layout.master_addr}:{layout.master_port}"
+        + (f"; job {layout.job_id}" if layout.job_id else "")
+    )
     if args.hostfile:
         Path(args.hostfile).write_text(hostfile_text(layout))
     if args.dry_run:
@@ -233,8 +280,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for note in run.notes:
             print(f"[launch] {note}", file=sys.stderr)
     cmd = commands[layout.node_rank]
-    print(f"[launch node {layout.node_rank} {layout.hosts[layout.node_rank]}] {summary}\n  {shlex.join(cmd)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[launch node {layout.node_rank} {layout.hosts[layout.node_rank]}] {summary}\n  {shlex.join(cmd)}",
+        file=sys.stderr,
+        flush=True,
+    )
     os.execvp(cmd[0], cmd)  # torchrun replaces this process: srun sees its exit status and signals
     return 0  # not reached
 

@@ -6,6 +6,7 @@ Every default is written once: a field default below, or, for the three options 
 HTMuon differ (orthogonalizer, lr_scale, teon_k), in kinds.KIND_DEFAULTS, which `make_config` fills in.
 `default(option, kind)` reads either.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,14 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from .kinds import (ADAMW_ALIASES, DEEPSPEED_OPTIONS, KIND_DEFAULTS, OPTIMIZER_KINDS, QKV_TYPES,
-                    resolve_aliases)
+from .kinds import (
+    ADAMW_ALIASES,
+    DEEPSPEED_OPTIONS,
+    KIND_DEFAULTS,
+    OPTIMIZER_KINDS,
+    QKV_TYPES,
+    resolve_aliases,
+)
 from .ortho import HEAVY_TAIL_METHODS, NS_BACKENDS, NS_STEPS, ORTHOGONALIZERS, num_square_roots
 
 LR_SCALES = ("spectral", "fan_ratio", "rms_match", "none")
@@ -113,8 +120,10 @@ class OptimizerConfig:
             except ValueError as err:
                 raise ValueError(f"teonspeed: option 'ht_power' {err}") from None
         if self.qk_clip_log and self.qk_clip is not None:
-            raise ValueError("teonspeed: option 'qk_clip_log' logs the max logit without clipping; unset "
-                             "'qk_clip' (or drop qk_clip_log to clip)")
+            raise ValueError(
+                "teonspeed: option 'qk_clip_log' logs the max logit without clipping; unset "
+                "'qk_clip' (or drop qk_clip_log to clip)"
+            )
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
@@ -131,12 +140,14 @@ def default(option: str, kind: str = "muon") -> Any:
 
 # -- the checks: one per field, each returning the value as stored (sequences become tuples) ---------
 
+
 def _refuse(option: str, expected: str, value: Any) -> None:
     hint = ""
     if isinstance(value, str) and value == "auto":
-        hint = "; \"auto\" is filled in by the Hugging Face Trainer, which DeepSpeed alone does not do"
-    raise ValueError(f"teonspeed: option {option!r} must be {expected}, got {value!r} "
-                     f"({type(value).__name__}){hint}")
+        hint = '; "auto" is filled in by the Hugging Face Trainer, which DeepSpeed alone does not do'
+    raise ValueError(
+        f"teonspeed: option {option!r} must be {expected}, got {value!r} ({type(value).__name__}){hint}"
+    )
 
 
 def _is_real(value: Any) -> bool:
@@ -160,6 +171,7 @@ def _real(low: float, high: Optional[float] = None, *, low_open: bool = False, h
         if not valid(value):
             _refuse(option, expected, value)
         return value
+
     check.valid, check.expected = valid, expected
     return check
 
@@ -169,6 +181,7 @@ def _integer(low: int):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
             _refuse(option, f"an integer >= {low}", value)
         return value
+
     return check
 
 
@@ -179,6 +192,7 @@ def _one_of(choices: Tuple):
         if not isinstance(value, kind) or isinstance(value, bool) or value not in choices:
             _refuse(option, f"one of {choices}", value)
         return value
+
     return check
 
 
@@ -189,8 +203,11 @@ def _flag(option: str, value: Any) -> Any:
 
 
 def _betas(option: str, value: Any) -> Any:
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(_is_real(b) and 0 <= b < 1 for b in value)):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(_is_real(b) and 0 <= b < 1 for b in value)
+    ):
         _refuse(option, "two numbers in [0, 1)", value)
     return tuple(value)
 
@@ -207,16 +224,19 @@ def _cluster(option: str, value: Any) -> Any:
     if not isinstance(value, Mapping):
         _refuse(option, "a mapping of teonspeed.parallel.cost.ClusterProfile fields to numbers", value)
     from .parallel.cost import cluster_profile
+
     cluster_profile(value)  # names unknown fields and bad values
     return dict(value)
 
 
 def _or_none(check):
     """A number `check` takes, or None (the option off)."""
+
     def either(option: str, value: Any) -> Any:
         if value is not None and not check.valid(value):
             _refuse(option, f"None (off) or {check.expected}", value)
         return value
+
     return either
 
 
@@ -227,16 +247,37 @@ def _callable_or_none(option: str, value: Any) -> Any:
 
 
 CHECKS: Dict[str, Callable[[str, Any], Any]] = {
-    "lr": _real(0), "momentum": _real(0, 1), "nesterov": _flag, "weight_decay": _real(0),
-    "orthogonalizer": _one_of(ORTHOGONALIZERS), "ns_steps": _integer(1), "ns_dtype": _one_of(NS_DTYPES),
-    "ns_backend": _one_of(NS_BACKENDS), "lr_scale": _one_of(LR_SCALES), "teon_k": _integer(1),
-    "teon_mode": _one_of((1, 2)), "teon_types": _layer_types, "split_fused": _flag, "ht_power": _real(0),
-    "ht_method": _one_of(HEAVY_TAIL_METHODS), "ht_interval": _integer(1), "adamw_lr": _real(0),
-    "adamw_betas": _betas, "adamw_eps": _real(0, low_open=True), "adamw_weight_decay": _real(0),
-    "skip_nonfinite": _flag, "cut_groups_at_stage_boundary": _flag, "parallel_mode": _one_of(PARALLEL_MODES),
-    "overlap_waves": _integer(1), "comm_dtype": _one_of(COMM_DTYPES), "cluster": _cluster,
-    "qk_clip": _or_none(_real(0, low_open=True)), "qk_clip_alpha": _real(0, 1, high_open=False),
-    "qk_clip_log": _flag, "teon_per_layer_fallback": _flag, "grouping_rule": _callable_or_none,
+    "lr": _real(0),
+    "momentum": _real(0, 1),
+    "nesterov": _flag,
+    "weight_decay": _real(0),
+    "orthogonalizer": _one_of(ORTHOGONALIZERS),
+    "ns_steps": _integer(1),
+    "ns_dtype": _one_of(NS_DTYPES),
+    "ns_backend": _one_of(NS_BACKENDS),
+    "lr_scale": _one_of(LR_SCALES),
+    "teon_k": _integer(1),
+    "teon_mode": _one_of((1, 2)),
+    "teon_types": _layer_types,
+    "split_fused": _flag,
+    "ht_power": _real(0),
+    "ht_method": _one_of(HEAVY_TAIL_METHODS),
+    "ht_interval": _integer(1),
+    "adamw_lr": _real(0),
+    "adamw_betas": _betas,
+    "adamw_eps": _real(0, low_open=True),
+    "adamw_weight_decay": _real(0),
+    "skip_nonfinite": _flag,
+    "cut_groups_at_stage_boundary": _flag,
+    "parallel_mode": _one_of(PARALLEL_MODES),
+    "overlap_waves": _integer(1),
+    "comm_dtype": _one_of(COMM_DTYPES),
+    "cluster": _cluster,
+    "qk_clip": _or_none(_real(0, low_open=True)),
+    "qk_clip_alpha": _real(0, 1, high_open=False),
+    "qk_clip_log": _flag,
+    "teon_per_layer_fallback": _flag,
+    "grouping_rule": _callable_or_none,
 }
 
 
@@ -260,9 +301,11 @@ def make_config(kind: str, options: Mapping[str, Any]) -> OptimizerConfig:
         for key in unknown:
             close = difflib.get_close_matches(str(key), ACCEPTED_OPTIONS, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"teonspeed: unknown option(s) {', '.join(hints)} for {kind}; valid options are: "
-                         f"{', '.join(OPTION_NAMES)}; and DeepSpeed's names {', '.join(ADAMW_ALIASES)}, "
-                         f"{', '.join(DEEPSPEED_OPTIONS)}")
+        raise ValueError(
+            f"teonspeed: unknown option(s) {', '.join(hints)} for {kind}; valid options are: "
+            f"{', '.join(OPTION_NAMES)}; and DeepSpeed's names {', '.join(ADAMW_ALIASES)}, "
+            f"{', '.join(DEEPSPEED_OPTIONS)}"
+        )
     if kind == "muon" and options.get("teon_k") not in (None, 1):
         raise ValueError("teonspeed: option 'teon_k' must be 1 for Muon; use teonspeed.TEON to stack layers")
     given = {k: v for k, v in options.items() if v is not None}

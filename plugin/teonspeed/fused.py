@@ -7,6 +7,7 @@ Megatron's tensor parallelism gives each rank whole units (whole query groups; f
 each rank its own [gate_r; up_r]), the same layout splits a TP shard as well as the full matrix, and
 each part of a shard is exactly that rank's shard of the part.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ class FusedLayout:
     part_names: Tuple[str, ...]
     unit_sizes: Optional[Tuple[int, ...]] = None  # rows of each part per unit; None = equal blocks
 
-    def part_rows(self, num_rows: int, device: Optional[torch.device] = None) -> List[Tuple[str, torch.Tensor]]:
+    def part_rows(
+        self, num_rows: int, device: Optional[torch.device] = None
+    ) -> List[Tuple[str, torch.Tensor]]:
         """Row indices of each part in a (local or full) fused weight with `num_rows` rows, on `device`
         (the device of the weight they index; made once per layout, size and device)."""
         return _part_rows(self, num_rows, torch.device("cpu") if device is None else torch.device(device))
@@ -32,15 +35,21 @@ class FusedLayout:
         if self.unit_sizes is None:
             k = len(self.part_names)
             if num_rows % k:
-                raise ValueError(f"fused weight with {num_rows} rows cannot be split into {k} equal parts "
-                                 f"{self.part_names}")
+                raise ValueError(
+                    f"fused weight with {num_rows} rows cannot be split into {k} equal parts "
+                    f"{self.part_names}"
+                )
             size = num_rows // k
-            return [(name, torch.arange(i * size, (i + 1) * size, device=device))
-                    for i, name in enumerate(self.part_names)]
+            return [
+                (name, torch.arange(i * size, (i + 1) * size, device=device))
+                for i, name in enumerate(self.part_names)
+            ]
         unit = sum(self.unit_sizes)
         if num_rows % unit:
-            raise ValueError(f"fused weight with {num_rows} rows is not a whole number of units of "
-                             f"{dict(zip(self.part_names, self.unit_sizes))} rows")
+            raise ValueError(
+                f"fused weight with {num_rows} rows is not a whole number of units of "
+                f"{dict(zip(self.part_names, self.unit_sizes))} rows"
+            )
         starts = torch.arange(num_rows // unit, device=device).unsqueeze(1) * unit
         out, offset = [], 0
         for name, size in zip(self.part_names, self.unit_sizes):
@@ -97,7 +106,7 @@ def annotate_model(model: torch.nn.Module) -> int:
             continue
         for child_name, layout in _fused_children(module, config):
             child = getattr(module, child_name, None)
-            for pname, param in (child.named_parameters(recurse=False) if child is not None else ()):
+            for pname, param in child.named_parameters(recurse=False) if child is not None else ():
                 if pname.startswith("weight"):
                     setattr(param, LAYOUT_ATTR, layout)
                     tagged += 1

@@ -12,6 +12,7 @@ optimizer step turns into tensor slices. Rules, in order:
    A block without its partners (an odd last layer, a pipeline-stage boundary) falls back to Muon; a
    teon_k that forms no stack at all is refused (require_teon_stacks) unless teon_per_layer_fallback.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,17 @@ import torch
 
 from .fused import LAYOUT_ATTR, FusedLayout
 
-ADAMW_NAME_MARKERS = ("embedding", "embed_tokens", "word_embeddings", "position_embeddings", "wte", "wpe",
-                      "lm_head", "output_layer", "router")
+ADAMW_NAME_MARKERS = (
+    "embedding",
+    "embed_tokens",
+    "word_embeddings",
+    "position_embeddings",
+    "wte",
+    "wpe",
+    "lm_head",
+    "output_layer",
+    "router",
+)
 
 # (regex on the module path just before ".weight", layer type). First match wins.
 _TYPE_RULES: Sequence[Tuple[str, str]] = (
@@ -45,13 +55,30 @@ _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _LOCAL_EXPERT_RE = re.compile(r"(?:local_experts|experts)\.(\d+)\.")
 _TE_GROUPED_EXPERT_RE = re.compile(r"experts\.linear_fc[12]\.weight(\d+)$")
 
-LAYER_TYPES = ("q", "k", "v", "qkv", "q_down", "q_up", "kv_down", "kv_up", "k_up", "v_up", "attn_out",
-               "fc1", "gate", "up", "fc2", "other")
+LAYER_TYPES = (
+    "q",
+    "k",
+    "v",
+    "qkv",
+    "q_down",
+    "q_up",
+    "kv_down",
+    "kv_up",
+    "k_up",
+    "v_up",
+    "attn_out",
+    "fc1",
+    "gate",
+    "up",
+    "fc2",
+    "other",
+)
 
 
 @dataclass(frozen=True)
 class LayerRef:
     """What a parameter name says: its layer type, transformer block and expert index (if any)."""
+
     layer_type: str
     block: Optional[int] = None
     expert: Optional[int] = None
@@ -60,6 +87,7 @@ class LayerRef:
 @dataclass(frozen=True)
 class MatrixRef:
     """One matrix to orthogonalize: a parameter, or a part / expert slice of one."""
+
     name: str
     layer: LayerRef
     shape: Tuple[int, int]  # (out, in) in the full (unsharded) model
@@ -79,6 +107,7 @@ class MatrixRef:
 @dataclass(frozen=True)
 class OrthoGroup:
     """Matrices orthogonalized together: K stacked members (TEON) or one (Muon)."""
+
     members: Tuple[MatrixRef, ...]
     mode: int = 1  # unfolding mode of the stack
 
@@ -96,6 +125,7 @@ class OrthoGroup:
 @dataclass
 class Routing:
     """Per parameter: where it goes and why."""
+
     name: str
     shape: Tuple[int, ...]
     route: str  # "adamw" | "ortho"
@@ -138,17 +168,23 @@ def adamw_reason(name: str, param: torch.Tensor) -> Optional[str]:
     for marker in ADAMW_NAME_MARKERS:
         if marker in lowered:
             kind = {"lm_head": "output head", "output_layer": "output head", "router": "MoE router"}.get(
-                marker, "embedding")
+                marker, "embedding"
+            )
             return f"{kind} ({marker!r} in name)"
     return None
 
 
-def build_groups(named_params: Iterable[Tuple[str, torch.Tensor]], teon_k: int = 1, teon_mode: int = 1,
-                 teon_types: Sequence[str] = (), split_fused: bool = True,
-                 grouping_rule: Optional[Callable[[str], Optional[LayerRef]]] = None,
-                 full_shape: Optional[Callable[[str, torch.Tensor], Tuple[int, ...]]] = None,
-                 relocate: Optional[Callable[[str, LayerRef], LayerRef]] = None,
-                 force_route: Optional[Dict[str, str]] = None) -> GroupingResult:
+def build_groups(
+    named_params: Iterable[Tuple[str, torch.Tensor]],
+    teon_k: int = 1,
+    teon_mode: int = 1,
+    teon_types: Sequence[str] = (),
+    split_fused: bool = True,
+    grouping_rule: Optional[Callable[[str], Optional[LayerRef]]] = None,
+    full_shape: Optional[Callable[[str, torch.Tensor], Tuple[int, ...]]] = None,
+    relocate: Optional[Callable[[str, LayerRef], LayerRef]] = None,
+    force_route: Optional[Dict[str, str]] = None,
+) -> GroupingResult:
     """Route every parameter and form the orthogonalization groups (deterministic, name-sorted).
 
     full_shape(name, p) gives the unsharded shape (default p.shape); relocate(name, ref) turns the local
@@ -164,11 +200,15 @@ def build_groups(named_params: Iterable[Tuple[str, torch.Tensor]], teon_k: int =
         forced = (force_route or {}).get(name)
         reason = adamw_reason(name, p)
         if forced == "adamw" or (forced is None and reason is not None):
-            routing.append(Routing(name, shape, "adamw", reason if forced is None else "param group says adamw"))
+            routing.append(
+                Routing(name, shape, "adamw", reason if forced is None else "param group says adamw")
+            )
             continue
         if p.ndim < 2:
-            raise ValueError(f"teonspeed: parameter {name!r} has shape {shape} but its param group asks for an "
-                             f"orthogonalized update, which needs a matrix; put it in an AdamW group")
+            raise ValueError(
+                f"teonspeed: parameter {name!r} has shape {shape} but its param group asks for an "
+                f"orthogonalized update, which needs a matrix; put it in an AdamW group"
+            )
         ref = grouping_rule(name) if grouping_rule else None
         if ref is None:
             ref = layer_ref(name)
@@ -190,8 +230,9 @@ def _ortho_reason(ref: LayerRef, layout: Optional[FusedLayout]) -> str:
     return f"{ref.layer_type} ({where}){split}"
 
 
-def _matrices_of(name: str, shape: Tuple[int, ...], ref: LayerRef,
-                 layout: Optional[FusedLayout]) -> List[MatrixRef]:
+def _matrices_of(
+    name: str, shape: Tuple[int, ...], ref: LayerRef, layout: Optional[FusedLayout]
+) -> List[MatrixRef]:
     experts: List[Optional[int]] = [None]
     if len(shape) == 3:
         experts = list(range(shape[0]))
@@ -211,8 +252,14 @@ def _matrices_of(name: str, shape: Tuple[int, ...], ref: LayerRef,
     return out
 
 
-def _stack(matrices: List[MatrixRef], k: int, mode: int, stacked_types: set, notes: List[str],
-           partial: List[Tuple[Tuple[int, ...], Tuple[str, ...]]]) -> List[OrthoGroup]:
+def _stack(
+    matrices: List[MatrixRef],
+    k: int,
+    mode: int,
+    stacked_types: set,
+    notes: List[str],
+    partial: List[Tuple[Tuple[int, ...], Tuple[str, ...]]],
+) -> List[OrthoGroup]:
     singles: List[MatrixRef] = []
     by_key: Dict[Tuple, List[MatrixRef]] = {}
     for m in matrices:
@@ -225,9 +272,11 @@ def _stack(matrices: List[MatrixRef], k: int, mode: int, stacked_types: set, not
         blocks: Dict[int, MatrixRef] = {}
         for m in members:
             if m.layer.block in blocks:
-                raise ValueError(f"teonspeed: two {layer_type!r} matrices in block {m.layer.block}: "
-                                 f"{blocks[m.layer.block].label} and {m.label}; give them distinct types with "
-                                 f"grouping_rule= or remove {layer_type!r} from teon_types")
+                raise ValueError(
+                    f"teonspeed: two {layer_type!r} matrices in block {m.layer.block}: "
+                    f"{blocks[m.layer.block].label} and {m.label}; give them distinct types with "
+                    f"grouping_rule= or remove {layer_type!r} from teon_types"
+                )
             blocks[m.layer.block] = m
         for start in sorted({b // k * k for b in blocks}):
             window = [blocks.get(b) for b in range(start, start + k)]
@@ -236,17 +285,21 @@ def _stack(matrices: List[MatrixRef], k: int, mode: int, stacked_types: set, not
                 missing = tuple(b for b in range(start, start + k) if b not in blocks)
                 partial.append((missing, tuple(m.label for m in present)))
                 for m in present:
-                    notes.append(f"{m.label}: no TEON partner in blocks {start}..{start + k - 1} "
-                                 f"(only {len(present)} of {k} present), falls back to Muon")
+                    notes.append(
+                        f"{m.label}: no TEON partner in blocks {start}..{start + k - 1} "
+                        f"(only {len(present)} of {k} present), falls back to Muon"
+                    )
                     groups.append(OrthoGroup((m,), mode))
                 continue
             shapes = {m.shape for m in present}
             if len(shapes) > 1:
                 raise ValueError(
-                    "teonspeed: TEON group of " + ", ".join(f"{m.label} {m.shape}" for m in present) +
-                    " has members of different shapes; stacking needs equal shapes. Fix: remove "
+                    "teonspeed: TEON group of "
+                    + ", ".join(f"{m.label} {m.shape}" for m in present)
+                    + " has members of different shapes; stacking needs equal shapes. Fix: remove "
                     f"{layer_type!r} from teon_types, set teon_k=1, or give them different types with "
-                    "grouping_rule=")
+                    "grouping_rule="
+                )
             groups.append(OrthoGroup(tuple(present), mode))
     groups.extend(OrthoGroup((m,), mode) for m in singles)
     return groups
@@ -263,15 +316,24 @@ def require_teon_stacks(grouping: GroupingResult, teon_k: int, teon_types, fallb
     if teon_k <= 1 or fallback or any(g.is_teon for g in grouping.groups):
         return
     types = set(teon_types)
-    blocks = sorted({m.layer.block for g in grouping.groups for m in g.members
-                     if m.layer.block is not None and m.layer.layer_type in types})
+    blocks = sorted(
+        {
+            m.layer.block
+            for g in grouping.groups
+            for m in g.members
+            if m.layer.block is not None and m.layer.layer_type in types
+        }
+    )
     if blocks:
         # the count, not the block numbers: every pipeline stage raises the same line
         where = f"{len(blocks)} block(s) with {'/'.join(sorted(types))} matrices (per pipeline stage)"
     else:
-        where = (f"no {'/'.join(sorted(types))} matrix in a recognised transformer block (layer names like "
-                 f"layers.<i>.self_attn.q_proj; see grouping_rule=)")
+        where = (
+            f"no {'/'.join(sorted(types))} matrix in a recognised transformer block (layer names like "
+            f"layers.<i>.self_attn.q_proj; see grouping_rule=)"
+        )
     raise ValueError(
         f"teonspeed: teon_k={teon_k} forms no TEON stack: the model has {where}, so every matrix would fall "
         f"back to per-layer Muon. Use a teon_k that divides the layers per pipeline stage, or pass "
-        f"{FALLBACK_OPTION}=True to accept the per-layer fallback")
+        f"{FALLBACK_OPTION}=True to accept the per-layer fallback"
+    )

@@ -37,14 +37,18 @@ def resolve_aliases(options):
     for alias, name in ADAMW_ALIASES.items():
         if alias in out:
             if name in out:
-                raise ValueError(f"teonspeed: options {alias!r} and {name!r} both set the AdamW part's "
-                                 f"{name[6:]}; keep one")
+                raise ValueError(
+                    f"teonspeed: options {alias!r} and {name!r} both set the AdamW part's "
+                    f"{name[6:]}; keep one"
+                )
             out[name] = out.pop(alias)
     if "muon_lr" in out:
         if "lr" in out and "adamw_lr" not in out:
             out["adamw_lr"] = out["lr"]
         out["lr"] = out.pop("muon_lr")
     if "adam_w_mode" in out and not out.pop("adam_w_mode"):
-        raise ValueError("teonspeed: option 'adam_w_mode' must be true: the AdamW part always decouples "
-                         "weight decay (Adam with L2 regularisation is not offered)")
+        raise ValueError(
+            "teonspeed: option 'adam_w_mode' must be true: the AdamW part always decouples "
+            "weight decay (Adam with L2 regularisation is not offered)"
+        )
     return out

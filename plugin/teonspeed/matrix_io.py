@@ -2,6 +2,7 @@
 weight, or one part (q, k, v; gate, up) of a fused weight, in the fused layout `fused.py` describes. Every
 runner reads its momentum matrices and writes their updates through these two functions, whatever holds
 the tensor (a parameter, its TP shard, a unit assembled from ZeRO partitions)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,9 @@ def matrix_view(t: torch.Tensor, m: MatrixRef, layout: Optional[FusedLayout]) ->
     return t
 
 
-def write_matrix(target: torch.Tensor, m: MatrixRef, layout: Optional[FusedLayout],
-                 value: torch.Tensor) -> None:
+def write_matrix(
+    target: torch.Tensor, m: MatrixRef, layout: Optional[FusedLayout], value: torch.Tensor
+) -> None:
     """Store `value` as matrix `m` of `target`, in the fused layout if any."""
     if m.expert_index is not None:
         target = target[m.expert_index]

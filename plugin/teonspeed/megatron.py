@@ -4,7 +4,19 @@
 
 The integration itself is `teonspeed.integrations.megatron` (and `.megatron_distributed` for
 use_distributed_optimizer=True)."""
-from .integrations.megatron import (MEGATRON_NAMES, MEGATRON_TYPES, TeonOptimizerConfig, get_megatron_optimizer,
-                                    teonspeed_options)
 
-__all__ = ["MEGATRON_NAMES", "MEGATRON_TYPES", "TeonOptimizerConfig", "get_megatron_optimizer", "teonspeed_options"]
+from .integrations.megatron import (
+    MEGATRON_NAMES,
+    MEGATRON_TYPES,
+    TeonOptimizerConfig,
+    get_megatron_optimizer,
+    teonspeed_options,
+)
+
+__all__ = [
+    "MEGATRON_NAMES",
+    "MEGATRON_TYPES",
+    "TeonOptimizerConfig",
+    "get_megatron_optimizer",
+    "teonspeed_options",
+]

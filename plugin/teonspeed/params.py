@@ -1,6 +1,7 @@
 """The user's parameters -> the optimizer's param groups: names for every parameter, the keys a user group
 may override (each checked like the option of the same name), and the split of each user group into its
 orthogonalized and its AdamW side."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Tuple
@@ -11,9 +12,18 @@ from .config import CHECKS, OptimizerConfig
 from .fused import annotate_model
 
 # Keys a user's param group may override, and the internal group key each one sets.
-ORTHO_GROUP_KEYS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "nesterov": "nesterov"}
-ADAMW_GROUP_KEYS = {"adamw_lr": "lr", "adamw_weight_decay": "weight_decay", "adamw_betas": "betas",
-                    "adamw_eps": "eps"}
+ORTHO_GROUP_KEYS = {
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "momentum": "momentum",
+    "nesterov": "nesterov",
+}
+ADAMW_GROUP_KEYS = {
+    "adamw_lr": "lr",
+    "adamw_weight_decay": "weight_decay",
+    "adamw_betas": "betas",
+    "adamw_eps": "eps",
+}
 ROUTE_KEY = "route"  # "ortho" | "adamw": force every parameter of a user group to one side
 # DeepSpeed MoE's group marks (deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer):
 # ZeRO partitions a group with moe=True over the expert-data-parallel group of its `name`; kept as given.
@@ -31,15 +41,21 @@ def normalize_params(params) -> List[Dict[str, Any]]:
         raise ValueError("teonspeed: the optimizer got an empty parameter list")
     if not isinstance(params[0], dict):
         params = [{"params": params}]
-    allowed = set(ORTHO_GROUP_KEYS) | set(ADAMW_GROUP_KEYS) | {"params", "names", ROUTE_KEY, *DEEPSPEED_MOE_KEYS}
+    allowed = (
+        set(ORTHO_GROUP_KEYS) | set(ADAMW_GROUP_KEYS) | {"params", "names", ROUTE_KEY, *DEEPSPEED_MOE_KEYS}
+    )
     counter = 0
     out = []
     for index, group in enumerate(params):
         unknown = sorted(set(group) - allowed)
         if unknown:
-            raise ValueError(f"teonspeed: unknown param-group key(s) {unknown}; a group may set: {sorted(allowed)}")
+            raise ValueError(
+                f"teonspeed: unknown param-group key(s) {unknown}; a group may set: {sorted(allowed)}"
+            )
         if ROUTE_KEY in group and group[ROUTE_KEY] not in ("ortho", "adamw"):
-            raise ValueError(f"teonspeed: param-group 'route' must be 'ortho' or 'adamw', got {group[ROUTE_KEY]!r}")
+            raise ValueError(
+                f"teonspeed: param-group 'route' must be 'ortho' or 'adamw', got {group[ROUTE_KEY]!r}"
+            )
         items = list(group["params"])
         names = list(group.get("names", []))
         named, unnamed = [], set()
@@ -54,10 +70,16 @@ def normalize_params(params) -> List[Dict[str, Any]]:
                     unnamed.add(id(item))
                 named.append((name, item))
         # a group's override is checked like the option of the same name
-        overrides = {k: CHECKS[k](f"param_groups[{index}].{k}", v) if k in CHECKS else v
-                     for k, v in group.items() if k not in ("params", "names", ROUTE_KEY)}
-        entry = {"named": [(n, p) for n, p in named if p.requires_grad], "unnamed": unnamed,
-                 "overrides": overrides}
+        overrides = {
+            k: CHECKS[k](f"param_groups[{index}].{k}", v) if k in CHECKS else v
+            for k, v in group.items()
+            if k not in ("params", "names", ROUTE_KEY)
+        }
+        entry = {
+            "named": [(n, p) for n, p in named if p.requires_grad],
+            "unnamed": unnamed,
+            "overrides": overrides,
+        }
         if ROUTE_KEY in group:
             entry[ROUTE_KEY] = group[ROUTE_KEY]
         out.append(entry)
@@ -77,7 +99,9 @@ def internal_groups(c: OptimizerConfig, user_groups, route: Dict[str, str]) -> L
                 g = dict(lr=c.lr, weight_decay=c.weight_decay, momentum=c.momentum, nesterov=c.nesterov)
                 keys = ORTHO_GROUP_KEYS
             else:
-                g = dict(lr=c.adamw_lr, weight_decay=c.adamw_weight_decay, betas=c.adamw_betas, eps=c.adamw_eps)
+                g = dict(
+                    lr=c.adamw_lr, weight_decay=c.adamw_weight_decay, betas=c.adamw_betas, eps=c.adamw_eps
+                )
                 keys = ADAMW_GROUP_KEYS
             g.update({keys[k]: v for k, v in overrides.items() if k in keys})
             g.update({k: v for k, v in overrides.items() if k in DEEPSPEED_MOE_KEYS})
@@ -105,5 +129,6 @@ def refuse_dtensor_parameters(named: Iterable[Tuple[str, torch.Tensor]]) -> None
         raise ValueError(
             f"teonspeed: parameter {name!r} is a DTensor (placements {tuple(placements)}, as made by PyTorch "
             f"FSDP2's fully_shard or DTensor parallelize_module); teonspeed does not step DTensor parameters "
-            f"yet. Shard with DeepSpeed ZeRO-1/2 (\"optimizer\": {{\"type\": \"TEON\"}}), Megatron-core "
-            f"(tensor parallel, use_distributed_optimizer) or DDP instead")
+            f'yet. Shard with DeepSpeed ZeRO-1/2 ("optimizer": {{"type": "TEON"}}), Megatron-core '
+            f"(tensor parallel, use_distributed_optimizer) or DDP instead"
+        )

@@ -6,6 +6,7 @@ The `cluster` constants below are chosen so that the tiny GPT's plan really mixe
 (16 × 64) carry about half the Newton–Schulz FLOPs per byte of every other group (smallest side 32), and
 the FLOP rate / link bandwidth ratio is set between the two, with latencies made negligible.
 """
+
 import pytest
 
 from support import tolerance as tol
@@ -34,8 +35,9 @@ def _choices(plan_text):
 @pytest.mark.parametrize("layout,world_size", LAYOUTS)
 def test_a_mixed_plan_equals_the_single_process_step_and_moves_what_it_predicts(layout, world_size):
     cluster = MIXING[layout.get("tp", 1)]
-    results = run_ranks(train, world_size, optimizer="teon", mode="auto", options={"cluster": cluster},
-                        timeout=120, **layout)
+    results = run_ranks(
+        train, world_size, optimizer="teon", mode="auto", options={"cluster": cluster}, timeout=120, **layout
+    )
     replicated, owned = _choices(results[0][3])
     assert replicated > 0 and owned > 0, results[0][3]  # the plan really mixes both ways
     assert f"parallel_mode=auto: {owned} groups at owners, {replicated} on every rank" in results[0][3]
@@ -47,7 +49,9 @@ def test_a_mixed_plan_equals_the_single_process_step_and_moves_what_it_predicts(
 def test_tp_only_computes_at_the_owners_when_latency_is_cheap_and_everywhere_when_it_is_not():
     """One replica: owners halve the FLOPs for the same TP bytes, so only the collectives' latency can
     make replicating worth it (the default H100 constants, for matrices this small)."""
-    fast = run_ranks(train, 2, tp=2, optimizer="teon", mode="auto", options={"cluster": MIXING[2]}, timeout=120)
+    fast = run_ranks(
+        train, 2, tp=2, optimizer="teon", mode="auto", options={"cluster": MIXING[2]}, timeout=120
+    )
     slow = run_ranks(train, 2, tp=2, optimizer="teon", mode="auto", timeout=120)
     assert _choices(fast[0][3])[0] == 0 and _choices(slow[0][3])[1] == 0
     ref = reference("teon")
@@ -71,25 +75,41 @@ def _replicated_with_a_whole_matrix(rank, world_size):
     import torch.distributed as dist
     import teonspeed
     from teonspeed.parallel.context import ParallelContext
+
     full = {"layers.0.mlp.fc1.weight": (8, 6), "layers.0.mlp.fc2.weight": (6, 8)}
-    specs = {"layers.0.mlp.fc1.weight": teonspeed.ShardSpec(tp_partition_dim=0),
-             "layers.0.mlp.fc2.weight": teonspeed.ShardSpec()}
-    grads = {n: torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, (n, s) in enumerate(full.items())}
-    local = {n: g.chunk(world_size, 0)[rank] if specs[n].tp_partition_dim == 0 else g for n, g in grads.items()}
+    specs = {
+        "layers.0.mlp.fc1.weight": teonspeed.ShardSpec(tp_partition_dim=0),
+        "layers.0.mlp.fc2.weight": teonspeed.ShardSpec(),
+    }
+    grads = {
+        n: torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, (n, s) in enumerate(full.items())
+    }
+    local = {
+        n: g.chunk(world_size, 0)[rank] if specs[n].tp_partition_dim == 0 else g for n, g in grads.items()
+    }
     params = [(n, torch.nn.Parameter(torch.zeros_like(g))) for n, g in local.items()]
-    opt = teonspeed.Muon(params, parallel=ParallelContext(specs, tp_group=dist.group.WORLD), parallel_mode="replicated")
-    for (n, p) in params:
+    opt = teonspeed.Muon(
+        params, parallel=ParallelContext(specs, tp_group=dist.group.WORLD), parallel_mode="replicated"
+    )
+    for n, p in params:
         p.grad = local[n].clone()
     opt.step()
     ref = [(n, torch.nn.Parameter(torch.zeros(s))) for n, s in full.items()]
     ref_opt = teonspeed.Muon(ref)
     budget = tol.RoundingBudget(ref_opt)  # the gathered matrices are the same numbers: rounding only
-    for (n, p) in ref:
+    for n, p in ref:
         p.grad = grads[n].clone()
     ref_opt.step()
-    want = {n: p.detach().chunk(world_size, 0)[rank] if specs[n].tp_partition_dim == 0 else p.detach() for n, p in ref}
+    want = {
+        n: p.detach().chunk(world_size, 0)[rank] if specs[n].tp_partition_dim == 0 else p.detach()
+        for n, p in ref
+    }
     same = tol.distance({n: p.detach() for n, p in params}, want) <= budget.weights(0.02)
-    return same, (opt.comm_stats.sent, opt.comm_stats.received), opt.runner.expected_bytes(opt.grouping.groups)
+    return (
+        same,
+        (opt.comm_stats.sent, opt.comm_stats.received),
+        opt.runner.expected_bytes(opt.grouping.groups),
+    )
 
 
 def test_the_tp_gather_of_replicated_groups_moves_only_the_split_matrices():

@@ -1,4 +1,5 @@
 """The fork-based multi-process harness itself."""
+
 import os
 import time
 

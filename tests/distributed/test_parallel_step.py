@@ -5,6 +5,7 @@ and expert offsets come from Megatron itself. Weights and gradients are determin
 *global* parameter name, cut into shards with Megatron's own rule, so the full model (one process) and
 every sharded layout start from, and receive, exactly the same numbers.
 """
+
 import pytest
 import torch
 
@@ -19,14 +20,28 @@ OPTIMIZERS = {"muon": teonspeed.Muon, "teon": teonspeed.TEON, "htmuon": teonspee
 STEPS = 3
 
 
-def train(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, num_layers=4, mode="distributed",
-          options=None):
+def train(
+    rank,
+    world_size,
+    tp=1,
+    pp=1,
+    ep=1,
+    optimizer="teon",
+    moe=False,
+    num_layers=4,
+    mode="distributed",
+    options=None,
+):
     from megatron.core import parallel_state as ps
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep)
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+    )
     extra = dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="allgather") if moe else {}
     config = mm.tiny_config(num_layers=num_layers, tp=tp, pp=pp, expert_model_parallel_size=ep, **extra)
-    model = mm.tiny_gpt(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    model = mm.tiny_gpt(
+        config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+    )
     specs = megatron_shard_specs(model)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     etp_rank, etp_size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
@@ -39,8 +54,9 @@ def train(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, num_l
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(local_of(name, p, 0))
-    opt = OPTIMIZERS[optimizer](model, lr=0.02, adamw_lr=1e-3, weight_decay=0.01, parallel_mode=mode,
-                                **(options or {}))
+    opt = OPTIMIZERS[optimizer](
+        model, lr=0.02, adamw_lr=1e-3, weight_decay=0.01, parallel_mode=mode, **(options or {})
+    )
     # what rounding alone may move (a single process sees every stack): a bf16 exchange rounds the
     # directions an owner receives and the updates it sends back, u_bf16 each
     bf16 = tol.u(torch.bfloat16) if (options or {}).get("comm_dtype") == "bf16" else 0.0
@@ -52,8 +68,13 @@ def train(rank, world_size, tp=1, pp=1, ep=1, optimizer="teon", moe=False, num_l
     out = {}
     for name, p in model.named_parameters():
         spec = specs[name]
-        out[global_name(name, spec)] = (p.detach().clone(), spec.tp_partition_dim, spec.tp_partition_stride,
-                                        etp_rank if spec.is_expert else tp_rank, ps.get_data_parallel_rank())
+        out[global_name(name, spec)] = (
+            p.detach().clone(),
+            spec.tp_partition_dim,
+            spec.tp_partition_stride,
+            etp_rank if spec.is_expert else tp_rank,
+            ps.get_data_parallel_rank(),
+        )
     stats = opt.comm_stats
     moved = (stats.sent, stats.received, stats.flops, stats.adamw_bytes) if stats else None
     expected = opt.runner.expected_bytes(opt.grouping.groups) if stats else None
@@ -73,8 +94,11 @@ def gather_full(results):
         for dp_rank in sorted(by_dp):
             by_tp = by_dp[dp_rank]
             dim, stride = by_tp[0][1], by_tp[0][2]
-            replicas.append(assemble([by_tp[r][0] for r in sorted(by_tp)], dim, stride) if dim is not None
-                            else by_tp[0][0])
+            replicas.append(
+                assemble([by_tp[r][0] for r in sorted(by_tp)], dim, stride)
+                if dim is not None
+                else by_tp[0][0]
+            )
         for other in replicas[1:]:
             assert torch.equal(other, replicas[0]), f"{name} differs across data-parallel replicas"
         full[name] = replicas[0]
@@ -83,8 +107,9 @@ def gather_full(results):
 
 def reference(optimizer, moe=False, num_layers=4, options=None):
     """The single process's full model, and the rounding budget of its steps (tol.RoundingBudget)."""
-    results = run_ranks(train, 1, optimizer=optimizer, moe=moe, num_layers=num_layers, options=options,
-                        timeout=120)
+    results = run_ranks(
+        train, 1, optimizer=optimizer, moe=moe, num_layers=num_layers, options=options, timeout=120
+    )
     return gather_full(results), results[0][4]
 
 
@@ -97,8 +122,10 @@ def assert_same_model(got, ref):
     assert set(got) == set(full)
     total = sum(float((got[name] - full[name]).double().norm()) ** 2 for name in full) ** 0.5
     assert total <= budget, f"‖Δ‖_F = {total:.2e} > {budget:.2e}: " + ", ".join(
-        f"{name} {float((got[name] - full[name]).norm() / full[name].norm()):.1e}" for name in sorted(full)
-        if not torch.equal(got[name], full[name]))
+        f"{name} {float((got[name] - full[name]).norm() / full[name].norm()):.1e}"
+        for name in sorted(full)
+        if not torch.equal(got[name], full[name])
+    )
 
 
 TOPOLOGIES = [
@@ -156,7 +183,9 @@ def test_byte_counter_matches_the_analytical_count():
     _assert_byte_totals(run_ranks(train, 4, tp=2, optimizer="teon", timeout=120), tp=2, dp=2)
 
 
-@pytest.mark.parametrize("layout,dp", [pytest.param(dict(), 8, id="DP8"), pytest.param(dict(tp=2), 4, id="TP2xDP4")])
+@pytest.mark.parametrize(
+    "layout,dp", [pytest.param(dict(), 8, id="DP8"), pytest.param(dict(tp=2), 4, id="TP2xDP4")]
+)
 def test_eight_ranks_data_parallel_phase_b(layout, dp):
     """8 ranks: equality with one process, and phase B's bytes per rank do not grow with the ranks
     (each rank sends its replica's chunk once; no owner sends W-1 copies)."""
@@ -171,8 +200,9 @@ def test_bf16_exchange_equals_single_process_at_bf16_tolerance(optimizer):
     identical (gather_full checks: owners write the same rounded values as everyone), half the bytes."""
     # the iteration in fp32 (whatever TEONSPEED_CPU_BF16 says), so that the exchange's bf16 shows
     fp32 = {"ns_dtype": "fp32"}
-    results = run_ranks(train, 4, tp=2, optimizer=optimizer, options=dict(fp32, comm_dtype="bf16"),
-                        timeout=120)
+    results = run_ranks(
+        train, 4, tp=2, optimizer=optimizer, options=dict(fp32, comm_dtype="bf16"), timeout=120
+    )
     got = gather_full(results)
     full, fp32_budget = reference(optimizer, options=fp32)
     # the single process's budget with the bf16 exchange's roundings counted (it computes the same steps)
@@ -198,10 +228,12 @@ def _full_named_params():
         setattr(qkv, teonspeed.fused.LAYOUT_ATTR, teonspeed.qkv_layout(heads, groups, hd))
         fc1 = torch.zeros(2 * ffn, hidden)
         setattr(fc1, teonspeed.fused.LAYOUT_ATTR, teonspeed.gated_mlp_layout())
-        named += [(f"decoder.layers.{b}.self_attention.linear_qkv.weight", qkv),
-                  (f"decoder.layers.{b}.self_attention.linear_proj.weight", torch.zeros(hidden, hidden)),
-                  (f"decoder.layers.{b}.mlp.linear_fc1.weight", fc1),
-                  (f"decoder.layers.{b}.mlp.linear_fc2.weight", torch.zeros(hidden, ffn))]
+        named += [
+            (f"decoder.layers.{b}.self_attention.linear_qkv.weight", qkv),
+            (f"decoder.layers.{b}.self_attention.linear_proj.weight", torch.zeros(hidden, hidden)),
+            (f"decoder.layers.{b}.mlp.linear_fc1.weight", fc1),
+            (f"decoder.layers.{b}.mlp.linear_fc2.weight", torch.zeros(hidden, ffn)),
+        ]
     return [(n, p.requires_grad_()) for n, p in named]
 
 
@@ -224,13 +256,22 @@ def test_a_teon_group_spanning_pipeline_stages_is_rejected_before_any_step():
 
 
 def test_cutting_at_the_stage_boundary_is_an_opt_in():
-    results = run_ranks(train, 2, pp=2, num_layers=6, optimizer="teon", timeout=120,
-                        options={"cut_groups_at_stage_boundary": True})
+    results = run_ranks(
+        train,
+        2,
+        pp=2,
+        num_layers=6,
+        optimizer="teon",
+        timeout=120,
+        options={"cut_groups_at_stage_boundary": True},
+    )
     assert any("falls back to Muon" in r[3] for r in results)
 
 
 @pytest.mark.parametrize("waves", [1, 3])
 def test_overlap_waves_do_not_change_the_update(waves):
-    a = gather_full(run_ranks(train, 4, tp=2, optimizer="teon", options={"overlap_waves": waves}, timeout=120))
+    a = gather_full(
+        run_ranks(train, 4, tp=2, optimizer="teon", options={"overlap_waves": waves}, timeout=120)
+    )
     replicated = run_ranks(train, 4, tp=2, optimizer="teon", mode="replicated", timeout=120)
     assert_same_model(a, (gather_full(replicated), replicated[0][4]))

@@ -2,6 +2,7 @@
 for every way of handing over the parameters: both call the one grouping builder
 (teonspeed.param_groups.build_grouping), so shapes are the full matrices' and blocks are global under
 TP, PP and EP alike, and a layout the optimizer refuses is refused by the plan too."""
+
 import pytest
 
 import megatron_models as mm
@@ -16,12 +17,15 @@ def compare_plans(rank, world_size, tp=1, pp=1, ep=1, moe=False, num_layers=4, p
     """Per optimizer and entry: (plan() == opt.plan, each planned group's layer type, stacked shape, global
     blocks and fused parts)."""
     from megatron.core import parallel_state as ps
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep)
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+    )
     extra = dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="allgather") if moe else {}
     config = mm.tiny_config(num_layers=num_layers, tp=tp, pp=pp, expert_model_parallel_size=ep, **extra)
-    model = mm.tiny_gpt(config, pre_process=ps.is_pipeline_first_stage(),
-                        post_process=ps.is_pipeline_last_stage())
+    model = mm.tiny_gpt(
+        config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+    )
     if plan_only:
         return str(teonspeed.plan(model, "teon"))
     out = {}
@@ -30,10 +34,18 @@ def compare_plans(rank, world_size, tp=1, pp=1, ep=1, moe=False, num_layers=4, p
             planned = teonspeed.plan(entry_params(model, entry), kind)
             opt = cls(entry_params(model, entry))
             ran = opt.plan
-            out[kind, entry] = (planned.grouping == ran.grouping and planned.config == ran.config,
-                                [(g.members[0].layer.layer_type, g.stacked_shape,
-                                  [m.layer.block for m in g.members], [m.part for m in g.members])
-                                 for g in planned.groups])
+            out[kind, entry] = (
+                planned.grouping == ran.grouping and planned.config == ran.config,
+                [
+                    (
+                        g.members[0].layer.layer_type,
+                        g.stacked_shape,
+                        [m.layer.block for m in g.members],
+                        [m.part for m in g.members],
+                    )
+                    for g in planned.groups
+                ],
+            )
             del opt
     return out
 

@@ -2,6 +2,7 @@
 the capture and the clip create every tensor on the device, hand collectives device tensors only, and
 read nothing on the host (the step keeps its one host read); the clip adds one all-reduce under data
 parallelism and none where no other rank holds the same heads."""
+
 import pytest
 import torch
 
@@ -21,10 +22,12 @@ def test_the_capture_and_the_rescale_stay_on_the_device_and_read_nothing():
     pad = torch.empty(2, 1, 64, 64, dtype=torch.bool, **meta)
     weight, flat = torch.empty(24, 8, **meta), torch.empty(50, **meta)
     with DeviceRecorder() as rec:
-        maxima = [head_max_logits(q, k, 0.35, causal=True, chunk_elements=2048),
-                  head_max_logits(q, k, 0.35, causal=False, allowed=pad, chunk_elements=2048),
-                  head_max_of_scores(scores, 2.0, causal=True, chunk_elements=2048),
-                  head_max_of_scores(scores, 2.0, causal=False, blocked=pad, chunk_elements=2048)]
+        maxima = [
+            head_max_logits(q, k, 0.35, causal=True, chunk_elements=2048),
+            head_max_logits(q, k, 0.35, causal=False, allowed=pad, chunk_elements=2048),
+            head_max_of_scores(scores, 2.0, causal=True, chunk_elements=2048),
+            head_max_of_scores(scores, 2.0, causal=False, blocked=pad, chunk_elements=2048),
+        ]
         eta = group_eta(maxima[0], 2, 100.0)
         scale = row_scale(eta, (RowPart(8, Q), RowPart(2, K), RowPart(2, NONE)), 0.5)
         scale_rows(weight, scale)
@@ -34,6 +37,7 @@ def test_the_capture_and_the_rescale_stay_on_the_device_and_read_nothing():
 
 def clipped_steps(rank, world_size, tp=1, steps=2):
     from megatron.core import parallel_state as ps
+
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     model = to_standin(mm.tiny_gpt(mm.tiny_config(num_layers=2, tp=tp)))
     opt = teonspeed.Muon(model, lr=0.02, adamw_lr=1e-3, qk_clip=1.0, parallel_mode="distributed")

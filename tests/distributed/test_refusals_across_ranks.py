@@ -7,6 +7,7 @@
 - a model wrapped with PyTorch FSDP2's `fully_shard` (DTensor parameters) is refused at construction,
   through the model, named_parameters() and param groups.
 """
+
 import json
 import os
 
@@ -27,9 +28,13 @@ def _errors(err):
 
 def megatron_teon(rank, world_size, tp, pp, teon_k, options=None):
     from megatron.core import parallel_state as ps
+
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model = mm.tiny_gpt(mm.tiny_config(num_layers=4, tp=tp, pp=pp), pre_process=ps.is_pipeline_first_stage(),
-                        post_process=ps.is_pipeline_last_stage())
+    model = mm.tiny_gpt(
+        mm.tiny_config(num_layers=4, tp=tp, pp=pp),
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
     return len(teonspeed.TEON(model, teon_k=teon_k, **(options or {})).plan.teon_groups)
 
 
@@ -43,8 +48,15 @@ def test_teon_k_beyond_the_layers_per_stage_is_the_same_line_on_every_rank(tp, p
     lines = _errors(err)
     assert len(lines) == tp * pp and len(set(lines)) == 1, str(err.value)[-3000:]
     assert f"teon_k={teon_k} forms no TEON stack" in lines[0] and "teon_per_layer_fallback=True" in lines[0]
-    stacks = run_ranks(megatron_teon, tp * pp, tp=tp, pp=pp, teon_k=teon_k, timeout=120,
-                       options=dict(options, teon_per_layer_fallback=True))
+    stacks = run_ranks(
+        megatron_teon,
+        tp * pp,
+        tp=tp,
+        pp=pp,
+        teon_k=teon_k,
+        timeout=120,
+        options=dict(options, teon_per_layer_fallback=True),
+    )
     assert stacks == [0] * (tp * pp)  # the explicit opt-in: per-layer Muon everywhere
 
 
@@ -53,9 +65,11 @@ def refused_on_one_rank(rank, world_size, options):
     teonspeed.TEON(model.named_parameters(), **(options if rank == 1 else {}))
 
 
-@pytest.mark.parametrize("options,message", [({"teon_k": 8}, "teon_k=8 forms no TEON stack"),
-                                             ({"teon_kk": 2}, "unknown option(s) 'teon_kk'")],
-                         ids=["stage-dependent", "unknown-option"])
+@pytest.mark.parametrize(
+    "options,message",
+    [({"teon_k": 8}, "teon_k=8 forms no TEON stack"), ({"teon_kk": 2}, "unknown option(s) 'teon_kk'")],
+    ids=["stage-dependent", "unknown-option"],
+)
 def test_a_refusal_on_one_rank_is_raised_by_every_rank_without_a_hang(options, message):
     with pytest.raises(RankError) as err:
         run_ranks(refused_on_one_rank, 2, options, timeout=60)
@@ -92,18 +106,23 @@ def test_a_bad_gradient_is_refused_on_every_rank_without_a_hang(bad_ranks):
 
 # -- FSDP2: ranks forked from a parent that imported torch hang in fully_shard here, so they are spawned
 
+
 def _fsdp2_rank(rank, world_size, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         from torch.distributed.fsdp import fully_shard
+
         model = TinyLlama(layers=2)
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
-        entries = {"model": lambda: model, "named_parameters": model.named_parameters,
-                   "param_groups": lambda: [{"params": list(model.named_parameters()), "lr": 0.01}]}
+        entries = {
+            "model": lambda: model,
+            "named_parameters": model.named_parameters,
+            "param_groups": lambda: [{"params": list(model.named_parameters()), "lr": 0.01}],
+        }
         errors = {}
         for entry, params in entries.items():
             try:
@@ -119,6 +138,7 @@ def _fsdp2_rank(rank, world_size, port, out_dir):
 
 def test_an_fsdp2_model_is_refused_at_construction(tmp_path):
     import torch.multiprocessing as mp
+
     mp.start_processes(_fsdp2_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in (0, 1):
         errors = json.loads((tmp_path / f"{rank}.json").read_text())

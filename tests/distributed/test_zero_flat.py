@@ -2,6 +2,7 @@
 TP-sharded matrix spanning all three partitions, a TEON stack whose members sit in different partitions,
 a local TP-sharded matrix and a TP-replicated one, each rank keeping exactly its slice; and a plan whose
 balancing moved local jobs (TP-sharded and TP-replicated) to ranks of another partition."""
+
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -34,10 +35,14 @@ class Layout:
     def groups(self):
         def ref(n):
             shape = self.matrices[n][0]
-            return MatrixRef(n, LayerRef("q", int(n[1:])) if n.startswith("q") else LayerRef("other", None), shape)
+            return MatrixRef(
+                n, LayerRef("q", int(n[1:])) if n.startswith("q") else LayerRef("other", None), shape
+            )
+
         stacked = [n for n in self.matrices if n.startswith("q")]
-        return ([OrthoGroup(tuple(ref(n) for n in stacked))] if stacked else []) + \
-            [OrthoGroup((ref(n),)) for n in self.matrices if not n.startswith("q")]
+        return ([OrthoGroup(tuple(ref(n) for n in stacked))] if stacked else []) + [
+            OrthoGroup((ref(n),)) for n in self.matrices if not n.startswith("q")
+        ]
 
     def local_flat(self, values, tp_rank):
         """The rank's TP-local flat buffer of `values` (full matrices), padded to DP partitions."""
@@ -47,14 +52,28 @@ class Layout:
 
 
 # local flat = 111 elements, padded to 3 x 38: big [36, 84) covers all three partitions
-CUT = Layout({"q0": ((4, 6), 0), "a": ((8, 6), 0), "big": ((6, 16), 1), "r": ((3, 5), None), "q1": ((4, 6), 0)},
-             dp=3, partition=38)
+CUT = Layout(
+    {"q0": ((4, 6), 0), "a": ((8, 6), 0), "big": ((6, 16), 1), "r": ((3, 5), None), "q1": ((4, 6), 0)},
+    dp=3,
+    partition=38,
+)
 # Partition 0 holds three heavy TP-sharded matrices and a TP-replicated one, partition 1 four light ones
 # (448 local elements each); with NS FLOPs this slow, balancing moves h0 and r to partition 1's ranks.
-MOVED = Layout({"h0": ((16, 16), 0), "h1": ((16, 16), 1), "h2": ((16, 16), 0), "r": ((8, 8), None),
-                "l0": ((2, 112), 1), "l1": ((2, 112), 1), "l2": ((2, 112), 1), "l3": ((2, 112), 1)},
-               dp=2, partition=448, cluster=ClusterProfile(peak_flops=1e3, ns_efficiency=1.0, nvlink_bw=1e12,
-                                                           ib_bw=1e12))
+MOVED = Layout(
+    {
+        "h0": ((16, 16), 0),
+        "h1": ((16, 16), 1),
+        "h2": ((16, 16), 0),
+        "r": ((8, 8), None),
+        "l0": ((2, 112), 1),
+        "l1": ((2, 112), 1),
+        "l2": ((2, 112), 1),
+        "l3": ((2, 112), 1),
+    },
+    dp=2,
+    partition=448,
+    cluster=ClusterProfile(peak_flops=1e3, ns_efficiency=1.0, nvlink_bw=1e12, ib_bw=1e12),
+)
 
 
 def full(name, layout):
@@ -77,21 +96,46 @@ def step(rank, world_size, layout):
         offset += local[0] * local[1]
     partition = FlatPartition(entries, layout.partition, None, d, layout.dp)
     work_rank = {(tt, dd): dd * TP + tt for tt in range(TP) for dd in range(layout.dp)}
-    plan = plan_zero_partition(layout.groups(), {e.name: e.offset for e in entries},
-                               {e.name: e.shape for e in entries}, layout.partition, layout.dp, TP, work_rank,
-                               cost=lambda g: ns_flops(g.stacked_shape, 5),
-                               tp_sharded=lambda m: layout.matrices[m.name][1] is not None, cluster=layout.cluster)
+    plan = plan_zero_partition(
+        layout.groups(),
+        {e.name: e.offset for e in entries},
+        {e.name: e.shape for e in entries},
+        layout.partition,
+        layout.dp,
+        TP,
+        work_rank,
+        cost=lambda g: ns_flops(g.stacked_shape, 5),
+        tp_sharded=lambda m: layout.matrices[m.name][1] is not None,
+        cluster=layout.cluster,
+    )
     runner = FlatStep(plan, partition.dp_rank, rank, dist.group.WORLD)
     lo, hi = d * layout.partition, (d + 1) * layout.partition
     direction = layout.local_flat({n: full(n, layout) for n in layout.matrices}, t)[lo:hi]
     update, stats = torch.zeros_like(direction), CommStats()
-    runner.run(direction, update, StepIO({}, {}, transform, view=lambda m, unit: unit,
-                                         store=lambda m, unit, value: unit.copy_(value), scale=lambda m: 2.0),
-               lambda m: TPSplit(layout.matrices[m.name][1], 1), stats)
+    runner.run(
+        direction,
+        update,
+        StepIO(
+            {},
+            {},
+            transform,
+            view=lambda m, unit: unit,
+            store=lambda m, unit, value: unit.copy_(value),
+            scale=lambda m: 2.0,
+        ),
+        lambda m: TPSplit(layout.matrices[m.name][1], 1),
+        stats,
+    )
     sent, received, flops = stats.sent, stats.received, stats.flops
     moved = [(m.name, plan.position(j.owner)[1]) for j in plan.moved for g in j.groups for m in g.members]
-    return (update, (sent, received), runner.expected_bytes(4), flops, [(j.cut, j.partitions) for j in plan.jobs],
-            moved)
+    return (
+        update,
+        (sent, received),
+        runner.expected_bytes(4),
+        flops,
+        [(j.cut, j.partitions) for j in plan.jobs],
+        moved,
+    )
 
 
 def check_equals_the_whole_matrix_transform(layout, results):
@@ -112,7 +156,9 @@ def check_equals_the_whole_matrix_transform(layout, results):
         want, slack = layout.local_flat(expected, t)[cut], layout.local_flat(bounds, t)[cut]
         assert ((update.double() - want.double()).abs() <= slack).all()
         assert measured == predicted
-    assert sum(r[3] for r in results) == sum(ns_flops(g.stacked_shape, 5) for g in layout.groups())  # no repeat
+    assert sum(r[3] for r in results) == sum(
+        ns_flops(g.stacked_shape, 5) for g in layout.groups()
+    )  # no repeat
 
 
 def test_flat_step_over_tp2_dp3_equals_the_whole_matrix_transform():

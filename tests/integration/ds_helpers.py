@@ -1,4 +1,5 @@
 """A tiny LLaMA-named model and a DeepSpeed training loop that runs inside forked ranks."""
+
 from __future__ import annotations
 
 import copy
@@ -46,11 +47,16 @@ def train(rank, world_size, config, steps=5, model_fn=TinyLM, checkpoint=None, m
     rounding: the gradients' relative rounding error; then also returns the bound that rounding puts on
     the weights through the steps taken (tol.RoundingBudget)."""
     import torch.distributed as dist
+
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     deepspeed.init_distributed(dist_backend="gloo")
     model = model_fn()
-    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                             config=copy.deepcopy(config), mpu=mpu() if mpu else None)
+    engine, opt, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=copy.deepcopy(config),
+        mpu=mpu() if mpu else None,
+    )
     budget = tol.RoundingBudget(engine.basic_optimizer, eps_in=rounding) if rounding is not None else None
     losses = []
     start = 0
@@ -80,11 +86,13 @@ def train_megatron(rank, world_size, config, tp=1, steps=3):
 
     import megatron_models as mm
     from teonspeed.deepspeed import MegatronMPU
+
     deepspeed.init_distributed(dist_backend="gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     model = mm.tiny_gpt(mm.tiny_config(tp=tp))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(config),
-                                      mpu=MegatronMPU())
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=copy.deepcopy(config), mpu=MegatronMPU()
+    )
     dp_rank = ps.get_data_parallel_rank()
     losses = []
     for step in range(steps):
@@ -93,9 +101,15 @@ def train_megatron(rank, world_size, config, tp=1, steps=3):
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))
-    params = {n: (p.detach().float().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
-                  else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
-              for n, p in engine.module.named_parameters()}
+    params = {
+        n: (
+            p.detach().float().clone(),
+            getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else None,
+            getattr(p, "partition_stride", 1),
+            ps.get_tensor_model_parallel_rank(),
+        )
+        for n, p in engine.module.named_parameters()
+    }
     return losses, params, dp_rank
 
 
@@ -107,6 +121,7 @@ def megatron_plain(rank, world_size, steps=3, dp=2, float64=False):
     from megatron.core import parallel_state as ps
 
     import megatron_models as mm
+
     ps.initialize_model_parallel()
     model = mm.tiny_gpt(mm.tiny_config())
     if float64:
@@ -131,9 +146,12 @@ def train_comm(rank, world_size, config, steps=2):
     """Train, then report this rank's measured optimizer bytes of the last step, the plans' prediction,
     what the old DP all-gather of the momentum alone received, and the jobs (local, cut)."""
     import torch.distributed as dist
+
     deepspeed.init_distributed(dist_backend="gloo")
     model = TinyLM()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(config))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=copy.deepcopy(config)
+    )
     opt = engine.basic_optimizer
     for step in range(steps):
         tokens, labels = batch(step, dist.get_rank())
@@ -142,6 +160,15 @@ def train_comm(rank, world_size, config, steps=2):
     stats = opt.comm_stats
     all_gather = sum(fp.partition_size * 4 * (fp.dp_size - 1) for fp in opt.partitions.values())
     jobs = [(j.cut, j.owner) for plan in opt.zero_plans for j in plan.jobs]
-    matrices = sum(p.numel() for n, p in model.named_parameters() if n in {m.name for g in opt.grouping.groups
-                                                                         for m in g.members})
-    return (stats.sent, stats.received), opt.zero_expected_bytes(), all_gather, jobs, (stats.adamw_bytes, matrices)
+    matrices = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n in {m.name for g in opt.grouping.groups for m in g.members}
+    )
+    return (
+        (stats.sent, stats.received),
+        opt.zero_expected_bytes(),
+        all_gather,
+        jobs,
+        (stats.adamw_bytes, matrices),
+    )

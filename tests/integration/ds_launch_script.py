@@ -1,4 +1,5 @@
 """Run by the `deepspeed` launcher in test_deepspeed.py: train a few steps from a JSON config."""
+
 import json
 import sys
 
@@ -14,13 +15,16 @@ def main(config_path, out_path):
     config = json.load(open(config_path))
     losses, _, final, basic = _train(config)
     if dist.get_rank() == 0:
-        json.dump({"losses": losses, "optimizer": final, "basic": basic, "world_size": dist.get_world_size()},
-                  open(out_path, "w"))
+        json.dump(
+            {"losses": losses, "optimizer": final, "basic": basic, "world_size": dist.get_world_size()},
+            open(out_path, "w"),
+        )
     dist.destroy_process_group()
 
 
 def _train(config):
     import deepspeed
+
     deepspeed.init_distributed(dist_backend="gloo")
     return h.train(dist.get_rank(), dist.get_world_size(), config, steps=4)
 

@@ -6,6 +6,7 @@ model shapes is refused naming them before any state changes.
 
 The engine is a small stand-in with the interface of launch/engines.py (save/load/model/basic_optimizer)
 writing one torch.save file per rank; the real backends go through tests/integration/test_pretrain.py."""
+
 import errno
 import json
 import os
@@ -28,9 +29,11 @@ class ToyEngine:
         self.model = torch.nn.Linear(4, out)
         if teon_lr is not None:
             from teonspeed import TEON
+
             # a Linear has no transformer blocks: TEON's per-layer fallback, said explicitly
-            self.basic_optimizer = TEON(self.model.named_parameters(), lr=teon_lr,
-                                        teon_per_layer_fallback=True)
+            self.basic_optimizer = TEON(
+                self.model.named_parameters(), lr=teon_lr, teon_per_layer_fallback=True
+            )
         else:
             self.basic_optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=momentum)
         self.fail_save = fail_save
@@ -42,8 +45,14 @@ class ToyEngine:
     def save(self, root, tag, state):
         if self.fail_save is not None:
             self.fail_save()
-        torch.save({"model": self.model.state_dict(), "optimizer": self.basic_optimizer.state_dict(),
-                    "state": dict(state)}, self._file(root, tag))
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.basic_optimizer.state_dict(),
+                "state": dict(state),
+            },
+            self._file(root, tag),
+        )
 
     def load(self, root, tag):
         ckpt = checkpoint.safe_load(self._file(root, tag))
@@ -131,7 +140,9 @@ def _save_with_a_full_disk(rank, world, root, where):
         engine.fail_save = _enospc
     if where == "marker on rank 0" and rank == 0:
         write = checkpoint._write_synced
-        checkpoint._write_synced = lambda path, text: _enospc() if path.name == "COMPLETE" else write(path, text)
+        checkpoint._write_synced = lambda path, text: (
+            _enospc() if path.name == "COMPLETE" else write(path, text)
+        )
     try:
         _save(root, engine, 2, layout)
     except checkpoint.CheckpointError as e:
@@ -179,10 +190,14 @@ def test_a_planted_pickle_does_not_run(tmp_path):
     assert not flag.exists()
 
 
-@pytest.mark.parametrize("saved,changed,expected", [
-    ({}, dict(momentum=0.5), r"momentum=0\.9 \(now 0\.5\)"),
-    ({}, dict(out=5), r"weight: \[3, 4\] \(now \[5, 4\]\)"),
-    (dict(teon_lr=0.02), dict(teon_lr=0.03), r"lr=0\.02 \(now 0\.03\)")])
+@pytest.mark.parametrize(
+    "saved,changed,expected",
+    [
+        ({}, dict(momentum=0.5), r"momentum=0\.9 \(now 0\.5\)"),
+        ({}, dict(out=5), r"weight: \[3, 4\] \(now \[5, 4\]\)"),
+        (dict(teon_lr=0.02), dict(teon_lr=0.03), r"lr=0\.02 \(now 0\.03\)"),
+    ],
+)
 def test_a_different_run_is_refused_before_any_state_changes(saved, changed, expected, tmp_path):
     final = _save(tmp_path, ToyEngine(**saved), 7)
     engine = ToyEngine(**changed)
@@ -194,19 +209,25 @@ def test_a_different_run_is_refused_before_any_state_changes(saved, changed, exp
     assert torch.equal(rng, torch.get_rng_state())
     marker = json.loads((final / "COMPLETE").read_text())
     import teonspeed
+
     assert marker["versions"]["teonspeed"] == teonspeed.__version__
     assert marker["optimizer"]["type"] == ("TEON" if saved else "SGD")
 
 
 def _deepspeed_zero1(rank, world, root):
     import deepspeed
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     backend = object.__new__(engines.DeepSpeedBackend)  # the backend's save/load on a plain DeepSpeed engine
-    backend.engine, backend.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                                   config=config)
+    backend.engine, backend.optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
     backend.model, layout = model, dict(LAYOUT, world=world)
     final = checkpoint.save(root, 1, backend, {"step": 1}, None, layout)
 
@@ -243,13 +264,17 @@ def _deepspeed_zero1(rank, world, root):
 
 def test_deepspeed_full_disk_on_one_rank_and_planted_pickle(tmp_path):
     from teonspeed.patches import cpu_shims
+
     cpu_shims.apply()
     import deepspeed  # noqa: F401  (in the parent: the forked ranks must not import it)
+
     results = run_ranks(_deepspeed_zero1, 2, tmp_path, timeout=60)
     for failed, picked, refused in results:
         assert failed is not None and "rank 1" in failed and "No space left" in failed, failed
         assert picked == "step_00000001"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000001"]  # (+ DeepSpeed's scripts)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "step_00000001"
+    ]  # (+ DeepSpeed's scripts)
     refused = results[0][2]  # rank 0 reads the planted partition
     assert refused is not None and "Weights only load failed" in refused, refused
     assert not (tmp_path / "code_ran").exists()

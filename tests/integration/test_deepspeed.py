@@ -1,5 +1,6 @@
 """`"optimizer": {"type": "TEON"}` in DeepSpeed configs: ZeRO stages agree, DeepSpeed's engine steps our
 optimizer exactly as a plain loop would, DeepSpeed's own Muon is an external oracle, checkpoints resume."""
+
 import copy
 import json
 import os
@@ -32,8 +33,10 @@ def oracle(optimizer, params_cfg=PARAMS, steps=5, world_size=2, lrs=None, clip=D
     distance from the fp32 one measures the training's rounding (tol.oracle_bound)."""
     lrs = lrs or [params_cfg["lr"]] * steps
     exact = {k: v for k, v in params_cfg.items() if k != "ns_dtype"}  # fp64 data: an fp64 iteration
-    return (plain_run(optimizer, params_cfg, steps, world_size, lrs, clip, accumulation, torch.float32),
-            plain_run(optimizer, exact, steps, world_size, lrs, clip, accumulation, torch.float64))
+    return (
+        plain_run(optimizer, params_cfg, steps, world_size, lrs, clip, accumulation, torch.float32),
+        plain_run(optimizer, exact, steps, world_size, lrs, clip, accumulation, torch.float64),
+    )
 
 
 def assert_same_training(run_a, run_b, ref32, ref64, measured=False):
@@ -43,29 +46,36 @@ def assert_same_training(run_a, run_b, ref32, ref64, measured=False):
     bound = tol.oracle_bound(ref32.weights, ref64.weights, measured)
     assert tol.distance(run_a[1], run_b[1]) <= bound, (tol.distance(run_a[1], run_b[1]), bound)
     own_rounding = tol.losses_bound(ref32.losses, ref64.losses, measured, h.VOCAB)
-    for a, b, own, g in zip(run_a[0], run_b[0], own_rounding,
-                            ref64.grad_norms):
+    for a, b, own, g in zip(run_a[0], run_b[0], own_rounding, ref64.grad_norms):
         assert abs(a - b) <= own + g * bound, (a, b)
 
 
 @pytest.mark.parametrize("optimizer", sorted(TYPES))
 def test_zero_stages_0_1_2_agree_in_fp32(optimizer):
     results = [run(h.ds_config(optimizer, stage=s)) for s in (0, 1, 2)]
-    assert [r[2] for r in results] == [TYPES[optimizer].__name__, "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer"]
+    assert [r[2] for r in results] == [
+        TYPES[optimizer].__name__,
+        "DeepSpeedZeroOptimizer",
+        "DeepSpeedZeroOptimizer",
+    ]
     ref32, ref64 = oracle(optimizer)
     for result in results[1:]:
         assert_same_training(result, results[0], ref32, ref64)
 
 
 def test_zero_stages_agree_in_bf16_and_every_bf16_wrapper_is_close_to_fp32():
-    variants = [(0, {}, "FP16_UnfusedOptimizer"), (1, {}, "DeepSpeedZeroOptimizer"),
-                (2, {}, "DeepSpeedZeroOptimizer"),
-                (1, {"data_types": {"grad_accum_dtype": "fp32"}}, "BF16_Optimizer")]
+    variants = [
+        (0, {}, "FP16_UnfusedOptimizer"),
+        (1, {}, "DeepSpeedZeroOptimizer"),
+        (2, {}, "DeepSpeedZeroOptimizer"),
+        (1, {"data_types": {"grad_accum_dtype": "fp32"}}, "BF16_Optimizer"),
+    ]
     fp32 = run(h.ds_config("TEON", stage=0))
     results = []
     for stage, extra, wrapper in variants:
-        losses, params, final, basic, budget = run(h.ds_config("TEON", stage=stage, bf16=True, **extra),
-                                                   rounding=tol.sums(torch.bfloat16, h.HIDDEN))
+        losses, params, final, basic, budget = run(
+            h.ds_config("TEON", stage=stage, bf16=True, **extra), rounding=tol.sums(torch.bfloat16, h.HIDDEN)
+        )
         assert (final, basic) == (wrapper, "TEON")
         results.append((losses, params, budget))
     _, exact = oracle("TEON")
@@ -123,9 +133,12 @@ def _train_recording_lr(rank, world_size, config, steps):
     """Like ds_helpers.train, and also returns the lr of every param group at every step."""
     import deepspeed
     import torch.distributed as dist
+
     deepspeed.init_distributed(dist_backend="gloo")
     model = h.TinyLM()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(config))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=copy.deepcopy(config)
+    )
     lrs = []
     for step in range(steps):
         lrs.append([g["lr"] for g in engine.optimizer.param_groups])
@@ -138,19 +151,35 @@ def _train_recording_lr(rank, world_size, config, steps):
 
 SCHEDULERS = {
     "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 3, "warmup_type": "linear"},
-    "WarmupDecayLR": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 2, "total_num_steps": 5,
-                      "warmup_type": "linear"},
-    "WarmupCosineLR": {"total_num_steps": 5, "warmup_num_steps": 2, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1},
+    "WarmupDecayLR": {
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": 0.02,
+        "warmup_num_steps": 2,
+        "total_num_steps": 5,
+        "warmup_type": "linear",
+    },
+    "WarmupCosineLR": {
+        "total_num_steps": 5,
+        "warmup_num_steps": 2,
+        "warmup_min_ratio": 0.0,
+        "cos_min_ratio": 0.1,
+    },
 }
 
 
-@pytest.mark.parametrize("stage,scheduler", [(0, "WarmupLR"), (2, "WarmupLR"), (2, "WarmupDecayLR"),
-                                             (2, "WarmupCosineLR")])
+@pytest.mark.parametrize(
+    "stage,scheduler", [(0, "WarmupLR"), (2, "WarmupLR"), (2, "WarmupDecayLR"), (2, "WarmupCosineLR")]
+)
 def test_engine_with_clipping_scheduler_and_accumulation_equals_a_plain_loop(stage, scheduler):
     params_cfg = {"lr": 0.02, "adamw_lr": 3e-3, "weight_decay": 0.1}
-    config = h.ds_config("TEON", stage=stage, params=params_cfg, gradient_clipping=0.05,
-                         gradient_accumulation_steps=2,
-                         scheduler={"type": scheduler, "params": SCHEDULERS[scheduler]})
+    config = h.ds_config(
+        "TEON",
+        stage=stage,
+        params=params_cfg,
+        gradient_clipping=0.05,
+        gradient_accumulation_steps=2,
+        scheduler={"type": scheduler, "params": SCHEDULERS[scheduler]},
+    )
     lrs, params = run_ranks(_train_recording_lr, 2, config, 4, timeout=120)[0]
     assert all(len(set(step)) == 1 for step in lrs)  # one schedule drives the AdamW and the matrix groups
     assert lrs[0][0] == 0.0 and lrs[-1][0] > 0
@@ -166,11 +195,13 @@ def test_one_rank_engine_equals_a_plain_loop_clipped_at_deepspeeds_default_norm(
     gradients), while the DP=2 average (norm 0.95) is never clipped. Stage 2 runs the flat path at dp_size
     1."""
     from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
     assert GRADIENT_CLIPPING_DEFAULT == 1.0
     # an fp32 iteration whatever TEONSPEED_CPU_BF16 says: a bf16 one's rounding would hide the clip's effect
     fp32 = dict(PARAMS, ns_dtype="fp32")
-    (clipped, clipped64), (unclipped, unclipped64) = (oracle(optimizer, fp32, steps=3, world_size=1, clip=c)
-                                                      for c in (1.0, None))
+    (clipped, clipped64), (unclipped, unclipped64) = (
+        oracle(optimizer, fp32, steps=3, world_size=1, clip=c) for c in (1.0, None)
+    )
     bound = tol.oracle_bound(clipped.weights, clipped64.weights)
     # the clipping is active (its effect is beyond the rounding), so the comparisons below can fail
     assert tol.distance(clipped.weights, unclipped.weights) > bound
@@ -179,10 +210,16 @@ def test_one_rank_engine_equals_a_plain_loop_clipped_at_deepspeeds_default_norm(
     off = run(h.ds_config(optimizer, stage=0, params=fp32, gradient_clipping=0.0), world_size=1, steps=3)[1]
     assert tol.distance(off, unclipped.weights) <= tol.oracle_bound(unclipped.weights, unclipped64.weights)
 
+
 def test_scheduler_lr_zero_freezes_both_sides():
-    config = h.ds_config("TEON", params={"weight_decay": 0.1, "adamw_weight_decay": 0.1},
-                         scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02,
-                                                                   "warmup_num_steps": 10}})
+    config = h.ds_config(
+        "TEON",
+        params={"weight_decay": 0.1, "adamw_weight_decay": 0.1},
+        scheduler={
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 10},
+        },
+    )
     _, params, *_ = run(config | {"train_micro_batch_size_per_gpu": 2}, steps=1)
     initial = dict(h.TinyLM().named_parameters())
     for n, p in params.items():
@@ -191,16 +228,41 @@ def test_scheduler_lr_zero_freezes_both_sides():
 
 def test_our_muon_matches_deepspeeds_builtin_muon_at_stage_0():
     shared = {"lr": 0.02, "weight_decay": 0.01}
-    ours = run(h.ds_config("TeonspeedMuon", params=dict(shared, adamw_lr=3e-3, adamw_betas=[0.9, 0.95],
-                                                          adamw_eps=1e-8, adamw_weight_decay=0.01,
-                                                          ns_dtype="bf16")))
-    theirs = run(h.ds_config("Muon", params=dict(shared, muon_lr=0.02, adam_lr=3e-3, betas=[0.9, 0.95], eps=1e-8,
-                                                   momentum=0.95, ns_method="standard", torch_adam=True)))
+    ours = run(
+        h.ds_config(
+            "TeonspeedMuon",
+            params=dict(
+                shared,
+                adamw_lr=3e-3,
+                adamw_betas=[0.9, 0.95],
+                adamw_eps=1e-8,
+                adamw_weight_decay=0.01,
+                ns_dtype="bf16",
+            ),
+        )
+    )
+    theirs = run(
+        h.ds_config(
+            "Muon",
+            params=dict(
+                shared,
+                muon_lr=0.02,
+                adam_lr=3e-3,
+                betas=[0.9, 0.95],
+                eps=1e-8,
+                momentum=0.95,
+                ns_method="standard",
+                torch_adam=True,
+            ),
+        )
+    )
     assert theirs[3] == "MuonWithAuxAdam" and ours[3] == "Muon"
     # both compute the same rule with a bf16 iteration: DeepSpeed's, measured against the fp64 oracle of the
     # rule, sets the scale; ours is within (1 + λ) of it (tol.oracle_bound with theirs as the reference)
-    _, exact = oracle("TeonspeedMuon", dict(shared, adamw_lr=3e-3, adamw_betas=[0.9, 0.95], adamw_eps=1e-8,
-                                            adamw_weight_decay=0.01))
+    _, exact = oracle(
+        "TeonspeedMuon",
+        dict(shared, adamw_lr=3e-3, adamw_betas=[0.9, 0.95], adamw_eps=1e-8, adamw_weight_decay=0.01),
+    )
     bound = tol.oracle_bound(theirs[1], exact.weights)
     assert tol.distance(ours[1], theirs[1]) <= bound
     scale = max(abs(a - b) for a, b in zip(theirs[0], exact.losses))
@@ -245,6 +307,7 @@ def _instance_config(config):
 
 def _engine_with_instance(rank, world_size, config):
     import deepspeed
+
     deepspeed.init_distributed(dist_backend="gloo")
     model = h.TinyLM()
     deepspeed.initialize(model=model, optimizer=teonspeed.TEON(model, lr=0.02), config=copy.deepcopy(config))
@@ -291,12 +354,24 @@ def test_a_refused_engine_exits_without_the_process_group_alive():
     """A rank that exits by an uncaught refusal with its gloo group alive can abort in the group's teardown
     ("terminate called without an active exception", exit -6; about one exit in twelve here). The refusal
     tears the group down at exit; the script's own atexit hook, registered first, runs last and sees it."""
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     config = json.dumps(h.ds_config("TEON", stage=3))
-    proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE % _free_port(), config],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_PROBE % _free_port(), config],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "ValueError: teonspeed: optimizer 'TEON' supports ZeRO stages" in proc.stderr
     assert "group alive at exit: False" in proc.stdout, proc.stdout[-2000:]
@@ -308,6 +383,7 @@ def _engine_logging(rank, world_size, config, tp=1):
 
     import deepspeed
     from deepspeed.utils import logger
+
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: records.append(record.getMessage())
@@ -317,19 +393,22 @@ def _engine_logging(rank, world_size, config, tp=1):
         import megatron_models as mm
         from megatron.core import parallel_state as ps
         from teonspeed.deepspeed import MegatronMPU
+
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
         model, mpu = mm.tiny_gpt(mm.tiny_config(tp=tp)), MegatronMPU()
     else:
         model, mpu = h.TinyLM(), None
-    deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(config),
-                         mpu=mpu)
+    deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=copy.deepcopy(config), mpu=mpu
+    )
     logger.removeHandler(handler)
     return [r for r in records if "teonspeed" in r]
 
 
 def test_deepspeeds_own_muon_type_warns_once_naming_ours():
-    config = h.ds_config("Muon", params={"muon_lr": 0.02, "teon_k": 2, "orthogonalizer": "polar_express",
-                                         "torch_adam": True})  # not FusedAdam: no JIT build
+    config = h.ds_config(
+        "Muon", params={"muon_lr": 0.02, "teon_k": 2, "orthogonalizer": "polar_express", "torch_adam": True}
+    )  # not FusedAdam: no JIT build
     first, second = run_ranks(_engine_logging, 2, config, timeout=120)
     assert second == [] and len(first) == 1 and "\n" not in first[0]  # one line, rank 0 only
     assert '"type": "Muon" runs DeepSpeed\'s own Muon' in first[0] and '"TeonspeedMuon"' in first[0]
@@ -343,8 +422,11 @@ def test_deepspeeds_own_muon_type_warns_once_naming_ours():
 def test_unsupported_deepspeed_version_is_refused_naming_both(monkeypatch):
     import deepspeed
     from teonspeed.patches import deepspeed_0_19
+
     monkeypatch.setattr(deepspeed, "__version__", "0.20.1")
-    with pytest.raises(deepspeed_0_19.UnsupportedVersion, match="written for deepspeed 0.19.8.*0.20.1 is installed"):
+    with pytest.raises(
+        deepspeed_0_19.UnsupportedVersion, match="written for deepspeed 0.19.8.*0.20.1 is installed"
+    ):
         deepspeed_0_19.check_version()
 
 
@@ -352,12 +434,24 @@ def test_deepspeed_launcher_trains_from_a_json_config(tmp_path):
     config = h.ds_config("TEON", stage=2)
     (tmp_path / "ds_config.json").write_text(json.dumps(config))
     out = tmp_path / "losses.json"
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
-                                           os.environ.get("PYTHONPATH", "")]))
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2", "--no_local_rank",
-           "--master_port", str(_free_port()), str(Path(__file__).parent / "ds_launch_script.py"),
-           str(tmp_path / "ds_config.json"), str(out)]
+    env = dict(
+        os.environ,
+        TORCHDYNAMO_DISABLE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus=2",
+        "--no_local_rank",
+        "--master_port",
+        str(_free_port()),
+        str(Path(__file__).parent / "ds_launch_script.py"),
+        str(tmp_path / "ds_config.json"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -367,12 +461,14 @@ def test_deepspeed_launcher_trains_from_a_json_config(tmp_path):
 
 def _free_port():
     from support.harness import free_port
+
     return free_port()
 
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_megatron_tp2_dp2_through_the_engine_equals_tp1(stage):
     import megatron_models as mm
+
     config = h.ds_config("TEON", stage=stage)
     ref = run_ranks(h.train_megatron, 2, config, timeout=180)  # TP=1 x DP=2
     got = run_ranks(h.train_megatron, 4, config, tp=2, timeout=180)  # TP=2 x DP=2
@@ -389,7 +485,9 @@ def test_megatron_tp2_dp2_through_the_engine_equals_tp1(stage):
         assert abs(a - b) <= own + g * bound
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.stem
+)
 def test_shipped_deepspeed_configs_train(path):
     config = json.loads(path.read_text())
     config["train_micro_batch_size_per_gpu"] = 2
@@ -419,8 +517,13 @@ def test_megatron_tp2_dp2_zero_1_and_2_equal_zero_0():
     """The flat step's TP gather among the ranks holding a partition index, and its cut-job exchange over
     tp x dp, give ZeRO-0's update."""
     import megatron_models as mm
-    results = {s: mm.full_params_of_replica0(run_ranks(h.train_megatron, 4, h.ds_config("TEON", stage=s), tp=2,
-                                                        timeout=180)) for s in (0, 1, 2)}
+
+    results = {
+        s: mm.full_params_of_replica0(
+            run_ranks(h.train_megatron, 4, h.ds_config("TEON", stage=s), tp=2, timeout=180)
+        )
+        for s in (0, 1, 2)
+    }
     # the same training's rounding, measured in one process (fp32 against fp64): 2λ·e between two runs
     plain32, plain64 = (run_ranks(h.megatron_plain, 1, float64=f, timeout=180)[0][0] for f in (False, True))
     for stage in (1, 2):

@@ -1,6 +1,7 @@
 """DeepSpeed checkpoints of a teonspeed optimizer in another layout: a ZeRO-0 checkpoint (state per whole
 parameter) resumes at another data-parallel size exactly like a plain loop would; ZeRO-1/2 (state per DP
 partition) at another DP size and universal checkpoints are refused with the cause and the fix."""
+
 import pytest
 
 import torch
@@ -30,9 +31,17 @@ def oracle(dtype=torch.float32):
 
 def test_a_zero0_checkpoint_resumes_at_another_dp_size(tmp_path):
     config = h.ds_config("TEON", stage=0)
-    run_ranks(h.train, 4, config, steps=SAVE_AT, checkpoint={"dir": str(tmp_path), "save_at": SAVE_AT}, timeout=120)
-    _, params, *_ = run_ranks(h.train, 2, config, steps=STEPS,
-                              checkpoint={"dir": str(tmp_path), "load": True, "start": SAVE_AT}, timeout=120)[0]
+    run_ranks(
+        h.train, 4, config, steps=SAVE_AT, checkpoint={"dir": str(tmp_path), "save_at": SAVE_AT}, timeout=120
+    )
+    _, params, *_ = run_ranks(
+        h.train,
+        2,
+        config,
+        steps=STEPS,
+        checkpoint={"dir": str(tmp_path), "load": True, "start": SAVE_AT},
+        timeout=120,
+    )[0]
     expected = oracle()
     assert tol.distance(params, expected) <= tol.oracle_bound(expected, oracle(torch.float64))
 
@@ -41,13 +50,21 @@ def test_a_zero2_checkpoint_at_another_dp_size_is_refused(tmp_path):
     config = h.ds_config("TEON", stage=2)
     run_ranks(h.train, 2, config, steps=1, checkpoint={"dir": str(tmp_path), "save_at": 1}, timeout=120)
     with pytest.raises(RankError, match="DP world size of 2 but the current world size is 1"):
-        run_ranks(h.train, 1, config, steps=2, checkpoint={"dir": str(tmp_path), "load": True, "start": 1},
-                  timeout=120)
+        run_ranks(
+            h.train,
+            1,
+            config,
+            steps=2,
+            checkpoint={"dir": str(tmp_path), "load": True, "start": 1},
+            timeout=120,
+        )
 
 
 def test_universal_checkpoints_are_refused_with_the_fix():
     config = h.ds_config("TEON", stage=1, checkpoint={"load_universal": True})
-    with pytest.raises(RankError, match="cannot load DeepSpeed universal checkpoints.*at the DP size it was saved"):
+    with pytest.raises(
+        RankError, match="cannot load DeepSpeed universal checkpoints.*at the DP size it was saved"
+    ):
         run_ranks(h.train, 2, config, steps=1, timeout=120)
 
 

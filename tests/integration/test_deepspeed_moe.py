@@ -1,6 +1,7 @@
 """DeepSpeed MoE (deepspeed.moe.layer.MoE, ep_size=2 on 4 gloo ranks) under ZeRO-1/2: the param group
 marked moe=True is partitioned over the expert-data-parallel group, so teonspeed plans it on the expert
 topology; the result equals ZeRO stage 0 (whole parameters, no partitions) on every rank."""
+
 import copy
 
 import pytest
@@ -32,14 +33,22 @@ class TinyMoELM(torch.nn.Module):
     def __init__(self, d=16, ffns=(24, 12)):
         super().__init__()
         from deepspeed.moe.layer import MoE
+
         torch.manual_seed(0)
         self.embed_tokens = torch.nn.Embedding(h.VOCAB, d)
         self.layers = torch.nn.ModuleList()
         for ffn in ffns:  # unequal blocks: the expert-DP partition boundary cuts a 3-D weight's slice
             block = torch.nn.Module()
             block.norm = torch.nn.LayerNorm(d)
-            block.moe = MoE(hidden_size=d, expert=GatedExpert(d, ffn), num_experts=4, ep_size=EP, k=1, min_capacity=0,
-                            drop_tokens=False)
+            block.moe = MoE(
+                hidden_size=d,
+                expert=GatedExpert(d, ffn),
+                num_experts=4,
+                ep_size=EP,
+                k=1,
+                min_capacity=0,
+                drop_tokens=False,
+            )
             block.o_proj = torch.nn.Linear(d, d, bias=False)
             self.layers.append(block)
         self.lm_head = torch.nn.Linear(d, h.VOCAB, bias=False)
@@ -57,19 +66,30 @@ def train(rank, world_size, stage, mode="distributed"):
     import deepspeed
     import torch.distributed as dist
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
     deepspeed.init_distributed(dist_backend="gloo")
     model = TinyMoELM()
     with torch.no_grad():  # DeepSpeed copies one expert module: give each global expert its own weights
         for name, p in model.named_parameters():
             if not getattr(p, "allreduce", True):
                 local = int(name.split("deepspeed_experts.")[1].split(".")[0])
-                expert = dist.get_rank() % EP * 2 + local  # DeepSpeed's expert-parallel groups: adjacent ranks
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * expert + len(name))) * 0.2)
-    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "dense"})
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                      config=copy.deepcopy(h.ds_config("TEON", stage=stage, params={
-                                          "parallel_mode": mode,
-                                          "teon_per_layer_fallback": True})))  # no q/k/v here: no TEON stack
+                expert = (
+                    dist.get_rank() % EP * 2 + local
+                )  # DeepSpeed's expert-parallel groups: adjacent ranks
+                p.copy_(
+                    torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * expert + len(name)))
+                    * 0.2
+                )
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "dense"}
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        config=copy.deepcopy(
+            h.ds_config("TEON", stage=stage, params={"parallel_mode": mode, "teon_per_layer_fallback": True})
+        ),
+    )  # no q/k/v here: no TEON stack
     # the stages reduce the 4 ranks' gradients in other orders (all-reduce, reduce-scatter): sums of 4 terms
     budget = tol.RoundingBudget(engine.basic_optimizer, eps_in=tol.sums(torch.float32, WORLD))
     for step in range(STEPS):
@@ -79,9 +99,16 @@ def train(rank, world_size, stage, mode="distributed"):
     opt = engine.basic_optimizer
     # (expert partition?, work-group size) of every planned ZeRO partition that orthogonalizes something
     plans = list(zip(opt.partitions.values(), opt.zero_plans))  # each flat partition and its plan
-    planned = sorted({(all(opt.parallel.spec(e.name).is_expert for e in fp.entries), plan.work_size)
-                      for fp, plan in plans if plan.jobs})
-    expert_jobs = [j for fp, plan in plans if opt.parallel.spec(fp.entries[0].name).is_expert for j in plan.jobs]
+    planned = sorted(
+        {
+            (all(opt.parallel.spec(e.name).is_expert for e in fp.entries), plan.work_size)
+            for fp, plan in plans
+            if plan.jobs
+        }
+    )
+    expert_jobs = [
+        j for fp, plan in plans if opt.parallel.spec(fp.entries[0].name).is_expert for j in plan.jobs
+    ]
     slices = {(j.cut, any(u.expert_index is not None for u in j.units)) for j in expert_jobs}
     weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     return weights, planned, slices, budget.weights(0.02)
@@ -116,7 +143,6 @@ def test_deepspeed_moe_zero_1_2_equal_zero_0(zero0, stage):
         assert ("deepspeed_experts" in name) != torch.equal(p, got[1][0][name]), name
 
 
-
 def _attach_mixed_partition(rank, world_size):
     import torch.distributed as dist
 
@@ -124,10 +150,16 @@ def _attach_mixed_partition(rank, world_size):
     from teonspeed.parallel.context import ParallelContext
     from teonspeed.parallel.flat import FlatEntry, FlatPartition
     from teonspeed.parallel.shard_spec import ShardSpec
-    named = [("layers.0.o_proj.weight", torch.nn.Parameter(torch.zeros(4, 4))),
-             ("layers.0.experts.0.weight", torch.nn.Parameter(torch.zeros(4, 4)))]
-    ctx = ParallelContext(specs={named[0][0]: ShardSpec(), named[1][0]: ShardSpec(is_expert=True)},
-                          dp_group=dist.group.WORLD, expert_dp_group=dist.group.WORLD)
+
+    named = [
+        ("layers.0.o_proj.weight", torch.nn.Parameter(torch.zeros(4, 4))),
+        ("layers.0.experts.0.weight", torch.nn.Parameter(torch.zeros(4, 4))),
+    ]
+    ctx = ParallelContext(
+        specs={named[0][0]: ShardSpec(), named[1][0]: ShardSpec(is_expert=True)},
+        dp_group=dist.group.WORLD,
+        expert_dp_group=dist.group.WORLD,
+    )
     opt = teonspeed.Muon(named, parallel=ctx, lr=0.02)
     entries = [FlatEntry(named[0][0], 0, (4, 4)), FlatEntry(named[1][0], 16, (4, 4))]
     opt.attach_flat_partitions({0: FlatPartition(entries, 16, dist.group.WORLD, rank, world_size)})
@@ -137,6 +169,9 @@ def test_a_zero_partition_mixing_dense_and_expert_weights_is_refused():
     """DeepSpeed and Megatron never build one (DeepSpeed asserts a moe=True group holds only expert
     parameters, Megatron keeps separate expert buffers); a hand-made layout that does is refused at attach,
     naming one weight of each kind and the fix."""
-    with pytest.raises(RankError, match=r"holds dense weights \('layers.0.o_proj.weight'\) and expert-parallel "
-                                        r"weights \('layers.0.experts.0.weight'\)(.|\n)*own param group"):
+    with pytest.raises(
+        RankError,
+        match=r"holds dense weights \('layers.0.o_proj.weight'\) and expert-parallel "
+        r"weights \('layers.0.experts.0.weight'\)(.|\n)*own param group",
+    ):
         run_ranks(_attach_mixed_partition, 2, timeout=60)

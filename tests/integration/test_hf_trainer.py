@@ -1,6 +1,7 @@
 """The Hugging Face Trainer with a DeepSpeed config as Hugging Face documents it ("auto" values and the
 option names of DeepSpeed's AdamW/Muon) and "type": "TEON", under the real `deepspeed` launcher on 2 CPU
 ranks: ZeRO stages 0, 1 and 2 give the same losses and weights, and the "auto" values reach the optimizer."""
+
 import json
 import os
 import subprocess
@@ -19,12 +20,25 @@ REPO = Path(__file__).resolve().parents[2]
 def test_hf_trainer_with_auto_params_agrees_across_zero_stages(tmp_path):
     import transformers  # noqa: F401  (a dev requirement: missing, this test fails rather than skips)
     from support.harness import free_port
+
     out = tmp_path / "results.json"
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
-                                           os.environ.get("PYTHONPATH", "")]))
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2", "--no_local_rank", "--master_port",
-           str(free_port()), str(Path(__file__).parent / "hf_trainer_script.py"), str(out)]
+    env = dict(
+        os.environ,
+        TORCHDYNAMO_DISABLE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus=2",
+        "--no_local_rank",
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).parent / "hf_trainer_script.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -47,8 +61,9 @@ def test_hf_trainer_with_auto_params_agrees_across_zero_stages(tmp_path):
 def test_deepspeed_option_names_mean_the_same_as_ours():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     blockless = dict(teon_per_layer_fallback=True)  # no transformer blocks here: no TEON stack can form
-    theirs = teonspeed.TEON(model, betas=(0.8, 0.9), eps=1e-6, adam_lr=1e-3, adam_w_mode=True,
-                            **blockless).config
+    theirs = teonspeed.TEON(
+        model, betas=(0.8, 0.9), eps=1e-6, adam_lr=1e-3, adam_w_mode=True, **blockless
+    ).config
     ours = teonspeed.TEON(model, adamw_betas=(0.8, 0.9), adamw_eps=1e-6, adamw_lr=1e-3, **blockless).config
     assert theirs == ours
     # DeepSpeed's Muon: muon_lr for the matrices, the shared lr then for the Adam half
@@ -56,10 +71,13 @@ def test_deepspeed_option_names_mean_the_same_as_ours():
     assert (split.lr, split.adamw_lr) == (0.02, 3e-4)
 
 
-@pytest.mark.parametrize("options,message", [
-    (dict(betas=(0.9, 0.95), adamw_betas=(0.9, 0.95)), "'betas' and 'adamw_betas' both set"),
-    (dict(adam_w_mode=False), "'adam_w_mode' must be true"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(betas=(0.9, 0.95), adamw_betas=(0.9, 0.95)), "'betas' and 'adamw_betas' both set"),
+        (dict(adam_w_mode=False), "'adam_w_mode' must be true"),
+    ],
+)
 def test_conflicting_or_unsupported_deepspeed_names_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         teonspeed.TEON(torch.nn.Linear(4, 4), **options)

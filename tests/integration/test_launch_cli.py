@@ -1,5 +1,6 @@
 """The launch commands' command lines: one spelling per flag, every default in --help, and each output
 flag of prepare_data honoured or refused (never ignored)."""
+
 import argparse
 import subprocess
 import sys
@@ -54,35 +55,53 @@ def test_every_help_entry_shows_its_default(command, monkeypatch, capsys):
 
 
 def test_one_spelling_per_flag():
-    with pytest.raises(ConfigError, match=r"^error: --zero is spelled --zero-stage now .*; "
-                                          r"use --zero-stage 1$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^error: --zero is spelled --zero-stage now .*; "
+        r"use --zero-stage 1$",
+    ):
         memory.main(["llama_1b", "--zero", "1"])
     # an abbreviation is an unknown flag, not --zero-stage
-    with pytest.raises(ConfigError, match=r"^error: unrecognized arguments: --zero 1 "
-                                          r"\(see python -m launch.pretrain --help\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^error: unrecognized arguments: --zero 1 "
+        r"\(see python -m launch.pretrain --help\)$",
+    ):
         options.parse_args(["--zero", "1"])
-    est = memory.setup_from_launch(memory.launch_argv("llama_1b", tp=1, pp=1, dp=8, ep=1, optimizer="teon",
-                                                      zero_stage=2), 8)[2]
+    est = memory.setup_from_launch(
+        memory.launch_argv("llama_1b", tp=1, pp=1, dp=8, ep=1, optimizer="teon", zero_stage=2), 8
+    )[2]
     assert est.zero_stage == 2
 
 
 def test_prepare_data_refuses_an_output_flag_its_source_would_ignore(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"--output-prefix is for --input: --embedded writes a directory "
-                                          r".*; use --output-dir X instead"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--output-prefix is for --input: --embedded writes a directory "
+        r".*; use --output-dir X instead",
+    ):
         prepare_data.main(["--embedded", "--output-prefix", "X"])
     with pytest.raises(ConfigError, match=r"use --output-dir data/mycorpus instead"):
         prepare_data.main(["--embedded", "--output-prefix", "data/mycorpus/train"])
     with pytest.raises(ConfigError, match=r"--tokenizer-out is for --input"):
         prepare_data.main(["--embedded", "--tokenizer-out", "tok.json"])
-    with pytest.raises(ConfigError, match=r"--output-dir is for --embedded; with --input give "
-                                          r"--output-prefix d/train"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--output-dir is for --embedded; with --input give "
+        r"--output-prefix d/train",
+    ):
         prepare_data.main(["--input", "a.txt", "--output-dir", "d"])
     assert list(tmp_path.iterdir()) == []  # nothing written
     assert prepare_data.parse_args(["--embedded"]).output_dir == str(REPO / "data" / "embedded")
 
 
 def test_memory_help_is_one_screen_of_flags_with_their_defaults():
-    out = subprocess.run([sys.executable, "-m", "launch.memory", "--help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.memory", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "--zero-stage {0,1,2}" in out and "--zero " not in out and "(default: 1.0)" in out

@@ -2,6 +2,7 @@
 
 The files are read back with megatron-core's IndexedDataset (exact tokens: the tokenizer's encoding plus
 EOD, per document) and served by its GPTDataset (windows of seq_length + 1 tokens), on CPU."""
+
 import gzip
 import json
 from pathlib import Path
@@ -45,6 +46,7 @@ def expected(tok, docs):
 
 def test_indexed_dataset_roundtrip(built):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     out, tok, stats = built
     want = expected(tok, DOCS)
     ds = IndexedDataset(str(out / "corpus"))
@@ -61,14 +63,30 @@ def test_cli_files_jsonl_and_worker_pool(built, tmp_path):
     """--input with a directory of .txt / .jsonl / .jsonl.gz, a trained BPE and 2 encoding processes;
     then --tokenizer with the result and --txt-mode line."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text(DOCS[0])
-    (src / "b.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS[1:6])))
+    (src / "b.jsonl").write_text(
+        "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS[1:6]))
+    )
     with gzip.open(src / "c.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in DOCS[6:])
-    result = pdata.main(["--input", str(src), "--output-prefix", str(tmp_path / "out" / "ds"), "--vocab-size", "300",
-                         "--workers", "2", "--chunk-docs", "2", "--no-progress"])
+    result = pdata.main(
+        [
+            "--input",
+            str(src),
+            "--output-prefix",
+            str(tmp_path / "out" / "ds"),
+            "--vocab-size",
+            "300",
+            "--workers",
+            "2",
+            "--chunk-docs",
+            "2",
+            "--no-progress",
+        ]
+    )
     tok = pdata.load_tokenizer(result["tokenizer"])
     assert tok.get_vocab_size() == 300
     ds = IndexedDataset(str(tmp_path / "out" / "ds"))
@@ -76,9 +94,21 @@ def test_cli_files_jsonl_and_worker_pool(built, tmp_path):
 
     (src / "lines.txt").write_text("first line\n\nsecond line\nthird\n")
     given = built[1]
-    result = pdata.main(["--input", str(src / "lines.txt"), "--output-prefix", str(tmp_path / "lines"),
-                         "--tokenizer", str(built[0] / "tokenizer.json"), "--txt-mode", "line", "--workers", "1",
-                         "--no-progress"])
+    result = pdata.main(
+        [
+            "--input",
+            str(src / "lines.txt"),
+            "--output-prefix",
+            str(tmp_path / "lines"),
+            "--tokenizer",
+            str(built[0] / "tokenizer.json"),
+            "--txt-mode",
+            "line",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     ds = IndexedDataset(str(tmp_path / "lines"))
     assert result["documents"] == 3
     assert [ds[i].tolist() for i in range(3)] == expected(given, ["first line", "second line", "third"])
@@ -112,8 +142,14 @@ def test_gpt_dataset_serves_windows(built, epochs):
     adapter = pdata.MegatronTokenizerAdapter(out / "tokenizer.json")
     assert adapter.eod == tok.token_to_id(pdata.EOD) and adapter.vocab_size == 320
     per_epoch = (stats.tokens - 1) // seq  # megatron: drop the last partial window, one extra token each
-    ds = pdata.gpt_dataset(out / "corpus", adapter, seq, num_samples=None if epochs == 1 else epochs * per_epoch,
-                           seed=7, cache_dir=out / f"cache{epochs}")
+    ds = pdata.gpt_dataset(
+        out / "corpus",
+        adapter,
+        seq,
+        num_samples=None if epochs == 1 else epochs * per_epoch,
+        seed=7,
+        cache_dir=out / f"cache{epochs}",
+    )
     assert len(ds) >= epochs * per_epoch
     if epochs == 1:
         assert len(ds) == per_epoch
@@ -125,7 +161,9 @@ def test_gpt_dataset_serves_windows(built, epochs):
         assert s["loss_mask"].tolist() == [1.0] * seq and s["position_ids"].tolist() == list(range(seq))
         _check_window(s["tokens"].tolist() + s["labels"][-1:].tolist(), docs, adapter.eod)
     if epochs == 1:  # one epoch: windows laid end to end from the start of the first (shuffled) document
-        assert ds.sample_index[0].tolist() == [0, 0] and sorted(ds.document_index.tolist()) == list(range(len(docs)))
+        assert ds.sample_index[0].tolist() == [0, 0] and sorted(ds.document_index.tolist()) == list(
+            range(len(docs))
+        )
     assert list((out / f"cache{epochs}").glob("*-GPTDataset-train-shuffle_index.npy"))  # index cache written
 
 
@@ -134,13 +172,25 @@ def test_embedded_mode_uses_pretrain_split(tmp_path, monkeypatch):
     with a stand-in corpus, to keep the test fast) and writes train/valid datasets with the split's
     documents."""
     from launch import corpus
+
     docs = [f"def f{i}(x):\n    return x * {i}\n" for i in range(45)]
     monkeypatch.setattr(pdata, "load_documents", lambda: docs)
-    manifest = pdata.main(["--embedded", "--output-dir", str(tmp_path / "emb"), "--vocab-size", "300",
-                           "--workers", "1", "--no-progress"])
+    manifest = pdata.main(
+        [
+            "--embedded",
+            "--output-dir",
+            str(tmp_path / "emb"),
+            "--vocab-size",
+            "300",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     train, val = corpus.split_documents(docs)
     assert (len(train), len(val)) == (43, 2)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     tok = pdata.load_tokenizer(tmp_path / "emb" / "tokenizer.json")
     for name, split in (("train", train), ("valid", val)):
         ds = IndexedDataset(str(tmp_path / "emb" / name))
@@ -152,12 +202,16 @@ def test_embedded_mode_uses_pretrain_split(tmp_path, monkeypatch):
 # launch/plot.py, the other end of a run's data: metrics.csv -> one PNG of several runs.
 def test_plot_reads_columns_from_header(tmp_path, capsys):
     from launch import plot
+
     a, b = tmp_path / "run_a", tmp_path / "run_b"
     a.mkdir(), b.mkdir()
-    (a / "metrics.csv").write_text("step,train_loss,val_loss,lr,tokens_per_s\n0,,7.0,,\n1,6.9,,0.1,100\n"
-                                   "2,6.5,,0.1,\n3,6.1,6.2,0.1,100\n")
+    (a / "metrics.csv").write_text(
+        "step,train_loss,val_loss,lr,tokens_per_s\n0,,7.0,,\n1,6.9,,0.1,100\n2,6.5,,0.1,\n3,6.1,6.2,0.1,100\n"
+    )
     # another column order, an extra column, no tokens_per_s: read by name from the header
-    (b / "metrics.csv").write_text("lr,val_loss,step,grad_norm,train_loss\n0.1,,1,1.0,6.8\n0.1,6.0,2,0.9,6.4\n")
+    (b / "metrics.csv").write_text(
+        "lr,val_loss,step,grad_norm,train_loss\n0.1,,1,1.0,6.8\n0.1,6.0,2,0.9,6.4\n"
+    )
     cols = plot.read_metrics(a / "metrics.csv")
     assert cols["val_loss"] == [7.0, None, None, 6.2] and cols["train_loss"][0] is None
     out = tmp_path / "curves.png"

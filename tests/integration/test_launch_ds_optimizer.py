@@ -1,6 +1,7 @@
 """The `run:` line (launch.options.summary) names the optimizer and learning rates the engine uses when they
 come from a --ds-config optimizer block. Oracle: teonspeed.make_config over the params that
 launch.engines.deepspeed_config hands DeepSpeed: what the optimizer itself builds from them."""
+
 import json
 
 import pytest
@@ -12,7 +13,9 @@ from launch import engines, options
 def _check(tmp_path, block, *argv):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"optimizer": block}))
-    args = options.check(["--ds-config", str(path), "--runs-dir", str(tmp_path / "runs"), "--steps", "10", *argv], 2)
+    args = options.check(
+        ["--ds-config", str(path), "--runs-dir", str(tmp_path / "runs"), "--steps", "10", *argv], 2
+    )
     return args, engines.deepspeed_config(args, dp=2)["optimizer"]
 
 
@@ -22,16 +25,22 @@ def _engine_lrs(engine_block):
     return kind, cfg.lr, cfg.adamw_lr
 
 
-@pytest.mark.parametrize("block", [
-    # what bench/convergence.py writes for a variant arm: its lrs differ from the CLI defaults
-    # (0.02 / 0.003)
-    {"type": "TeonspeedMuon", "params": {"lr": 0.01, "adamw_lr": 0.01, "weight_decay": 0.01, "lr_scale": "fan_ratio"}},
-    # DeepSpeed's names: muon_lr for the matrices, then lr is the AdamW part's
-    {"type": "TeonspeedHTMuon", "params": {"muon_lr": 0.05, "lr": 0.002}},
-    {"type": "TEON", "params": {"lr": 0.014, "adam_lr": 0.004, "teon_k": 4}},
-    # no lrs at all: the engine gets the launcher's, and the run line says so
-    {"type": "TEON", "params": {"teon_mode": 2}},
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        # what bench/convergence.py writes for a variant arm: its lrs differ from the CLI defaults
+        # (0.02 / 0.003)
+        {
+            "type": "TeonspeedMuon",
+            "params": {"lr": 0.01, "adamw_lr": 0.01, "weight_decay": 0.01, "lr_scale": "fan_ratio"},
+        },
+        # DeepSpeed's names: muon_lr for the matrices, then lr is the AdamW part's
+        {"type": "TeonspeedHTMuon", "params": {"muon_lr": 0.05, "lr": 0.002}},
+        {"type": "TEON", "params": {"lr": 0.014, "adam_lr": 0.004, "teon_k": 4}},
+        # no lrs at all: the engine gets the launcher's, and the run line says so
+        {"type": "TEON", "params": {"teon_mode": 2}},
+    ],
+)
 def test_run_line_reports_the_engine_lrs_of_a_ds_config_block(tmp_path, block):
     args, engine_block = _check(tmp_path, block)
     kind, lr, adamw_lr = _engine_lrs(engine_block)
@@ -61,9 +70,14 @@ def test_adamw_lr_default_is_the_one_of_what_it_sets(tmp_path):
     differ: launch.options.ADAMW_LR_DEFAULT), also when a --ds-config block, not a flag, names the
     optimizer."""
     part, own = options.ADAMW_LR_DEFAULT["adamw_part"], options.ADAMW_LR_DEFAULT["adamw"]
-    assert options.parse_args([]).adamw_lr == part and options.parse_args(["--optimizer", "adamw"]).adamw_lr == own
+    assert (
+        options.parse_args([]).adamw_lr == part
+        and options.parse_args(["--optimizer", "adamw"]).adamw_lr == own
+    )
     assert options.parse_args(["--optimizer", "adamw", "--adamw-lr", "0.05"]).adamw_lr == 0.05
     args, engine_block = _check(tmp_path, {"type": "AdamW", "params": {"betas": [0.9, 0.95]}})
     assert engine_block["params"]["lr"] == own and f"lr {own:g}," in options.summary(args)
-    args, engine_block = _check(tmp_path, {"type": "TeonspeedMuon", "params": {"lr": 0.01}}, "--optimizer", "adamw")
+    args, engine_block = _check(
+        tmp_path, {"type": "TeonspeedMuon", "params": {"lr": 0.01}}, "--optimizer", "adamw"
+    )
     assert engine_block["type"] == "AdamW" and engine_block["params"]["lr"] == own

@@ -1,5 +1,6 @@
 """One line per mistake: a setup the launcher (or teonspeed inside it) refuses is printed once, by rank 0,
 message first, with no traceback, under one rank, several ranks, torchrun and the deepspeed launcher."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,12 @@ from launch.configs import ConfigError
 from support.harness import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1",
-           PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugin"), os.environ.get("PYTHONPATH", "")]))
+ENV = dict(
+    os.environ,
+    OMP_NUM_THREADS="1",
+    TORCHDYNAMO_DISABLE="1",
+    PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugin"), os.environ.get("PYTHONPATH", "")]),
+)
 
 
 def teonspeed_refuses():
@@ -75,9 +80,24 @@ def test_torchrun_adds_nothing_to_a_refusal_and_reports_a_crash(tmp_path, rank1_
     script.write_text(FAILING_RANKS)
 
     def torchrun(code):
-        return subprocess.run([sys.executable, "-m", "launch.torchrun", "--nnodes=1", "--nproc_per_node=2",
-                               f"--master_port={free_port()}", str(script), str(code), str(rank1_s)],
-                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "launch.torchrun",
+                "--nnodes=1",
+                "--nproc_per_node=2",
+                f"--master_port={free_port()}",
+                str(script),
+                str(code),
+                str(rank1_s),
+            ],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     refused = torchrun(refusal.REFUSED)
     assert refused.returncode == refusal.REFUSED
@@ -90,14 +110,33 @@ def test_torchrun_adds_nothing_to_a_refusal_and_reports_a_crash(tmp_path, rank1_
 def test_deepspeed_launcher_prints_a_refused_optimizer_option_once(tmp_path):
     """The real launcher on 2 ranks (its --local_rank flag included): teonspeed refuses the JSON's option at
     the optimizer's construction inside deepspeed.initialize, on both ranks; one line, no traceback."""
-    config = {"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 1},
-              "optimizer": {"type": "TEON", "params": {"lrr": 0.02}}}
+    config = {
+        "train_micro_batch_size_per_gpu": 16,
+        "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "TEON", "params": {"lrr": 0.02}},
+    }
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2", "--master_port", str(free_port()),
-           "--module", "launch.pretrain", "--ds-config", str(tmp_path / "ds.json"), "--steps", "2",
-           "--runs-dir", str(tmp_path / "runs"), "--progress", "off", "--no-tensorboard", "--no-plot"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(ENV, PYTHONWARNINGS="ignore"), capture_output=True,
-                          text=True, timeout=240)
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus=2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "launch.pretrain",
+        "--ds-config",
+        str(tmp_path / "ds.json"),
+        "--steps",
+        "2",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--progress",
+        "off",
+        "--no-tensorboard",
+        "--no-plot",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=dict(ENV, PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=240
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == refusal.REFUSED, out[-3000:]
     lines = [line for line in out.splitlines() if "unknown option(s) 'lrr'" in line]

@@ -3,6 +3,7 @@ would pick (megatron-core on the meta device, one fake-process-group rank), one 
 launch/pretrain.py, the SLURM dry-run and launch/memory.py, readable one-line errors, unique run
 directories, one lr schedule for both backends, a global batch fixed across layouts, and imports
 that run one way."""
+
 import ast
 import json
 import os
@@ -21,9 +22,13 @@ REPO = Path(__file__).resolve().parents[2]
 MODELS = sorted(p.stem for p in configs.MODELS_DIR.glob("*.yaml"))
 LAYOUTS = sorted(configs.LAYOUTS_DIR.glob("*.yaml"))
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-# (the caller's PYTHONPATH kept, like the other subprocess tests: the teonspeed under test, not another install)
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           PYTHONWARNINGS="default")
+# (the caller's PYTHONPATH kept, like the other subprocess tests: the teonspeed under test, not another
+# install)
+ENV = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    PYTHONWARNINGS="default",
+)
 
 
 def divisors(n, upto):
@@ -44,8 +49,20 @@ def user_layouts(name):
 
 
 def launch_argv(config, tp, pp, ep):
-    return ["--model-config", str(config), "--device", "cuda", "--tp", str(tp), "--pp", str(pp), "--ep", str(ep),
-            "--runs-dir", "/nonexistent-runs"]
+    return [
+        "--model-config",
+        str(config),
+        "--device",
+        "cuda",
+        "--tp",
+        str(tp),
+        "--pp",
+        str(pp),
+        "--ep",
+        str(ep),
+        "--runs-dir",
+        "/nonexistent-runs",
+    ]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -67,6 +84,7 @@ def _meta_build(config, tp, pp, ep):
     from launch.model import build_model
     from launch.rules import padded_vocab
     from teonspeed.patches import cpu_shims
+
     cpu_shims.apply()
     # The all-to-all dispatcher (moe_small) makes a CUDA stream at build time, used only when it runs on a
     # GPU.
@@ -75,8 +93,12 @@ def _meta_build(config, tp, pp, ep):
     args.device = "cpu"  # (the build itself: CPU initialization, on the meta device)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp * pp * ep)
     try:
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                                 expert_model_parallel_size=ep, create_gloo_process_groups=False)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            create_gloo_process_groups=False,
+        )
         with torch.device("meta"):
             model = build_model(args, padded_vocab(args.vocab, tp))
         return sum(p.numel() for p in model.parameters())
@@ -92,7 +114,7 @@ def build_matrix():
     cases = set()
     for name in MODELS:
         layouts = user_layouts(name)
-        cases.add((name, *max(layouts)))                                   # largest TP (then PP, EP)
+        cases.add((name, *max(layouts)))  # largest TP (then PP, EP)
         cases.add((name, *max(layouts, key=lambda x: (x[1], x[0], x[2]))))  # largest PP
         cases.add((name, *max(layouts, key=lambda x: (x[2], x[0], x[1]))))  # largest EP
     for path in LAYOUTS:
@@ -103,7 +125,6 @@ def build_matrix():
         for config, tp, pp in re.findall(r"--model-config (\S+)\s+--tp (\d+)\s+--pp (\d+)", doc_text(doc)):
             cases.add((config, int(tp), int(pp), 1))
     return sorted(cases)
-
 
 
 def doc_text(path: Path) -> str:
@@ -121,6 +142,7 @@ def test_the_validator_catches_what_megatron_refuses(tmp_path):
     cfg = configs.read_yaml(configs.MODELS_DIR / "llama_1b.yaml")
     cfg["transformer"]["ffn_hidden_size"] = 5461
     import yaml
+
     (tmp_path / "paper_1b.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit, match=r"--tp 2 does not divide ffn_hidden_size=5461"):
         options.check(launch_argv(tmp_path / "paper_1b.yaml", 2, 1, 1), 2)
@@ -133,9 +155,12 @@ def test_the_validator_catches_what_megatron_refuses(tmp_path):
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
         from launch.model import build_model
+
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
         try:
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, create_gloo_process_groups=False)
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=2, create_gloo_process_groups=False
+            )
             with torch.device("meta"):
                 build_model(args, 32768)
         finally:
@@ -149,11 +174,15 @@ def fake_data_dir(root: Path, name: str) -> None:
     data.mkdir(parents=True)
     for f in ("train.bin", "train.idx", "valid.bin", "valid.idx"):
         (data / f).write_bytes(b"")
-    (data / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": []}))
+    (data / "tokenizer.json").write_text(
+        json.dumps({"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": []})
+    )
 
 
 def walkthrough_commands() -> list:
-    section = doc_text(REPO / "docs" / "launch.md").split("## A multi-node run under SLURM")[1].split("\n## ")[0]
+    section = (
+        doc_text(REPO / "docs" / "launch.md").split("## A multi-node run under SLURM")[1].split("\n## ")[0]
+    )
     starts = (".venv/bin/python -m launch", "sbatch ")
     return [c for c in re.findall(r"`([^`]+)`", section) if c.startswith(starts)]
 
@@ -165,17 +194,19 @@ def write_text_corpus(root: Path) -> None:
         folder = root / "my_corpus" / split
         folder.mkdir(parents=True)
         for i in range(n):
-            (folder / f"doc{i}.txt").write_text(" ".join(words[i % 5:] + words[: i % 5]) * 3 + "\n")
+            (folder / f"doc{i}.txt").write_text(" ".join(words[i % 5 :] + words[: i % 5]) * 3 + "\n")
         (folder / "more.jsonl").write_text(json.dumps({"text": " ".join(reversed(words))}) + "\n")
 
 
 @pytest.mark.parametrize("source", ["--input", "--embedded"])
-def test_slurm_walkthrough_steps_2_to_4_run_verbatim_on_one_data_directory(source, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_slurm_walkthrough_steps_2_to_4_run_verbatim_on_one_data_directory(
+    source, tmp_path, monkeypatch, capsys
+):
     """Step 2 (either way of preparing the data) writes the directory that steps 4 and 5 read; nothing is
     faked but the SLURM allocation (its variables) and the user's text."""
     from launch import memory, prepare_data
     from launch.slurm import launch as slurm
+
     commands = walkthrough_commands()
     prepare = [c for c in commands if "launch.prepare_data" in c and source in c.split()]
     memory_cmds = [c for c in commands if "launch.memory" in c]
@@ -185,20 +216,25 @@ def test_slurm_walkthrough_steps_2_to_4_run_verbatim_on_one_data_directory(sourc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # "every core but one": one encoding process here
     write_text_corpus(tmp_path)
-    for cmd in prepare:                                                       # step 2
+    for cmd in prepare:  # step 2
         prepare_data.main(shlex.split(cmd)[3:] + ["--no-progress"])
-    for cmd in memory_cmds:                                                   # step 3
+    for cmd in memory_cmds:  # step 3
         assert memory.main(shlex.split(cmd)[3:]) == 0
     nodes = 2
-    env = dict(SLURM_JOB_NODELIST="gpu[01-02]", SLURM_JOB_NUM_NODES=str(nodes), SLURM_NODEID="0",
-               SLURM_GPUS_ON_NODE="8", SLURM_JOB_ID="4242")
+    env = dict(
+        SLURM_JOB_NODELIST="gpu[01-02]",
+        SLURM_JOB_NUM_NODES=str(nodes),
+        SLURM_NODEID="0",
+        SLURM_GPUS_ON_NODE="8",
+        SLURM_JOB_ID="4242",
+    )
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    for cmd in dry_runs:                                                      # step 4
+    for cmd in dry_runs:  # step 4
         assert slurm.main(shlex.split(cmd)[3:]) == 0
-    for cmd in sbatch:                                                        # step 5, checked the same way
+    for cmd in sbatch:  # step 5, checked the same way
         argv = shlex.split(cmd)
-        script_args = argv[argv.index("launch/slurm/pretrain.sbatch") + 1:]
+        script_args = argv[argv.index("launch/slurm/pretrain.sbatch") + 1 :]
         assert f"--nodes={nodes}" in argv
         assert slurm.main(["--dry-run", "--", *script_args]) == 0
     out = capsys.readouterr().out
@@ -209,6 +245,7 @@ def test_slurm_walkthrough_steps_2_to_4_run_verbatim_on_one_data_directory(sourc
 
 def test_dry_run_without_slurm_variables_refuses(monkeypatch):
     from launch.slurm import launch as slurm
+
     for var in ("SLURM_JOB_NODELIST", "SLURM_NODELIST"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(SystemExit, match=r"--dry-run: no SLURM allocation in the environment"):
@@ -217,6 +254,7 @@ def test_dry_run_without_slurm_variables_refuses(monkeypatch):
 
 def test_dry_run_checks_the_run_for_the_allocation(monkeypatch):
     from launch.slurm import launch as slurm
+
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-02]")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
     with pytest.raises(SystemExit, match=r"--tp 3 x --pp 1 x --ep 1 = 3 does not divide the world size 16"):
@@ -252,16 +290,24 @@ def test_memory_uses_the_launchers_validator_and_honours_every_flag():
 
 # --- readable errors ---------------------------------------------------------------------------------------
 def run_module(*argv, env=None):
-    return subprocess.run([sys.executable, *argv], cwd=REPO, env=env or ENV, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, *argv], cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_bad_setup_is_one_line_before_any_heavy_import():
-    proc = run_module("-c", "import sys\nfrom launch.pretrain import main\ntry:\n    main(['--tp', '3'])\n"
-                      "except SystemExit as e:\n    print(e.code)\nprint(sorted(m for m in ('torch', 'megatron', "
-                      "'deepspeed') if m in sys.modules))", env=dict(ENV, WORLD_SIZE="2"))
-    assert proc.stdout.splitlines() == ["error: the parallel layout --tp 3 x --pp 1 x --ep 1 = 3 does not divide the "
-                                        "world size 2 (processes); choose sizes whose product divides 2", "[]"]
+    proc = run_module(
+        "-c",
+        "import sys\nfrom launch.pretrain import main\ntry:\n    main(['--tp', '3'])\n"
+        "except SystemExit as e:\n    print(e.code)\nprint(sorted(m for m in ('torch', 'megatron', "
+        "'deepspeed') if m in sys.modules))",
+        env=dict(ENV, WORLD_SIZE="2"),
+    )
+    assert proc.stdout.splitlines() == [
+        "error: the parallel layout --tp 3 x --pp 1 x --ep 1 = 3 does not divide the "
+        "world size 2 (processes); choose sizes whose product divides 2",
+        "[]",
+    ]
     proc = run_module("-m", "launch.pretrain", "--tp", "3", env=dict(ENV, WORLD_SIZE="2", RANK="1"))
     assert proc.returncode == 2 and proc.stderr == ""  # rank 1 is silent: the message comes once, from rank 0
     proc = run_module("-m", "launch.pretrain", "--tp", "3", env=dict(ENV, WORLD_SIZE="2", RANK="0"))
@@ -277,13 +323,17 @@ def test_help_is_plain_and_imports_nothing_heavy():
 
 def test_unknown_deepspeed_optimizer_type_lists_ours(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({"optimizer": {"type": "TeonMuon", "params": {}}}))
-    with pytest.raises(SystemExit, match=r"unknown optimizer type 'TeonMuon'; teonspeed's are TEON, TeonspeedMuon, "
-                                         r"TeonspeedHTMuon"):
+    with pytest.raises(
+        SystemExit,
+        match=r"unknown optimizer type 'TeonMuon'; teonspeed's are TEON, TeonspeedMuon, "
+        r"TeonspeedHTMuon",
+    ):
         options.check(["--ds-config", str(tmp_path / "ds.json")], 2)
 
 
 def test_deepspeed_builtin_types_match_deepspeed():
     from deepspeed.runtime import config as ds_config
+
     assert set(ds_config.DEEPSPEED_OPTIMIZERS) <= {t.lower() for t in options.DEEPSPEED_TYPES}
 
 
@@ -300,8 +350,11 @@ def test_run_directories_are_never_reused_silently(tmp_path):
     (tmp_path / "teon_tp1-2").mkdir()
     os.utime(tmp_path / "teon_tp1-2", (1e10, 1e10))
     assert name() == "teon_tp1-3" and name("--resume") == "teon_tp1-2"
-    with pytest.raises(SystemExit, match=r"run directory .*teon_tp1 exists; pass --resume to continue it, "
-                                         r"--overwrite to replace it, or another --name"):
+    with pytest.raises(
+        SystemExit,
+        match=r"run directory .*teon_tp1 exists; pass --resume to continue it, "
+        r"--overwrite to replace it, or another --name",
+    ):
         name("--name", "teon_tp1")
     assert name("--name", "teon_tp1", "--overwrite") == name("--name", "teon_tp1", "--resume") == "teon_tp1"
 
@@ -313,13 +366,16 @@ def test_both_backends_schedule_the_same_lr_sequence(steps, warmup):
     import torch
 
     from launch.schedule import deepspeed_scheduler, megatron_scheduler
+
     args = options.check(["--steps", str(steps), "--warmup", str(warmup), "--lr", "0.5"], 1)
     expected = [0.5 * lr_factor(i, warmup, steps, 0.1) for i in range(steps)]
     sequences = []
     # (DeepSpeed's engine calls scheduler.step() after each optimizer step; launch/engines.py's Megatron
     # backend calls step(increment=1).)
-    for make, advance in ((deepspeed_scheduler(args), lambda s: s.step()),
-                          (lambda opt: megatron_scheduler(opt, args, 0.5), lambda s: s.step(increment=1))):
+    for make, advance in (
+        (deepspeed_scheduler(args), lambda s: s.step()),
+        (lambda opt: megatron_scheduler(opt, args, 0.5), lambda s: s.step(increment=1)),
+    ):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
         sched, lrs = make(opt), []
         for _ in range(steps):
@@ -327,9 +383,13 @@ def test_both_backends_schedule_the_same_lr_sequence(steps, warmup):
             opt.step()
             advance(sched)
         sequences.append(lrs)
-    assert sequences[0] == pytest.approx(expected, rel=1e-12) and sequences[1] == pytest.approx(expected, rel=1e-12)
+    assert sequences[0] == pytest.approx(expected, rel=1e-12) and sequences[1] == pytest.approx(
+        expected, rel=1e-12
+    )
     assert min(expected) > 0
-    assert expected[-1] == pytest.approx(0.05 if warmup < steps else 0.5)  # (a warmup as long as the run: warned)
+    assert expected[-1] == pytest.approx(
+        0.05 if warmup < steps else 0.5
+    )  # (a warmup as long as the run: warned)
     if warmup:
         assert expected[warmup - 1] == pytest.approx(0.5) and expected[0] == pytest.approx(0.5 / warmup)
 
@@ -355,7 +415,9 @@ def test_the_global_batch_in_tokens_is_the_same_at_every_layout():
         tokens.add(args.global_batch * args.seq)
         assert f"{args.global_batch * args.seq} tokens/step" in options.summary(args)
     assert tokens == {2048}
-    assert options.check(["--micro-batch", "4"], 2).global_batch == 8  # an explicit micro-batch keeps its meaning
+    assert (
+        options.check(["--micro-batch", "4"], 2).global_batch == 8
+    )  # an explicit micro-batch keeps its meaning
     with pytest.raises(SystemExit, match=r"--global-batch 30 is not a multiple of DP 4 x --grad-accum 1"):
         options.check(["--global-batch", "30"], 4)
     with pytest.raises(SystemExit, match=r"give only one of --global-batch and --micro-batch"):
@@ -379,10 +441,14 @@ def test_launch_imports_run_one_way():
         edges = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("launch"):
-                edges |= {f"{node.module}.{a.name}" if node.module == "launch" else node.module for a in node.names}
+                edges |= {
+                    f"{node.module}.{a.name}" if node.module == "launch" else node.module for a in node.names
+                }
             if isinstance(node, ast.Import):
-                assert not any(a.name in {"pretrain", "prepare_data", "memory", "engines", "checkpoint"}
-                               for a in node.names), (module, "imports a launch module by its bare name")
+                assert not any(
+                    a.name in {"pretrain", "prepare_data", "memory", "engines", "checkpoint"}
+                    for a in node.names
+                ), (module, "imports a launch module by its bare name")
         graph[module] = edges
         text = path.read_text()
         assert "sys.path.insert" not in text, module

@@ -3,6 +3,7 @@
 and fused weights whose members lie in different buckets are planned over all the buckets of a rank at
 once. Oracles: one process holding the whole model, the non-distributed teonspeed path, Megatron's own
 clip, and a float64 norm of the same reduced gradients."""
+
 import os
 
 import pytest
@@ -48,8 +49,9 @@ def check_layout(results):
 @pytest.mark.parametrize("tp", [1, 2], ids=["TP1xDP2", "TP2xDP2"])
 def test_small_buckets_equal_one_process_and_the_non_distributed_path(one_process, tp, bucket_size):
     buckets = dict(overlap_grad_reduce=True, bucket_size=bucket_size // tp)
-    got = run_ranks(train, 2 * tp, tp=tp, distributed_optimizer=True, ddp_options=buckets, **dense(),
-                    timeout=180)
+    got = run_ranks(
+        train, 2 * tp, tp=tp, distributed_optimizer=True, ddp_options=buckets, **dense(), timeout=180
+    )
     check_layout(got)
     assert_same(full_model(got), one_process, TOL)
     plain = run_ranks(train, 2 * tp, tp=tp, ddp_options=buckets, **dense(), timeout=180)
@@ -62,12 +64,14 @@ def test_small_buckets_equal_one_process_and_the_non_distributed_path(one_proces
 MOE = dict(optimizer="teon", teon_types=("qkv", "attn_out", "fc1", "fc2"), **FP32)
 
 
-@pytest.mark.parametrize("tp,etp", [(1, None), (2, None), (1, 2)],
-                         ids=["TP1xEP2xDP2", "TP2xEP2", "TP1xEP2xETP2"])
+@pytest.mark.parametrize(
+    "tp,etp", [(1, None), (2, None), (1, 2)], ids=["TP1xEP2xDP2", "TP2xEP2", "TP1xEP2xETP2"]
+)
 def test_moe_expert_buckets_equal_one_process(tp, etp):
     buckets = dict(overlap_grad_reduce=True, bucket_size=2000)
-    got = run_ranks(train, 4, tp=tp, ep=2, etp=etp, distributed_optimizer=True, ddp_options=buckets, **MOE,
-                    timeout=180)
+    got = run_ranks(
+        train, 4, tp=tp, ep=2, etp=etp, distributed_optimizer=True, ddp_options=buckets, **MOE, timeout=180
+    )
     check_layout(got)
     assert all(r[2] == ["dense", "expert"] for r in got)
     assert all(min(r[6][0][1:]) > 1 for r in got), [r[6][0] for r in got]  # several expert buckets
@@ -82,31 +86,41 @@ def _reduced_grads_norm_fp64(ddp):
     """The float64 norm of the reduced gradients, each parameter once (TP=1), read from the whole bucket
     buffers all-gathered over DP: independent of the optimizer's partition ranges."""
     import torch.distributed as dist
+
     total = 0.0
     for buffer in ddp.buffers:
         group = buffer.data_parallel_group
         for bucket in buffer.buckets:
             n = bucket.grad_data.numel() // group.size()
             whole = bucket.grad_data.new_empty(bucket.grad_data.numel())
-            mine = bucket.grad_data[group.rank() * n:(group.rank() + 1) * n]
+            mine = bucket.grad_data[group.rank() * n : (group.rank() + 1) * n]
             dist.all_gather_into_tensor(whole, mine, group=group)
             # bucket.params is a set (its order differs between processes): sum in buffer order
             for start, end, _ in sorted(buffer.param_index_map[p] for p in bucket.params):
-                total += float(whole[start - bucket.offset:end - bucket.offset].double().square().sum())
-    return total ** 0.5, sum(p.numel() for p in ddp.module.parameters())
+                total += float(whole[start - bucket.offset : end - bucket.offset].double().square().sum())
+    return total**0.5, sum(p.numel() for p in ddp.module.parameters())
 
 
 OVERLAPPED = dict(overlap_grad_reduce=True, bucket_size=3000)  # 8 buckets (asserted)
 
 
-def overlapped(rank, world_size, distributed, clip_grad=0.0, ddp_options=OVERLAPPED, steps=3,
-               float64=False):
+def overlapped(rank, world_size, distributed, clip_grad=0.0, ddp_options=OVERLAPPED, steps=3, float64=False):
     """3 steps of real batches; the weights, each step's (returned norm, float64 norm of the same reduced
     gradients, elements summed), and the number of buckets. float64: the training in fp64 (tol's oracle)."""
     from megatron.core import parallel_state as ps
+
     ps.initialize_model_parallel()
-    ddp, opt = build(1, "teon", 3, float64, use_distributed_optimizer=distributed, clip_grad=clip_grad,
-                     adam_eps=1e-3, ddp_options=ddp_options, **({} if float64 else FP32))
+    ddp, opt = build(
+        1,
+        "teon",
+        3,
+        float64,
+        use_distributed_optimizer=distributed,
+        clip_grad=clip_grad,
+        adam_eps=1e-3,
+        ddp_options=ddp_options,
+        **({} if float64 else FP32),
+    )
     norms = []
     for step in range(steps):
         ddp.zero_grad_buffer()
@@ -142,7 +156,7 @@ def test_the_clip_norm_is_accumulated_in_float64_no_worse_than_megatrons_own():
         # Each side sums `numel` squares in float64 (unit roundoff 2^-53): relative error <= numel·2^-53
         # each (Higham's bound for recursive summation of non-negative terms), twice for both sides, and the
         # square root halves it. An fp32 accumulation (~1e-6 here, 1e-5 per 1M elements on CPU) fails it.
-        bound = 2 * numel * 2.0 ** -53
+        bound = 2 * numel * 2.0**-53
         error = abs(norm / oracle - 1)
         assert error <= bound, (step, norm, oracle)
         assert error <= abs(megatron_norm / oracle - 1) + bound  # no worse than Megatron's own
@@ -172,16 +186,18 @@ def one_b_class(rank, world_size):
     from teonspeed.matrix_io import matrix_view, write_matrix
     from teonspeed.parallel.runner import StepIO
     from teonspeed.parallel.stats import CommStats
+
     ps.initialize_model_parallel()
     config = mm.tiny_config(num_layers=2, hidden=2048, heads=16, groups=4, ffn=5632)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-                                               overlap_grad_reduce=True)  # bucket_size: Megatron's default
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=True
+    )  # bucket_size: Megatron's default
     ddp = DistributedDataParallel(config, ddp_config, mm.tiny_gpt(config))
     config = TeonOptimizerConfig(optimizer="teon", use_distributed_optimizer=True, lr=0.02, clip_grad=1.0)
     opt = get_megatron_optimizer(config, [ddp])
     inner = opt.optimizer
     layer_numel = sum(p.numel() for n, p in ddp.module.named_parameters() if ".layers.0." in n)
-    (keys, flat_step), = inner.runner.steps.items()  # the buckets planned together, and their step
+    ((keys, flat_step),) = inner.runner.steps.items()  # the buckets planned together, and their step
     shards = [opt.shards[k] for k in keys]
     plan = flat_step.plan
     planned = sorted(m.label for j in plan.jobs for g in j.groups for m in g.members)
@@ -194,16 +210,28 @@ def one_b_class(rank, world_size):
             if inner.group_of(entry.name)["route"] == "ortho":
                 part[lo:hi] = torch.randn(hi - lo, generator=g)
     update, stats = torch.zeros_like(direction), CommStats()
-    io = StepIO({}, {}, lambda x: x, view=lambda m, unit: matrix_view(unit, m, inner._layouts[m.name]),
-                store=lambda m, unit, value: write_matrix(unit, m, inner._layouts[m.name], value),
-                scale=lambda m: 1.0)  # FlatStep reads a unit as the expert's slice already (matrix_io.in_unit)
+    io = StepIO(
+        {},
+        {},
+        lambda x: x,
+        view=lambda m, unit: matrix_view(unit, m, inner._layouts[m.name]),
+        store=lambda m, unit, value: write_matrix(unit, m, inner._layouts[m.name], value),
+        scale=lambda m: 1.0,
+    )  # FlatStep reads a unit as the expert's slice already (matrix_io.in_unit)
     flat_step.run(direction, update, io, inner.runner.tp_split, stats)
     sent, received = stats.sent, stats.received
-    return dict(bucket_size=ddp.ddp_config.bucket_size, layer_numel=layer_numel,
-                layout=bucket_layout(ddp, inner), planned=planned, grouped=grouped,
-                cut=sum(j.cut for j in plan.jobs),
-                round_trip=torch.equal(update, direction), moved=(sent, received),
-                expected=flat_step.expected_bytes(4), plan_bytes=plan.bytes_per_rank(4))
+    return dict(
+        bucket_size=ddp.ddp_config.bucket_size,
+        layer_numel=layer_numel,
+        layout=bucket_layout(ddp, inner),
+        planned=planned,
+        grouped=grouped,
+        cut=sum(j.cut for j in plan.jobs),
+        round_trip=torch.equal(update, direction),
+        moved=(sent, received),
+        expected=flat_step.expected_bytes(4),
+        plan_bytes=plan.bytes_per_rank(4),
+    )
 
 
 def test_a_1b_class_layer_larger_than_megatrons_default_bucket_builds_and_plans_across_buckets():
@@ -221,14 +249,17 @@ def test_a_1b_class_layer_larger_than_megatrons_default_bucket_builds_and_plans_
 ONE_B_CLASS = dict(hidden=2048, heads=16, groups=4, ffn=5632)
 
 
-@pytest.mark.skipif(os.environ.get("TEONSPEED_LARGE_TESTS") != "1",
-                    reason="~10 TFLOP of fp32 Newton–Schulz (minutes on a CPU core); set TEONSPEED_LARGE_TESTS=1")
+@pytest.mark.skipif(
+    os.environ.get("TEONSPEED_LARGE_TESTS") != "1",
+    reason="~10 TFLOP of fp32 Newton–Schulz (minutes on a CPU core); set TEONSPEED_LARGE_TESTS=1",
+)
 def test_a_1b_class_layer_at_megatrons_default_bucket_size_steps_like_the_non_distributed_path():
     """The full step at the layout above (one step, synthetic weights and gradients): the distributed
     optimizer over 3 buckets == the non-distributed path == one process."""
     kw = dict(experts=0, optimizer="teon", layers=2, model=ONE_B_CLASS, steps=1, **FP32)
-    got = run_ranks(train, 2, distributed_optimizer=True, ddp_options=dict(overlap_grad_reduce=True), **kw,
-                    timeout=3000)
+    got = run_ranks(
+        train, 2, distributed_optimizer=True, ddp_options=dict(overlap_grad_reduce=True), **kw, timeout=3000
+    )
     check_layout(got)
     plain = run_ranks(train, 2, ddp_options=dict(overlap_grad_reduce=True), **kw, timeout=3000)
     assert_same(full_model(got), full_model(plain), TOL)

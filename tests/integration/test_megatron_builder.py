@@ -1,4 +1,5 @@
 """teonspeed.megatron.get_megatron_optimizer: a MegatronOptimizer over Megatron DDP's main_grad buffers."""
+
 import copy
 
 import pytest
@@ -15,17 +16,25 @@ def build(tp=1, optimizer="teon", layers=None, float64=False, **config_kw):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+
     config = mm.tiny_config(tp=tp, **({"num_layers": layers} if layers else {}))
     # ddp_use_distributed_optimizer: DDP's own flag where it differs from the optimizer config's
-    distributed = config_kw.pop("ddp_use_distributed_optimizer", config_kw.get("use_distributed_optimizer", False))
+    distributed = config_kw.pop(
+        "ddp_use_distributed_optimizer", config_kw.get("use_distributed_optimizer", False)
+    )
     # ddp_options: more DistributedDataParallelConfig fields (overlap_grad_reduce, bucket_size)
     ddp_options = config_kw.pop("ddp_options", {})
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=not float64,
-                                               use_distributed_optimizer=distributed, **ddp_options)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=not float64, use_distributed_optimizer=distributed, **ddp_options
+    )
     model = mm.tiny_gpt(config).double() if float64 else mm.tiny_gpt(config)
     ddp = DistributedDataParallel(config, ddp_config, model.bfloat16() if config_kw.get("bf16") else model)
-    opt = get_megatron_optimizer(TeonOptimizerConfig(optimizer=optimizer, **{"lr": 0.02, "adamw_lr": 3e-3,
-                                                                             "clip_grad": 0.0, **config_kw}), [ddp])
+    opt = get_megatron_optimizer(
+        TeonOptimizerConfig(
+            optimizer=optimizer, **{"lr": 0.02, "adamw_lr": 3e-3, "clip_grad": 0.0, **config_kw}
+        ),
+        [ddp],
+    )
     return ddp, opt
 
 
@@ -34,11 +43,14 @@ def run_steps(ddp, opt, steps, same_batch=False, sched=None, bf16_only=False):
     fp32 masters restart from the bf16 weights before every step (reload_model_params), i.e. a bf16-only
     update."""
     from megatron.core import parallel_state as ps
+
     losses, lrs, results, grad_norms = [], [], [], []
     for step in steps:
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        tokens, position_ids, labels = mm.batch(seed=(0 if same_batch else 100 * step) + ps.get_data_parallel_rank())
+        tokens, position_ids, labels = mm.batch(
+            seed=(0 if same_batch else 100 * step) + ps.get_data_parallel_rank()
+        )
         loss = ddp(tokens, position_ids, None, labels=labels).float().mean()
         loss.backward()
         ddp.finish_grad_sync()
@@ -57,33 +69,79 @@ def run_steps(ddp, opt, steps, same_batch=False, sched=None, bf16_only=False):
 def local_params(ddp):
     """name -> (this rank's tensor, TP split dim or None, stride, TP rank), for mm.full_params_of_replica0."""
     from megatron.core import parallel_state as ps
-    return {n: (p.detach().clone(), getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
-                else None, getattr(p, "partition_stride", 1), ps.get_tensor_model_parallel_rank())
-            for n, p in ddp.module.named_parameters()}
+
+    return {
+        n: (
+            p.detach().clone(),
+            getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else None,
+            getattr(p, "partition_stride", 1),
+            ps.get_tensor_model_parallel_rank(),
+        )
+        for n, p in ddp.module.named_parameters()
+    }
 
 
-def train(rank, world_size, tp=1, optimizer="teon", steps=3, scheduler=False, same_batch=False, layers=None,
-          bf16_only=False, float64=False, **config_kw):
+def train(
+    rank,
+    world_size,
+    tp=1,
+    optimizer="teon",
+    steps=3,
+    scheduler=False,
+    same_batch=False,
+    layers=None,
+    bf16_only=False,
+    float64=False,
+    **config_kw,
+):
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     ddp, opt = build(tp, optimizer, layers, float64, **config_kw)
-    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=0.02, min_lr=0.002, lr_warmup_steps=2,
-                                    lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
-                                    wd_incr_steps=10, wd_incr_style="constant") if scheduler else None
+    sched = (
+        OptimizerParamScheduler(
+            opt,
+            init_lr=0.0,
+            max_lr=0.02,
+            min_lr=0.002,
+            lr_warmup_steps=2,
+            lr_decay_steps=10,
+            lr_decay_style="cosine",
+            start_wd=0.01,
+            end_wd=0.01,
+            wd_incr_steps=10,
+            wd_incr_style="constant",
+        )
+        if scheduler
+        else None
+    )
     losses, lrs, results, grad_norms = run_steps(ddp, opt, range(steps), same_batch, sched, bf16_only)
     params = local_params(ddp)
     plans = getattr(opt.optimizer, "zero_plans", [])
     stats = opt.optimizer.comm_stats
-    moved = (sum(j.cut for p in plans for j in p.jobs), (stats.sent, stats.received), opt.optimizer.zero_expected_bytes(),
-             stats.adamw_bytes, _matrix_numel(ddp, opt)) if plans and stats else None
+    moved = (
+        (
+            sum(j.cut for p in plans for j in p.jobs),
+            (stats.sent, stats.received),
+            opt.optimizer.zero_expected_bytes(),
+            stats.adamw_bytes,
+            _matrix_numel(ddp, opt),
+        )
+        if plans and stats
+        else None
+    )
     return losses, params, ps.get_data_parallel_rank(), type(opt).__name__, results, lrs, moved, grad_norms
 
 
 def _matrix_numel(ddp, opt):
     """Elements of this rank's (TP-local) orthogonalized matrices."""
     inner = opt.optimizer
-    return sum(p.numel() for n, p in ddp.module.named_parameters() if inner.group_of(inner.name_of(p))["route"] == "ortho")
+    return sum(
+        p.numel()
+        for n, p in ddp.module.named_parameters()
+        if inner.group_of(inner.name_of(p))["route"] == "ortho"
+    )
 
 
 def weights(result):
@@ -101,8 +159,9 @@ def assert_within_oracle(got_losses, got_params, ref, oracle, measured=True):
     rounding (tol.losses_bound)."""
     bound = tol.oracle_bound(weights(ref), weights(oracle), measured)
     assert tol.distance(got_params, weights(ref)) <= bound, (tol.distance(got_params, weights(ref)), bound)
-    for a, b, own, grad_norm in zip(got_losses, ref[0], tol.losses_bound(ref[0], oracle[0], measured),
-                                    ref[7]):
+    for a, b, own, grad_norm in zip(
+        got_losses, ref[0], tol.losses_bound(ref[0], oracle[0], measured), ref[7]
+    ):
         assert abs(a - b) <= own + grad_norm * bound, (a, b)
 
 
@@ -132,9 +191,13 @@ def test_distributed_optimizer_tp2_dp2_equals_tp1_and_the_non_distributed_path(o
     stepping its bucket partitions."""
     plain = run_ranks(train, 2, optimizer=optimizer, layers=3, timeout=180)
     ref = run_ranks(train, 2, optimizer=optimizer, layers=3, use_distributed_optimizer=True, timeout=180)
-    got = run_ranks(train, 4, tp=2, optimizer=optimizer, layers=3, use_distributed_optimizer=True, timeout=180)
+    got = run_ranks(
+        train, 4, tp=2, optimizer=optimizer, layers=3, use_distributed_optimizer=True, timeout=180
+    )
     assert ref[0][3] == got[0][3] == "TeonDistributedOptimizer"
-    for rank in ref + got:  # a matrix is cut by the partition boundary; only it (and TP shards) moved, as planned
+    for rank in (
+        ref + got
+    ):  # a matrix is cut by the partition boundary; only it (and TP shards) moved, as planned
         cut, measured, predicted, adamw, matrices = rank[6]
         assert cut >= 1 and measured == predicted
         # AdamW's yardstick: DDP's reduce-scatter of the fp32 gradients and all-gather of the fp32 parameters
@@ -142,7 +205,9 @@ def test_distributed_optimizer_tp2_dp2_equals_tp1_and_the_non_distributed_path(o
     oracle = run_ranks(train, 2, optimizer=optimizer, layers=3, float64=True, timeout=180)  # the plain path
     assert_within_oracle(ref[0][0], weights(ref[0]), plain[0], oracle[0])
     for name in plain[0][1]:
-        assert torch.equal(ref[0][1][name][0], ref[1][1][name][0]), name  # the all-gather left the replicas equal
+        assert torch.equal(ref[0][1][name][0], ref[1][1][name][0]), (
+            name
+        )  # the all-gather left the replicas equal
     # TP2 against TP1, both distributed: two runs off the exact one by the reference's rounding each
     assert_within_oracle(got[0][0], mm.full_params_of_replica0(got), plain[0], oracle[0])
 
@@ -150,7 +215,9 @@ def test_distributed_optimizer_tp2_dp2_equals_tp1_and_the_non_distributed_path(o
 def test_distributed_optimizer_refuses_what_it_does_not_do_with_the_fix():
     with pytest.raises(RankError, match="use_distributed_optimizer=True supports fp32 and bf16, not fp16"):
         run_ranks(train, 2, use_distributed_optimizer=True, fp16=True, timeout=120)
-    with pytest.raises(RankError, match="log_num_zeros_in_grad=True is not supported with use_distributed_optim"):
+    with pytest.raises(
+        RankError, match="log_num_zeros_in_grad=True is not supported with use_distributed_optim"
+    ):
         run_ranks(train, 2, use_distributed_optimizer=True, log_num_zeros_in_grad=True, timeout=120)
 
 
@@ -158,13 +225,16 @@ def test_a_ddp_that_reduce_scatters_needs_the_distributed_optimizer_in_the_optim
     # DDP built with use_distributed_optimizer=True reduce-scatters the gradients (each rank's buffer is
     # reduced only in its partition) and the plain optimizer would step the rest unreduced: replicas
     # diverge, 10-50% off in 3 steps. Refused at construction, naming the flag to set.
-    with pytest.raises(RankError, match=r"use_distributed_optimizer=True.*TeonOptimizerConfig\(use_distributed_optim"):
+    with pytest.raises(
+        RankError, match=r"use_distributed_optimizer=True.*TeonOptimizerConfig\(use_distributed_optim"
+    ):
         run_ranks(train, 2, layers=1, ddp_use_distributed_optimizer=True, timeout=120)
 
 
 def _state_round_trip(rank, world_size):
     from megatron.core import parallel_state as ps
     from teonspeed.megatron import TeonOptimizerConfig, get_megatron_optimizer
+
     ps.initialize_model_parallel()
     models, opts = [], []
     for _ in range(2):
@@ -191,13 +261,39 @@ def test_state_dict_round_trip_through_megatrons_wrapper():
 
 # A value other than teonspeed's default (and other than Megatron's, where Megatron holds the option), for
 # every option: a new option without one fails test_every_teonspeed_option_is_reachable_from_the_config.
-NON_DEFAULT = dict(lr=0.03, momentum=0.9, nesterov=True, weight_decay=0.02, orthogonalizer="svd", ns_steps=6,
-                   ns_dtype="fp32", ns_backend="torch", lr_scale="rms_match", teon_k=1, teon_mode=2,
-                   teon_types=("q",), split_fused=False, ht_power=0.25, ht_method="ns", ht_interval=2,
-                   adamw_lr=1e-3, adamw_betas=(0.8, 0.9), adamw_eps=1e-6, adamw_weight_decay=0.03,
-                   skip_nonfinite=False, cut_groups_at_stage_boundary=True, parallel_mode="replicated",
-                   overlap_waves=3, comm_dtype="bf16", cluster={"peak_flops": 1e12}, qk_clip=50.0,
-                   qk_clip_alpha=0.25, qk_clip_log=True, teon_per_layer_fallback=True, grouping_rule=len)
+NON_DEFAULT = dict(
+    lr=0.03,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=0.02,
+    orthogonalizer="svd",
+    ns_steps=6,
+    ns_dtype="fp32",
+    ns_backend="torch",
+    lr_scale="rms_match",
+    teon_k=1,
+    teon_mode=2,
+    teon_types=("q",),
+    split_fused=False,
+    ht_power=0.25,
+    ht_method="ns",
+    ht_interval=2,
+    adamw_lr=1e-3,
+    adamw_betas=(0.8, 0.9),
+    adamw_eps=1e-6,
+    adamw_weight_decay=0.03,
+    skip_nonfinite=False,
+    cut_groups_at_stage_boundary=True,
+    parallel_mode="replicated",
+    overlap_waves=3,
+    comm_dtype="bf16",
+    cluster={"peak_flops": 1e12},
+    qk_clip=50.0,
+    qk_clip_alpha=0.25,
+    qk_clip_log=True,
+    teon_per_layer_fallback=True,
+    grouping_rule=len,
+)
 
 
 def test_every_teonspeed_option_is_reachable_from_the_config():
@@ -207,11 +303,13 @@ def test_every_teonspeed_option_is_reachable_from_the_config():
 
     from teonspeed.config import OPTION_NAMES, make_config
     from teonspeed.megatron import MEGATRON_NAMES, TeonOptimizerConfig, teonspeed_options
+
     assert set(NON_DEFAULT) == set(OPTION_NAMES)
     fields = {f.name for f in dataclasses.fields(TeonOptimizerConfig)}
     for option, value in NON_DEFAULT.items():
         where = MEGATRON_NAMES.get(option) or next(
-            n for n in (f"teon_{option}", f"muon_{option}", option) if n in fields)
+            n for n in (f"teon_{option}", f"muon_{option}", option) if n in fields
+        )
         given = dict(zip(where, value)) if isinstance(where, tuple) else {where: value}
         if option == "weight_decay":  # Megatron's one weight decay sets both parts
             given["weight_decay"] = value
@@ -225,19 +323,26 @@ def test_every_teonspeed_option_is_reachable_from_the_config():
 
 def test_megatron_muon_fields_teonspeed_does_not_read_are_refused_naming_the_option_to_set():
     from teonspeed.megatron import TeonOptimizerConfig
-    with pytest.raises(ValueError, match=r"muon_tp_mode='duplicated' is Megatron's Muon's; teonspeed does not "
-                                         r"read it \(leave it at 'blockwise'\): set parallel_mode"):
+
+    with pytest.raises(
+        ValueError,
+        match=r"muon_tp_mode='duplicated' is Megatron's Muon's; teonspeed does not "
+        r"read it \(leave it at 'blockwise'\): set parallel_mode",
+    ):
         TeonOptimizerConfig(muon_tp_mode="duplicated")
     with pytest.raises(ValueError, match=r"muon_extra_scale_factor=2.0 .* set lr instead"):
         TeonOptimizerConfig(muon_extra_scale_factor=2.0)
     with pytest.raises(ValueError, match=r"option 'overlap_waves' must be an integer >= 1, got 0"):
         TeonOptimizerConfig(overlap_waves=0)  # checked when the config is made, not at the first step
-    with pytest.raises(ValueError, match=r"optimizer must be one of \['htmuon', 'muon', 'teon'\], got 'adam'"):
+    with pytest.raises(
+        ValueError, match=r"optimizer must be one of \['htmuon', 'muon', 'teon'\], got 'adam'"
+    ):
         TeonOptimizerConfig(optimizer="adam")
 
 
 def _built_options(rank, world_size):
     from megatron.core import parallel_state as ps
+
     ps.initialize_model_parallel()
     _, opt = build(skip_nonfinite=False, overlap_waves=3, comm_dtype="bf16", cluster={"peak_flops": 1e12})
     c = opt.optimizer.config

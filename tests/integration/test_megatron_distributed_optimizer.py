@@ -3,6 +3,7 @@ norm over every rank's bucket partitions), bf16 parameters with fp32 master part
 checkpoints (per-rank state dicts; dist-checkpointing, resharded). Oracles: Megatron's own non-distributed
 wrappers (FP32Optimizer's clip, Float16OptimizerWithFloat16Params' fp32 main params) and the uninterrupted
 run."""
+
 import pytest
 import torch
 
@@ -42,7 +43,9 @@ def test_clip_grad_clips_the_global_norm_tp2_dp2_equals_tp1_and_megatrons_own_cl
     assert min(norms) > 10 * CLIP
     numel = sum(p.numel() for p in weights_of(megatron[0]).values())
     norms_bound = _norms_bound(megatron[0], oracle[0], numel)
-    for rank in tp1 + tp2:  # the same norm on every rank; TP-duplicated norms' grads counted once, as Megatron does
+    for rank in (
+        tp1 + tp2
+    ):  # the same norm on every rank; TP-duplicated norms' grads counted once, as Megatron does
         assert [success for success, _, _ in rank[4]] == [True] * len(norms)
         assert all(abs(n - m) <= b for (_, n, _), m, b in zip(rank[4], norms, norms_bound))
     bound = tol.oracle_bound(weights_of(megatron[0]), weights_of(oracle[0]))
@@ -52,7 +55,10 @@ def test_clip_grad_clips_the_global_norm_tp2_dp2_equals_tp1_and_megatrons_own_cl
     assert tol.distance(weights_of(unclipped[0]), weights_of(megatron[0])) > bound
     # A world of one on the single-process runner: the norm rides in its one host read instead.
     alone = dict(kw, parallel_mode="replicated", steps=2)
-    megatron, local = run_ranks(train, 1, **alone), run_ranks(train, 1, use_distributed_optimizer=True, **alone)
+    megatron, local = (
+        run_ranks(train, 1, **alone),
+        run_ranks(train, 1, use_distributed_optimizer=True, **alone),
+    )
     # the same gradients, their squares summed in another order (pairwise: ≤ log₂N·u on each side)
     for (_, n, _), (_, m, _) in zip(local[0][4], megatron[0][4]):
         assert abs(n - m) <= 2 * numel.bit_length() * tol.u() * m
@@ -85,8 +91,9 @@ def test_bf16_keeps_fp32_master_partitions_like_megatrons_bf16_optimizer():
         # bf16-only run misses the whole movement instead
         one_ulp = 2 * tol.u(torch.bfloat16) * full.float().abs()
         assert ((sharded[name].float() - full.float()).abs() <= one_ulp).all()
-        assert tol.distance({name: sharded[name]}, {name: full}) < tol.distance({name: rounded[name]},
-                                                                                {name: full})
+        assert tol.distance({name: sharded[name]}, {name: full}) < tol.distance(
+            {name: rounded[name]}, {name: full}
+        )
 
 
 def _state(ddp, opt):
@@ -103,6 +110,7 @@ def _resume_from_per_rank_files(rank, world_size, directory, tp, load_tp):
     import os
 
     from megatron.core import parallel_state as ps
+
     kw = dict(layers=2, use_distributed_optimizer=True, bf16=True, clip_grad=CLIP)
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     ddp, opt = build(tp, **kw)
@@ -130,8 +138,9 @@ def _resume_from_per_rank_files(rank, world_size, directory, tp, load_tp):
 
 
 def test_optimizer_state_resumes_exactly_from_per_rank_files_and_another_layout_is_refused(tmp_path):
-    for reference, resumed, results, refusal in run_ranks(_resume_from_per_rank_files, 4, str(tmp_path),
-                                                          tp=2, load_tp=1, timeout=180):
+    for reference, resumed, results, refusal in run_ranks(
+        _resume_from_per_rank_files, 4, str(tmp_path), tp=2, load_tp=1, timeout=180
+    ):
         assert all(success and norm > CLIP for success, norm, _ in results)  # resumed steps clip
         for name, weight in reference[0].items():
             assert torch.equal(resumed[0][name], weight), name
@@ -139,22 +148,32 @@ def test_optimizer_state_resumes_exactly_from_per_rank_files_and_another_layout_
         for saved, loaded in zip(reference[1], resumed[1]):
             assert saved.keys() == loaded.keys() == {"momentum_buffer", "exp_avg", "exp_avg_sq", "master"}
             assert all(torch.equal(saved[k], loaded[k]) for k in saved)
-        assert refusal is not None and "saved in another layout (bucket 0 differs in its data-parallel size: 2 saved, 4 here)" \
-            in refusal and "is not resharded" in refusal
+        assert (
+            refusal is not None
+            and "saved in another layout (bucket 0 differs in its data-parallel size: 2 saved, 4 here)"
+            in refusal
+            and "is not resharded" in refusal
+        )
 
 
 def _save(ddp, opt, directory):
     from megatron.core import dist_checkpointing
+
     model_sd = ddp.module.sharded_state_dict()
-    dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)}, directory,
-                            sharded_strategy=("torch_dist", 1))
+    dist_checkpointing.save(
+        {"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)},
+        directory,
+        sharded_strategy=("torch_dist", 1),
+    )
 
 
 def _load(ddp, opt, directory):
     from megatron.core import dist_checkpointing
+
     model_sd = ddp.module.sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd, is_loading=True)},
-                                     directory)
+    loaded = dist_checkpointing.load(
+        {"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd, is_loading=True)}, directory
+    )
     ddp.module.load_state_dict(loaded["model"])
     opt.load_state_dict(loaded["optimizer"])
 
@@ -163,6 +182,7 @@ def _dist_checkpoint_round_trip(rank, world_size, directory, bf16):
     """TP=2 × DP=2: 4 steps, and 2 steps + torch_dist save (on disk) + load into a fresh model and
     optimizer + 2 steps."""
     from megatron.core import parallel_state as ps
+
     ps.initialize_model_parallel(tensor_model_parallel_size=2)
     kw = dict(layers=2, use_distributed_optimizer=True, bf16=bf16, clip_grad=CLIP)
     ddp, opt = build(2, **kw)
@@ -179,6 +199,7 @@ def _dist_checkpoint_round_trip(rank, world_size, directory, bf16):
 
 def _resume_in_another_layout(rank, world_size, directory, tp, distributed):
     from megatron.core import parallel_state as ps
+
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     ddp, opt = build(tp, layers=2, use_distributed_optimizer=distributed, clip_grad=CLIP)
     _load(ddp, opt, directory)
@@ -199,7 +220,9 @@ def test_dist_checkpointing_resumes_exactly_and_reshards_to_another_layout(bf16,
         return
     # The same checkpoint at TP=1 × DP=2 (other buckets and partitions), with and without the distributed
     # optimizer: the same global batches, so the same weights up to TP=2's rounding.
-    uninterrupted = mm.full_params_of_replica0([(w, dp) for (w, _), _, dp in results], name_index=0, dp_index=1)
+    uninterrupted = mm.full_params_of_replica0(
+        [(w, dp) for (w, _), _, dp in results], name_index=0, dp_index=1
+    )
     # the same 4 steps at TP=1 in fp32 and in fp64 measure the training's rounding (tol.oracle_bound); the
     # two runs compared here were not measured: 2λ of it
     same = dict(layers=2, clip_grad=CLIP, steps=4, timeout=180)
@@ -208,6 +231,9 @@ def test_dist_checkpointing_resumes_exactly_and_reshards_to_another_layout(bf16,
     oracle = run_ranks(train, 2, float64=True, use_distributed_optimizer=True, **same)[0]
     bound = tol.oracle_bound(weights_of(ref), weights_of(oracle), measured=False)
     for distributed in (True, False):
-        resumed = mm.full_params_of_replica0(run_ranks(_resume_in_another_layout, 2, directory, tp=1,
-                                                       distributed=distributed, timeout=180), 0, 1)
+        resumed = mm.full_params_of_replica0(
+            run_ranks(_resume_in_another_layout, 2, directory, tp=1, distributed=distributed, timeout=180),
+            0,
+            1,
+        )
         assert tol.distance(resumed, uninterrupted) <= bound, distributed

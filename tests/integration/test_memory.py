@@ -1,6 +1,8 @@
-"""launch/estimator (python -m launch.memory): parameter counts against real megatron-core models built from configs/models/*.yaml
-(names, shapes, teonspeed's routing; per rank under TP=2, EP=2, PP=2), the activation formula against
-Korthikanti et al.'s, monotonicity in the parallel sizes, and the generated layout estimates."""
+"""launch/estimator (python -m launch.memory): parameter counts against real megatron-core models built
+from configs/models/*.yaml (names, shapes, teonspeed's routing; per rank under TP=2, EP=2, PP=2), the
+activation formula against Korthikanti et al.'s, monotonicity in the parallel sizes, and the generated layout
+estimates."""
+
 import dataclasses
 import re
 from pathlib import Path
@@ -22,9 +24,18 @@ MODELS = sorted(p.stem for p in configs.MODELS_DIR.glob("*.yaml"))
 # Full-width layers, fewer of them and a smaller vocabulary, so that even the 1B model builds in a blink
 # (weights are allocated, not initialised). The tiny models are built whole.
 SHRINK = {"num_layers": 2, "vocab_size": 1000}
-CPU = dict(use_cpu_initialization=True, perform_initialization=False, params_dtype=torch.float32,
-           pipeline_dtype=torch.float32, gradient_accumulation_fusion=False, masked_softmax_fusion=False,
-           bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False, batch_p2p_comm=False)
+CPU = dict(
+    use_cpu_initialization=True,
+    perform_initialization=False,
+    params_dtype=torch.float32,
+    pipeline_dtype=torch.float32,
+    gradient_accumulation_fusion=False,
+    masked_softmax_fusion=False,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    apply_rope_fusion=False,
+    batch_p2p_comm=False,
+)
 
 
 def config_of(name):
@@ -50,10 +61,17 @@ def megatron_gpt(cfg, tp=1, pp=1, ep=1):
     t = dict(cfg["transformer"])
     mla = t.pop("multi_latent_attention", False)
     config = (MLATransformerConfig if mla else TransformerConfig)(
-        **t, activation_func={"silu": F.silu, "gelu": F.gelu}[cfg["model"]["activation"]],
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-        sequence_parallel=False, **CPU)
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
+        **t,
+        activation_func={"silu": F.silu, "gelu": F.gelu}[cfg["model"]["activation"]],
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        sequence_parallel=False,
+        **CPU,
+    )
+    spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=False, normalization=config.normalization
+    )
     if mla:
         # megatron-core 0.16.1's local MLA spec passes k_channels/v_channels to DotProductAttention, which
         # does not take them, and MLA checks isinstance(.., TELinear) with TE's stand-in: work around both
@@ -70,18 +88,25 @@ def megatron_gpt(cfg, tp=1, pp=1, ep=1):
             layer.submodules.self_attention.submodules.core_attention = CoreAttention
     spec_model = mem.ModelSpec.from_config(cfg)
     cpu_shims.megatron_seed(1234)
-    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=spec_model.padded_vocab(tp),
-                    max_sequence_length=cfg["model"]["seq_length"],
-                    position_embedding_type=cfg["model"]["position_embedding_type"],
-                    share_embeddings_and_output_weights=cfg["model"]["share_embeddings_and_output_weights"],
-                    rotary_base=cfg["model"].get("rotary_base", 10000),
-                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=spec_model.padded_vocab(tp),
+        max_sequence_length=cfg["model"]["seq_length"],
+        position_embedding_type=cfg["model"]["position_embedding_type"],
+        share_embeddings_and_output_weights=cfg["model"]["share_embeddings_and_output_weights"],
+        rotary_base=cfg["model"].get("rotary_base", 10000),
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
 
 
 def _params(rank, world, names, tp=1, pp=1, ep=1):
     from megatron.core import parallel_state as ps
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep)
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+    )
     if pp > 1:  # megatron moves the last stage's tied-embedding copy to CUDA to sync it: stay on the CPU
         torch.Tensor.cuda = lambda self, *args, **kwargs: self  # (a forked rank: the parent is untouched)
     out = {}
@@ -116,20 +141,33 @@ def test_parameters_match_megatron(built, name):
     spec = mem.ModelSpec.from_config(config_of(name))
     want = expand(mem.parameter_tensors(spec))
     assert built[name] == want  # every name, shape and teonspeed route
-    assert sum(torch.Size(s).numel() for s, _ in built[name].values()) == \
-        mem.estimate(spec).params_total
+    assert sum(torch.Size(s).numel() for s, _ in built[name].values()) == mem.estimate(spec).params_total
 
 
 def test_full_size_counts():
     """The published sizes: GaLore's LLaMA family (vocab 32000) and GPT-2 (vocab 50257 padded to 50304)."""
     # llama_1b ships a TP-friendly FFN (5504); the papers' count is of their 5461.
     paper = {"llama_1b": {"ffn_hidden_size": 5461}}
-    total = {m: mem.estimate(mem.ModelSpec.from_config(configs.load_model_config(m), **paper.get(m, {}))).params_total / 1e6
-             for m in ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "gpt2_130m", "gpt2_350m", "gpt2_774m")}
-    shipped = mem.estimate(mem.ModelSpec.from_config(configs.load_model_config("llama_1b"))).params_total / 1e6
+    total = {
+        m: mem.estimate(
+            mem.ModelSpec.from_config(configs.load_model_config(m), **paper.get(m, {}))
+        ).params_total
+        / 1e6
+        for m in ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "gpt2_130m", "gpt2_350m", "gpt2_774m")
+    }
+    shipped = (
+        mem.estimate(mem.ModelSpec.from_config(configs.load_model_config("llama_1b"))).params_total / 1e6
+    )
     assert 0 < shipped / total["llama_1b"] - 1 < 0.005, shipped
-    for m, published in {"llama_60m": 58.1, "llama_130m": 134.1, "llama_350m": 368.0, "llama_1b": 1339.1,
-                         "gpt2_130m": 124.4, "gpt2_350m": 354.8, "gpt2_774m": 774.0}.items():
+    for m, published in {
+        "llama_60m": 58.1,
+        "llama_130m": 134.1,
+        "llama_350m": 368.0,
+        "llama_1b": 1339.1,
+        "gpt2_130m": 124.4,
+        "gpt2_350m": 354.8,
+        "gpt2_774m": 774.0,
+    }.items():
         assert abs(total[m] - published) < 0.2, (m, total[m])
     moe = mem.estimate(mem.ModelSpec.from_config(configs.load_model_config("moe_small")))
     assert moe.params_active_per_token < moe.params_total / 4
@@ -139,10 +177,18 @@ def _rank_params(rank, world, name, tp=1, pp=1, ep=1):
     return _params(rank, world, [name], tp=tp, pp=pp, ep=ep)[name]
 
 
-@pytest.mark.parametrize("name, tp, pp, ep", [
-    ("llama_tiny", 2, 1, 1), ("gpt2_130m", 2, 1, 1), ("moe_tiny", 2, 1, 1), ("moe_tiny", 1, 1, 2),
-    ("llama_tiny", 1, 2, 1), ("gpt2_130m", 1, 2, 1), ("gpt2_tiny", 2, 1, 1),
-])
+@pytest.mark.parametrize(
+    "name, tp, pp, ep",
+    [
+        ("llama_tiny", 2, 1, 1),
+        ("gpt2_130m", 2, 1, 1),
+        ("moe_tiny", 2, 1, 1),
+        ("moe_tiny", 1, 1, 2),
+        ("llama_tiny", 1, 2, 1),
+        ("gpt2_130m", 1, 2, 1),
+        ("gpt2_tiny", 2, 1, 1),
+    ],
+)
 def test_per_rank_parameters_match_megatron(name, tp, pp, ep):
     """Per rank: TP splits (vocab padded to 128 x TP), EP's local experts, PP stages (tied embeddings:
     a copy on the last stage)."""
@@ -184,7 +230,9 @@ def est(model="llama_350m", par=None, **train):
 
 
 def test_monotone_in_parallel_sizes():
-    totals = [est(par=mem.Parallel(dp=d), optimizer="teon", zero_stage=1).total_bytes for d in (1, 2, 4, 8, 16)]
+    totals = [
+        est(par=mem.Parallel(dp=d), optimizer="teon", zero_stage=1).total_bytes for d in (1, 2, 4, 8, 16)
+    ]
     assert all(x > y for x, y in zip(totals, totals[1:]))  # ZeRO-1 shards more as DP grows
     no_zero = {est(par=mem.Parallel(dp=d), zero_stage=0).total_bytes for d in (1, 2, 8)}
     assert len(no_zero) == 1  # without ZeRO, DP does not change memory per GPU
@@ -214,7 +262,9 @@ def test_activations_scale():
     one, two = est(micro_batch=1), est(micro_batch=2)
     assert two.bytes["activations"] == pytest.approx(2 * one.bytes["activations"])
     assert two.bytes["logits"] == pytest.approx(2 * one.bytes["logits"])
-    none, sel, full = (est(micro_batch=4, recompute=r).bytes["activations"] for r in ("none", "selective", "full"))
+    none, sel, full = (
+        est(micro_batch=4, recompute=r).bytes["activations"] for r in ("none", "selective", "full")
+    )
     assert none > sel > full
     assert est(micro_batch=4, flash_attention=True).bytes["activations"] == sel
     # 1F1B: the first stage keeps PP micro-batches in flight, so PP does not shrink its activations
@@ -228,18 +278,27 @@ def test_rejects_layouts_megatron_refuses():
     with pytest.raises(ValueError, match=r"--tp 2 does not divide ffn_hidden_size=5461"):
         mem.estimate(spec, mem.Parallel(tp=2))
     with pytest.raises(ValueError, match=r"--ep 32 does not divide num_moe_experts="):
-        mem.estimate(mem.ModelSpec.from_config(configs.load_model_config("moe_small")), mem.Parallel(dp=32, ep=32))
+        mem.estimate(
+            mem.ModelSpec.from_config(configs.load_model_config("moe_small")), mem.Parallel(dp=32, ep=32)
+        )
 
 
 def test_configs_are_megatron_fields():
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
     for name in MODELS:
         cfg = configs.load_model_config(name)
         cls = MLATransformerConfig if cfg["transformer"].get("multi_latent_attention") else TransformerConfig
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(cfg["transformer"]) <= fields, (name, set(cfg["transformer"]) - fields)
-        assert set(cfg["model"]) <= {"vocab_size", "seq_length", "position_embedding_type",
-                                     "share_embeddings_and_output_weights", "activation", "rotary_base"}
+        assert set(cfg["model"]) <= {
+            "vocab_size",
+            "seq_length",
+            "position_embedding_type",
+            "share_embeddings_and_output_weights",
+            "activation",
+            "rotary_base",
+        }
 
 
 def test_layout_estimates_are_generated_and_current():
@@ -252,4 +311,6 @@ def test_layout_estimates_are_generated_and_current():
         assert raw["parallel"]["tp"] * raw["parallel"].get("pp", 1) * raw["parallel"]["dp"] == world
         block = raw["memory_estimate"]
         assert block["gib_per_gpu"]["total"] < 80  # fits an 80 GB GPU
-        assert block["total_gib_per_gpu_by_optimizer"]["teon"] < block["total_gib_per_gpu_by_optimizer"]["adamw"]
+        assert (
+            block["total_gib_per_gpu_by_optimizer"]["teon"] < block["total_gib_per_gpu_by_optimizer"]["adamw"]
+        )

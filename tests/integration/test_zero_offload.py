@@ -1,5 +1,6 @@
 """ZeRO-Offload (`zero_optimization.offload_optimizer`) keeps the optimizer partitions on the host, which
 the parallel step's NCCL exchange cannot take: refused at deepspeed.initialize with the fix named."""
+
 import pytest
 
 import ds_helpers as h
@@ -10,6 +11,9 @@ from support.harness import RankError, run_ranks
 def test_zero_offload_is_refused_naming_the_option_and_the_fix(stage):
     config = h.ds_config("TEON", stage=stage)
     config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    with pytest.raises(RankError, match="does not support ZeRO-Offload(.|\n)*offload_optimizer.device='cpu'"
-                                        "(.|\n)*Remove zero_optimization.offload_optimizer"):
+    with pytest.raises(
+        RankError,
+        match="does not support ZeRO-Offload(.|\n)*offload_optimizer.device='cpu'"
+        "(.|\n)*Remove zero_optimization.offload_optimizer",
+    ):
         run_ranks(h.train, 2, config, steps=1, timeout=120)

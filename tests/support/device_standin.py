@@ -20,6 +20,7 @@ PyTorch's `meta` device plays the GPU: tensors with shapes and dtypes but no dat
         opt.step()
     rec.host_reads                             # how many times the step read the device
 """
+
 from __future__ import annotations
 
 import traceback
@@ -30,10 +31,26 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all_single", "all_to_all",
-               "reduce_scatter", "reduce_scatter_tensor", "broadcast", "reduce", "batch_isend_irecv")
-_HOST_READS = {torch.Tensor.item: "item", torch.Tensor.tolist: "tolist", torch.Tensor.__bool__: "bool",
-               torch.Tensor.__int__: "int", torch.Tensor.__float__: "float", torch.Tensor.__index__: "index"}
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_to_all_single",
+    "all_to_all",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "reduce",
+    "batch_isend_irecv",
+)
+_HOST_READS = {
+    torch.Tensor.item: "item",
+    torch.Tensor.tolist: "tolist",
+    torch.Tensor.__bool__: "bool",
+    torch.Tensor.__int__: "int",
+    torch.Tensor.__float__: "float",
+    torch.Tensor.__index__: "index",
+}
 
 
 class DeviceError(AssertionError):
@@ -76,13 +93,16 @@ class DeviceRecorder(TorchFunctionMode):
                 args = ([op.tensor for op in args[0]],)
             for t in _tensors((args, {k: v for k, v in kwargs.items() if k != "group"})):
                 if t.device != self.device:
-                    raise DeviceError(f"dist.{name} got a tensor on {t.device} (shape {tuple(t.shape)}, "
-                                      f"{t.dtype}); the process group's device is {self.device}. "
-                                      f"Called from {_where()}")
+                    raise DeviceError(
+                        f"dist.{name} got a tensor on {t.device} (shape {tuple(t.shape)}, "
+                        f"{t.dtype}); the process group's device is {self.device}. "
+                        f"Called from {_where()}"
+                    )
             self.collectives.append(name)
             if name == "batch_isend_irecv":
                 return [_Done()]
             return _Done() if kwargs.get("async_op") else None
+
         return record
 
     def __enter__(self) -> "DeviceRecorder":
@@ -112,13 +132,17 @@ class DeviceRecorder(TorchFunctionMode):
         if any(t.device == self.device for t in inputs):
             cpu = [t for t in inputs if t.device.type == "cpu"]
             if cpu:
-                raise DeviceError(f"{_name(func)} mixes a CPU tensor (shape {tuple(cpu[0].shape)}) with "
-                                  f"{self.device} tensors at {_where()}")
+                raise DeviceError(
+                    f"{_name(func)} mixes a CPU tensor (shape {tuple(cpu[0].shape)}) with "
+                    f"{self.device} tensors at {_where()}"
+                )
         out = func(*args, **kwargs)
         made = [t for t in _tensors(out) if t.device.type == "cpu"]
         if made and read is None:
-            raise DeviceError(f"{_name(func)} created a tensor on the CPU (shape {tuple(made[0].shape)}, "
-                              f"{made[0].dtype}) during a {self.device} step at {_where()}: name its device")
+            raise DeviceError(
+                f"{_name(func)} created a tensor on the CPU (shape {tuple(made[0].shape)}, "
+                f"{made[0].dtype}) during a {self.device} step at {_where()}: name its device"
+            )
         return out
 
 

@@ -11,6 +11,7 @@ initialised gloo default group; whatever happens, Megatron's parallel state and 
 destroyed before it exits. A child's exception is re-raised in the parent with its traceback; a run
 that outlives `timeout` is killed and reported.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,12 +39,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
-              backend: str = "gloo", env: dict | None = None, **kwargs: Any) -> List[Any]:
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    backend: str = "gloo",
+    env: dict | None = None,
+    **kwargs: Any,
+) -> List[Any]:
     """Run fn(rank, world_size, *args, **kwargs) in `world_size` forked processes; return the results."""
     if torch.get_num_threads() != 1:
-        raise RuntimeError("run_ranks: call torch.set_num_threads(1) in the parent before any tensor op; "
-                           "forking a process that has started OpenMP threads can deadlock the children")
+        raise RuntimeError(
+            "run_ranks: call torch.set_num_threads(1) in the parent before any tensor op; "
+            "forking a process that has started OpenMP threads can deadlock the children"
+        )
     port = free_port()
     children = []
     for rank in range(world_size):
@@ -60,14 +70,27 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
 def _child(rank, world_size, port, backend, env, write_fd, fn, args, kwargs, timeout) -> None:
     status = 1
     try:
-        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                           "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port)})
+        os.environ.update(
+            {
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+        )
         os.environ.update(env)
         torch.set_num_threads(1)
         import torch.distributed as dist
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout))
+
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout),
+        )
         try:
             payload = ("ok", fn(rank, world_size, *args, **kwargs))
         except BaseException:  # noqa: BLE001 - everything is reported to the parent
@@ -92,6 +115,7 @@ def _child(rank, world_size, port, backend, env, write_fd, fn, args, kwargs, tim
 
 def _teardown() -> None:
     import torch.distributed as dist
+
     if "megatron.core.parallel_state" in sys.modules:
         try:
             sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
@@ -141,7 +165,7 @@ def _collect(children, timeout: float) -> List[Any]:
             errors.append(f"rank {rank}: " + ("timed out" if timed_out else "died without a result"))
             results.append(None)
             continue
-        kind, value = pickle.loads(raw[8:8 + struct.unpack("!Q", raw[:8])[0]])
+        kind, value = pickle.loads(raw[8 : 8 + struct.unpack("!Q", raw[:8])[0]])
         if kind == "error":
             errors.append(f"rank {rank} raised:\n{value}")
         results.append(value)

@@ -24,6 +24,7 @@ schedules) is left as it is: fp64 sums of ≤ 10³ terms are within 10³·u₆�
 default bounds them from above by a wide margin; tolerances there that are larger (a greedy balance
 within 5%, a model's size within 2%) are modelling claims, not rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,12 @@ import torch
 
 from teonspeed.ortho import schedule_for
 
-UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
-                 torch.float16: 2.0 ** -11}
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
 LAMBDA = 3.0  # standard deviations of the probabilistic rounding bound
 
 
@@ -59,8 +64,8 @@ def _after(coefficients, s: torch.Tensor):
     """The composed odd polynomials at s, with their derivative (chain rule)."""
     value, slope = s.clone(), torch.ones_like(s)
     for a, b, c in coefficients:
-        slope = slope * (a + 3 * b * value ** 2 + 5 * c * value ** 4)
-        value = a * value + b * value ** 3 + c * value ** 5
+        slope = slope * (a + 3 * b * value**2 + 5 * c * value**4)
+        value = a * value + b * value**3 + c * value**5
     return value, slope
 
 
@@ -71,8 +76,12 @@ def _gain(coefficients, low: torch.Tensor, high: torch.Tensor) -> float:
     bounds by these two)."""
     if not coefficients:
         return 1.0
-    grid = torch.cat([torch.linspace(0, 1, 4001, dtype=torch.float64) * (high - low) + low,
-                      torch.logspace(-12, 0, 2001, dtype=torch.float64) * (high - low) + low])
+    grid = torch.cat(
+        [
+            torch.linspace(0, 1, 4001, dtype=torch.float64) * (high - low) + low,
+            torch.logspace(-12, 0, 2001, dtype=torch.float64) * (high - low) + low,
+        ]
+    )
     value, slope = _after(coefficients, grid)
     ratio = torch.where(grid > 0, value / grid.clamp_min(1e-300), slope)
     return float(torch.maximum(slope.abs(), ratio.abs()).max())
@@ -88,8 +97,9 @@ def ns_gain(method: str, steps: int = 5, sigma_min: float = 0.0) -> float:
     return _gain(schedule.steps, low, torch.tensor(1 / margin, dtype=torch.float64)) / margin
 
 
-def ns_error(eps_in: float, method: str, steps: int, dtype: torch.dtype, n: int,
-             sigma_min: float = 0.0) -> float:
+def ns_error(
+    eps_in: float, method: str, steps: int, dtype: torch.dtype, n: int, sigma_min: float = 0.0
+) -> float:
     """Output error (relative Frobenius) of `steps` iterations on an n-wide matrix computed in `dtype`,
     whose input is off by `eps_in` (relative) and whose smallest singular value is `sigma_min` of its
     norm: the input error grown by the whole map, plus each step's own rounding (3 products of length
@@ -120,10 +130,10 @@ def _rms_gain(coefficients, s: torch.Tensor, m: int, n: int) -> float:
     mean_slope = (slope[:, None] + slope[None, :]) / 2
     minus = torch.where(close, mean_slope, (fi - fj) / torch.where(close, 1.0, gap))
     plus = torch.where(si + sj > 0, (fi + fj) / (si + sj).clamp_min(1e-300), slope[:, None].expand_as(si))
-    pairs = 0.5 * (minus ** 2 + plus ** 2)
+    pairs = 0.5 * (minus**2 + plus**2)
     pairs.fill_diagonal_(0)
     ratio = torch.where(s > 0, f / s.clamp_min(1e-300), slope)
-    total = (slope ** 2).sum() + pairs.sum() + (max(m, n) - s.numel()) * (ratio ** 2).sum()
+    total = (slope**2).sum() + pairs.sum() + (max(m, n) - s.numel()) * (ratio**2).sum()
     return math.sqrt(float(total) / (m * n))
 
 
@@ -162,6 +172,7 @@ def ns_dtype() -> torch.dtype:
     """What ns_dtype="auto" computes in on the CPU in this run: bf16 under TEONSPEED_CPU_BF16=1, else fp32
     (tests/conftest.py sets 0 unless the environment says otherwise)."""
     import os
+
     return torch.bfloat16 if os.environ.get("TEONSPEED_CPU_BF16") == "1" else torch.float32
 
 
@@ -186,9 +197,13 @@ class RoundingBudget:
 
     def __init__(self, opt, eps_in: float = 0.0, out_rounding: float = 0.0, dtype: torch.dtype = None):
         from teonspeed.optim.scaling import lr_multiplier
+
         self.opt, self.eps_in, self.out_rounding = opt, eps_in, out_rounding
-        self.dtype = dtype or (ns_dtype() if opt.config.ns_dtype == "auto" else
-                               {"fp32": torch.float32, "bf16": torch.bfloat16}[opt.config.ns_dtype])
+        self.dtype = dtype or (
+            ns_dtype()
+            if opt.config.ns_dtype == "auto"
+            else {"fp32": torch.float32, "bf16": torch.bfloat16}[opt.config.ns_dtype]
+        )
         members = [m for g in opt.grouping.groups for m in g.members]
         self.mult = max(lr_multiplier(opt.config.lr_scale, *m.shape) for m in members)
         self.steps: dict = {}
@@ -196,8 +211,9 @@ class RoundingBudget:
 
         def transform(x, step):
             out = original(x, step)
-            self.steps[step] = self.steps.get(step, 0.0) + sum(self._error(xi, oi, step) ** 2
-                                                               for xi, oi in zip(x, out))
+            self.steps[step] = self.steps.get(step, 0.0) + sum(
+                self._error(xi, oi, step) ** 2 for xi, oi in zip(x, out)
+            )
             return out
 
         opt.transform = transform
@@ -232,6 +248,7 @@ class RoundingBudget:
 #     ‖run − ref‖ ≤ (1 + LAMBDA)·e,        and two unmeasured runs differ by ≤ 2·LAMBDA·e.
 # This is the rounding of this very computation on this very CPU (bf16 where TEONSPEED_CPU_BF16=1 makes
 # the iteration bf16: the fp64 oracle stays fp64), so no constant is fitted to any machine's output.
+
 
 def distance(a, b, names=None) -> float:
     """‖a − b‖_F over the named tensors of two {name: tensor} dicts (all shared names by default), fp64."""

@@ -1,4 +1,5 @@
 """ns_dtype="auto": the compute dtype follows what the device does (teonspeed.ortho.compute_dtype)."""
+
 import pytest
 import torch
 
@@ -16,12 +17,15 @@ def fresh_probe(monkeypatch):
     cd._cached_cpu_probe.cache_clear()
 
 
-@pytest.mark.parametrize("fp32_s, bf16_s, expected", [
-    (68e-3, 26e-3, True),     # an AVX512-BF16 machine: 2.6x faster in bf16
-    (1e-3, 60e-3, False),     # emulated bf16, 60x slower
-    (10e-3, 9e-3, False),     # faster, but within the noise margin: keep fp32's precision
-    (10e-3, 8e-3, True),      # 1.25x, beyond the 1.2x margin
-])
+@pytest.mark.parametrize(
+    "fp32_s, bf16_s, expected",
+    [
+        (68e-3, 26e-3, True),  # an AVX512-BF16 machine: 2.6x faster in bf16
+        (1e-3, 60e-3, False),  # emulated bf16, 60x slower
+        (10e-3, 9e-3, False),  # faster, but within the noise margin: keep fp32's precision
+        (10e-3, 8e-3, True),  # 1.25x, beyond the 1.2x margin
+    ],
+)
 def test_decision_from_injected_timings(fp32_s, bf16_s, expected):
     times = {torch.float32: fp32_s, torch.bfloat16: bf16_s}
     chosen, f, b = cd.probe_cpu_bf16(timer=lambda dtype: times[dtype])
@@ -63,10 +67,14 @@ def test_slow_bf16_cpu_keeps_fp32(fresh_probe, monkeypatch):
     assert default_compute_dtype(torch.zeros(4, 8)) == torch.float32
 
 
-@pytest.mark.parametrize("value, dtype", [("1", torch.bfloat16), ("0", torch.float32), ("true", torch.bfloat16),
-                                          ("off", torch.float32)])
+@pytest.mark.parametrize(
+    "value, dtype",
+    [("1", torch.bfloat16), ("0", torch.float32), ("true", torch.bfloat16), ("off", torch.float32)],
+)
 def test_env_override_skips_the_probe(fresh_probe, monkeypatch, value, dtype):
-    monkeypatch.setattr(cd, "probe_cpu_bf16", lambda timer=None, rounds=None: pytest.fail("probe ran despite the override"))
+    monkeypatch.setattr(
+        cd, "probe_cpu_bf16", lambda timer=None, rounds=None: pytest.fail("probe ran despite the override")
+    )
     monkeypatch.setenv(cd.CPU_BF16_ENV, value)
     assert default_compute_dtype(torch.zeros(2, 3)) == dtype
     assert cd.cpu_bf16_decision()["source"] == f"{cd.CPU_BF16_ENV}={value}"

@@ -1,5 +1,6 @@
 """The convergence study's reporting (bench/convergence.py) on synthetic curves: the study itself is a
 benchmark, run by its command, not by the tests."""
+
 import json
 import math
 import sys
@@ -70,6 +71,7 @@ def _fake_train(best):
         final += {1234: 0.0, 1: 0.01, 2: 0.02}[run.seed] + (0.002 if run.teon_k else 0.0)
         run.val_curve = [[0, 7.0], [run.steps // 2, final + 0.5], [run.steps, final]]
         return run
+
     return train, launched
 
 
@@ -101,8 +103,10 @@ def test_a_restarted_study_reuses_every_finished_run(tmp_path):
     train, launched = _fake_train(best)
     saved = {}
     cache = convergence.RunCache(train, save=lambda records: saved.update(records=records))
-    sizes = [convergence.Size("tiny", None, 40), convergence.Size("dense_mha_tiny", None, 40, ["--groups", "4"],
-                                                                    optimizers=("adamw",))]
+    sizes = [
+        convergence.Size("tiny", None, 40),
+        convergence.Size("dense_mha_tiny", None, 40, ["--groups", "4"], optimizers=("adamw",)),
+    ]
     first = convergence.study(sizes, [1234, 1, 2], cache, lambda m: None)
     n = len(launched)
     assert n == len(saved["records"]) and first["pending"] == []
@@ -120,14 +124,18 @@ def test_a_restarted_study_reuses_every_finished_run(tmp_path):
 def test_the_seed_paper_comparison_pairs_mla_moe_muon_with_dense_mha_adamw():
     def seeded(finals):
         return {"seeds": [{"seed": s, "val_curve": _curve(f)} for s, f in zip((1234, 1, 2), finals)]}
-    mla = {"rows": {"adamw": seeded([4.2, 4.2, 4.2]), "muon": seeded([4.0, 4.1, 4.05])},
-           "versus_adamw": {"muon": "as measured"}}
+
+    mla = {
+        "rows": {"adamw": seeded([4.2, 4.2, 4.2]), "muon": seeded([4.0, 4.1, 4.05])},
+        "versus_adamw": {"muon": "as measured"},
+    }
     dense = {"rows": {"adamw": seeded([4.3, 4.3, 4.3])}}
     paper = convergence.seed_paper({"mla_moe_tiny": mla, "dense_mha_tiny": dense})
     assert paper["muon_vs_adamw_on_mla_moe"] == "as measured"
     v = paper["mla_moe_muon_vs_dense_mha_adamw"]
     assert v["diffs"] == pytest.approx([-0.3, -0.2, -0.25]) and v["ppl_pct_mean"] == pytest.approx(
-        100 * math.expm1(-0.25))
+        100 * math.expm1(-0.25)
+    )
     assert paper["mla_moe_adamw_vs_dense_mha_adamw"]["mean"] == pytest.approx(-0.1)
 
 
@@ -138,10 +146,14 @@ def test_runs_go_outside_the_checkout(tmp_path):
     ds = Path(argv[argv.index("--ds-config") + 1])
     assert ds.parent == tmp_path / "runs" / "ds_configs"
     from launch import options
-    assert Path(options.parse_args(argv).runs_dir) == tmp_path / "runs"  # (not the default: the checkout's runs/)
+
+    assert (
+        Path(options.parse_args(argv).runs_dir) == tmp_path / "runs"
+    )  # (not the default: the checkout's runs/)
 
 
 # -- the TEON study's protocol helpers -------------------------------------------------------------
+
 
 class _FakeRun:
     def __init__(self, lr, final, adamw_lr=None):
@@ -152,7 +164,9 @@ def test_adaptive_sweep_extends_until_the_best_lr_is_bracketed():
     loss = lambda lr: (math.log(lr) - math.log(0.08)) ** 2  # noqa: E731  (minimum at 0.08)
     runs = convergence.adaptive_sweep(lambda lr: _FakeRun(lr, loss(lr)), (0.01, 0.02, 0.04), max_extensions=5)
     lrs = [r.lr for r in runs]
-    assert lrs == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.16])  # stepped up by the grid's ratio, then stopped
+    assert lrs == pytest.approx(
+        [0.01, 0.02, 0.04, 0.08, 0.16]
+    )  # stepped up by the grid's ratio, then stopped
     best = min(runs, key=lambda r: r.final_val).lr
     assert lrs[0] < best < lrs[-1]
     down = convergence.adaptive_sweep(lambda lr: _FakeRun(lr, loss(lr * 16)), (0.01, 0.02, 0.04))
@@ -167,23 +181,44 @@ def test_paired_difference_uses_the_seed_by_seed_spread():
 
 
 def test_variant_runs_carry_their_options_through_a_deepspeed_config(tmp_path):
-    run = convergence.Run("tiny", "teon", 0.02, 0.012, arm="teon_mode2",
-                          options={"teon_mode": 2, "lr_scale": "fan_ratio"})
+    run = convergence.Run(
+        "tiny", "teon", 0.02, 0.012, arm="teon_mode2", options={"teon_mode": 2, "lr_scale": "fan_ratio"}
+    )
     config = json.loads(convergence.write_ds_config(run, tmp_path).read_text())
-    assert config["optimizer"] == {"type": "TEON", "params": {"lr": 0.02, "adamw_lr": 0.012, "weight_decay": 0.01,
-                                                              "teon_mode": 2, "lr_scale": "fan_ratio"}}
+    assert config["optimizer"] == {
+        "type": "TEON",
+        "params": {
+            "lr": 0.02,
+            "adamw_lr": 0.012,
+            "weight_decay": 0.01,
+            "teon_mode": 2,
+            "lr_scale": "fan_ratio",
+        },
+    }
     # and the launcher's DeepSpeed config keeps them (no --optimizer/--lr flags to override the block)
     from launch import engines, options
-    args = options.check(["--ds-config", str(tmp_path / f"{run.name}.json"), "--steps", "5",
-                          "--runs-dir", str(tmp_path / "runs")], world=2)
+
+    args = options.check(
+        [
+            "--ds-config",
+            str(tmp_path / f"{run.name}.json"),
+            "--steps",
+            "5",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        world=2,
+    )
     assert engines.deepspeed_config(args, dp=2)["optimizer"] == config["optimizer"]
 
 
 def test_gpu_preset_builds_a_corpus_and_trains_every_arm_at_tiny_size_on_cpu(tmp_path):
     import torch
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     import gpu_preset
     from gpu_corpus import build_corpus
+
     root = tmp_path / "text"
     root.mkdir()
     for i in range(40):
@@ -193,8 +228,9 @@ def test_gpu_preset_builds_a_corpus_and_trains_every_arm_at_tiny_size_on_cpu(tmp
     assert meta["documents"] == 40 and meta["train_tokens"] >= 20_000 and meta["vocab"] <= 512
     assert (tmp_path / "corpus" / "valid.bin").stat().st_size == 2 * meta["valid_tokens"]
     torch.set_num_threads(1)
-    results = gpu_preset.run_gpu_preset([], tmp_path / "out", tmp_path / "corpus",
-                                        gpu_preset.TINY_PRESET, device="cpu", log=lambda m: None)
+    results = gpu_preset.run_gpu_preset(
+        [], tmp_path / "out", tmp_path / "corpus", gpu_preset.TINY_PRESET, device="cpu", log=lambda m: None
+    )
     assert set(results["runs"]) == {"adamw", "muon", "teon_mode1", "teon_mode2", "htmuon"}
     for r in results["runs"].values():
         assert r["steps"] == 4 and math.isfinite(r["val_curve"][-1][1])
@@ -226,8 +262,9 @@ def test_teon_study_protocol_with_a_fake_trainer():
     table = convergence_report.summarize_teon(first)
     assert "| teon_mode2 - muon |" in table and "grid edge" not in table
     launched.clear()
-    more = convergence.teon_study(size, [1234, 1, 2, 3], fake_train, lambda m: None, adamw_lr=0.01,
-                                  previous=first)
+    more = convergence.teon_study(
+        size, [1234, 1, 2, 3], fake_train, lambda m: None, adamw_lr=0.01, previous=first
+    )
     assert {seed for _, _, seed in launched} == {3} and len(launched) == len(convergence.TEON_ARMS)
     assert more["pairs"]["teon_mode1 - muon"]["n"] == 4
 
@@ -239,7 +276,11 @@ def test_report_only_reports_the_finished_models_and_leaves_the_rest_pending():
     tiny = convergence.Size("tiny", None, 40)
     convergence.study([tiny], [1234, 1, 2], cache, lambda m: None)
     other = convergence.Size("moe_tiny", "moe_tiny", 40)
-    report = convergence.study([tiny, other], [1234, 1, 2], convergence.RunCache(convergence.not_run, cache.records()),
-                               lambda m: None)
+    report = convergence.study(
+        [tiny, other],
+        [1234, 1, 2],
+        convergence.RunCache(convergence.not_run, cache.records()),
+        lambda m: None,
+    )
     assert list(report["models"]) == ["tiny"] and report["pending"] == ["moe_tiny"]
     assert "PARTIAL" in convergence_report.summarize({**report, "machine": {}})

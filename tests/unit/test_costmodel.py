@@ -1,5 +1,6 @@
 """Invariants of the optimizer-step cost model (bench/costmodel.py), and its byte count against the
 implementation's own prediction (DistributedRunner.expected_bytes, which needs no process group)."""
+
 import sys
 from pathlib import Path
 
@@ -20,8 +21,15 @@ TINY = cm.ModelSpec("tiny", hidden=H, layers=4, heads=4, kv_heads=2, head_dim=16
 
 
 def _hf_named_params(layers=4):
-    shapes = {"self_attn.q_proj": (H, H), "self_attn.k_proj": (KV, H), "self_attn.v_proj": (KV, H),
-              "self_attn.o_proj": (H, H), "mlp.gate_proj": (F, H), "mlp.up_proj": (F, H), "mlp.down_proj": (H, F)}
+    shapes = {
+        "self_attn.q_proj": (H, H),
+        "self_attn.k_proj": (KV, H),
+        "self_attn.v_proj": (KV, H),
+        "self_attn.o_proj": (H, H),
+        "mlp.gate_proj": (F, H),
+        "mlp.up_proj": (F, H),
+        "mlp.down_proj": (H, F),
+    }
     named = [("model.embed_tokens.weight", torch.zeros(100, H))]
     for b in range(layers):
         named += [(f"model.layers.{b}.{n}.weight", torch.zeros(s)) for n, s in shapes.items()]
@@ -38,8 +46,14 @@ def _specs(named):
 def _runner(specs, tp, dp, rank, mode, profile=None):
     positions = [(q % tp, q // tp) for q in range(tp * dp)]
     topo = Topology(None, tp, rank % tp, None, tp * dp, rank, positions, tuple(range(tp * dp)))
-    return DistributedRunner({"dense": topo, "expert": topo}, specs, mode, ns_steps=default("ns_steps"),
-                             profile=profile, waves=default("overlap_waves"))
+    return DistributedRunner(
+        {"dense": topo, "expert": topo},
+        specs,
+        mode,
+        ns_steps=default("ns_steps"),
+        profile=profile,
+        waves=default("overlap_waves"),
+    )
 
 
 @pytest.mark.parametrize("tp,dp,peak_flops", [(1, 4, 2.8e12), (2, 2, 8.4e12), (4, 2, 8.4e12)])
@@ -50,12 +64,17 @@ def test_auto_choices_and_bytes_equal_the_runners(tp, dp, peak_flops):
     named = _hf_named_params()
     specs = _specs(named)
     groups = teonspeed.plan(named, "teon").groups
-    as_model = [cm.Group(g.stacked_shape, sum(m.shape[0] * m.shape[1] for m in g.members), True) for g in groups]
-    profile = ClusterProfile(peak_flops=peak_flops, ns_efficiency=1.0, nvlink_bw=1e10, latency_intra=1e-9,
-                             latency_per_peer=1e-12)
+    as_model = [
+        cm.Group(g.stacked_shape, sum(m.shape[0] * m.shape[1] for m in g.members), True) for g in groups
+    ]
+    profile = ClusterProfile(
+        peak_flops=peak_flops, ns_efficiency=1.0, nvlink_bw=1e10, latency_intra=1e-9, latency_per_peer=1e-12
+    )
     owned = cm.auto_choice(as_model, tp, dp, tp, cm.Assumptions(cluster=profile))
     assert (0 < sum(owned) < len(owned)) == (tp < 4), owned
-    rc = cm.per_rank_bytes(as_model, tp, dp, ns_steps=default("ns_steps"), itemsize=4, mode="auto", owned=owned)
+    rc = cm.per_rank_bytes(
+        as_model, tp, dp, ns_steps=default("ns_steps"), itemsize=4, mode="auto", owned=owned
+    )
     for q in range(tp * dp):
         runner = _runner(specs, tp, dp, q, "auto", profile)
         assert runner.owner_computed(groups, runner.topologies["dense"]) == owned
@@ -75,7 +94,9 @@ def test_per_rank_bytes_equal_expected_bytes_of_the_runner(tp, dp, mode):
     named = _hf_named_params()
     specs = _specs(named)
     groups = teonspeed.plan(named, "teon").groups
-    as_model = [cm.Group(g.stacked_shape, sum(m.shape[0] * m.shape[1] for m in g.members), True) for g in groups]
+    as_model = [
+        cm.Group(g.stacked_shape, sum(m.shape[0] * m.shape[1] for m in g.members), True) for g in groups
+    ]
     rc = cm.per_rank_bytes(as_model, tp, dp, ns_steps=default("ns_steps"), itemsize=4, mode=mode)
     for q in range(tp * dp):
         assert _runner(specs, tp, dp, q, mode).expected_bytes(groups) == (rc.sent[q], rc.received[q]), q
@@ -96,8 +117,9 @@ def test_total_traffic_is_the_readme_count(tp, dp):
     assert sum(rc.flops) == pytest.approx(sum(cm.ns_flops(g.stacked, 5) for g in groups))
 
 
-@pytest.mark.parametrize("key,tp,dp", [("llama-1b", 1, 1024), ("llama-1b", 1, 8), ("llama-7b", 2, 512),
-                                       ("llama-70b", 8, 32)])
+@pytest.mark.parametrize(
+    "key,tp,dp", [("llama-1b", 1, 1024), ("llama-1b", 1, 8), ("llama-7b", 2, 512), ("llama-70b", 8, 32)]
+)
 def test_bytes_per_rank_do_not_grow_with_the_ranks(key, tp, dp):
     """No rank sends W-1 copies of anything: every rank's bytes stay within one TP shard of the model
     (plus the T-1 shards of phase A / the TP hand-off), at any data-parallel size."""
@@ -164,7 +186,9 @@ def test_parameter_counts_and_layouts():
     assert cm.MODELS["llama-70b"].params()[0] == pytest.approx(70.6e9, rel=0.02)
     total, active = cm.MODELS["moe-64e"].params()
     assert active < total / 3
-    assert cm.step_cost(cm.MODELS["llama-70b"], 16, "teon", "distributed", cm.Assumptions()) is None  # TP8×PP4
+    assert (
+        cm.step_cost(cm.MODELS["llama-70b"], 16, "teon", "distributed", cm.Assumptions()) is None
+    )  # TP8×PP4
 
 
 def test_overhead_is_step_time_over_forward_backward():
@@ -172,7 +196,9 @@ def test_overhead_is_step_time_over_forward_backward():
     d = cm.step_cost(cm.MODELS["llama-1b"], 8, "teon", "distributed", a)
     assert d["overhead_pct"] == pytest.approx(100 * d["optimizer_s"] / d["fwd_bwd_s"])
     total, active = cm.MODELS["llama-1b"].params()
-    assert d["fwd_bwd_s"] == pytest.approx(6 * active * a.global_batch_tokens / (8 * a.peak_flops * a.train_mfu))
+    assert d["fwd_bwd_s"] == pytest.approx(
+        6 * active * a.global_batch_tokens / (8 * a.peak_flops * a.train_mfu)
+    )
 
 
 # -- teonspeed's ZeRO-1/2 step: the model's bytes are the implementation's plan's ----------------------
@@ -180,6 +206,7 @@ def _flat_partition_of(named, tp, dp, d):
     """What attach_zero_stage_1_2 hands the optimizer for a flat param group of `named` (TP-local shapes,
     in order, no alignment padding), as seen by data-parallel rank d."""
     from teonspeed.parallel.flat import FlatEntry, FlatPartition
+
     entries, offset = [], 0
     for n, p in named:
         shape = cm.local_shape(n, tuple(p.shape), tp)
@@ -188,29 +215,55 @@ def _flat_partition_of(named, tp, dp, d):
     return FlatPartition(entries, -(-offset // dp), None, d, dp)
 
 
-SLOW_NS = dict(peak_flops=1e6, ns_efficiency=1.0, gpus_per_node=2)  # seconds of NS per matrix: balancing moves jobs
+SLOW_NS = dict(
+    peak_flops=1e6, ns_efficiency=1.0, gpus_per_node=2
+)  # seconds of NS per matrix: balancing moves jobs
 
 
 @pytest.mark.parametrize("optimizer", ["teon", "muon"])
-@pytest.mark.parametrize("tp,dp,hardware", [(1, 3, {}), (1, 7, {}), (2, 2, {}), (2, 3, {}), (4, 3, {}),
-                                            (1, 3, SLOW_NS), (2, 3, SLOW_NS), (4, 3, SLOW_NS)])
+@pytest.mark.parametrize(
+    "tp,dp,hardware",
+    [
+        (1, 3, {}),
+        (1, 7, {}),
+        (2, 2, {}),
+        (2, 3, {}),
+        (4, 3, {}),
+        (1, 3, SLOW_NS),
+        (2, 3, SLOW_NS),
+        (4, 3, SLOW_NS),
+    ],
+)
 def test_zero_bytes_equal_the_flat_steps_expected_bytes(optimizer, tp, dp, hardware):
     """The cost model's ZeRO-1/2 bytes per rank (its layout, its pair-by-pair count of the two exchange
     rounds) == FlatStep.expected_bytes of the plan the optimizer builds for the same flat group, with the
     same hardware constants (on slow Newton–Schulz the planner moves jobs between partitions)."""
     from teonspeed.parallel.flat import FlatStep, plan_partition
+
     named = [(n, p) for n, p in _hf_named_params() if ".layers." in n]  # the hidden matrices, in order
     groups = teonspeed.plan(named, optimizer).groups
     work_rank = {(t, d): d * tp + t for t in range(tp) for d in range(dp)}
     a = cm.Assumptions(cluster=ClusterProfile(**hardware))
-    model = cm.ModelSpec("tiny", hidden=H, layers=4, heads=4, kv_heads=2, head_dim=16, ffn=F, vocab=100, tp=tp)
-    zb = cm.zero_rank_bytes(cm.zero_plan(cm.zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps,
-                                         a.cluster), 4, a.gpus_per_node)
+    model = cm.ModelSpec(
+        "tiny", hidden=H, layers=4, heads=4, kv_heads=2, head_dim=16, ffn=F, vocab=100, tp=tp
+    )
+    zb = cm.zero_rank_bytes(
+        cm.zero_plan(cm.zero_layout(model, optimizer, a, dp), tp, dp, a.ns_steps, a.cluster),
+        4,
+        a.gpus_per_node,
+    )
     moved, jobs_moved = 0, 0
     for d in range(dp):
         partition = _flat_partition_of(named, tp, dp, d)
-        plan = plan_partition(partition, groups, work_rank, tp, cost=lambda g: cm.ns_flops(g.stacked_shape, 5),
-                              tp_sharded=lambda m: tp > 1, cluster=a.cluster)
+        plan = plan_partition(
+            partition,
+            groups,
+            work_rank,
+            tp,
+            cost=lambda g: cm.ns_flops(g.stacked_shape, 5),
+            tp_sharded=lambda m: tp > 1,
+            cluster=a.cluster,
+        )
         jobs_moved += len(plan.moved)
         for t in range(tp):
             q = work_rank[(t, d)]
@@ -236,7 +289,9 @@ def test_same_update_deepspeed_strategy_computes_every_overlapping_job_whole_on_
     assert same["flops"] == pytest.approx(max(plan.partition_flops()))
     assert same["flops"] == pytest.approx(2 * max(plan.loads), rel=0.02)
     local = sum(u.numel for j in plan.jobs if j.partitions == (0,) for u in j.units)
-    assert same["bytes"] == pytest.approx(local * a.comm_itemsize, rel=0.05)  # (T-1) = 1 shard, ≈ one partition
+    assert same["bytes"] == pytest.approx(
+        local * a.comm_itemsize, rel=0.05
+    )  # (T-1) = 1 shard, ≈ one partition
     one_b = cm.zero_plan(cm.zero_layout(cm.MODELS["llama-1b"], "teon", a, 16), 1, 16, a.ns_steps)
     cut = [j for j in one_b.jobs if j.cut]
     assert len(cut) == 24 and cm.deepspeed_same_update_time(one_b, a)["bytes"] == 0
@@ -270,9 +325,13 @@ def test_deepspeed_at_zero0_is_replicated_compute_on_the_tp_local_shard():
     """DeepSpeed's Muon at ZeRO stage 0: every rank orthogonalizes every matrix it holds, no exchange.
     Without TP that is Muon replicated; under TP each shard alone (fewer FLOPs, a different update)."""
     a = cm.Assumptions()
-    ds, rep = (cm.step_cost(cm.MODELS["llama-1b"], 64, "muon", mode, a) for mode in ("deepspeed0", "replicated"))
+    ds, rep = (
+        cm.step_cost(cm.MODELS["llama-1b"], 64, "muon", mode, a) for mode in ("deepspeed0", "replicated")
+    )
     assert ds["compute_s"] == pytest.approx(rep["compute_s"]) and ds["comm_s"] == 0
-    ds, rep = (cm.step_cost(cm.MODELS["llama-7b"], 64, "muon", mode, a) for mode in ("deepspeed0", "replicated"))
+    ds, rep = (
+        cm.step_cost(cm.MODELS["llama-7b"], 64, "muon", mode, a) for mode in ("deepspeed0", "replicated")
+    )
     assert ds["compute_s"] < 0.75 * rep["compute_s"] and ds["busiest_rank_bytes"] == 0
 
 
@@ -285,7 +344,9 @@ def test_zero_moe_partitions_the_experts_over_expert_dp(gpus):
     dp, edp = gpus // (model.tp * model.pp), gpus // (model.ep * model.pp)
     experts = cm.zero_plan(cm.zero_layout(model, "teon", a, edp, expert=True), 1, edp, a.ns_steps, a.cluster)
     dense = cm.zero_plan(cm.zero_layout(model, "teon", a, dp), model.tp, dp, a.ns_steps, a.cluster)
-    expert_flops = sum(cm.ns_flops(g.stacked, a.ns_steps) for g in cm.stage_groups(model, "teon", a, expert=True))
+    expert_flops = sum(
+        cm.ns_flops(g.stacked, a.ns_steps) for g in cm.stage_groups(model, "teon", a, expert=True)
+    )
     assert len(experts.loads) == edp and sum(experts.loads) == pytest.approx(expert_flops)
     z = cm.step_cost(model, gpus, "teon", "zero", a)
     assert z["jobs"] == len(dense.jobs) + len(experts.jobs)

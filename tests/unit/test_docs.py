@@ -5,6 +5,7 @@ says what the two commands print and how long they take, that every page under d
 the README, and that every relative link (and #anchor) in the README and docs/ points at something that
 exists. Anchors follow GitHub's rule: lower-case, punctuation other than '-' and '_' dropped, spaces to '-'.
 """
+
 import re
 from pathlib import Path
 
@@ -13,13 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
-FIRST_SCREEN_LINES = 45   # a terminal or a GitHub page above the fold
+FIRST_SCREEN_LINES = 45  # a terminal or a GitHub page above the fold
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def anchors(path: Path) -> set:
     found, seen = set(), {}
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)   # '#' in code blocks is no heading
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # '#' in code blocks is no heading
     for title in re.findall(r"(?m)^#{1,6}\s+(.+?)\s*$", text):
         slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
         n = seen.get(slug, 0)

@@ -1,5 +1,6 @@
 """The CPU-runnable parts of scripts/gpu_check.sh: argument parsing, the environment report with no GPU,
 result and stage writing, the summaries it builds from pytest and launch/pretrain.py output."""
+
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ H100_ROW = "NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB"
 def test_environment_without_a_gpu_says_so():
     env = gpu_report.environment(smi=lambda: None)
     import torch
+
     assert env["torch"] == torch.__version__
     if not torch.cuda.is_available():
         assert env["gpu"] is None and env["driver"] is None and env["gpu_count"] == 0
@@ -41,10 +43,29 @@ def test_nvidia_smi_absent_is_none(monkeypatch):
 
 
 def test_parse_args():
-    a = gpu_report.parse_args(["--results-dir", "/x", "stage", "--name", "kernel_bench", "--rc", "124",
-                               "--seconds", "3.5", "--timeout", "150"])
-    assert (a.command, a.name, a.rc, a.seconds, a.timeout, a.results_dir) == \
-        ("stage", "kernel_bench", 124, 3.5, 150.0, Path("/x"))
+    a = gpu_report.parse_args(
+        [
+            "--results-dir",
+            "/x",
+            "stage",
+            "--name",
+            "kernel_bench",
+            "--rc",
+            "124",
+            "--seconds",
+            "3.5",
+            "--timeout",
+            "150",
+        ]
+    )
+    assert (a.command, a.name, a.rc, a.seconds, a.timeout, a.results_dir) == (
+        "stage",
+        "kernel_bench",
+        124,
+        3.5,
+        150.0,
+        Path("/x"),
+    )
     with pytest.raises(SystemExit):
         gpu_report.parse_args(["stage", "--name", "no_such_stage", "--rc", "0", "--seconds", "1"])
     with pytest.raises(SystemExit):
@@ -69,7 +90,9 @@ def test_stages_and_summary_round_trip(tmp_path):
     assert "failed (rc 1)" in md and "Traceback: boom" in md
     assert "Not run: world1_step, pretrain_adamw, pretrain_teon." in md
     payload = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())
-    assert payload["mode"] == "cpu_smoke" and len(payload["stages"]) == 3 and "torch" in payload["environment"]
+    assert (
+        payload["mode"] == "cpu_smoke" and len(payload["stages"]) == 3 and "torch" in payload["environment"]
+    )
 
 
 def test_write_result(tmp_path):
@@ -89,24 +112,40 @@ def test_junit_summary(tmp_path):
       </testsuite></testsuites>""")
     s = gpu_report.junit_summary(xml)
     assert s["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
-    assert s["tests"][1] == {"name": "tests.unit.test_kernels::test_b[ns5]", "outcome": "failed", "seconds": 1.25,
-                             "message": "rel 0.3 > 1e-4"}
+    assert s["tests"][1] == {
+        "name": "tests.unit.test_kernels::test_b[ns5]",
+        "outcome": "failed",
+        "seconds": 1.25,
+        "message": "rel 0.3 > 1e-4",
+    }
 
 
 def test_metrics_summary(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.csv").write_text("step,train_loss,val_loss,lr,tokens_per_s\n0,,7.0,,\n25,6.1,,0.01,1000\n"
-                                     "50,5.2,5.5,0.01,3000\n75,4.9,,0.01,2000\n")
+    (run / "metrics.csv").write_text(
+        "step,train_loss,val_loss,lr,tokens_per_s\n0,,7.0,,\n25,6.1,,0.01,1000\n"
+        "50,5.2,5.5,0.01,3000\n75,4.9,,0.01,2000\n"
+    )
     s = gpu_report.metrics_summary(run)
-    assert s == {"run_dir": str(run), "status": "measured", "steps": 75, "final_train_loss": 4.9,
-                 "final_val_loss": 5.5, "median_tokens_per_s": 2000.0}
+    assert s == {
+        "run_dir": str(run),
+        "status": "measured",
+        "steps": 75,
+        "final_train_loss": 4.9,
+        "final_val_loss": 5.5,
+        "median_tokens_per_s": 2000.0,
+    }
     assert gpu_report.metrics_summary(tmp_path / "missing")["status"] == "no metrics.csv"
 
 
 def test_gpu_check_dry_run_lists_every_stage_with_a_limit():
-    out = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     for stage in gpu_report.STAGES:
         assert f"{stage} " in out.stdout
@@ -115,11 +154,20 @@ def test_gpu_check_dry_run_lists_every_stage_with_a_limit():
     # the pretraining stages run on the GPU (launch/pretrain.py defaults to the CPU)
     pretrain = [line for line in out.stdout.splitlines() if "launch/pretrain.py" in line]
     assert len(pretrain) == 2 and all("--device cuda" in line for line in pretrain), pretrain
-    smoke = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-smoke", "--dry-run"],
-                           capture_output=True, text=True, timeout=60)
-    assert smoke.returncode == 0 and "--cpu-smoke" in smoke.stdout and "/tmp/teonspeed_gpu_check_smoke" in smoke.stdout
-    bad = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--fast"], capture_output=True, text=True,
-                         timeout=60)
+    smoke = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-smoke", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        smoke.returncode == 0
+        and "--cpu-smoke" in smoke.stdout
+        and "/tmp/teonspeed_gpu_check_smoke" in smoke.stdout
+    )
+    bad = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--fast"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "unknown option --fast" in bad.stderr
 
 
@@ -132,12 +180,14 @@ def test_optimizer_variants_parse():
 
 
 def test_side_by_side_pairs_matching_dtype_choices():
-    rows = [{"size": "60m", "optimizer": "muon", "median_ms": 90.0, "ns_compute_dtype": "float32"},
-            {"size": "60m", "optimizer": "muon:fp32", "median_ms": 90.0, "ns_compute_dtype": "float32"},
-            {"size": "60m", "optimizer": "ds_muon", "median_ms": 100.0, "ns_compute_dtype": "float32"},
-            {"size": "60m", "optimizer": "ds_muon_standard", "median_ms": 80.0, "ns_compute_dtype": "bfloat16"},
-            {"size": "60m", "optimizer": "ds_muon:fp32", "median_ms": 120.0, "ns_compute_dtype": "float32"},
-            {"size": "60m", "optimizer": "teon", "status": "timed out"}]
+    rows = [
+        {"size": "60m", "optimizer": "muon", "median_ms": 90.0, "ns_compute_dtype": "float32"},
+        {"size": "60m", "optimizer": "muon:fp32", "median_ms": 90.0, "ns_compute_dtype": "float32"},
+        {"size": "60m", "optimizer": "ds_muon", "median_ms": 100.0, "ns_compute_dtype": "float32"},
+        {"size": "60m", "optimizer": "ds_muon_standard", "median_ms": 80.0, "ns_compute_dtype": "bfloat16"},
+        {"size": "60m", "optimizer": "ds_muon:fp32", "median_ms": 120.0, "ns_compute_dtype": "float32"},
+        {"size": "60m", "optimizer": "teon", "status": "timed out"},
+    ]
     pairs = {p["dtypes"]: p for p in optimizer_step.side_by_side(rows)}
     assert set(pairs) == {"own pick", "fp32"}
     assert pairs["own pick"]["deepspeed"] == "ds_muon_standard"  # DeepSpeed's faster one is the bar

@@ -1,4 +1,5 @@
 """Name rules, routing, TEON group formation, and the fused-weight layouts."""
+
 import pytest
 import torch
 
@@ -7,41 +8,47 @@ from teonspeed.fused import LAYOUT_ATTR, fuse, gated_mlp_layout, mla_kv_up_layou
 from teonspeed.grouping import LayerRef, build_groups, layer_ref
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("decoder.layers.3.self_attention.linear_qkv.weight", LayerRef("qkv", 3)),
-    ("decoder.layers.3.self_attention.linear_proj.weight", LayerRef("attn_out", 3)),
-    ("decoder.layers.0.mlp.linear_fc1.weight", LayerRef("fc1", 0)),
-    ("decoder.layers.0.mlp.linear_fc2.weight", LayerRef("fc2", 0)),
-    ("decoder.layers.5.mlp.experts.local_experts.7.linear_fc1.weight", LayerRef("fc1", 5, 7)),
-    ("decoder.layers.5.mlp.experts.linear_fc2.weight3", LayerRef("fc2", 5, 3)),
-    ("decoder.layers.5.mlp.shared_experts.linear_fc1.weight", LayerRef("fc1", 5)),
-    ("decoder.layers.2.self_attention.linear_q_down_proj.weight", LayerRef("q_down", 2)),
-    ("decoder.layers.2.self_attention.linear_q_up_proj.weight", LayerRef("q_up", 2)),
-    ("decoder.layers.2.self_attention.linear_q_proj.weight", LayerRef("q", 2)),
-    ("decoder.layers.2.self_attention.linear_kv_down_proj.weight", LayerRef("kv_down", 2)),
-    ("decoder.layers.2.self_attention.linear_kv_up_proj.weight", LayerRef("kv_up", 2)),
-    ("model.layers.11.self_attn.q_proj.weight", LayerRef("q", 11)),
-    ("model.layers.11.self_attn.k_proj.weight", LayerRef("k", 11)),
-    ("model.layers.11.self_attn.v_proj.weight", LayerRef("v", 11)),
-    ("model.layers.11.self_attn.o_proj.weight", LayerRef("attn_out", 11)),
-    ("model.layers.11.mlp.gate_proj.weight", LayerRef("gate", 11)),
-    ("model.layers.11.mlp.up_proj.weight", LayerRef("up", 11)),
-    ("model.layers.11.mlp.down_proj.weight", LayerRef("fc2", 11)),
-    ("transformer.h.4.attn.c_attn.weight", LayerRef("other", 4)),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("decoder.layers.3.self_attention.linear_qkv.weight", LayerRef("qkv", 3)),
+        ("decoder.layers.3.self_attention.linear_proj.weight", LayerRef("attn_out", 3)),
+        ("decoder.layers.0.mlp.linear_fc1.weight", LayerRef("fc1", 0)),
+        ("decoder.layers.0.mlp.linear_fc2.weight", LayerRef("fc2", 0)),
+        ("decoder.layers.5.mlp.experts.local_experts.7.linear_fc1.weight", LayerRef("fc1", 5, 7)),
+        ("decoder.layers.5.mlp.experts.linear_fc2.weight3", LayerRef("fc2", 5, 3)),
+        ("decoder.layers.5.mlp.shared_experts.linear_fc1.weight", LayerRef("fc1", 5)),
+        ("decoder.layers.2.self_attention.linear_q_down_proj.weight", LayerRef("q_down", 2)),
+        ("decoder.layers.2.self_attention.linear_q_up_proj.weight", LayerRef("q_up", 2)),
+        ("decoder.layers.2.self_attention.linear_q_proj.weight", LayerRef("q", 2)),
+        ("decoder.layers.2.self_attention.linear_kv_down_proj.weight", LayerRef("kv_down", 2)),
+        ("decoder.layers.2.self_attention.linear_kv_up_proj.weight", LayerRef("kv_up", 2)),
+        ("model.layers.11.self_attn.q_proj.weight", LayerRef("q", 11)),
+        ("model.layers.11.self_attn.k_proj.weight", LayerRef("k", 11)),
+        ("model.layers.11.self_attn.v_proj.weight", LayerRef("v", 11)),
+        ("model.layers.11.self_attn.o_proj.weight", LayerRef("attn_out", 11)),
+        ("model.layers.11.mlp.gate_proj.weight", LayerRef("gate", 11)),
+        ("model.layers.11.mlp.up_proj.weight", LayerRef("up", 11)),
+        ("model.layers.11.mlp.down_proj.weight", LayerRef("fc2", 11)),
+        ("transformer.h.4.attn.c_attn.weight", LayerRef("other", 4)),
+    ],
+)
 def test_layer_names(name, expected):
     assert layer_ref(name) == expected
 
 
-@pytest.mark.parametrize("name,shape", [
-    ("embedding.word_embeddings.weight", (100, 8)),
-    ("model.embed_tokens.weight", (100, 8)),
-    ("output_layer.weight", (100, 8)),
-    ("lm_head.weight", (100, 8)),
-    ("decoder.layers.0.mlp.router.weight", (4, 8)),
-    ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", (8,)),
-    ("decoder.layers.0.self_attention.linear_qkv.bias", (24,)),
-])
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("embedding.word_embeddings.weight", (100, 8)),
+        ("model.embed_tokens.weight", (100, 8)),
+        ("output_layer.weight", (100, 8)),
+        ("lm_head.weight", (100, 8)),
+        ("decoder.layers.0.mlp.router.weight", (4, 8)),
+        ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", (8,)),
+        ("decoder.layers.0.self_attention.linear_qkv.bias", (24,)),
+    ],
+)
 def test_non_matrix_parameters_go_to_adamw(name, shape):
     result = build_groups([(name, torch.zeros(shape))])
     assert result.routing[0].route == "adamw"
@@ -60,14 +67,23 @@ def test_teon_pairs_same_type_of_consecutive_blocks():
     result = build_groups(hf_names(4), teon_k=2, teon_types=("q", "k", "v"))
     stacks = {tuple(m.name for m in g.members) for g in result.groups if g.is_teon}
     for t in ("q", "k", "v"):
-        assert (f"model.layers.0.self_attn.{t}_proj.weight", f"model.layers.1.self_attn.{t}_proj.weight") in stacks
-        assert (f"model.layers.2.self_attn.{t}_proj.weight", f"model.layers.3.self_attn.{t}_proj.weight") in stacks
+        assert (
+            f"model.layers.0.self_attn.{t}_proj.weight",
+            f"model.layers.1.self_attn.{t}_proj.weight",
+        ) in stacks
+        assert (
+            f"model.layers.2.self_attn.{t}_proj.weight",
+            f"model.layers.3.self_attn.{t}_proj.weight",
+        ) in stacks
     assert len(stacks) == 6
     singles = [g.members[0].layer.layer_type for g in result.groups if not g.is_teon]
     assert singles == ["attn_out"] * 4  # O projections keep per-layer Muon
     k_group = next(g for g in result.groups if g.is_teon and g.members[0].layer.layer_type == "k")
     assert k_group.stacked_shape == (8, 32)  # mode 1: concatenated along the input dim
-    assert build_groups(hf_names(2), teon_k=2, teon_mode=2, teon_types=("k",)).groups[0].stacked_shape == (16, 16)
+    assert build_groups(hf_names(2), teon_k=2, teon_mode=2, teon_types=("k",)).groups[0].stacked_shape == (
+        16,
+        16,
+    )
 
 
 def test_leftover_block_falls_back_to_muon_and_is_reported():
@@ -85,11 +101,16 @@ def test_teon_group_with_mismatched_shapes_is_rejected():
 
 
 def test_experts_stack_with_the_same_expert_of_the_next_block():
-    named = [(f"decoder.layers.{b}.mlp.experts.local_experts.{e}.linear_fc2.weight", torch.zeros(8, 16))
-             for b in range(2) for e in range(2)]
+    named = [
+        (f"decoder.layers.{b}.mlp.experts.local_experts.{e}.linear_fc2.weight", torch.zeros(8, 16))
+        for b in range(2)
+        for e in range(2)
+    ]
     result = build_groups(named, teon_k=2, teon_types=("fc2",))
-    assert sorted((g.members[0].layer.expert, [m.layer.block for m in g.members]) for g in result.groups) == \
-        [(0, [0, 1]), (1, [0, 1])]
+    assert sorted((g.members[0].layer.expert, [m.layer.block for m in g.members]) for g in result.groups) == [
+        (0, [0, 1]),
+        (1, [0, 1]),
+    ]
 
 
 def test_a_3d_grouped_gemm_weight_is_one_matrix_per_expert():
@@ -106,6 +127,7 @@ def test_user_grouping_rule_overrides_the_names():
 
 
 # -- fused layouts ---------------------------------------------------------------------------------
+
 
 def megatron_qkv(q, k, v, num_groups):
     """Interleave as Megatron's linear_qkv: per query group its q heads, then its k and v head."""
@@ -156,4 +178,7 @@ def test_plan_prints_routing_and_groups():
         p.requires_grad_(True)
     text = str(teonspeed.plan(named, "teon"))
     assert "embed_tokens.weight" in text and "AdamW" in text
-    assert "TEON x2" in text and "model.layers.0.self_attn.q_proj.weight + model.layers.1.self_attn.q_proj.weight" in text
+    assert (
+        "TEON x2" in text
+        and "model.layers.0.self_attn.q_proj.weight + model.layers.1.self_attn.q_proj.weight" in text
+    )

@@ -1,5 +1,6 @@
 """Our fused-weight layouts against Megatron-core's own forward: the rows we call Q/K/V (and gate/up)
 are the rows Megatron uses as Q/K/V (and gate/up)."""
+
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ def parallel_state():
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from support.harness import free_port
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     ps.initialize_model_parallel(1, 1)
     yield ps
@@ -60,4 +62,8 @@ def test_teon_plan_on_a_megatron_gpt(parallel_state):
     stacks = {(g.members[0].part, tuple(m.layer.block for m in g.members)) for g in opt.plan.teon_groups}
     assert stacks == {(p, b) for p in "qkv" for b in ((0, 1), (2, 3))}
     adamw = {r.name for r in opt.plan.grouping.routing if r.route == "adamw"}
-    assert {"embedding.word_embeddings.weight", "output_layer.weight", "decoder.final_layernorm.weight"} <= adamw
+    assert {
+        "embedding.word_embeddings.weight",
+        "output_layer.weight",
+        "decoder.final_layernorm.weight",
+    } <= adamw

@@ -1,5 +1,6 @@
 """Muon, TEON and HTMuon (single process) against oracles: DeepSpeed's Muon, torch's AdamW, exact
 SVD, a hand-computed TEON step, and Megatron's own QKV split."""
+
 import copy
 import math
 
@@ -39,10 +40,12 @@ def params_of(model):
 
 # -- external oracle: DeepSpeed 0.19.8's Muon ------------------------------------------------------
 
+
 @pytest.fixture
 def ds_muon(monkeypatch):
     """DeepSpeed's Keller-Jordan Muon, forced to fp32 so it can be compared to rounding."""
     from deepspeed.runtime.zero.muon import original_muon
+
     monkeypatch.setattr(original_muon, "ns_compute_dtype", lambda method="gram": torch.float32)
     return original_muon
 
@@ -52,12 +55,13 @@ def test_ns5_equals_deepspeeds_newton_schulz(ds_muon, shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     ours = teonspeed.orthogonalize(x, "ns5", compute_dtype=torch.float32)  # the oracle is forced to fp32 too
     # the same iteration evaluated in another order: each side's own fp32 rounding (√2 of one)
-    bound = 2 ** 0.5 * tol.ns_error_rms(0.0, "ns5", 5, torch.float32, x)
+    bound = 2**0.5 * tol.ns_error_rms(0.0, "ns5", 5, torch.float32, x)
     assert tol.rel(ours, ds_muon.zeropower_via_newtonschulz5(x, 5)) <= bound
 
 
 def test_ns5_in_bf16_matches_deepspeeds_bf16_iteration():
     from deepspeed.runtime.zero.muon import original_muon
+
     x = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
     ours = teonspeed.orthogonalize(x, "ns5", compute_dtype=torch.bfloat16).float()
     theirs = original_muon.zeropower_via_newtonschulz5(x, 5).float()
@@ -77,25 +81,35 @@ def test_muon_step_equals_deepspeeds_muon_update(ds_muon, shape):
     w_ref = w.detach().clone()
     momentum_ref = torch.zeros_like(w_ref)
     # the oracle is forced to fp32, ours too
-    opt = teonspeed.Muon([("decoder.layers.0.mlp.linear_fc2.weight", w)], lr=lr, weight_decay=wd,
-                         momentum=beta, ns_dtype="fp32")
+    opt = teonspeed.Muon(
+        [("decoder.layers.0.mlp.linear_fc2.weight", w)],
+        lr=lr,
+        weight_decay=wd,
+        momentum=beta,
+        ns_dtype="fp32",
+    )
     bound = 0.0
     for s in range(3):
         grad = torch.randn(*shape, generator=torch.Generator().manual_seed(s))
         w.grad = grad.clone()
         opt.step()
-        update = ds_muon.muon_update(grad.clone(), momentum_ref, beta=beta, ns_steps=5, nesterov=True,
-                                     ns_method="standard")
+        update = ds_muon.muon_update(
+            grad.clone(), momentum_ref, beta=beta, ns_steps=5, nesterov=True, ns_method="standard"
+        )
         w_ref = w_ref * (1 - lr * wd) - lr * update
         # this step's update: both sides' iteration rounding on the direction they orthogonalized (the
         # Nesterov momentum), grown by its spectrum; the decay and subtraction round twice (2u·|w|)
         direction = grad.lerp(momentum_ref, beta)
-        bound = bound * (1 - lr * wd) + lr * float(update.norm()) * 2 ** 0.5 * tol.ns_error_rms(
-            0.0, "ns5", 5, torch.float32, direction) + 2 * tol.LAMBDA * tol.u() * float(w_ref.norm())
+        bound = (
+            bound * (1 - lr * wd)
+            + lr * float(update.norm()) * 2**0.5 * tol.ns_error_rms(0.0, "ns5", 5, torch.float32, direction)
+            + 2 * tol.LAMBDA * tol.u() * float(w_ref.norm())
+        )
     assert float((w.detach() - w_ref).norm()) <= bound
 
 
 # -- routing and the AdamW part ---------------------------------------------------------------------
+
 
 def test_adamw_part_equals_torch_adamw():
     model = model_with_grads()
@@ -103,8 +117,14 @@ def test_adamw_part_equals_torch_adamw():
     adamw_names = [n for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n or "lm_head" in n]
     run(teonspeed.TEON, model, adamw_lr=1e-2, adamw_betas=(0.8, 0.9), adamw_eps=1e-6, adamw_weight_decay=0.1)
     ref_params = dict(ref.named_parameters())
-    torch_opt = torch.optim.AdamW([ref_params[n] for n in adamw_names], lr=1e-2, betas=(0.8, 0.9), eps=1e-6,
-                                  weight_decay=0.1, foreach=False)
+    torch_opt = torch.optim.AdamW(
+        [ref_params[n] for n in adamw_names],
+        lr=1e-2,
+        betas=(0.8, 0.9),
+        eps=1e-6,
+        weight_decay=0.1,
+        foreach=False,
+    )
     for s in range(3):
         set_grads(ref, s)
         torch_opt.step()
@@ -113,43 +133,54 @@ def test_adamw_part_equals_torch_adamw():
     # ÷, ×lr, decay, −) ordered differently: ≤ 2·10·u of the step lr·|m̂/(√v̂+ε)| ≤ lr·4 (β₁/√β₂ = 0.84
     # bounds the ratio's growth) and ≤ 2·2·u of |w| (decay and subtraction), over 3 steps
     for n in adamw_names:
-        torch.testing.assert_close(got[n], ref_params[n], rtol=3 * 4 * tol.u(),
-                                   atol=3 * 20 * tol.u() * 1e-2 * 4)
+        torch.testing.assert_close(
+            got[n], ref_params[n], rtol=3 * 4 * tol.u(), atol=3 * 20 * tol.u() * 1e-2 * 4
+        )
 
 
 def test_matrices_get_orthogonalized_updates():
     model = model_with_grads()
     before = params_of(model)
-    opt = teonspeed.Muon(model.named_parameters(), lr=1.0, orthogonalizer="svd", lr_scale="none", momentum=0.0)
+    opt = teonspeed.Muon(
+        model.named_parameters(), lr=1.0, orthogonalizer="svd", lr_scale="none", momentum=0.0
+    )
     opt.step()
     delta = before["layers.2.self_attn.o_proj.weight"] - model.layers[2].self_attn.o_proj.weight.detach()
     # the fp64 polar factor O, cast to fp32 (u|O|), applied as w − O and recovered as before − after: two fp32
     # roundings of |w| + |O| each, E; then δᵀδ − I = OᵀE + EᵀO + EᵀE plus the fp32 product's own rounding
     w = before["layers.2.self_attn.o_proj.weight"]
     e = 3 * tol.u() * (float(w.norm()) + 4.0)  # ‖E‖_F, ‖O‖_F = √16
-    torch.testing.assert_close(delta.T @ delta, torch.eye(16), rtol=0,
-                               atol=2 * e + e ** 2 + tol.sums(torch.float32, 16))
+    torch.testing.assert_close(
+        delta.T @ delta, torch.eye(16), rtol=0, atol=2 * e + e**2 + tol.sums(torch.float32, 16)
+    )
 
 
 # -- TEON ---------------------------------------------------------------------------------------------
+
 
 def test_teon_hand_computed_two_block_step():
     """Z = [G1 | G2] has orthogonal rows, so its polar factor is Z with each row normalised."""
     g1 = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     g2 = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
     w1, w2 = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2, 2))
-    opt = teonspeed.TEON([("model.layers.0.self_attn.q_proj.weight", w1), ("model.layers.1.self_attn.q_proj.weight", w2)],
-                         lr=0.1, orthogonalizer="svd", teon_mode=1)
+    opt = teonspeed.TEON(
+        [("model.layers.0.self_attn.q_proj.weight", w1), ("model.layers.1.self_attn.q_proj.weight", w2)],
+        lr=0.1,
+        orthogonalizer="svd",
+        teon_mode=1,
+    )
     assert opt.plan.teon_groups and opt.plan.teon_groups[0].stacked_shape == (2, 4)
     w1.grad, w2.grad = g1.clone(), g2.clone()
     opt.step()
     r = 1 / math.sqrt(2)
     # the fp64 SVD of a 2×4 stack, cast to fp32, times lr and subtracted from 1: three fp32 roundings of ≤ 1
     exact = dict(rtol=0, atol=3 * tol.u() + tol.sums(torch.float64, 4))
-    torch.testing.assert_close(w1.detach(), torch.ones(2, 2) - 0.1 * torch.tensor([[1.0, 0.0], [0.0, r]]),
-                               **exact)
-    torch.testing.assert_close(w2.detach(), torch.ones(2, 2) - 0.1 * torch.tensor([[0.0, 0.0], [0.0, r]]),
-                               **exact)
+    torch.testing.assert_close(
+        w1.detach(), torch.ones(2, 2) - 0.1 * torch.tensor([[1.0, 0.0], [0.0, r]]), **exact
+    )
+    torch.testing.assert_close(
+        w2.detach(), torch.ones(2, 2) - 0.1 * torch.tensor([[0.0, 0.0], [0.0, r]]), **exact
+    )
 
 
 @pytest.mark.parametrize("teon_mode, dim", [(1, 1), (2, 0)])  # mode 1: along the input dim; 2: the output dim
@@ -157,9 +188,13 @@ def test_teon_update_is_the_split_polar_factor_of_the_stack(teon_mode, dim):
     model = model_with_grads()
     before = params_of(model)
     directions = {n: p.grad.clone() for n, p in model.named_parameters()}
-    teonspeed.TEON(model.named_parameters(), lr=1.0, orthogonalizer="svd", momentum=0.0, teon_mode=teon_mode).step()
+    teonspeed.TEON(
+        model.named_parameters(), lr=1.0, orthogonalizer="svd", momentum=0.0, teon_mode=teon_mode
+    ).step()
     q0, q1 = (f"layers.{i}.self_attn.k_proj.weight" for i in (0, 1))
-    polar = teonspeed.orthogonalize(torch.cat([directions[q0], directions[q1]], dim=dim).double(), "svd").float()
+    polar = teonspeed.orthogonalize(
+        torch.cat([directions[q0], directions[q1]], dim=dim).double(), "svd"
+    ).float()
     first, second = polar.chunk(2, dim=dim)
     scale = math.sqrt(8 / 16)  # fan_ratio √(m/n) of the single layer, TEON's default
     # the same fp64 SVD of the same stack; the update is cast to fp32, scaled, subtracted from w and recovered
@@ -185,16 +220,26 @@ def test_fused_qkv_is_split_orthogonalized_per_part_and_refused():
     setattr(w, LAYOUT_ATTR, qkv_layout(heads, groups, hd))
     w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
     parts = split(w.grad, qkv_layout(heads, groups, hd))
-    teonspeed.Muon([("decoder.layers.0.self_attention.linear_qkv.weight", w)], lr=1.0, orthogonalizer="svd",
-                   momentum=0.0, lr_scale="none").step()
+    teonspeed.Muon(
+        [("decoder.layers.0.self_attention.linear_qkv.weight", w)],
+        lr=1.0,
+        orthogonalizer="svd",
+        momentum=0.0,
+        lr_scale="none",
+    ).step()
     got = split(-w.detach(), qkv_layout(heads, groups, hd))
     # the same fp64 SVD of the same rows, both cast to fp32; the step subtracts it from 0 (exact)
     for name in ("q", "k", "v"):
-        torch.testing.assert_close(got[name], teonspeed.orthogonalize(parts[name], "svd"), rtol=0,
-                                   atol=tol.u() + tol.sums(torch.float64, 16))
+        torch.testing.assert_close(
+            got[name],
+            teonspeed.orthogonalize(parts[name], "svd"),
+            rtol=0,
+            atol=tol.u() + tol.sums(torch.float64, 16),
+        )
 
 
 # -- HTMuon ---------------------------------------------------------------------------------------------
+
 
 def test_htmuon_update_is_u_sigma_p_vt_of_the_nesterov_momentum():
     w = torch.nn.Parameter(torch.zeros(12, 20))
@@ -208,8 +253,10 @@ def test_htmuon_update_is_u_sigma_p_vt_of_the_nesterov_momentum():
     # X ↦ U Σᵖ Vᵀ grows a perturbation by at most σ_min^(p−1) (its divided differences: p·σ^(p−1) and
     # (σᵢᵖ + σⱼᵖ)/(σᵢ + σⱼ))
     grow = float(S.min()) ** (0.25 - 1)
-    bound = (tol.sums(torch.float32, 20) * float(nesterov.norm()) * grow
-             + tol.u() * float(S.max()) ** 0.25 * 12 ** 0.5)
+    bound = (
+        tol.sums(torch.float32, 20) * float(nesterov.norm()) * grow
+        + tol.u() * float(S.max()) ** 0.25 * 12**0.5
+    )
     assert float((-w.detach().double() - U @ torch.diag(S**0.25) @ Vh).norm()) <= bound
 
 
@@ -225,8 +272,14 @@ def test_htmuon_power_zero_is_muon_with_exact_polar():
         bound = 2 * 3 * tol.LAMBDA * tol.u() * float(pb.norm())
         if pb.ndim == 2 and "embed" not in n and "lm_head" not in n:
             scale = max(1.0, pb.shape[0] / pb.shape[1]) ** 0.5
-            bound += sum(0.02 * scale * tol.sums(torch.float32, max(d.shape)) * float(d.norm())
-                         / float(torch.linalg.svdvals(d).min()) for d in directions[n])
+            bound += sum(
+                0.02
+                * scale
+                * tol.sums(torch.float32, max(d.shape))
+                * float(d.norm())
+                / float(torch.linalg.svdvals(d).min())
+                for d in directions[n]
+            )
         assert float((pa - pb).norm()) <= bound, (n, float((pa - pb).norm()), bound)
 
 
@@ -278,6 +331,7 @@ def test_teon_stacking_composes_with_htmuon():
 
 
 # -- state, closure, bad input --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("cls", [teonspeed.Muon, teonspeed.TEON, teonspeed.HTMuon])
 def test_state_dict_round_trip_resumes_identically(cls):

@@ -1,4 +1,5 @@
 """The orthogonalization core against exact oracles (SVD in fp64, the polynomial's scalar map)."""
+
 import importlib
 
 import pytest
@@ -29,8 +30,9 @@ def test_svd_is_the_exact_polar_factor(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     # the same LAPACK SVD of the same matrix (the rank mask multiplies by exactly 1): at most the product
     # U·Vᵀ (sums of ≤ 16 products of entries ≤ 1) is rounded differently
-    torch.testing.assert_close(orthogonalize(x, "svd"), exact_polar(x), rtol=0,
-                               atol=tol.sums(torch.float64, 16))
+    torch.testing.assert_close(
+        orthogonalize(x, "svd"), exact_polar(x), rtol=0, atol=tol.sums(torch.float64, 16)
+    )
 
 
 @pytest.mark.parametrize("method", ["ns5", "polar_express"])
@@ -48,13 +50,15 @@ def test_iteration_applies_its_polynomial_to_each_singular_value(method, shape):
     sigma_min, k = tol.normalised_sigma_min(x), min(shape[-2:])
     size = float(out.norm(dim=(-2, -1)).max())
     delta = tol.ns_error(0.0, method, 5, torch.float64, max(shape[-2:]), sigma_min) * size
-    torch.testing.assert_close(got.sort(-1).values, expected.sort(-1).values, rtol=0,
-                               atol=delta + tol.sums(torch.float64, k) * 2)
+    torch.testing.assert_close(
+        got.sort(-1).values, expected.sort(-1).values, rtol=0, atol=delta + tol.sums(torch.float64, k) * 2
+    )
     # ...and keeps the singular vectors: its own polar factor is the input's. The polar factor moves by
     # at most 2‖δ‖/(σ_min(out) + σ_min(x)) (Li's bound), σ_min(out) = f(σ_min) of the normalised input
     f_min = float(expected.min())
-    torch.testing.assert_close(exact_polar(out), exact_polar(x), rtol=0,
-                               atol=2 * delta / f_min + tol.sums(torch.float64, k))
+    torch.testing.assert_close(
+        exact_polar(out), exact_polar(x), rtol=0, atol=2 * delta / f_min + tol.sums(torch.float64, k)
+    )
 
 
 @pytest.mark.parametrize("method,band", [("ns5", (0.45, 1.21)), ("polar_express", (0.83, 1.13))])
@@ -85,8 +89,7 @@ def test_all_three_agree_on_a_well_conditioned_matrix():
     sched = schedule_for("polar_express", 8)
     sigmas = torch.linalg.svdvals(x) / (torch.linalg.matrix_norm(x) * sched.input_margin)
     known = float((scalar_map(sched, sigmas) - 1).abs().max())
-    rounding = tol.ns_error(0.0, "polar_express", 8, torch.float64, 48,
-                            tol.normalised_sigma_min(x)) * 32 ** 0.5
+    rounding = tol.ns_error(0.0, "polar_express", 8, torch.float64, 48, tol.normalised_sigma_min(x)) * 32**0.5
     assert (orthogonalize(x, "polar_express", steps=8) - ref).abs().max() <= known + rounding
     # the same SVD and product
     assert (orthogonalize(x, "svd") - ref).abs().max() <= tol.sums(torch.float64, 32)
@@ -105,8 +108,11 @@ def test_batched_equals_looped(method):
     batched = orthogonalize(x, method)
     # a batched product may block its sums differently: the iteration's own rounding in the dtype it
     # computes in (fp32, or bf16 under TEONSPEED_CPU_BF16=1); svd runs in fp64 and returns fp32 (u32)
-    bound = (tol.u(torch.float32) if method == "svd" else
-             tol.ns_error(0.0, method, 5, tol.ns_dtype(), 40, tol.normalised_sigma_min(x)))
+    bound = (
+        tol.u(torch.float32)
+        if method == "svd"
+        else tol.ns_error(0.0, method, 5, tol.ns_dtype(), 40, tol.normalised_sigma_min(x))
+    )
     assert tol.rel(batched, looped) <= bound
 
 
@@ -135,6 +141,7 @@ def test_bad_input_is_rejected_with_the_option_named():
 
 # -- HTMuon's transform ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(10, 16), (16, 10), (2, 6, 6)])
 def test_heavy_tail_svd_is_u_sigma_p_vt(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -146,9 +153,12 @@ def test_heavy_tail_svd_is_u_sigma_p_vt(shape):
     # Muon
     torch.testing.assert_close(heavy_tail(x, 0.0), exact_polar(x), rtol=0, atol=tol.sums(torch.float64, 10))
     # p=1 is the input: the SVD's backward error, ‖UΣVᵀ − x‖ ≤ k·u·‖x‖ (LAPACK, k = 10), then the product
-    torch.testing.assert_close(heavy_tail(x, 1.0), x, rtol=0,
-                               atol=(10 * tol.u(torch.float64) + tol.sums(torch.float64, 10))
-                               * float(S.max()))
+    torch.testing.assert_close(
+        heavy_tail(x, 1.0),
+        x,
+        rtol=0,
+        atol=(10 * tol.u(torch.float64) + tol.sums(torch.float64, 10)) * float(S.max()),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -181,10 +191,10 @@ def test_heavy_tail_newton_schulz_form_approximates_the_exact_one(shape):
     # the known error of the form: 4 nested 8-step coupled square roots of the shifted Gram, run on each
     # of its eigenvalues alone (the iteration maps eigenvalues independently), against (σ²)^{p/2} = σᵖ
     sigmas = torch.logspace(-1, 0, min(shape), dtype=torch.float64)
-    lam = sigmas ** 2 + 1e-6
+    lam = sigmas**2 + 1e-6
     for _ in range(4):
         lam = _scalar_root(lam / float(lam.norm()), 8) * float(lam.norm()) ** 0.5
-    known = float(((lam - sigmas ** 0.125).norm()) / (sigmas ** 0.125).norm())
+    known = float(((lam - sigmas**0.125).norm()) / (sigmas**0.125).norm())
     # plus fp32 rounding: the Gram, 4 roots x 8 steps x 2 products and the final product, each ≤ 40 long
     assert rel <= known + (1 + 4 * 8 * 2 + 1) * tol.sums(torch.float32, 40), (rel, known)
 
@@ -223,10 +233,11 @@ def test_svd_keeps_every_direction_of_an_ill_conditioned_full_rank_matrix():
     s = torch.linalg.svdvals(orthogonalize(x, "svd").double())
     # U Vᵀ is exact up to fp64 rounding; returned in fp32, each entry rounds by ≤ u₃₂|q|, so the
     # singular values move by ≤ ‖E‖_F ≤ u₃₂·‖Q‖_F = u₃₂·√64 (a dropped direction would give |s − 1| = 1)
-    assert (s - 1).abs().max() <= tol.u(torch.float32) * 64 ** 0.5 + tol.sums(torch.float64, 64)
+    assert (s - 1).abs().max() <= tol.u(torch.float32) * 64**0.5 + tol.sums(torch.float64, 64)
 
 
 # -- the CPU fast paths of newton_schulz: same iteration, other evaluation order --------------------
+
 
 def _plain_iteration(x: torch.Tensor, schedule) -> torch.Tensor:
     """The schedule written out as X ← aX + (bA + cA²)X on the wide side (the definition)."""
@@ -241,7 +252,9 @@ def _plain_iteration(x: torch.Tensor, schedule) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["ns5", "polar_express"])
 @pytest.mark.parametrize("shape", [(2, 256, 704), (704, 256)])
 def test_gram_form_equals_the_plain_iteration(method, shape):
-    ns_module = importlib.import_module("teonspeed.ortho.newton_schulz")  # the name is shadowed by the function
+    ns_module = importlib.import_module(
+        "teonspeed.ortho.newton_schulz"
+    )  # the name is shadowed by the function
     sched = schedule_for(method, 5)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     wide = torch.zeros(256, 704, dtype=torch.float64)
@@ -254,12 +267,15 @@ def test_gram_form_equals_the_plain_iteration(method, shape):
     assert tol.rel(newton_schulz(x, sched, torch.float64), plain) <= 2 * own64
     # fp32 Gram form: within fp32 rounding of the exact iteration (the input rounded to fp32: u₃₂)
     out32 = newton_schulz(x.float(), sched, torch.float32).double()
-    assert tol.rel(out32, plain) <= tol.ns_error(tol.u(torch.float32), method, 5, torch.float32, 704,
-                                                 sigma_min)
+    assert tol.rel(out32, plain) <= tol.ns_error(
+        tol.u(torch.float32), method, 5, torch.float32, 704, sigma_min
+    )
 
 
 def test_square_and_bf16_keep_the_plain_form():
-    ns_module = importlib.import_module("teonspeed.ortho.newton_schulz")  # the name is shadowed by the function
+    ns_module = importlib.import_module(
+        "teonspeed.ortho.newton_schulz"
+    )  # the name is shadowed by the function
     assert not ns_module._use_gram_form(torch.zeros(512, 512), 5)
     assert not ns_module._use_gram_form(torch.zeros(512, 1376, dtype=torch.bfloat16), 5)
     assert not ns_module._use_gram_form(torch.zeros(64, 1024), 5)  # small: not worth a second rounding path

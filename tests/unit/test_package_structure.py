@@ -1,6 +1,7 @@
 """The package's shape: every module small enough to read in one sitting, and no import circle, counting
 the imports written inside functions too (a circle hidden behind a function-level import is still one:
 it decides which module may be imported first)."""
+
 from __future__ import annotations
 
 import ast
@@ -45,7 +46,7 @@ def imports_of(name: str, path: Path, known: Set[str]) -> Set[str]:
             targets |= {a.name for a in node.names if a.name.split(".")[0] == ROOT}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""

@@ -1,5 +1,6 @@
 """The rule of parallel_mode="auto" (teonspeed.parallel.placement): owner-compute where its FLOP saving
 outweighs the bytes and latencies it adds, replicated elsewhere, never predicted slower than either."""
+
 import pytest
 
 from teonspeed.parallel.cost import ClusterProfile, cluster_profile
@@ -76,6 +77,7 @@ def test_the_pruned_search_picks_what_trying_every_prefix_picks(seed):
     be the one of evaluating all of them (least predicted step, least k on a tie)."""
     import random
     from teonspeed.parallel.placement import owner_seconds, replicated_seconds
+
     rng = random.Random(seed)
     tp = rng.choice([1, 2, 4])
     groups = []

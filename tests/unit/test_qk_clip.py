@@ -2,6 +2,7 @@
 logits (a float64 oracle), the row factors and the partition-cut rescale against the whole-matrix one, a
 LLaMA (GQA) whose clipped heads come out at exactly τ and the rest untouched, a run kept near τ, options
 refused with their fix, and a checkpoint that resumes exactly with nothing extra saved."""
+
 import math
 
 import pytest
@@ -36,7 +37,7 @@ def _bound(q, k, scale):
     scaling and the fp32 accumulation order; over every head and position."""
     group = q.size(1) // k.size(1)
     mags = torch.matmul(q.abs().double(), k.abs().double().repeat_interleave(group, dim=1).transpose(-1, -2))
-    return 2 * q.size(-1) * 2 ** -24 * float(mags.max()) * scale
+    return 2 * q.size(-1) * 2**-24 * float(mags.max()) * scale
 
 
 @pytest.mark.parametrize("mask", ["causal", "allowed", "additive", "blocked"])
@@ -45,10 +46,13 @@ def test_head_max_logits_equals_the_full_logits_in_chunks(mask):
     q, k = torch.randn(2, 4, 10, 8, generator=g) * 3, torch.randn(2, 2, 10, 8, generator=g) * 3  # GQA 4/2
     pad = torch.ones(2, 1, 10, 10, dtype=torch.bool)
     pad[1, :, :, 7:] = False  # the second sequence's last 3 keys are padding
-    kw = {"causal": dict(causal=True), "allowed": dict(allowed=pad), "blocked": dict(blocked=~pad),
-          "additive": dict(allowed=torch.zeros(pad.shape).masked_fill(~pad, torch.finfo(torch.float32).min)),
-          }[mask]
-    scale = 8 ** -0.5
+    kw = {
+        "causal": dict(causal=True),
+        "allowed": dict(allowed=pad),
+        "blocked": dict(blocked=~pad),
+        "additive": dict(allowed=torch.zeros(pad.shape).masked_fill(~pad, torch.finfo(torch.float32).min)),
+    }[mask]
+    scale = 8**-0.5
     got = head_max_logits(q, k, scale, causal=kw.pop("causal", False), chunk_elements=2 * 4 * 10 * 3, **kw)
     want = _oracle(q, k, scale, causal=mask == "causal", **kw)
     assert got.dtype == torch.float32 and got.shape == (4,)
@@ -83,7 +87,7 @@ def test_eta_is_threshold_over_the_groups_largest_logit_where_it_exceeds_it():
     eta = group_eta(head_max, heads_per_group=2, threshold=2.0)  # groups (3, 1), (0.5, -inf), (8, 2)
     assert eta.dtype == torch.float32 and eta.tolist() == [torch.tensor(2 / 3).item(), 1.0, 0.25]  # fp32 2/3
     scale = row_scale(eta, (RowPart(2, Q), RowPart(1, K), RowPart(1, NONE)), alpha=0.25)
-    rows = [[e ** 0.25] * 2 + [e ** 0.75, 1.0] for e in eta.tolist()]
+    rows = [[e**0.25] * 2 + [e**0.75, 1.0] for e in eta.tolist()]
     assert scale.tolist() == pytest.approx(sum(rows, []), rel=1e-7)
     assert row_scale(eta, (RowPart(1, FULL),), 0.5).tolist() == eta.tolist()
 
@@ -96,17 +100,25 @@ def test_a_partition_cut_anywhere_is_rescaled_as_the_whole_matrix():
     flat = w.reshape(-1)
     for first in range(35):
         for size in range(1, 36 - first):
-            piece = flat[first:first + size].clone()
+            piece = flat[first : first + size].clone()
             scale_flat_rows(piece, first, 7, scale)
-            assert torch.equal(piece, whole.reshape(-1)[first:first + size]), (first, size)
+            assert torch.equal(piece, whole.reshape(-1)[first : first + size]), (first, size)
 
 
 # -- Hugging Face LLaMA (GQA): capture, rows, a run -------------------------------------------------------
 def tiny_llama(impl="sdpa", seed=0, bias=False):
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         attention_bias=bias)
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        attention_bias=bias,
+    )
     config._attn_implementation = impl
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -121,10 +133,17 @@ def _attention_inputs(model, tokens):
     seen = []
 
     def grab(module, args, kwargs):
-        seen.append((module, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
-                     kwargs["position_embeddings"]))
-    handles = [layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True)
-               for layer in model.model.layers]
+        seen.append(
+            (
+                module,
+                kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                kwargs["position_embeddings"],
+            )
+        )
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers
+    ]
     training = model.training
     model.eval()  # (not recorded by the clip)
     with torch.no_grad():
@@ -140,6 +159,7 @@ def _llama_logit_oracle(model, tokens, inputs=None):
     """Per layer, the per-head max of the causal logits in float64 (and its rounding bound), from the
     attention module's input and current weights, computed without teonspeed."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     out = []
     for m, hidden, (cos, sin) in inputs or _attention_inputs(model, tokens):
         shape = (*hidden.shape[:-1], -1, m.head_dim)
@@ -193,9 +213,9 @@ def test_hf_gqa_clip_brings_each_clipped_group_to_tau_and_leaves_the_rest(bias):
     for layer, (b, a) in enumerate(zip(before, after)):
         eta = torch.where(group_max[layer] > tau, tau / group_max[layer], torch.ones(2, dtype=torch.float64))
         # fp32 weights rescaled and logits recomputed: a few ulps of the logits (2⁻²⁰ relative covers d = 8)
-        assert torch.allclose(a, b * eta.repeat_interleave(2), rtol=2 ** -20, atol=0), layer
+        assert torch.allclose(a, b * eta.repeat_interleave(2), rtol=2**-20, atol=0), layer
         capped = torch.minimum(group_max[layer], torch.tensor(tau).double())
-        assert torch.allclose(a.view(2, 2).amax(1), capped, rtol=2 ** -20, atol=0)
+        assert torch.allclose(a.view(2, 2).amax(1), capped, rtol=2**-20, atol=0)
         assert torch.equal(model.model.layers[layer].self_attn.v_proj.weight, v_before[layer])
 
 
@@ -219,9 +239,9 @@ def test_a_run_whose_logits_exceed_tau_without_the_clip_stays_near_tau_with_it()
     assert max(free[20:]) > 1.5 * tau  # without the clip the logits grow well past τ
     clipped = _run(tiny_llama(), 40, tau=tau, lr=0.02)
     first = next(i for i, m in enumerate(free) if m > tau)
-    assert clipped[:first + 1] == free[:first + 1]  # below τ the factor is exactly 1: nothing changes
-    assert max(clipped[first + 2:]) <= 1.2 * tau, clipped  # the issue's bound, from the second step after
-    assert min(clipped[first + 2:]) >= 0.8 * tau  # held near τ, not collapsed
+    assert clipped[: first + 1] == free[: first + 1]  # below τ the factor is exactly 1: nothing changes
+    assert max(clipped[first + 2 :]) <= 1.2 * tau, clipped  # the issue's bound, from the second step after
+    assert min(clipped[first + 2 :]) >= 0.8 * tau  # held near τ, not collapsed
 
 
 def test_a_skipped_step_is_not_clipped_and_the_next_one_is_clipped_once():
@@ -242,22 +262,27 @@ def test_a_skipped_step_is_not_clipped_and_the_next_one_is_clipped_once():
     want = before["model.layers.0.self_attn.q_proj.weight"].view(2, -1) * eta.sqrt().unsqueeze(1)
     # one rescale, by this step's η: pow(η, 0.5) against sqrt(η) one ulp apart, the product one more (2⁻²²),
     # doubled for the fp32 η recomputed here
-    assert torch.allclose(q.view(2, -1), want, rtol=2 ** -21, atol=0)
+    assert torch.allclose(q.view(2, -1), want, rtol=2**-21, atol=0)
     clipped = q.clone()
     opt.step()  # a step() without a forward since: nothing recorded, nothing rescaled again
     assert torch.equal(q, clipped) and not opt.qk_clip.fresh
 
 
 # -- options and refusals --------------------------------------------------------------------------------
-@pytest.mark.parametrize("options,match", [
-    ({"qk_clip": 0.0}, r"option 'qk_clip' must be None \(off\) or a finite number > 0"),
-    ({"qk_clip": float("inf")}, r"option 'qk_clip' must be None \(off\) or a finite number > 0"),
-    ({"qk_clip": True}, r"option 'qk_clip' must be None \(off\) or a finite number > 0"),
-    ({"qk_clip_alpha": 1.5}, r"option 'qk_clip_alpha' must be a number in \[0, 1\]"),
-    ({"qk_clip_log": "yes"}, r"option 'qk_clip_log' must be true or false"),
-    ({"qk_clip": 50.0, "qk_clip_log": True},
-     r"option 'qk_clip_log' logs the max logit without clipping; unset"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"qk_clip": 0.0}, r"option 'qk_clip' must be None \(off\) or a finite number > 0"),
+        ({"qk_clip": float("inf")}, r"option 'qk_clip' must be None \(off\) or a finite number > 0"),
+        ({"qk_clip": True}, r"option 'qk_clip' must be None \(off\) or a finite number > 0"),
+        ({"qk_clip_alpha": 1.5}, r"option 'qk_clip_alpha' must be a number in \[0, 1\]"),
+        ({"qk_clip_log": "yes"}, r"option 'qk_clip_log' must be true or false"),
+        (
+            {"qk_clip": 50.0, "qk_clip_log": True},
+            r"option 'qk_clip_log' logs the max logit without clipping; unset",
+        ),
+    ],
+)
 def test_bad_qk_clip_options_are_refused_naming_the_option(options, match):
     with pytest.raises(ValueError, match=match):
         make_config("muon", options)
@@ -268,8 +293,9 @@ def test_qk_clip_without_the_model_is_refused_before_the_first_step_changes_anyt
     opt = teonspeed.Muon(model.named_parameters(), lr=0.02, qk_clip=1.0)
     before = {n: p.clone() for n, p in model.named_parameters()}
     model(_tokens(), labels=_tokens()).loss.backward()
-    with pytest.raises(ValueError,
-                       match=r"'qk_clip'/'qk_clip_log' needs the model .* teonspeed.qk_clip.attach"):
+    with pytest.raises(
+        ValueError, match=r"'qk_clip'/'qk_clip_log' needs the model .* teonspeed.qk_clip.attach"
+    ):
         opt.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     teonspeed.qk_clip.attach(model, opt)  # the explicit way
@@ -282,15 +308,25 @@ def test_qk_clip_without_the_model_is_refused_before_the_first_step_changes_anyt
 
 def test_attention_that_undoes_the_rescale_or_hides_its_logits_is_refused():
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=8))
+
+    qwen = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        )
+    )
     with pytest.raises(ValueError, match=r"q_norm/k_norm normalise every query and key head"):
         teonspeed.Muon(qwen, qk_clip=10.0)
     model = tiny_llama()
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError,
-                       match=r"attn_implementation 'flash_attention_2' does not expose its logits"):
+    with pytest.raises(
+        ValueError, match=r"attn_implementation 'flash_attention_2' does not expose its logits"
+    ):
         teonspeed.Muon(model, qk_clip=10.0)
     with pytest.raises(ValueError, match="found no attention layer"):
         teonspeed.Muon(torch.nn.Sequential(torch.nn.Linear(4, 4)), qk_clip=10.0)

@@ -7,6 +7,7 @@
   teon_per_layer_fallback=True;
 - load_state_dict of another model: the refusal names the parameters that differ.
 """
+
 import copy
 from types import SimpleNamespace
 
@@ -27,8 +28,10 @@ def set_grads(model, seed):
 
 def snapshot(model, opt):
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
-             for n, p in model.named_parameters()}
+    state = {
+        n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+        for n, p in model.named_parameters()
+    }
     return weights, state
 
 
@@ -89,9 +92,11 @@ def test_a_gradient_on_another_device_is_named():
     # torch refuses `p.grad = g` across devices and `.data` across device types: the check is pure
     # metadata, so stand-ins with the attributes it reads show the rule.
     from teonspeed.optim.checks import gradient_problem
+
     p = SimpleNamespace(shape=torch.Size([2, 2]), dtype=torch.float32, device=torch.device("cuda", 0))
-    p.grad = SimpleNamespace(layout=torch.strided, shape=p.shape, dtype=p.dtype,
-                             device=torch.device("cuda", 1))
+    p.grad = SimpleNamespace(
+        layout=torch.strided, shape=p.shape, dtype=p.dtype, device=torch.device("cuda", 1)
+    )
     assert "'w' has device cuda:1, the parameter cuda:0" in gradient_problem([("w", p)])
     p.grad.device = p.device
     assert gradient_problem([("w", p)]) is None
@@ -99,10 +104,14 @@ def test_a_gradient_on_another_device_is_named():
 
 # -- teon_k against the blocks --------------------------------------------------------------------
 
+
 def test_teon_k_larger_than_the_blocks_is_refused_with_the_fix():
     model = TinyLlama(layers=4)
-    with pytest.raises(ValueError, match=r"teon_k=8 forms no TEON stack: the model has 4 block\(s\) with .*"
-                                         r"teon_per_layer_fallback=True") as err:
+    with pytest.raises(
+        ValueError,
+        match=r"teon_k=8 forms no TEON stack: the model has 4 block\(s\) with .*"
+        r"teon_per_layer_fallback=True",
+    ) as err:
         teonspeed.TEON(model, teon_k=8)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="teon_k=8 forms no TEON stack"):
@@ -123,6 +132,7 @@ def test_the_per_layer_fallback_is_an_explicit_option():
 
 # -- load_state_dict names what differs ------------------------------------------------------------
 
+
 def stepped(model, **options):
     opt = teonspeed.TEON(model, lr=0.02, **options)
     set_grads(model, 0)
@@ -140,15 +150,22 @@ def test_a_state_of_a_model_with_other_layers_names_the_parameters_not_the_paral
     assert "\n" not in text and "TP" not in text and "loading into" not in text  # the sizes are equal
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"]
-    assert all(torch.equal(v, before["state"][i][k]) for i, s in after["state"].items() for k, v in s.items()
-               if torch.is_tensor(v))
+    assert all(
+        torch.equal(v, before["state"][i][k])
+        for i, s in after["state"].items()
+        for k, v in s.items()
+        if torch.is_tensor(v)
+    )
 
 
 def test_a_state_with_another_shape_names_that_parameter():
     saved = stepped(TinyLlama(layers=2, ffn=24)).state_dict()
     opt = stepped(TinyLlama(layers=2, ffn=32))
-    with pytest.raises(ValueError, match=r"another shape of 'layers\.0\.mlp\.gate_proj\.weight': local shape "
-                                         r"\[24, 16\] in the checkpoint, \[32, 16\] here"):
+    with pytest.raises(
+        ValueError,
+        match=r"another shape of 'layers\.0\.mlp\.gate_proj\.weight': local shape "
+        r"\[24, 16\] in the checkpoint, \[32, 16\] here",
+    ):
         opt.load_state_dict(saved)
 
 
@@ -157,20 +174,24 @@ def test_a_state_with_parameters_moved_between_groups_names_them():
     saved = stepped(model).state_dict()
     frozen = TinyLlama(layers=2)
     frozen.layers[1].norm.weight.requires_grad_(False)
-    with pytest.raises(ValueError,
-                       match=r"the checkpoint has 'layers\.1\.norm\.weight', which this model lacks"):
+    with pytest.raises(
+        ValueError, match=r"the checkpoint has 'layers\.1\.norm\.weight', which this model lacks"
+    ):
         stepped(frozen).load_state_dict(saved)
 
 
 def test_a_distributed_optimizer_bucket_of_other_parameters_names_them():
     from teonspeed.integrations.megatron_distributed import _check_same_layout
+
     fc1, fc1_next = "decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.1.mlp.linear_fc1.weight"
     entries = [["decoder.layers.0.mlp.linear_fc2.weight", 0, [32, 48]], [fc1, 1536, [96, 32]]]
     current = {"rank": 0, "world_size": 2, "buckets": [[2, 2048, entries, 0, False]]}
     other = dict(current, buckets=[[2, 2048, entries[:1] + [[fc1_next, 1536, [96, 32]]], 0, False]])
-    with pytest.raises(ValueError,
-                       match=r"bucket 0 differs in its parameters and offsets: the checkpoint has "
-                             r"'decoder\.layers\.1\.mlp\.linear_fc1\.weight', which this model lacks"):
+    with pytest.raises(
+        ValueError,
+        match=r"bucket 0 differs in its parameters and offsets: the checkpoint has "
+        r"'decoder\.layers\.1\.mlp\.linear_fc1\.weight', which this model lacks",
+    ):
         _check_same_layout(other, current)
     moved = dict(current, buckets=[[2, 2048, entries[:1] + [[entries[1][0], 1600, [96, 32]]], 0, False]])
     with pytest.raises(ValueError, match=r"'decoder\.layers\.0\.mlp\.linear_fc1\.weight' at offset 1600"):

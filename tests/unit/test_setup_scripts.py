@@ -5,6 +5,7 @@ The Python they would install into is a recorder (a shell script standing in for
 venv's `python`): it writes each command line to a log and succeeds, so the tests see exactly which pip
 installs the scripts ask for, in which order, without a network or minutes of installing.
 """
+
 import os
 import subprocess
 from pathlib import Path
@@ -18,7 +19,7 @@ fi
 [[ "$*" == "-" ]] && cat > /dev/null   # the torch version check read from stdin
 exit 0
 """
-MAIN_EXTRAS = ".[deepspeed,launch,megatron]"     # sorted, as setup_env.sh writes them
+MAIN_EXTRAS = ".[deepspeed,launch,megatron]"  # sorted, as setup_env.sh writes them
 TEST_EXTRAS = ".[deepspeed,dev,launch,megatron]"  # after the main job's: the union
 
 
@@ -28,10 +29,12 @@ def run(script: str, tmp_path: Path, *args: str) -> list:
     python3.chmod(0o755)
     log = tmp_path / "record.log"
     log.write_text("")
-    env = dict(os.environ, PYTHON=str(python3), TEONSPEED_VENV=str(tmp_path / "venv"), RECORD_LOG=str(log),
-               NPROC="2")
-    proc = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60)
+    env = dict(
+        os.environ, PYTHON=str(python3), TEONSPEED_VENV=str(tmp_path / "venv"), RECORD_LOG=str(log), NPROC="2"
+    )
+    proc = subprocess.run(
+        ["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     return log.read_text().splitlines()
 
@@ -42,11 +45,12 @@ def pip_installs(calls: list) -> list:
 
 def test_a_fresh_clone_runs_the_main_job_with_the_main_jobs_packages_only(tmp_path):
     calls = run("scripts/pretrain.sh", tmp_path, "--steps", "5")
-    assert calls[0].startswith("python3 -m venv ")                      # the venv is made
+    assert calls[0].startswith("python3 -m venv ")  # the venv is made
     assert pip_installs(calls) == ["torch==2.13.0", f"-e {MAIN_EXTRAS}"]  # torch first, pinned
     assert not any("dev" in c or "triton" in c or "transformers" in c for c in pip_installs(calls))
-    assert calls[-1] == ("python -m launch.torchrun --standalone --nproc_per_node=2 -m launch.pretrain "
-                         "--steps 5")
+    assert calls[-1] == (
+        "python -m launch.torchrun --standalone --nproc_per_node=2 -m launch.pretrain --steps 5"
+    )
     again = run("scripts/pretrain.sh", tmp_path, "--steps", "5")
     assert pip_installs(again) == [] and not any("venv" in c for c in again)  # the stamp: nothing to install
 

@@ -1,6 +1,7 @@
 """bench/teon_alignment.py's diagnostic on members with a known shared singular vector: the oracle is the
 algebra of the two unfoldings (a shared output-side u₁ makes [M¹|M²] gain √2, a shared input-side v₁
 makes [M¹;M²] gain √2), and the same quantities computed from teonspeed's own unfold()."""
+
 import math
 import sys
 from pathlib import Path
@@ -34,7 +35,9 @@ def test_shared_singular_vector_gives_the_matching_mode_its_sqrt_k_gain(shared):
     r = teon_alignment.group_alignment(members)
     aligned, other = ("out_align", "in_align") if shared == "out" else ("in_align", "out_align")
     assert r[aligned] > 0.99 and r[other] < 0.9
-    gain_of_sharing, gain_of_other = ("gain_mode1", "gain_mode2") if shared == "out" else ("gain_mode2", "gain_mode1")
+    gain_of_sharing, gain_of_other = (
+        ("gain_mode1", "gain_mode2") if shared == "out" else ("gain_mode2", "gain_mode1")
+    )
     assert r[gain_of_sharing] == pytest.approx(math.sqrt(2), abs=1e-2)
     assert r[gain_of_other] < 1.3
     # the gains are the operator norms of teonspeed's own unfoldings, over the larger member's

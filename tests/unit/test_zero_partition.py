@@ -1,5 +1,6 @@
 """The ZeRO-1/2 flat-partition planner on synthetic layouts: which jobs are local, which are cut, who
 owns them, and the bytes each rank moves."""
+
 import pytest
 
 from teonspeed.grouping import LayerRef, MatrixRef, OrthoGroup
@@ -24,9 +25,18 @@ def grid(tp, dp):
 def plan(groups, entries, partition_size, dp, tp=1, sharded=(), cluster=ClusterProfile()):
     offsets = {n: off for n, off, _ in entries}
     shapes = {n: shape for n, _, shape in entries}
-    return plan_zero_partition(groups, offsets, shapes, partition_size, dp, tp, grid(tp, dp),
-                               cost=lambda g: ns_flops(g.stacked_shape, 5), tp_sharded=lambda m: m.name in sharded,
-                               cluster=cluster)
+    return plan_zero_partition(
+        groups,
+        offsets,
+        shapes,
+        partition_size,
+        dp,
+        tp,
+        grid(tp, dp),
+        cost=lambda g: ns_flops(g.stacked_shape, 5),
+        tp_sharded=lambda m: m.name in sharded,
+        cluster=cluster,
+    )
 
 
 def by_label(p):
@@ -36,7 +46,9 @@ def by_label(p):
 def test_a_matrix_spanning_three_partitions_is_cut_and_balanced_onto_the_idle_rank():
     a, big, c = matrix("a", (4, 4)), matrix("big", (8, 8)), matrix("c", (4, 4))
     # flat: a [0,16)  big [16,80)  c [80,96); partitions of 32: big covers all three
-    p = plan([single(a), single(big), single(c)], [("a", 0, (4, 4)), ("big", 16, (8, 8)), ("c", 80, (4, 4))], 32, 3)
+    p = plan(
+        [single(a), single(big), single(c)], [("a", 0, (4, 4)), ("big", 16, (8, 8)), ("c", 80, (4, 4))], 32, 3
+    )
     jobs = by_label(p)
     assert (jobs["a"].partitions, jobs["a"].cut, jobs["a"].owner) == ((0,), False, 0)
     assert (jobs["c"].partitions, jobs["c"].cut, jobs["c"].owner) == ((2,), False, 2)
@@ -73,7 +85,9 @@ def test_cut_jobs_go_where_they_finish_first_and_the_imbalance_is_reported():
 def test_a_teon_stack_whose_members_fall_in_different_partitions_is_one_cut_job():
     q0, q1 = matrix("q0", (4, 4), 0, layer_type="q"), matrix("q1", (4, 4), 1, layer_type="q")
     o0 = matrix("o0", (4, 4), 0)
-    p = plan([OrthoGroup((q0, q1)), single(o0)], [("q0", 0, (4, 4)), ("o0", 16, (4, 4)), ("q1", 32, (4, 4))], 32, 2)
+    p = plan(
+        [OrthoGroup((q0, q1)), single(o0)], [("q0", 0, (4, 4)), ("o0", 16, (4, 4)), ("q1", 32, (4, 4))], 32, 2
+    )
     jobs = by_label(p)
     stack = jobs["q0 + q1"]
     assert stack.partitions == (0, 1) and stack.cut
@@ -88,8 +102,17 @@ def bucket_plan(groups, buckets, dp=2):
     """buckets: per bucket, ([(name, offset in the bucket, shape)], partition size)."""
     places = {n: (b, off) for b, (entries, _) in enumerate(buckets) for n, off, _ in entries}
     shapes = {n: shape for entries, _ in buckets for n, _, shape in entries}
-    return plan_zero_buckets(groups, places, shapes, [size for _, size in buckets], dp, 1, grid(1, dp),
-                             cost=lambda g: ns_flops(g.stacked_shape, 5), tp_sharded=lambda m: False)
+    return plan_zero_buckets(
+        groups,
+        places,
+        shapes,
+        [size for _, size in buckets],
+        dp,
+        1,
+        grid(1, dp),
+        cost=lambda g: ns_flops(g.stacked_shape, 5),
+        tp_sharded=lambda m: False,
+    )
 
 
 @pytest.mark.parametrize("q1_partition", [0, 1])
@@ -99,8 +122,10 @@ def test_a_teon_stack_over_two_buckets_is_one_job_local_when_both_pieces_are_on_
     q0, q1 = matrix("q0", (4, 4), 0, layer_type="q"), matrix("q1", (4, 4), 1, layer_type="q")
     o0, r = matrix("o0", (4, 4), 0), matrix("r", (4, 4), 1)
     second = [("q1", 16 * q1_partition, (4, 4)), ("r", 16 * (1 - q1_partition), (4, 4))]
-    p = bucket_plan([OrthoGroup((q0, q1)), single(o0), single(r)],
-                    [([("q0", 0, (4, 4)), ("o0", 16, (4, 4))], 16), (second, 16)])
+    p = bucket_plan(
+        [OrthoGroup((q0, q1)), single(o0), single(r)],
+        [([("q0", 0, (4, 4)), ("o0", 16, (4, 4))], 16), (second, 16)],
+    )
     jobs = by_label(p)
     stack = jobs["q0 + q1"]
     assert [(u.name, u.bucket) for u in stack.units] == [("q0", 0), ("q1", 1)]
@@ -116,11 +141,13 @@ def test_a_teon_stack_over_two_buckets_is_one_job_local_when_both_pieces_are_on_
 
 def test_a_group_partly_outside_the_partitions_planned_together_is_refused_naming_it():
     from teonspeed.parallel.flat import FlatEntry, FlatPartition, plan_partitions
+
     q0, q1 = matrix("q0", (4, 4), 0, layer_type="q"), matrix("q1", (4, 4), 1, layer_type="q")
     dense = FlatPartition([FlatEntry("q0", 0, (4, 4))], 8, None, 0, 2)
     with pytest.raises(ValueError, match=r"q0 \+ q1 is partly outside .*q1 is not in them"):
-        plan_partitions([dense], [OrthoGroup((q0, q1))], grid(1, 2), 1, cost=lambda g: 1.0,
-                        tp_sharded=lambda m: False)
+        plan_partitions(
+            [dense], [OrthoGroup((q0, q1))], grid(1, 2), 1, cost=lambda g: 1.0, tp_sharded=lambda m: False
+        )
 
 
 def test_parts_of_one_fused_weight_are_one_job_and_experts_are_their_own_units():
@@ -168,8 +195,9 @@ def test_a_layout_that_does_not_cover_a_matrix_is_refused():
 
 # Equal bytes, uneven work: partition 0 holds two 64 x 64 matrices, partitions 1 and 2 eight 4 x 256 each
 # (8192 elements per partition); Newton–Schulz on a square matrix costs ~90x a flat one of the same size.
-UNEVEN = [("s0", 0, (64, 64)), ("s1", 4096, (64, 64))] + \
-    [(f"f{i}", 8192 + 1024 * i, (4, 256)) for i in range(16)]
+UNEVEN = [("s0", 0, (64, 64)), ("s1", 4096, (64, 64))] + [
+    (f"f{i}", 8192 + 1024 * i, (4, 256)) for i in range(16)
+]
 
 
 def uneven_plan(cluster):
@@ -186,7 +214,11 @@ def test_balancing_moves_a_local_job_off_the_busiest_rank_and_reports_max_over_m
     # the busiest rank now holds one square matrix: the least any placement of whole jobs can give it
     assert max(p.loads) == jobs["s0"].flops and sum(p.loads) == pytest.approx(sum(p.placed_loads))
     squares = [j for j in p.moved if j.units[0].shape == (64, 64)]
-    assert len(squares) == 1 and squares[0].owner != 0 and {jobs["s0"].owner, jobs["s1"].owner} == {0, squares[0].owner}
+    assert (
+        len(squares) == 1
+        and squares[0].owner != 0
+        and {jobs["s0"].owner, jobs["s1"].owner} == {0, squares[0].owner}
+    )
     # each moved job's elements travel to its new owner and its update back; nothing else moves
     sent, received = p.bytes_per_rank(4)
     assert sent[0] == received[0] == 4096 * 4
@@ -203,4 +235,6 @@ def test_balancing_never_moves_a_job_when_moving_costs_more_than_it_saves(link):
     assert sum(p.bytes_per_rank(4)[0]) == 0  # nothing exchanged at all
     s1 = by_label(p)["s1"]
     assert exchange_seconds(p, s1, 1, slow, 4) == pytest.approx(2 * 4096 * 4)
-    assert by_label(uneven_plan(ClusterProfile()))["s1"].owner == 0  # H100 rates: microseconds of NS, not worth it
+    assert (
+        by_label(uneven_plan(ClusterProfile()))["s1"].owner == 0
+    )  # H100 rates: microseconds of NS, not worth it

@@ -5,6 +5,7 @@ about a second), yet `"optimizer": {"type": "TEON"}` must work whether the user 
 after teonspeed. So: if DeepSpeed is already imported, patch it now; otherwise a meta-path finder waits for
 the first `import deepspeed` and patches DeepSpeed right after its package module has run.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -15,11 +16,13 @@ import warnings
 def register() -> None:
     """Apply the DeepSpeed patch (idempotent); refuses DeepSpeed versions it was not written for."""
     from ..patches import deepspeed_0_19
+
     deepspeed_0_19.apply()
 
 
 def _apply() -> None:
     from ..patches import deepspeed_0_19
+
     try:
         deepspeed_0_19.apply()
     except deepspeed_0_19.UnsupportedVersion as err:  # only `teonspeed.deepspeed.register()` raises it

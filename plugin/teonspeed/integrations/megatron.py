@@ -16,6 +16,7 @@ does not have are fields of their own, None meaning teonspeed's default. `qk_cli
 after each step (Megatron's own TransformerConfig qk_clip stays off: with Transformer Engine set
 log_max_attention_logit=True on the model's config).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,14 +43,22 @@ MEGATRON_TYPES = {"muon": Muon, "teon": TEON, "htmuon": HTMuon}
 
 # teonspeed options that Megatron's OptimizerConfig holds under another name (its one weight decay
 # serves both parts).
-MEGATRON_NAMES = {"nesterov": "muon_use_nesterov", "ns_steps": "muon_num_ns_steps",
-                  "split_fused": "muon_split_qkv", "adamw_betas": ("adam_beta1", "adam_beta2"),
-                  "adamw_eps": "adam_eps", "adamw_weight_decay": "weight_decay"}
+MEGATRON_NAMES = {
+    "nesterov": "muon_use_nesterov",
+    "ns_steps": "muon_num_ns_steps",
+    "split_fused": "muon_split_qkv",
+    "adamw_betas": ("adam_beta1", "adam_beta2"),
+    "adamw_eps": "adam_eps",
+    "adamw_weight_decay": "weight_decay",
+}
 # Megatron's Muon fields that teonspeed does not read, and what to set instead: refused unless at their
 # Megatron default, so that a setting never goes silently unused.
-NOT_READ = {"muon_scale_mode": "lr_scale", "muon_extra_scale_factor": "lr",
-            "muon_fp32_matmul_prec": "ns_dtype",
-            "muon_tp_mode": "parallel_mode (teonspeed always orthogonalizes the whole matrix)"}
+NOT_READ = {
+    "muon_scale_mode": "lr_scale",
+    "muon_extra_scale_factor": "lr",
+    "muon_fp32_matmul_prec": "ns_dtype",
+    "muon_tp_mode": "parallel_mode (teonspeed always orthogonalizes the whole matrix)",
+}
 
 _MEGATRON_FIELDS = {f.name: f for f in dataclasses.fields(OptimizerConfig)}
 
@@ -62,30 +71,43 @@ def _megatron_name(option: str, fields) -> Optional[str]:
 def _added_fields():
     """A field, default None (teonspeed's default), for every option Megatron's config lacks."""
     teonspeed_fields = {f.name: f for f in dataclasses.fields(TeonspeedConfig)}
-    missing = [n for n in OPTION_NAMES
-               if n not in MEGATRON_NAMES and _megatron_name(n, _MEGATRON_FIELDS) is None]
+    missing = [
+        n for n in OPTION_NAMES if n not in MEGATRON_NAMES and _megatron_name(n, _MEGATRON_FIELDS) is None
+    ]
     return [(n, f"Optional[{teonspeed_fields[n].type}]", dataclasses.field(default=None)) for n in missing]
 
 
 def _check(self) -> None:
     OptimizerConfig.__post_init__(self)
     if str(self.optimizer).lower() not in OPTIMIZER_KINDS:
-        raise ValueError(f"teonspeed: TeonOptimizerConfig.optimizer must be one of "
-                         f"{sorted(OPTIMIZER_KINDS)}, got {self.optimizer!r}; use "
-                         f"megatron.core.optimizer.get_megatron_optimizer for Adam/SGD")
+        raise ValueError(
+            f"teonspeed: TeonOptimizerConfig.optimizer must be one of "
+            f"{sorted(OPTIMIZER_KINDS)}, got {self.optimizer!r}; use "
+            f"megatron.core.optimizer.get_megatron_optimizer for Adam/SGD"
+        )
     for name, instead in NOT_READ.items():
         if getattr(self, name) != _MEGATRON_FIELDS[name].default:
-            raise ValueError(f"teonspeed: TeonOptimizerConfig.{name}={getattr(self, name)!r} is Megatron's "
-                             f"Muon's; teonspeed does not read it (leave it at "
-                             f"{_MEGATRON_FIELDS[name].default!r}): set {instead} instead")
+            raise ValueError(
+                f"teonspeed: TeonOptimizerConfig.{name}={getattr(self, name)!r} is Megatron's "
+                f"Muon's; teonspeed does not read it (leave it at "
+                f"{_MEGATRON_FIELDS[name].default!r}): set {instead} instead"
+            )
     make_config(self.optimizer, teonspeed_options(self))  # every option checked now, not at the first step
 
 
 TeonOptimizerConfig = dataclasses.make_dataclass(
-    "TeonOptimizerConfig", [("optimizer", str, dataclasses.field(default="teon")), *_added_fields()],
-    bases=(OptimizerConfig,), namespace={"__post_init__": _check, "__module__": __name__, "__doc__": (
-        "Megatron's OptimizerConfig with `optimizer` in {\"teon\", \"muon\", \"htmuon\"} and every teonspeed "
-        "option (see teonspeed.OptimizerConfig for each one's meaning and default; None: that default).")})
+    "TeonOptimizerConfig",
+    [("optimizer", str, dataclasses.field(default="teon")), *_added_fields()],
+    bases=(OptimizerConfig,),
+    namespace={
+        "__post_init__": _check,
+        "__module__": __name__,
+        "__doc__": (
+            'Megatron\'s OptimizerConfig with `optimizer` in {"teon", "muon", "htmuon"} and every teonspeed '
+            "option (see teonspeed.OptimizerConfig for each one's meaning and default; None: that default)."
+        ),
+    },
+)
 
 
 def teonspeed_options(config) -> Dict[str, Any]:
@@ -94,30 +116,40 @@ def teonspeed_options(config) -> Dict[str, Any]:
     options = {}
     for option in OPTION_NAMES:
         source = MEGATRON_NAMES.get(option) or _megatron_name(option, fields)
-        options[option] = (tuple(getattr(config, n) for n in source) if isinstance(source, tuple)
-                           else getattr(config, source))
+        options[option] = (
+            tuple(getattr(config, n) for n in source)
+            if isinstance(source, tuple)
+            else getattr(config, source)
+        )
     if options["adamw_lr"] is None:  # Megatron schedules one lr: the AdamW part follows it unless told
         options["adamw_lr"] = default("lr") if options["lr"] is None else options["lr"]
     return options
 
 
-def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch.nn.Module],
-                           **unused: Any) -> MegatronOptimizer:
+def get_megatron_optimizer(
+    config: TeonOptimizerConfig, model_chunks: List[torch.nn.Module], **unused: Any
+) -> MegatronOptimizer:
     """Build teonspeed's optimizer for Megatron model chunks (DDP-wrapped or not), wrapped like Megatron's
     own: FP32Optimizer in fp32, Float16OptimizerWithFloat16Params (fp32 main params) in bf16/fp16."""
     kind = config.optimizer.lower()
     if kind not in MEGATRON_TYPES:
-        raise ValueError(f"teonspeed: TeonOptimizerConfig.optimizer must be one of {sorted(MEGATRON_TYPES)}, "
-                         f"got {config.optimizer!r}; use megatron.core.optimizer.get_megatron_optimizer for Adam/SGD")
+        raise ValueError(
+            f"teonspeed: TeonOptimizerConfig.optimizer must be one of {sorted(MEGATRON_TYPES)}, "
+            f"got {config.optimizer!r}; use megatron.core.optimizer.get_megatron_optimizer for Adam/SGD"
+        )
     if config.use_distributed_optimizer:
         megatron_distributed.check_supported(config, model_chunks)
-    elif any(getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in model_chunks):
+    elif any(
+        getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in model_chunks
+    ):
         # DDP then reduce-scatters: only this rank's bucket partition of each gradient is reduced
-        raise ValueError("teonspeed: the model chunks are wrapped in megatron DistributedDataParallel with "
-                         "use_distributed_optimizer=True, the optimizer config has use_distributed_optimizer=False "
-                         "(it would step gradients DDP left unreduced outside this rank's partition); set "
-                         "TeonOptimizerConfig(use_distributed_optimizer=True), or DistributedDataParallelConfig("
-                         "use_distributed_optimizer=False)")
+        raise ValueError(
+            "teonspeed: the model chunks are wrapped in megatron DistributedDataParallel with "
+            "use_distributed_optimizer=True, the optimizer config has use_distributed_optimizer=False "
+            "(it would step gradients DDP left unreduced outside this rank's partition); set "
+            "TeonOptimizerConfig(use_distributed_optimizer=True), or DistributedDataParallelConfig("
+            "use_distributed_optimizer=False)"
+        )
     named, specs = [], {}
     for i, chunk in enumerate(model_chunks):
         annotate_model(chunk)
@@ -134,8 +166,14 @@ def get_megatron_optimizer(config: TeonOptimizerConfig, model_chunks: List[torch
         return megatron_distributed.wrap(optimizer, config, model_chunks)
     if not (config.bf16 or config.fp16):
         return TeonFP32Optimizer(optimizer, config, init_state_fn=init_state)
-    wrapper = TeonFloat16Optimizer(optimizer, config, grad_scaler=grad_scaler(config), init_state_fn=init_state)
+    wrapper = TeonFloat16Optimizer(
+        optimizer, config, grad_scaler=grad_scaler(config), init_state_fn=init_state
+    )
     # Megatron swapped the bf16/fp16 parameters for fp32 main copies in the param groups.
-    optimizer.rebind(zip((p for g in wrapper.fp32_from_float16_groups for p in g),
-                         (p for g in wrapper.float16_groups for p in g)))
+    optimizer.rebind(
+        zip(
+            (p for g in wrapper.fp32_from_float16_groups for p in g),
+            (p for g in wrapper.float16_groups for p in g),
+        )
+    )
     return wrapper

@@ -24,6 +24,7 @@ CUDA tensors. What it does around the step is done the same way here:
   parameter (all-gathered over DP at save time, like Megatron's "fully_reshardable" format), so it loads
   at another TP/DP size and with or without the distributed optimizer.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -41,19 +42,27 @@ from ..parallel.flat import BucketShard, FlatEntry, FlatPartition
 def check_supported(config, model_chunks) -> None:
     """Refuse, before any state exists, what this path does not do (yet)."""
     if config.fp16:
-        raise ValueError("teonspeed: use_distributed_optimizer=True supports fp32 and bf16, not fp16 (fp16 needs a "
-                         "loss scaler); set bf16=True, or use_distributed_optimizer=False for fp16")
+        raise ValueError(
+            "teonspeed: use_distributed_optimizer=True supports fp32 and bf16, not fp16 (fp16 needs a "
+            "loss scaler); set bf16=True, or use_distributed_optimizer=False for fp16"
+        )
     if config.log_num_zeros_in_grad:
-        raise ValueError("teonspeed: log_num_zeros_in_grad=True is not supported with use_distributed_optimizer=True "
-                         "(the gradients live in per-rank bucket partitions); set log_num_zeros_in_grad=False")
+        raise ValueError(
+            "teonspeed: log_num_zeros_in_grad=True is not supported with use_distributed_optimizer=True "
+            "(the gradients live in per-rank bucket partitions); set log_num_zeros_in_grad=False"
+        )
     for chunk in model_chunks:
         ddp_config = getattr(chunk, "ddp_config", None)
         if ddp_config is None or not ddp_config.use_distributed_optimizer:
-            raise ValueError("teonspeed: use_distributed_optimizer=True needs the model chunks wrapped in megatron "
-                             "DistributedDataParallel with DistributedDataParallelConfig(use_distributed_optimizer=True)")
+            raise ValueError(
+                "teonspeed: use_distributed_optimizer=True needs the model chunks wrapped in megatron "
+                "DistributedDataParallel with DistributedDataParallelConfig(use_distributed_optimizer=True)"
+            )
         if ddp_config.overlap_param_gather:
-            raise ValueError("teonspeed: overlap_param_gather=True is not supported with teonspeed's distributed "
-                             "optimizer; set DistributedDataParallelConfig(overlap_param_gather=False)")
+            raise ValueError(
+                "teonspeed: overlap_param_gather=True is not supported with teonspeed's distributed "
+                "optimizer; set DistributedDataParallelConfig(overlap_param_gather=False)"
+            )
 
 
 def bucket_shards(optimizer: OrthoOptimizer, model_chunks) -> List[BucketShard]:
@@ -61,22 +70,36 @@ def bucket_shards(optimizer: OrthoOptimizer, model_chunks) -> List[BucketShard]:
     master copy of a bf16/fp16 partition, and the ranges that count in the gradient norm."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
+
     shards = []
     for chunk in model_chunks:
         for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
             group = buffer.data_parallel_group
             size, rank = group.size(), group.rank()
             for bucket in buffer.buckets:
-                entries = sorted((FlatEntry(optimizer.name_of(p), buffer.param_index_map[p][0] - bucket.offset,
-                                            tuple(p.shape)) for p in bucket.params), key=lambda e: e.offset)
+                entries = sorted(
+                    (
+                        FlatEntry(
+                            optimizer.name_of(p), buffer.param_index_map[p][0] - bucket.offset, tuple(p.shape)
+                        )
+                        for p in bucket.params
+                    ),
+                    key=lambda e: e.offset,
+                )
                 # Megatron's get_main_grads_for_grad_norm: a TP-duplicated (or pipeline-shared) parameter once
-                counted = {optimizer.name_of(p) for p in bucket.params
-                           if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)}
+                counted = {
+                    optimizer.name_of(p)
+                    for p in bucket.params
+                    if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)
+                }
                 n = bucket.grad_data.numel() // size
-                param = bucket.param_data[rank * n:(rank + 1) * n]
-                shard = BucketShard(FlatPartition(entries, n, group, rank, size),
-                                    bucket.grad_data[rank * n:(rank + 1) * n], param,
-                                    master=param.detach().float() if param.dtype != torch.float32 else None)
+                param = bucket.param_data[rank * n : (rank + 1) * n]
+                shard = BucketShard(
+                    FlatPartition(entries, n, group, rank, size),
+                    bucket.grad_data[rank * n : (rank + 1) * n],
+                    param,
+                    master=param.detach().float() if param.dtype != torch.float32 else None,
+                )
                 shard.counted = _merged(((lo, hi) for e, lo, hi in shard.slices() if e.name in counted))
                 shards.append(shard)
     return shards
@@ -120,8 +143,10 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
         return inner.param_groups[0]["step"] != steps, inner.grad_norm, None
 
     def clip_grad_norm(self, clip_grad: float) -> float:
-        raise NotImplementedError("teonspeed: the distributed optimizer clips inside step() (its norm rides in the "
-                                  "step's one collective); read the norm from step()'s result")
+        raise NotImplementedError(
+            "teonspeed: the distributed optimizer clips inside step() (its norm rides in the "
+            "step's one collective); read the norm from step()'s result"
+        )
 
     def reload_model_params(self, state_dict=None) -> None:
         """The model's parameters changed (a model-only checkpoint load): refresh the fp32 masters."""
@@ -134,10 +159,20 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
         """What the saved state depends on: this rank's place in the world and every bucket partition
         (its data-parallel rank and size, its length, what lies in it, whether it keeps fp32 masters)."""
         ranked = dist.is_initialized()
-        return {"rank": dist.get_rank() if ranked else 0, "world_size": dist.get_world_size() if ranked else 1,
-                "buckets": [[s.partition.dp_size, s.partition.partition_size,
-                             [[e.name, e.offset, list(e.shape)] for e in s.partition.entries], s.partition.dp_rank,
-                             s.master is not None] for s in self.shards]}
+        return {
+            "rank": dist.get_rank() if ranked else 0,
+            "world_size": dist.get_world_size() if ranked else 1,
+            "buckets": [
+                [
+                    s.partition.dp_size,
+                    s.partition.partition_size,
+                    [[e.name, e.offset, list(e.shape)] for e in s.partition.entries],
+                    s.partition.dp_rank,
+                    s.master is not None,
+                ]
+                for s in self.shards
+            ],
+        }
 
     def state_dict(self) -> Dict[str, Any]:
         inner = self.optimizer
@@ -147,8 +182,11 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
             if shard.master is not None:
                 state["master"] = shard.master
             buckets.append(state)
-        return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups],
-                "buckets": buckets, LAYOUT_KEY: self.layout()}
+        return {
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups],
+            "buckets": buckets,
+            LAYOUT_KEY: self.layout(),
+        }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a per-rank state (saved by the same rank of the same layout, checked before anything
@@ -174,20 +212,29 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
         DistributedOptimizer does for its reshardable format); loading reads each parameter whole and keeps
         this rank's partition. So a checkpoint loads at another TP/DP size, or with(out) the distributed
         optimizer."""
-        from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                                make_sharded_optimizer_tensor,
-                                                                optim_state_to_sharding_state)
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            make_sharded_optimizer_tensor,
+            optim_state_to_sharding_state,
+        )
+
         inner = self.optimizer
         params = self.get_parameters()
         whole = self._whole_parameters(gather=not is_loading)
         state = {}
         for i, p in enumerate(params):
-            keys = ("momentum_buffer",) if inner.group_of(inner.name_of(p))["route"] == "ortho" else ADAMW_KEYS
+            keys = (
+                ("momentum_buffer",) if inner.group_of(inner.name_of(p))["route"] == "ortho" else ADAMW_KEYS
+            )
             state[i] = {k: whole[inner.name_of(p)][k] for k in keys}
         ids = {id(p): i for i, p in enumerate(params)}
-        optimizer_state = {"state": state, "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
-                                                             "params": [ids[id(p)] for p in g["params"]]}
-                                                            for g in inner.param_groups]}
+        optimizer_state = {
+            "state": state,
+            "param_groups": [
+                {**{k: v for k, v in g.items() if k != "params"}, "params": [ids[id(p)] for p in g["params"]]}
+                for g in inner.param_groups
+            ],
+        }
         id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_state_dict, params)
         optim_state_to_sharding_state(optimizer_state, id_to_sharded)
         adamw_steps = [g["step"] for g in inner.param_groups if g["route"] == "adamw"]
@@ -195,9 +242,17 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
             optimizer_state["state"]["common_step"] = adamw_steps[0]
         if not any(s.master is not None for s in self.shards):
             return optimizer_state
-        masters = [[make_sharded_optimizer_tensor(id_to_sharded[ids[id(p)]], whole[inner.name_of(p)]["master"],
-                                                  prefix="optimizer.state.fp32_param") for p in g["params"]]
-                   for g in inner.param_groups]
+        masters = [
+            [
+                make_sharded_optimizer_tensor(
+                    id_to_sharded[ids[id(p)]],
+                    whole[inner.name_of(p)]["master"],
+                    prefix="optimizer.state.fp32_param",
+                )
+                for p in g["params"]
+            ]
+            for g in inner.param_groups
+        ]
         return {"optimizer": optimizer_state, "fp32_from_fp16_params": masters}
 
     def _whole_parameters(self, gather: bool) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -215,7 +270,9 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
                 if gather:
                     dist.all_gather_into_tensor(bucket[key], local, group=part.dp_group)
             for e in part.entries:
-                out[e.name] = {k: v[e.offset:e.offset + e.numel].view(e.shape).clone() for k, v in bucket.items()}
+                out[e.name] = {
+                    k: v[e.offset : e.offset + e.numel].view(e.shape).clone() for k, v in bucket.items()
+                }
         return out
 
     def _restore_param_groups(self, saved_groups) -> None:
@@ -229,10 +286,16 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
         loaded = state_dict.get("optimizer", state_dict)
         masters = state_dict.get("fp32_from_fp16_params")
         if (masters is None) != all(s.master is None for s in self.shards):
-            raise ValueError("teonspeed: this checkpoint's optimizer " + ("has no" if masters is None else "has")
-                             + " fp32 master parameters, this model's parameters are " + ("bf16" if masters is None
-                             else "fp32") + ": resume with the precision (bf16 or not) it was saved with")
-        self._restore_param_groups(self._filter_and_reorder_param_groups(inner.param_groups, loaded["param_groups"]))
+            raise ValueError(
+                "teonspeed: this checkpoint's optimizer "
+                + ("has no" if masters is None else "has")
+                + " fp32 master parameters, this model's parameters are "
+                + ("bf16" if masters is None else "fp32")
+                + ": resume with the precision (bf16 or not) it was saved with"
+            )
+        self._restore_param_groups(
+            self._filter_and_reorder_param_groups(inner.param_groups, loaded["param_groups"])
+        )
         params = self.get_parameters()
         values = {inner.name_of(p): dict(loaded["state"][i]) for i, p in enumerate(params)}
         for g, saved_group in zip(inner.param_groups, masters or []):
@@ -241,31 +304,47 @@ class TeonDistributedOptimizer(TeonFP32Optimizer):
         for shard in self.shards:
             state, start = self.optimizer.bucket_state(shard), shard.partition.start
             targets = {**state, **({"master": shard.master} if shard.master is not None else {})}
-            for e, lo, hi in shard.slices():  # partition coordinates; the entry's element = start + lo - offset
+            for (
+                e,
+                lo,
+                hi,
+            ) in shard.slices():  # partition coordinates; the entry's element = start + lo - offset
                 for key, value in values[e.name].items():
                     if key in targets:
-                        targets[key][lo:hi].copy_(value.reshape(-1)[start + lo - e.offset:start + hi - e.offset])
+                        targets[key][lo:hi].copy_(
+                            value.reshape(-1)[start + lo - e.offset : start + hi - e.offset]
+                        )
 
 
 def _check_same_layout(saved: Optional[Dict[str, Any]], current: Dict[str, Any]) -> None:
     if saved is None:
-        raise ValueError("teonspeed: this state dict was not saved by teonspeed's distributed optimizer "
-                         "(use_distributed_optimizer=True); it has no per-rank bucket layout to load into")
+        raise ValueError(
+            "teonspeed: this state dict was not saved by teonspeed's distributed optimizer "
+            "(use_distributed_optimizer=True); it has no per-rank bucket layout to load into"
+        )
     problem = None
     if (saved["rank"], saved["world_size"]) != (current["rank"], current["world_size"]):
-        problem = (f"it was saved by rank {saved['rank']} of {saved['world_size']}, this is rank "
-                   f"{current['rank']} of {current['world_size']}")
+        problem = (
+            f"it was saved by rank {saved['rank']} of {saved['world_size']}, this is rank "
+            f"{current['rank']} of {current['world_size']}"
+        )
     elif len(saved["buckets"]) != len(current["buckets"]):
         problem = f"it holds {len(saved['buckets'])} DDP buckets, this model has {len(current['buckets'])}"
     else:
-        fields = ("data-parallel size", "partition size", "parameters and offsets", "data-parallel rank",
-                  "fp32 masters (bf16 parameters)")
+        fields = (
+            "data-parallel size",
+            "partition size",
+            "parameters and offsets",
+            "data-parallel rank",
+            "fp32 masters (bf16 parameters)",
+        )
         for i, (a, b) in enumerate(zip(saved["buckets"], current["buckets"])):
             diff = next(((f, x, y) for f, x, y in zip(fields, a, b) if x != y), None)
             if diff is not None:
                 what, x, y = diff
-                problem = f"bucket {i} differs in its {what}: " + (_entries_differ(x, y) if what == fields[2]
-                                                                   else f"{x} saved, {y} here")
+                problem = f"bucket {i} differs in its {what}: " + (
+                    _entries_differ(x, y) if what == fields[2] else f"{x} saved, {y} here"
+                )
                 break
     if problem is not None:
         raise ValueError(
@@ -274,7 +353,8 @@ def _check_same_layout(saved: Optional[Dict[str, Any]], current: Dict[str, Any])
             "resharded: resume with the same TP/PP/DP sizes, model, DDP bucket size and precision, "
             "each rank "
             "loading the file it saved; or resume from a checkpoint saved with "
-            "use_distributed_optimizer=False through megatron.core.dist_checkpointing, which reshards")
+            "use_distributed_optimizer=False through megatron.core.dist_checkpointing, which reshards"
+        )
 
 
 def _entries_differ(saved: List, current: List) -> str:

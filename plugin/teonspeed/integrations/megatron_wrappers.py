@@ -1,6 +1,7 @@
 """Megatron's optimizer wrappers around a teonspeed optimizer (FP32Optimizer, the bf16/fp16 wrapper), with
 what they need to checkpoint it. Shared by the plain (megatron.py) and distributed (megatron_distributed.py)
 paths."""
+
 from __future__ import annotations
 
 from megatron.core.optimizer import OptimizerConfig
@@ -27,8 +28,10 @@ class _TeonCheckpointing:
     @staticmethod
     def _filter_and_reorder_param_groups(current_groups, state_dict_groups):
         if len(current_groups) != len(state_dict_groups):
-            raise ValueError(f"teonspeed: the checkpoint has {len(state_dict_groups)} optimizer param groups, this "
-                             f"optimizer {len(current_groups)}: it was saved with other teonspeed options")
+            raise ValueError(
+                f"teonspeed: the checkpoint has {len(state_dict_groups)} optimizer param groups, this "
+                f"optimizer {len(current_groups)}: it was saved with other teonspeed options"
+            )
         return state_dict_groups
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
@@ -47,10 +50,16 @@ class TeonFloat16Optimizer(_TeonCheckpointing, Float16OptimizerWithFloat16Params
 
 def grad_scaler(config: OptimizerConfig):
     from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
     if config.bf16:
         return None
     if config.loss_scale:
         return ConstantGradScaler(config.loss_scale)
-    return DynamicGradScaler(initial_scale=config.initial_loss_scale, min_scale=config.min_loss_scale,
-                             growth_factor=2.0, backoff_factor=0.5, growth_interval=config.loss_scale_window,
-                             hysteresis=config.hysteresis)
+    return DynamicGradScaler(
+        initial_scale=config.initial_loss_scale,
+        min_scale=config.min_loss_scale,
+        growth_factor=2.0,
+        backoff_factor=0.5,
+        growth_interval=config.loss_scale_window,
+        hysteresis=config.hysteresis,
+    )

@@ -11,6 +11,7 @@
 The layout is a description handed to this step (which tensors it updates, which runner gathers the
 matrices), never a step path of its own.
 """
+
 from __future__ import annotations
 
 from types import MappingProxyType
@@ -70,8 +71,9 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         # attached here when the model was passed, else by the integration or teonspeed.qk_clip.attach.
         self.qk_clip = attach_from_options(params, self)
 
-    def _construct(self, params, parallel: Optional[ParallelContext], options: Dict[str, Any]
-                   ) -> List[Tuple[str, torch.Tensor]]:
+    def _construct(
+        self, params, parallel: Optional[ParallelContext], options: Dict[str, Any]
+    ) -> List[Tuple[str, torch.Tensor]]:
         """Options, parameters, layout and groups: everything that can refuse the optimizer, made
         without any collective. Returns the named parameters."""
         self.config: OptimizerConfig = make_config(self.kind, options)
@@ -96,20 +98,31 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
             self._names[id(new)] = name
             self._params_by_name[name] = new
 
-    def attach_flat_partitions(self, partitions: Dict[int, FlatPartition],
-                               device: Optional[torch.device] = None, adamw_bytes: int = 0) -> None:
+    def attach_flat_partitions(
+        self,
+        partitions: Dict[int, FlatPartition],
+        device: Optional[torch.device] = None,
+        adamw_bytes: int = 0,
+    ) -> None:
         """ZeRO-1/2: each param group now holds one flat partition; `partitions` maps the id of that
         tensor to its layout. A TEON group must then live inside one param group (they are stepped one
         group at a time). Plans who orthogonalizes what (a collective over tp × dp: every rank attaches
         at the same point); `device` is the partitions' device; `adamw_bytes`: what AdamW moves per rank
         and direction for the same matrices in this layout, reported in comm_stats."""
         check_groups_within_partitions(partitions, self.grouping.groups)
-        self._runner = PartitionRunner(self._make_runner(), partitions, self.grouping.groups, self.config,
-                                       lambda key: device or torch.device("cpu"), adamw_bytes)
+        self._runner = PartitionRunner(
+            self._make_runner(),
+            partitions,
+            self.grouping.groups,
+            self.config,
+            lambda key: device or torch.device("cpu"),
+            adamw_bytes,
+        )
         self._tensors = FlatTensors(partitions)
 
-    def attach_bucket_shards(self, buckets: List[BucketShard], device: Optional[torch.device] = None,
-                             clip_grad: float = 0.0) -> None:
+    def attach_bucket_shards(
+        self, buckets: List[BucketShard], device: Optional[torch.device] = None, clip_grad: float = 0.0
+    ) -> None:
         """Megatron's distributed optimizer: DDP reduce-scatters each bucket's gradients and all-gathers its
         parameters; the step updates only this rank's partition of every bucket (a collective over
         tp × dp at attach, like attach_flat_partitions). `clip_grad` > 0: clip the gradients to that
@@ -117,14 +130,27 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         # comm_stats.adamw_bytes: what AdamW moves for the same matrices here, DDP's reduce-scatter of their
         # gradients and all-gather of their parameters
         ortho = set(self.grouping.ortho_names())
-        moved = sum(adamw_bytes(sum(e.numel for e in b.partition.entries if e.name in ortho),
-                                b.partition.dp_size, b.grad.element_size(), b.param.element_size(),
-                                gradient_allreduce=False) for b in buckets)
+        moved = sum(
+            adamw_bytes(
+                sum(e.numel for e in b.partition.entries if e.name in ortho),
+                b.partition.dp_size,
+                b.grad.element_size(),
+                b.param.element_size(),
+                gradient_allreduce=False,
+            )
+            for b in buckets
+        )
         # The buckets of one topology (dense, or expert) are planned together, so a TEON stack or fused
         # weight whose members lie in different buckets is planned like one inside a bucket.
-        self._runner = PartitionRunner(self._make_runner(), {i: b.partition for i, b in enumerate(buckets)},
-                                       self.grouping.groups, self.config,
-                                       lambda i: device or buckets[i].grad.device, moved, together=True)
+        self._runner = PartitionRunner(
+            self._make_runner(),
+            {i: b.partition for i, b in enumerate(buckets)},
+            self.grouping.groups,
+            self.config,
+            lambda i: device or buckets[i].grad.device,
+            moved,
+            together=True,
+        )
         group_of = {n: g for g in self.param_groups for n in g["names"]}
         self._tensors = BucketTensors(buckets, clip_grad, group_of)
 
@@ -133,13 +159,21 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         if not (ctx.distributed or (self._mode_forced and dist.is_initialized())):
             return LocalRunner()
         # Collective over the world: every rank builds its optimizer at the same point.
-        topologies = {"dense": build_topology(ctx.tp_group, ctx.dp_group),
-                      "expert": build_topology(ctx.expert_tp_group, ctx.expert_dp_group)}
+        topologies = {
+            "dense": build_topology(ctx.tp_group, ctx.dp_group),
+            "expert": build_topology(ctx.expert_tp_group, ctx.expert_dp_group),
+        }
         comm_dtype = _compute_dtype(self.config.comm_dtype)
-        return DistributedRunner(topologies, ctx.specs, self.config.parallel_mode, self.config.ns_steps,
-                                 step_group=build_step_group(topologies, ctx.pipeline_group),
-                                 waves=self.config.overlap_waves, comm_dtype=comm_dtype,
-                                 profile=cluster_profile(self.config.cluster))
+        return DistributedRunner(
+            topologies,
+            ctx.specs,
+            self.config.parallel_mode,
+            self.config.ns_steps,
+            step_group=build_step_group(topologies, ctx.pipeline_group),
+            waves=self.config.overlap_waves,
+            comm_dtype=comm_dtype,
+            profile=cluster_profile(self.config.cluster),
+        )
 
     # -- introspection --------------------------------------------------------------------------------
     @property
@@ -178,8 +212,10 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         try:
             return self._names[id(p)]
         except KeyError:
-            raise ValueError(f"teonspeed: a tensor of shape {tuple(p.shape)} is not a parameter of this "
-                             f"optimizer (nor rebound to one)") from None
+            raise ValueError(
+                f"teonspeed: a tensor of shape {tuple(p.shape)} is not a parameter of this "
+                f"optimizer (nor rebound to one)"
+            ) from None
 
     @property
     def parameters_by_name(self) -> Mapping[str, torch.Tensor]:
@@ -233,15 +269,21 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
             direction[where] = momentum_direction(t.grad[where], buffer[where], g["momentum"], g["nesterov"])
         return direction
 
-    def _ortho_updates(self, directions: Dict[Any, torch.Tensor], step: int, names: Sequence[str],
-                       new_step: bool = True) -> Dict[Any, torch.Tensor]:
+    def _ortho_updates(
+        self, directions: Dict[Any, torch.Tensor], step: int, names: Sequence[str], new_step: bool = True
+    ) -> Dict[Any, torch.Tensor]:
         """Key -> the scaled orthogonalized update of every tensor with a direction (runner.run)."""
         updates = {key: torch.zeros_like(d) for key, d in directions.items()}
         layouts, lr_scale = self._layouts, self.config.lr_scale
-        io = StepIO(directions, updates, transform=lambda x: self.transform(x, step),
-                    view=lambda m, t: matrix_view(t, m, layouts[m.name]),
-                    store=lambda m, t, value: write_matrix(t, m, layouts[m.name], value),
-                    scale=lambda m: lr_multiplier(lr_scale, *m.shape), new_step=new_step)
+        io = StepIO(
+            directions,
+            updates,
+            transform=lambda x: self.transform(x, step),
+            view=lambda m, t: matrix_view(t, m, layouts[m.name]),
+            store=lambda m, t, value: write_matrix(t, m, layouts[m.name], value),
+            scale=lambda m: lr_multiplier(lr_scale, *m.shape),
+            new_step=new_step,
+        )
         self._runner.run(self.groups_for(set(names)), io)
         return updates
 
@@ -264,8 +306,17 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
             else:
                 state["step"] += 1
                 count = state["step"]
-            adamw_step(part(t.weights, where), part(t.grad, where), part(state["exp_avg"], where),
-                       part(state["exp_avg_sq"], where), count, lr, g["betas"], g["eps"], g["weight_decay"])
+            adamw_step(
+                part(t.weights, where),
+                part(t.grad, where),
+                part(state["exp_avg"], where),
+                part(state["exp_avg_sq"], where),
+                count,
+                lr,
+                g["betas"],
+                g["eps"],
+                g["weight_decay"],
+            )
         if t.after is not None:
             t.after()
 
@@ -297,8 +348,15 @@ class HeavyTailMixin:
         c = self.config
         if step % c.ht_interval != 0:
             return super().transform(stacked, step)
-        return heavy_tail(stacked, c.ht_power, c.ht_method, c.orthogonalizer, c.ns_steps,
-                          _compute_dtype(c.ns_dtype), backend=c.ns_backend)
+        return heavy_tail(
+            stacked,
+            c.ht_power,
+            c.ht_method,
+            c.orthogonalizer,
+            c.ns_steps,
+            _compute_dtype(c.ns_dtype),
+            backend=c.ns_backend,
+        )
 
 
 def _compute_dtype(option: str) -> Optional[torch.dtype]:

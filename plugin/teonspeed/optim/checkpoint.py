@@ -1,5 +1,6 @@
 """The optimizer's state as checkpoints see it: created up front for loaders that ask which state to
 read, saved with the layout its shapes depend on, and loaded only into the same layout."""
+
 from __future__ import annotations
 
 from typing import Any, Dict

@@ -8,6 +8,7 @@ raises the same line; see agreed_construction):
 Each step, before the first write: every gradient is dense and has its parameter's shape, dtype and
 device. Metadata only (no device work, no host read), so the step keeps its one host read.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +16,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
 
 @contextlib.contextmanager
 def agreed_construction() -> Iterator[None]:
@@ -51,14 +53,21 @@ def gradient_problem(named: Iterable[Tuple[str, torch.Tensor]]) -> Optional[str]
         if g is None:
             continue
         if g.layout != torch.strided:
-            return (f"teonspeed: parameter {name!r} has a sparse gradient ({g.layout}); the optimizer needs "
-                    f"dense gradients: build the layer with sparse=False (nn.Embedding(..., sparse=False))")
-        for what, got, want in (("shape", tuple(g.shape), tuple(p.shape)), ("dtype", g.dtype, p.dtype),
-                                ("device", g.device, p.device)):
+            return (
+                f"teonspeed: parameter {name!r} has a sparse gradient ({g.layout}); the optimizer needs "
+                f"dense gradients: build the layer with sparse=False (nn.Embedding(..., sparse=False))"
+            )
+        for what, got, want in (
+            ("shape", tuple(g.shape), tuple(p.shape)),
+            ("dtype", g.dtype, p.dtype),
+            ("device", g.device, p.device),
+        ):
             if got != want:
-                return (f"teonspeed: the gradient of parameter {name!r} has {what} {got}, the parameter "
-                        f"{want}; the step was refused before any weight or state changed (set .grad to a "
-                        f"tensor like the parameter)")
+                return (
+                    f"teonspeed: the gradient of parameter {name!r} has {what} {got}, the parameter "
+                    f"{want}; the step was refused before any weight or state changed (set .grad to a "
+                    f"tensor like the parameter)"
+                )
     return None
 
 
@@ -70,6 +79,7 @@ def mark_plan(lines: Dict[str, List[str]], problem: str) -> Dict[str, List[str]]
 
 
 # -- load_state_dict: the saved layout against this optimizer's ----------------------------------------
+
 
 def names_differ(saved: List[str], current: List[str], limit: int = 3) -> Optional[str]:
     """What differs between two lists of parameter names, naming them (None where they are equal)."""
@@ -89,8 +99,10 @@ def names_differ(saved: List[str], current: List[str], limit: int = 3) -> Option
         parts.append(f"this model has {some(new)}, which the checkpoint lacks")
     if not parts:
         first = next(i for i, (a, b) in enumerate(zip(saved, current)) if a != b)
-        parts.append(f"the same parameters in another order (position {first}: {saved[first]!r} saved, "
-                     f"{current[first]!r} here)")
+        parts.append(
+            f"the same parameters in another order (position {first}: {saved[first]!r} saved, "
+            f"{current[first]!r} here)"
+        )
     return "; ".join(parts)
 
 
@@ -103,25 +115,34 @@ def check_same_layout(saved: Dict, current: Dict) -> None:
             f"teonspeed: this optimizer state was saved in another parallel layout: saved with "
             f"{saved['sizes']}, loading into {current['sizes']}. A plain state dict holds each rank's shards "
             f"only and is not resharded; resume with the saved TP/EP sizes (and, under ZeRO-1/2, DP size), "
-            f"or save and load through megatron.core.dist_checkpointing (teonspeed.megatron), which reshards")
-    fix = ("load it into the model and param groups it was saved from (the same layers, the same "
-           "requires_grad, the same param-group split)")
+            f"or save and load through megatron.core.dist_checkpointing (teonspeed.megatron), which reshards"
+        )
+    fix = (
+        "load it into the model and param groups it was saved from (the same layers, the same "
+        "requires_grad, the same param-group split)"
+    )
     if len(saved["names"]) != len(current["names"]):
-        every = names_differ([n for g in saved["names"] for n in g],
-                             [n for g in current["names"] for n in g])
-        raise ValueError(f"teonspeed: this optimizer state was saved for {len(saved['names'])} param "
-                         f"group(s), this optimizer has {len(current['names'])}"
-                         + (f" ({every})" if every else "") + f"; {fix}")
+        every = names_differ([n for g in saved["names"] for n in g], [n for g in current["names"] for n in g])
+        raise ValueError(
+            f"teonspeed: this optimizer state was saved for {len(saved['names'])} param "
+            f"group(s), this optimizer has {len(current['names'])}"
+            + (f" ({every})" if every else "")
+            + f"; {fix}"
+        )
     for i, (a, b) in enumerate(zip(saved["names"], current["names"])):
         problem = names_differ(a, b)
         if problem is not None:
-            raise ValueError(f"teonspeed: this optimizer state was saved for other parameters (param group "
-                             f"{i}: {problem}); {fix}")
+            raise ValueError(
+                f"teonspeed: this optimizer state was saved for other parameters (param group "
+                f"{i}: {problem}); {fix}"
+            )
     for i, (names, a, b) in enumerate(zip(current["names"], saved["shapes"], current["shapes"])):
         # under ZeRO-1/2 a param group holds one flat partition of all its parameters
         labels = [repr(n) for n in names] if len(names) == len(b) else [f"param group {i}'s flat partition"]
         for label, x, y in zip(labels, a, b):
             if x != y:
-                raise ValueError(f"teonspeed: this optimizer state was saved for another shape of {label}: "
-                                 f"local shape {x} in the checkpoint, {y} here (another model size, or "
-                                 f"another DP/TP size: saved with {saved['sizes']}); {fix}")
+                raise ValueError(
+                    f"teonspeed: this optimizer state was saved for another shape of {label}: "
+                    f"local shape {x} in the checkpoint, {y} here (another model size, or "
+                    f"another DP/TP size: saved with {saved['sizes']}); {fix}"
+                )

@@ -1,4 +1,5 @@
 """The three public optimizers: one step (base.OrthoOptimizer), different defaults and rules."""
+
 from __future__ import annotations
 
 from .base import HeavyTailMixin, OrthoOptimizer

@@ -7,6 +7,7 @@ The conventions differ between the reference implementations; each is named afte
 - none      1
 m and n are always the full (unsharded, per-part) shape, never a tensor-parallel shard's.
 """
+
 from __future__ import annotations
 
 import math

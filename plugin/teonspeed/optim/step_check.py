@@ -1,6 +1,7 @@
 """The step's check, before anything changes: are all gradients finite on every rank sharing this step,
 do those ranks agree on the step's plan, and (where the step clips) what is the global gradient norm?
 One device reduction, one collective, one host read: the runner's `check_step`."""
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,11 @@ def check_step(opt) -> bool:
         return True
     bad = opt._tensors.nonfinite(opt)
     where = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") if bad else "another rank's parameters"
-    warnings.warn(f"teonspeed: non-finite gradient in {where}; step skipped, weights and optimizer "
-                  f"state unchanged", RuntimeWarning, stacklevel=4)
+    warnings.warn(
+        f"teonspeed: non-finite gradient in {where}; step skipped, weights and optimizer state unchanged",
+        RuntimeWarning,
+        stacklevel=4,
+    )
     return False
 
 

@@ -8,6 +8,7 @@ param group's settings. The step itself (base.py) is the same for all of them.
   of several param groups side by side (matrices and AdamW parameters), with an fp32 master for bf16
   parameters, gradients clipped to the global norm the step check agreed on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +29,7 @@ class Stepped:
     """One tensor the step updates. `segments`: (slice of it or None for all of it, its param group);
     `names`: the parameters it holds (what its direction stands for); `group_steps`: AdamW counts steps
     per param group (Megatron's buckets) rather than per tensor; `after`: run once it is updated."""
+
     key: Hashable
     weights: torch.Tensor
     grad: torch.Tensor
@@ -58,8 +60,12 @@ class ParamTensors:
         return [opt._names[id(p)]]
 
     def stepped(self, opt) -> List[Stepped]:
-        return [Stepped(self.key_of(opt, p), p, p.grad, opt.state[p], [(None, group)], self.names_of(opt, p))
-                for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        return [
+            Stepped(self.key_of(opt, p), p, p.grad, opt.state[p], [(None, group)], self.names_of(opt, p))
+            for group in opt.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
 
     def new_step(self, opt) -> bool:
         """Whether this call of step() starts an optimizer step (see StepIO.new_step)."""
@@ -75,8 +81,12 @@ class ParamTensors:
 
     def nonfinite(self, opt) -> List[str]:
         """What holds a non-finite gradient (the skip path only: one host read per gradient)."""
-        return [opt._names.get(id(p), "a flat ZeRO partition") for g in opt.param_groups for p in g["params"]
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        return [
+            opt._names.get(id(p), "a flat ZeRO partition")
+            for g in opt.param_groups
+            for p in g["params"]
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
 
     def plan_lines(self, opt, lines: Dict[str, List[str]]) -> None:
         """This rank's plan, as the text every rank sharing the step must agree on: the AdamW parameters,
@@ -84,8 +94,10 @@ class ParamTensors:
         for group in opt.param_groups:
             for p in group["params"]:
                 if group["route"] != "ortho":
-                    lines["dense"].append(f"{group['route']} {opt._names.get(id(p), '?')} {tuple(p.shape)} "
-                                          f"{p.dtype} grad={p.grad is not None}")
+                    lines["dense"].append(
+                        f"{group['route']} {opt._names.get(id(p), '?')} {tuple(p.shape)} "
+                        f"{p.dtype} grad={p.grad is not None}"
+                    )
         with_grad = {n for n, p in opt._params_by_name.items() if p.grad is not None}
         dtypes = {n: p.dtype for n, p in opt._params_by_name.items()}
         for g in opt.groups_for(with_grad):
@@ -123,18 +135,22 @@ class FlatTensors(ParamTensors):
                     entries = self.partitions[id(p)].entries
                     members = " ".join(f"{e.name}{e.shape}" for e in entries)
                     topology = opt.parallel.spec(entries[0].name).topology if entries else "dense"
-                    lines[topology].append(f"{group['route']} flat [{members}] {p.dtype} "
-                                           f"grad={p.grad is not None}")
+                    lines[topology].append(
+                        f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}"
+                    )
                 else:
-                    lines["dense"].append(f"{group['route']} {opt._names.get(id(p), '?')} {tuple(p.shape)} "
-                                          f"{p.dtype} grad={p.grad is not None}")
+                    lines["dense"].append(
+                        f"{group['route']} {opt._names.get(id(p), '?')} {tuple(p.shape)} "
+                        f"{p.dtype} grad={p.grad is not None}"
+                    )
 
 
 class BucketTensors(ParamTensors):
     """Megatron's distributed optimizer: this rank's partition of every DDP bucket (keys: bucket index)."""
 
-    def __init__(self, buckets: Sequence[BucketShard], clip_grad: float,
-                 group_of: Mapping[str, Group]) -> None:
+    def __init__(
+        self, buckets: Sequence[BucketShard], clip_grad: float, group_of: Mapping[str, Group]
+    ) -> None:
         self.buckets = list(buckets)
         self.clip_grad = clip_grad  # clip the global gradient norm to this (0: off)
         self.group_of = dict(group_of)
@@ -148,8 +164,18 @@ class BucketTensors(ParamTensors):
                 grad.mul_(clip)  # like Megatron, the fp32 main gradient is clipped in place
             segments = [(slice(lo, hi), self.group_of[e.name]) for e, lo, hi in shard.slices()]
             after = (lambda s=shard: s.param.copy_(s.master)) if shard.master is not None else None
-            out.append(Stepped(i, shard.weights, grad, bucket_state(opt.state, shard), segments,
-                               shard.partition.names(), group_steps=True, after=after))
+            out.append(
+                Stepped(
+                    i,
+                    shard.weights,
+                    grad,
+                    bucket_state(opt.state, shard),
+                    segments,
+                    shard.partition.names(),
+                    group_steps=True,
+                    after=after,
+                )
+            )
         return out
 
     def grads(self, opt) -> List[torch.Tensor]:
@@ -161,8 +187,11 @@ class BucketTensors(ParamTensors):
         return torch.stack([b.grad_norm_sq() for b in self.buckets]).sum()
 
     def nonfinite(self, opt) -> List[str]:
-        return [f"distributed-optimizer bucket {i}" for i, b in enumerate(self.buckets)
-                if not bool(torch.isfinite(b.grad).all())]
+        return [
+            f"distributed-optimizer bucket {i}"
+            for i, b in enumerate(self.buckets)
+            if not bool(torch.isfinite(b.grad).all())
+        ]
 
 
 def bucket_state(state: Mapping, shard: BucketShard) -> Dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
 """Element-wise update rules as pure tensor functions (in place on the state they are given)."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,9 @@ from typing import Tuple
 import torch
 
 
-def momentum_direction(grad: torch.Tensor, momentum_buffer: torch.Tensor, beta: float,
-                       nesterov: bool) -> torch.Tensor:
+def momentum_direction(
+    grad: torch.Tensor, momentum_buffer: torch.Tensor, beta: float, nesterov: bool
+) -> torch.Tensor:
     """EMA momentum M ← βM + (1−β)G (in place) and the matrix to orthogonalize: the Nesterov blend
     (1−β)G + βM, or M itself. The EMA form is Keller Jordan's and HTMuon's; for the orthogonalized
     updates any positive rescaling is irrelevant, for HTMuon's unnormalised σᵖ it is not."""
@@ -16,15 +18,24 @@ def momentum_direction(grad: torch.Tensor, momentum_buffer: torch.Tensor, beta: 
     return grad.lerp(momentum_buffer, beta) if nesterov else momentum_buffer.clone()
 
 
-def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-               step: int, lr: float, betas: Tuple[float, float], eps: float, weight_decay: float) -> None:
+def adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    betas: Tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
     """One AdamW step, the same arithmetic as torch.optim.AdamW (foreach=False), so it can be its oracle."""
     beta1, beta2 = betas
     param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 

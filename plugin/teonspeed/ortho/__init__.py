@@ -5,6 +5,7 @@
 
 Both are batched over leading dims and return x's dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,16 +35,25 @@ def _newton_schulz_impl(x: torch.Tensor, backend: str):
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return newton_schulz
     from .kernels import TRITON_IMPORT_ERROR, newton_schulz_triton, triton_available
+
     if triton_available(x):
         return newton_schulz_triton
     if backend == "triton":
-        why = TRITON_IMPORT_ERROR or "the tensor is not on a CUDA device (and TRITON_INTERPRET=1 is not in effect)"
+        why = (
+            TRITON_IMPORT_ERROR
+            or "the tensor is not on a CUDA device (and TRITON_INTERPRET=1 is not in effect)"
+        )
         raise RuntimeError(f"ns_backend='triton' cannot run here: {why}")
     return newton_schulz
 
 
-def orthogonalize(x: torch.Tensor, method: str = "ns5", steps: int = NS_STEPS,
-                  compute_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
+def orthogonalize(
+    x: torch.Tensor,
+    method: str = "ns5",
+    steps: int = NS_STEPS,
+    compute_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """The (approximate) orthogonal polar factor of every matrix in x, shape (..., m, n).
 
     method: "ns5" (Jordan's quintic), "polar_express" (per-step optimal quintics), each `steps` times,
@@ -64,9 +74,16 @@ def orthogonalize(x: torch.Tensor, method: str = "ns5", steps: int = NS_STEPS,
     return _newton_schulz_impl(x, backend)(x, schedule, dtype).to(x.dtype)
 
 
-def heavy_tail(x: torch.Tensor, power: float, method: str = "svd", orthogonalizer: str = "ns5",
-               steps: int = NS_STEPS, compute_dtype: Optional[torch.dtype] = None,
-               root_steps: int = 8, backend: str = "auto") -> torch.Tensor:
+def heavy_tail(
+    x: torch.Tensor,
+    power: float,
+    method: str = "svd",
+    orthogonalizer: str = "ns5",
+    steps: int = NS_STEPS,
+    compute_dtype: Optional[torch.dtype] = None,
+    root_steps: int = 8,
+    backend: str = "auto",
+) -> torch.Tensor:
     """HTMuon's heavy-tailed transform U diag(σᵖ) Vᵀ of every matrix in x.
 
     method="svd" is exact. method="ns" is the authors' cheaper form polar(x) · (xᵀx)^{p/2}, with the
@@ -99,11 +116,28 @@ def num_square_roots(power: float) -> int:
         raise ValueError("ht_method='ns' needs ht_power = 2^-k with k >= 0 (e.g. 0.125); use ht_method='svd'")
     k = -math.log2(power)
     if abs(k - round(k)) > 1e-9 or round(k) < 0:
-        raise ValueError(f"ht_method='ns' needs ht_power = 2^-k (1, 0.5, 0.25, 0.125, ...), got {power}; "
-                         f"use ht_method='svd' for other powers")
+        raise ValueError(
+            f"ht_method='ns' needs ht_power = 2^-k (1, 0.5, 0.25, 0.125, ...), got {power}; "
+            f"use ht_method='svd' for other powers"
+        )
     return int(round(k)) + 1
 
 
-__all__ = ["orthogonalize", "heavy_tail", "num_square_roots", "ORTHOGONALIZERS", "HEAVY_TAIL_METHODS",
-           "NS_BACKENDS", "NS_STEPS", "JORDAN_NS5", "POLAR_EXPRESS_CANONICAL_8", "Schedule", "schedule_for",
-           "newton_schulz", "polar_svd", "heavy_tail_svd", "matrix_root_newton_schulz", "default_compute_dtype"]
+__all__ = [
+    "orthogonalize",
+    "heavy_tail",
+    "num_square_roots",
+    "ORTHOGONALIZERS",
+    "HEAVY_TAIL_METHODS",
+    "NS_BACKENDS",
+    "NS_STEPS",
+    "JORDAN_NS5",
+    "POLAR_EXPRESS_CANONICAL_8",
+    "Schedule",
+    "schedule_for",
+    "newton_schulz",
+    "polar_svd",
+    "heavy_tail_svd",
+    "matrix_root_newton_schulz",
+    "default_compute_dtype",
+]

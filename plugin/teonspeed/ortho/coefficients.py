@@ -5,6 +5,7 @@ A schedule is the list of (a, b, c) triples for each step plus the factor that t
 on top of its Frobenius norm (so that every singular value starts inside the interval the polynomials
 were designed for).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ Chosen by what the device does, not by a guess about it:
     once per process and cached. TEONSPEED_CPU_BF16=1/0 fixes the answer (reproducible runs, tests);
   - anything else (meta, mps, xpu...): fp32, the dtype every backend runs well.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,7 +20,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 CPU_BF16_ENV = "TEONSPEED_CPU_BF16"
-PROBE_SIZE = 384       # big enough to reach the matmul kernels' steady rate, small enough for ~50 ms
+PROBE_SIZE = 384  # big enough to reach the matmul kernels' steady rate, small enough for ~50 ms
 PROBE_REPEATS = 2
 PROBE_ROUNDS = 3
 MIN_BF16_SPEEDUP = 1.2  # bf16 costs precision: take it only for a margin above timing noise
@@ -36,8 +37,10 @@ def parse_cpu_bf16_env(value: Optional[str]) -> Optional[bool]:
         return True
     if v in _FALSE:
         return False
-    raise ValueError(f"{CPU_BF16_ENV} must be 1 or 0 (bf16 or fp32 for ns_dtype='auto' on the CPU), got {value!r}; "
-                     f"unset it to let a timing probe decide")
+    raise ValueError(
+        f"{CPU_BF16_ENV} must be 1 or 0 (bf16 or fp32 for ns_dtype='auto' on the CPU), got {value!r}; "
+        f"unset it to let a timing probe decide"
+    )
 
 
 def check_cpu_bf16_env() -> None:
@@ -64,8 +67,9 @@ def time_cpu_matmul(dtype: torch.dtype, n: int = PROBE_SIZE, repeats: int = PROB
     return best
 
 
-def probe_cpu_bf16(timer: Callable[[torch.dtype], float] = time_cpu_matmul,
-                   rounds: int = PROBE_ROUNDS) -> Tuple[bool, float, float]:
+def probe_cpu_bf16(
+    timer: Callable[[torch.dtype], float] = time_cpu_matmul, rounds: int = PROBE_ROUNDS
+) -> Tuple[bool, float, float]:
     """(bf16 chosen, fp32 seconds, bf16 seconds): the best of `rounds` alternating timings of each, so
     that a load spike on a shared machine hits both dtypes rather than deciding between them."""
     fp32 = bf16 = float("inf")
@@ -86,8 +90,15 @@ def cpu_bf16_decision() -> dict:
     if forced is not None:
         return {"bf16": forced, "source": f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]}"}
     chosen, fp32, bf16 = _cached_cpu_probe()
-    return {"bf16": chosen, "source": "probe", "probe_size": PROBE_SIZE, "fp32_ms": 1e3 * fp32, "bf16_ms": 1e3 * bf16,
-            "bf16_speedup": fp32 / bf16 if bf16 > 0 else None, "min_speedup": MIN_BF16_SPEEDUP}
+    return {
+        "bf16": chosen,
+        "source": "probe",
+        "probe_size": PROBE_SIZE,
+        "fp32_ms": 1e3 * fp32,
+        "bf16_ms": 1e3 * bf16,
+        "bf16_speedup": fp32 / bf16 if bf16 > 0 else None,
+        "min_speedup": MIN_BF16_SPEEDUP,
+    }
 
 
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
@@ -101,5 +112,13 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-__all__ = ["CPU_BF16_ENV", "check_cpu_bf16_env", "compute_dtype_for", "cpu_bf16_decision", "parse_cpu_bf16_env", "prefers_bf16",
-           "probe_cpu_bf16", "time_cpu_matmul"]
+__all__ = [
+    "CPU_BF16_ENV",
+    "check_cpu_bf16_env",
+    "compute_dtype_for",
+    "cpu_bf16_decision",
+    "parse_cpu_bf16_env",
+    "prefers_bf16",
+    "probe_cpu_bf16",
+    "time_cpu_matmul",
+]

@@ -1,4 +1,5 @@
 """Odd-polynomial Newton–Schulz iteration towards the polar factor, batched over leading dims."""
+
 from __future__ import annotations
 
 import torch
@@ -63,17 +64,20 @@ def _iterate_matrix(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
 
 def gram_form_flops(m: int, n: int, steps: int) -> int:
     """Gram form: X Xᵀ once, Q X once, and per step R², P·Q and P·R·P (the last step needs no R)."""
-    return 4 * m * m * n + steps * 8 * m ** 3 - 4 * m ** 3
+    return 4 * m * m * n + steps * 8 * m**3 - 4 * m**3
 
 
 def plain_form_flops(m: int, n: int, steps: int) -> int:
-    return steps * (4 * m * m * n + 2 * m ** 3)
+    return steps * (4 * m * m * n + 2 * m**3)
 
 
 def _use_gram_form(X: torch.Tensor, steps: int) -> bool:
     m, n = X.shape[-2:]
-    return (X.dtype in (torch.float32, torch.float64) and m >= GRAM_MIN_ROWS
-            and gram_form_flops(m, n, steps) < GRAM_MIN_SAVING * plain_form_flops(m, n, steps))
+    return (
+        X.dtype in (torch.float32, torch.float64)
+        and m >= GRAM_MIN_ROWS
+        and gram_form_flops(m, n, steps) < GRAM_MIN_SAVING * plain_form_flops(m, n, steps)
+    )
 
 
 def _iterate_gram(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:

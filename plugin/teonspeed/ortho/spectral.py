@@ -1,4 +1,5 @@
 """Exact spectral maps through the SVD: the polar factor and HTMuon's heavy-tailed transform."""
+
 from __future__ import annotations
 
 import torch

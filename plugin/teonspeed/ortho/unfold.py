@@ -4,6 +4,7 @@ mode 1 → [M¹ | M² | … | Mᴷ] of shape (m, K·n): the layers share the row
          couples their top *right* singular vectors (the paper's choice for Q/K/V).
 mode 2 → [M¹; M²; …; Mᴷ] of shape (K·m, n).
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence

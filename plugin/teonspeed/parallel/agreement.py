@@ -1,6 +1,7 @@
 """The step's one collective and one host read: every rank sharing the step agrees, before anything
 changes, that all gradients are finite, that they will run the same plan, and (when the step clips) on
 the global gradient norm."""
+
 from __future__ import annotations
 
 import struct
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from .runner import StepCheck, StepVerdict
 from .topology import StepGroup
 
-INT64_MAX = 2 ** 63 - 1
+INT64_MAX = 2**63 - 1
 
 
 class PlanMismatch(RuntimeError):
@@ -35,8 +36,9 @@ def agree(check: StepCheck, step_group: Optional[StepGroup], topology_names) -> 
     for i, key in enumerate(keys):
         flags[1 + i * sg.size + sg.rank] = check.digests.get(key, 0)
     if check.norm_sq is not None:
-        flags[norm_at + sg.rank:norm_at + sg.rank + 1].copy_(
-            check.norm_sq.to(torch.float64).reshape(1).view(torch.int64))
+        flags[norm_at + sg.rank : norm_at + sg.rank + 1].copy_(
+            check.norm_sq.to(torch.float64).reshape(1).view(torch.int64)
+        )
     if sg.group is not None:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=sg.group)
     values = flags.tolist()  # the step's one host read
@@ -71,4 +73,5 @@ def _raise_plan_mismatch(key, members, values, keys, sg: StepGroup, check: StepC
         f"gradient on some ranks and not on others (an unused layer, a branch taken on one rank only); "
         f"the owners and message layouts would diverge and corrupt the weights. Give every rank the same "
         f"set of gradients (e.g. zero-fill unused parameters' grads on every rank, or set "
-        f"requires_grad=False on all of them)")
+        f"requires_grad=False on all of them)"
+    )

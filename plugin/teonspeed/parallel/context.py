@@ -2,6 +2,7 @@
 megatron-core's parallel_state or from explicit process groups and ShardSpecs; and `build_grouping`, the
 user's parameters in that layout -> routing and groups: the one builder of the optimizers and of
 `teonspeed.plan`, so a plan printed before training is the plan the optimizer runs, in every layout."""
+
 from __future__ import annotations
 
 import gc
@@ -90,11 +91,13 @@ def check_stage_cuts(grouping: GroupingResult, context: ParallelContext, allow_c
                 "pipeline stage. "
                 "Groups never cross stages: use a teon_k that divides the layers per stage (and "
                 "stages that start at "
-                f"a multiple of teon_k), or pass cut_groups_at_stage_boundary=True to fall back to Muon there")
+                f"a multiple of teon_k), or pass cut_groups_at_stage_boundary=True to fall back to Muon there"
+            )
 
 
-def megatron_context_of_parameters(named: List[Tuple[str, torch.Tensor]], unnamed: Set[int] = frozenset()
-                                   ) -> Tuple[Optional[ParallelContext], Dict[int, str]]:
+def megatron_context_of_parameters(
+    named: List[Tuple[str, torch.Tensor]], unnamed: Set[int] = frozenset()
+) -> Tuple[Optional[ParallelContext], Dict[int, str]]:
     """`named_parameters()` or param groups of a megatron-core model, given without the model: the same
     layout as `megatron_context(model)` (and the same fused-weight tags as passing the model).
 
@@ -124,18 +127,30 @@ def megatron_context_of_parameters(named: List[Tuple[str, torch.Tensor]], unname
             f"teonspeed: parameter {missing[0]!r} carries Megatron's tensor-parallel attributes but no live "
             "module holds it, so its layout (TP shard, layer, fused QKV/fc1 parts) is unknown; pass "
             "the model "
-            f"itself (teonspeed.TEON(model, ...)) or parallel=teonspeed.megatron_context(model)")
+            f"itself (teonspeed.TEON(model, ...)) or parallel=teonspeed.megatron_context(model)"
+        )
     ps = sys.modules.get("megatron.core.parallel_state")
     if ps is None or not ps.model_parallel_is_initialized():
         return None, renamed
-    num_layers = next((m.config.num_layers for r in roots for m in r.modules()
-                       if hasattr(getattr(m, "config", None), "num_layers")), None)
-    return megatron_groups_context(ps, {n: spec_of[id(p)] for n, p in named if id(p) in spec_of}, num_layers), renamed
+    num_layers = next(
+        (
+            m.config.num_layers
+            for r in roots
+            for m in r.modules()
+            if hasattr(getattr(m, "config", None), "num_layers")
+        ),
+        None,
+    )
+    return megatron_groups_context(
+        ps, {n: spec_of[id(p)] for n, p in named if id(p) in spec_of}, num_layers
+    ), renamed
 
 
 def _root_modules_holding(param_ids) -> List[torch.nn.Module]:
     """The outermost live modules that (recursively) hold any of the parameters with these ids."""
-    modules = [o for o in gc.get_objects() if issubclass(type(o), torch.nn.Module)]  # type(): no proxy __getattr__
+    modules = [
+        o for o in gc.get_objects() if issubclass(type(o), torch.nn.Module)
+    ]  # type(): no proxy __getattr__
     parent = {}
     for m in modules:
         for child in m._modules.values():
@@ -166,8 +181,9 @@ class ParamSetup:
         return [np for g in self.groups for np in g["named"]]
 
 
-def build_grouping(params: Any, config: OptimizerConfig, parallel: Optional[ParallelContext] = None
-                   ) -> ParamSetup:
+def build_grouping(
+    params: Any, config: OptimizerConfig, parallel: Optional[ParallelContext] = None
+) -> ParamSetup:
     """The routing and groups of `params` under `config`. Without `parallel`, the layout is megatron-core's
     when its parallel state is initialised (found from the model, or from Megatron's parameters given
     without it), else a single process. Refuses DTensor parameters, a parameter given twice, a TEON run
@@ -179,8 +195,9 @@ def build_grouping(params: Any, config: OptimizerConfig, parallel: Optional[Para
         parallel = megatron_context(params)
     elif parallel is None:
         # named_parameters() and param groups of a Megatron model get the layout passing the model gets
-        parallel, renamed = megatron_context_of_parameters([np for g in user_groups for np in g["named"]],
-                                                           {i for g in user_groups for i in g["unnamed"]})
+        parallel, renamed = megatron_context_of_parameters(
+            [np for g in user_groups for np in g["named"]], {i for g in user_groups for i in g["unnamed"]}
+        )
         for g in user_groups:
             g["named"] = [(renamed.get(id(p), n), p) for n, p in g["named"]]
     parallel = parallel or ParallelContext()
@@ -194,9 +211,17 @@ def build_grouping(params: Any, config: OptimizerConfig, parallel: Optional[Para
             if ROUTE_KEY in group:
                 force_route[name] = group[ROUTE_KEY]
     c = config
-    grouping = build_groups(named, teon_k=c.teon_k, teon_mode=c.teon_mode, teon_types=c.teon_types,
-                            split_fused=c.split_fused, grouping_rule=c.grouping_rule, force_route=force_route,
-                            full_shape=parallel.full_shape, relocate=parallel.relocate)
+    grouping = build_groups(
+        named,
+        teon_k=c.teon_k,
+        teon_mode=c.teon_mode,
+        teon_types=c.teon_types,
+        split_fused=c.split_fused,
+        grouping_rule=c.grouping_rule,
+        force_route=force_route,
+        full_shape=parallel.full_shape,
+        relocate=parallel.relocate,
+    )
     check_stage_cuts(grouping, parallel, c.cut_groups_at_stage_boundary)
     require_teon_stacks(grouping, c.teon_k, c.teon_types, c.teon_per_layer_fallback)
     return ParamSetup(user_groups, parallel, grouping)

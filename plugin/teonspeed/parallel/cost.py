@@ -6,6 +6,7 @@ The decisions must be identical on every rank, so they are made from these const
 every rank), never from timings measured at run time. The defaults are H100 SXM datasheet values with
 400 Gb/s InfiniBand per GPU; a user on other hardware overrides fields with the `cluster` option.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,15 +42,18 @@ class ClusterProfile:
 
     def collective_latency(self, ranks: int, nodes: int) -> float:
         """Seconds of fixed cost of one collective over `ranks` ranks spread over `nodes` nodes."""
-        return (self.latency_intra if nodes <= 1 else self.latency_inter) + self.latency_per_peer * (ranks - 1)
+        return (self.latency_intra if nodes <= 1 else self.latency_inter) + self.latency_per_peer * (
+            ranks - 1
+        )
 
     def bandwidth(self, nodes: int) -> float:
         """Bytes/s per GPU of a collective whose ranks lie on `nodes` nodes."""
         return self.nvlink_bw if nodes <= 1 else self.ib_bw
 
 
-def adamw_bytes(numel: int, dp_size: int, grad_itemsize: int, param_itemsize: int = 0,
-                gradient_allreduce: bool = True) -> int:
+def adamw_bytes(
+    numel: int, dp_size: int, grad_itemsize: int, param_itemsize: int = 0, gradient_allreduce: bool = True
+) -> int:
     """Bytes AdamW moves per rank and direction for `numel` local elements over `dp_size` data-parallel ranks
     (ring collectives): the gradients' reduction, an all-reduce (2(D-1)/D of them) or a reduce-scatter
     ((D-1)/D), plus, where the optimizer state is partitioned, the parameters' all-gather after the step
@@ -67,9 +71,14 @@ def cluster_profile(overrides: Optional[Mapping[str, Any]] = None) -> ClusterPro
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
-        raise ValueError(f"teonspeed: option 'cluster' has unknown field(s) {unknown}; valid fields: {', '.join(FIELDS)}")
-    bad = [k for k, v in overrides.items()
-           if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0]
+        raise ValueError(
+            f"teonspeed: option 'cluster' has unknown field(s) {unknown}; valid fields: {', '.join(FIELDS)}"
+        )
+    bad = [
+        k
+        for k, v in overrides.items()
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0
+    ]
     if bad:
         raise ValueError(f"teonspeed: option 'cluster' fields {bad} must be positive finite numbers")
     return ClusterProfile(**overrides)

@@ -28,6 +28,7 @@ replicas write identical values.
 mode runs each group one way or the other, as `placement.choose_owner_compute` decides from the cluster's
 constants (replicated groups first, then the owner-compute waves).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -52,9 +53,18 @@ class DistributedRunner:
     """Parameters whole or TP-sliced on each rank, replicated over the data-parallel replicas: each group
     computed by an owner (owner-compute), by every rank (replicated), or either as "auto" decides."""
 
-    def __init__(self, topologies: Dict[str, Topology], specs: Dict[str, ShardSpec], mode: str,
-                 ns_steps: int, *, step_group: Optional[StepGroup] = None, waves: int,
-                 comm_dtype: Optional[torch.dtype] = None, profile: Optional[ClusterProfile] = None) -> None:
+    def __init__(
+        self,
+        topologies: Dict[str, Topology],
+        specs: Dict[str, ShardSpec],
+        mode: str,
+        ns_steps: int,
+        *,
+        step_group: Optional[StepGroup] = None,
+        waves: int,
+        comm_dtype: Optional[torch.dtype] = None,
+        profile: Optional[ClusterProfile] = None,
+    ) -> None:
         self.topologies = topologies  # "dense" and "expert"
         self.pieces = Pieces(specs, topologies)
         self.mode = mode
@@ -90,18 +100,28 @@ class DistributedRunner:
             # The exchange itemsize is fixed (comm_dtype's, else fp32's), not the data's: the choice must not
             # depend on which step or entry point asks (expected_bytes, describe, run).
             itemsize = self.comm_dtype.itemsize if self.comm_dtype is not None else 4
-            costs = [GroupCost(ns_flops(g.stacked_shape, self.ns_steps),
-                               itemsize * sum(self.pieces.shard_numel(m, topology) for m in g.members),
-                               itemsize * sum(self.pieces.shard_numel(m, topology) for m in g.members
-                                              if self.pieces.sharded(m, topology)))
-                     for g in groups]
+            costs = [
+                GroupCost(
+                    ns_flops(g.stacked_shape, self.ns_steps),
+                    itemsize * sum(self.pieces.shard_numel(m, topology) for m in g.members),
+                    itemsize
+                    * sum(
+                        self.pieces.shard_numel(m, topology)
+                        for m in g.members
+                        if self.pieces.sharded(m, topology)
+                    ),
+                )
+                for g in groups
+            ]
             layout = layout_of(topology.positions, topology.work_ranks, self.profile.gpus_per_node)
             if len(self._choices) > 64:
                 self._choices.clear()
             self._choices[key] = choose_owner_compute(costs, layout, self.profile, self.waves)
         return self._choices[key]
 
-    def _split(self, groups: Sequence[OrthoGroup], topology: Topology) -> Tuple[List[OrthoGroup], List[OrthoGroup]]:
+    def _split(
+        self, groups: Sequence[OrthoGroup], topology: Topology
+    ) -> Tuple[List[OrthoGroup], List[OrthoGroup]]:
         """(replicated groups, owner-compute groups) of a topology, each in the given order."""
         owned = self.owner_computed(groups, topology)
         return [g for g, o in zip(groups, owned) if not o], [g for g, o in zip(groups, owned) if o]
@@ -139,7 +159,12 @@ class DistributedRunner:
             topology = self.topologies[key]
             me, peers = topology.work_rank, topology.replica_peers()
             replicated, owned = self._split(topo_groups, topology)
-            n = sum(self.pieces.shard_numel(m, topology) for g in replicated for m in g.members if self.pieces.sharded(m, topology))
+            n = sum(
+                self.pieces.shard_numel(m, topology)
+                for g in replicated
+                for m in g.members
+                if self.pieces.sharded(m, topology)
+            )
             sent += n * (topology.tp_size - 1)
             received += n * (topology.tp_size - 1)
             for g, owner in zip(owned, self.owners(owned, topology)):
@@ -162,8 +187,10 @@ class DistributedRunner:
         """What AdamW moves for these matrices in the same layout, per rank and direction: the
         data-parallel ring all-reduce of their gradients (2·(D-1)/D of the local shard), which every
         optimizer pays before its step; the yardstick for the optimizer's own exchanges above."""
-        return sum(self._adamw_bytes(topo_groups, self.topologies[key], itemsize)
-                   for key, topo_groups in self._by_topology(groups).items())
+        return sum(
+            self._adamw_bytes(topo_groups, self.topologies[key], itemsize)
+            for key, topo_groups in self._by_topology(groups).items()
+        )
 
     def _adamw_bytes(self, groups: Sequence[OrthoGroup], topology: Topology, itemsize: int) -> int:
         local = sum(self.pieces.shard_numel(m, topology) for g in groups for m in g.members)
@@ -190,10 +217,16 @@ class DistributedRunner:
             self.stats.adamw_bytes += self._adamw_bytes(topo_groups, topology, dtype.itemsize)
             replicated, owned = self._split(topo_groups, topology)
             if replicated:
-                self._run_replicated(TopologyPlan(replicated, [], topology, dtype, device, self.comm_dtype or dtype), io)
+                self._run_replicated(
+                    TopologyPlan(replicated, [], topology, dtype, device, self.comm_dtype or dtype), io
+                )
             if owned:
-                self._owner_compute.run(TopologyPlan(owned, self.owners(owned, topology), topology, dtype, device,
-                                                      self.comm_dtype or dtype), io)
+                self._owner_compute.run(
+                    TopologyPlan(
+                        owned, self.owners(owned, topology), topology, dtype, device, self.comm_dtype or dtype
+                    ),
+                    io,
+                )
 
     def _run_replicated(self, plan: TopologyPlan, io: StepIO) -> None:
         members = [m for g in plan.groups for m in g.members]
@@ -213,7 +246,9 @@ class DistributedRunner:
                 self.stats.flops += ns_flops(g.stacked_shape, self.ns_steps)
             io.write(m, self.pieces.shard_for(piece, m, topology, topology.my_position[0]))
 
-        transform_stacks(plan.groups, lambda g, i, m: fulls[starts[id(g)] + i], io.group_dtype, io.transform, put)
+        transform_stacks(
+            plan.groups, lambda g, i, m: fulls[starts[id(g)] + i], io.group_dtype, io.transform, put
+        )
 
     def _all_gather_tp(self, members, locals_, plan: TopologyPlan) -> List[torch.Tensor]:
         """Every member in full on every rank: the TP-split ones all-gathered over TP (one collective),
@@ -225,15 +260,20 @@ class DistributedRunner:
         flat = torch.cat([t.reshape(-1).to(plan.comm_dtype) for t in split])
         gathered = [torch.empty_like(flat) for _ in range(topology.tp_size)]
         dist.all_gather(gathered, flat, group=topology.tp_group)
-        self.stats.add(flat.numel() * flat.element_size() * (topology.tp_size - 1),
-                       flat.numel() * flat.element_size() * (topology.tp_size - 1))
+        self.stats.add(
+            flat.numel() * flat.element_size() * (topology.tp_size - 1),
+            flat.numel() * flat.element_size() * (topology.tp_size - 1),
+        )
         fulls, offset = [], 0
         for m, local in zip(members, locals_):
             if not self.pieces.sharded(m, topology):
                 fulls.append(local)
                 continue
             n = local.numel()
-            shards = [gathered[t][offset:offset + n].view(local.shape).to(plan.dtype) for t in range(topology.tp_size)]
+            shards = [
+                gathered[t][offset : offset + n].view(local.shape).to(plan.dtype)
+                for t in range(topology.tp_size)
+            ]
             offset += n
             cut = self.pieces.tp_split(m, topology)
             fulls.append(assemble(shards, cut.dim, cut.stride))

@@ -12,6 +12,7 @@ data-parallel ranks: they are planned and stepped together (`plan_partitions`), 
 of them end to end as one local buffer, so a TEON stack whose members lie in different buckets (every layer
 its own bucket, or a layer larger than a bucket) is one job like any other.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class BucketShard:
     parameters, `master` is the fp32 main copy of `param` that the step updates (Megatron's main-param
     shard). `counted`: the (lo, hi) ranges of the partition that count in the global gradient norm
     (each TP-duplicated parameter counted on one TP rank only)."""
+
     partition: FlatPartition
     grad: torch.Tensor
     param: torch.Tensor
@@ -85,8 +87,11 @@ class BucketShard:
         ~1e-5 off, Megatron's per-parameter fp32 norms ~1e-8); in float64 the rounding is ~n·2⁻⁵³. Ranges
         are cut into slices of NORM_SLICE elements: a kernel that converts its input to float64 first
         (PyTorch's CPU norm does) then holds 32 MiB at most."""
-        parts = [self.grad[lo:min(lo + NORM_SLICE, hi)]
-                 for start, hi in self.counted for lo in range(start, hi, NORM_SLICE)]
+        parts = [
+            self.grad[lo : min(lo + NORM_SLICE, hi)]
+            for start, hi in self.counted
+            for lo in range(start, hi, NORM_SLICE)
+        ]
         if not parts:
             return self.grad.new_zeros((), dtype=torch.float64)
         return torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float64)).square().sum()
@@ -100,15 +105,18 @@ class BucketShard:
                 yield e, lo - start, hi - start
 
 
-def gather_work_ranks(partition: FlatPartition, tp_rank: int, tp_size: int, work_group, work_size: int,
-                      device: torch.device) -> Dict[Tuple[int, int], int]:
+def gather_work_ranks(
+    partition: FlatPartition, tp_rank: int, tp_size: int, work_group, work_size: int, device: torch.device
+) -> Dict[Tuple[int, int], int]:
     """(tp rank, partition index) -> rank in the tp × dp work group, learned from every member (a
     collective over the work group, at construction)."""
     if work_size != tp_size * partition.dp_size:
-        raise ValueError(f"teonspeed: a ZeRO partition spans {partition.dp_size} data-parallel ranks but the "
-                         f"tensor x data-parallel group it is planned on has {work_size} ranks for TP size {tp_size}: "
-                         f"its data-parallel group is neither the dense one nor the expert one teonspeed was given "
-                         f"(ParallelContext dp_group / expert_dp_group, and is_expert in the ShardSpecs)")
+        raise ValueError(
+            f"teonspeed: a ZeRO partition spans {partition.dp_size} data-parallel ranks but the "
+            f"tensor x data-parallel group it is planned on has {work_size} ranks for TP size {tp_size}: "
+            f"its data-parallel group is neither the dense one nor the expert one teonspeed was given "
+            f"(ParallelContext dp_group / expert_dp_group, and is_expert in the ShardSpecs)"
+        )
     if work_size == 1:
         return {(0, 0): 0}
     mine = torch.tensor([tp_rank, partition.dp_rank], dtype=torch.int64, device=device)
@@ -120,24 +128,39 @@ def gather_work_ranks(partition: FlatPartition, tp_rank: int, tp_size: int, work
     return {(t, d): r for r, (t, d) in enumerate(pairs)}
 
 
-def plan_partition(partition: FlatPartition, groups: List[OrthoGroup], work_rank: Dict[Tuple[int, int], int],
-                   tp_size: int, cost: Callable[[OrthoGroup], float], tp_sharded: Callable[[MatrixRef], bool],
-                   cluster: ClusterProfile = ClusterProfile(), itemsize: int = 4) -> ZeroPlan:
+def plan_partition(
+    partition: FlatPartition,
+    groups: List[OrthoGroup],
+    work_rank: Dict[Tuple[int, int], int],
+    tp_size: int,
+    cost: Callable[[OrthoGroup], float],
+    tp_sharded: Callable[[MatrixRef], bool],
+    cluster: ClusterProfile = ClusterProfile(),
+    itemsize: int = 4,
+) -> ZeroPlan:
     return plan_partitions([partition], groups, work_rank, tp_size, cost, tp_sharded, cluster, itemsize)
 
 
-def plan_partitions(partitions: Sequence[FlatPartition], groups: List[OrthoGroup],
-                    work_rank: Dict[Tuple[int, int], int], tp_size: int, cost: Callable[[OrthoGroup], float],
-                    tp_sharded: Callable[[MatrixRef], bool], cluster: ClusterProfile = ClusterProfile(),
-                    itemsize: int = 4) -> ZeroPlan:
+def plan_partitions(
+    partitions: Sequence[FlatPartition],
+    groups: List[OrthoGroup],
+    work_rank: Dict[Tuple[int, int], int],
+    tp_size: int,
+    cost: Callable[[OrthoGroup], float],
+    tp_sharded: Callable[[MatrixRef], bool],
+    cluster: ClusterProfile = ClusterProfile(),
+    itemsize: int = 4,
+) -> ZeroPlan:
     """One plan over this rank's partitions of several flat buffers cut over the same data-parallel ranks
     (Megatron's DDP buckets of one topology), for the groups whose matrices lie in them. A group with
     members inside and outside them cannot be computed here and is refused."""
     dp_sizes = {p.dp_size for p in partitions}
     if len(dp_sizes) > 1:
-        raise ValueError(f"teonspeed: flat partitions planned together are cut over different data-parallel "
-                         f"sizes {sorted(dp_sizes)}; buckets of one topology must share one data-parallel "
-                         f"group")
+        raise ValueError(
+            f"teonspeed: flat partitions planned together are cut over different data-parallel "
+            f"sizes {sorted(dp_sizes)}; buckets of one topology must share one data-parallel "
+            f"group"
+        )
     places = {e.name: (b, e.offset) for b, p in enumerate(partitions) for e in p.entries}
     mine = []
     for g in groups:
@@ -147,13 +170,26 @@ def plan_partitions(partitions: Sequence[FlatPartition], groups: List[OrthoGroup
         elif any(inside):
             outside = next(m.label for m, i in zip(g.members, inside) if not i)
             labels = " + ".join(m.label for m in g.members)
-            raise ValueError(f"teonspeed: the group {labels} is partly outside the flat partitions planned "
-                             f"together ({outside} is not in them: another param group, data-parallel group "
-                             f"or expert/dense buffer); put its members in one param group, or set teon_k=1")
+            raise ValueError(
+                f"teonspeed: the group {labels} is partly outside the flat partitions planned "
+                f"together ({outside} is not in them: another param group, data-parallel group "
+                f"or expert/dense buffer); put its members in one param group, or set teon_k=1"
+            )
     shapes = {e.name: tuple(e.shape) for p in partitions for e in p.entries}
     sizes = [p.partition_size for p in partitions]
-    return plan_zero_buckets(mine, places, shapes, sizes, partitions[0].dp_size, tp_size, work_rank, cost,
-                             tp_sharded, cluster, itemsize)
+    return plan_zero_buckets(
+        mine,
+        places,
+        shapes,
+        sizes,
+        partitions[0].dp_size,
+        tp_size,
+        work_rank,
+        cost,
+        tp_sharded,
+        cluster,
+        itemsize,
+    )
 
 
 TPSplitOf = Callable[[MatrixRef], TPSplit]  # a matrix's TP slices, on the topology the plan covers
@@ -178,18 +214,21 @@ class FlatStep:
         sent, received = self.plan.bytes_per_rank(itemsize)
         return sent[self.me], received[self.me]
 
-    def run(self, direction: torch.Tensor, out: torch.Tensor, io: StepIO, tp_split: TPSplitOf,
-            stats: CommStats) -> None:
+    def run(
+        self, direction: torch.Tensor, out: torch.Tensor, io: StepIO, tp_split: TPSplitOf, stats: CommStats
+    ) -> None:
         """This rank's local buffer `direction` -> its update, written into `out` (zeros, the same shape);
         bytes and FLOPs counted in `stats`. `io`: the transform and the fused-matrix I/O."""
         plan, me = self.plan, self.me
         received, sent_bytes, recv_bytes = self._exchange(
-            self._outgoing_pieces(direction) if self.moves else [], self.piece_sizes, direction)
+            self._outgoing_pieces(direction) if self.moves else [], self.piece_sizes, direction
+        )
         mine = [job for job in plan.jobs if job.owner == me]
         units = self._assemble(mine, direction, received)
         updates = self._transform(mine, units, io, tp_split, direction.dtype)
-        back, s2, r2 = self._exchange(self._outgoing_updates(mine, updates) if self.moves else [],
-                                      self.update_sizes, direction)
+        back, s2, r2 = self._exchange(
+            self._outgoing_updates(mine, updates) if self.moves else [], self.update_sizes, direction
+        )
         self._write_local(out, updates, back)
         stats.add(sent_bytes + s2, recv_bytes + r2)
         stats.flops += sum(job.flops for job in mine)
@@ -234,7 +273,7 @@ class FlatStep:
                         if r == self.me:
                             pieces.append(self._my_piece(direction, u))
                         else:
-                            pieces.append(received[r][offsets[r]:offsets[r] + hi - lo])
+                            pieces.append(received[r][offsets[r] : offsets[r] + hi - lo])
                             offsets[r] += hi - lo
                     out[(t, u)] = torch.cat(pieces).view(u.shape)
         return out
@@ -258,8 +297,9 @@ class FlatStep:
             piece = piece * io.scale(m)
             tp_ranks = tps[id(g)]
             for t in tp_ranks:
-                value = (piece if len(tp_ranks) == 1
-                         else shard_of(piece, split.dim, t, plan.tp_size, split.stride))
+                value = (
+                    piece if len(tp_ranks) == 1 else shard_of(piece, split.dim, t, plan.tp_size, split.stride)
+                )
                 io.store(in_unit(m), updates[(t, u)], value)
 
         transform_stacks([g for job in mine for g in job.groups], whole, lambda g: dtype, io.transform, put)
@@ -278,7 +318,9 @@ class FlatStep:
                     continue
                 for u in job.units:
                     lo, hi = plan.piece(u, d)
-                    send[r].append(self._update_of(updates, job, t, u).reshape(-1)[lo - u.offset:hi - u.offset])
+                    send[r].append(
+                        self._update_of(updates, job, t, u).reshape(-1)[lo - u.offset : hi - u.offset]
+                    )
         return send
 
     def _incoming_update_sizes(self) -> List[int]:
@@ -300,13 +342,13 @@ class FlatStep:
                 if hi == lo:
                     continue
                 if job.owner == self.me:
-                    value = self._update_of(updates, job, my_tp, u).reshape(-1)[lo - u.offset:hi - u.offset]
+                    value = self._update_of(updates, job, my_tp, u).reshape(-1)[lo - u.offset : hi - u.offset]
                 else:
                     r = job.owner
-                    value = back[r][offsets[r]:offsets[r] + hi - lo]
+                    value = back[r][offsets[r] : offsets[r] + hi - lo]
                     offsets[r] += hi - lo
                 at = plan.local(u, self.dp_rank)[0]
-                out[at:at + hi - lo].copy_(value)
+                out[at : at + hi - lo].copy_(value)
 
     # -- the exchange ---------------------------------------------------------------------------------
     def _exchange(self, send: List[List[torch.Tensor]], recv_sizes: List[int], like: torch.Tensor):
@@ -326,7 +368,7 @@ class FlatStep:
         for peer, buffer in enumerate(received):
             if buffer.numel():
                 ops.append(dist.P2POp(dist.irecv, buffer, group=self.work_group, group_peer=peer))
-        for work in (dist.batch_isend_irecv(ops) if ops else []):
+        for work in dist.batch_isend_irecv(ops) if ops else []:
             work.wait()
         sent = sum(t.numel() for parts in send for t in parts)
         return received, sent * itemsize, sum(recv_sizes) * itemsize

@@ -1,4 +1,5 @@
 """The single-process runner: every group computed here, no collective."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
@@ -34,6 +35,10 @@ class LocalRunner:
         return 0
 
     def run(self, groups: Sequence[OrthoGroup], io: StepIO) -> None:
-        transform_stacks(groups, lambda g, i, m: io.read(m), io.group_dtype, io.transform,
-                         lambda g, i, m, piece: io.write(m, piece))
-
+        transform_stacks(
+            groups,
+            lambda g, i, m: io.read(m),
+            io.group_dtype,
+            io.transform,
+            lambda g, i, m, piece: io.write(m, piece),
+        )

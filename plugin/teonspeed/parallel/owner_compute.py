@@ -9,6 +9,7 @@ sent its shard of the update (the phases and the choice of collectives are descr
 The groups go in waves (asynchronous collectives): wave k is transformed while wave k+1's shards travel
 to their owners and wave k-1's updates travel back.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class TopologyPlan:
     """One topology's share of a step, the same on every rank of its work group: the groups, their
     owners, the work group, and the dtype/device every exchange buffer is created with (the promoted
     dtype of the members, the device of the data)."""
+
     groups: Sequence[OrthoGroup]
     owners: List[int]
     topology: Topology
@@ -48,8 +50,9 @@ class OwnerCompute:
     def run(self, plan: TopologyPlan, io: StepIO) -> None:
         """Waves of groups: while the owners transform wave k, the shards of wave k+1 travel to their
         owners and the updates of wave k-1 travel back (asynchronous all_to_alls)."""
-        waves = split_waves(plan.groups, [ns_flops(g.stacked_shape, self.ns_steps) for g in plan.groups],
-                             self.waves)
+        waves = split_waves(
+            plan.groups, [ns_flops(g.stacked_shape, self.ns_steps) for g in plan.groups], self.waves
+        )
         incoming = self._send_shards(plan, waves[0], io) if waves else None
         outgoing = []
         for k, wave in enumerate(waves):
@@ -81,8 +84,9 @@ class OwnerCompute:
                             recv_sizes[topology.positions[q][0]] += self.pieces.shard_numel(m, topology)
         return self._all_to_all(send, recv_sizes, plan, topology.tp_group)
 
-    def _transform_owned(self, plan: TopologyPlan, wave: List[int], received: List[torch.Tensor],
-                         io: StepIO) -> Dict[Tuple[int, int], torch.Tensor]:
+    def _transform_owned(
+        self, plan: TopologyPlan, wave: List[int], received: List[torch.Tensor], io: StepIO
+    ) -> Dict[Tuple[int, int], torch.Tensor]:
         """Assemble the full members of the groups I own in this wave, transform them (same-shape, same-
         dtype stacks batched), and return (group index, member index) -> full update."""
         groups, topology, pieces = plan.groups, plan.topology, self.pieces
@@ -99,11 +103,15 @@ class OwnerCompute:
                 shards = []
                 for q in peers:
                     t = topology.positions[q][0]
-                    if q == me:  # rounded like the shards that travelled: the update does not depend on the owner
+                    if (
+                        q == me
+                    ):  # rounded like the shards that travelled: the update does not depend on the owner
                         shards.append(local.to(plan.comm_dtype).to(plan.dtype))
                     else:
                         n = local.numel()
-                        shards.append(received[t][offsets[t]:offsets[t] + n].view(local.shape).to(plan.dtype))
+                        shards.append(
+                            received[t][offsets[t] : offsets[t] + n].view(local.shape).to(plan.dtype)
+                        )
                         offsets[t] += n
                 split = pieces.tp_split(m, topology)
                 fulls[(gi, mi)] = assemble(shards, split.dim, split.stride)
@@ -115,12 +123,18 @@ class OwnerCompute:
                 self.stats.flops += ns_flops(g.stacked_shape, self.ns_steps)
             updates[(index[id(g)], i)] = piece
 
-        transform_stacks([groups[gi] for gi in mine], lambda g, i, m: fulls[(index[id(g)], i)], io.group_dtype,
-                         io.transform, put)
+        transform_stacks(
+            [groups[gi] for gi in mine],
+            lambda g, i, m: fulls[(index[id(g)], i)],
+            io.group_dtype,
+            io.transform,
+            put,
+        )
         return updates
 
-    def _send_updates(self, plan: TopologyPlan, wave: List[int],
-                      updates: Dict[Tuple[int, int], torch.Tensor]) -> "_Broadcasts":
+    def _send_updates(
+        self, plan: TopologyPlan, wave: List[int], updates: Dict[Tuple[int, int], torch.Tensor]
+    ) -> "_Broadcasts":
         """Phase B. (1) Inside my replica, an owner hands each TP peer its shard of the updates it owns
         (all_to_all over TP), so every rank then holds its own shard of every update its replica owns:
         its replica's *chunk*. (2) Over my column (the ranks at my TP position, one per replica), one
@@ -136,11 +150,15 @@ class OwnerCompute:
                 if owner == me:
                     for q in peers:
                         if q != me:
-                            shard = self.pieces.shard_for(updates[(gi, mi)], m, topology, topology.positions[q][0])
+                            shard = self.pieces.shard_for(
+                                updates[(gi, mi)], m, topology, topology.positions[q][0]
+                            )
                             send[topology.positions[q][0]].append(shard.reshape(-1).to(plan.comm_dtype))
                 elif owner in peers:
                     recv_sizes[topology.positions[owner][0]] += self.pieces.shard_numel(m, topology)
-        from_peers = self._all_to_all(send, recv_sizes, plan, topology.tp_group).wait() if len(peers) > 1 else []
+        from_peers = (
+            self._all_to_all(send, recv_sizes, plan, topology.tp_group).wait() if len(peers) > 1 else []
+        )
         offsets = [0] * topology.tp_size
         mine: List[torch.Tensor] = []
         for gi in wave:
@@ -149,10 +167,14 @@ class OwnerCompute:
                 continue
             for mi, m in enumerate(plan.groups[gi].members):
                 if owner == me:
-                    mine.append(self.pieces.shard_for(updates[(gi, mi)], m, topology, topology.positions[me][0]).reshape(-1).to(plan.comm_dtype))
+                    mine.append(
+                        self.pieces.shard_for(updates[(gi, mi)], m, topology, topology.positions[me][0])
+                        .reshape(-1)
+                        .to(plan.comm_dtype)
+                    )
                 else:
                     t, n = topology.positions[owner][0], self.pieces.shard_numel(m, topology)
-                    mine.append(from_peers[t][offsets[t]:offsets[t] + n])
+                    mine.append(from_peers[t][offsets[t] : offsets[t] + n])
                     offsets[t] += n
         chunk_sizes = self._chunk_sizes(plan, wave)
         my_replica = topology.my_position[1]
@@ -160,13 +182,16 @@ class OwnerCompute:
         works = []
         for replica, size in chunk_sizes.items():
             if replica == my_replica:
-                chunks[replica] = (torch.cat(mine) if mine
-                                   else torch.empty(0, dtype=plan.comm_dtype, device=plan.device))
+                chunks[replica] = (
+                    torch.cat(mine) if mine else torch.empty(0, dtype=plan.comm_dtype, device=plan.device)
+                )
             else:
                 chunks[replica] = torch.empty(size, dtype=plan.comm_dtype, device=plan.device)
             if topology.column_group is not None:
                 src = topology.work_ranks[topology.column_member(replica)]
-                works.append(dist.broadcast(chunks[replica], src=src, group=topology.column_group, async_op=True))
+                works.append(
+                    dist.broadcast(chunks[replica], src=src, group=topology.column_group, async_op=True)
+                )
             itemsize = chunks[replica].element_size()
             if replica == my_replica:
                 self.stats.add(size * itemsize if topology.dp_size > 1 else 0, 0)
@@ -181,12 +206,14 @@ class OwnerCompute:
         sizes: Dict[int, int] = {}
         for gi in wave:
             replica = topology.positions[plan.owners[gi]][1]
-            sizes[replica] = sizes.get(replica, 0) + sum(self.pieces.shard_numel(m, topology)
-                                                         for m in plan.groups[gi].members)
+            sizes[replica] = sizes.get(replica, 0) + sum(
+                self.pieces.shard_numel(m, topology) for m in plan.groups[gi].members
+            )
         return dict(sorted(sizes.items()))
 
-    def _write_updates(self, plan: TopologyPlan, wave: List[int], chunks: Dict[int, torch.Tensor],
-                       io: StepIO) -> None:
+    def _write_updates(
+        self, plan: TopologyPlan, wave: List[int], chunks: Dict[int, torch.Tensor], io: StepIO
+    ) -> None:
         """Every rank, owners included, writes its shard from the chunk of the owner's replica, so all
         replicas write the same values (also when comm_dtype rounds them)."""
         topology = plan.topology
@@ -195,22 +222,35 @@ class OwnerCompute:
             replica = topology.positions[plan.owners[gi]][1]
             for m in plan.groups[gi].members:
                 n, start = self.pieces.shard_numel(m, topology), offsets.get(replica, 0)
-                io.write(m, chunks[replica][start:start + n].view(self.pieces.shard_shape(m, topology)).to(plan.dtype))
+                io.write(
+                    m,
+                    chunks[replica][start : start + n]
+                    .view(self.pieces.shard_shape(m, topology))
+                    .to(plan.dtype),
+                )
                 offsets[replica] = start + n
 
-    def _all_to_all(self, send: List[List[torch.Tensor]], recv_sizes: List[int], plan: TopologyPlan,
-                    group: Optional[dist.ProcessGroup]) -> "_Exchange":
+    def _all_to_all(
+        self,
+        send: List[List[torch.Tensor]],
+        recv_sizes: List[int],
+        plan: TopologyPlan,
+        group: Optional[dist.ProcessGroup],
+    ) -> "_Exchange":
         """Start one batched exchange over `group` (send/recv_sizes indexed by group rank; every member
         takes part, even with nothing to send). Every buffer lives on the data's device (NCCL takes
         nothing else), in the exchange dtype."""
-        send_flat = [torch.cat(parts) if parts else torch.empty(0, dtype=plan.comm_dtype, device=plan.device)
-                     for parts in send]
+        send_flat = [
+            torch.cat(parts) if parts else torch.empty(0, dtype=plan.comm_dtype, device=plan.device)
+            for parts in send
+        ]
         send_sizes = [t.numel() for t in send_flat]
         out = torch.empty(sum(recv_sizes), dtype=plan.comm_dtype, device=plan.device)
         work = None
         if group is not None:
-            work = dist.all_to_all_single(out, torch.cat(send_flat), recv_sizes, send_sizes,
-                                          group=group, async_op=True)
+            work = dist.all_to_all_single(
+                out, torch.cat(send_flat), recv_sizes, send_sizes, group=group, async_op=True
+            )
         itemsize = out.element_size()
         self.stats.add(sum(send_sizes) * itemsize, sum(recv_sizes) * itemsize)
         return _Exchange(work, out, recv_sizes)

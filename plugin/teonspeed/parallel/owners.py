@@ -1,4 +1,5 @@
 """Who computes which group: a deterministic cost-balanced assignment, identical on every rank."""
+
 from __future__ import annotations
 
 import heapq
@@ -9,7 +10,7 @@ def ns_flops(shape: Tuple[int, int], steps: int) -> float:
     """FLOPs of one quintic iteration run on (m × n), oriented wide (m ≤ n): X Xᵀ (2m²n), A² (2m³),
     B X (2m²n), times the steps. Used only to balance work, so the exact constant does not matter."""
     m, n = sorted(shape)
-    return steps * (4.0 * m * m * n + 2.0 * m ** 3)
+    return steps * (4.0 * m * m * n + 2.0 * m**3)
 
 
 def assign_owners(costs: Sequence[float], num_ranks: int) -> List[int]:

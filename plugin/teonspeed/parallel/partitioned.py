@@ -6,6 +6,7 @@ together (a rank's partitions of them end to end form its local buffer, so a TEO
 in different buckets is one job). Every step runs each plan's two exchange rounds (`flat.FlatStep`). The
 runner it wraps (local or distributed) keeps the step check, the topologies and the counters.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -25,15 +26,18 @@ from .stats import CommStats
 from .topology import Topology
 
 
-def check_groups_within_partitions(partitions: Mapping[Key, FlatPartition],
-                                   groups: Sequence[OrthoGroup]) -> None:
+def check_groups_within_partitions(
+    partitions: Mapping[Key, FlatPartition], groups: Sequence[OrthoGroup]
+) -> None:
     """A TEON group must live inside one partition (the partitions are planned one at a time)."""
     owner = {name: key for key, fp in partitions.items() for name in fp.names()}
     for g in groups:
         if len({owner.get(m.name) for m in g.members}) > 1:
-            raise ValueError("teonspeed: under ZeRO-1/2 the members of a TEON group must be in the same "
-                             "param group; " + " + ".join(m.label for m in g.members) + " are not. Put them "
-                             "in one group or set teon_k=1")
+            raise ValueError(
+                "teonspeed: under ZeRO-1/2 the members of a TEON group must be in the same "
+                "param group; " + " + ".join(m.label for m in g.members) + " are not. Put them "
+                "in one group or set teon_k=1"
+            )
 
 
 class PartitionRunner:
@@ -43,9 +47,16 @@ class PartitionRunner:
 
     policy = None  # the plans are fixed at attach; nothing else decides who computes what
 
-    def __init__(self, base: Runner, partitions: Mapping[Key, FlatPartition], groups: Sequence[OrthoGroup],
-                 config: OptimizerConfig, device_of: Callable[[Key], torch.device],
-                 adamw_bytes: int = 0, together: bool = False) -> None:
+    def __init__(
+        self,
+        base: Runner,
+        partitions: Mapping[Key, FlatPartition],
+        groups: Sequence[OrthoGroup],
+        config: OptimizerConfig,
+        device_of: Callable[[Key], torch.device],
+        adamw_bytes: int = 0,
+        together: bool = False,
+    ) -> None:
         self.base = base
         self.partitions = dict(partitions)
         self._distributed = base if isinstance(base, DistributedRunner) else None
@@ -60,7 +71,8 @@ class PartitionRunner:
                 sets[(key,)] = [key]
         self.steps: Dict[Tuple[Key, ...], FlatStep] = {
             tuple(keys): self._plan([self.partitions[k] for k in keys], list(groups), device_of(keys[0]))
-            for keys in sets.values()}
+            for keys in sets.values()
+        }
 
     @property
     def stats(self) -> Optional[CommStats]:
@@ -88,20 +100,24 @@ class PartitionRunner:
         if len(set(kinds.values())) > 1:
             dense = next(n for n, kind in kinds.items() if kind == "dense")
             expert = next(n for n, kind in kinds.items() if kind == "expert")
-            raise ValueError(f"teonspeed: a ZeRO-1/2 partition (or Megatron distributed-optimizer bucket) "
-                             f"holds dense weights ({dense!r}) and expert-parallel weights ({expert!r}); "
-                             f"they are partitioned over different data-parallel groups. Put the expert "
-                             f"parameters "
-                             f"in their own param group (DeepSpeed: "
-                             f"deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)")
+            raise ValueError(
+                f"teonspeed: a ZeRO-1/2 partition (or Megatron distributed-optimizer bucket) "
+                f"holds dense weights ({dense!r}) and expert-parallel weights ({expert!r}); "
+                f"they are partitioned over different data-parallel groups. Put the expert "
+                f"parameters "
+                f"in their own param group (DeepSpeed: "
+                f"deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)"
+            )
         kind = next(iter(kinds.values()), "dense")
         topology = self._distributed.topologies[kind]
         cut_over = dist.get_process_group_ranks(partition.dp_group) if partition.dp_group is not None else []
         if not set(cut_over) <= set(topology.work_ranks):
-            raise ValueError(f"teonspeed: a ZeRO-1/2 partition of {kind} weights is cut over ranks "
-                             f"{cut_over}, outside the {kind} tensor x data-parallel group "
-                             f"{list(topology.work_ranks)}: the data-parallel groups given to teonspeed "
-                             f"(ParallelContext dp_group / expert_dp_group) are not the ones ZeRO cuts over")
+            raise ValueError(
+                f"teonspeed: a ZeRO-1/2 partition of {kind} weights is cut over ranks "
+                f"{cut_over}, outside the {kind} tensor x data-parallel group "
+                f"{list(topology.work_ranks)}: the data-parallel groups given to teonspeed "
+                f"(ParallelContext dp_group / expert_dp_group) are not the ones ZeRO cuts over"
+            )
         return topology
 
     def _plan(self, partitions: List[FlatPartition], groups, device: torch.device) -> FlatStep:
@@ -110,14 +126,23 @@ class PartitionRunner:
         partition = partitions[0]
         topology = self._topology(partition)
         tp_size, tp_rank = (topology.tp_size, topology.tp_rank) if topology is not None else (1, 0)
-        work_group, work_size, me = ((topology.work_group, topology.work_size, topology.work_rank)
-                                     if topology is not None else (None, 1, 0))
+        work_group, work_size, me = (
+            (topology.work_group, topology.work_size, topology.work_rank)
+            if topology is not None
+            else (None, 1, 0)
+        )
         work_rank = gather_work_ranks(partition, tp_rank, tp_size, work_group, work_size, device)
         steps = self._ns_steps
-        plan = plan_partitions(partitions, groups, work_rank, tp_size,
-                               cost=lambda g: ns_flops(g.stacked_shape, steps),
-                               tp_sharded=lambda m: self.tp_split(m).dim is not None,
-                               cluster=self._cluster, itemsize=4)  # fp32 masters
+        plan = plan_partitions(
+            partitions,
+            groups,
+            work_rank,
+            tp_size,
+            cost=lambda g: ns_flops(g.stacked_shape, steps),
+            tp_sharded=lambda m: self.tp_split(m).dim is not None,
+            cluster=self._cluster,
+            itemsize=4,
+        )  # fp32 masters
         return FlatStep(plan, partition.dp_rank, me, work_group)
 
     # -- the Runner contract -------------------------------------------------------------------------
@@ -158,8 +183,9 @@ class PartitionRunner:
                     out[id(g)] = f"work rank {job.owner} (tp {tp}, partition {partition})"
         return out
 
-    def expected_bytes(self, groups: Sequence[OrthoGroup] = (),
-                       itemsize: Optional[int] = None) -> Tuple[int, int]:
+    def expected_bytes(
+        self, groups: Sequence[OrthoGroup] = (), itemsize: Optional[int] = None
+    ) -> Tuple[int, int]:
         """(sent, received) bytes of one step on this rank, predicted by the plans (fp32 masters)."""
         pairs = [s.expected_bytes(itemsize or 4) for s in self.steps.values()]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)

@@ -9,6 +9,7 @@ itself, replicated over the data-parallel replicas, or cut into flat ranges over
 `partitioned.py`). Sharded parameters (ZeRO-3, FSDP2) are further descriptions of the same kind: a flat
 range or a dim slice of the parameter over the data-parallel group.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .topology import Topology
 class TPSplit:
     """A matrix's tensor-parallel slices: the dim of its matrix view cut over the TP group (None: whole on
     every TP rank) and Megatron's stride (the dim cut into tp·stride chunks, rank r holding r, r+tp, ...)."""
+
     dim: Optional[int]
     stride: int
 
@@ -67,7 +69,9 @@ class Pieces:
         if dim is None:
             return rows, cols
         if dim not in (0, 1):
-            raise ValueError(f"teonspeed: {m.label} is split along dim {dim} of its matrix view; only 0 or 1 work")
+            raise ValueError(
+                f"teonspeed: {m.label} is split along dim {dim} of its matrix view; only 0 or 1 work"
+            )
         return (rows // topology.tp_size, cols) if dim == 0 else (rows, cols // topology.tp_size)
 
     def shard_for(self, full: torch.Tensor, m: MatrixRef, topology: Topology, tp_rank: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ same choice (the ranks' plan digests include the mode and the constants: a rank 
 loudly). The prediction adds compute, transfer and latency, with the share of the owners' compute and
 transfer that the runner's waves overlap (`hidden_fraction`) taken off.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,9 @@ class Layout:
         return self.tp_size * self.dp_size
 
 
-def layout_of(positions: Sequence[Tuple[int, int]], global_ranks: Sequence[int], gpus_per_node: int) -> Layout:
+def layout_of(
+    positions: Sequence[Tuple[int, int]], global_ranks: Sequence[int], gpus_per_node: int
+) -> Layout:
     """The layout of a work group: positions[q] = (tp rank, replica) of work rank q, global_ranks[q] its rank
     in the job (node = rank // gpus_per_node); the widest TP group and column count."""
     tp = 1 + max(t for t, _ in positions)
@@ -80,8 +83,9 @@ def owner_seconds(g: GroupCost, layout: Layout, profile: ClusterProfile) -> floa
     return seconds
 
 
-def predicted_step(groups: Sequence[GroupCost], owned: Sequence[bool], layout: Layout, profile: ClusterProfile,
-                   waves: int) -> float:
+def predicted_step(
+    groups: Sequence[GroupCost], owned: Sequence[bool], layout: Layout, profile: ClusterProfile, waves: int
+) -> float:
     """Seconds of one step's orthogonalization on the busiest rank when the groups with owned[i] go to
     owners (LPT over the work group, as the runner assigns them) and the rest are replicated."""
     owner_flops = [g.flops for g, o in zip(groups, owned) if o]
@@ -101,6 +105,7 @@ def hidden_fraction(waves: int) -> float:
 @dataclass
 class _Sums:
     """What the step's prediction needs of a plan besides the busiest owner's load: running sums."""
+
     replicated_flops: float = 0.0
     replicated_gathered: int = 0
     replicated_count: int = 0
@@ -168,8 +173,9 @@ class _StepTerms:
         return self.seconds(sums, max(sums.owner_largest, sums.owner_flops / self.layout.work_size))
 
 
-def choose_owner_compute(groups: Sequence[GroupCost], layout: Layout, profile: ClusterProfile,
-                         waves: int) -> List[bool]:
+def choose_owner_compute(
+    groups: Sequence[GroupCost], layout: Layout, profile: ClusterProfile, waves: int
+) -> List[bool]:
     """Per group: True where an owner computes it, False where every rank does (see the module's rule).
     Of the plans "the first k in saving order at owners", the one of least predicted step (the least k on
     a tie). Only the busiest owner's load needs an LPT pass; every other term is a running sum, so a plan is

@@ -8,6 +8,7 @@ each matrix's pieces live (`pieces.Pieces`) decides which runner gathers what; t
 bring every group's whole members together on some rank, transform them there (`transform_stacks`), and
 write each holder's piece of the update.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class StepIO:
     `scale(m)` is the update's size rule for m (lr_scale). `new_step`: this call starts an optimizer step
     (False where a step arrives in several calls, as DeepSpeed's ZeRO steps one param group per call:
     the counters then add up over the calls)."""
+
     directions: Mapping[Key, torch.Tensor]
     updates: Mapping[Key, torch.Tensor]
     transform: TransformFn
@@ -69,6 +71,7 @@ class StepCheck:
     """What every rank sharing a step must agree on, gathered before anything changes: whether all its
     gradients are finite (a 0-dim bool on the gradients' device, never read here), and a digest of the
     plan it will run per topology; `plan_lines` (called only when digests differ) says what it is."""
+
     finite: torch.Tensor
     digests: Dict[str, int]
     plan_lines: Callable[[], Dict[str, List[str]]]
@@ -83,6 +86,7 @@ StepVerdict = Tuple[bool, Optional[float]]  # (every gradient finite, the summed
 class Runner(Protocol):
     """Where the step's groups are orthogonalized. `check_step` is the step's one collective and host read;
     `run` fills io.updates; the rest describe the plan (who computes what, bytes per step)."""
+
     stats: Optional[object]
     policy: Optional[str]
 
@@ -90,8 +94,9 @@ class Runner(Protocol):
     def run(self, groups: Sequence[OrthoGroup], io: StepIO) -> None: ...
     def topology_of(self, group: OrthoGroup) -> str: ...
     def describe(self, groups: Sequence[OrthoGroup]) -> Dict[int, str]: ...
-    def expected_bytes(self, groups: Sequence[OrthoGroup],
-                       itemsize: Optional[int] = None) -> Tuple[int, int]: ...
+    def expected_bytes(
+        self, groups: Sequence[OrthoGroup], itemsize: Optional[int] = None
+    ) -> Tuple[int, int]: ...
     def adamw_bytes(self, groups: Sequence[OrthoGroup], itemsize: int = 4) -> int: ...
 
 
@@ -99,8 +104,13 @@ Whole = Callable[[OrthoGroup, int, MatrixRef], torch.Tensor]  # (group, member i
 Put = Callable[[OrthoGroup, int, MatrixRef, torch.Tensor], None]  # ... and the member's piece of the result
 
 
-def transform_stacks(groups: Sequence[OrthoGroup], whole: Whole,
-                     dtype_of: Callable[[OrthoGroup], torch.dtype], transform: TransformFn, put: Put) -> None:
+def transform_stacks(
+    groups: Sequence[OrthoGroup],
+    whole: Whole,
+    dtype_of: Callable[[OrthoGroup], torch.dtype],
+    transform: TransformFn,
+    put: Put,
+) -> None:
     """Stack → transform → fold, the one loop of every runner: each group's whole members (`whole`, cast
     to the group's dtype) unfolded into one matrix, groups of the same stacked shape and dtype transformed
     in one batched call, and each member's piece of the result handed to `put`, in group order."""
@@ -108,8 +118,9 @@ def transform_stacks(groups: Sequence[OrthoGroup], whole: Whole,
     for g in groups:
         buckets.setdefault((g.stacked_shape, dtype_of(g)), []).append(g)
     for (_, dtype), bucket in buckets.items():
-        stacked = [unfold([whole(g, i, m).to(dtype) for i, m in enumerate(g.members)], g.mode)
-                   for g in bucket]
+        stacked = [
+            unfold([whole(g, i, m).to(dtype) for i, m in enumerate(g.members)], g.mode) for g in bucket
+        ]
         for g, out in zip(bucket, list(transform(torch.stack(stacked)).unbind(0))):
             for i, (m, piece) in enumerate(zip(g.members, fold(out, g.mode, len(g.members)))):
                 put(g, i, m, piece)

@@ -5,6 +5,7 @@ megatron-core's attributes (`tensor_model_parallel`, `partition_dim`, `partition
 and module structure (`TransformerLayer.layer_number`, the expert-parallel rank). Users of other
 frameworks build ShardSpecs themselves and pass them as `shard_specs={name: ShardSpec(...)}`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ def _megatron_expert_offsets(model: torch.nn.Module) -> Dict[str, int]:
         if local is None:
             continue
         from megatron.core import parallel_state as ps
+
         offset = ps.get_expert_model_parallel_rank() * len(local)
         out[name + ".local_experts."] = offset
     return out

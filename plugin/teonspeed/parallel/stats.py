@@ -1,4 +1,5 @@
 """What the optimizer's own communication and compute cost on this rank, counted as it happens."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 @dataclass
 class CommStats:
     """Bytes this rank sent and received in the optimizer's collectives (last step, and in total)."""
+
     sent: int = 0
     received: int = 0
     total_sent: int = 0

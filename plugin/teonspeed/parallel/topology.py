@@ -1,5 +1,6 @@
 """The ranks that share one set of matrices: a tensor-parallel group replicated over a data-parallel
 group. Each pipeline stage (and, for experts, each expert-parallel rank) has its own."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,8 +88,17 @@ def build_topology(tp_group: Optional[dist.ProcessGroup], dp_group: Optional[dis
     positions = []
     for r in my_work:
         positions.append((tp_of[r].index(r), replica_leaders.index(tp_of[r][0])))
-    return Topology(tp_group, len(tp_ranks), tp_ranks.index(me), work_group, len(my_work), my_work.index(me),
-                    positions, my_work, column_group)
+    return Topology(
+        tp_group,
+        len(tp_ranks),
+        tp_ranks.index(me),
+        work_group,
+        len(my_work),
+        my_work.index(me),
+        positions,
+        my_work,
+        column_group,
+    )
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,7 @@ class StepGroup:
     """The ranks that share one optimizer step: the skip decision and the plan check are reduced over
     them. `work_groups` lists every tp × dp work group inside it (dense and expert) as indices into the
     group, so every rank can tell which ranks must run the same plan."""
+
     group: Optional[dist.ProcessGroup]
     size: int
     rank: int
@@ -103,7 +114,9 @@ class StepGroup:
     ranks: Tuple[int, ...] = (0,)  # global ranks, by index
 
 
-def build_step_group(topologies: Dict[str, Topology], pipeline_group: Optional[dist.ProcessGroup]) -> StepGroup:
+def build_step_group(
+    topologies: Dict[str, Topology], pipeline_group: Optional[dist.ProcessGroup]
+) -> StepGroup:
     """Collective over the whole world. The ranks that share this optimizer's step: the union of the
     dense and expert work groups it uses, closed over the pipeline stages (a stage must not step while
     another skips, or the model's stages drift apart: Megatron reduces found_inf over TP × PP for the
@@ -116,7 +129,9 @@ def build_step_group(topologies: Dict[str, Topology], pipeline_group: Optional[d
     mine = ({k: t.work_ranks for k, t in topologies.items()}, pp_ranks)
     everyone: List = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    components = connected_components([set(pp) | {r for w in work.values() for r in w} for work, pp in everyone])
+    components = connected_components(
+        [set(pp) | {r for w in work.values() for r in w} for work, pp in everyone]
+    )
     group = dist.group.WORLD
     if len(components) > 1:
         group = None  # a rank alone needs no collective

@@ -19,6 +19,7 @@ NS time it saves the busiest rank exceeds the time its pieces and update slices 
 predicted with the `ClusterProfile` constants. Nothing here touches tensors, process groups or clocks:
 every rank derives the same plan.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Unit:
     """A contiguous run of the flat buffer that the transform reads as one tensor: a parameter, or one
     expert's slice of a 3-D (grouped-GEMM) weight. `shape` is the local (TP-shard) shape; `offset` counts
     from the start of bucket `bucket` (a parameter never spans two buckets)."""
+
     name: str
     expert_index: Optional[int]
     offset: int
@@ -179,15 +181,23 @@ class ZeroPlan:
         return _imbalance(self.placed_loads)
 
     def describe(self) -> str:
-        lines = [f"ZeRO flat plan: {len(self.jobs)} jobs over {self.dp_size} partitions x TP {self.tp_size}; "
-                 f"{sum(j.cut for j in self.jobs)} cut; NS FLOPs max/mean {self.imbalance:.2f} after balancing, "
-                 f"{self.imbalance_before_balancing:.2f} before ({len(self.moved)} jobs moved; equal-byte "
-                 f"partitions alone: {self.partition_imbalance:.2f})"]
+        lines = [
+            f"ZeRO flat plan: {len(self.jobs)} jobs over {self.dp_size} partitions x TP {self.tp_size}; "
+            f"{sum(j.cut for j in self.jobs)} cut; NS FLOPs max/mean {self.imbalance:.2f} after balancing, "
+            f"{self.imbalance_before_balancing:.2f} before ({len(self.moved)} jobs moved; equal-byte "
+            f"partitions alone: {self.partition_imbalance:.2f})"
+        ]
         for job in self.jobs:
             labels = " + ".join(m.label for g in job.groups for m in g.members)
-            where = f"cut over partitions {list(job.partitions)}" if job.cut else f"local to partition {job.partitions[0]}"
+            where = (
+                f"cut over partitions {list(job.partitions)}"
+                if job.cut
+                else f"local to partition {job.partitions[0]}"
+            )
             moved = " (moved by balancing)" if any(job is m for m in self.moved) else ""
-            lines.append(f"  {labels}: {where}, owner work rank {job.owner} {self.position(job.owner)}{moved}")
+            lines.append(
+                f"  {labels}: {where}, owner work rank {job.owner} {self.position(job.owner)}{moved}"
+            )
         return "\n".join(lines)
 
 
@@ -196,8 +206,9 @@ def _imbalance(loads: Sequence[float]) -> float:
     return max(loads) / mean if mean > 0 else 1.0
 
 
-def units_of(groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int, int]],
-             shapes: Dict[str, Tuple[int, ...]]) -> Dict[Tuple[str, Optional[int]], Unit]:
+def units_of(
+    groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int, int]], shapes: Dict[str, Tuple[int, ...]]
+) -> Dict[Tuple[str, Optional[int]], Unit]:
     """The units the groups read: one per parameter, or per expert slice of a 3-D parameter. places:
     each parameter's (bucket, offset in the bucket)."""
     out: Dict[Tuple[str, Optional[int]], Unit] = {}
@@ -222,24 +233,51 @@ def unit_key(m: MatrixRef) -> Tuple[str, Optional[int]]:
     return (m.name, m.expert_index)
 
 
-def plan_zero_partition(groups: Sequence[OrthoGroup], offsets: Dict[str, int], shapes: Dict[str, Tuple[int, ...]],
-                        partition_size: int, dp_size: int, tp_size: int,
-                        work_rank: Dict[Tuple[int, int], WorkRank], cost: Callable[[OrthoGroup], float],
-                        tp_sharded: Callable[[MatrixRef], bool], cluster: ClusterProfile = ClusterProfile(),
-                        itemsize: int = 4) -> ZeroPlan:
+def plan_zero_partition(
+    groups: Sequence[OrthoGroup],
+    offsets: Dict[str, int],
+    shapes: Dict[str, Tuple[int, ...]],
+    partition_size: int,
+    dp_size: int,
+    tp_size: int,
+    work_rank: Dict[Tuple[int, int], WorkRank],
+    cost: Callable[[OrthoGroup], float],
+    tp_sharded: Callable[[MatrixRef], bool],
+    cluster: ClusterProfile = ClusterProfile(),
+    itemsize: int = 4,
+) -> ZeroPlan:
     """Jobs, local or cut, and their owners, for one flat buffer (see the module docstring). offsets/shapes:
     each parameter's flat offset and local shape; work_rank: (tp rank, partition) -> rank in the tp × dp
     work group; cost: a group's NS FLOPs; cluster, itemsize: what a FLOP and an exchanged element cost, for
     balancing."""
-    return plan_zero_buckets(groups, {n: (0, o) for n, o in offsets.items()}, shapes, (partition_size,),
-                             dp_size, tp_size, work_rank, cost, tp_sharded, cluster, itemsize)
+    return plan_zero_buckets(
+        groups,
+        {n: (0, o) for n, o in offsets.items()},
+        shapes,
+        (partition_size,),
+        dp_size,
+        tp_size,
+        work_rank,
+        cost,
+        tp_sharded,
+        cluster,
+        itemsize,
+    )
 
 
-def plan_zero_buckets(groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int, int]],
-                      shapes: Dict[str, Tuple[int, ...]], partition_sizes: Sequence[int], dp_size: int,
-                      tp_size: int, work_rank: Dict[Tuple[int, int], WorkRank],
-                      cost: Callable[[OrthoGroup], float], tp_sharded: Callable[[MatrixRef], bool],
-                      cluster: ClusterProfile = ClusterProfile(), itemsize: int = 4) -> ZeroPlan:
+def plan_zero_buckets(
+    groups: Sequence[OrthoGroup],
+    places: Dict[str, Tuple[int, int]],
+    shapes: Dict[str, Tuple[int, ...]],
+    partition_sizes: Sequence[int],
+    dp_size: int,
+    tp_size: int,
+    work_rank: Dict[Tuple[int, int], WorkRank],
+    cost: Callable[[OrthoGroup], float],
+    tp_sharded: Callable[[MatrixRef], bool],
+    cluster: ClusterProfile = ClusterProfile(),
+    itemsize: int = 4,
+) -> ZeroPlan:
     """One plan over several flat buffers (buckets) cut over the same data-parallel ranks: places gives each
     parameter's (bucket, offset in the bucket), partition_sizes each bucket's partition length; the rest as
     in plan_zero_partition. A job's members may lie in any buckets."""
@@ -255,13 +293,24 @@ def plan_zero_buckets(groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int,
         outside = [u for u in job_units if u.end > dp_size * partition_sizes[u.bucket]]
         if outside:
             u = outside[0]
-            raise ValueError(f"teonspeed: {u.name!r} lies outside the flat partitions ({dp_size} x "
-                             f"{partition_sizes[u.bucket]} elements); the ZeRO layout given to the optimizer "
-                             f"is wrong")
-        parts = sorted({d for u in job_units for d in range(dp_size) if plan.piece(u, d)[0] < plan.piece(u, d)[1]})
+            raise ValueError(
+                f"teonspeed: {u.name!r} lies outside the flat partitions ({dp_size} x "
+                f"{partition_sizes[u.bucket]} elements); the ZeRO layout given to the optimizer "
+                f"is wrong"
+            )
+        parts = sorted(
+            {d for u in job_units for d in range(dp_size) if plan.piece(u, d)[0] < plan.piece(u, d)[1]}
+        )
         sharded = {tp_sharded(m) for g in job_groups for m in g.members}
-        plan.jobs.append(ZeroJob(job_groups, job_units, tuple(parts), tp_size > 1 and True in sharded,
-                                 sum(cost(g) for g in job_groups)))
+        plan.jobs.append(
+            ZeroJob(
+                job_groups,
+                job_units,
+                tuple(parts),
+                tp_size > 1 and True in sharded,
+                sum(cost(g) for g in job_groups),
+            )
+        )
     _assign_owners(plan, cluster, itemsize)
     _balance(plan, cluster, itemsize)
     return plan
@@ -283,8 +332,13 @@ def _assign_owners(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> No
                 node = r // cluster.gpus_per_node
                 if r not in holders and (node not in others or loads[r] < loads[others[node]]):
                     others[node] = r
-            job.owner = min(holders + list(others.values()), key=lambda r: (
-                cluster.ns_seconds(loads[r]) + exchange_seconds(plan, job, r, cluster, itemsize), r))
+            job.owner = min(
+                holders + list(others.values()),
+                key=lambda r: (
+                    cluster.ns_seconds(loads[r]) + exchange_seconds(plan, job, r, cluster, itemsize),
+                    r,
+                ),
+            )
         else:
             job.owner = min(plan.holders(job), key=lambda r: (loads[r], r))
         loads[job.owner] += job.flops
@@ -292,7 +346,9 @@ def _assign_owners(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> No
     plan.placed_loads = list(loads)
 
 
-def exchange_seconds(plan: ZeroPlan, job: ZeroJob, owner: WorkRank, cluster: ClusterProfile, itemsize: int) -> float:
+def exchange_seconds(
+    plan: ZeroPlan, job: ZeroJob, owner: WorkRank, cluster: ClusterProfile, itemsize: int
+) -> float:
     """Predicted seconds of `job`'s traffic at `owner`: the pieces it receives and the update slices it
     sends back, over NVLink to ranks of its node and InfiniBand beyond (work ranks taken as consecutive
     global ranks, TP fastest: Megatron's and DeepSpeed's order)."""
@@ -328,13 +384,20 @@ def _balance(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> None:
         owned: Dict[WorkRank, List[int]] = {}
         for i, job in enumerate(jobs):
             owned.setdefault(job.owner, []).append(i)
-        best: Tuple[float, int, WorkRank, int] = (0.0, -1, -1, -1)  # (net gain, job, new owner, job swapped back)
+        best: Tuple[float, int, WorkRank, int] = (
+            0.0,
+            -1,
+            -1,
+            -1,
+        )  # (net gain, job, new owner, job swapped back)
         for i in owned.get(busiest, []):
             f = jobs[i].flops
             for r in range(w):
                 if r == busiest:
                     continue
-                moved_cost = travel(i, r) - travel(i, busiest) + (0.0 if exchanging else 2 * cluster.latency(w))
+                moved_cost = (
+                    travel(i, r) - travel(i, busiest) + (0.0 if exchanging else 2 * cluster.latency(w))
+                )
                 for k in [-1] + [k for k in owned.get(r, []) if jobs[k].flops < f]:
                     back = jobs[k].flops if k >= 0 else 0.0
                     saving = peak - cluster.ns_seconds(max(loads[busiest] - f + back, loads[r] + f - back))

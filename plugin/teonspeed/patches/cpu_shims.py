@@ -9,6 +9,7 @@ Each shim is the smallest change that was measured to be needed (shared/research
 `apply()` is idempotent. It never runs on a machine with CUDA. Like every patch it checks the installed
 versions first (WRITTEN_FOR) and refuses others: these shims reach into private names.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,6 +27,7 @@ class UnsupportedVersion(RuntimeError):
 def check_versions() -> None:
     """Refuse an installed DeepSpeed or megatron-core these shims were not written for (absent is fine)."""
     from importlib import metadata
+
     for dist_name, prefixes in WRITTEN_FOR.items():
         try:
             version = metadata.version(dist_name)
@@ -37,12 +39,14 @@ def check_versions() -> None:
                 "teonspeed: the CPU shims (teonspeed/patches/cpu_shims.py) were written "
                 f"for {dist_name} {wanted}, "
                 f"but {dist_name} {version} is installed; install {dist_name} {wanted} to run on a "
-                "CPU-only machine")
+                "CPU-only machine"
+            )
 
 
 def apply() -> None:
     global _APPLIED
     import torch
+
     if _APPLIED or torch.cuda.is_available():
         return
     check_versions()
@@ -72,10 +76,18 @@ def _patch_megatron() -> None:
     except ImportError:
         return
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
     # Modules that allocate with device="cuda" (pipeline buffers, the default causal mask, the optimizer
     # wrappers' loss-scale and overflow tensors; torch_dist checkpoint writes sync CUDA before copying).
-    for module in (schedules, transformer_utils, megatron_optimizer, clip_grads, grad_scaler, filesystem_async):
+    for module in (
+        schedules,
+        transformer_utils,
+        megatron_optimizer,
+        clip_grads,
+        grad_scaler,
+        filesystem_async,
+    ):
         if not isinstance(module.torch, _CpuTorchProxy):
             module.torch = _CpuTorchProxy(module.torch)
 
@@ -132,8 +144,9 @@ def _patch_megatron_optimizer_cuda_checks() -> None:
         @functools.wraps(original)
         def on_cpu(*args, **kwargs):
             real = torch.Tensor.type
-            torch.Tensor.type = lambda t, *a, **k: (real(t, *a, **k) if a or k or t.is_cuda
-                                                    else real(t).replace("torch.", "torch.cuda.", 1))
+            torch.Tensor.type = lambda t, *a, **k: (
+                real(t, *a, **k) if a or k or t.is_cuda else real(t).replace("torch.", "torch.cuda.", 1)
+            )
             try:
                 return original(*args, **kwargs)
             finally:
@@ -144,11 +157,15 @@ def _patch_megatron_optimizer_cuda_checks() -> None:
 
     wrapper = megatron_optimizer.Float16OptimizerWithFloat16Params
     wrapper.__init__ = as_cuda_types(wrapper.__init__)
-    megatron_optimizer.clip_grad_by_total_norm_fp32 = as_cuda_types(megatron_optimizer.clip_grad_by_total_norm_fp32)
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = as_cuda_types(
+        megatron_optimizer.clip_grad_by_total_norm_fp32
+    )
     if clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm:
+
         def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
             norms = torch.stack([torch.norm(t) for t in tensor_lists[0]])
             return torch.norm(norms).reshape(1).float(), None
+
         clip_grads.l2_norm_impl = l2_norm
 
 
@@ -156,6 +173,7 @@ def megatron_seed(seed: int) -> None:
     """model_parallel_cuda_manual_seed without CUDA: seeds torch and installs a no-op RNG tracker."""
     import torch
     from megatron.core import tensor_parallel
+
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
 
@@ -170,10 +188,12 @@ class _CpuTorchProxy(types.ModuleType):
     def __getattr__(self, name):
         attr = getattr(self._real, name)
         if name in ("zeros", "empty", "ones", "tensor", "full"):
+
             def on_cpu(*args, **kwargs):
                 if str(kwargs.get("device", "")).startswith("cuda"):
                     kwargs["device"] = "cpu"
                 return attr(*args, **kwargs)
+
             return on_cpu
         if name == "cuda":
             return _CpuCuda(attr)

@@ -12,6 +12,7 @@
    raises one line on every rank, and the process group is torn down at exit so that the failing ranks
    exit cleanly; `"type": "Muon"` logs one warning line (rank 0) naming "TeonspeedMuon".
 """
+
 from __future__ import annotations
 
 import atexit
@@ -29,12 +30,14 @@ class UnsupportedVersion(RuntimeError):
 
 def check_version() -> None:
     import deepspeed
+
     if deepspeed.__version__ not in WRITTEN_FOR:
         raise UnsupportedVersion(
             f"teonspeed: the DeepSpeed patch was written for deepspeed {', '.join(WRITTEN_FOR)}, but "
             f"deepspeed {deepspeed.__version__} is installed; install deepspeed=={WRITTEN_FOR[-1]} "
             "(pip install 'teonspeed[deepspeed]') or pass a teonspeed optimizer instance instead of a "
-            "config type")
+            "config type"
+        )
 
 
 def apply() -> None:
@@ -131,5 +134,6 @@ def _tear_down_at_exit() -> None:
 
 def _destroy_process_group() -> None:
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -9,6 +9,7 @@ Attention layers found: megatron-core SelfAttention (local DotProductAttention, 
 Megatron's query/key, Transformer Engine's own max logit) and MultiLatentAttention; Hugging Face LLaMA-style
 attention (eager and SDPA). See docs/qk-clip.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,17 @@ from .clip import Models, QKClip
 from . import hf_layers as hf, megatron_layers as megatron
 from .rescale import RowPart, group_eta, row_scale, scale_flat_rows, scale_rows
 
-__all__ = ["attach", "QKClip", "ClipLayer", "find_layers", "RowPart", "group_eta", "row_scale", "scale_rows",
-           "scale_flat_rows"]
+__all__ = [
+    "attach",
+    "QKClip",
+    "ClipLayer",
+    "find_layers",
+    "RowPart",
+    "group_eta",
+    "row_scale",
+    "scale_rows",
+    "scale_flat_rows",
+]
 
 
 def find_layers(models: Models) -> List[ClipLayer]:
@@ -37,8 +47,15 @@ def find_layers(models: Models) -> List[ClipLayer]:
     return layers
 
 
-def attach(models: Models, optimizer=None, *, threshold: Optional[float] = None,
-           alpha: Optional[float] = None, log_only: Optional[bool] = None, group=None) -> QKClip:
+def attach(
+    models: Models,
+    optimizer=None,
+    *,
+    threshold: Optional[float] = None,
+    alpha: Optional[float] = None,
+    log_only: Optional[bool] = None,
+    group=None,
+) -> QKClip:
     """QK-clip for `models` (a module or Megatron's model chunks). With `optimizer` the clip runs after each
     of its steps (teonspeed's optimizers: also under ZeRO-1/2, Megatron's distributed optimizer and fp32
     masters; any other optimizer must step the model's own parameters); without, call `.step()` after yours.
@@ -52,15 +69,25 @@ def attach(models: Models, optimizer=None, *, threshold: Optional[float] = None,
     log_only = log_only if log_only is not None else bool(getattr(config, "qk_clip_log", False))
     _check_options(threshold, alpha, log_only)
     if optimizer is not None and getattr(optimizer, "qk_clip", None) is not None:
-        raise ValueError("teonspeed: QK-clip is already attached to this optimizer (passing the model with "
-                         "qk_clip set attaches it); call attach() once")
+        raise ValueError(
+            "teonspeed: QK-clip is already attached to this optimizer (passing the model with "
+            "qk_clip set attaches it); call attach() once"
+        )
     layers = find_layers(models)
     if not layers:
-        raise ValueError("teonspeed: QK-clip found no attention layer it knows (megatron-core "
-                         "SelfAttention / MultiLatentAttention, Hugging Face LLaMA-style q_proj/k_proj "
-                         "attention) in the model")
-    clip = QKClip(layers, threshold=threshold, alpha=alpha, log_only=log_only,
-                  group=group if group is not None else _default_group(optimizer), optimizer=optimizer)
+        raise ValueError(
+            "teonspeed: QK-clip found no attention layer it knows (megatron-core "
+            "SelfAttention / MultiLatentAttention, Hugging Face LLaMA-style q_proj/k_proj "
+            "attention) in the model"
+        )
+    clip = QKClip(
+        layers,
+        threshold=threshold,
+        alpha=alpha,
+        log_only=log_only,
+        group=group if group is not None else _default_group(optimizer),
+        optimizer=optimizer,
+    )
     if optimizer is not None:
         optimizer.qk_clip = clip
     return clip
@@ -79,25 +106,37 @@ def attach_from_options(params, optimizer) -> Optional[QKClip]:
 
     def needs_model(opt, args, kwargs):
         if getattr(opt, "qk_clip", None) is None:
-            raise ValueError("teonspeed: option 'qk_clip'/'qk_clip_log' needs the model to capture "
-                             "attention logits: pass the nn.Module to the optimizer (teonspeed.Muon(model, "
-                             "qk_clip=...)) or call teonspeed.qk_clip.attach(model, optimizer) before the "
-                             "first step")
+            raise ValueError(
+                "teonspeed: option 'qk_clip'/'qk_clip_log' needs the model to capture "
+                "attention logits: pass the nn.Module to the optimizer (teonspeed.Muon(model, "
+                "qk_clip=...)) or call teonspeed.qk_clip.attach(model, optimizer) before the "
+                "first step"
+            )
+
     optimizer.register_step_pre_hook(needs_model)  # (kept: torch iterates the hooks while calling them)
     return None
 
 
 def _check_options(threshold, alpha, log_only) -> None:
     if log_only and threshold is not None:
-        raise ValueError("teonspeed: options 'qk_clip' and 'qk_clip_log' both set: qk_clip_log logs the max "
-                         "logit without clipping; keep one")
+        raise ValueError(
+            "teonspeed: options 'qk_clip' and 'qk_clip_log' both set: qk_clip_log logs the max "
+            "logit without clipping; keep one"
+        )
     if not log_only and threshold is None:
-        raise ValueError("teonspeed: QK-clip needs a threshold (option 'qk_clip', e.g. 100) or log-only mode "
-                         "('qk_clip_log')")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not math.isfinite(threshold) or threshold <= 0):
-        raise ValueError(f"teonspeed: option 'qk_clip' must be a finite number > 0 (the max logit τ), "
-                         f"got {threshold!r}")
+        raise ValueError(
+            "teonspeed: QK-clip needs a threshold (option 'qk_clip', e.g. 100) or log-only mode "
+            "('qk_clip_log')"
+        )
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not math.isfinite(threshold)
+        or threshold <= 0
+    ):
+        raise ValueError(
+            f"teonspeed: option 'qk_clip' must be a finite number > 0 (the max logit τ), got {threshold!r}"
+        )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"teonspeed: option 'qk_clip_alpha' must be a number in [0, 1], got {alpha!r}")
 
@@ -105,15 +144,18 @@ def _check_options(threshold, alpha, log_only) -> None:
 def _default_group(optimizer):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    megatron_group = (megatron.data_context_parallel_group()
-                      if "megatron.core.parallel_state" in sys.modules else None)
+    megatron_group = (
+        megatron.data_context_parallel_group() if "megatron.core.parallel_state" in sys.modules else None
+    )
     if megatron_group is not None:
         return megatron_group
     ctx = getattr(optimizer, "parallel", None)
     if ctx is not None and ctx.dp_group is not None:
         return ctx.dp_group
     if ctx is not None and (ctx.tp_group is not None or ctx.pipeline_group is not None):
-        raise ValueError("teonspeed: QK-clip cannot tell which ranks share this model's heads (a "
-                         "model-parallel layout without a data-parallel group); pass group= to "
-                         "teonspeed.qk_clip.attach")
+        raise ValueError(
+            "teonspeed: QK-clip cannot tell which ranks share this model's heads (a "
+            "model-parallel layout without a data-parallel group); pass group= to "
+            "teonspeed.qk_clip.attach"
+        )
     return dist.group.WORLD

@@ -10,6 +10,7 @@ needs to know about the layer (`ClipLayer`).
   (the input of its softmax, no extra matmul); `watch_qk_inputs` recomputes them chunk by chunk from the
   query and key a core attention receives (e.g. an SDPA-based one, which never materialises them).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,10 @@ def _or_unseen(value, num_heads: int, device: torch.device) -> torch.Tensor:
     if value is None:  # no forward in training mode: nothing to clip (-inf never exceeds a threshold)
         return torch.full((num_heads,), float("-inf"), dtype=torch.float32, device=device)
     if value.numel() != num_heads:
-        raise ValueError(f"teonspeed: QK-clip: an attention layer reported {value.numel()} per-head maxima "
-                         f"for its {num_heads} heads on this rank")
+        raise ValueError(
+            f"teonspeed: QK-clip: an attention layer reported {value.numel()} per-head maxima "
+            f"for its {num_heads} heads on this rank"
+        )
     return value.float().reshape(num_heads).to(device)
 
 
@@ -79,6 +82,7 @@ Source = Union[LogitRecord, TEMaxLogits]
 class ClipLayer:
     """One attention layer: where its maxima come from and the rows they rescale. `targets` pairs each
     weight (or bias) holding query/key rows with the parts of one unit (a query group; an MLA head)."""
+
     name: str
     source: Source
     num_heads: int
@@ -95,8 +99,10 @@ class ClipLayer:
 
 
 def is_transformer_engine(module: torch.nn.Module) -> bool:
-    return any(c.__module__.startswith("transformer_engine") or c.__name__.startswith("TEDotProductAttention")
-               for c in type(module).__mro__)
+    return any(
+        c.__module__.startswith("transformer_engine") or c.__name__.startswith("TEDotProductAttention")
+        for c in type(module).__mro__
+    )
 
 
 def _mask_type_is_causal(mask_type) -> bool:
@@ -107,12 +113,14 @@ def watch_softmax(softmax: torch.nn.Module, record: LogitRecord):
     """megatron-core's FusedScaleMaskSoftmax gets the scores Q·Kᵀ·softmax_scale [b, np, sq, sk] and multiplies
     them by its `scale` (the layer-scaling coefficient) before masking: the logits, with no extra matmul.
     Masking as its torch path does: the given mask (True = left out), else causal for a causal layer."""
+
     def hook(module, args):
         if not module.training:
             return
         scores, mask = args[0], args[1] if len(args) > 1 else None
         causal = mask is None and _mask_type_is_causal(module.attn_mask_type) and scores.size(2) > 1
         record.observe(head_max_of_scores(scores, float(module.scale or 1.0), causal=causal, blocked=mask))
+
     return softmax.register_forward_pre_hook(hook)
 
 
@@ -120,13 +128,16 @@ def watch_qk_inputs(core_attention: torch.nn.Module, record: LogitRecord):
     """A core attention called as megatron's are, (query [sq, b, np, hn], key [sk, b, ng, hn], value,
     attention_mask, attn_mask_type=...): recompute its logits from query and key, chunk by chunk, with its
     softmax_scale (1/√hn when None). Mask: the given one (True = left out), else causal per attn_mask_type."""
+
     def hook(module, args, kwargs):
         if not module.training:
             return
         if kwargs.get("packed_seq_params") is not None:
-            raise ValueError("teonspeed: QK-clip cannot recompute the logits of packed sequences "
-                             "(packed_seq_params) outside Transformer Engine; use TEDotProductAttention with "
-                             "log_max_attention_logit=True")
+            raise ValueError(
+                "teonspeed: QK-clip cannot recompute the logits of packed sequences "
+                "(packed_seq_params) outside Transformer Engine; use TEDotProductAttention with "
+                "log_max_attention_logit=True"
+            )
         query, key = args[0], args[1]
         mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
         mask_type = kwargs.get("attn_mask_type") or getattr(module, "attn_mask_type", "causal")
@@ -134,4 +145,5 @@ def watch_qk_inputs(core_attention: torch.nn.Module, record: LogitRecord):
         causal = mask is None and _mask_type_is_causal(mask_type) and query.size(0) > 1
         q, k = query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3)  # [b, n, s, d] views
         record.observe(head_max_logits(q, k, scale, causal=causal, blocked=mask))
+
     return core_attention.register_forward_pre_hook(hook, with_kwargs=True)

@@ -6,6 +6,7 @@ Cost per step: one all-reduce (MAX) of one fp32 per local query head over the da
 group, none in a single process; no host read (η is computed on the device and a factor of 1 is exact, so
 nothing needs deciding on the host). `max_logit` stays on the device for whoever logs it.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
@@ -22,8 +23,16 @@ class QKClip:
     """QK-clip over `layers`. With an optimizer it runs by itself after every step() (torch's step hooks);
     without one call `step()` after the optimizer's. log_only: reduce and report, never rescale."""
 
-    def __init__(self, layers: List[ClipLayer], *, threshold: Optional[float], alpha: float, log_only: bool,
-                 group=None, optimizer=None) -> None:
+    def __init__(
+        self,
+        layers: List[ClipLayer],
+        *,
+        threshold: Optional[float],
+        alpha: float,
+        log_only: bool,
+        group=None,
+        optimizer=None,
+    ) -> None:
         self.layers = layers
         self.threshold, self.alpha, self.log_only = threshold, alpha, log_only
         self.group = group
@@ -38,8 +47,10 @@ class QKClip:
         self._counts = None
         self._handles = []
         if optimizer is not None:
-            self._handles = [optimizer.register_step_pre_hook(self._before_step),
-                             optimizer.register_step_post_hook(self._after_step)]
+            self._handles = [
+                optimizer.register_step_pre_hook(self._before_step),
+                optimizer.register_step_post_hook(self._after_step),
+            ]
 
     # -- the reduction and the factors ------------------------------------------------------------
     @property
@@ -77,8 +88,9 @@ class QKClip:
         """Reduce and rescale the model's parameters in place (after the optimizer's step); returns
         max_logit. For optimizers attached with `optimizer=`, this happens inside their step()."""
         if self.optimizer is not None:
-            raise RuntimeError("teonspeed: this QK-clip runs inside its optimizer's step(); do not call "
-                               "step()")
+            raise RuntimeError(
+                "teonspeed: this QK-clip runs inside its optimizer's step(); do not call step()"
+            )
         if self.fresh:
             scales = self.reduce()
             if scales:

@@ -8,6 +8,7 @@ own per-instance override, process-wide): for an attention module with a record 
 training mode) it computes the per-head maximum chunk by chunk (logits.head_max_logits), then calls the
 original; for every other module it only forwards the call.
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,19 +41,25 @@ def _layer(name: str, m: torch.nn.Module) -> ClipLayer:
     config = m.config
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"teonspeed: QK-clip on {name}: attn_implementation {impl!r} does not expose its "
-                         f"logits; load the model with attn_implementation='sdpa' (or 'eager')")
+        raise ValueError(
+            f"teonspeed: QK-clip on {name}: attn_implementation {impl!r} does not expose its "
+            f"logits; load the model with attn_implementation='sdpa' (or 'eager')"
+        )
     if getattr(m, "q_norm", None) is not None or getattr(m, "k_norm", None) is not None:
-        raise ValueError(f"teonspeed: QK-clip on {name}: q_norm/k_norm normalise every query and key head, "
-                         f"which undoes a rescale of their rows; drop qk_clip for this model")
+        raise ValueError(
+            f"teonspeed: QK-clip on {name}: q_norm/k_norm normalise every query and key head, "
+            f"which undoes a rescale of their rows; drop qk_clip for this model"
+        )
     _check_interface(name, m)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     d = m.head_dim
     if m.q_proj.out_features != heads * d or m.k_proj.out_features != kv_heads * d:
-        raise ValueError(f"teonspeed: QK-clip on {name}: q_proj/k_proj have {m.q_proj.out_features}/"
-                         f"{m.k_proj.out_features} rows, expected {heads}x{d} / {kv_heads}x{d} (LLaMA "
-                         f"layout)")
+        raise ValueError(
+            f"teonspeed: QK-clip on {name}: q_proj/k_proj have {m.q_proj.out_features}/"
+            f"{m.k_proj.out_features} rows, expected {heads}x{d} / {kv_heads}x{d} (LLaMA "
+            f"layout)"
+        )
     group = heads // kv_heads
     # One unit per key head: its query heads' rows (contiguous in q_proj), its own rows in k_proj.
     targets = []
@@ -66,12 +73,15 @@ def _layer(name: str, m: torch.nn.Module) -> ClipLayer:
 def _check_reached(name: str, m: torch.nn.Module, record: LogitRecord):
     """A model file that calls its attention function without the shared mapping (older transformers
     called eager directly) would leave the record empty and the clip silently off: refuse instead."""
+
     def hook(module, args, output):
         if module.training and record.observed == seen[0]:
-            raise RuntimeError(f"teonspeed: QK-clip on {name}: the attention ran without passing through "
-                               f"transformers' ALL_ATTENTION_FUNCTIONS, so its logits were not captured; use "
-                               f"attn_implementation='sdpa' (or a transformers version that dispatches eager "
-                               f"there)")
+            raise RuntimeError(
+                f"teonspeed: QK-clip on {name}: the attention ran without passing through "
+                f"transformers' ALL_ATTENTION_FUNCTIONS, so its logits were not captured; use "
+                f"attn_implementation='sdpa' (or a transformers version that dispatches eager "
+                f"there)"
+            )
         seen[0] = record.observed
 
     def before(module, args):
@@ -105,8 +115,10 @@ def _interface():
     try:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     except ImportError as err:  # transformers before 4.48 had no attention interface
-        raise ValueError(f"teonspeed: QK-clip on Hugging Face models needs transformers >= 4.48 (its "
-                         f"ALL_ATTENTION_FUNCTIONS): {err}") from None
+        raise ValueError(
+            f"teonspeed: QK-clip on Hugging Face models needs transformers >= 4.48 (its "
+            f"ALL_ATTENTION_FUNCTIONS): {err}"
+        ) from None
     return ALL_ATTENTION_FUNCTIONS
 
 
@@ -115,8 +127,10 @@ def _check_interface(name: str, m: torch.nn.Module) -> None:
     instance would bypass the wrapper and nothing would be recorded)."""
     own = getattr(sys.modules.get(type(m).__module__), "ALL_ATTENTION_FUNCTIONS", None)
     if own is not None and own is not _interface():
-        raise ValueError(f"teonspeed: QK-clip on {name}: {type(m).__module__} dispatches attention through "
-                         f"its own AttentionInterface, which the capture does not reach")
+        raise ValueError(
+            f"teonspeed: QK-clip on {name}: {type(m).__module__} dispatches attention through "
+            f"its own AttentionInterface, which the capture does not reach"
+        )
 
 
 def install() -> None:
@@ -136,6 +150,7 @@ def _wrapper(impl: str, original: Callable):
             record.observe(_head_max(impl, module, query, key, attention_mask, kwargs))
         target = original if original is not None else _eager_of(module)
         return target(module, query, key, value, attention_mask, *args, **kwargs)
+
     attention.__name__ = f"teonspeed_qk_clip_{impl}"
     return attention
 
@@ -144,8 +159,9 @@ def _eager_of(module: torch.nn.Module) -> Callable:
     """The eager function the model's own file defines (transformers falls back to it for "eager")."""
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
-        raise ValueError(f"teonspeed: QK-clip: {type(module).__module__} has no eager_attention_forward to "
-                         f"call")
+        raise ValueError(
+            f"teonspeed: QK-clip: {type(module).__module__} has no eager_attention_forward to call"
+        )
     return fn
 
 

@@ -7,6 +7,7 @@ Masks follow the attention they mirror, broadcastable to [b, heads, sq, sk]: `al
 eager), `blocked` a boolean mask of the positions left out (Megatron's convention); `causal` leaves out key
 j > query i (top-left aligned, as torch's SDPA and Megatron's causal softmax do).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,8 +29,13 @@ def _window(mask: torch.Tensor, rows: slice, keys: int) -> torch.Tensor:
     return mask[..., :keys] if mask.size(-1) > 1 else mask
 
 
-def _mask_(s: torch.Tensor, rows: slice, causal: bool, allowed: Optional[torch.Tensor],
-           blocked: Optional[torch.Tensor]) -> torch.Tensor:
+def _mask_(
+    s: torch.Tensor,
+    rows: slice,
+    causal: bool,
+    allowed: Optional[torch.Tensor],
+    blocked: Optional[torch.Tensor],
+) -> torch.Tensor:
     """In place on the chunk s [b, h, c, keys] (a tensor made here): the positions that do not enter the
     softmax at -inf (an additive mask added, as the attention adds it)."""
     keys = s.size(-1)
@@ -42,7 +48,7 @@ def _mask_(s: torch.Tensor, rows: slice, causal: bool, allowed: Optional[torch.T
     if blocked is not None:
         s.masked_fill_(_window(blocked, rows, keys), float("-inf"))
     if causal:  # only the chunk's diagonal block has keys after some of its rows
-        _causal_(s[..., rows.start:keys], rows)
+        _causal_(s[..., rows.start : keys], rows)
     return s
 
 
@@ -54,9 +60,16 @@ def _causal_(block: torch.Tensor, rows: slice) -> None:
     block.masked_fill_(k_pos > q_pos, float("-inf"))
 
 
-def head_max_logits(query: torch.Tensor, key: torch.Tensor, scale: float, *, causal: bool,
-                    allowed: Optional[torch.Tensor] = None, blocked: Optional[torch.Tensor] = None,
-                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def head_max_logits(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool,
+    allowed: Optional[torch.Tensor] = None,
+    blocked: Optional[torch.Tensor] = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """max over batch, query and key positions of scale · q·k, per query head: query [b, H, sq, d], key
     [b, Hk, sk, d] with H a multiple of Hk (GQA: query heads g·H/Hk ... (g+1)·H/Hk − 1 share key head g, as
     Hugging Face's repeat_kv and Megatron's repeat_interleave arrange them). Causal: a chunk of query rows
@@ -81,9 +94,15 @@ def head_max_logits(query: torch.Tensor, key: torch.Tensor, scale: float, *, cau
     return out
 
 
-def head_max_of_scores(scores: torch.Tensor, scale: float = 1.0, *, causal: bool,
-                       allowed: Optional[torch.Tensor] = None, blocked: Optional[torch.Tensor] = None,
-                       chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def head_max_of_scores(
+    scores: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    causal: bool,
+    allowed: Optional[torch.Tensor] = None,
+    blocked: Optional[torch.Tensor] = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """The same maximum from logits an attention has already materialised (scores [b, H, sq, sk], to be
     multiplied by `scale` > 0, as Megatron's softmax does with its layer-scaling coefficient): no matmul.
     Causal without a mask: the keys before a chunk's first row are read in place (no copy) and only the

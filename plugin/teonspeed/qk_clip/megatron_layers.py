@@ -8,14 +8,21 @@ imported here).
   RoPE] query rows, `linear_kv_up_proj` per head [no-RoPE key; value] rows; the RoPE key comes out of
   `linear_kv_down_proj`, shared by all heads, and is not touched.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
 import torch
 
-from .capture import (ClipLayer, LogitRecord, TEMaxLogits, is_transformer_engine, watch_qk_inputs,
-                      watch_softmax)
+from .capture import (
+    ClipLayer,
+    LogitRecord,
+    TEMaxLogits,
+    is_transformer_engine,
+    watch_qk_inputs,
+    watch_softmax,
+)
 from .rescale import FULL, K, NONE, Q, RowPart
 
 
@@ -39,9 +46,11 @@ def megatron_layers(model: torch.nn.Module, prefix: str = "") -> List[ClipLayer]
 
 def _self_attention(name: str, m: torch.nn.Module) -> ClipLayer:
     if _normalises(getattr(m, "q_layernorm", None)) or _normalises(getattr(m, "k_layernorm", None)):
-        raise ValueError(f"teonspeed: QK-clip on {name}: qk_layernorm normalises every query and key head, "
-                         f"which undoes a rescale of their rows (and bounds the logits already); drop "
-                         f"qk_clip for this model or set qk_layernorm=False")
+        raise ValueError(
+            f"teonspeed: QK-clip on {name}: qk_layernorm normalises every query and key head, "
+            f"which undoes a rescale of their rows (and bounds the logits already); drop "
+            f"qk_clip for this model or set qk_layernorm=False"
+        )
     heads, groups = m.num_attention_heads_per_partition, m.num_query_groups_per_partition
     head_dim = m.hidden_size_per_attention_head
     parts = (RowPart(heads // groups * head_dim, Q), RowPart(head_dim, K), RowPart(head_dim, NONE))
@@ -63,8 +72,9 @@ def _mla(name: str, m: torch.nn.Module) -> ClipLayer:
     return _layer(name, m.core_attention, heads, 1, targets)
 
 
-def _targets(name: str, linear: torch.nn.Module, parts: Tuple[RowPart, ...], units: int
-             ) -> List[Tuple[torch.nn.Parameter, Tuple[RowPart, ...]]]:
+def _targets(
+    name: str, linear: torch.nn.Module, parts: Tuple[RowPart, ...], units: int
+) -> List[Tuple[torch.nn.Parameter, Tuple[RowPart, ...]]]:
     """The linear's weight and (if it has one) bias: both hold one value per output row, so both are
     rescaled (megatron's clip_qk leaves a bias alone, and then the logits do not scale by exactly η)."""
     rows = units * sum(p.rows for p in parts)
@@ -74,31 +84,38 @@ def _targets(name: str, linear: torch.nn.Module, parts: Tuple[RowPart, ...], uni
         if not isinstance(p, torch.nn.Parameter):
             continue
         if p.size(0) != rows:
-            raise ValueError(f"teonspeed: QK-clip on {name}: {pname} has {p.size(0)} rows on this rank, "
-                             f"expected {units} x {[(x.rows, x.factor) for x in parts]} = {rows}")
+            raise ValueError(
+                f"teonspeed: QK-clip on {name}: {pname} has {p.size(0)} rows on this rank, "
+                f"expected {units} x {[(x.rows, x.factor) for x in parts]} = {rows}"
+            )
         out.append((p, parts))
     return out
 
 
-def _layer(name: str, core_attention: torch.nn.Module, heads: int, heads_per_group: int,
-           targets) -> ClipLayer:
+def _layer(
+    name: str, core_attention: torch.nn.Module, heads: int, heads_per_group: int, targets
+) -> ClipLayer:
     """The layer with its source of maxima: Transformer Engine's own, the local softmax's input, or the query
     and key any other core attention receives."""
     if is_transformer_engine(core_attention):
         if not hasattr(core_attention, "current_max_attn_logits"):
-            raise ValueError(f"teonspeed: QK-clip on {name}: Transformer Engine's attention computes the max "
-                             f"logit only when the model's TransformerConfig sets "
-                             f"log_max_attention_logit=True (or qk_clip) before the model is built; set "
-                             f"log_max_attention_logit=True (and leave Megatron's own qk_clip off, teonspeed "
-                             f"clips)")
+            raise ValueError(
+                f"teonspeed: QK-clip on {name}: Transformer Engine's attention computes the max "
+                f"logit only when the model's TransformerConfig sets "
+                f"log_max_attention_logit=True (or qk_clip) before the model is built; set "
+                f"log_max_attention_logit=True (and leave Megatron's own qk_clip off, teonspeed "
+                f"clips)"
+            )
         return ClipLayer(name, TEMaxLogits(core_attention, heads), heads, heads_per_group, targets)
     record = LogitRecord(heads)
     softmax = getattr(core_attention, "scale_mask_softmax", None)
     if softmax is not None:
         if getattr(softmax, "window_size", None) is not None:
-            raise ValueError(f"teonspeed: QK-clip on {name}: sliding-window attention (window_size) is not "
-                             f"captured by the local DotProductAttention path; use Transformer Engine's "
-                             f"attention")
+            raise ValueError(
+                f"teonspeed: QK-clip on {name}: sliding-window attention (window_size) is not "
+                f"captured by the local DotProductAttention path; use Transformer Engine's "
+                f"attention"
+            )
         hook = watch_softmax(softmax, record)
     else:
         hook = watch_qk_inputs(core_attention, record)
@@ -110,6 +127,7 @@ def data_context_parallel_group() -> Optional[object]:
     this rank's heads (Megatron's clip_qk reduces over the same group). None when megatron's parallel state
     is not initialised."""
     import sys
+
     ps = sys.modules.get("megatron.core.parallel_state")
     if ps is None or not ps.model_parallel_is_initialized():
         return None

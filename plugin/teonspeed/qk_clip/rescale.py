@@ -13,6 +13,7 @@ A weight's rows are described as repeating units (a query group, an MLA head) of
 description covers the full matrix and a tensor-parallel shard, because Megatron gives each TP rank whole
 query groups (whole heads for MLA).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,8 +62,9 @@ def row_scale(eta: torch.Tensor, parts: Sequence[RowPart], alpha: float) -> torc
 def scale_rows(weight: torch.Tensor, scale: torch.Tensor) -> None:
     """weight[r, ...] *= scale[r], in place (a matrix, or a bias with one value per row)."""
     if weight.size(0) != scale.numel():
-        raise ValueError(f"teonspeed: QK-clip: a weight with {weight.size(0)} rows got {scale.numel()} row "
-                         f"factors")
+        raise ValueError(
+            f"teonspeed: QK-clip: a weight with {weight.size(0)} rows got {scale.numel()} row factors"
+        )
     weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
 
 
@@ -79,8 +81,9 @@ def scale_flat_rows(flat: torch.Tensor, first: int, row_len: int, scale: torch.T
     whole = (end - pos) // row_len
     if whole:
         row = pos // row_len
-        flat[pos - first: pos - first + whole * row_len].view(whole, row_len).mul_(
-            scale[row: row + whole].unsqueeze(1))
+        flat[pos - first : pos - first + whole * row_len].view(whole, row_len).mul_(
+            scale[row : row + whole].unsqueeze(1)
+        )
         pos += whole * row_len
     if pos < end:  # the partial last row
-        flat[pos - first:].mul_(scale[pos // row_len])
+        flat[pos - first :].mul_(scale[pos // row_len])

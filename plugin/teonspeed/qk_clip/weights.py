@@ -11,6 +11,7 @@ and the next forward start from, and every replica stays identical.
   fp32 master, then copied into the bf16 partition the parameter all-gather spreads).
 Every DP rank rescales its own elements with the same (reduced) factors: replicas stay identical.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Set, Tuple
@@ -67,8 +68,10 @@ class RowWriter:
                 missing.append(p)
         if missing:
             shape = tuple(missing[0].shape)
-            raise ValueError(f"teonspeed: QK-clip: a query/key weight of shape {shape} is not among the "
-                             f"optimizer's parameters (is it frozen, or in another optimizer?)")
+            raise ValueError(
+                f"teonspeed: QK-clip: a query/key weight of shape {shape} is not among the "
+                f"optimizer's parameters (is it frozen, or in another optimizer?)"
+            )
         buckets = getattr(self._stepped(), "buckets", None)
         if buckets:
             self._write_buckets(buckets, by_name)
@@ -89,7 +92,7 @@ class RowWriter:
                 scale = by_name.get(e.name)
                 lo, hi = max(e.offset, start), min(e.offset + e.numel, end)
                 if scale is not None and lo < hi:
-                    mine = flat.data[lo - start: hi - start]
+                    mine = flat.data[lo - start : hi - start]
                     scale_flat_rows(mine, lo - e.offset, _row_len(e.shape), scale)
 
     @staticmethod

@@ -13,6 +13,7 @@ triton.jit only at their first call. The CPU interpreter (TRITON_INTERPRET=1) mu
 before triton's first import in the process (torch._dynamo imports triton, for one).
 Nothing in teonspeed imports this package unless the Triton backend is asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,12 +24,15 @@ from .tiling import Blocks, default_blocks, flops_per_step, lower_tile_pairs, sy
 TRITON_IMPORT_ERROR: Optional[str]
 try:
     from .newton_schulz_triton import interpreter_ready, newton_schulz_triton, ns_update, sym_matmul
+
     TRITON_IMPORT_ERROR = None
 except Exception as _exc:  # ImportError, or a triton install that fails while loading its libraries
     TRITON_IMPORT_ERROR = f"{type(_exc).__name__}: {_exc}"
 
     def _missing(*_args, **_kwargs):
-        raise ImportError(f"teonspeed.ortho.kernels needs triton (pip install 'teonspeed[triton]'): {TRITON_IMPORT_ERROR}")
+        raise ImportError(
+            f"teonspeed.ortho.kernels needs triton (pip install 'teonspeed[triton]'): {TRITON_IMPORT_ERROR}"
+        )
 
     newton_schulz_triton = sym_matmul = ns_update = _missing  # type: ignore[assignment]
 
@@ -52,6 +56,17 @@ def triton_available(x) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and interpreter_ready()
 
 
-__all__ = ["triton_available", "triton_importable", "TRITON_IMPORT_ERROR", "newton_schulz_triton",
-           "interpreter_ready", "sym_matmul", "ns_update", "lower_tile_pairs", "sym_grid", "Blocks", "default_blocks",
-           "flops_per_step"]
+__all__ = [
+    "triton_available",
+    "triton_importable",
+    "TRITON_IMPORT_ERROR",
+    "newton_schulz_triton",
+    "interpreter_ready",
+    "sym_matmul",
+    "ns_update",
+    "lower_tile_pairs",
+    "sym_grid",
+    "Blocks",
+    "default_blocks",
+    "flops_per_step",
+]

@@ -22,6 +22,7 @@ this computes what the GPU's bf16 MMA with fp32 accumulation does (up to summati
 The kernels are decorated with triton.jit on first use, not at import. Interpreted runs still need
 TRITON_INTERPRET=1 before triton is first imported (see `interpreter_ready`); compiled runs need a GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,14 +54,33 @@ def interpreter_ready() -> bool:
 # --------------------------------------------------------------------------------------- kernels
 # Plain functions; `_kernels()` wraps them with triton.jit lazily.
 
-def _sym_kernel(p_ptr, c_ptr, out_ptr, pairs_ptr,
-                M, K,
-                s_pb, s_pm, s_pk,
-                s_cb, s_cm, s_cn,
-                s_ob, s_om, s_on,
-                alpha, beta,
-                HAS_C: tl.constexpr, MIRROR: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+
+def _sym_kernel(
+    p_ptr,
+    c_ptr,
+    out_ptr,
+    pairs_ptr,
+    M,
+    K,
+    s_pb,
+    s_pm,
+    s_pk,
+    s_cb,
+    s_cm,
+    s_cn,
+    s_ob,
+    s_om,
+    s_on,
+    alpha,
+    beta,
+    HAS_C: tl.constexpr,
+    MIRROR: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
     ti = tl.load(pairs_ptr + 2 * pid)
@@ -75,10 +95,16 @@ def _sym_kernel(p_ptr, c_ptr, out_ptr, pairs_ptr,
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         mask_k = kk < K
-        lhs = tl.load(p_base + rows_i[:, None] * s_pm + kk[None, :] * s_pk,
-                      mask=mask_i[:, None] & mask_k[None, :], other=0.0)
-        rhs = tl.load(p_base + rows_j[None, :] * s_pm + kk[:, None] * s_pk,
-                      mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+        lhs = tl.load(
+            p_base + rows_i[:, None] * s_pm + kk[None, :] * s_pk,
+            mask=mask_i[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        rhs = tl.load(
+            p_base + rows_j[None, :] * s_pm + kk[:, None] * s_pk,
+            mask=mask_k[:, None] & mask_j[None, :],
+            other=0.0,
+        )
         if UPCAST:
             lhs = lhs.to(tl.float32)
             rhs = rhs.to(tl.float32)
@@ -88,8 +114,11 @@ def _sym_kernel(p_ptr, c_ptr, out_ptr, pairs_ptr,
             acc = tl.dot(lhs, rhs, acc)
     out = acc * alpha
     if HAS_C:
-        c_tile = tl.load(c_ptr + bid * s_cb + rows_i[:, None] * s_cm + rows_j[None, :] * s_cn,
-                         mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+        c_tile = tl.load(
+            c_ptr + bid * s_cb + rows_i[:, None] * s_cm + rows_j[None, :] * s_cn,
+            mask=mask_i[:, None] & mask_j[None, :],
+            other=0.0,
+        )
         out = out + beta * c_tile.to(tl.float32)
     if ti == tj:
         out = 0.5 * (out + tl.trans(out))
@@ -99,22 +128,41 @@ def _sym_kernel(p_ptr, c_ptr, out_ptr, pairs_ptr,
         out = bits.to(tl.float32, bitcast=True)
     o_base = out_ptr + bid * s_ob
     res = out.to(out_ptr.dtype.element_ty)
-    tl.store(o_base + rows_i[:, None] * s_om + rows_j[None, :] * s_on, res,
-             mask=mask_i[:, None] & mask_j[None, :])
+    tl.store(
+        o_base + rows_i[:, None] * s_om + rows_j[None, :] * s_on, res, mask=mask_i[:, None] & mask_j[None, :]
+    )
     if MIRROR:
         if ti != tj:
-            tl.store(o_base + rows_j[:, None] * s_om + rows_i[None, :] * s_on, tl.trans(res),
-                     mask=mask_j[:, None] & mask_i[None, :])
+            tl.store(
+                o_base + rows_j[:, None] * s_om + rows_i[None, :] * s_on,
+                tl.trans(res),
+                mask=mask_j[:, None] & mask_i[None, :],
+            )
 
 
-def _update_kernel(b_ptr, x_ptr, out_ptr,
-                   M, N,
-                   s_bb, s_bm, s_bk,
-                   s_xb, s_xm, s_xn,
-                   s_ob, s_om, s_on,
-                   a_coef,
-                   UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _update_kernel(
+    b_ptr,
+    x_ptr,
+    out_ptr,
+    M,
+    N,
+    s_bb,
+    s_bm,
+    s_bk,
+    s_xb,
+    s_xm,
+    s_xn,
+    s_ob,
+    s_om,
+    s_on,
+    a_coef,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -131,10 +179,16 @@ def _update_kernel(b_ptr, x_ptr, out_ptr,
     for k0 in range(0, M, BLOCK_K):  # B is M x M: the reduction runs over M
         kk = k0 + rk
         mask_k = kk < M
-        lhs = tl.load(b_base + rm[:, None] * s_bm + kk[None, :] * s_bk,
-                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        rhs = tl.load(x_base + kk[:, None] * s_xm + rn[None, :] * s_xn,
-                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        lhs = tl.load(
+            b_base + rm[:, None] * s_bm + kk[None, :] * s_bk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        rhs = tl.load(
+            x_base + kk[:, None] * s_xm + rn[None, :] * s_xn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         if UPCAST:
             lhs = lhs.to(tl.float32)
             rhs = rhs.to(tl.float32)
@@ -149,8 +203,11 @@ def _update_kernel(b_ptr, x_ptr, out_ptr,
         bits = out.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         out = bits.to(tl.float32, bitcast=True)
-    tl.store(out_ptr + bid * s_ob + rm[:, None] * s_om + rn[None, :] * s_on,
-             out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + bid * s_ob + rm[:, None] * s_om + rn[None, :] * s_on,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 _JITTED: Dict[bool, Tuple[object, object]] = {}
@@ -160,9 +217,11 @@ def _kernels():
     """(sym, update) wrapped by triton.jit for the current TRITON_INTERPRET mode."""
     mode = interpreting()
     if mode and not interpreter_ready():
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported (torch._dynamo, for one, "
-                           "imports it): set it before the first import of torch/triton, e.g. in the "
-                           "environment of a fresh process")
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported (torch._dynamo, for one, "
+            "imports it): set it before the first import of torch/triton, e.g. in the "
+            "environment of a fresh process"
+        )
     if mode not in _JITTED:
         _JITTED[mode] = (triton.jit(_sym_kernel), triton.jit(_update_kernel))
     return _JITTED[mode]
@@ -197,10 +256,19 @@ def _check_3d(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be (batch, rows, cols), got shape {tuple(t.shape)}")
 
 
-def sym_matmul(p: torch.Tensor, *, alpha: float = 1.0, c: Optional[torch.Tensor] = None, beta: float = 0.0,
-               out: Optional[torch.Tensor] = None, block_m: Optional[int] = None,
-               block_k: Optional[int] = None, mirror: bool = True, num_warps: int = 8,
-               num_stages: int = 3) -> torch.Tensor:
+def sym_matmul(
+    p: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    c: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    out: Optional[torch.Tensor] = None,
+    block_m: Optional[int] = None,
+    block_k: Optional[int] = None,
+    mirror: bool = True,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> torch.Tensor:
     """out = α · P Pᵀ + β · C for a batch P of shape (B, m, k); C (B, m, m) must be symmetric.
 
     Computes the lower-triangle tiles only and mirrors them (mirror=False leaves the strictly-upper
@@ -222,20 +290,49 @@ def sym_matmul(p: torch.Tensor, *, alpha: float = 1.0, c: Optional[torch.Tensor]
     pairs = _pairs_tensor(triton.cdiv(m, bm), p.device)
     sym, _ = _kernels()
     cc = c if c is not None else out  # never read when HAS_C is False
-    sym[grid](p, cc, out, pairs, m, k,
-              p.stride(0), p.stride(1), p.stride(2),
-              cc.stride(0), cc.stride(1), cc.stride(2),
-              out.stride(0), out.stride(1), out.stride(2),
-              float(alpha), float(beta),
-              HAS_C=c is not None, MIRROR=mirror, UPCAST=_upcast(p.dtype), IEEE=p.dtype == torch.float32,
-              RNE_BF16=_rne_bf16(out.dtype),
-              BLOCK_M=bm, BLOCK_K=bk, num_warps=num_warps, num_stages=num_stages)
+    sym[grid](
+        p,
+        cc,
+        out,
+        pairs,
+        m,
+        k,
+        p.stride(0),
+        p.stride(1),
+        p.stride(2),
+        cc.stride(0),
+        cc.stride(1),
+        cc.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        float(alpha),
+        float(beta),
+        HAS_C=c is not None,
+        MIRROR=mirror,
+        UPCAST=_upcast(p.dtype),
+        IEEE=p.dtype == torch.float32,
+        RNE_BF16=_rne_bf16(out.dtype),
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return out
 
 
-def ns_update(b: torch.Tensor, x: torch.Tensor, a: float, *, out: Optional[torch.Tensor] = None,
-              block_m: Optional[int] = None, block_n: Optional[int] = None, block_k: Optional[int] = None,
-              num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+def ns_update(
+    b: torch.Tensor,
+    x: torch.Tensor,
+    a: float,
+    *,
+    out: Optional[torch.Tensor] = None,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+    block_k: Optional[int] = None,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> torch.Tensor:
     """out = a · X + B X for batches B (Bt, m, m) and X (Bt, m, n). `out` must not alias X."""
     _check_3d(b, "b")
     _check_3d(x, "x")
@@ -253,20 +350,40 @@ def ns_update(b: torch.Tensor, x: torch.Tensor, a: float, *, out: Optional[torch
     bk = block_k or _pow2_clamp(m, 16, 64)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), batch)
     _, upd = _kernels()
-    upd[grid](b, x, out, m, n,
-              b.stride(0), b.stride(1), b.stride(2),
-              x.stride(0), x.stride(1), x.stride(2),
-              out.stride(0), out.stride(1), out.stride(2),
-              float(a),
-              UPCAST=_upcast(x.dtype), IEEE=x.dtype == torch.float32, RNE_BF16=_rne_bf16(out.dtype),
-              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps, num_stages=num_stages)
+    upd[grid](
+        b,
+        x,
+        out,
+        m,
+        n,
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        float(a),
+        UPCAST=_upcast(x.dtype),
+        IEEE=x.dtype == torch.float32,
+        RNE_BF16=_rne_bf16(out.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return out
 
 
 # --------------------------------------------------------------------------------------- public entry
 
-def newton_schulz_triton(x: torch.Tensor, schedule: Schedule, compute_dtype: torch.dtype,
-                         blocks: Optional[Blocks] = None) -> torch.Tensor:
+
+def newton_schulz_triton(
+    x: torch.Tensor, schedule: Schedule, compute_dtype: torch.dtype, blocks: Optional[Blocks] = None
+) -> torch.Tensor:
     """Same contract as teonspeed.ortho.newton_schulz.newton_schulz: x of shape (..., m, n), the
     schedule's quintics, result in compute_dtype with x's shape. float64 is delegated to the torch
     path (tensor-core kernels bring nothing there)."""
@@ -275,8 +392,10 @@ def newton_schulz_triton(x: torch.Tensor, schedule: Schedule, compute_dtype: tor
     if compute_dtype == torch.float64 or x.dtype == torch.float64:
         return newton_schulz(x, schedule, compute_dtype)
     if compute_dtype not in SUPPORTED_COMPUTE_DTYPES:
-        raise ValueError(f"newton_schulz_triton: compute_dtype must be one of {SUPPORTED_COMPUTE_DTYPES}, "
-                         f"got {compute_dtype}")
+        raise ValueError(
+            f"newton_schulz_triton: compute_dtype must be one of {SUPPORTED_COMPUTE_DTYPES}, "
+            f"got {compute_dtype}"
+        )
     lead = x.shape[:-2]
     tall = x.size(-2) > x.size(-1)
     X = x.to(torch.float32)
@@ -295,8 +414,16 @@ def newton_schulz_triton(x: torch.Tensor, schedule: Schedule, compute_dtype: tor
         launch = dict(num_warps=bl.num_warps, num_stages=bl.num_stages)
         for a, b, c in schedule.steps:
             sym_matmul(X, out=A, block_m=bl.sym_m, block_k=bl.sym_k, **launch)
-            sym_matmul(A, alpha=c, c=A, beta=b, out=B, block_m=bl.sym_m, block_k=_pow2_clamp(m, 16, bl.sym_k),
-                       **launch)
+            sym_matmul(
+                A,
+                alpha=c,
+                c=A,
+                beta=b,
+                out=B,
+                block_m=bl.sym_m,
+                block_k=_pow2_clamp(m, 16, bl.sym_k),
+                **launch,
+            )
             ns_update(B, X, a, out=Y, block_m=bl.upd_m, block_n=bl.upd_n, block_k=bl.upd_k, **launch)
             X, Y = Y, X
     X = X.reshape(*lead, m, n)

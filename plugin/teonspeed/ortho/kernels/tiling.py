@@ -1,5 +1,6 @@
 """Tiling and FLOP bookkeeping of the Triton Newton–Schulz kernels. Pure Python: no triton import, so
 benchmarks and tests can use it on machines without triton."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,13 @@ def default_blocks(m: int, n: int) -> Blocks:
     """Tiles for a wide (m <= n) problem. tl.dot needs every block dim >= 16; small matrices get
     smaller tiles so that masked-off lanes do not dominate. Interpreted runs use the same rule (the
     interpreter is fastest with big tiles, which this picks for the small test shapes anyway)."""
-    return Blocks(sym_m=pow2_clamp(m, 16, 128), sym_k=pow2_clamp(n, 16, 64),
-                  upd_m=pow2_clamp(m, 16, 128), upd_n=pow2_clamp(n, 16, 128), upd_k=pow2_clamp(m, 16, 64))
+    return Blocks(
+        sym_m=pow2_clamp(m, 16, 128),
+        sym_k=pow2_clamp(n, 16, 64),
+        upd_m=pow2_clamp(m, 16, 128),
+        upd_n=pow2_clamp(n, 16, 128),
+        upd_k=pow2_clamp(m, 16, 64),
+    )
 
 
 def lower_tile_pairs(num_tiles: int) -> List[Tuple[int, int]]:
@@ -62,5 +68,5 @@ def flops_per_step(m: int, n: int, symmetric: bool) -> int:
     """
     m, n = min(m, n), max(m, n)
     if symmetric:
-        return m * m * n + m ** 3 + 2 * m * m * n
-    return 2 * m * m * n + 2 * m ** 3 + 2 * m * m * n
+        return m * m * n + m**3 + 2 * m * m * n
+    return 2 * m * m * n + 2 * m**3 + 2 * m * m * n
