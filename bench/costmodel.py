@@ -34,7 +34,7 @@ The structure of the model follows the implementation (plugin/teonspeed/parallel
   zero       teonspeed's own ZeRO-1/2 step (plugin/teonspeed/parallel/flat.py): the hidden matrices of one
              stage in the model's parameter order (HF names: q, k, v, o, gate, up, down per layer; TP-local
              shapes) form one flat param group cut into DP equal partitions (DeepSpeed's alignment padding
-             ignored); teonspeed.parallel.zero_partition.plan_zero_partition, the implementation's own
+             ignored); teonspeed.parallel.zero_planner.plan_zero_partition, the implementation's own
              planner, decides local/cut jobs and owners; bytes are its point-to-point rounds, FLOPs its loads
              (see zero_partition_time; tests/unit/test_costmodel.py checks the bytes against
              FlatStep.expected_bytes). MoE: one EP rank's expert matrices form their own param group, cut into
@@ -61,7 +61,8 @@ from teonspeed.parallel.owner_compute import split_waves  # the implementation's
 from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.owners import assign_owners, ns_flops
 from teonspeed.parallel.placement import GroupCost, choose_owner_compute, hidden_fraction, layout_of
-from teonspeed.parallel.zero_partition import ZeroPlan, plan_zero_buckets
+from teonspeed.parallel.zero_partition import ZeroPlan
+from teonspeed.parallel.zero_planner import plan_zero_buckets
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"

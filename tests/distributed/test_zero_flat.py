@@ -18,7 +18,7 @@ from teonspeed.parallel.pieces import TPSplit
 from teonspeed.parallel.runner import StepIO
 from teonspeed.parallel.stats import CommStats
 from teonspeed.parallel.shard_spec import shard_of
-from teonspeed.parallel.zero_partition import plan_zero_partition
+from teonspeed.parallel.zero_planner import plan_zero_partition
 from support import tolerance as tol
 from support.harness import run_ranks
 

@@ -6,7 +6,7 @@ import pytest
 from teonspeed.grouping import LayerRef, MatrixRef, OrthoGroup
 from teonspeed.parallel.cost import ClusterProfile
 from teonspeed.parallel.owners import ns_flops
-from teonspeed.parallel.zero_partition import exchange_seconds, plan_zero_buckets, plan_zero_partition
+from teonspeed.parallel.zero_planner import exchange_seconds, plan_zero_buckets, plan_zero_partition
 
 
 def matrix(name, shape, block=0, part=None, expert=None, layer_type="other"):

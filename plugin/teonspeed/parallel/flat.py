@@ -28,7 +28,8 @@ from .pieces import TPSplit
 from .runner import StepIO, transform_stacks
 from .shard_spec import assemble, shard_of
 from .stats import CommStats
-from .zero_partition import Unit, ZeroJob, ZeroPlan, plan_zero_buckets
+from .zero_partition import Unit, ZeroJob, ZeroPlan
+from .zero_planner import plan_zero_buckets
 
 
 @dataclass
