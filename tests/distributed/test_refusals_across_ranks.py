@@ -133,7 +133,12 @@ def _fsdp2_rank(rank, world_size, port, out_dir):
         with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
             json.dump(errors, f)
     finally:
+        # Both ranks leave gloo together: a rank exiting during the other's teardown aborts it (SIGABRT).
+        dist.barrier()
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: FSDP2's sharded parameters outlive the group, and tearing
+    # them down after it aborted about 1 run in 5 (SIGABRT). The results are on disk already.
+    os._exit(0)
 
 
 def test_an_fsdp2_model_is_refused_at_construction(tmp_path):
