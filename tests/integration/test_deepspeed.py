@@ -14,7 +14,7 @@ import torch
 import ds_helpers as h
 import teonspeed
 from support import tolerance as tol
-from support.harness import RankError, run_ranks
+from support.harness import RankError, free_port, run_ranks
 
 TYPES = {"TEON": teonspeed.TEON, "TeonspeedMuon": teonspeed.Muon, "TeonspeedHTMuon": teonspeed.HTMuon}
 REPO = Path(__file__).resolve().parents[2]
@@ -365,7 +365,7 @@ def test_a_refused_engine_exits_without_the_process_group_alive():
     )
     config = json.dumps(h.ds_config("TEON", stage=3))
     proc = subprocess.run(
-        [sys.executable, "-c", _EXIT_PROBE % _free_port(), config],
+        [sys.executable, "-c", _EXIT_PROBE % free_port(), config],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -447,7 +447,7 @@ def test_deepspeed_launcher_trains_from_a_json_config(tmp_path):
         "--num_gpus=2",
         "--no_local_rank",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(Path(__file__).parent / "ds_launch_script.py"),
         str(tmp_path / "ds_config.json"),
         str(out),
@@ -457,12 +457,6 @@ def test_deepspeed_launcher_trains_from_a_json_config(tmp_path):
     result = json.loads(out.read_text())
     assert result["optimizer"] == "DeepSpeedZeroOptimizer" and result["basic"] == "TEON"
     assert result["world_size"] == 2 and len(result["losses"]) == 4
-
-
-def _free_port():
-    from support.harness import free_port
-
-    return free_port()
 
 
 @pytest.mark.parametrize("stage", [0, 2])
