@@ -161,9 +161,16 @@ def layer_ref(name: str) -> LayerRef:
     return LayerRef(layer_type, int(block.group(1)) if block else None, expert)
 
 
+def param_shape(p: torch.Tensor) -> Tuple[int, ...]:
+    """A parameter's (local) shape. DeepSpeed's zero.Init (Hugging Face's from_pretrained under ZeRO-3)
+    leaves an empty placeholder in the parameter and its shape in `ds_shape`."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 def adamw_reason(name: str, param: torch.Tensor) -> Optional[str]:
-    if param.ndim < 2:
-        return f"{param.ndim}-D (norm gain, bias or scalar)"
+    ndim = len(param_shape(param))
+    if ndim < 2:
+        return f"{ndim}-D (norm gain, bias or scalar)"
     lowered = name.lower()
     for marker in ADAMW_NAME_MARKERS:
         if marker in lowered:
@@ -196,7 +203,7 @@ def build_groups(
     matrices: List[MatrixRef] = []
     notes: List[str] = []
     for name, p in named_params:
-        shape = tuple(full_shape(name, p)) if full_shape else tuple(p.shape)
+        shape = tuple(full_shape(name, p)) if full_shape else param_shape(p)
         forced = (force_route or {}).get(name)
         reason = adamw_reason(name, p)
         if forced == "adamw" or (forced is None and reason is not None):
@@ -204,7 +211,7 @@ def build_groups(
                 Routing(name, shape, "adamw", reason if forced is None else "param group says adamw")
             )
             continue
-        if p.ndim < 2:
+        if len(param_shape(p)) < 2:
             raise ValueError(
                 f"teonspeed: parameter {name!r} has shape {shape} but its param group asks for an "
                 f"orthogonalized update, which needs a matrix; put it in an AdamW group"

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..config import OptimizerConfig
 from ..fused import annotate_model
-from ..grouping import GroupingResult, LayerRef, build_groups, require_teon_stacks
+from ..grouping import GroupingResult, LayerRef, build_groups, param_shape, require_teon_stacks
 from ..params import ROUTE_KEY, normalize_params, refuse_dtensor_parameters
 from .shard_spec import ShardSpec, full_shape, megatron_shard_specs
 
@@ -46,7 +46,7 @@ class ParallelContext:
 
     def full_shape(self, name: str, p: torch.Tensor) -> Tuple[int, ...]:
         spec = self.spec(name)
-        return full_shape(tuple(p.shape), spec, self.tp_size(spec.is_expert))
+        return full_shape(param_shape(p), spec, self.tp_size(spec.is_expert))
 
     def relocate(self, name: str, ref: LayerRef) -> LayerRef:
         spec = self.spec(name)
