@@ -33,6 +33,16 @@ def test_zero3_equals_zero0_in_fp32(optimizer):
     assert_same_training(result, reference, *oracle(optimizer))
 
 
+def test_zero3_htmuon_counts_each_step_once_across_sub_groups():
+    """DeepSpeed calls step() once per sub-group (here the matrices' and the AdamW part's) with the other
+    param groups emptied; HTMuon's heavy-tail every 2nd step must still fall on steps 2, 4 (a step counted
+    per call would make every step heavy-tailed)."""
+    params = {"lr": 0.02, "adamw_lr": 3e-3, "ht_interval": 2}
+    result = run(zero3("TeonspeedHTMuon", params=params))
+    reference = run(h.ds_config("TeonspeedHTMuon", stage=0, params=params))
+    assert_same_training(result, reference, *oracle("TeonspeedHTMuon", params_cfg=params))
+
+
 def test_zero3_with_accumulation_clipping_and_several_sub_groups_equals_zero0():
     """Muon (no stacks) with sub-groups of 200 elements per rank: DeepSpeed calls step() once per
     sub-group, several per param group; gradients accumulated over 2 micro-batches and clipped at 0.05
