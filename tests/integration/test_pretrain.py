@@ -166,7 +166,8 @@ def test_zero_stage_3_refuses_tp_and_qk_clip_before_starting(tmp_path):
         ConfigError, match=r"^error: --zero-stage 3 with --tp 2: .* use --zero-stage 1 or 2 with --tp"
     ):
         options.check(["--runs-dir", str(tmp_path), "--zero-stage", "3", "--tp", "2"], 2)
-    with pytest.raises(ConfigError, match=r"^error: --qk-clip/--qk-clip-log are not supported with --zero-stage 3"):
+    qk = r"^error: --qk-clip/--qk-clip-log are not supported with --zero-stage 3"
+    with pytest.raises(ConfigError, match=qk):
         options.check(["--runs-dir", str(tmp_path), "--zero-stage", "3", "--qk-clip", "50"], 2)
 
 
