@@ -119,6 +119,7 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         device: Optional[torch.device] = None,
         adamw_bytes: int = 0,
         together: bool = False,
+        itemsize: int = 4,
     ) -> None:
         """Any layout of sharded pieces (parallel/sharded.py): `layouts` say where the data-parallel ranks
         hold each parameter's pieces (flat partitions, or `PieceLayout`s whose holds name this rank's
@@ -126,7 +127,9 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         way). Plans who orthogonalizes what: a collective over each plan's tp × dp work group, so every
         rank attaches at the same point. `device`: the stepped tensors' device; `adamw_bytes`: what AdamW
         moves per rank and direction for the same matrices in this layout (comm_stats); `together`: plan
-        flat partitions of one topology as one local buffer (Megatron's buckets)."""
+        flat partitions of one topology as one local buffer (Megatron's buckets); `itemsize`: the stepped
+        tensors' element size (4 for fp32 masters; 2 where bf16 parameters are stepped themselves), what the
+        exchange moves per element, for the planner's balancing and the predicted bytes."""
         self._runner = PartitionRunner(
             self._make_runner(),
             layouts,
@@ -135,6 +138,7 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
             lambda key: device or torch.device("cpu"),
             adamw_bytes,
             together,
+            itemsize,
         )
         self._tensors = tensors
 
@@ -217,8 +221,9 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         return [s.plan for s in getattr(self._runner, "steps", {}).values()]
 
     def zero_expected_bytes(self) -> Tuple[int, int]:
-        """ZeRO-1/2: (sent, received) bytes of one step on this rank, by the plans (fp32 masters)."""
-        return self._runner.expected_bytes(self.grouping.groups, 4) if self.zero_plans else (0, 0)
+        """Sharded layouts (ZeRO, Megatron buckets, FSDP2): (sent, received) bytes of one step on this rank,
+        by the plans (in the stepped tensors' element size given at attach: fp32 masters under ZeRO)."""
+        return self._runner.expected_bytes(self.grouping.groups) if self.zero_plans else (0, 0)
 
     @property
     def plan(self) -> Plan:

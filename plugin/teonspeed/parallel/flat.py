@@ -110,7 +110,8 @@ def gather_work_ranks(
     collective over the work group, at construction)."""
     if work_size != tp_size * partition.dp_size:
         raise ValueError(
-            f"teonspeed: a ZeRO partition spans {partition.dp_size} data-parallel ranks but the "
+            f"teonspeed: a sharded layout (ZeRO partition, Megatron bucket, FSDP2 mesh) spans "
+            f"{partition.dp_size} data-parallel ranks but the "
             f"tensor x data-parallel group it is planned on has {work_size} ranks for TP size {tp_size}: "
             f"its data-parallel group is neither the dense one nor the expert one teonspeed was given "
             f"(ParallelContext dp_group / expert_dp_group, and is_expert in the ShardSpecs)"

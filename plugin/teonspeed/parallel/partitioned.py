@@ -62,8 +62,10 @@ class PartitionRunner:
         device_of: Callable[[Key], torch.device],
         adamw_bytes: int = 0,
         together: bool = False,
+        itemsize: int = 4,
     ) -> None:
         self.base = base
+        self._itemsize = itemsize  # the stepped tensors' element size: what the exchange moves per element
         self.partitions = dict(partitions)
         self._distributed = base if isinstance(base, DistributedRunner) else None
         self._adamw_bytes = adamw_bytes  # what AdamW moves for the same matrices in this layout (comm_stats)
@@ -119,10 +121,11 @@ class PartitionRunner:
         cut_over = dist.get_process_group_ranks(partition.dp_group) if partition.dp_group is not None else []
         if not set(cut_over) <= set(topology.work_ranks):
             raise ValueError(
-                f"teonspeed: a ZeRO-1/2 partition of {kind} weights is cut over ranks "
+                f"teonspeed: a sharded layout (ZeRO partition, Megatron bucket, FSDP2 mesh) of {kind} "
+                f"weights is cut over ranks "
                 f"{cut_over}, outside the {kind} tensor x data-parallel group "
                 f"{list(topology.work_ranks)}: the data-parallel groups given to teonspeed "
-                f"(ParallelContext dp_group / expert_dp_group) are not the ones ZeRO cuts over"
+                f"(ParallelContext dp_group / expert_dp_group) are not the ones the layout is sharded over"
             )
         return topology
 
@@ -148,8 +151,8 @@ class PartitionRunner:
             cost=lambda g: ns_flops(g.stacked_shape, steps),
             tp_sharded=lambda m: self.tp_split(m).dim is not None,
             cluster=self._cluster,
-            itemsize=4,
-        )  # fp32 masters
+            itemsize=self._itemsize,
+        )
         return FlatStep(plan, partition.dp_rank, me, work_group)
 
     # -- the Runner contract -------------------------------------------------------------------------
@@ -198,8 +201,9 @@ class PartitionRunner:
     def expected_bytes(
         self, groups: Sequence[OrthoGroup] = (), itemsize: Optional[int] = None
     ) -> Tuple[int, int]:
-        """(sent, received) bytes of one step on this rank, predicted by the plans (fp32 masters)."""
-        pairs = [s.expected_bytes(itemsize or 4) for s in self.steps.values()]
+        """(sent, received) bytes of one step on this rank, predicted by the plans (elements of `itemsize`
+        bytes; by default the stepped tensors' given at construction: fp32 masters under ZeRO)."""
+        pairs = [s.expected_bytes(itemsize or self._itemsize) for s in self.steps.values()]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
     def adamw_bytes(self, groups: Sequence[OrthoGroup] = (), itemsize: int = 4) -> int:
