@@ -11,6 +11,10 @@ Megatron's distributed optimizer hands several such buffers, its DDP buckets, ea
 data-parallel ranks: they are planned and stepped together (`plan_partitions`), a rank's partitions of all
 of them end to end as one local buffer, so a TEON stack whose members lie in different buckets (every layer
 its own bucket, or a layer larger than a bucket) is one job like any other.
+
+Flat partitions are one layout of sharded pieces: their holds are derived from the offsets
+(`sharded.flat_holds`), planned by `zero_planner.plan_pieces` like any other layout's (`plan_layout` plans
+a `sharded.PieceLayout`), and run by the one exchange, `piece_exchange.FlatStep` (re-exported here).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""Who orthogonalizes what under ZeRO-1/2 flat partitions, decided from the layout alone.
+"""Who orthogonalizes what when the data-parallel ranks hold pieces of the matrices, decided from the
+layout alone: what a plan is (units, their holds, jobs, owners) for every sharded layout (`sharded.py`:
+ZeRO-1/2 and Megatron's flat partitions, ZeRO-3's even splits, FSDP2's dim-0 chunks). A unit's *holds* say
+which data-parallel index holds which range of its elements; below, "partition" is a holder's index.
 
-A param group is one flat buffer cut into `dp_size` equal partitions (the same offsets on every TP rank,
+The flat layouts: a param group is one flat buffer cut into `dp_size` equal partitions (the same offsets on every TP rank,
 since TP shards have equal shapes). Megatron's distributed optimizer cuts several buffers (its DDP buckets)
 the same way, each into its own `dp_size` partitions: a plan covers all the buckets of one topology at once,
 rank d holding the d-th partition of every bucket (its *local buffer*: those partitions end to end, in
