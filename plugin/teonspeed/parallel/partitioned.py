@@ -1,11 +1,11 @@
 """The runner of sharded data-parallel layouts: DeepSpeed ZeRO-1/2 (one flat partition per param group),
 Megatron's distributed optimizer (one partition per DDP bucket), and any `sharded.PieceLayout` (DeepSpeed
-ZeRO-3's sub-groups, FSDP2's dim-0 chunks). The jobs are planned once, at attach
-(`zero_partition.py`: a matrix inside one partition is computed where it lives, only jobs cut by partition
-boundaries, or moved by balancing, travel): each ZeRO partition alone, and the buckets of one topology
-together (a rank's partitions of them end to end form its local buffer, so a TEON stack whose members lie
-in different buckets is one job). Every step runs each plan's two exchange rounds (`piece_exchange.FlatStep`). The
-runner it wraps (local or distributed) keeps the step check, the topologies and the counters.
+ZeRO-3's sub-groups, FSDP2's dim-0 chunks). The jobs are planned once, at attach (`zero_partition.py`: a
+matrix inside one partition is computed where it lives, only jobs cut by partition boundaries, or moved by
+balancing, travel): each ZeRO partition alone, and the buckets of one topology together (a rank's partitions
+of them end to end form its local buffer, so a TEON stack whose members lie in different buckets is one job).
+Every step runs each plan's two exchange rounds (`piece_exchange.FlatStep`). The runner it wraps (local or
+distributed) keeps the step check, the topologies and the counters.
 """
 
 from __future__ import annotations

@@ -1,26 +1,25 @@
-"""Who orthogonalizes what when the data-parallel ranks hold pieces of the matrices, decided from the
-layout alone: what a plan is (units, their holds, jobs, owners) for every sharded layout (`sharded.py`:
-ZeRO-1/2 and Megatron's flat partitions, ZeRO-3's even splits, FSDP2's dim-0 chunks). A unit's *holds* say
-which data-parallel index holds which range of its elements; below, "partition" is a holder's index.
+"""Who orthogonalizes what when the data-parallel ranks hold pieces of the matrices, decided from the layout
+alone: what a plan is (units, their holds, jobs, owners) for every sharded layout (`sharded.py`: ZeRO-1/2 and
+Megatron's flat partitions, ZeRO-3's even splits, FSDP2's dim-0 chunks). A unit's *holds* say which
+data-parallel index holds which range of its elements; below, "partition" is a holder's index.
 
-The flat layouts: a param group is one flat buffer cut into `dp_size` equal partitions (the same offsets on every TP rank,
-since TP shards have equal shapes). Megatron's distributed optimizer cuts several buffers (its DDP buckets)
-the same way, each into its own `dp_size` partitions: a plan covers all the buckets of one topology at once,
-rank d holding the d-th partition of every bucket (its *local buffer*: those partitions end to end, in
-bucket order), so a TEON stack or a fused weight whose members lie in different buckets is one job like any
-other. A *job* is the smallest set of orthogonalization groups that must be
-computed together: groups that read the same tensor (the parts of a fused weight, the members of a TEON
-stack) are merged. A job whose elements lie in one partition is *local*: the TP peers holding that
-partition index compute it (one of them, after a TP gather if the members are TP-sharded). A job cut by a
-partition boundary, or spread over partitions, is *cut*: its pieces go to one owner, the rank that is
-free first and exchanges them fastest (usually a holder on their node), and only each holder's pieces of
-the update come back.
+The flat layouts: a param group is one flat buffer cut into `dp_size` equal partitions (the same offsets on
+every TP rank, since TP shards have equal shapes). Megatron's distributed optimizer cuts several buffers (its
+DDP buckets) the same way, each into its own `dp_size` partitions: a plan covers all the buckets of one
+topology at once, rank d holding the d-th partition of every bucket (its *local buffer*: those partitions end
+to end, in bucket order), so a TEON stack or a fused weight whose members lie in different buckets is one job
+like any other. A *job* is the smallest set of orthogonalization groups that must be computed together: groups
+that read the same tensor (the parts of a fused weight, the members of a TEON stack) are merged. A job whose
+elements lie in one partition is *local*: the TP peers holding that partition index compute it (one of them,
+after a TP gather if the members are TP-sharded). A job cut by a partition boundary, or spread over
+partitions, is *cut*: its pieces go to one owner, the rank that is free first and exchanges them fastest
+(usually a holder on their node), and only each holder's pieces of the update come back.
 
-Equal-byte partitions do not give equal Newton–Schulz work (a partition of small matrices against one of
-a few large ones), so a job, cut or not, then moves off the busiest rank to a less-loaded one whenever the
-NS time it saves the busiest rank exceeds the time its pieces and update slices take to travel, both
-predicted with the `ClusterProfile` constants. Nothing here touches tensors, process groups or clocks:
-every rank derives the same plan.
+Equal-byte partitions do not give equal Newton–Schulz work (a partition of small matrices against one of a few
+large ones), so a job, cut or not, then moves off the busiest rank to a less-loaded one whenever the NS time
+it saves the busiest rank exceeds the time its pieces and update slices take to travel, both predicted with
+the `ClusterProfile` constants. Nothing here touches tensors, process groups or clocks: every rank derives the
+same plan.
 """
 
 from __future__ import annotations

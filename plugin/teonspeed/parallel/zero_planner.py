@@ -1,8 +1,9 @@
 """Planning sharded pieces (zero_partition.py holds what a plan is; `plan_pieces` for any layout's holds,
 `plan_zero_buckets` / `plan_zero_partition` deriving them from flat offsets): the jobs of a layout (one
-partition, several buckets planned together, a ZeRO-3 sub-group, an FSDP2 model), each job's owner (the rank that is free first and exchanges it fastest),
-and the balancing that moves jobs off the busiest rank while the Newton–Schulz time it saves exceeds the
-transfer. Nothing here touches tensors, process groups or clocks: every rank derives the same plan.
+partition, several buckets planned together, a ZeRO-3 sub-group, an FSDP2 model), each job's owner (the rank
+that is free first and exchanges it fastest), and the balancing that moves jobs off the busiest rank while the
+Newton–Schulz time it saves exceeds the transfer. Nothing here touches tensors, process groups or clocks:
+every rank derives the same plan.
 """
 
 from __future__ import annotations
