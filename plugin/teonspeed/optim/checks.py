@@ -2,7 +2,7 @@
 
 Construction (the ranks agree on any refusal before the runner's first collective, so every rank
 raises the same line; see agreed_construction):
-- (params.refuse_dtensor_parameters: DTensor parameters, as FSDP2's `fully_shard` makes them.)
+- (parallel.dtensor_layout.describe_placements: a DTensor placement teonspeed cannot describe.)
 - (grouping.require_teon_stacks: a TEON run that forms no stack, unless the per-layer fallback is asked.)
 
 Each step, before the first write: every gradient is dense and has its parameter's shape, dtype and

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from ..config import OptimizerConfig
 from ..fused import annotate_model
 from ..grouping import GroupingResult, LayerRef, build_groups, require_teon_stacks
-from ..params import ROUTE_KEY, normalize_params, refuse_dtensor_parameters
+from ..params import ROUTE_KEY, normalize_params
+from .dtensor_layout import DTensorLayout, describe_parameter, is_dtensor
 from .shard_spec import ShardSpec, full_shape, megatron_shard_specs
 
 
@@ -186,12 +187,15 @@ def build_grouping(
 ) -> ParamSetup:
     """The routing and groups of `params` under `config`. Without `parallel`, the layout is megatron-core's
     when its parallel state is initialised (found from the model, or from Megatron's parameters given
-    without it), else a single process. Refuses DTensor parameters, a parameter given twice, a TEON run
+    without it), DTensor parameters' own (FSDP2, HSDP, FSDP2 x TP: `dtensor_context`), else a single
+    process. Refuses a DTensor placement it cannot describe, a parameter given twice, a TEON run
     that forms no stack (unless teon_per_layer_fallback) and, under pipeline parallelism, a TEON group cut
     by a stage boundary (unless config allows it). No collective."""
     user_groups = normalize_params(params)
-    refuse_dtensor_parameters(np for g in user_groups for np in g["named"])
-    if parallel is None and isinstance(params, torch.nn.Module):
+    dtensors = dtensor_context([np for g in user_groups for np in g["named"]], parallel)
+    if dtensors is not None:
+        parallel = dtensors
+    elif parallel is None and isinstance(params, torch.nn.Module):
         parallel = megatron_context(params)
     elif parallel is None:
         # named_parameters() and param groups of a Megatron model get the layout passing the model gets
@@ -225,3 +229,67 @@ def build_grouping(
     check_stage_cuts(grouping, parallel, c.cut_groups_at_stage_boundary)
     require_teon_stacks(grouping, c.teon_k, c.teon_types, c.teon_per_layer_fallback)
     return ParamSetup(user_groups, parallel, grouping)
+
+
+@dataclass
+class DTensorContext(ParallelContext):
+    """The layout of DTensor parameters (FSDP2's `fully_shard`, HSDP, FSDP2 x TP), read from their meshes
+    and placements: `dp_group` is the group FSDP chunks dim 0 over (HSDP: this replica's shard group; the
+    replicas compute the same updates), `tp_group` the one TP cuts over, `layouts` each parameter's."""
+
+    layouts: Dict[str, DTensorLayout] = field(default_factory=dict)
+
+    def full_shape(self, name: str, p: torch.Tensor) -> Tuple[int, ...]:
+        return tuple(p.shape)  # a DTensor's shape is the global one
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some parameter is chunked by FSDP (else each rank holds whole TP shards)."""
+        return any(layout.fsdp_mesh_dim is not None for layout in self.layouts.values())
+
+
+def dtensor_context(
+    named: List[Tuple[str, torch.Tensor]], given: Optional[ParallelContext]
+) -> Optional[DTensorContext]:
+    """The layout of DTensor parameters, or None when there are none. Every FSDP-chunked parameter must
+    be chunked over the same ranks and every TP-cut one cut over the same ranks (one model, one mesh);
+    plain tensors cannot sit beside DTensors, nor can an explicit `parallel` context. No collective."""
+    dtensors = [(n, p) for n, p in named if is_dtensor(p)]
+    if not dtensors:
+        return None
+    plain = next((n for n, p in named if not is_dtensor(p)), None)
+    if plain is not None:
+        raise ValueError(
+            f"teonspeed: parameter {plain!r} is a plain tensor beside DTensor parameters "
+            f"({dtensors[0][0]!r}, ...); shard the whole model with fully_shard, or pass only its DTensor parameters"
+        )
+    if given is not None:
+        raise ValueError(
+            "teonspeed: parallel= is not used with DTensor parameters (FSDP2, HSDP, FSDP2 x TP): their "
+            "layout is read from their DeviceMesh and placements; leave parallel out"
+        )
+    layouts, groups = {}, {"dp": {}, "tp": {}}
+    for name, p in dtensors:
+        layout = layouts[name] = describe_parameter(name, p)
+        for kind, mesh_dim in (("dp", layout.fsdp_mesh_dim), ("tp", layout.tp_mesh_dim)):
+            if mesh_dim is not None:
+                group = p.device_mesh.get_group(mesh_dim)
+                groups[kind].setdefault(tuple(dist.get_process_group_ranks(group)), (name, group))
+    for kind, found in groups.items():
+        if len(found) > 1:
+            (a, _), (b, _) = list(found.values())[:2]
+            raise ValueError(
+                f"teonspeed: DTensor parameters {a!r} and {b!r} are {'FSDP-chunked' if kind == 'dp' else 'TP-cut'}"
+                f" over different ranks {list(found)[:2]}; teonspeed steps one model on one DeviceMesh"
+            )
+    dp = next(iter(groups["dp"].values()), (None, None))[1]
+    tp = next(iter(groups["tp"].values()), (None, None))[1]
+    if dp is not None:
+        unsharded = next((n for n, lay in layouts.items() if lay.fsdp_mesh_dim is None), None)
+        if unsharded is not None:
+            raise ValueError(
+                f"teonspeed: DTensor parameter {unsharded!r} is not chunked by FSDP while others are "
+                f"(placements {dict(dtensors)[unsharded].placements}); fully_shard the module holding it"
+            )
+    specs = {n: ShardSpec(tp_partition_dim=lay.tp_dim) for n, lay in layouts.items()}
+    return DTensorContext(specs=specs, tp_group=tp, dp_group=dp, layouts=layouts)
