@@ -4,7 +4,7 @@ orthogonalized and its AdamW side."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, List
 
 import torch
 

@@ -148,6 +148,7 @@ def run(rank, world_size, port, out_dir, scenario):
             bound, stats = train(model, opt, STEPS)
             key = f"{layout}-{kind}-{entry}"
             report[key] = {"bound": bound, "stats": stats, "runner": type(opt.runner).__name__}
+            report[key]["plan"] = str(opt.plan)
             if layout == "fsdp2" and kind == "TEON":
                 report[key]["layout_bytes"] = chunk_bytes(opt)
             weights = full_weights(model)
@@ -155,6 +156,7 @@ def run(rank, world_size, port, out_dir, scenario):
                 torch.save(weights, os.path.join(out_dir, f"{key}.pt"))
             if scenario == "fsdp2" and kind == "TEON":
                 report["checkpoints"] = checkpoints(mesh, out_dir, rank)
+                report["refusals"] = refusals(mesh)
             del opt, model
     finally:
         with open(os.path.join(out_dir, f"{scenario}-{rank}.json"), "w") as f:
@@ -197,9 +199,9 @@ def checkpoints(mesh, out_dir, rank):
 
     model = sharded_model("fsdp2", mesh)
     opt = make_optimizer("TEON", model)
-    train(model, opt, 1)
+    budget = train(model, opt, 1)[0]
     save(model, opt, os.path.join(out_dir, "dcp-2ranks"))
-    train(model, opt, 1, first=2)
+    budget += train(model, opt, 1, first=2)[0]
     straight = full_weights(model)
     resumed_model, resumed_opt = load(os.path.join(out_dir, "dcp-2ranks"))
     train(resumed_model, resumed_opt, 1, first=2)
@@ -212,4 +214,20 @@ def checkpoints(mesh, out_dir, rank):
         torch.save(full_weights(one_model), os.path.join(out_dir, "dcp-from-1rank.pt"))
     else:
         full_weights(one_model)
-    return {"resumed_exactly": exact}
+    return {"resumed_exactly": exact, "bound": budget}
+
+
+def refusals(mesh):
+    """What teonspeed cannot describe is refused at construction, one line, on every rank."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    dtensor = torch.nn.Parameter(DTensor.from_local(torch.ones(4, 4), mesh, [Partial()], run_check=False))
+    plain = torch.nn.Parameter(torch.ones(4, 4))
+    out = {}
+    for case, params in {"partial": [("w", dtensor)], "plain": [("a", dtensor), ("b", plain)]}.items():
+        try:
+            teonspeed.Muon(params)
+            out[case] = None
+        except ValueError as err:
+            out[case] = str(err)
+    return out

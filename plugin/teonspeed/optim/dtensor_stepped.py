@@ -87,8 +87,8 @@ class DTensorTensors(ParamTensors):
         if missing and len(missing) < len(ortho) and isinstance(opt.runner, PartitionRunner):
             raise ValueError(
                 f"teonspeed: parameter {missing[0]!r} has no gradient this step while other FSDP-sharded "
-                f"matrices have; the FSDP2 exchange plans every matrix each step: give it requires_grad=False "
-                f"before building the optimizer, or leave it out of the params"
+                f"matrices have; the FSDP2 exchange plans every matrix each step: give it "
+                f"requires_grad=False before building the optimizer, or leave it out of the params"
             )
         return [local(p.grad) for g in opt.param_groups for p in g["params"] if p.grad is not None]
 
@@ -149,4 +149,3 @@ def attach_dtensor_layout(opt) -> None:
         moved,
         together=True,
     )
-

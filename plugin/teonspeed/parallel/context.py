@@ -261,7 +261,8 @@ def dtensor_context(
     if plain is not None:
         raise ValueError(
             f"teonspeed: parameter {plain!r} is a plain tensor beside DTensor parameters "
-            f"({dtensors[0][0]!r}, ...); shard the whole model with fully_shard, or pass only its DTensor parameters"
+            f"({dtensors[0][0]!r}, ...); shard the whole model with fully_shard, or pass only its "
+            f"DTensor parameters"
         )
     if given is not None:
         raise ValueError(
@@ -271,6 +272,13 @@ def dtensor_context(
     layouts, groups = {}, {"dp": {}, "tp": {}}
     for name, p in dtensors:
         layout = layouts[name] = describe_parameter(name, p)
+        where, mesh_type = p.to_local().device.type, p.device_mesh.device_type
+        if where != mesh_type:  # FSDP2's CPUOffloadPolicy
+            raise ValueError(
+                f"teonspeed: DTensor parameter {name!r} lives on {where} while its mesh is {mesh_type} "
+                f"(FSDP2 offload_policy=CPUOffloadPolicy()); the exchange runs on the mesh's devices: "
+                f"leave offload_policy out"
+            )
         for kind, mesh_dim in (("dp", layout.fsdp_mesh_dim), ("tp", layout.tp_mesh_dim)):
             if mesh_dim is not None:
                 group = p.device_mesh.get_group(mesh_dim)
@@ -278,9 +286,10 @@ def dtensor_context(
     for kind, found in groups.items():
         if len(found) > 1:
             (a, _), (b, _) = list(found.values())[:2]
+            how = "FSDP-chunked" if kind == "dp" else "TP-cut"
             raise ValueError(
-                f"teonspeed: DTensor parameters {a!r} and {b!r} are {'FSDP-chunked' if kind == 'dp' else 'TP-cut'}"
-                f" over different ranks {list(found)[:2]}; teonspeed steps one model on one DeviceMesh"
+                f"teonspeed: DTensor parameters {a!r} and {b!r} are {how} over different ranks "
+                f"{list(found)[:2]}; teonspeed steps one model on one DeviceMesh"
             )
     dp = next(iter(groups["dp"].values()), (None, None))[1]
     tp = next(iter(groups["tp"].values()), (None, None))[1]

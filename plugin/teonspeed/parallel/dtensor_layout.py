@@ -47,7 +47,9 @@ class DTensorLayout:
 
     @property
     def replicate_mesh_dims(self) -> Tuple[int, ...]:
-        return tuple(i for i in range(len(self.mesh_shape)) if i not in (self.tp_mesh_dim, self.fsdp_mesh_dim))
+        return tuple(
+            i for i in range(len(self.mesh_shape)) if i not in (self.tp_mesh_dim, self.fsdp_mesh_dim)
+        )
 
     @property
     def tp_shard_shape(self) -> Tuple[int, ...]:
@@ -139,15 +141,19 @@ def describe_placements(
         raise refuse(f"a strided shard on mesh dim {j}, the last sharded one")
     if sf1 is not None:  # right-to-left: mesh dim j cuts dim d2 first, mesh dim i chunks dim d1 of that
         if d1 != d2 or sf1 != mesh[j] or d1 != 0:
-            raise refuse(f"_StridedShard(dim={d1}, split_factor={sf1}) is not FSDP2's chunking of dim 0 of "
-                         f"a TP shard over mesh dim {j} (size {mesh[j]})")
+            raise refuse(
+                f"_StridedShard(dim={d1}, split_factor={sf1}) is not FSDP2's chunking of dim 0 of "
+                f"a TP shard over mesh dim {j} (size {mesh[j]})"
+            )
         return _checked(DTensorLayout(shape, mesh, tp_mesh_dim=j, tp_dim=d2, fsdp_mesh_dim=i), refuse)
     if d1 == d2 == 0:  # left-to-right on dim 0: mesh dim i cuts it, mesh dim j chunks each slice
         return _checked(DTensorLayout(shape, mesh, tp_mesh_dim=i, tp_dim=0, fsdp_mesh_dim=j), refuse)
     if 0 not in (d1, d2):
         raise refuse(f"it is cut along dims {d1} and {d2}, neither of them dim 0")
     fsdp, tp = ((i, j), (d2,)) if d1 == 0 else ((j, i), (d1,))  # different dims commute
-    return _checked(DTensorLayout(shape, mesh, tp_mesh_dim=fsdp[1], tp_dim=tp[0], fsdp_mesh_dim=fsdp[0]), refuse)
+    return _checked(
+        DTensorLayout(shape, mesh, tp_mesh_dim=fsdp[1], tp_dim=tp[0], fsdp_mesh_dim=fsdp[0]), refuse
+    )
 
 
 def describe_parameter(name: str, p: torch.Tensor) -> DTensorLayout:
