@@ -151,6 +151,7 @@ def run(rank, world_size, port, out_dir, scenario):
             report[key]["plan"] = str(opt.plan)
             if layout == "fsdp2" and kind == "TEON":
                 report[key]["layout_bytes"] = chunk_bytes(opt)
+                report[key]["layout"] = opt.layout()  # what a plain state_dict() records
             weights = full_weights(model)
             if rank == 0:
                 torch.save(weights, os.path.join(out_dir, f"{key}.pt"))

@@ -25,6 +25,7 @@ at most 10 roundings of its own plus 4 per earlier step carried in the moments. 
 import json
 import math
 
+import pytest
 import torch
 
 from support.harness import free_port
@@ -132,6 +133,11 @@ def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(tmp_pat
     set_optimizer_state_dict(model, opt, state["optim"])
     reference("TEON", "model", 1, first=2, model=model, opt=opt)
     check_equal(weights(model), torch.load(tmp_path / "dcp-straight.pt"), bound, ortho)
+    # a plain state_dict() holds each rank's shards: loaded at another shard count, refused naming both
+    saved = dict(opt.state_dict(), teonspeed_layout=reports[0]["fsdp2-TEON-model"]["layout"])
+    with pytest.raises(ValueError) as err:
+        opt.load_state_dict(saved)
+    assert "'dp': 2" in str(err.value) and "torch.distributed.checkpoint" in str(err.value)
 
 
 def test_hsdp_and_fsdp2_x_tp_on_4_ranks_equal_one_process(tmp_path):

@@ -99,3 +99,20 @@ def test_placements_it_cannot_describe_are_refused_in_one_line_naming_them():
     # what it steps: replicated and HSDP-like layouts, described
     assert describe_placements("w", (4, 4), (2, 2), (Replicate(), Shard(0))).fsdp_mesh_dim == 1
     assert describe_placements("w", (4, 4), (2,), (Replicate(),)).tp_dim is None
+
+
+def test_an_fsdp2_model_with_qk_clip_is_refused_at_construction():
+    import teonspeed
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    try:
+        model = Model()
+        fully_shard(model, mesh=DeviceMesh("cpu", torch.arange(2), mesh_dim_names=("qk",)))
+        with pytest.raises(ValueError) as err:
+            teonspeed.Muon(model, qk_clip=100.0)
+        assert "'qk_clip'" in str(err.value) and "DTensor" in str(err.value) and "\n" not in str(err.value)
+    finally:
+        dist.destroy_process_group()

@@ -115,7 +115,8 @@ def check_same_layout(saved: Dict, current: Dict) -> None:
             f"teonspeed: this optimizer state was saved in another parallel layout: saved with "
             f"{saved['sizes']}, loading into {current['sizes']}. A plain state dict holds each rank's shards "
             f"only and is not resharded; resume with the saved TP/EP sizes (and, under ZeRO-1/2, DP size), "
-            f"or save and load through megatron.core.dist_checkpointing (teonspeed.megatron), which reshards"
+            f"or save and load through megatron.core.dist_checkpointing (teonspeed.megatron) or, under "
+            f"FSDP2, torch.distributed.checkpoint (get/set_optimizer_state_dict), which reshard"
         )
     fix = (
         "load it into the model and param groups it was saved from (the same layers, the same "

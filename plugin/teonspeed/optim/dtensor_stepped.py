@@ -17,6 +17,7 @@ than a partition: they are padded to it for the exchange (a copy of those chunks
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import MutableMapping
 from typing import Any, Dict, List
 
@@ -69,6 +70,10 @@ class LocalState(MutableMapping):
 
 class DTensorTensors(ParamTensors):
     """Each DTensor parameter with a gradient, as its local tensor, keyed by its name."""
+
+    # The state is per FSDP shard: a plain state_dict() records the FSDP size and is refused at another
+    # (torch.distributed.checkpoint, which sees the DTensors, reshards instead)
+    per_partition_state = True
 
     def stepped(self, opt) -> List[Stepped]:
         return [
@@ -136,9 +141,12 @@ def attach_dtensor_layout(opt) -> None:
         entry = FlatEntry(name, 0, layout.tp_shard_shape)
         partitions[name] = FlatPartition([entry], layout.partition_size, ctx.dp_group, dp_rank, dp_size)
         # AdamW under FSDP2 moves, for the same matrices: the gradients' reduce-scatter and the
-        # parameters' all-gather (comm_stats.adamw_bytes, the yardstick)
+        # parameters' all-gather, and under HSDP the all-reduce of the gradient shards over the replicas
+        # (comm_stats.adamw_bytes, the yardstick)
         size = p.element_size()
+        replicas = math.prod(layout.mesh_shape[d] for d in layout.replicate_mesh_dims)
         moved += adamw_bytes(entry.numel, dp_size, size, size, gradient_allreduce=False)
+        moved += adamw_bytes(layout.partition_size, replicas, size)
         device = local(p).device
     opt._runner = DTensorPartitionRunner(
         opt._runner,

@@ -194,6 +194,11 @@ def build_grouping(
     user_groups = normalize_params(params)
     dtensors = dtensor_context([np for g in user_groups for np in g["named"]], parallel)
     if dtensors is not None:
+        if config.qk_clip is not None or config.qk_clip_log:
+            raise ValueError(
+                "teonspeed: option 'qk_clip'/'qk_clip_log' is not supported with DTensor parameters (FSDP2, "
+                "HSDP, FSDP2 x TP) yet: its rescale writes whole q/k weights; leave it out"
+            )
         parallel = dtensors
     elif parallel is None and isinstance(params, torch.nn.Module):
         parallel = megatron_context(params)
