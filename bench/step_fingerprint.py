@@ -9,7 +9,7 @@ A refactor that leaves the arithmetic alone must leave every hash unchanged (bit
 and step counters); the comm_stats numbers (bytes sent/received, FLOPs) are compared too. The cases:
 the plain API on a tiny megatron-core GPT (local; DP2/TP2/TP2xDP2 in owner-compute, replicated and auto
 mode; PP2; EP2 experts; comm_dtype bf16; a non-finite gradient skipped), DeepSpeed (ZeRO-0; ZeRO-1/2
-flat partitions, fp32 and bf16; TP2 Megatron model under ZeRO-2; DeepSpeed MoE under ZeRO-2) and
+flat partitions, fp32 and bf16; TP2 Megatron model under ZeRO-2; DeepSpeed MoE under ZeRO-2; ZeRO-3) and
 Megatron's builder (DDP; distributed optimizer fp32 with clip_grad, bf16, small DDP buckets planned
 together, MoE expert buckets).
 Ranks are forked (tests/support/harness.py, gloo); a run takes a few minutes on two CPU cores.
@@ -33,6 +33,8 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("TEONSPEED_CPU_BF16", "0")
 
 STEPS = 3
+# TinyMoELM has no TEON stack (layers of one type): TEON runs per layer, as test_deepspeed_moe.py does
+MOE_PARAMS = {"teon_per_layer_fallback": True}
 
 
 # -- hashing -------------------------------------------------------------------------------------------
@@ -302,7 +304,9 @@ CASES += [
     ("deepspeed zero1 bf16 DP2", deepspeed_flat, 2, dict(stage=1, bf16=True)),
     ("deepspeed zero0 bf16 DP2", deepspeed_flat, 2, dict(stage=0, bf16=True)),
     ("deepspeed zero2 megatron TP2xDP2", deepspeed_flat, 4, dict(stage=2, megatron_tp=2)),
-    ("deepspeed zero2 moe EP2 DP4", deepspeed_flat, 4, dict(stage=2, moe=True)),
+    ("deepspeed zero3 DP2", deepspeed_flat, 2, dict(stage=3)),
+    ("deepspeed zero3 DP2 htmuon", deepspeed_flat, 2, dict(stage=3, optimizer="TeonspeedHTMuon")),
+    ("deepspeed zero2 moe EP2 DP4", deepspeed_flat, 4, dict(stage=2, moe=True, params=MOE_PARAMS)),
     ("megatron ddp TP2xDP2", megatron, 4, dict(tp=2)),
     (
         "megatron distributed optimizer DP2 clip",

@@ -74,9 +74,16 @@ def train(rank, world_size, config, steps=5, model_fn=TinyLM, checkpoint=None, m
         losses.append(float(value) / world_size)
         if checkpoint and checkpoint.get("save_at") == step + 1:
             engine.save_checkpoint(checkpoint["dir"])
-    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    params = gathered_params(engine)
     result = losses, params, type(engine.optimizer).__name__, type(engine.basic_optimizer).__name__
     return result + (budget.weights(config["optimizer"]["params"]["lr"]),) if budget else result
+
+
+def gathered_params(engine):
+    """Name -> the whole parameter (fp32 copy); under ZeRO-3 gathered from the ranks' slices."""
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+        return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
 
 
 def train_megatron(rank, world_size, config, tp=1, steps=3):

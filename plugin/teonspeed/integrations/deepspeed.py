@@ -6,8 +6,9 @@
 
 Types: "TEON", "TeonspeedMuon", "TeonspeedHTMuon" (kinds.DEEPSPEED_TYPE_NAMES). DeepSpeed lower-cases
 "Muon" to its own built-in optimizer, so ours carry a prefix that cannot collide (and "Muon" with
-teonspeed imported warns, naming "TeonspeedMuon"). ZeRO stages 0, 1 and 2 (fp32, bf16) are supported;
-stage 3, fp16, ZeRO-Offload and universal checkpoints are refused when the engine starts. This module
+teonspeed imported warns, naming "TeonspeedMuon"). ZeRO stages 0, 1, 2 and 3 (fp32, bf16) are supported
+(stage 3: deepspeed_zero3.py); fp16, ZeRO-Offload and universal checkpoints are refused when the engine
+starts. This module
 builds the optimizer and describes DeepSpeed's buffers to it; the changes to DeepSpeed's classes
 themselves live in patches/.
 """
@@ -27,9 +28,10 @@ from ..parallel.cost import adamw_bytes
 from ..parallel.flat import FlatEntry, FlatPartition
 from ..parallel.shard_spec import megatron_shard_specs
 from .. import qk_clip
+from .deepspeed_zero3 import attach_zero_stage_3, check_zero3  # noqa: F401  (the ZeRO-3 layout)
 
 DEEPSPEED_TYPES = {DEEPSPEED_TYPE_NAMES[cls.kind]: cls for cls in (TEON, Muon, HTMuon)}
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
 class MegatronMPU:
@@ -106,9 +108,10 @@ def check_engine(engine, name: str) -> None:
     if stage not in SUPPORTED_ZERO_STAGES:
         raise ValueError(
             f"teonspeed: optimizer {name!r} supports ZeRO stages {SUPPORTED_ZERO_STAGES}, not "
-            f"zero_optimization.stage={stage} (stage 3 partitions the parameters themselves: no "
-            f"rank holds a whole matrix); use stage 1 or 2 to partition the optimizer state"
+            f"zero_optimization.stage={stage}; use one of those"
         )
+    if stage == 3:
+        check_zero3(engine, name)
     offload = engine.zero_offload_optimizer()
     device = str(getattr(getattr(offload, "device", None), "value", getattr(offload, "device", "none")))
     if offload is not None and device not in ("none", "None"):

@@ -31,7 +31,7 @@ from ..parallel.cost import adamw_bytes, cluster_profile
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import BucketShard, FlatPartition
 from ..parallel.local import LocalRunner
-from ..parallel.partitioned import PartitionRunner, check_groups_within_partitions
+from ..parallel.partitioned import Layout, PartitionRunner, check_groups_within_partitions
 from ..parallel.runner import Runner, StepIO
 from ..parallel.topology import build_step_group, build_topology
 from .checkpoint import LAYOUT_KEY, CheckpointState  # noqa: F401  (LAYOUT_KEY: re-exported)
@@ -113,15 +113,33 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         at the same point); `device` is the partitions' device; `adamw_bytes`: what AdamW moves per rank
         and direction for the same matrices in this layout, reported in comm_stats."""
         check_groups_within_partitions(partitions, self.grouping.groups)
+        self.attach_layouts(partitions, FlatTensors(partitions), device, adamw_bytes)
+
+    def attach_layouts(
+        self,
+        layouts: Mapping[Any, Layout],
+        tensors: ParamTensors,
+        device: Optional[torch.device] = None,
+        adamw_bytes: int = 0,
+        together: bool = False,
+    ) -> None:
+        """Any layout of sharded pieces (parallel/sharded.py): `layouts` say where the data-parallel ranks
+        hold each parameter's pieces (flat partitions, or `PieceLayout`s whose holds name this rank's
+        stepped tensors by their key), `tensors` what the step updates (optim/stepped.py, keyed the same
+        way). Plans who orthogonalizes what: a collective over each plan's tp × dp work group, so every
+        rank attaches at the same point. `device`: the stepped tensors' device; `adamw_bytes`: what AdamW
+        moves per rank and direction for the same matrices in this layout (comm_stats); `together`: plan
+        flat partitions of one topology as one local buffer (Megatron's buckets)."""
         self._runner = PartitionRunner(
             self._make_runner(),
-            partitions,
+            layouts,
             self.grouping.groups,
             self.config,
             lambda key: device or torch.device("cpu"),
             adamw_bytes,
+            together,
         )
-        self._tensors = FlatTensors(partitions)
+        self._tensors = tensors
 
     def attach_bucket_shards(
         self, buckets: List[BucketShard], device: Optional[torch.device] = None, clip_grad: float = 0.0
@@ -246,7 +264,8 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
             return loss
         count = self._ortho_step_count()
         for group in self.param_groups:
-            group["step"] += 1
+            if group["params"]:  # ZeRO-3 empties every param group but the sub-group it steps
+                group["step"] += 1
         tensors = self._tensors.stepped(self)
         directions = {t.key: d for t in tensors for d in [self._momentum(t)] if d is not None}
         names = [n for t in tensors if t.key in directions for n in t.names]
@@ -340,8 +359,10 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         return groups
 
     def _ortho_step_count(self) -> int:
-        """Steps taken so far by the orthogonalized groups (the same in all of them)."""
-        return next((g["step"] for g in self.param_groups if g["route"] == "ortho"), 0)
+        """Steps taken so far by the orthogonalized groups (the same in all of them once a step is over;
+        during a ZeRO-3 step, read from the group being stepped, the only one holding params)."""
+        ortho = [g for g in self.param_groups if g["route"] == "ortho"]
+        return next((g["step"] for g in ortho if g["params"]), next((g["step"] for g in ortho), 0))
 
 
 class HeavyTailMixin:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Seque
 
 import torch
 
-from ..parallel.flat import BucketShard, FlatPartition
+from ..parallel.flat import BucketShard
 from .updates import clip_coefficient
 
 Group = Dict[str, Any]
@@ -109,11 +109,12 @@ class ParamTensors:
 
 
 class FlatTensors(ParamTensors):
-    """ZeRO-1/2: each param group holds one flat partition (keys: id of the partition tensor)."""
+    """ZeRO-1/2 (and ZeRO-3's sub-groups): each param group holds one flat partition (keys: id of the
+    partition tensor), described by a `FlatPartition` or a `sharded.PieceLayout`."""
 
     per_partition_state = True
 
-    def __init__(self, partitions: Mapping[int, FlatPartition]) -> None:
+    def __init__(self, partitions: Mapping[int, Any]) -> None:
         self.partitions = dict(partitions)
 
     def key_of(self, opt, p: torch.Tensor) -> Hashable:
@@ -132,9 +133,11 @@ class FlatTensors(ParamTensors):
         for group in opt.param_groups:
             for p in group["params"]:
                 if id(p) in self.partitions:
-                    entries = self.partitions[id(p)].entries
-                    members = " ".join(f"{e.name}{e.shape}" for e in entries)
-                    topology = opt.parallel.spec(entries[0].name).topology if entries else "dense"
+                    layout = self.partitions[id(p)]
+                    shapes = getattr(layout, "shapes", None) or {e.name: e.shape for e in layout.entries}
+                    names = layout.names()
+                    members = " ".join(f"{n}{tuple(shapes[n])}" for n in names)
+                    topology = opt.parallel.spec(names[0]).topology if names else "dense"
                     lines[topology].append(
                         f"{group['route']} flat [{members}] {p.dtype} grad={p.grad is not None}"
                     )

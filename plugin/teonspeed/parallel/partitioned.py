@@ -9,7 +9,7 @@ runner it wraps (local or distributed) keeps the step check, the topologies and 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -18,39 +18,45 @@ from ..config import OptimizerConfig
 from ..grouping import MatrixRef, OrthoGroup
 from .cost import cluster_profile
 from .distributed import DistributedRunner
-from .flat import FlatPartition, FlatStep, gather_work_ranks, plan_partitions
+from .flat import FlatPartition, FlatStep, gather_work_ranks, plan_layout, plan_partitions
+from .sharded import PieceLayout
 from .owners import ns_flops
 from .pieces import TPSplit
 from .runner import Key, Runner, StepCheck, StepIO, StepVerdict
 from .stats import CommStats
 from .topology import Topology
 
+Layout = Union[FlatPartition, PieceLayout]  # what a partition runner plans over
+
 
 def check_groups_within_partitions(
-    partitions: Mapping[Key, FlatPartition], groups: Sequence[OrthoGroup]
+    partitions: Mapping[Key, Layout], groups: Sequence[OrthoGroup], where: str = "", fix: str = ""
 ) -> None:
     """A TEON group must live inside one partition (the partitions are planned one at a time)."""
     owner = {name: key for key, fp in partitions.items() for name in fp.names()}
     for g in groups:
         if len({owner.get(m.name) for m in g.members}) > 1:
             raise ValueError(
-                "teonspeed: under ZeRO-1/2 the members of a TEON group must be in the same "
-                "param group; " + " + ".join(m.label for m in g.members) + " are not. Put them "
-                "in one group or set teon_k=1"
+                f"teonspeed: under {where or 'ZeRO-1/2'} the members of a TEON group must be in the same "
+                f"{'sub-group' if where else 'param group'}; "
+                + " + ".join(m.label for m in g.members)
+                + f" are not. {fix or 'Put them in one group'} or set teon_k=1"
             )
 
 
 class PartitionRunner:
     """Runner over flat partitions (keys as in StepIO.directions), planned at construction: a collective
     over each plan's tp × dp work group, so every rank constructs it at the same point. `together`: plan
-    the partitions of one topology and data-parallel group as one local buffer (Megatron's buckets)."""
+    the partitions of one topology and data-parallel group as one local buffer (Megatron's buckets). A
+    partition is a `FlatPartition` (offsets in a flat buffer cut into equal partitions) or any
+    `sharded.PieceLayout` (ZeRO-3, FSDP2: each holder's ranges of each parameter), planned alone."""
 
     policy = None  # the plans are fixed at attach; nothing else decides who computes what
 
     def __init__(
         self,
         base: Runner,
-        partitions: Mapping[Key, FlatPartition],
+        partitions: Mapping[Key, Layout],
         groups: Sequence[OrthoGroup],
         config: OptimizerConfig,
         device_of: Callable[[Key], torch.device],
@@ -90,13 +96,13 @@ class PartitionRunner:
         pieces = self._distributed.pieces
         return pieces.tp_split(m, self._distributed.topologies[pieces.topology_name(m.name)])
 
-    def _topology(self, partition: FlatPartition) -> Optional[Topology]:
+    def _topology(self, partition: Layout) -> Optional[Topology]:
         """The topology a flat partition is planned on (None in a single process): the expert one
         (expert-TP × expert-DP) for expert-parallel weights, which DeepSpeed's MoE groups and Megatron's
         expert_parallel_buffers partition over the expert-data-parallel group; the dense one otherwise."""
         if self._distributed is None:
             return None
-        kinds = {e.name: self._distributed.pieces.topology_name(e.name) for e in partition.entries}
+        kinds = {n: self._distributed.pieces.topology_name(n) for n in partition.names()}
         if len(set(kinds.values())) > 1:
             dense = next(n for n, kind in kinds.items() if kind == "dense")
             expert = next(n for n, kind in kinds.items() if kind == "expert")
@@ -120,7 +126,7 @@ class PartitionRunner:
             )
         return topology
 
-    def _plan(self, partitions: List[FlatPartition], groups, device: torch.device) -> FlatStep:
+    def _plan(self, partitions: List[Layout], groups, device: torch.device) -> FlatStep:
         """One plan and step over this rank's partitions of flat buffers of one topology, cut over the same
         data-parallel ranks (a collective over its tp × dp work group)."""
         partition = partitions[0]
@@ -133,8 +139,9 @@ class PartitionRunner:
         )
         work_rank = gather_work_ranks(partition, tp_rank, tp_size, work_group, work_size, device)
         steps = self._ns_steps
-        plan = plan_partitions(
-            partitions,
+        planner = plan_layout if isinstance(partition, PieceLayout) else plan_partitions
+        plan = planner(
+            partition if isinstance(partition, PieceLayout) else partitions,
             groups,
             work_rank,
             tp_size,
@@ -159,18 +166,23 @@ class PartitionRunner:
         if io.new_step:
             stats.start_step()
             stats.adamw_bytes = self._adamw_bytes
+        like = next(iter(io.directions.values()), None)
         for keys, flat_step in self.steps.items():
+            layout = self.partitions[keys[0]]
+            if isinstance(layout, PieceLayout):  # its holds name this rank's stepped tensors by io key
+                mine = layout.keys()
+                if keys[0] in io.directions or any(k in io.directions for k in layout.keys(None)):
+                    directions = {k: io.directions[k] for k in mine}
+                    updates = {k: io.updates[k] for k in mine}
+                    flat_step.run(directions, updates, io, self.tp_split, stats, like)
+                continue
             if keys[0] not in io.directions:
                 continue
-            if len(keys) == 1:
-                flat_step.run(io.directions[keys[0]], io.updates[keys[0]], io, self.tp_split, stats)
-                continue
-            # partitions planned as one local buffer: end to end, in the order they were planned
-            like = io.updates[keys[0]]
-            update = like.new_zeros(flat_step.plan.partition_size)
-            flat_step.run(torch.cat([io.directions[k] for k in keys]), update, io, self.tp_split, stats)
-            for k, part in zip(keys, update.split(flat_step.plan.partition_sizes)):
-                io.updates[k].copy_(part)
+            # flat partitions planned as one local buffer: bucket b (in planned order) is stepped tensor b
+            directions = {b: io.directions[k] for b, k in enumerate(keys)}
+            flat_step.run(
+                directions, {b: io.updates[k] for b, k in enumerate(keys)}, io, self.tp_split, stats
+            )
 
     def describe(self, groups: Sequence[OrthoGroup]) -> Dict[int, str]:
         """id(group) -> the work rank whose job computes it (its partition's plan)."""

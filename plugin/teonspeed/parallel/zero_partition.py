@@ -23,7 +23,7 @@ every rank derives the same plan.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 from ..grouping import MatrixRef, OrthoGroup
 
@@ -31,15 +31,34 @@ WorkRank = int
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Elements [lo, hi) of one tensor's flattened local (TP-shard) elements, held by data-parallel index
+    `holder`, starting at element `at` of the stepped tensor `key` on that rank. Each rank describes every
+    holder's pieces with its own key for the corresponding tensor: only the holder itself reads `key`."""
+
+    holder: int
+    lo: int
+    hi: int
+    key: Hashable = 0
+    at: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+
+@dataclass(frozen=True, eq=False)
 class Unit:
-    """A contiguous run of the flat buffer that the transform reads as one tensor: a parameter, or one
-    expert's slice of a 3-D (grouped-GEMM) weight. `shape` is the local (TP-shard) shape; `offset` counts
-    from the start of bucket `bucket` (a parameter never spans two buckets)."""
+    """What the transform reads as one tensor: a parameter, or one expert's slice of a 3-D (grouped-GEMM)
+    weight. `shape` is the local (TP-shard) shape; `holds`: which data-parallel index holds which range of
+    its flattened elements (in unit coordinates; at most one range per holder; replicas may hold the same
+    range). Flat layouts also record where it starts in its flat buffer (`offset` in bucket `bucket`)."""
 
     name: str
     expert_index: Optional[int]
-    offset: int
     shape: Tuple[int, ...]
+    holds: Tuple[Hold, ...]
+    offset: int = 0
     bucket: int = 0
 
     @property
@@ -53,12 +72,15 @@ class Unit:
     def end(self) -> int:
         return self.offset + self.numel
 
+    def hold(self, holder: int) -> Optional[Hold]:
+        return next((h for h in self.holds if h.holder == holder), None)
+
 
 @dataclass
 class ZeroJob:
     groups: Tuple[OrthoGroup, ...]
     units: Tuple[Unit, ...]
-    partitions: Tuple[int, ...]  # the DP partition indices holding some of its elements, ascending
+    partitions: Tuple[int, ...]  # the data-parallel indices holding some of its elements, ascending
     tp_sharded: bool  # members are split over TP (each TP rank holds a different shard)
     flops: float
     owner: WorkRank = -1
@@ -71,10 +93,10 @@ class ZeroJob:
 @dataclass
 class ZeroPlan:
     jobs: List[ZeroJob]
-    partition_sizes: Tuple[int, ...]  # per bucket: the elements of each of its dp_size partitions
+    partition_sizes: Tuple[int, ...]  # flat layouts, per bucket: the elements of each partition; else ()
     dp_size: int
     tp_size: int
-    work_rank: Dict[Tuple[int, int], WorkRank]  # (tp rank, dp partition index) -> work rank
+    work_rank: Dict[Tuple[int, int], WorkRank]  # (tp rank, data-parallel index) -> work rank
     loads: List[float] = field(default_factory=list)  # NS FLOPs per work rank after balancing
     placed_loads: List[float] = field(default_factory=list)  # ... before: every job where it was placed first
     moved: List[ZeroJob] = field(default_factory=list)  # jobs balancing moved off the rank first chosen
@@ -92,47 +114,87 @@ class ZeroPlan:
 
     @property
     def partition_size(self) -> int:
-        """Elements of a rank's local buffer: its partition of every bucket, end to end."""
+        """Flat layouts: elements of a rank's local buffer, its partition of every bucket end to end."""
         return sum(self.partition_sizes)
 
     def local_start(self, bucket: int) -> int:
-        """Where bucket `bucket`'s partition starts in a rank's local buffer."""
+        """Flat layouts: where bucket `bucket`'s partition starts in a rank's local buffer."""
         return sum(self.partition_sizes[:bucket])
 
-    def piece(self, unit: Unit, partition: int) -> Tuple[int, int]:
-        """[lo, hi) of `unit` inside partition `partition` of its bucket (offsets in the bucket; lo == hi
+    def piece(self, unit: Unit, holder: int) -> Tuple[int, int]:
+        """[lo, hi) of `unit`'s elements (unit coordinates) held by data-parallel index `holder` (lo == hi
         if none)."""
-        size = self.partition_sizes[unit.bucket]
-        start = partition * size
-        lo, hi = max(unit.offset, start), min(unit.end, start + size)
-        return (lo, hi) if lo < hi else (lo, lo)
+        h = unit.hold(holder)
+        return (h.lo, h.hi) if h is not None else (0, 0)
 
     def local(self, unit: Unit, partition: int) -> Tuple[int, int]:
-        """[lo, hi) of `unit`'s piece in partition `partition`, in that rank's local buffer."""
-        lo, hi = self.piece(unit, partition)
-        shift = self.local_start(unit.bucket) - partition * self.partition_sizes[unit.bucket]
-        return lo + shift, hi + shift
+        """Flat layouts: [lo, hi) of `unit`'s piece in partition `partition`, in that rank's local buffer
+        (the bucket index is the hold's key)."""
+        h = unit.hold(partition)
+        if h is None:
+            return (0, 0)
+        at = self.local_start(h.key) + h.at
+        return at, at + h.numel
+
+    def reads(self, job: ZeroJob, owner: Optional[WorkRank] = None) -> List[Tuple[Unit, List[Hold]]]:
+        """The holds the owner (`job.owner` unless given) reads, per unit in ascending order: one holder of
+        each distinct range, the owner's own data-parallel index if it holds it, else the replica whose
+        work rank is nearest the owner's (ties: the lower index). Without replicas: every hold."""
+        owner = job.owner if owner is None else owner
+        key = ("reads", id(job), owner)
+        if key not in self._memo:
+            t, mine = self.position(owner)
+            out = []
+            for u in job.units:
+                by_range: Dict[Tuple[int, int], List[Hold]] = {}
+                for h in u.holds:
+                    if h.hi > h.lo:
+                        by_range.setdefault((h.lo, h.hi), []).append(h)
+                chosen = [
+                    min(
+                        hs,
+                        key=lambda h: (
+                            h.holder != mine,
+                            abs(self.work_rank[(t, h.holder)] - owner),
+                            h.holder,
+                        ),
+                    )
+                    for _, hs in sorted(by_range.items())
+                ]
+                out.append((u, chosen))
+            self._memo[key] = out
+        return self._memo[key]
 
     def sources(self, job: ZeroJob, owner: Optional[WorkRank] = None) -> List[Tuple[int, int, WorkRank]]:
-        """(tp rank, partition, work rank) of every rank whose pieces the owner (`job.owner` unless given)
-        reads. A job that is not TP-sharded is identical on every TP rank: the owner's TP rank supplies it."""
+        """(tp rank, data-parallel index, work rank) of every rank whose pieces the owner (`job.owner` unless
+        given) reads. A job that is not TP-sharded is identical on every TP rank: the owner's TP rank
+        supplies it."""
         owner = job.owner if owner is None else owner
         tps = range(self.tp_size) if job.tp_sharded else [self.position(owner)[0]]
-        return [(t, d, self.work_rank[(t, d)]) for t in tps for d in job.partitions]
+        ds = sorted({h.holder for _, hs in self.reads(job, owner) for h in hs})
+        return [(t, d, self.work_rank[(t, d)]) for t in tps for d in ds]
 
     def holders(self, job: ZeroJob) -> List[WorkRank]:
-        """The work ranks holding some of the job's elements (every TP peer of its partitions), ascending."""
+        """The work ranks holding some of the job's elements (every TP peer of its holders), ascending."""
         return sorted(self.work_rank[(t, d)] for t in range(self.tp_size) for d in job.partitions)
 
     def targets(self, job: ZeroJob) -> List[Tuple[int, int, WorkRank]]:
-        """(tp rank, partition, work rank) of every rank that keeps a slice of the update."""
+        """(tp rank, data-parallel index, work rank) of every rank that keeps a slice of the update
+        (replicas included)."""
         return [(t, d, self.work_rank[(t, d)]) for t in range(self.tp_size) for d in job.partitions]
 
-    def piece_numel(self, job: ZeroJob, partition: int) -> int:
-        key = ("numel", id(job), partition)
+    def piece_numel(self, job: ZeroJob, holder: int) -> int:
+        """The elements of the job that `holder` holds (what it gets back of the update)."""
+        key = ("numel", id(job), holder)
         if key not in self._memo:
-            self._memo[key] = sum(hi - lo for lo, hi in (self.piece(u, partition) for u in job.units))
+            self._memo[key] = sum(hi - lo for lo, hi in (self.piece(u, holder) for u in job.units))
         return self._memo[key]
+
+    def source_numel(self, job: ZeroJob, holder: int, owner: Optional[WorkRank] = None) -> int:
+        """The elements of the job that the owner reads from `holder` (its pieces, less those another
+        replica supplies)."""
+        owner = job.owner if owner is None else owner
+        return sum(h.numel for _, hs in self.reads(job, owner) for h in hs if h.holder == holder)
 
     def bytes_per_rank(self, itemsize: int) -> Tuple[List[int], List[int]]:
         """(sent, received) bytes of one step, per work rank: pieces to owners, then slices back."""
@@ -140,7 +202,7 @@ class ZeroPlan:
         for job in self.jobs:
             for _, d, r in self.sources(job):  # pieces of the momentum to the owner
                 if r != job.owner:
-                    n = self.piece_numel(job, d) * itemsize
+                    n = self.source_numel(job, d) * itemsize
                     sent[r] += n
                     received[job.owner] += n
             for _, d, r in self.targets(job):  # each holder's slice of the update back
@@ -205,25 +267,44 @@ def _imbalance(loads: Sequence[float]) -> float:
 
 
 def units_of(
-    groups: Sequence[OrthoGroup], places: Dict[str, Tuple[int, int]], shapes: Dict[str, Tuple[int, ...]]
+    groups: Sequence[OrthoGroup],
+    holds: Dict[str, Sequence[Hold]],
+    shapes: Dict[str, Tuple[int, ...]],
+    places: Optional[Dict[str, Tuple[int, int]]] = None,
 ) -> Dict[Tuple[str, Optional[int]], Unit]:
-    """The units the groups read: one per parameter, or per expert slice of a 3-D parameter. places:
-    each parameter's (bucket, offset in the bucket)."""
+    """The units the groups read: one per parameter, or per expert slice of a 3-D parameter, with the
+    holds of its elements (`holds`: each parameter's, over its flattened local elements), in the order of
+    `holds` (then expert index). A range that is not one contiguous run of the parameter's elements
+    cannot be described. places: flat layouts' (bucket, offset in the bucket) of each parameter."""
     out: Dict[Tuple[str, Optional[int]], Unit] = {}
-    for g in groups:
-        for m in g.members:
-            key = unit_key(m)
-            if key in out:
-                continue
-            shape, (bucket, offset) = shapes[m.name], places[m.name]
-            if m.expert_index is None:
-                out[key] = Unit(m.name, None, offset, tuple(shape), bucket)
-            else:
-                inner = tuple(shape[1:])
-                size = 1
-                for s in inner:
-                    size *= s
-                out[key] = Unit(m.name, m.expert_index, offset + m.expert_index * size, inner, bucket)
+    order = {name: i for i, name in enumerate(holds)}
+    wanted = sorted(
+        {unit_key(m) for g in groups for m in g.members},
+        key=lambda k: (order.get(k[0], len(order)), -1 if k[1] is None else k[1]),
+    )
+    for name, expert in wanted:
+        shape = tuple(shapes[name])
+        bucket, offset = places[name] if places is not None else (0, 0)
+        if expert is None:
+            out[(name, None)] = Unit(name, None, shape, tuple(holds[name]), offset, bucket)
+            continue
+        inner = shape[1:]
+        size = 1
+        for s in inner:
+            size *= s
+        start, end = expert * size, (expert + 1) * size
+        mine = tuple(
+            Hold(
+                h.holder,
+                max(h.lo, start) - start,
+                min(h.hi, end) - start,
+                h.key,
+                h.at + max(h.lo, start) - h.lo,
+            )
+            for h in holds[name]
+            if max(h.lo, start) < min(h.hi, end)
+        )
+        out[(name, expert)] = Unit(name, expert, inner, mine, offset + start, bucket)
     return out
 
 

@@ -11,7 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ..grouping import MatrixRef, OrthoGroup
 from .cost import ClusterProfile
 from .topology import connected_components
-from .zero_partition import WorkRank, ZeroJob, ZeroPlan, unit_key, units_of
+from .sharded import flat_holds
+from .zero_partition import Hold, Unit, WorkRank, ZeroJob, ZeroPlan, unit_key, units_of
 
 
 def plan_zero_partition(
@@ -61,27 +62,57 @@ def plan_zero_buckets(
 ) -> ZeroPlan:
     """One plan over several flat buffers (buckets) cut over the same data-parallel ranks: places gives each
     parameter's (bucket, offset in the bucket), partition_sizes each bucket's partition length; the rest as
-    in plan_zero_partition. A job's members may lie in any buckets."""
-    units = units_of(groups, places, shapes)
+    in plan_zero_partition. A job's members may lie in any buckets. The pieces are the partitions' ranges of
+    each parameter (`sharded.flat_holds`, keyed by bucket index), planned like any other layout's."""
+    holds = flat_holds(places, shapes, partition_sizes, dp_size)
+    return plan_pieces(
+        groups,
+        holds,
+        shapes,
+        dp_size,
+        tp_size,
+        work_rank,
+        cost,
+        tp_sharded,
+        cluster,
+        itemsize,
+        partition_sizes=tuple(partition_sizes),
+        places=places,
+    )
+
+
+def plan_pieces(
+    groups: Sequence[OrthoGroup],
+    holds: Dict[str, Sequence[Hold]],
+    shapes: Dict[str, Tuple[int, ...]],
+    dp_size: int,
+    tp_size: int,
+    work_rank: Dict[Tuple[int, int], WorkRank],
+    cost: Callable[[OrthoGroup], float],
+    tp_sharded: Callable[[MatrixRef], bool],
+    cluster: ClusterProfile = ClusterProfile(),
+    itemsize: int = 4,
+    partition_sizes: Tuple[int, ...] = (),
+    places: Optional[Dict[str, Tuple[int, int]]] = None,
+) -> ZeroPlan:
+    """Jobs and owners for any layout of sharded pieces: `holds` gives, per parameter, which
+    data-parallel index holds which range of its flattened local (TP-shard) elements, and where
+    (`zero_partition.Hold`); shapes: the local shapes. One job per set of groups reading the same unit;
+    owners by Newton–Schulz FLOPs, then balancing (see the module docstrings). Flat layouts also pass
+    their partition sizes and each parameter's (bucket, offset)."""
+    units = units_of(groups, holds, shapes, places)
+    for u in units.values():
+        check_tiles(u)
+    order = {k: i for i, k in enumerate(units)}
     # One job per set of groups that read the same unit (a fused weight's parts, shared experts slices).
     first_reader: Dict[Tuple[str, Optional[int]], int] = {}
     links = [{first_reader.setdefault(unit_key(m), i) for m in g.members} for i, g in enumerate(groups)]
     plan = ZeroPlan([], tuple(partition_sizes), dp_size, tp_size, dict(work_rank))
     for component in connected_components(links):
         job_groups = tuple(groups[i] for i in component)
-        keys = list(dict.fromkeys(unit_key(m) for g in job_groups for m in g.members))
-        job_units = tuple(sorted((units[k] for k in keys), key=lambda u: (u.bucket, u.offset)))
-        outside = [u for u in job_units if u.end > dp_size * partition_sizes[u.bucket]]
-        if outside:
-            u = outside[0]
-            raise ValueError(
-                f"teonspeed: {u.name!r} lies outside the flat partitions ({dp_size} x "
-                f"{partition_sizes[u.bucket]} elements); the ZeRO layout given to the optimizer "
-                f"is wrong"
-            )
-        parts = sorted(
-            {d for u in job_units for d in range(dp_size) if plan.piece(u, d)[0] < plan.piece(u, d)[1]}
-        )
+        keys = sorted(dict.fromkeys(unit_key(m) for g in job_groups for m in g.members), key=order.get)
+        job_units = tuple(units[k] for k in keys)
+        parts = sorted({h.holder for u in job_units for h in u.holds if h.hi > h.lo})
         sharded = {tp_sharded(m) for g in job_groups for m in g.members}
         plan.jobs.append(
             ZeroJob(
@@ -95,6 +126,22 @@ def plan_zero_buckets(
     _assign_owners(plan, cluster, itemsize)
     _balance(plan, cluster, itemsize)
     return plan
+
+
+def check_tiles(u: Unit) -> None:
+    """The distinct ranges held of a unit must tile its elements (replicas may repeat a range)."""
+    ranges = sorted({(h.lo, h.hi) for h in u.holds if h.hi > h.lo})
+    at = 0
+    for lo, hi in ranges:
+        if lo != at:
+            break
+        at = hi
+    if at != u.numel or len({lo for lo, _ in ranges}) != len(ranges):
+        label = u.name if u.expert_index is None else f"{u.name}[expert {u.expert_index}]"
+        raise ValueError(
+            f"teonspeed: the pieces of {label!r} held by the data-parallel ranks ({ranges}) do not tile its "
+            f"{u.numel} local elements; the sharded layout given to the optimizer is wrong"
+        )
 
 
 def _assign_owners(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> None:
@@ -135,10 +182,11 @@ def exchange_seconds(
     global ranks, TP fastest: Megatron's and DeepSpeed's order)."""
     node = owner // cluster.gpus_per_node
     seconds = 0.0
-    for _, d, r in plan.sources(job, owner) + plan.targets(job):
+    moves = [(r, plan.source_numel(job, d, owner)) for _, d, r in plan.sources(job, owner)]
+    moves += [(r, plan.piece_numel(job, d)) for _, d, r in plan.targets(job)]
+    for r, numel in moves:
         if r != owner:
-            n = plan.piece_numel(job, d) * itemsize
-            seconds += n / cluster.bandwidth(1 if r // cluster.gpus_per_node == node else 2)
+            seconds += numel * itemsize / cluster.bandwidth(1 if r // cluster.gpus_per_node == node else 2)
     return seconds
 
 

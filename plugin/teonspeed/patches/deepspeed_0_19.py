@@ -2,13 +2,16 @@
 
 1. Config types: DeepSpeedEngine knows optimizers by a fixed if/elif chain. "TEON", "TeonspeedMuon" and
    "TeonspeedHTMuon" are accepted by `_is_supported_optimizer` and built by `_configure_basic_optimizer`.
-2. ZeRO's "tested optimizer" list gains our classes (tested: stages 0, 1, 2 in fp32 and bf16).
+2. ZeRO's "tested optimizer" list gains our classes (tested: stages 0, 1, 2, 3 in fp32 and bf16).
 3. The wrappers that replace parameters by other buffers tell our optimizer what those buffers are:
-   DeepSpeedZeroOptimizer (ZeRO-1/2 flat partitions), BF16_Optimizer (bf16 ZeRO-1 flat partitions),
+   DeepSpeedZeroOptimizer (ZeRO-1/2 flat partitions), DeepSpeedZeroOptimizer_Stage3 (ZeRO-3 sub-groups
+   of evenly split parameters), BF16_Optimizer (bf16 ZeRO-1
+   flat partitions),
    FP16_UnfusedOptimizer (bf16 stage 0 fp32 masters, without its zero-gradient warm-up step). Each
    wrapper is patched by wrapping a method, so DeepSpeed's own code runs.
 4. Where the engine starts (`_do_sanity_check`, before its device checks and its first collective):
-   a config that teonspeed refuses with our optimizer (ZeRO-3, fp16, ZeRO-Offload, universal checkpoints)
+   a config that teonspeed refuses with our optimizer (fp16, ZeRO-Offload, ZeRO-3 with offload or TP,
+   universal checkpoints)
    raises one line on every rank, and the process group is torn down at exit so that the failing ranks
    exit cleanly; `"type": "Muon"` logs one warning line (rank 0) naming "TeonspeedMuon".
 """
@@ -49,6 +52,7 @@ def apply() -> None:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero import utils as zero_utils
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     from deepspeed.utils import log_dist
 
@@ -87,6 +91,7 @@ def apply() -> None:
 
     after_init(DeepSpeedZeroOptimizer, integration.attach_zero_stage_1_2)
     after_init(BF16_Optimizer, integration.attach_bf16_optimizer)
+    after_init(DeepSpeedZeroOptimizer_Stage3, integration.attach_zero_stage_3)
 
     # FP16_UnfusedOptimizer builds optimizer state with a zero-gradient step() inside __init__. For us that
     # would be a real step (decoupled weight decay, a step count): tell the optimizer about its fp32 masters

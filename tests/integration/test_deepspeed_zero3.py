@@ -1,0 +1,129 @@
+"""DeepSpeed ZeRO-3 (`"zero_optimization": {"stage": 3}`, DeepSpeed's default reduce_scatter) with the JSON
+types: every parameter split evenly over the ranks, each matrix or TEON stack orthogonalized whole by one
+owner and each rank's slice sent back. The training equals ZeRO-0's (fp32 Newton–Schulz, the derived fp32
+bound of test_deepspeed.assert_same_training) for TEON, Muon and HTMuon, with accumulation, clipping,
+several sub-groups, bf16; checkpoints resume exactly; another DP size and offload are refused in one line;
+the bytes each rank moves equal the plan's prediction."""
+
+import copy
+
+import pytest
+import torch
+
+import ds_helpers as h
+from support import tolerance as tol
+from support.harness import RankError, run_ranks
+from test_deepspeed import TYPES, _refusals, assert_same_training, oracle, run
+
+# Every parameter partitioned (the tiny model's would all be "persistent", i.e. kept whole, by default).
+PARTITIONED = {"stage3_param_persistence_threshold": 0}
+
+
+def zero3(optimizer, **kw):
+    config = h.ds_config(optimizer, stage=3, **{k: v for k, v in kw.items() if k != "zero"})
+    config["zero_optimization"].update(PARTITIONED, **kw.get("zero", {}))
+    return config
+
+
+@pytest.mark.parametrize("optimizer", sorted(TYPES))
+def test_zero3_equals_zero0_in_fp32(optimizer):
+    result = run(zero3(optimizer))
+    assert (result[2], result[3]) == ("DeepSpeedZeroOptimizer_Stage3", TYPES[optimizer].__name__)
+    reference = run(h.ds_config(optimizer, stage=0))
+    assert_same_training(result, reference, *oracle(optimizer))
+
+
+def test_zero3_with_accumulation_clipping_and_several_sub_groups_equals_zero0():
+    """Muon (no stacks) with sub-groups of 200 elements per rank: DeepSpeed calls step() once per
+    sub-group, several per param group; gradients accumulated over 2 micro-batches and clipped at 0.05
+    (below the tiny model's gradient norm, so the clip acts)."""
+    extra = dict(gradient_accumulation_steps=2, gradient_clipping=0.05)
+    split = run(zero3("TeonspeedMuon", zero={"sub_group_size": 200}, **extra))
+    reference = run(h.ds_config("TeonspeedMuon", stage=0, **extra))
+    ref32, ref64 = oracle("TeonspeedMuon", clip=0.05, accumulation=2)
+    assert min(ref64.grad_norms) > 0.05
+    assert_same_training(split, reference, ref32, ref64)
+
+
+def test_zero3_in_bf16_is_as_close_to_the_fp64_oracle_as_zero0_in_bf16():
+    """bf16 training at stage 0 measured against the fp64 oracle (e₁₆); stage 3 is within 2λ·e₁₆ of it
+    (two runs neither of which is exact), as test_deepspeed's bf16 wrappers are."""
+    rounding = tol.sums(torch.bfloat16, h.HIDDEN)
+    zero0 = run(h.ds_config("TEON", stage=0, bf16=True), rounding=rounding)
+    three = run(zero3("TEON", bf16=True), rounding=rounding)
+    assert three[2:4] == ("DeepSpeedZeroOptimizer_Stage3", "TEON")
+    _, exact = oracle("TEON")
+    e16 = tol.distance(zero0[1], exact.weights)
+    assert tol.distance(three[1], zero0[1]) <= 2 * tol.LAMBDA * e16
+
+
+def test_zero3_checkpoint_resumes_exactly(tmp_path):
+    config = zero3("TeonspeedHTMuon", params={"lr": 0.02, "adamw_lr": 3e-3, "ht_interval": 2})
+    full = run(config, steps=6)
+    run(config, steps=3, checkpoint={"dir": str(tmp_path), "save_at": 3})
+    resumed = run(config, steps=6, checkpoint={"dir": str(tmp_path), "load": True, "start": 3})
+    assert resumed[0] == full[0][3:]
+    for n, p in resumed[1].items():
+        assert torch.equal(p, full[1][n]), n
+
+
+def test_zero3_checkpoint_at_another_dp_size_is_refused_naming_both(tmp_path):
+    """DeepSpeed's own check (engine._load_zero_checkpoint) refuses it before the optimizer state loads."""
+    config = zero3("TEON")
+    run(config, steps=1, checkpoint={"dir": str(tmp_path), "save_at": 1})
+    with pytest.raises(RankError, match="used a DP world size of 2 but the current world size is 1"):
+        run_ranks(
+            h.train,
+            1,
+            config,
+            steps=2,
+            checkpoint={"dir": str(tmp_path), "load": True, "start": 1},
+            timeout=120,
+        )
+
+
+@pytest.mark.parametrize("option", ["offload_optimizer", "offload_param"])
+def test_zero3_offload_is_refused_naming_the_option_and_the_fix(option):
+    config = zero3("TEON", zero={option: {"device": "cpu"}})
+    for text in _refusals(config):
+        assert f"does not support ZeRO-3 offload (zero_optimization.{option}.device='cpu')" in text
+        assert f"Remove zero_optimization.{option}" in text
+
+
+def test_a_teon_stack_split_over_sub_groups_is_refused_naming_sub_group_size():
+    with pytest.raises(
+        RankError,
+        match="under ZeRO-3 the members of a TEON group must be in the same sub-group"
+        "(.|\n)*Raise zero_optimization.sub_group_size",
+    ):
+        run_ranks(h.train, 2, zero3("TEON", zero={"sub_group_size": 200}), steps=1, timeout=120)
+
+
+def _comm(rank, world_size, config):
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = h.TinyLM()
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=copy.deepcopy(config)
+    )
+    opt = engine.basic_optimizer
+    for step in range(2):
+        tokens, labels = h.batch(step, dist.get_rank())
+        engine.backward(engine(tokens, labels))
+        engine.step()
+    stats = opt.comm_stats
+    cut = sum(j.cut for plan in opt.zero_plans for j in plan.jobs)
+    return (stats.sent, stats.received), opt.zero_expected_bytes(), cut, stats.flops
+
+
+def test_zero3_bytes_per_rank_equal_the_plans_prediction():
+    """Every matrix is cut over both ranks under ZeRO-3: each owner receives the other rank's slice and
+    sends its slice of the update back; measured == predicted, not 0 == 0."""
+    results = run_ranks(_comm, 2, zero3("TEON"), timeout=120)
+    for measured, predicted, cut, _ in results:
+        assert measured == predicted and measured[0] > 0 and cut > 0
+    # each matrix's non-owner slice travels twice (there and back): the ranks' sent bytes add up to
+    # 2 x 4 bytes x the elements of the matrices outside their owner's slice
+    assert sum(r[0][0] for r in results) == sum(r[0][1] for r in results)
