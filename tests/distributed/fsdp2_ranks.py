@@ -149,6 +149,10 @@ def run(rank, world_size, port, out_dir, scenario):
             key = f"{layout}-{kind}-{entry}"
             report[key] = {"bound": bound, "stats": stats, "runner": type(opt.runner).__name__}
             report[key]["plan"] = str(opt.plan)
+            report[key]["flops"] = [
+                opt.comm_stats.flops,
+                sum(j.flops for p in opt.zero_plans for j in p.jobs),
+            ]
             if layout == "fsdp2" and kind == "TEON":
                 report[key]["layout_bytes"] = chunk_bytes(opt)
                 report[key]["layout"] = opt.layout()  # what a plain state_dict() records

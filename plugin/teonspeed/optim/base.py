@@ -65,9 +65,10 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         self._params_by_name = {n: p for n, p in named}
         self._layouts = {n: getattr(p, LAYOUT_ATTR, None) for n, p in named}
         self._tensors: ParamTensors = ParamTensors()  # what the step updates: the parameters, until attached
-        self._runner: Runner = self._make_runner()
         if isinstance(self.parallel, DTensorContext):  # FSDP2, HSDP, FSDP2 x TP: local tensors, FSDP chunks
             attach_dtensor_layout(self)
+        else:
+            self._runner: Runner = self._make_runner()
         self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
         self.grad_norm: Optional[float] = None  # the last step's global gradient norm, where it clips
         # QK-clip runs after each step through torch's step hooks (teonspeed.qk_clip), not inside step():

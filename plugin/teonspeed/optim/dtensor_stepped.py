@@ -6,30 +6,26 @@ state on local tensors too: no DTensor dispatch in the hot path. The state is st
 parameter's mesh and placements (`LocalState` wraps and unwraps), so `torch.distributed.checkpoint` sees
 global tensors and reshards them at load.
 
-The pieces of every orthogonalized matrix are described to the flat-partition planner (`partitioned.py`)
-as one flat buffer per parameter (a TP shard, flattened), cut over the FSDP group into ceil-sized
-partitions, as FSDP2's dim-0 `torch.chunk` cuts it (`parallel/dtensor_layout.py`); all of them planned
-together like Megatron's buckets: each matrix or TEON stack goes to one owner (balanced by Newton-Schulz
-FLOPs), is orthogonalized whole, and each holder gets its slice back. The last ranks' chunks are shorter
-than a partition: they are padded to it for the exchange (a copy of those chunks only).
+The pieces of every orthogonalized matrix are described to the sharded-pieces core (`parallel/sharded.py`,
+one planner and one exchange for ZeRO-1/2/3, Megatron's buckets and this): each TP shard's dim-0 chunks as
+FSDP2's `torch.chunk` cuts them (`parallel/dtensor_layout.py`), each held by its FSDP rank (under HSDP, by
+that rank of every replica). Each matrix or TEON stack goes to one owner (balanced by Newton-Schulz FLOPs,
+over the replicas too), is orthogonalized whole, and each holder gets its slice back.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import MutableMapping
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..parallel.cost import adamw_bytes
-from ..parallel.distributed import DistributedRunner
 from ..parallel.dtensor_layout import is_dtensor
-from ..parallel.flat import FlatEntry, FlatPartition
 from ..parallel.partitioned import PartitionRunner
-from ..parallel.runner import StepIO
+from ..parallel.sharded import PieceLayout, dim0_chunk_holds
 from .stepped import ParamTensors, Stepped
 
 
@@ -106,54 +102,62 @@ class DTensorTensors(ParamTensors):
         ]
 
 
-class DTensorPartitionRunner(PartitionRunner):
-    """The flat-partition runner over FSDP chunks: each key's local chunk padded to its partition where
-    it is shorter (the last FSDP ranks), the planned exchange run, and the padding dropped again."""
-
-    def run(self, groups, io: StepIO) -> None:
-        directions, updates, back = {}, {}, []
-        for key, fp in self.partitions.items():
-            flat = io.directions[key].reshape(-1)
-            if flat.numel() == fp.partition_size:
-                directions[key], updates[key] = flat, io.updates[key].view(-1)
-                continue
-            padded = flat.new_zeros(fp.partition_size)
-            padded[: flat.numel()] = flat
-            directions[key], updates[key] = padded, torch.zeros_like(padded)
-            back.append((io.updates[key], updates[key]))
-        super().run(groups, dataclasses.replace(io, directions=directions, updates=updates))
-        for target, padded in back:
-            target.view(-1).copy_(padded[: target.numel()])
-
-
 def attach_dtensor_layout(opt) -> None:
-    """Describe DTensor parameters to the step (`opt.parallel` is a DTensorContext). FSDP-chunked matrices
-    are planned over the tp x FSDP work group (a collective there: every rank constructs together); TP
-    shards that FSDP does not chunk are whole on each rank and run on the distributed runner as they are."""
+    """Describe DTensor parameters to the step (`opt.parallel` is a DTensorContext) and make its runner.
+    FSDP-chunked matrices: a `PieceLayout` of the sharded-pieces core (each TP shard's dim-0 chunks, each
+    held by its FSDP rank, under HSDP by that rank of every replica), planned over the tp x dp work group
+    (collectives there: every rank constructs together). TP shards that FSDP does not chunk are whole on
+    each rank and run on the distributed runner as they are."""
     opt._tensors = DTensorTensors()
     ctx = opt.parallel
-    if not isinstance(opt._runner, DistributedRunner) or not ctx.sharded:
+    if not (ctx.distributed and ctx.sharded):
+        opt._runner = opt._make_runner()
         return
-    dp_rank, dp_size = dist.get_rank(ctx.dp_group), dist.get_world_size(ctx.dp_group)
-    partitions, moved, device = {}, 0, None
-    for name in opt.grouping.ortho_names():
+    ortho = opt.grouping.ortho_names()
+    ctx.dp_group = _replicas_and_shards_group(opt, ortho) or ctx.dp_group
+    dp_ranks = dist.get_process_group_ranks(ctx.dp_group)
+    holds, shapes, moved, device = {}, {}, 0, None
+    for name in ortho:
         p, layout = opt._params_by_name[name], ctx.layouts[name]
-        entry = FlatEntry(name, 0, layout.tp_shard_shape)
-        partitions[name] = FlatPartition([entry], layout.partition_size, ctx.dp_group, dp_rank, dp_size)
+        shapes[name] = layout.tp_shard_shape
+        holds.update(dim0_chunk_holds(name, shapes[name], _holders(p, layout, dp_ranks)))
         # AdamW under FSDP2 moves, for the same matrices: the gradients' reduce-scatter and the
         # parameters' all-gather, and under HSDP the all-reduce of the gradient shards over the replicas
         # (comm_stats.adamw_bytes, the yardstick)
-        size = p.element_size()
+        size, numel = p.element_size(), math.prod(shapes[name])
         replicas = math.prod(layout.mesh_shape[d] for d in layout.replicate_mesh_dims)
-        moved += adamw_bytes(entry.numel, dp_size, size, size, gradient_allreduce=False)
+        moved += adamw_bytes(numel, layout.fsdp_size, size, size, gradient_allreduce=False)
         moved += adamw_bytes(layout.partition_size, replicas, size)
         device = local(p).device
-    opt._runner = DTensorPartitionRunner(
-        opt._runner,
-        partitions,
-        opt.grouping.groups,
-        opt.config,
-        lambda key: device or torch.device("cpu"),
-        moved,
-        together=True,
-    )
+    pieces = PieceLayout(holds, shapes, ctx.dp_group, dist.get_rank(ctx.dp_group), len(dp_ranks))
+    opt.attach_layouts({"fsdp2": pieces}, DTensorTensors(), device=device, adamw_bytes=moved)
+
+
+def _holders(p: torch.Tensor, layout, dp_ranks: List[int]) -> List[List[int]]:
+    """holders[s]: the data-parallel indices (positions in `dp_ranks`) of the ranks holding FSDP chunk s
+    of this rank's TP shard: one per replica."""
+    mesh = p.device_mesh.mesh
+    if layout.tp_mesh_dim is not None:  # the ranks of my TP shard
+        mine = p.device_mesh.get_coordinate()[layout.tp_mesh_dim]
+        mesh = mesh.select(layout.tp_mesh_dim, mine).unsqueeze(layout.tp_mesh_dim)
+    mesh = mesh.movedim(layout.fsdp_mesh_dim, 0).reshape(layout.fsdp_size, -1)
+    return [[dp_ranks.index(int(g)) for g in row] for row in mesh]
+
+
+def _replicas_and_shards_group(opt, ortho: List[str]) -> Optional[dist.ProcessGroup]:
+    """Under HSDP, the group of the ranks holding any chunk of this rank's TP shards (every replica's
+    shard group): the owners are then spread over the replicas too. Every rank creates every such group
+    (one per TP rank), in the same order. None without replicas."""
+    ctx = opt.parallel
+    widest = max(ortho, key=lambda n: len(ctx.layouts[n].mesh_shape))
+    p, layout = opt._params_by_name[widest], ctx.layouts[widest]
+    if not layout.replicate_mesh_dims:
+        return None
+    mesh, mine = p.device_mesh.mesh, None
+    tp_ranks = range(layout.tp_size) if layout.tp_mesh_dim is not None else [None]
+    for t in tp_ranks:
+        ranks = (mesh if t is None else mesh.select(layout.tp_mesh_dim, t)).reshape(-1).tolist()
+        group = dist.new_group(sorted(ranks))
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine

@@ -239,8 +239,8 @@ def build_grouping(
 @dataclass
 class DTensorContext(ParallelContext):
     """The layout of DTensor parameters (FSDP2's `fully_shard`, HSDP, FSDP2 x TP), read from their meshes
-    and placements: `dp_group` is the group FSDP chunks dim 0 over (HSDP: this replica's shard group; the
-    replicas compute the same updates), `tp_group` the one TP cuts over, `layouts` each parameter's."""
+    and placements: `dp_group` is the group FSDP chunks dim 0 over (under HSDP, attach widens it to every
+    replica's shard group), `tp_group` the one TP cuts over, `layouts` each parameter's."""
 
     layouts: Dict[str, DTensorLayout] = field(default_factory=dict)
 
