@@ -30,15 +30,14 @@ import torch
 
 from support.harness import free_port
 from support import tolerance as tol
-from tiny_models import TinyLlama
 
 import fsdp2_ranks as fr
 
 
-def reference(kind, entry, steps, first=1, model=None, opt=None):
+def reference(kind, entry, steps, layout="fsdp2", first=1, model=None, opt=None):
     """One process, the unsharded model: the oracle."""
     if model is None:
-        model = TinyLlama(layers=2)
+        model = fr.tiny(layout)
         opt = fr.make_optimizer(kind, fr.entry_params(model, entry))
     for step in range(first, first + steps):
         model(*fr.batch(step)).backward()
@@ -51,9 +50,9 @@ def weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def oracle(kind, entry, steps=fr.STEPS):
+def oracle(kind, entry, layout="fsdp2", steps=fr.STEPS):
     """One process's weights after `steps`, and its orthogonalized matrices."""
-    model, opt = reference(kind, entry, steps)
+    model, opt = reference(kind, entry, steps, layout)
     return weights(model), opt.grouping.ortho_names()
 
 
@@ -103,7 +102,7 @@ def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(tmp_pat
 
     for key in ("fsdp2-TEON-model", "fsdp2-Muon-named_parameters", "fsdp2-HTMuon-param_groups"):
         layout, kind, entry = key.split("-")
-        want, ortho = oracle(kind, entry)
+        want, ortho = oracle(kind, entry, layout)
         check_equal(torch.load(tmp_path / f"{key}.pt"), want, model_bound(reports, key), ortho)
         for report in reports:
             assert report[key]["runner"] == "PartitionRunner"
@@ -122,10 +121,10 @@ def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(tmp_pat
         assert all("\n" not in text for text in refusals.values())
     # 1 -> 2 ranks: one process's save after step 1, loaded and stepped on 2 ranks == one process's step 2
     bound = sum(r["checkpoints"]["bound"] for r in reports)
-    want, ortho = oracle("TEON", "model", 2)
+    want, ortho = oracle("TEON", "model", steps=2)
     check_equal(torch.load(tmp_path / "dcp-from-1rank.pt"), want, bound, ortho)
     # 2 -> 1: the 2 ranks' save after step 1, loaded and stepped in one process == the 2 ranks' step 2
-    model = TinyLlama(layers=2)
+    model = fr.tiny("fsdp2")
     opt = fr.make_optimizer("TEON", model)
     state = dcp_state(model, opt)
     dcp.load(state, checkpoint_id=str(tmp_path / "dcp-2ranks"))
@@ -145,7 +144,7 @@ def test_hsdp_and_fsdp2_x_tp_on_4_ranks_equal_one_process(tmp_path):
     reports = spawn("mesh2d", 4, tmp_path)
     for key in ("hsdp-TEON-model", "fsdp2_tp-TEON-model", "fsdp2_tp-Muon-named_parameters"):
         layout, kind, entry = key.split("-")
-        want, ortho = oracle(kind, entry)
+        want, ortho = oracle(kind, entry, layout)
         check_equal(torch.load(tmp_path / f"{key}.pt"), want, model_bound(reports, key), ortho)
         for report in reports:
             assert report[key]["runner"] == "PartitionRunner"
