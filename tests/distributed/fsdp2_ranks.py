@@ -244,4 +244,18 @@ def refusals(mesh):
             out[case] = None
         except ValueError as err:
             out[case] = str(err)
+    # a step where one sharded matrix has no gradient (the exchange plans all of them): refused before
+    # anything changes
+    model = sharded_model("fsdp2", mesh)
+    opt = make_optimizer("TEON", model)
+    model(*batch(1)).backward()
+    model.layers[0].mlp.down_proj.weight.grad = None
+    before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    try:
+        opt.step()
+        out["no_grad"] = None
+    except ValueError as err:
+        out["no_grad"] = str(err)
+    same = all(torch.equal(before[n], p.to_local()) for n, p in model.named_parameters())
+    out["unchanged"] = "yes" if same and not opt.state else "no"
     return out

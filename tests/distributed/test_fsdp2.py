@@ -118,6 +118,8 @@ def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(tmp_pat
         refusals = report["refusals"]  # one line each, on every rank (no rank left in a collective)
         assert "placements (Partial(sum),)" in refusals["partial"] and "'w'" in refusals["partial"]
         assert "'b' is a plain tensor beside DTensor parameters" in refusals["plain"]
+        assert "'layers.0.mlp.down_proj.weight' has no gradient this step" in refusals["no_grad"]
+        assert refusals["unchanged"] == "yes"
         assert all("\n" not in text for text in refusals.values())
     # 1 -> 2 ranks: one process's save after step 1, loaded and stepped on 2 ranks == one process's step 2
     bound = sum(r["checkpoints"]["bound"] for r in reports)
