@@ -116,3 +116,69 @@ def test_an_fsdp2_model_with_qk_clip_is_refused_at_construction():
         assert "'qk_clip'" in str(err.value) and "DTensor" in str(err.value) and "\n" not in str(err.value)
     finally:
         dist.destroy_process_group()
+
+
+def test_dtensor_layouts_without_fsdp_chunks_or_hsdp_with_tp_are_refused_naming_them():
+    """Untested layouts are refused at construction, not guessed: TP alone, HSDP x TP."""
+    import teonspeed
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=0, world_size=8, store=FakeStore())
+    try:
+        # (a ColwiseParallel weight alone, (Shard(0),), is a dim-0 chunking like FSDP's: it is stepped as one)
+        model = Model()
+        tp = DeviceMesh("cpu", torch.arange(2), mesh_dim_names=("tp1",))
+        parallelize_module(model, tp, {"down": RowwiseParallel()})
+        with pytest.raises(ValueError) as err:
+            teonspeed.Muon([("down.weight", model.down.weight)])
+        assert "'down.weight'" in str(err.value) and "not chunked by FSDP" in str(err.value)
+        with pytest.raises(ValueError) as err:
+            teonspeed.Muon(model)  # its other parameters are plain tensors
+        assert "is a plain tensor beside DTensor parameters" in str(err.value)
+
+        names = ("rep3", "shard3", "tp3")
+        mesh = DeviceMesh("cpu", torch.arange(8).view(2, 2, 2), mesh_dim_names=names)
+        model = Model()
+        parallelize_module(model, mesh["tp3"], {"up": ColwiseParallel()})
+        fully_shard(model, mesh=mesh["rep3", "shard3"])
+        with pytest.raises(ValueError) as err:
+            teonspeed.Muon(model)
+        assert "'up.weight' is replicated (HSDP) and TP-cut" in str(err.value) and "\n" not in str(err.value)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_on_one_rank_steps_the_local_tensors_like_the_plain_model():
+    """A world of one rank: whole local tensors, the local runner; equal to the plain model (the same
+    element-wise and Newton-Schulz operations on the same tensors: equal to the last bit)."""
+    import teonspeed
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    plain = Model()
+    grads = {
+        n: torch.randn_like(p, generator=torch.Generator().manual_seed(i))
+        for i, (n, p) in enumerate(plain.named_parameters())
+    }
+    dist.init_process_group("fake", rank=0, world_size=1, store=FakeStore())
+    try:
+        model = Model()
+        fully_shard(model, mesh=DeviceMesh("cpu", torch.arange(1), mesh_dim_names=("one",)))
+        opt, ref = teonspeed.Muon(model, lr=0.02), teonspeed.Muon(plain, lr=0.02)
+        for _ in range(2):
+            for n, p in model.named_parameters():
+                p.grad = DTensor.from_local(grads[n].clone(), p.device_mesh, p.placements)
+            for n, p in plain.named_parameters():
+                p.grad = grads[n].clone()
+            opt.step()
+            ref.step()
+        for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+            assert torch.equal(p.to_local(), q.detach()), n
+        assert isinstance(opt.state[model.up.weight]["momentum_buffer"], DTensor)  # what DCP reads
+    finally:
+        dist.destroy_process_group()

@@ -104,13 +104,13 @@ class DTensorTensors(ParamTensors):
 
 def attach_dtensor_layout(opt) -> None:
     """Describe DTensor parameters to the step (`opt.parallel` is a DTensorContext) and make its runner.
-    FSDP-chunked matrices: a `PieceLayout` of the sharded-pieces core (each TP shard's dim-0 chunks, each
-    held by its FSDP rank, under HSDP by that rank of every replica), planned over the tp x dp work group
-    (collectives there: every rank constructs together). TP shards that FSDP does not chunk are whole on
-    each rank and run on the distributed runner as they are."""
+    The matrices are FSDP-chunked (dtensor_context refuses other DTensor layouts): a `PieceLayout` of the
+    sharded-pieces core (each TP shard's dim-0 chunks, each held by its FSDP rank, under HSDP by that rank
+    of every replica), planned over the tp x dp work group (collectives there: every rank constructs
+    together). A world of one rank holds whole matrices: the local runner."""
     opt._tensors = DTensorTensors()
     ctx = opt.parallel
-    if not (ctx.distributed and ctx.sharded):
+    if not ctx.distributed:
         opt._runner = opt._make_runner()
         return
     ortho = opt.grouping.ortho_names()

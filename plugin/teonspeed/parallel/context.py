@@ -247,11 +247,6 @@ class DTensorContext(ParallelContext):
     def full_shape(self, name: str, p: torch.Tensor) -> Tuple[int, ...]:
         return tuple(p.shape)  # a DTensor's shape is the global one
 
-    @property
-    def sharded(self) -> bool:
-        """Whether some parameter is chunked by FSDP (else each rank holds whole TP shards)."""
-        return any(layout.fsdp_mesh_dim is not None for layout in self.layouts.values())
-
 
 def dtensor_context(
     named: List[Tuple[str, torch.Tensor]], given: Optional[ParallelContext]
@@ -298,12 +293,24 @@ def dtensor_context(
             )
     dp = next(iter(groups["dp"].values()), (None, None))[1]
     tp = next(iter(groups["tp"].values()), (None, None))[1]
-    if dp is not None:
-        unsharded = next((n for n, lay in layouts.items() if lay.fsdp_mesh_dim is None), None)
-        if unsharded is not None:
-            raise ValueError(
-                f"teonspeed: DTensor parameter {unsharded!r} is not chunked by FSDP while others are "
-                f"(placements {dict(dtensors)[unsharded].placements}); fully_shard the module holding it"
-            )
+    if dp is None:  # the TP-only and replicated-DTensor paths are not tested: refused, not guessed
+        raise ValueError(
+            f"teonspeed: DTensor parameter {dtensors[0][0]!r} (placements {dtensors[0][1].placements}) "
+            f"is not chunked by FSDP; DTensor layouts without fully_shard (parallelize_module alone) are "
+            f"not supported yet: fully_shard the model too (FSDP2 x TP), or use Megatron-core's tensor "
+            f"parallelism"
+        )
+    both = next((n for n, lay in layouts.items() if lay.replicate_mesh_dims and lay.tp_dim is not None), None)
+    if both is not None:
+        raise ValueError(
+            f"teonspeed: DTensor parameter {both!r} is replicated (HSDP) and TP-cut on a mesh of shape "
+            f"{layouts[both].mesh_shape}; HSDP x TP is not supported yet: use HSDP, or FSDP2 x TP"
+        )
+    unsharded = next((n for n, lay in layouts.items() if lay.fsdp_mesh_dim is None), None)
+    if unsharded is not None:
+        raise ValueError(
+            f"teonspeed: DTensor parameter {unsharded!r} is not chunked by FSDP while others are "
+            f"(placements {dict(dtensors)[unsharded].placements}); fully_shard the module holding it"
+        )
     specs = {n: ShardSpec(tp_partition_dim=lay.tp_dim) for n, lay in layouts.items()}
     return DTensorContext(specs=specs, tp_group=tp, dp_group=dp, layouts=layouts)
