@@ -109,11 +109,10 @@ def attach_dtensor_layout(opt) -> None:
     of every replica), planned over the tp x dp work group (collectives there: every rank constructs
     together). A world of one rank holds whole matrices: the local runner."""
     opt._tensors = DTensorTensors()
-    ctx = opt.parallel
-    if not ctx.distributed:
+    ctx, ortho = opt.parallel, opt.grouping.ortho_names()
+    if not (ctx.distributed and ortho):
         opt._runner = opt._make_runner()
         return
-    ortho = opt.grouping.ortho_names()
     ctx.dp_group = _replicas_and_shards_group(opt, ortho) or ctx.dp_group
     dp_ranks = dist.get_process_group_ranks(ctx.dp_group)
     holds, shapes, moved, device = {}, {}, 0, None
@@ -130,7 +129,7 @@ def attach_dtensor_layout(opt) -> None:
         moved += adamw_bytes(layout.partition_size, replicas, size)
         device = local(p).device
     pieces = PieceLayout(holds, shapes, ctx.dp_group, dist.get_rank(ctx.dp_group), len(dp_ranks))
-    opt.attach_layouts({"fsdp2": pieces}, DTensorTensors(), device=device, adamw_bytes=moved)
+    opt.attach_layouts({"fsdp2": pieces}, opt._tensors, device=device, adamw_bytes=moved)
 
 
 def _holders(p: torch.Tensor, layout, dp_ranks: List[int]) -> List[List[int]]:
@@ -145,19 +144,10 @@ def _holders(p: torch.Tensor, layout, dp_ranks: List[int]) -> List[List[int]]:
 
 
 def _replicas_and_shards_group(opt, ortho: List[str]) -> Optional[dist.ProcessGroup]:
-    """Under HSDP, the group of the ranks holding any chunk of this rank's TP shards (every replica's
-    shard group): the owners are then spread over the replicas too. Every rank creates every such group
-    (one per TP rank), in the same order. None without replicas."""
-    ctx = opt.parallel
-    widest = max(ortho, key=lambda n: len(ctx.layouts[n].mesh_shape))
-    p, layout = opt._params_by_name[widest], ctx.layouts[widest]
-    if not layout.replicate_mesh_dims:
+    """Under HSDP, the group of every replica's shard group (the whole mesh: dtensor_context refuses HSDP
+    x TP), so that the owners are spread over the replicas too; created by every rank. None without
+    replicas."""
+    p = opt._params_by_name[ortho[0]]
+    if not opt.parallel.layouts[ortho[0]].replicate_mesh_dims:
         return None
-    mesh, mine = p.device_mesh.mesh, None
-    tp_ranks = range(layout.tp_size) if layout.tp_mesh_dim is not None else [None]
-    for t in tp_ranks:
-        ranks = (mesh if t is None else mesh.select(layout.tp_mesh_dim, t)).reshape(-1).tolist()
-        group = dist.new_group(sorted(ranks))
-        if dist.get_rank() in ranks:
-            mine = group
-    return mine
+    return dist.new_group(sorted(p.device_mesh.mesh.reshape(-1).tolist()))
