@@ -207,7 +207,7 @@ def megatron(rank, world_size, tp=1, optimizer="teon", layers=None, **config_kw)
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     ddp, opt = build(tp, optimizer, layers, **config_kw)
-    _, _, results = run_steps(ddp, opt, range(STEPS))
+    _, _, results, *_ = run_steps(ddp, opt, range(STEPS))
     masters = [(i, s.master) for i, s in enumerate(getattr(opt, "shards", [])) if s.master is not None]
     return dict(
         fingerprint(opt.optimizer, list(ddp.module.named_parameters()), masters),

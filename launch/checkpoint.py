@@ -200,8 +200,9 @@ def optimizer_options(engine) -> Dict[str, Any]:
 
 
 def model_shapes(engine) -> Dict[str, List[int]]:
-    """This rank's part of the model: parameter name -> shape."""
-    return {name: list(p.shape) for name, p in engine.model.named_parameters()}
+    """This rank's part of the model: parameter name -> shape (under ZeRO-3 the parameter's, not the
+    empty placeholder a partitioned parameter holds between gathers)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in engine.model.named_parameters()}
 
 
 def _versions() -> Dict[str, str]:

@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--zero-stage",
         type=int,
         default=1,
-        choices=[0, 1, 2],
-        help="DeepSpeed ZeRO stage (--backend deepspeed; the Megatron backend has no ZeRO)",
+        choices=[0, 1, 2, 3],
+        help="DeepSpeed ZeRO stage (--backend deepspeed; the Megatron backend has no ZeRO); 3 also "
+        "partitions the parameters (TP 1, no QK-clip)",
     )
     p.add_argument(
         "--distributed-optimizer",
@@ -401,10 +402,10 @@ def check_ds_config(args) -> None:
     except json.JSONDecodeError as err:
         raise ConfigError(f"--ds-config {path} is not valid JSON: {err}") from None
     stage = (args.ds_config_dict.get("zero_optimization") or {}).get("stage", 0)
-    if "zero_stage" not in args.explicit and stage not in (0, 1, 2):
+    if "zero_stage" not in args.explicit and stage not in (0, 1, 2, 3):
         raise ConfigError(
             f"--ds-config {path}: zero_optimization.stage={stage}; teonspeed supports ZeRO stages "
-            "0, 1 and 2 (set it there, or pass --zero-stage)"
+            "0, 1, 2 and 3 (set it there, or pass --zero-stage)"
         )
     kind = (args.ds_config_dict.get("optimizer") or {}).get("type")
     known = {t.lower() for t in (*ORTHO_TYPES.values(), *DEEPSPEED_TYPES)}
@@ -438,6 +439,32 @@ def check_qk_clip(args) -> None:
             "--qk-clip rescales the weights through teonspeed's optimizer (it knows where the "
             "fp32 masters and ZeRO partitions live); use --optimizer muon/teon/htmuon, or "
             "--qk-clip-log to log the max logit of an AdamW run"
+        )
+
+
+def zero_stage(args) -> int:
+    """The ZeRO stage the DeepSpeed engine will run (launch/engines.py's rule): --zero-stage where given or
+    where --ds-config has no zero_optimization block, else the block's stage."""
+    block = (getattr(args, "ds_config_dict", None) or {}).get("zero_optimization")
+    if "zero_stage" in args.explicit or block is None:
+        return args.zero_stage
+    return block.get("stage", 0)
+
+
+def check_zero3(args) -> None:
+    """What teonspeed's optimizers refuse under ZeRO-3 (integrations/deepspeed_zero3.py), before any rank
+    starts: tensor parallelism and QK-clip."""
+    if args.backend != "deepspeed" or args.optimizer == "adamw" or zero_stage(args) != 3:
+        return
+    if args.tp > 1:
+        raise ConfigError(
+            f"--zero-stage 3 with --tp {args.tp}: teonspeed's ZeRO-3 is not verified with tensor "
+            "parallelism; use --zero-stage 1 or 2 with --tp, or --tp 1 with ZeRO-3"
+        )
+    if args.qk_clip is not None or args.qk_clip_log:
+        raise ConfigError(
+            "--qk-clip/--qk-clip-log are not supported with --zero-stage 3 (the query/key rows are split "
+            "over ranks); use --zero-stage 1 or 2 for QK-clip"
         )
 
 
@@ -616,6 +643,7 @@ def validate(args, world: int) -> argparse.Namespace:
         check_ds_config(args)
         adopt_json_optimizer(args)
     check_qk_clip(args)  # (after the --ds-config block has named the optimizer)
+    check_zero3(args)
     if args.data_dir:
         check_data(args)
     check_batch(args, args.dp)

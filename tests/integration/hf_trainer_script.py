@@ -1,6 +1,6 @@
 """Run by the `deepspeed` launcher in test_hf_trainer.py: the Hugging Face Trainer with a DeepSpeed config
 in the form Hugging Face documents ("auto" values, AdamW's option names) and "type": "TEON", trained for
-a few steps at ZeRO stages 0, 1 and 2 one after the other in this process."""
+a few steps at ZeRO stages 0, 1, 2 and 3 one after the other in this process."""
 
 import json
 import sys
@@ -95,7 +95,11 @@ def train(stage, out_dir):
     optimizer = trainer.model_wrapped.optimizer
     basic = type(getattr(trainer.model_wrapped, "basic_optimizer", optimizer)).__name__
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    weights = torch.cat([p.detach().float().reshape(-1) for p in trainer.model.parameters()])
+    import deepspeed
+
+    params = list(trainer.model.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):  # ZeRO-3: each rank holds a slice
+        weights = torch.cat([p.detach().float().reshape(-1) for p in params])
     adamw = {
         k: v
         for k, v in trainer.model_wrapped.basic_optimizer.param_groups[-1].items()
@@ -148,7 +152,7 @@ def main(out_path):
     # process; set up its (shared) state with gloo first, and let the Trainers use it.
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
-    results = {stage: train(stage, out_path + ".runs") for stage in (0, 1, 2)}
+    results = {stage: train(stage, out_path + ".runs") for stage in (0, 1, 2, 3)}
     if dist.get_rank() == 0:
         json.dump({"results": results, "world_size": dist.get_world_size()}, open(out_path, "w"))
     # Every rank tears the group down together: a rank exiting while another is in gloo's teardown can

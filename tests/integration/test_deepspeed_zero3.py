@@ -99,6 +99,21 @@ def test_a_teon_stack_split_over_sub_groups_is_refused_naming_sub_group_size():
         run_ranks(h.train, 2, zero3("TEON", zero={"sub_group_size": 200}), steps=1, timeout=120)
 
 
+def zero_init_model():
+    """TinyLM built inside deepspeed.zero.Init, as Hugging Face's from_pretrained does under a ZeRO-3
+    config: the optimizer is handed parameters that are already partitioned (empty placeholders)."""
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=zero3("TEON")):
+        return h.TinyLM()
+
+
+def test_zero3_on_a_model_built_under_zero_init_equals_zero0():
+    result = run(zero3("TEON"), model_fn=zero_init_model)
+    reference = run(h.ds_config("TEON", stage=0))
+    assert_same_training(result, reference, *oracle("TEON"))
+
+
 def _comm(rank, world_size, config):
     import deepspeed
     import torch.distributed as dist
@@ -115,15 +130,18 @@ def _comm(rank, world_size, config):
         engine.step()
     stats = opt.comm_stats
     cut = sum(j.cut for plan in opt.zero_plans for j in plan.jobs)
-    return (stats.sent, stats.received), opt.zero_expected_bytes(), cut, stats.flops
+    return (stats.sent, stats.received), opt.zero_expected_bytes(), cut, str(opt.plan), stats.adamw_bytes
 
 
 def test_zero3_bytes_per_rank_equal_the_plans_prediction():
     """Every matrix is cut over both ranks under ZeRO-3: each owner receives the other rank's slice and
     sends its slice of the update back; measured == predicted, not 0 == 0."""
     results = run_ranks(_comm, 2, zero3("TEON"), timeout=120)
-    for measured, predicted, cut, _ in results:
+    for measured, predicted, cut, plan, adamw in results:
         assert measured == predicted and measured[0] > 0 and cut > 0
+        # the printed plan reports the same bytes per rank, and AdamW's for the same matrices next to it
+        assert f"sends {measured[0]:,} bytes, receives {measured[1]:,} bytes" in plan
+        assert f"AdamW in the same layout: {adamw:,} bytes" in plan and adamw > 0
     # each matrix's non-owner slice travels twice (there and back): the ranks' sent bytes add up to
     # 2 x 4 bytes x the elements of the matrices outside their owner's slice
     assert sum(r[0][0] for r in results) == sum(r[0][1] for r in results)

@@ -1,6 +1,7 @@
 """The Hugging Face Trainer with a DeepSpeed config as Hugging Face documents it ("auto" values and the
 option names of DeepSpeed's AdamW/Muon) and "type": "TEON", under the real `deepspeed` launcher on 2 CPU
-ranks: ZeRO stages 0, 1 and 2 give the same losses and weights, and the "auto" values reach the optimizer."""
+ranks: ZeRO stages 0, 1, 2 and 3 give the same losses and weights, and the "auto" values reach the
+optimizer."""
 
 import json
 import os
@@ -43,8 +44,13 @@ def test_hf_trainer_with_auto_params_agrees_across_zero_stages(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2
-    runs = [result["results"][str(stage)] for stage in (0, 1, 2)]
-    assert [r["optimizer"] for r in runs] == ["TEON", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer"]
+    runs = [result["results"][str(stage)] for stage in (0, 1, 2, 3)]
+    assert [r["optimizer"] for r in runs] == [
+        "TEON",
+        "DeepSpeedZeroOptimizer",
+        "DeepSpeedZeroOptimizer",
+        "DeepSpeedZeroOptimizer_Stage3",
+    ]
     assert all(r["basic"] == "TEON" for r in runs)
     # "betas": "auto", "eps": "auto" came from TrainingArguments(adam_beta1/2, adam_epsilon)
     assert all(r["adamw"] == {"betas": [0.85, 0.98], "eps": 1e-7} for r in runs)

@@ -138,11 +138,44 @@ def test_tiny_configs_train_and_the_loss_goes_down(config, data_dir, tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(9))
 
 
+def test_zero_stage_3_trains_and_the_loss_goes_down(data_dir, tmp_path):
+    argv = ["--model-config", "llama_tiny", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path)]
+    argv += [
+        "--steps",
+        "8",
+        "--warmup",
+        "1",
+        "--lr",
+        "0.03",
+        "--adamw-lr",
+        "1e-2",
+        "--zero-stage",
+        "3",
+        *TINY,
+    ]
+    out = train(argv)
+    assert (out["wrapper"], out["optimizer"]) == ("DeepSpeedZeroOptimizer_Stage3", "TEON")
+    assert out["losses"][-1] < out["losses"][0] - 0.5, out["losses"]
+
+
+def test_zero_stage_3_refuses_tp_and_qk_clip_before_starting(tmp_path):
+    from launch import options
+    from launch.configs import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"^error: --zero-stage 3 with --tp 2: .* use --zero-stage 1 or 2 with --tp"
+    ):
+        options.check(["--runs-dir", str(tmp_path), "--zero-stage", "3", "--tp", "2"], 2)
+    with pytest.raises(ConfigError, match=r"^error: --qk-clip/--qk-clip-log are not supported with --zero-stage 3"):
+        options.check(["--runs-dir", str(tmp_path), "--zero-stage", "3", "--qk-clip", "50"], 2)
+
+
 # (b) resume: 10 steps == 5 steps, save, resume, 5 steps (fp32, CPU): the same losses
 @pytest.mark.parametrize(
     "backend,extra",
     [
         ("deepspeed", ["--zero-stage", "1", "--grad-accum", "2"]),
+        ("deepspeed", ["--zero-stage", "3", "--grad-accum", "2"]),
         ("megatron", ["--grad-accum", "2"]),
         ("megatron", ["--grad-accum", "2", "--distributed-optimizer"]),
     ],
