@@ -4,7 +4,7 @@ orthogonalized and its AdamW side."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, List
 
 import torch
 
@@ -116,19 +116,3 @@ def internal_groups(c: OptimizerConfig, user_groups, route: Dict[str, str]) -> L
             g.update(params=[p for _, p in members], names=[n for n, _ in members], route=side, step=0)
             out.append(g)
     return out
-
-
-def refuse_dtensor_parameters(named: Iterable[Tuple[str, torch.Tensor]]) -> None:
-    """FSDP2 (`torch.distributed.fsdp.fully_shard`) and DTensor tensor parallelism replace parameters by
-    DTensors holding a shard each; the step would orthogonalize shards as if they were whole matrices
-    (and fails inside DTensor dispatch). Refused at construction, naming the first such parameter."""
-    for name, p in named:
-        placements = getattr(p, "placements", None)
-        if placements is None or not hasattr(p, "device_mesh"):
-            continue
-        raise ValueError(
-            f"teonspeed: parameter {name!r} is a DTensor (placements {tuple(placements)}, as made by PyTorch "
-            f"FSDP2's fully_shard or DTensor parallelize_module); teonspeed does not step DTensor parameters "
-            f'yet. Shard with DeepSpeed ZeRO-1/2 ("optimizer": {{"type": "TEON"}}), Megatron-core '
-            f"(tensor parallel, use_distributed_optimizer) or DDP instead"
-        )

@@ -26,7 +26,7 @@ from ..grouping import GroupingResult, MatrixRef, OrthoGroup
 from ..matrix_io import matrix_view, write_matrix
 from ..ortho import heavy_tail, orthogonalize
 from ..ortho.compute_dtype import check_cpu_bf16_env
-from ..parallel.context import ParallelContext, build_grouping
+from ..parallel.context import DTensorContext, ParallelContext, build_grouping
 from ..parallel.cost import adamw_bytes, cluster_profile
 from ..parallel.distributed import DistributedRunner
 from ..parallel.flat import BucketShard, FlatPartition
@@ -36,6 +36,7 @@ from ..parallel.runner import Runner, StepIO
 from ..parallel.topology import build_step_group, build_topology
 from .checkpoint import LAYOUT_KEY, CheckpointState  # noqa: F401  (LAYOUT_KEY: re-exported)
 from .checks import agreed_construction
+from .dtensor_stepped import attach_dtensor_layout
 from ..params import internal_groups
 from ..plan import Plan
 from ..qk_clip import attach_from_options
@@ -64,7 +65,10 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         self._params_by_name = {n: p for n, p in named}
         self._layouts = {n: getattr(p, LAYOUT_ATTR, None) for n, p in named}
         self._tensors: ParamTensors = ParamTensors()  # what the step updates: the parameters, until attached
-        self._runner: Runner = self._make_runner()
+        if isinstance(self.parallel, DTensorContext):  # FSDP2, HSDP, FSDP2 x TP: local tensors, FSDP chunks
+            attach_dtensor_layout(self)
+        else:
+            self._runner: Runner = self._make_runner()
         self._plan_cache: Dict[Tuple, Tuple[Dict[str, int], Dict[str, List[str]]]] = {}
         self.grad_norm: Optional[float] = None  # the last step's global gradient norm, where it clips
         # QK-clip runs after each step through torch's step hooks (teonspeed.qk_clip), not inside step():

@@ -2,7 +2,7 @@
 
 Construction (the ranks agree on any refusal before the runner's first collective, so every rank
 raises the same line; see agreed_construction):
-- (params.refuse_dtensor_parameters: DTensor parameters, as FSDP2's `fully_shard` makes them.)
+- (parallel.dtensor_layout.describe_placements: a DTensor placement teonspeed cannot describe.)
 - (grouping.require_teon_stacks: a TEON run that forms no stack, unless the per-layer fallback is asked.)
 
 Each step, before the first write: every gradient is dense and has its parameter's shape, dtype and
@@ -115,7 +115,8 @@ def check_same_layout(saved: Dict, current: Dict) -> None:
             f"teonspeed: this optimizer state was saved in another parallel layout: saved with "
             f"{saved['sizes']}, loading into {current['sizes']}. A plain state dict holds each rank's shards "
             f"only and is not resharded; resume with the saved TP/EP sizes (and, under ZeRO-1/2, DP size), "
-            f"or save and load through megatron.core.dist_checkpointing (teonspeed.megatron), which reshards"
+            f"or save and load through megatron.core.dist_checkpointing (teonspeed.megatron) or, under "
+            f"FSDP2, torch.distributed.checkpoint (get/set_optimizer_state_dict), which reshard"
         )
     fix = (
         "load it into the model and param groups it was saved from (the same layers, the same "

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from ..config import OptimizerConfig
 from ..fused import annotate_model
 from ..grouping import GroupingResult, LayerRef, build_groups, param_shape, require_teon_stacks
-from ..params import ROUTE_KEY, normalize_params, refuse_dtensor_parameters
+from ..params import ROUTE_KEY, normalize_params
+from .dtensor_layout import DTensorLayout, describe_parameter, is_dtensor
 from .shard_spec import ShardSpec, full_shape, megatron_shard_specs
 
 
@@ -186,12 +187,20 @@ def build_grouping(
 ) -> ParamSetup:
     """The routing and groups of `params` under `config`. Without `parallel`, the layout is megatron-core's
     when its parallel state is initialised (found from the model, or from Megatron's parameters given
-    without it), else a single process. Refuses DTensor parameters, a parameter given twice, a TEON run
+    without it), DTensor parameters' own (FSDP2, HSDP, FSDP2 x TP: `dtensor_context`), else a single
+    process. Refuses a DTensor placement it cannot describe, a parameter given twice, a TEON run
     that forms no stack (unless teon_per_layer_fallback) and, under pipeline parallelism, a TEON group cut
     by a stage boundary (unless config allows it). No collective."""
     user_groups = normalize_params(params)
-    refuse_dtensor_parameters(np for g in user_groups for np in g["named"])
-    if parallel is None and isinstance(params, torch.nn.Module):
+    dtensors = dtensor_context([np for g in user_groups for np in g["named"]], parallel)
+    if dtensors is not None:
+        if config.qk_clip is not None or config.qk_clip_log:
+            raise ValueError(
+                "teonspeed: option 'qk_clip'/'qk_clip_log' is not supported with DTensor parameters (FSDP2, "
+                "HSDP, FSDP2 x TP) yet: its rescale writes whole q/k weights; leave it out"
+            )
+        parallel = dtensors
+    elif parallel is None and isinstance(params, torch.nn.Module):
         parallel = megatron_context(params)
     elif parallel is None:
         # named_parameters() and param groups of a Megatron model get the layout passing the model gets
@@ -225,3 +234,83 @@ def build_grouping(
     check_stage_cuts(grouping, parallel, c.cut_groups_at_stage_boundary)
     require_teon_stacks(grouping, c.teon_k, c.teon_types, c.teon_per_layer_fallback)
     return ParamSetup(user_groups, parallel, grouping)
+
+
+@dataclass
+class DTensorContext(ParallelContext):
+    """The layout of DTensor parameters (FSDP2's `fully_shard`, HSDP, FSDP2 x TP), read from their meshes
+    and placements: `dp_group` is the group FSDP chunks dim 0 over (under HSDP, attach widens it to every
+    replica's shard group), `tp_group` the one TP cuts over, `layouts` each parameter's."""
+
+    layouts: Dict[str, DTensorLayout] = field(default_factory=dict)
+
+    def full_shape(self, name: str, p: torch.Tensor) -> Tuple[int, ...]:
+        return tuple(p.shape)  # a DTensor's shape is the global one
+
+
+def dtensor_context(
+    named: List[Tuple[str, torch.Tensor]], given: Optional[ParallelContext]
+) -> Optional[DTensorContext]:
+    """The layout of DTensor parameters, or None when there are none. Every FSDP-chunked parameter must
+    be chunked over the same ranks and every TP-cut one cut over the same ranks (one model, one mesh);
+    plain tensors cannot sit beside DTensors, nor can an explicit `parallel` context. No collective."""
+    dtensors = [(n, p) for n, p in named if is_dtensor(p)]
+    if not dtensors:
+        return None
+    plain = next((n for n, p in named if not is_dtensor(p)), None)
+    if plain is not None:
+        raise ValueError(
+            f"teonspeed: parameter {plain!r} is a plain tensor beside DTensor parameters "
+            f"({dtensors[0][0]!r}, ...); shard the whole model with fully_shard, or pass only its "
+            f"DTensor parameters"
+        )
+    if given is not None:
+        raise ValueError(
+            "teonspeed: parallel= is not used with DTensor parameters (FSDP2, HSDP, FSDP2 x TP): their "
+            "layout is read from their DeviceMesh and placements; leave parallel out"
+        )
+    layouts, groups = {}, {"dp": {}, "tp": {}}
+    for name, p in dtensors:
+        layout = layouts[name] = describe_parameter(name, p)
+        where, mesh_type = p.to_local().device.type, p.device_mesh.device_type
+        if where != mesh_type:  # FSDP2's CPUOffloadPolicy
+            raise ValueError(
+                f"teonspeed: DTensor parameter {name!r} lives on {where} while its mesh is {mesh_type} "
+                f"(FSDP2 offload_policy=CPUOffloadPolicy()); the exchange runs on the mesh's devices: "
+                f"leave offload_policy out"
+            )
+        for kind, mesh_dim in (("dp", layout.fsdp_mesh_dim), ("tp", layout.tp_mesh_dim)):
+            if mesh_dim is not None:
+                group = p.device_mesh.get_group(mesh_dim)
+                groups[kind].setdefault(tuple(dist.get_process_group_ranks(group)), (name, group))
+    for kind, found in groups.items():
+        if len(found) > 1:
+            (a, _), (b, _) = list(found.values())[:2]
+            how = "FSDP-chunked" if kind == "dp" else "TP-cut"
+            raise ValueError(
+                f"teonspeed: DTensor parameters {a!r} and {b!r} are {how} over different ranks "
+                f"{list(found)[:2]}; teonspeed steps one model on one DeviceMesh"
+            )
+    dp = next(iter(groups["dp"].values()), (None, None))[1]
+    tp = next(iter(groups["tp"].values()), (None, None))[1]
+    if dp is None:  # the TP-only and replicated-DTensor paths are not tested: refused, not guessed
+        raise ValueError(
+            f"teonspeed: DTensor parameter {dtensors[0][0]!r} (placements {dtensors[0][1].placements}) "
+            f"is not chunked by FSDP; DTensor layouts without fully_shard (parallelize_module alone) are "
+            f"not supported yet: fully_shard the model too (FSDP2 x TP), or use Megatron-core's tensor "
+            f"parallelism"
+        )
+    both = next((n for n, lay in layouts.items() if lay.replicate_mesh_dims and lay.tp_dim is not None), None)
+    if both is not None:
+        raise ValueError(
+            f"teonspeed: DTensor parameter {both!r} is replicated (HSDP) and TP-cut on a mesh of shape "
+            f"{layouts[both].mesh_shape}; HSDP x TP is not supported yet: use HSDP, or FSDP2 x TP"
+        )
+    unsharded = next((n for n, lay in layouts.items() if lay.fsdp_mesh_dim is None), None)
+    if unsharded is not None:
+        raise ValueError(
+            f"teonspeed: DTensor parameter {unsharded!r} is not chunked by FSDP while others are "
+            f"(placements {dict(dtensors)[unsharded].placements}); fully_shard the module holding it"
+        )
+    specs = {n: ShardSpec(tp_partition_dim=lay.tp_dim) for n, lay in layouts.items()}
+    return DTensorContext(specs=specs, tp_group=tp, dp_group=dp, layouts=layouts)

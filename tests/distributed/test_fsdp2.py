@@ -1,0 +1,158 @@
+"""PyTorch FSDP2 (`fully_shard`), HSDP and FSDP2 x TP as layouts of the one step: TEON, Muon and HTMuon
+on such a model (through the model, named_parameters() and param groups) equal one process on the
+unsharded model; the exchange's bytes equal the plan's prediction; torch.distributed.checkpoint resumes
+exactly and reshards 2 -> 1 and 1 -> 2 ranks.
+
+Ranks are spawned, not forked (FSDP2 ranks forked from a parent that imported torch hang here), one
+spawn per world size with every check of that size in it (fsdp2_ranks.py).
+
+Tolerance: both sides step the same numbers (the sharded ranks' gradients are set to the one-process
+gradient, cut by DTensor itself), the momentum is element-wise (the same operations on a chunk as on the
+whole), and the owner orthogonalizes the same assembled fp32 matrices; the only difference is which
+stacks are batched together in one Newton-Schulz call. `tol.RoundingBudget` bounds what that can change
+from the stacks the sharded optimizers transformed (each stack's output rounding, summed over the steps,
+for two sides; each rank's budget covers the stacks it owned, and their sum bounds the whole model, as
+√(Σ sq) ≤ Σ √sq); measured differences are expected at or near 0 (TEON and Muon: equal to the last bit here).
+
+AdamW's element-wise step on a chunk is the same operations per element as on the whole, except that a
+vectorized kernel may fuse a multiply-add (lerp_, addcmul_, addcdiv_) where the shorter chunk's scalar
+tail does not: per step, one rounding of the new weight (u·|W|) and, in the step term lr·m̂/(√v̂+ε),
+at most 10 roundings of its own plus 4 per earlier step carried in the moments. With R the bound on
+|m̂/(√v̂+ε)| for β1 < √β2, (1−β1)/√(1−β2)/(1−β1/√β2), per element after S steps:
+    |ΔW| ≤ S·u·(max|W| + (10 + 4S)·lr·R).
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from support.harness import free_port
+from support import tolerance as tol
+
+import fsdp2_ranks as fr
+
+
+def reference(kind, entry, steps, layout="fsdp2", first=1, model=None, opt=None):
+    """One process, the unsharded model: the oracle."""
+    if model is None:
+        model = fr.tiny(layout)
+        opt = fr.make_optimizer(kind, fr.entry_params(model, entry))
+    for step in range(first, first + steps):
+        model(*fr.batch(step)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def oracle(kind, entry, layout="fsdp2", steps=fr.STEPS):
+    """One process's weights after `steps`, and its orthogonalized matrices."""
+    model, opt = reference(kind, entry, steps, layout)
+    return weights(model), opt.grouping.ortho_names()
+
+
+def adamw_bound(w, steps, betas=(0.9, 0.95)):
+    """The per-element bound of the module docstring (betas: teonspeed's adamw_betas default)."""
+    b1, b2 = betas
+    ratio = (1 - b1) / math.sqrt(1 - b2) / (1 - b1 / math.sqrt(b2))
+    return steps * tol.u() * (float(w.abs().max()) + (10 + 4 * steps) * fr.ADAMW_LR * ratio)
+
+
+def check_equal(got, want, bound, ortho, steps=fr.STEPS):
+    """`ortho`: the orthogonalized matrices (the budget's); every other parameter is AdamW's."""
+    assert tol.distance(got, want, ortho) <= bound, (tol.distance(got, want, ortho), bound)
+    for n in want:
+        if n not in ortho:
+            diff = float((got[n] - want[n]).abs().max())
+            assert diff <= adamw_bound(want[n], steps), (n, diff)
+
+
+def model_bound(reports, key):
+    """The rounding budget of the whole model: the ranks' budgets summed (see the module docstring)."""
+    return sum(r[key]["bound"] for r in reports)
+
+
+def spawn(scenario, world_size, tmp_path):
+    import torch.multiprocessing as mp
+
+    args = (world_size, free_port(), str(tmp_path), scenario)
+    mp.start_processes(fr.run, args=args, nprocs=world_size, start_method="spawn")
+    return [json.loads((tmp_path / f"{scenario}-{r}.json").read_text()) for r in range(world_size)]
+
+
+def dcp_state(model, opt):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    torch.set_num_threads(1)
+    model, opt = reference("TEON", "model", 1)
+    dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp_path / "dcp-1rank"))  # loaded by 2 ranks
+    reports = spawn("fsdp2", 2, tmp_path)
+
+    for key in ("fsdp2-TEON-model", "fsdp2-Muon-named_parameters", "fsdp2-HTMuon-param_groups"):
+        layout, kind, entry = key.split("-")
+        want, ortho = oracle(kind, entry, layout)
+        check_equal(torch.load(tmp_path / f"{key}.pt"), want, model_bound(reports, key), ortho)
+        for report in reports:
+            assert report[key]["runner"] == "PartitionRunner"
+            for sent, received, want_sent, want_received, adamw in report[key]["stats"]:
+                assert (sent, received) == (want_sent, want_received) and sent > 0 and adamw > 0
+            assert f"sends {report[key]['stats'][0][2]:,} bytes" in report[key]["plan"]  # opt.plan's report
+        if kind == "TEON":  # the plan's bytes, from the layout alone: every step moves the same
+            for report in reports:
+                assert {s[0] for s in report[key]["stats"]} == {report[key]["layout_bytes"]}
+
+    for report in reports:
+        assert report["checkpoints"]["resumed_exactly"]
+        refusals = report["refusals"]  # one line each, on every rank (no rank left in a collective)
+        assert "placements (Partial(sum),)" in refusals["partial"] and "'w'" in refusals["partial"]
+        assert "'b' is a plain tensor beside DTensor parameters" in refusals["plain"]
+        assert "'layers.0.mlp.down_proj.weight' has no gradient this step" in refusals["no_grad"]
+        assert refusals["unchanged"] == "yes"
+        assert all("\n" not in text for text in refusals.values())
+    # 1 -> 2 ranks: one process's save after step 1, loaded and stepped on 2 ranks == one process's step 2
+    bound = sum(r["checkpoints"]["bound"] for r in reports)
+    want, ortho = oracle("TEON", "model", steps=2)
+    check_equal(torch.load(tmp_path / "dcp-from-1rank.pt"), want, bound, ortho)
+    # 2 -> 1: the 2 ranks' save after step 1, loaded and stepped in one process == the 2 ranks' step 2
+    model = fr.tiny("fsdp2")
+    opt = fr.make_optimizer("TEON", model)
+    state = dcp_state(model, opt)
+    dcp.load(state, checkpoint_id=str(tmp_path / "dcp-2ranks"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    reference("TEON", "model", 1, first=2, model=model, opt=opt)
+    check_equal(weights(model), torch.load(tmp_path / "dcp-straight.pt"), bound, ortho)
+    # a plain state_dict() holds each rank's shards: loaded at another shard count, refused naming both
+    saved = dict(opt.state_dict(), teonspeed_layout=reports[0]["fsdp2-TEON-model"]["layout"])
+    with pytest.raises(ValueError) as err:
+        opt.load_state_dict(saved)
+    assert "'dp': 2" in str(err.value) and "torch.distributed.checkpoint" in str(err.value)
+
+
+def test_hsdp_and_fsdp2_x_tp_on_4_ranks_equal_one_process(tmp_path):
+    torch.set_num_threads(1)
+    reports = spawn("mesh2d", 4, tmp_path)
+    for key in ("hsdp-TEON-model", "fsdp2_tp-TEON-model", "fsdp2_tp-Muon-named_parameters"):
+        layout, kind, entry = key.split("-")
+        want, ortho = oracle(kind, entry, layout)
+        check_equal(torch.load(tmp_path / f"{key}.pt"), want, model_bound(reports, key), ortho)
+        for report in reports:
+            assert report[key]["runner"] == "PartitionRunner"
+            for sent, received, want_sent, want_received, _ in report[key]["stats"]:
+                assert (sent, received) == (want_sent, want_received) and sent > 0
+        # every job is computed once in the whole group: HSDP's replicas share the Newton-Schulz work
+        assert sum(r[key]["flops"][0] for r in reports) == reports[0][key]["flops"][1] > 0
+        if layout == "hsdp":
+            assert all(r[key]["flops"][0] > 0 for r in reports)  # owners on both replicas
