@@ -63,6 +63,25 @@ def adamw_bytes(
     return numel * per_element * (dp_size - 1) // dp_size
 
 
+def sharded_adamw_bytes(
+    numel: int,
+    shard_size: int,
+    grad_itemsize: int,
+    param_itemsize: int,
+    replicate_size: int = 1,
+    param_gathers: int = 2,
+) -> int:
+    """Bytes AdamW moves per rank and direction for `numel` local elements when the parameters themselves
+    are sharded over `shard_size` ranks (DeepSpeed ZeRO-3, PyTorch FSDP2; ring collectives): the gradients'
+    reduce-scatter ((S-1)/S), the all-reduce of the rank's 1/S over `replicate_size` HSDP replicas
+    (2(R-1)/R of it), and the parameters' all-gather `param_gathers` times per step (2: forward, and again
+    in backward after resharding, ZeRO-3's and fully_shard's default). The yardstick of
+    `comm_stats.adamw_bytes` in these layouts."""
+    s, r = shard_size, replicate_size
+    grads = numel * grad_itemsize * (s - 1) // s + 2 * (numel // s) * grad_itemsize * (r - 1) // r
+    return grads + param_gathers * (numel * param_itemsize * (s - 1) // s)
+
+
 FIELDS = tuple(f.name for f in dataclasses.fields(ClusterProfile))
 
 
