@@ -20,7 +20,8 @@ TEON stack of q/k/v over `teon_k` layers, teonspeed.plan's groups):
                 _muon_update_sub_group; `"reduce_scatter": false` is required, else it raises "Muon and reduce
                 scatter cannot be used together"): the gradients are all-reduced in backward instead of
                 reduce-scattered (+ (W−1)/W of them over AdamW's); at the step, per bucket of parameters
-                (reduce_bucket_size 5e8 elements, within sub-groups of sub_group_size 1e9 local elements):
+                (the Muon group sorted by shape, largest first, as MuonWithAuxAdam does; reduce_bucket_size
+                5e8 elements, within sub-groups of sub_group_size 1e9 local elements):
                 all-gather the gradients and the momentum, then in rounds of W parameters rank r
                 orthogonalizes the round's r-th parameter and the updates and momenta are all-gathered (a
                 round of unequal shapes, or fewer than W parameters, is zero-padded to W × its largest).
@@ -208,6 +209,9 @@ def deepspeed_cost(params: Sequence[Tuple[str, Tuple[int, int]]], gpus: int, a: 
     is the sum over rounds of the round's slowest rank."""
     w, item = gpus, a.comm_itemsize
     bw, fixed = _collective(a, w)
+    # MuonWithAuxAdam.__init__ sorts a Muon group's parameters by x.size(), largest first (stable): the
+    # order of the sub-groups, buckets and rounds (under zero.Init every size is [0] and model order stays)
+    params = sorted(params, key=lambda p: tuple(p[1]), reverse=True)
     numels = [r * c for _, (r, c) in params]
     local = [-(-n // w) for n in numels]
     sub_groups, cur, size = [], [], 0  # _create_fp16_sub_groups: by partition_numel

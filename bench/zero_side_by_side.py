@@ -177,6 +177,8 @@ class CollectiveBytes:
             return t.numel() * t.element_size()
 
         first = args[0] if args else kwargs.get("tensor", kwargs.get("output", kwargs.get("output_tensor")))
+        if name == "all_gather" and not args:  # deepspeed.comm passes tensor_list= by keyword: the output
+            first = kwargs["tensor_list"]
         if name == "all_reduce":
             return 2 * (w - 1) / w * nbytes(first)
         if name in ("reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base"):

@@ -67,17 +67,26 @@ def test_dion_pads_to_a_multiple_of_the_world():
     assert cost.flops_max == ns_flops((8, 4), A.ns_steps)  # one matrix (or a zero pad) per rank
 
 
-def test_deepspeed_rounds_gather_padded_to_the_largest():
-    # 3 parameters over 2 ranks, one bucket: gradients + momentum all-gathered ((W-1) x local each), then
-    # round 1 (2 params, shapes differ: padded to the larger) and round 2 (1 param, padded): 2 gathers each
-    params = [("a", (4, 4)), ("b", (2, 4)), ("c", (4, 2))]
+def test_deepspeed_rounds_gather_padded_to_the_largest_in_its_sorted_order():
+    # 4 parameters over 2 ranks, one bucket. MuonWithAuxAdam sorts them by shape, largest first: (4,4),
+    # (4,4), (2,4), (2,4), so both rounds are uniform (in model order, both would mix shapes and be padded
+    # to 16: 2 * 16 * 2 gathers). Gradients + momentum all-gathered ((W-1) x local each), then per round
+    # the updates and momenta ((W-1) x the round's width each).
+    params = [("a", (2, 4)), ("b", (4, 4)), ("c", (2, 4)), ("d", (4, 4))]
     cost = cs.deepspeed_cost(params, 2, A)
-    local = 8 + 4 + 4
-    expect = 2 * local + 2 * 16 + 2 * 8
-    assert cost.bytes_max == expect * ITEM
-    # rank 0 computes a and c, rank 1 computes b
-    assert cost.flops_max == ns_flops((4, 4), A.ns_steps) + ns_flops((4, 2), A.ns_steps)
-    assert cost.extra_backward_bytes == pytest.approx(0.5 * 32 * ITEM)  # all-reduce over reduce-scatter
+    local = 4 + 8 + 4 + 8
+    assert cost.bytes_max == (2 * local + 2 * 16 + 2 * 8) * ITEM
+    # rank 0 computes b and a, rank 1 d and c
+    assert cost.flops_max == ns_flops((4, 4), A.ns_steps) + ns_flops((2, 4), A.ns_steps)
+    assert cost.extra_backward_bytes == pytest.approx(0.5 * 48 * ITEM)  # all-reduce over reduce-scatter
+
+
+def test_deepspeed_pads_a_short_round_to_the_world():
+    # 3 parameters over 4 ranks: one round of 3, padded to 4 x the largest
+    params = [("a", (4, 4)), ("b", (2, 4)), ("c", (4, 2))]
+    cost = cs.deepspeed_cost(params, 4, A)
+    local = 4 + 2 + 2
+    assert cost.bytes_max == (2 * 3 * local + 2 * 3 * 16) * ITEM
 
 
 def test_sharded_adamw_bytes_is_the_ring_sum():
