@@ -364,6 +364,44 @@ def target_misses(pred: Dict) -> List[str]:
     return out
 
 
+SUMMARY_GPUS = (8, 64, 256, 1024)
+
+
+def summary_table(pred: Dict) -> List[str]:
+    """The headline rows (docs/performance.md quotes them): % of forward+backward per layout and strategy,
+    and the ZeRO-3 step's MB per rank next to DeepSpeed's and AdamW's."""
+    lines = [
+        "| model | GPUs | fwd+bwd s | ZeRO-3: teonspeed Muon % / TEON % / DeepSpeed Muon % | ZeRO-3 MB/rank: "
+        "teonspeed Muon / DeepSpeed Muon / AdamW | FSDP2: teonspeed Muon % / dion % | HSDP: teonspeed "
+        "Muon % / dion % | FSDP2 × TP 8: teonspeed Muon % / TEON % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, by_layout in pred.items():
+        by = {lay: {r["gpus"]: r for r in rows} for lay, rows in by_layout.items()}
+        for n in SUMMARY_GPUS:
+            z = by["zero3"].get(n)
+            if z is None:
+                continue
+            f, h, t = by["fsdp2"][n], by["hsdp"].get(n), by["fsdp2_tp"].get(n)
+            ds = z["DeepSpeed muon"]
+
+            def big(r):  # the layout's states alone exceed an H100
+                return " ‡" if r["states_gb_per_gpu"] > H100_GB else ""
+
+            oom = " §" if ds["buffer_bytes"] > H100_GB * 1e9 else ""
+            zero3 = f"{z['teonspeed muon']['pct']:.2f} / {z['teonspeed teon']['pct']:.2f} / {ds['pct']:.1f}"
+            mb = (
+                f"{z['teonspeed muon']['bytes_max'] / 1e6:,.0f} / {ds['bytes_max'] / 1e6:,.0f} / "
+                f"{z['adamw_bytes'] / 1e6:,.0f}"
+            )
+            fsdp = f"{f['teonspeed muon']['pct']:.2f} / {f['dion muon']['pct']:.2f}{big(f)}"
+            hsdp = f"{h['teonspeed muon']['pct']:.2f} / {h['dion muon']['pct']:.2f}{big(h)}" if h else "—"
+            tp = f"{t['teonspeed muon']['pct']:.2f} / {t['teonspeed teon']['pct']:.2f}{big(t)}" if t else "—"
+            cells = [key, str(n), f"{z['fwd_bwd_s']:.2f}", zero3 + oom + big(z), mb, fsdp, hsdp, tp]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_md(pred: Dict, a: Assumptions, path: Path) -> None:
     doc = __doc__.split("\n\n", 2)
     lines = [
@@ -397,6 +435,9 @@ def write_md(pred: Dict, a: Assumptions, path: Path) -> None:
         "Target (issue 21): the optimizer step under 5% of forward+backward wherever forward+backward is "
         "≥ 1 s.",
         "",
+        "## Summary (every row of every layout below)",
+        "",
+        *summary_table(pred),
     ]
     for key, by_layout in pred.items():
         m = MODELS[key]

@@ -26,13 +26,13 @@ def test_zero3_side_by_side_smoke(tmp_path):
     # gradient norm: a few fp32/fp64 values, under 64 bytes)
     assert 0 <= ds["step_bytes"] - row["deepspeed_predicted_step_bytes"] <= 64
     assert ds["flops_max"] > 0 and row["teonspeed Muon"]["flops_max"] > 0
-    # Same rule, same data. e = our bf16-NS run's distance to our fp32-NS run (bf16 rounding alone):
-    # DeepSpeed's ZeRO-3 and ZeRO-0 run the same bf16 NS on the same gathered gradients (within e);
-    # ours vs DeepSpeed's: two independent bf16 roundings of the same rule, each of size ~e, so ≤ 2e by
-    # the triangle inequality, doubled for DeepSpeed's different bf16 cast points.
+    # Same rule, same data. e = our bf16-NS run's distance to our fp32-NS run (bf16 rounding alone).
+    # DeepSpeed's ZeRO-3 and ZeRO-0 run the same bf16 NS on gradients summed in another order: two bf16
+    # roundings of nearly the same input, each ~e from the exact result, so ≤ 2e (triangle inequality).
+    # Ours vs DeepSpeed's: the same, doubled again for the different points where each casts to bf16.
     e = row["rel_bf16_vs_fp32_ns"]
     assert 0 < e < 1e-2  # bf16 has 8 mantissa bits: rounding alone stays well under 1%
-    assert row["rel_deepspeed_zero3_vs_zero0"] <= e
+    assert row["rel_deepspeed_zero3_vs_zero0"] <= 2 * e
     assert row["rel_ours_vs_deepspeed_zero0"] <= 4 * e
     # DeepSpeed's default gradient_clipping clips its ZeRO-3 Muon update (norm ≫ 1): a different step
     assert row["rel_deepspeed_zero3_default_clipping_vs_zero0"] > 10 * e
