@@ -275,13 +275,17 @@ def dion_cost(params: Sequence[Tuple[str, Tuple[int, int]]], layout: str, gpus: 
     return Cost(flops, total_flops / w, 2 * moved * item, flops / rate, comm, 2 * len(by_shape) * fixed)
 
 
-def model_jobs(model: ModelSpec, optimizer: str, a: Assumptions):
-    """teonspeed's jobs for the model's hidden matrices: (members [(name, full shape)], stacked shape)."""
-    params = stage_parameters(model)
+def jobs_of(params: Sequence[Tuple[str, Tuple[int, int]]], optimizer: str, a: Assumptions):
+    """teonspeed's jobs for these matrices (teonspeed.plan's groups): (members [(name, full shape)],
+    stacked shape)."""
     named = [(n, torch.nn.Parameter(torch.empty(s, device="meta"))) for n, s in params]
     extra = {"teon_k": a.teon_k} if optimizer == "teon" else {}
     groups = teonspeed.plan(named, optimizer, **extra).groups
     return [([(m.name, tuple(m.shape)) for m in g.members], tuple(g.stacked_shape)) for g in groups]
+
+
+def model_jobs(model: ModelSpec, optimizer: str, a: Assumptions):
+    return jobs_of(stage_parameters(model), optimizer, a)
 
 
 def adamw_bytes_per_rank(model: ModelSpec, layout: str, gpus: int, a: Assumptions) -> float:

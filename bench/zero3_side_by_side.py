@@ -213,7 +213,7 @@ def summarize(ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def measure(world_size: int, args, stage: int) -> Dict[str, Any]:
-    from costmodel_sharded import Assumptions, deepspeed_cost
+    from costmodel_sharded import Assumptions, deepspeed_cost, jobs_of, teonspeed_cost
     from support.harness import run_ranks
 
     runs = {}
@@ -228,6 +228,11 @@ def measure(world_size: int, args, stage: int) -> Dict[str, Any]:
     matrices = runs["DeepSpeed Muon ZeRO-3"][0]["matrices"]
     row["muon_matrix_elements"] = sum(a * b for _, (a, b) in matrices)
     row["deepspeed_predicted_step_bytes"] = deepspeed_cost(matrices, world_size, Assumptions()).bytes_max
+    if stage == 3:  # the cost model's teonspeed plan for the same matrices (pieces to owners, slices back)
+        for opt in ("muon", "teon"):
+            jobs = jobs_of(matrices, opt, Assumptions())
+            cost = teonspeed_cost(jobs, "zero3", world_size, Assumptions())
+            row[f"teonspeed_{opt}_predicted_step_bytes"] = cost.bytes_max
     final = {arm: r[0]["params"] for arm, r in runs.items()}
     ds3, ds0 = final["DeepSpeed Muon ZeRO-3"], final["DeepSpeed Muon ZeRO-0"]
     row["rel_deepspeed_zero3_vs_zero0"] = rel_max(ds3, ds0)
@@ -242,6 +247,11 @@ def measure(world_size: int, args, stage: int) -> Dict[str, Any]:
 
 def ours_label(stage: int) -> str:
     return "ZeRO-3" if stage == 3 else f"ZeRO-{stage} (PLACEHOLDER: teonspeed does not run ZeRO-3 yet)"
+
+
+def predicted(row: Dict[str, Any], opt: str) -> str:
+    value = row.get(f"teonspeed_{opt}_predicted_step_bytes")
+    return "" if value is None else f"; cost model {value / 1024:.1f}"
 
 
 def write_md(data: Dict[str, Any], path: Path) -> None:
@@ -271,7 +281,9 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
         "bench/costmodel_sharded.deepspeed_cost on this model's Muon matrices (the cost model's reading of "
         "stage3.py), next to what DeepSpeed moved. *ours exchange*: opt.comm_stats sent / received "
         "(busiest rank); *plan*: on every rank and step the counters equal the plan's prediction and the "
-        "point-to-point bytes the collective wrapper saw; *AdamW yardstick*: comm_stats.adamw_bytes. NS "
+        "point-to-point bytes the collective wrapper saw (*cost model*: bench/costmodel_sharded."
+        "teonspeed_cost's busiest-rank bytes for the same matrices, at ZeRO-3); *AdamW yardstick*: "
+        "comm_stats.adamw_bytes. NS "
         "GFLOP: busiest rank per step (sum over ranks). Equality: max over parameters of the relative "
         "distance of the final weights.",
         "",
@@ -299,7 +311,8 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
             f"({r['deepspeed_predicted_step_bytes'] / kib:.1f}) | "
             f"{us['backward_bytes'] / kib:.1f} / {us['step_bytes'] / kib:.1f} | "
             f"{us.get('exchange_sent_max', 0) / kib:.1f} / {us.get('exchange_received_max', 0) / kib:.1f} "
-            f"({plan}) | {us.get('adamw_bytes', 0) / kib:.1f} | {te['step_bytes'] / kib:.1f} | "
+            f"({plan}{predicted(r, 'muon')}) | {us.get('adamw_bytes', 0) / kib:.1f} | "
+            f"{te['step_bytes'] / kib:.1f} | "
             f"{ds['flops_max'] / 1e9:.4f} ({ds['flops_total'] / 1e9:.4f}) | "
             f"{us['flops_max'] / 1e9:.4f} ({us['flops_total'] / 1e9:.4f}) | "
             f"{te['flops_max'] / 1e9:.4f} ({te['flops_total'] / 1e9:.4f}) | "

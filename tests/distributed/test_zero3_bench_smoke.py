@@ -36,6 +36,12 @@ def test_zero3_side_by_side_smoke(tmp_path):
     assert row["rel_ours_vs_deepspeed_zero0"] <= 4 * e
     # DeepSpeed's default gradient_clipping clips its ZeRO-3 Muon update (norm ≫ 1): a different step
     assert row["rel_deepspeed_zero3_default_clipping_vs_zero0"] > 10 * e
+    if row["ours_stage"] == 3:
+        # teonspeed's exchange: the plan's pieces and slices, as the cost model counts them
+        ours = row["teonspeed Muon"]
+        assert ours["plan_equals_counters"] and ours["wrapper_equals_counters"]
+        sent = max(ours["exchange_sent_max"], ours["exchange_received_max"])
+        assert sent == row["teonspeed_muon_predicted_step_bytes"]
     md = (tmp_path / "smoke.md").read_text()
     if row["ours_stage"] != 3:
         assert "PLACEHOLDER" in md  # never reported as ZeRO-3
