@@ -132,9 +132,11 @@ class CollectiveBytes:
         "broadcast",
         "all_gather",
         "all_gather_into_tensor",
+        "all_gather_single",  # torch 2.13's name (FSDP2 calls it)
         "_all_gather_base",
         "reduce_scatter",
         "reduce_scatter_tensor",
+        "reduce_scatter_single",
         "_reduce_scatter_base",
         "all_to_all_single",
         "send",
@@ -181,9 +183,21 @@ class CollectiveBytes:
             first = kwargs["tensor_list"]
         if name == "all_reduce":
             return 2 * (w - 1) / w * nbytes(first)
-        if name in ("reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base"):
+        if name in (
+            "reduce",
+            "broadcast",
+            "all_gather",
+            "all_gather_into_tensor",
+            "all_gather_single",
+            "_all_gather_base",
+        ):
             return (w - 1) / w * nbytes(first)  # the full buffer (all-gather: its output)
-        if name in ("reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base"):
+        if name in (
+            "reduce_scatter",
+            "reduce_scatter_tensor",
+            "reduce_scatter_single",
+            "_reduce_scatter_base",
+        ):
             source = args[1] if len(args) > 1 else kwargs.get("input", kwargs.get("input_list"))
             return (w - 1) / w * nbytes(source)
         if name == "all_to_all_single":
