@@ -427,7 +427,8 @@ def write_md(pred: Dict, a: Assumptions, path: Path) -> None:
         "",
         "Columns: *MB/rank*: the optimizer step's own bytes per rank, larger direction, busiest rank "
         "(DeepSpeed: plus, in brackets, the extra bytes its required gradient all-reduce adds to backward "
-        "over a reduce-scatter); *AdamW MB/rank*: what AdamW moves per rank per step for the same matrices "
+        "over a reduce-scatter, whose time its % includes); *AdamW MB/rank*: what AdamW moves per rank "
+        "per step for the same matrices "
         "in the same layout (gradient reduce-scatter, parameter all-gather in forward and backward), the "
         "yardstick every optimizer pays; *GFLOP/rank*: Newton–Schulz FLOPs of the busiest rank (max/mean "
         "in brackets: 1.00 is a perfect balance); *%*: optimizer step (compute + comm + latency + the "
