@@ -262,7 +262,7 @@ def write_md(data: Dict[str, Any], path: Path) -> None:
         "",
         f"{m['cpu']} ({m['cpu_family']}), {m['cpus']} cores; torch {m['torch']}, deepspeed {m['deepspeed']}, "
         f"gloo, Python {m['python']}; {m['date']}; git {m['git']}; load average at the start "
-        f"{m['load_average_start']}, at the end {m['load_average']}.",
+        f"{m['load_average_start']}, at the end {m['load_average']}. teonspeed: {m['teonspeed']}.",
         "",
         f"**Note:** {m['note']}. Bytes and FLOPs are exact counters and do not depend on the load.",
         "",
@@ -358,6 +358,25 @@ def cpu_family() -> str:
     return "Sapphire Rapids class: AVX512-BF16, AMX" if "amx_tile" in flags else "no AMX"
 
 
+def teonspeed_source() -> str:
+    """Which teonspeed tree the arms ran (its checkout's commit, and whether it had uncommitted changes)."""
+    import subprocess
+
+    import teonspeed
+
+    where = Path(teonspeed.__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=where, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return str(where)
+    return f"{where} at {head or '?'}" + (" with uncommitted changes" if dirty else "")
+
+
 def main(argv=None) -> Dict[str, Any]:
     import torch
 
@@ -388,6 +407,7 @@ def main(argv=None) -> Dict[str, Any]:
     info.update(
         deepspeed=deepspeed.__version__,
         cpu_family=cpu_family(),
+        teonspeed=teonspeed_source(),
         load_average_start=load_start,
         note="shared 2-core machine used by several engineers and a long nice'd job at once; W "
         "single-threaded rank processes share 2 cores, so times measure oversubscribed CPU + loopback gloo",
