@@ -374,7 +374,9 @@ def teonspeed_source() -> str:
         ).stdout.strip()
     except OSError:
         return str(where)
-    return f"{where} at {head or '?'}" + (" with uncommitted changes" if dirty else "")
+    if not head:  # not a checkout (e.g. a `git archive` of a branch): the path names it
+        return str(where)
+    return f"{where} at {head}" + (" with uncommitted changes" if dirty else "")
 
 
 def main(argv=None) -> Dict[str, Any]:
