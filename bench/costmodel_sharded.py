@@ -32,13 +32,14 @@ TEON stack of q/k/v over `teon_k` layers, teonspeed.plan's groups):
 
 Layouts: ZeRO-3 and FSDP2 shard every parameter over all GPUs (ZeRO-3: flat chunks of ceil(n/W) elements;
 FSDP2: dim-0 chunks of ceil(rows/W) rows); HSDP shards over the 8 GPUs of a node and replicates across nodes:
-teonspeed owns each job once over all GPUs (pieces from the owner's own replica, inside its node, slices back
-to that replica's holders, then per shard index one all-gather over the replicas of the slices each replica
-owned: the hierarchical plan; sending each replica its slices from the owner directly would cost the owner
-R × the job), dion works in the shard group and its replicas compute the same matrices
-(*replica-local*: teonspeed planned that way too, for reference); FSDP2 × TP: TP 8 inside a node
-(q/k/v/gate/up split on dim 0, o/down on dim 1), FSDP2 over the nodes on dim 0 of each TP shard; teonspeed's
-jobs are owned over all TP × DP ranks and orthogonalized whole. TP and PP are 1 elsewhere.
+teonspeed owns each job once over all GPUs, takes each piece from the holder nearest the owner (its own
+replica's, but for ties) and sends each holder of every replica its slice (as the implementation does: the
+owner sends R × the job); *hierarchical*: slices back to the owner's replica only, then per shard index one
+all-gather over the replicas of the slices each replica owned (modelled, not implemented); dion works in the
+shard group and its replicas compute the same matrices (*replica-local*: teonspeed planned that way too, for
+reference); FSDP2 × TP: TP 8 inside a node (q/k/v/gate/up split on dim 0, o/down on dim 1), FSDP2 over the
+nodes on dim 0 of each TP shard; teonspeed's jobs are owned over all TP × DP ranks and orthogonalized whole.
+TP and PP are 1 elsewhere.
 """
 
 from __future__ import annotations
@@ -107,16 +108,16 @@ def _chunks(n: int, w: int) -> np.ndarray:
     return np.clip(n - c * np.arange(w), 0, c)
 
 
-def holder_pieces(name: str, shape: Tuple[int, int], layout: str, gpus: int) -> np.ndarray:
+def holder_pieces(name: str, shape: Tuple[int, int], layout: str, gpus: int, shard: int = NODE) -> np.ndarray:
     """Elements of the matrix `name` each rank holds, by global rank (FSDP2 × TP: rank d·TP + t; HSDP:
-    replica r's shard s at r·8 + s, the same chunk on every replica)."""
+    replica r's shard s at r·shard + s, the same chunk on every replica)."""
     rows, cols = shape
     if layout == "zero3":
         return _chunks(rows * cols, gpus)
     if layout == "fsdp2":
         return _chunks(rows, gpus) * cols
     if layout == "hsdp":
-        return np.tile(_chunks(rows, NODE) * cols, gpus // NODE)
+        return np.tile(_chunks(rows, shard) * cols, gpus // shard)
     tp, dp = NODE, gpus // NODE  # fsdp2_tp
     lr, lc = local_shape(name, shape, tp)
     return np.repeat(_chunks(lr, dp) * lc, tp)
@@ -127,17 +128,29 @@ def work_size(layout: str, gpus: int) -> int:
     return NODE if layout == "hsdp" else gpus
 
 
+def _nearest_holders(owner: int, gpus: int, shard: int) -> np.ndarray:
+    """Per shard index, the rank an HSDP owner reads that chunk from, as the planner chooses
+    (zero_partition's `reads`): itself if it holds it, else the nearest rank holding it, ties to the lower."""
+    holders = np.arange(0, gpus, shard)[:, None] + np.arange(shard)[None, :]  # [replica, shard index]
+    key = (holders != owner) * (2 * gpus) ** 2 + np.abs(holders - owner) * 2 * gpus + holders
+    return holders[np.argmin(key, axis=0), np.arange(shard)]
+
+
 def teonspeed_cost(
     jobs: Sequence[Tuple[Sequence[Tuple[str, Tuple[int, int]]], Tuple[int, int]]],
     layout: str,
     gpus: int,
     a: Assumptions,
+    shard: int = NODE,
+    hierarchical: bool = False,
 ) -> Cost:
     """Pieces to one owner per job (LPT over FLOPs, over every GPU), Newton–Schulz there, slices back: two
     point-to-point rounds; per rank its bytes over NVLink (same node) and InfiniBand, one latency per round
-    (inter-node if any peer is on another node) plus one per peer. HSDP: the gradient is already reduced
-    over the replicas, so the owner takes each piece from its own replica's shard group (inside its node)
-    and sends the update's slices back there; a third round, per shard index an all-gather over the
+    (inter-node if any peer is on another node) plus one per peer. HSDP (`shard` ranks per replica): the
+    gradient is already reduced over the replicas, so the owner takes each piece from its own replica's
+    shard group (the nearest holder of each chunk, as the planner reads) and sends the update's slice to
+    the holders of every replica (as the implementation does);
+    `hierarchical`: only to its own replica's, then a third round, per shard index an all-gather over the
     replicas, brings every replica the slices the others owned."""
     flops = [ns_flops(stacked, a.ns_steps) for _, stacked in jobs]
     owners = assign_owners(flops, gpus)
@@ -148,14 +161,18 @@ def teonspeed_cost(
     into = {(ph, k): np.zeros(gpus) for ph in "ab" for k in ("intra", "inter")}
     peers = {ph: np.zeros((gpus, gpus), dtype=bool) for ph in "ab"}
     load = np.zeros(gpus)
-    own_replica = np.zeros((gpus // NODE, NODE))  # HSDP: per replica, per shard index, elements it owns
+    replica = np.arange(gpus) // shard
+    own_replica = np.zeros((gpus // shard, shard))  # HSDP: per replica, per shard index, elements it owns
     for (members, _), cost, o in zip(jobs, flops, owners):
-        held = sum(holder_pieces(n, s, layout, gpus) for n, s in members).astype(float)
+        held = sum(holder_pieces(n, s, layout, gpus, shard) for n, s in members).astype(float)
         same = node == node[o]
-        if layout == "hsdp":  # inside the owner's replica; the other replicas get theirs in round c
-            own_replica[node[o]] += held[:NODE]
-            held = np.where(same, held, 0.0)
         sources, targets = held.copy(), held.copy()
+        if layout == "hsdp":  # each piece from one replica; the slices to every replica's holders
+            sources = np.zeros(gpus)
+            sources[_nearest_holders(o, gpus, shard)] = held[:shard]
+            if hierarchical:  # or to its own replica's, the others getting theirs in round c
+                own_replica[replica[o]] += held[:shard]
+                targets = sources.copy()
         for ph, pieces in (("a", sources), ("b", targets)):
             pieces[o] = 0.0
             sender, receiver = (out, into) if ph == "a" else (into, out)
@@ -180,10 +197,10 @@ def teonspeed_cost(
         latency += np.where(n_peers > 0, per_round, 0.0)
     sent = sum(out.values())
     received = sum(into.values())
-    if layout == "hsdp" and gpus > NODE:
+    if layout == "hsdp" and hierarchical and gpus > shard:
         # round c: per shard index, an all-gather over the replicas of the updates each replica owned
         # (ring: a rank receives, and forwards, every other replica's part of its chunk)
-        replicas = gpus // NODE
+        replicas = gpus // shard
         other = (own_replica.sum(axis=0)[None, :] - own_replica).reshape(-1)
         comm = comm + other * item / a.ib_bw
         latency = latency + a.cluster.collective_latency(replicas, replicas)
@@ -328,6 +345,8 @@ def row(model: ModelSpec, layout: str, gpus: int, a: Assumptions) -> Optional[Di
     if layout == "hsdp":  # owners inside each replica's shard group: FSDP2 on one node, per replica
         local = teonspeed_cost(model_jobs(model, "muon", a), "fsdp2", NODE, a)
         strategies["teonspeed muon replica-local"] = local
+        tree = teonspeed_cost(model_jobs(model, "muon", a), layout, gpus, a, hierarchical=True)
+        strategies["teonspeed muon hierarchical"] = tree
     if PEER[layout] == "DeepSpeed":
         strategies["DeepSpeed muon"] = deepspeed_cost(params, gpus, a)
     elif PEER[layout] == "dion":
@@ -461,8 +480,8 @@ def write_md(pred: Dict, a: Assumptions, path: Path) -> None:
                 head += f" {peer} Muon: MB/rank | GFLOP/rank (max/mean) | step ms | % |"
                 sep += "---|" * 4
             if lay == "hsdp":
-                head += " teonspeed Muon, replica-local: step ms | % |"
-                sep += "---|" * 2
+                head += " teonspeed Muon, hierarchical: MB/rank | % | replica-local: % |"
+                sep += "---|" * 3
             lines += [
                 f"**{LAYOUT_NAMES[lay]}**" + ("" if peer else " (no peer runs Muon here)"),
                 "",
@@ -491,8 +510,8 @@ def write_md(pred: Dict, a: Assumptions, path: Path) -> None:
                         f"{s['pct']:.2f}",
                     ]
                 if lay == "hsdp":
-                    s = r["teonspeed muon replica-local"]
-                    cells += [f"{1e3 * s['step_s']:.1f}", f"{s['pct']:.2f}"]
+                    tree, local = r["teonspeed muon hierarchical"], r["teonspeed muon replica-local"]
+                    cells += [f"{tree['bytes_max'] / 1e6:.0f}", f"{tree['pct']:.2f}", f"{local['pct']:.2f}"]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     misses = target_misses(pred)

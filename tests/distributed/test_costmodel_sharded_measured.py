@@ -1,7 +1,7 @@
 """The sharded cost rows against the implementation: teonspeed's Muon and TEON on a `fully_shard`-ed model
-(gloo, 2 and 4 ranks) must move, on the busiest rank, exactly the bytes bench/costmodel_sharded.py predicts
-for FSDP2 and compute exactly its Newton–Schulz FLOPs (so the model's rows follow what the step does).
-Skipped where this tree still refuses FSDP2 at construction."""
+(gloo, 2 and 4 ranks, and HSDP on 2 x 2) must move, on the busiest rank, exactly the bytes
+bench/costmodel_sharded.py predicts and compute exactly its Newton–Schulz FLOPs (so the model's rows follow
+what the step does). Skipped where this tree still refuses FSDP2 at construction."""
 
 import sys
 from pathlib import Path
@@ -18,12 +18,17 @@ from tiny_models import TinyLlama  # noqa: E402
 SHAPE = dict(layers=2, d=32, kv=16, ffn=85, vocab=256)
 
 
-def _fsdp2_step(rank, world_size, optimizer):
+def _fsdp2_step(rank, world_size, optimizer, replicas):
     import teonspeed
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = TinyLlama(**SHAPE)
-    fully_shard(model)
+    if replicas > 1:  # HSDP: replicate x shard
+        mesh = init_device_mesh("cpu", (replicas, world_size // replicas), mesh_dim_names=("rep", "shard"))
+        fully_shard(model, mesh=mesh)
+    else:
+        fully_shard(model)
     try:
         opt = getattr(teonspeed, optimizer)(model)
     except ValueError as refusal:  # FSDP2 not supported in this tree: one line naming it
@@ -40,13 +45,15 @@ def _fsdp2_step(rank, world_size, optimizer):
     return ("ok", out)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size,replicas", [(2, 1), (4, 1), (4, 2)])
 @pytest.mark.parametrize("optimizer,key", [("Muon", "muon"), ("TEON", "teon")])
-def test_fsdp2_bytes_and_flops_equal_the_cost_model(world_size, optimizer, key):
+def test_fsdp2_bytes_and_flops_equal_the_cost_model(world_size, replicas, optimizer, key):
+    """(4, 2): HSDP, 2 replicas x 2 shards: each piece read from the nearest holder, each slice sent to
+    every replica's holder."""
     import costmodel_sharded as cs
 
     torch.set_num_threads(1)
-    results = run_ranks(_fsdp2_step, world_size, optimizer, timeout=600)
+    results = run_ranks(_fsdp2_step, world_size, optimizer, replicas, timeout=600)
     if results[0][0] == "refused":
         pytest.skip(f"FSDP2 refused here: {results[0][1]}")
     model = TinyLlama(**SHAPE)
@@ -56,7 +63,8 @@ def test_fsdp2_bytes_and_flops_equal_the_cost_model(world_size, optimizer, key):
         if p.dim() >= 2 and "embed" not in n and "lm_head" not in n
     ]
     a = cs.Assumptions()
-    cost = cs.teonspeed_cost(cs.jobs_of(matrices, key, a), "fsdp2", world_size, a)
+    layout, shard = ("hsdp", world_size // replicas) if replicas > 1 else ("fsdp2", world_size)
+    cost = cs.teonspeed_cost(cs.jobs_of(matrices, key, a), layout, world_size, a, shard=shard)
     steps = [s for _, rank_steps in results for s in rank_steps]
     assert max(max(sent, received) for sent, received, _ in steps) == cost.bytes_max
     assert max(flops for _, _, flops in steps) == cost.flops_max

@@ -48,14 +48,20 @@ def test_lpt_owners_balance_equal_jobs_and_need_no_bytes_for_held_pieces():
     assert cost.bytes_max == 2 * 3 * 16 * ITEM  # round A out 3 pieces + round B out 3 slices
 
 
-def test_hsdp_takes_pieces_inside_the_owners_replica_and_all_gathers_over_replicas():
+def test_hsdp_reads_the_nearest_holder_and_sends_every_replica_its_slice():
     # 16 GPUs = 2 replicas x shard 8; one 16x2 matrix (4 elements per shard rank). Owner: rank 0.
-    cost = cs.teonspeed_cost([([("w", (16, 2))], (16, 2))], "hsdp", 16, A)
-    # owner: receives 7 pieces in round A, sends 7 slices in round B, and in round C its replica owns
-    # the whole job, so nothing comes from the other replica: sent = received = 7*4 elements.
-    # a holder of replica 1: nothing in rounds A/B, round C brings its 4-element slice (ring: in and on)
-    assert cost.bytes_max == 7 * 4 * ITEM
-    assert cost.latency > 0
+    job = [([("w", (16, 2))], (16, 2))]
+    direct = cs.teonspeed_cost(job, "hsdp", 16, A)
+    # the 7 other chunks come from its own replica (nearer than the other's), and the update's slice goes
+    # to all 15 other holders: sent 15*4, received 7*4
+    assert direct.bytes_max == 15 * 4 * ITEM
+    # hierarchical: slices to its own replica only (7*4 out, 7*4 in); round C, the all-gather over the
+    # replicas, brings replica 1's holders their 4-element slices (ring: in and on)
+    tree = cs.teonspeed_cost(job, "hsdp", 16, A, hierarchical=True)
+    assert tree.bytes_max == 7 * 4 * ITEM
+    # the nearest holder: a tie (as far in each replica) goes to the lower rank
+    assert cs._nearest_holders(2, 4, 2).tolist() == [2, 1]
+    assert cs._nearest_holders(1, 4, 2).tolist() == [0, 1]
 
 
 def test_dion_pads_to_a_multiple_of_the_world():
