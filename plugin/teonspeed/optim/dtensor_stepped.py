@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..parallel.cost import adamw_bytes
+from ..parallel.cost import sharded_adamw_bytes
 from ..parallel.dtensor_layout import is_dtensor
 from ..parallel.partitioned import PartitionRunner
 from ..parallel.sharded import PieceLayout, dim0_chunk_holds
@@ -120,13 +120,13 @@ def attach_dtensor_layout(opt) -> None:
         p, layout = opt._params_by_name[name], ctx.layouts[name]
         shapes[name] = layout.tp_shard_shape
         holds.update(dim0_chunk_holds(name, shapes[name], _holders(p, layout, dp_ranks)))
-        # AdamW under FSDP2 moves, for the same matrices: the gradients' reduce-scatter and the
-        # parameters' all-gather, and under HSDP the all-reduce of the gradient shards over the replicas
-        # (comm_stats.adamw_bytes, the yardstick)
+        # AdamW under FSDP2 moves, for the same matrices: the gradients' reduce-scatter, under HSDP the
+        # all-reduce of the gradient shards over the replicas, and the parameters' all-gather twice per
+        # step (forward, and backward again: fully_shard's default reshard_after_forward=True; measured
+        # so on 2 gloo ranks, docs/performance.md's cost-model notes) (comm_stats.adamw_bytes, the yardstick)
         size, numel = p.element_size(), math.prod(shapes[name])
         replicas = math.prod(layout.mesh_shape[d] for d in layout.replicate_mesh_dims)
-        moved += adamw_bytes(numel, layout.fsdp_size, size, size, gradient_allreduce=False)
-        moved += adamw_bytes(layout.partition_size, replicas, size)
+        moved += sharded_adamw_bytes(numel, layout.fsdp_size, size, size, replicas)
         device = local(p).device
     pieces = PieceLayout(holds, shapes, ctx.dp_group, dist.get_rank(ctx.dp_group), len(dp_ranks))
     opt.attach_layouts({"fsdp2": pieces}, opt._tensors, device=device, adamw_bytes=moved)
