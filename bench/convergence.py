@@ -60,9 +60,6 @@ ADAMW_GRID = (3e-3, 6e-3, 1.2e-2)
 MATRIX_LR_GRID = {"muon": (0.005, 0.01, 0.02), "teon": (0.01, 0.02, 0.04)}
 HTMUON_RATIO = 3.0  # HTMuon's lr / Muon's (the authors': 0.03 vs 0.01 at 60M-135M)
 ADAMW_PART_FACTORS = (0.5, 1.0, 2.0)  # the AdamW part's lr: the AdamW arm's best lr times these
-# The AdamW part's lr of the TEON study's arms (--teon-study; --adamw-lr to change): the joint sweeps'
-# best on the tiny models (bench/results/convergence.md).
-TEON_STUDY_ADAMW_LR = 0.012
 Train = Callable[["Run"], "Run"]
 
 
@@ -230,6 +227,8 @@ class Trainer:
 
     def __init__(self, data_dir: Path, eval_every: int, runs_dir: Path, log):
         self.data_dir, self.eval_every, self.runs_dir, self.log = data_dir, eval_every, runs_dir, log
+        self.loads: List[float] = []  # the 1-minute load average after each run (machine())
+        self.trained: List[str] = []  # the models this invocation trained runs of, in order
 
     def __call__(self, run: Run) -> Run:
         sys.path.insert(0, str(REPO / "tests"))  # the tests' fork-based rank harness
@@ -244,6 +243,9 @@ class Trainer:
             return run
         run.seconds = time.perf_counter() - start
         run.val_curve = [[int(step), float(val)] for step, val in summary["vals"]]
+        self.loads.append(os.getloadavg()[0])
+        if run.size not in self.trained:
+            self.trained.append(run.size)
         self.log(f"  {run.name}: final val {run.final_val:.4f} ({run.seconds:.0f} s)")
         return run
 
@@ -580,7 +582,8 @@ def teon_study(
     train: Train,
     log,
     arms=None,
-    adamw_lr: float = TEON_STUDY_ADAMW_LR,
+    *,
+    adamw_lr: float,
     checkpoint=lambda results: None,
     previous: Optional[Dict] = None,
 ) -> Dict:
@@ -666,16 +669,68 @@ def _seed_mean(arm: Optional[Dict]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-def machine(start: float) -> Dict:
+# Intel's family-6 server model numbers: a VM's /proc/cpuinfo often names only "Intel(R) Xeon(R) Processor".
+INTEL_SERVER_MODELS = {
+    85: "Skylake/Cascade Lake",
+    106: "Ice Lake",
+    143: "Sapphire Rapids",
+    207: "Emerald Rapids (5th-gen Xeon, Sapphire Rapids' ISA)",
+    173: "Granite Rapids",
+}
+
+
+def cpu_description(cpuinfo: Optional[str] = None) -> str:
+    """The CPU's model name, its microarchitecture where the family/model number identifies it, and the
+    matrix ISA extensions it has (AMX, AVX512-BF16/FP16 decide which CPU kernels torch picks).
+    `cpuinfo`: /proc/cpuinfo's text (read when not given)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or "unknown CPU"
+    info = cpuinfo.split("\n\n")[0]  # the first processor's block
+    fields_ = dict(
+        (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in info.splitlines()) if k
+    )
+    name = fields_.get("model name", "unknown CPU")
+    family, model = fields_.get("cpu family"), fields_.get("model")
+    arch = INTEL_SERVER_MODELS.get(int(model)) if family == "6" and "Intel" in name and model else None
+    flags = set(fields_.get("flags", "").split())
+    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512_fp16") if f in flags]
+    return (
+        f"{name}{f', {arch}' if arch else ''} (family {family}, model {model}"
+        f"{'; ' + ', '.join(isa) if isa else ''})"
+    )
+
+
+def machine(start: float, loads: List[float] = (), trained: List[str] = ()) -> Dict:
+    """This invocation's machine: `loads`, the 1-minute load average after each run it trained (the
+    machine is shared: the load says how busy it was; results do not depend on it, timings do);
+    `trained`, the models whose runs it trained (the others' runs were reused)."""
+    import torch
+
     return {
         "python": platform.python_version(),
+        "torch": torch.__version__,
         "platform": platform.platform(),
+        "cpu": cpu_description(),
         "cpus": os.cpu_count(),
         "date": datetime.datetime.now().isoformat(),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "load_average_at_end": os.getloadavg()[0],
+        "load_average_during": (
+            {"min": min(loads), "mean": statistics.mean(loads), "max": max(loads), "samples": len(loads)}
+            if loads
+            else None
+        ),
+        "trained": list(trained),
         "orthogonalizer_dtype": "fp32" if os.environ.get("TEONSPEED_CPU_BF16") == "0" else "auto",
     }
+
+
+def machines_of(results: Dict) -> List[Dict]:
+    """The invocations that trained a result's runs (results written before "machines": its one machine)."""
+    return results.get("machines") or ([results["machine"]] if results.get("machine") else [])
 
 
 def load_records(*paths: Path) -> List[Dict]:
@@ -705,8 +760,9 @@ def main() -> None:
     p.add_argument(
         "--adamw-lr",
         type=float,
-        default=TEON_STUDY_ADAMW_LR,
-        help="--teon-study: the AdamW part's lr of every arm",
+        default=None,
+        help="--teon-study: the AdamW part's lr of every arm (default: the best AdamW part of Muon's joint "
+        "sweep on that model, from <out-dir>/convergence.json)",
     )
     p.add_argument(
         "--gpu",
@@ -805,9 +861,9 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
     stem = "convergence_quick" if args.quick else "convergence"
     partial = out / f"{stem}.partial.json"
     final = out / f"{stem}.json"
-    measured_on = None  # --report-only: the machine that measured the runs, not this one
-    if args.report_only and final.is_file():
-        measured_on = json.loads(final.read_text()).get("machine")
+    # The invocations that trained these results' runs (an interrupted study is finished by later ones):
+    # every one is named in the tables, with the models it trained.
+    earlier_machines = machines_of(json.loads(final.read_text())) if final.is_file() else []
     earlier = load_records(partial, final, *map(Path, args.reuse))
     cache = RunCache(
         not_run if args.report_only else trainer,
@@ -818,7 +874,9 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
         log(f"reusing {len(cache.done)} finished runs")
 
     def write(results: Dict) -> None:
-        results["machine"] = measured_on or machine(start)  # (--report-only: where the runs were measured)
+        this = machine(start, trainer.loads, trainer.trained)
+        results["machines"] = earlier_machines + ([this] if trainer.trained else [])
+        results["machine"] = results["machines"][-1] if results["machines"] else this
         results["runs"] = cache.records()
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
         (out / f"{stem}.md").write_text(summarize(results, quick=args.quick))
@@ -830,12 +888,35 @@ def study_main(args, seeds, trainer, out: Path, start: float, log, summarize, pl
     print((out / f"{stem}.md").read_text())
 
 
+def tuned_adamw_part(results_path: Path, size: Size) -> float:
+    """The TEON study's AdamW part (every arm's, so the arms differ only in their matrix optimizer): the best
+    AdamW-part lr of Muon's joint sweep on the same model (the study's reference arm)."""
+    try:
+        row = json.loads(results_path.read_text())["models"][size.name]["rows"]["muon"]
+    except (OSError, KeyError, ValueError):
+        raise SystemExit(
+            f"--teon-study --size {size.name}: {results_path} has no tuned AdamW part for {size.name} "
+            f"(run `bench/convergence.py --models {size.name}` first, or pass --adamw-lr)"
+        ) from None
+    if row["seeds"][0]["steps"] != size.steps:
+        raise SystemExit(
+            f"--teon-study --steps {size.steps}: the AdamW part was tuned at {row['seeds'][0]['steps']} "
+            "steps; pass --adamw-lr"
+        )
+    return row["best_adamw_lr"]
+
+
 def teon_main(args, seeds, trainer, out: Path, start: float, log, summarize_teon) -> None:
     base = MODELS[args.size]
     stem = f"convergence_teon{'' if args.size == 'tiny' else '_' + args.size}{'_quick' if args.quick else ''}"
     size = Size(args.size, base.model_config, args.steps or (QUICK_STEPS if args.quick else base.steps))
     arms = [a for a in TEON_ARMS if a.name in args.arms.split(",")] if args.arms else None
     previous = json.loads(Path(args.more_seeds).read_text()) if args.more_seeds else None
+    if args.adamw_lr is not None:
+        adamw_lr, source = args.adamw_lr, "--adamw-lr"
+    else:
+        adamw_lr = tuned_adamw_part(out / "convergence.json", size)
+        source = f"the best AdamW part of Muon's joint sweep on {size.name} (bench/results/convergence.md)"
     partial = out / f"{stem}.partial.json"
     result = teon_study(
         size,
@@ -843,23 +924,16 @@ def teon_main(args, seeds, trainer, out: Path, start: float, log, summarize_teon
         trainer,
         log,
         arms=arms,
-        adamw_lr=args.adamw_lr,
+        adamw_lr=adamw_lr,
         previous=previous,
         checkpoint=lambda r: partial.write_text(json.dumps(r, indent=1)),
     )
     partial.unlink(missing_ok=True)
-    result["machine"] = machine(start)
+    result["adamw_lr_source"] = source
+    result["machine"] = machine(start, trainer.loads, trainer.trained)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    m = result["machine"]
-    table = summarize_teon(result)
-    (out / f"{stem}.md").write_text(
-        f"# TEON study{' (quick)' if args.quick else ''}\n\n{m['platform']}, {m['cpus']} CPUs, Python "
-        f"{m['python']}, {m['date']}; wall time {m['wall_seconds']:.0f} s. Every run: "
-        "launch/pretrain.py on 2 "
-        f"processes (data parallel), the embedded corpus, equal tokens; every arm's AdamW part at lr "
-        f"{result['adamw_lr']:g}.\n{table}\n"
-    )
-    print(table)
+    (out / f"{stem}.md").write_text(summarize_teon(result, quick=args.quick))
+    print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

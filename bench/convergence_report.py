@@ -179,20 +179,39 @@ active parameters, both swept like the tables above (not run: no GPU was availab
 """
 
 
+def machine_line(m: Dict) -> str:
+    """One invocation of a study: which models it trained, on what, and how busy the machine was."""
+    models = f"{', '.join(m['trained'])}: " if m.get("trained") else ""
+    during = m.get("load_average_during")
+    load = (
+        f"load average {during['mean']:.1f} (min {during['min']:.1f}, max {during['max']:.1f}) after its "
+        f"runs, {m.get('load_average_at_end', float('nan')):.1f} at the end"
+        if during
+        else f"load average {m.get('load_average_at_end', float('nan')):.1f} at the end"
+    )
+    return (
+        f"{models}{m.get('cpu', 'CPU not recorded')}, {m.get('cpus', '?')} cores shared with other jobs "
+        f"({load}); torch {m.get('torch', 'not recorded')}, Python {m.get('python', '?')}, "
+        f"{m.get('platform', '?')}; {m.get('date', '?')}; wall time {m.get('wall_seconds', 0):.0f} s; "
+        f"orthogonalizer in {m.get('orthogonalizer_dtype', '?')}."
+    )
+
+
 def summarize(results: Dict, quick: bool = False) -> str:
     m = results.get("machine", {})
     pending = results.get("pending") or []
     title = "# Convergence study" + (" (quick)" if quick else "") + (" — PARTIAL" if pending else "")
+    machines = results.get("machines") or [m]
     lines = [
         title,
         "",
-        f"{m.get('platform', '?')}, {m.get('cpus', '?')} CPUs (shared with other jobs; load average "
-        f"{m.get('load_average_at_end', float('nan')):.1f} at the end), Python {m.get('python', '?')}, "
-        f"{m.get('date', '?')}; wall time {m.get('wall_seconds', 0):.0f} s; orthogonalizer in "
-        f"{m.get('orthogonalizer_dtype', '?')}. Every run: launch/pretrain.py on 2 processes (data "
-        "parallel), "
+        "Measured by " + ("one invocation" if len(machines) == 1 else f"{len(machines)} invocations") + ":",
+        *[f"- {machine_line(x)}" for x in machines],
+        "",
+        "Every run: launch/pretrain.py on 2 processes (data parallel), "
         "the embedded corpus as Megatron indexed datasets, equal tokens per optimizer (global batch 32 x 64 "
-        "tokens), linear warmup then cosine to 0.1x, weight decay 0.01, clipping 1.0.",
+        "tokens), linear warmup then cosine to 0.1x, weight decay 0.01, clipping 1.0. The losses do not "
+        "depend on the load (fp32 orthogonalizer: no timing probe picks the arithmetic); the wall times do.",
     ]
     if pending:
         lines.append(
@@ -223,10 +242,19 @@ def summarize(results: Dict, quick: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarize_teon(study_result: Dict) -> str:
+def summarize_teon(study_result: Dict, quick: bool = False) -> str:
+    """The TEON study's markdown: the machine, the AdamW part every arm shares, the arms and the pairs."""
     r = study_result
     n = len(r["seeds_used"])
     lines = [
+        f"# TEON study{' (quick)' if quick else ''}\n",
+        f"Measured on {machine_line(r.get('machine', {}))}",
+        "\nEvery run: launch/pretrain.py on 2 processes (data parallel), the embedded corpus, equal tokens "
+        "(32 x 64 tokens a step), linear warmup then cosine to 0.1x, weight decay 0.01, clipping 1.0. Every "
+        f"arm's AdamW part (embeddings, head, norms) at lr {r.get('adamw_lr', 3e-3):g}: "
+        f"{r.get('adamw_lr_source', 'not recorded')}, so the arms differ only in their matrix optimizer. "
+        "(Before issue 24 it was 0.003 for every arm, ~4x below its best on these models; those numbers "
+        "are replaced by these.)",
         f"\n### TEON study: {r['size']} ({r['model_config']}, {r['steps']} steps, 2 ranks, "
         f"seeds {r['seeds_used']})\n",
         f"| arm | what | best lr | final val loss (mean ± std, {n} seeds) | lr sweep "
@@ -256,7 +284,7 @@ def summarize_teon(study_result: Dict) -> str:
         for name, p in r["pairs"].items():
             diffs = ", ".join(f"{d:+.4f}" for d in p["diffs"])
             lines.append(f"| {name} | {diffs} | {p['mean']:+.4f} ± {p['sd']:.4f} | {p['t']:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: Dict, path: Path) -> None:

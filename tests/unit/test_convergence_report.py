@@ -284,3 +284,42 @@ def test_report_only_reports_the_finished_models_and_leaves_the_rest_pending():
     )
     assert list(report["models"]) == ["tiny"] and report["pending"] == ["moe_tiny"]
     assert "PARTIAL" in convergence_report.summarize({**report, "machine": {}})
+
+
+def test_the_machine_line_names_the_cpu_its_microarchitecture_and_the_load():
+    # A VM's /proc/cpuinfo hides the generation behind "Intel(R) Xeon(R) Processor"; family 6 model 207 is
+    # Emerald Rapids (143 would be Sapphire Rapids).
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n"
+        "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n\n"
+        "processor\t: 1\nmodel name\t: another block\n"
+    )
+    cpu = convergence.cpu_description(cpuinfo)
+    assert cpu.startswith("Intel(R) Xeon(R) Processor, Emerald Rapids") and "amx_bf16, avx512_bf16" in cpu
+    amd = cpuinfo.replace("Intel(R) Xeon(R) Processor", "AMD EPYC 9654").replace("207", "17")
+    assert "Rapids" not in convergence.cpu_description(amd)
+    m = convergence.machine(0.0, loads=[2.0, 4.0, 6.0], trained=["small"])
+    assert m["load_average_during"] == {"min": 2.0, "mean": 4.0, "max": 6.0, "samples": 3}
+    line = convergence_report.machine_line(m)
+    assert line.startswith("small: ") and f"torch {m['torch']}" in line
+    assert "load average 4.0 (min 2.0, max 6.0)" in line
+    # A study finished by a second invocation names both, each with the models it trained.
+    earlier = {"platform": "old", "load_average_at_end": 4.2, "trained": ["tiny"]}
+    table = convergence_report.summarize({"models": {}, "machines": [earlier, m], "machine": m})
+    assert "by 2 invocations" in table and "- tiny: CPU not recorded" in table and "- small: " in table
+
+
+def test_the_teon_study_takes_the_adamw_part_from_muons_joint_sweep(tmp_path):
+    size = convergence.Size("small", "llama_small_cpu", 150)
+    results = tmp_path / "convergence.json"
+    seeds = [{"steps": 150}]
+    results.write_text(
+        json.dumps({"models": {"small": {"rows": {"muon": {"best_adamw_lr": 0.006, "seeds": seeds}}}}})
+    )
+    assert convergence.tuned_adamw_part(results, size) == 0.006
+    with pytest.raises(SystemExit, match="--adamw-lr"):  # a study at other steps: tuned elsewhere
+        convergence.tuned_adamw_part(results, convergence.Size("small", "llama_small_cpu", 30))
+    with pytest.raises(SystemExit, match="no tuned AdamW part for tiny"):
+        convergence.tuned_adamw_part(results, convergence.Size("tiny", None, 150))
+    with pytest.raises(SystemExit, match="no tuned AdamW part"):
+        convergence.tuned_adamw_part(tmp_path / "missing.json", size)
