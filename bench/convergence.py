@@ -70,7 +70,8 @@ class Size:
     steps: int
     extra: List[str] = field(default_factory=list)  # more launch/pretrain.py flags (the model's shape)
     optimizers: tuple = OPTIMIZERS
-    teon_k: bool = False  # re-run TEON at K = 1 and 4
+    teon_ks: tuple = ()  # re-run TEON's best setting at these group sizes K (the default is 2); each must
+    # divide the model's layers (the launcher refuses a K that leaves layers to Muon)
     what: str = ""
 
 
@@ -81,7 +82,7 @@ MODELS = {
             "tiny",
             None,
             200,
-            teon_k=True,
+            teon_ks=(1, 4),
             what="pretrain.py's default: LLaMA-style, 4 layers, hidden 64, GQA 4 heads / 2 groups, "
             "dense SwiGLU",
         ),
@@ -101,7 +102,7 @@ MODELS = {
             "groups), dense SwiGLU, AdamW only",
         ),
         Size("moe_tiny", "moe_tiny", 200, what="LLaMA-style MoE, 4 experts top-2 in every layer"),
-        Size("small", "llama_small_cpu", 150, teon_k=True, what="llama_small_cpu"),
+        Size("small", "llama_small_cpu", 150, teon_ks=(1, 3), what="llama_small_cpu (6 layers, hidden 128)"),
     ]
 }
 DEFAULT_MODELS = ("tiny", "mla_moe_tiny", "dense_mha_tiny", "moe_tiny", "small")
@@ -456,12 +457,12 @@ def model_study(size: Size, seeds: List[int], train: Train, log) -> Dict:
             for opt in ("teon", "htmuon")
             if opt in out["rows"]
         }
-    if size.teon_k and "teon" in rows:
+    if size.teon_ks and "teon" in rows:
         best = rows["teon"]["best"]
         log(f"[{size.name}] TEON group size at lr {best.lr:g}, adamw_lr {best.adamw_lr:g}")
         out["teon_k"] = {
             "2": asdict(best),
-            **{str(k): asdict(run("teon", best.lr, best.adamw_lr, teon_k=k)) for k in (1, 4)},
+            **{str(k): asdict(run("teon", best.lr, best.adamw_lr, teon_k=k)) for k in size.teon_ks},
         }
     return out
 

@@ -114,7 +114,11 @@ def sweeps(name: str, model: Dict) -> List[str]:
     if model.get("teon_k"):
         lines += [
             "TEON's group size K at TEON's best setting (K = 1 is Muon with TEON's orthogonalizer and "
-            "scaling): " + ", ".join(f"K = {k}: {_final(r):.4f}" for k, r in sorted(model["teon_k"].items())),
+            "scaling): "
+            + ", ".join(
+                f"K = {k}: " + (f"{_final(r):.4f}" if r["val_curve"] else "failed")
+                for k, r in sorted(model["teon_k"].items(), key=lambda kr: int(kr[0]))
+            ),
             "",
         ]
     return lines
@@ -184,8 +188,8 @@ def machine_line(m: Dict) -> str:
     models = f"{', '.join(m['trained'])}: " if m.get("trained") else ""
     during = m.get("load_average_during")
     load = (
-        f"load average {during['mean']:.1f} (min {during['min']:.1f}, max {during['max']:.1f}) after its "
-        f"runs, {m.get('load_average_at_end', float('nan')):.1f} at the end"
+        f"load average {during['mean']:.1f} (min {during['min']:.1f}, max {during['max']:.1f}) while it "
+        f"trained, {m.get('load_average_at_end', float('nan')):.1f} at the end"
         if during
         else f"load average {m.get('load_average_at_end', float('nan')):.1f} at the end"
     )
@@ -226,7 +230,8 @@ def summarize(results: Dict, quick: bool = False) -> str:
             f"sweeps its matrices' lr (Muon {list(p['matrix_lr_grid']['muon'])}, TEON "
             f"{list(p['matrix_lr_grid']['teon'])}, HTMuon: Muon's best and {p['htmuon_ratio']:g}x it) "
             f"jointly with its AdamW part's lr (AdamW's best x {list(p['adamw_part_factors'])}); every axis "
-            "is extended through the best cell until that cell has a worse neighbour on both sides; the "
+            "is extended through the best cell until that cell has a worse neighbour on both sides (at most "
+            '3 rounds of extension: a best cell still on an edge of its sweep is marked "grid edge"); the '
             "best setting of every row is re-run with every seed. Differences are paired by seed "
             "(t = mean / (sd/√n)); \"steps to AdamW's final loss\" is per seed, against AdamW's run of "
             "the same seed (linear interpolation between evaluations every 20 steps)."

@@ -78,7 +78,7 @@ def _fake_train(best):
 def test_model_study_sweeps_the_adamw_part_with_every_optimizer_and_seeds_every_best():
     best = {"adamw": (0.006, None), "muon": (0.01, 0.012), "teon": (0.02, 0.012), "htmuon": (0.03, 0.006)}
     train, launched = _fake_train(best)
-    size = convergence.Size("tiny", None, 40, teon_k=True)
+    size = convergence.Size("tiny", None, 40, teon_ks=(1, 4))
     model = convergence.model_study(size, [1234, 1, 2], train, lambda m: None)
     rows = model["rows"]
     assert (rows["adamw"]["best_lr"], rows["adamw"]["best_adamw_lr"]) == (0.006, None)
@@ -323,3 +323,16 @@ def test_the_teon_study_takes_the_adamw_part_from_muons_joint_sweep(tmp_path):
         convergence.tuned_adamw_part(results, convergence.Size("tiny", None, 150))
     with pytest.raises(SystemExit, match="no tuned AdamW part"):
         convergence.tuned_adamw_part(tmp_path / "missing.json", size)
+
+
+def test_every_teon_group_size_the_study_runs_divides_its_models_layers():
+    # (a K that does not divide the layers is refused by the launcher: the small model's K = 4 failed so)
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    for size in convergence.MODELS.values():
+        layers = 4  # launch/pretrain.py's default model
+        if size.model_config:
+            config = yaml.safe_load((root / "configs" / "models" / f"{size.model_config}.yaml").read_text())
+            layers = config["transformer"]["num_layers"]
+        assert all(layers % k == 0 for k in size.teon_ks), (size.name, layers, size.teon_ks)
