@@ -60,6 +60,9 @@ ADAMW_GRID = (3e-3, 6e-3, 1.2e-2)
 MATRIX_LR_GRID = {"muon": (0.005, 0.01, 0.02), "teon": (0.01, 0.02, 0.04)}
 HTMUON_RATIO = 3.0  # HTMuon's lr / Muon's (the authors': 0.03 vs 0.01 at 60M-135M)
 ADAMW_PART_FACTORS = (0.5, 1.0, 2.0)  # the AdamW part's lr: the AdamW arm's best lr times these
+# Rounds of extension of a joint sweep (each runs the best cell's missing neighbours). 3 left four rows of
+# the first study at an edge of their sweep; 6 is a cap against a sweep that never turns, not a budget.
+JOINT_SWEEP_ROUNDS = 6
 Train = Callable[["Run"], "Run"]
 
 
@@ -342,7 +345,7 @@ def _neighbours(values: List[float], x: float) -> tuple:
     return below, above
 
 
-def joint_sweep(run_at, lr_grid, adamw_grid, max_rounds: int = 3) -> List[Run]:
+def joint_sweep(run_at, lr_grid, adamw_grid, max_rounds: int = JOINT_SWEEP_ROUNDS) -> List[Run]:
     """`run_at(lr, adamw_lr)` over the product of the two grids; then, while a neighbour of the best cell
     along either axis has not run (the next value of that axis, or the next grid step beyond its edge),
     run those neighbours (at most `max_rounds` rounds), so the best setting ends with a worse neighbour on
@@ -512,6 +515,7 @@ def protocol() -> Dict:
         "matrix_lr_grid": MATRIX_LR_GRID,
         "htmuon_ratio": HTMUON_RATIO,
         "adamw_part_factors": ADAMW_PART_FACTORS,
+        "joint_sweep_rounds": JOINT_SWEEP_ROUNDS,
     }
 
 

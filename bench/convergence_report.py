@@ -231,7 +231,8 @@ def summarize(results: Dict, quick: bool = False) -> str:
             f"{list(p['matrix_lr_grid']['teon'])}, HTMuon: Muon's best and {p['htmuon_ratio']:g}x it) "
             f"jointly with its AdamW part's lr (AdamW's best x {list(p['adamw_part_factors'])}); every axis "
             "is extended through the best cell until that cell has a worse neighbour on both sides (at most "
-            '3 rounds of extension: a best cell still on an edge of its sweep is marked "grid edge"); the '
+            f"{p.get('joint_sweep_rounds', 3)} rounds of extension: a best cell still on an edge of its "
+            'sweep is marked "grid edge"); the '
             "best setting of every row is re-run with every seed. Differences are paired by seed "
             "(t = mean / (sd/√n)); \"steps to AdamW's final loss\" is per seed, against AdamW's run of "
             "the same seed (linear interpolation between evaluations every 20 steps)."
