@@ -610,14 +610,16 @@ def teon_study(
         raise ValueError(
             f"--more-seeds: its AdamW part ran at {previous.get('adamw_lr', 3e-3):g}, not {adamw_lr:g}"
         )
+    # (the options are part of what a run is: teon_ns5_spectral's unfolding follows the better mode, which
+    # more seeds may change)
     done = {
-        (r["arm"], round(r["lr"], 12), r["seed"]): r
+        (r["arm"], round(r["lr"], 12), r["seed"], json.dumps(r["options"], sort_keys=True)): r
         for a in (previous or {}).get("arms", {}).values()
         for r in a["sweep"] + a["seeds"]
     }
 
     def run_at(arm: Arm, lr: float, seed: int = seeds[0]) -> Run:
-        earlier = done.get((arm.name, round(lr, 12), seed))
+        earlier = done.get((arm.name, round(lr, 12), seed, json.dumps(arm.options, sort_keys=True)))
         if earlier is not None:
             return as_run(earlier)
         return train(

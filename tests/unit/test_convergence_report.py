@@ -267,6 +267,14 @@ def test_teon_study_protocol_with_a_fake_trainer():
     )
     assert {seed for _, _, seed in launched} == {3} and len(launched) == len(convergence.TEON_ARMS)
     assert more["pairs"]["teon_mode1 - muon"]["n"] == 4
+    # A reused run must be the same run: teon_ns5_spectral's unfolding follows the better mode, which more
+    # seeds may flip; its earlier runs in the other mode are trained again, not reused.
+    picked = more["arms"]["teon_ns5_spectral"]["options"]["teon_mode"]
+    for r in more["arms"]["teon_ns5_spectral"]["sweep"] + more["arms"]["teon_ns5_spectral"]["seeds"]:
+        r["options"] = {**r["options"], "teon_mode": 3 - picked}
+    launched.clear()
+    convergence.teon_study(size, [1234, 1, 2, 3], fake_train, lambda m: None, adamw_lr=0.01, previous=more)
+    assert launched and {arm for arm, _, _ in launched} == {"teon_ns5_spectral"}
 
 
 def test_report_only_reports_the_finished_models_and_leaves_the_rest_pending():
