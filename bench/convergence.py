@@ -937,7 +937,10 @@ def teon_main(args, seeds, trainer, out: Path, start: float, log, summarize_teon
     )
     partial.unlink(missing_ok=True)
     result["adamw_lr_source"] = source
-    result["machine"] = machine(start, trainer.loads, trainer.trained)
+    # (--more-seeds: the runs reused from the earlier result were trained by its invocations)
+    this = machine(start, trainer.loads, trainer.trained)
+    result["machines"] = machines_of(previous or {}) + ([this] if trainer.trained else [])
+    result["machine"] = result["machines"][-1] if result["machines"] else this
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(summarize_teon(result, quick=args.quick))
     print((out / f"{stem}.md").read_text())

@@ -254,7 +254,8 @@ def summarize_teon(study_result: Dict, quick: bool = False) -> str:
     n = len(r["seeds_used"])
     lines = [
         f"# TEON study{' (quick)' if quick else ''}\n",
-        f"Measured on {machine_line(r.get('machine', {}))}",
+        "Measured by:",
+        *[f"- {machine_line(m)}" for m in (r.get("machines") or [r.get("machine", {})])],
         "\nEvery run: launch/pretrain.py on 2 processes (data parallel), the embedded corpus, equal tokens "
         "(32 x 64 tokens a step), linear warmup then cosine to 0.1x, weight decay 0.01, clipping 1.0. Every "
         f"arm's AdamW part (embeddings, head, norms) at lr {r.get('adamw_lr', 3e-3):g}: "
