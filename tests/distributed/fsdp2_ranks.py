@@ -171,6 +171,7 @@ def run(rank, world_size, port, out_dir, scenario):
             if scenario == "fsdp2" and kind == "TEON":
                 report["checkpoints"] = checkpoints(mesh, out_dir, rank)
                 report["refusals"] = refusals(mesh)
+                report["user"] = user_cases(mesh, out_dir, rank)
             del opt, model
     finally:
         with open(os.path.join(out_dir, f"{scenario}-{rank}.json"), "w") as f:
@@ -259,3 +260,175 @@ def refusals(mesh):
     same = all(torch.equal(before[n], p.to_local()) for n, p in model.named_parameters())
     out["unchanged"] = "yes" if same and not opt.state else "no"
     return out
+
+
+# -- the cases a real FSDP2 user hits (test_fsdp2.test_fsdp2_user_cases_...) -----------------------------
+CLIP = 0.05  # below the tiny model's gradient norm (~0.5): the clip acts
+
+
+def variant(name):
+    """The unsharded model of a user case (the one-process oracle builds the same)."""
+    model = tiny("fsdp2")
+    if name == "frozen_tied":  # a frozen matrix and tied embeddings, as HF's tie_word_embeddings
+        model.layers[0].mlp.gate_proj.weight.requires_grad_(False)
+        model.lm_head.weight = model.embed_tokens.weight
+    if name == "bf16":
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def variant_params(name, model):
+    if name != "frozen_tied":
+        return model
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [  # a matrix group per weight decay and lr, an AdamW group with its own lr
+        {"params": [(n, p) for n, p in named if p.ndim >= 2 and "mlp" in n], "weight_decay": 0.1},
+        {"params": [(n, p) for n, p in named if p.ndim >= 2 and "mlp" not in n], "lr": LR / 2},
+        {"params": [(n, p) for n, p in named if p.ndim < 2], "adamw_lr": 3 * ADAMW_LR},
+    ]
+
+
+def user_grads(model, step, name, sharded=True):
+    """The one-process gradient of `variant(name)` at the model's weights (fp32 backward, cast to the
+    parameters' dtype), set as the gradient: the same numbers on both sides."""
+    from torch.distributed.tensor import distribute_tensor
+
+    ref = variant("frozen_tied" if name == "frozen_tied" else "fp32").float()
+    with torch.no_grad():
+        for (_, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+            r.copy_(p.full_tensor() if sharded else p)
+    ref(*batch(step)).backward()
+    for (_, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        if r.grad is None:
+            continue
+        g = r.grad.to(p.dtype)
+        if sharded:
+            g = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            p.grad.to_local().copy_(g)
+        else:
+            p.grad = g
+
+
+def user_step(model, opt, step, name, sharded=True):
+    if sharded:
+        model(*batch(step)).float().backward()
+    else:
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    user_grads(model, step, name, sharded)
+    if name == "clip":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # DTensor grads under FSDP2
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def user_cases(mesh, out_dir, rank):
+    """Each case's weights after STEPS (rank 0 writes them; the parent compares with one process) and
+    what else the case checks; on 2 ranks."""
+    import warnings
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from support import tolerance as tol
+
+    out = {}
+    for name in ("mp", "clip", "frozen_tied", "bf16"):
+        model = variant(name)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard(model, mesh=mesh, **({"mp_policy": policy} if name == "mp" else {}))
+        opt = make_optimizer("TEON", variant_params(name, model))
+        budget = tol.RoundingBudget(opt)
+        stats = []
+        for step in range(1, STEPS + 1):
+            user_step(model, opt, step, name)
+            stats.append([opt.comm_stats.sent, opt.comm_stats.received, *opt.zero_expected_bytes()])
+        out[name] = {"bound": budget.weights(LR), "stats": stats}
+        weights = full_weights(model)
+        if rank == 0:
+            torch.save(weights, os.path.join(out_dir, f"user-{name}.pt"))
+    # a non-finite gradient in one rank's chunk only: every rank skips (no rank waits in the exchange)
+    model = sharded_model("fsdp2", mesh)
+    opt = make_optimizer("TEON", model)
+    user_step(model, opt, 1, "fp32")
+    model(*batch(2)).backward()
+    if rank == 1:
+        model.layers[0].mlp.gate_proj.weight.grad.to_local()[0, 0] = float("nan")
+    before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    state = {
+        n: {k: local(v).clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+        for n, p in model.named_parameters()
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    same = all(torch.equal(before[n], p.to_local()) for n, p in model.named_parameters())
+    same_state = all(
+        torch.equal(local(v), state[n][k]) if isinstance(v, torch.Tensor) else v == state[n][k]
+        for n, p in model.named_parameters()
+        for k, v in opt.state[p].items()
+    )
+    out["nan"] = {"warned": [str(w.message) for w in caught], "unchanged": same and same_state}
+    opt.zero_grad(set_to_none=True)
+    user_step(model, opt, 2, "fp32")  # the next step runs on every rank (no rank left behind)
+    out["nan"]["next_step"] = "ran"
+    out["htmuon"] = htmuon_round_trips(mesh, out_dir)
+    return out
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def htmuon_round_trips(mesh, out_dir):
+    """HTMuon (heavy-tail every 2nd step, its own state) under FSDP2: step 1, then (a) the same optimizer's
+    opt.load_state_dict(opt.state_dict()), (b) a fresh optimizer loading that plain state_dict, (c) a fresh
+    model and optimizer loading a torch.distributed.checkpoint save; each continued for 2 steps equals
+    the run that never stopped, to the last bit."""
+    import copy
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def build():
+        model = sharded_model("fsdp2", mesh)
+        return model, teonspeed.HTMuon(model, lr=LR, adamw_lr=ADAMW_LR, weight_decay=WD, ht_interval=2)
+
+    def run(model, opt, first, steps):
+        for step in range(first, first + steps):
+            user_step(model, opt, step, "fp32")
+        return full_weights(model)
+
+    model, opt = build()
+    run(model, opt, 1, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    path = os.path.join(out_dir, "dcp-htmuon")
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=path,
+    )
+    model_b, opt_b = build()  # (b): the same weights, a fresh optimizer
+    with torch.no_grad():
+        for p, q in zip(model_b.parameters(), model.parameters()):
+            p.to_local().copy_(q.to_local())
+    opt.load_state_dict(opt.state_dict())  # (a)
+    straight = run(model, opt, 2, 2)
+    opt_b.load_state_dict(saved)
+    plain = run(model_b, opt_b, 2, 2)
+    model_c, opt_c = build()
+    state = {"model": get_model_state_dict(model_c), "optim": get_optimizer_state_dict(model_c, opt_c)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model_c, state["model"])
+    set_optimizer_state_dict(model_c, opt_c, state["optim"])
+    resumed = run(model_c, opt_c, 2, 2)
+    model_d, opt_d = build()  # the run that never stopped
+    never = run(model_d, opt_d, 1, 3)
+    return {
+        case: all(torch.equal(w[n], never[n]) for n in never)
+        for case, w in {"same_optimizer": straight, "fresh_optimizer": plain, "dcp": resumed}.items()
+    }

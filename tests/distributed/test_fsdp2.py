@@ -91,14 +91,23 @@ def dcp_state(model, opt):
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
 
 
-def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    """The one spawn of 2 ranks (fsdp2_ranks.run's "fsdp2" scenario): its folder and the ranks' reports."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    tmp_path = tmp_path_factory.mktemp("fsdp2")
     torch.set_num_threads(1)
     model, opt = reference("TEON", "model", 1)
     dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp_path / "dcp-1rank"))  # loaded by 2 ranks
-    reports = spawn("fsdp2", 2, tmp_path)
+    return tmp_path, spawn("fsdp2", 2, tmp_path)
+
+
+def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(fsdp2_run):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    tmp_path, reports = fsdp2_run
 
     for key in ("fsdp2-TEON-model", "fsdp2-Muon-named_parameters", "fsdp2-HTMuon-param_groups"):
         layout, kind, entry = key.split("-")
@@ -139,6 +148,53 @@ def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(tmp_pat
     with pytest.raises(ValueError) as err:
         opt.load_state_dict(saved)
     assert "'dp': 2" in str(err.value) and "torch.distributed.checkpoint" in str(err.value)
+
+
+def user_oracle(name):
+    """One process stepping `fsdp2_ranks.variant(name)` with the same gradients: weights, matrices."""
+    model = fr.variant(name)
+    opt = fr.make_optimizer("TEON", fr.variant_params(name, model))
+    for step in range(1, fr.STEPS + 1):
+        fr.user_step(model, opt, step, name, sharded=False)
+    return weights(model), opt.grouping.ortho_names()
+
+
+@pytest.mark.parametrize("name", ["mp", "clip", "frozen_tied"])
+def test_fsdp2_user_cases_equal_one_process(fsdp2_run, name):
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (fp32 shards, the step sees fp32
+    gradients); torch.nn.utils.clip_grad_norm_ on the DTensor gradients before step(); a frozen matrix,
+    tied embeddings and three param groups (weight_decay, lr, adamw_lr of their own): each equals one
+    process stepping the same gradients, within the module docstring's bound (the same arithmetic). As
+    everywhere here the gradients are set to one process's fp32 gradients: under the policy this checks
+    the step on fp32 shards beside bf16 compute copies, not the bf16 forward (FSDP2's own business)."""
+    tmp_path, reports = fsdp2_run
+    want, ortho = user_oracle(name)
+    got = torch.load(tmp_path / f"user-{name}.pt")
+    assert sorted(got) == sorted(want)
+    check_equal(got, want, sum(r["user"][name]["bound"] for r in reports), ortho)
+    for report in reports:
+        for sent, received, want_sent, want_received in report["user"][name]["stats"]:
+            assert (sent, received) == (want_sent, want_received) and sent > 0
+
+
+def test_fsdp2_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(fsdp2_run):
+    """A NaN in one rank's gradient chunk only: both ranks skip (warned), weights and state unchanged,
+    and the next step runs on both (no rank left in the exchange)."""
+    _, reports = fsdp2_run
+    for rank, report in enumerate(reports):
+        nan = report["user"]["nan"]
+        assert nan["unchanged"] and nan["next_step"] == "ran"
+        where = "layers.0.mlp.gate_proj.weight" if rank == 1 else "another rank's parameters"
+        assert any(f"non-finite gradient in {where}; step skipped" in w for w in nan["warned"])
+
+
+def test_fsdp2_htmuon_state_round_trips_resume_exactly(fsdp2_run):
+    """HTMuon's state (heavy-tail every 2nd step): opt.load_state_dict(opt.state_dict()), a fresh optimizer
+    loading a plain state_dict on the same ranks, and a torch.distributed.checkpoint save, each continued
+    2 steps, equal the run that never stopped to the last bit."""
+    _, reports = fsdp2_run
+    for report in reports:
+        assert report["user"]["htmuon"] == {"same_optimizer": True, "fresh_optimizer": True, "dcp": True}
 
 
 def test_hsdp_and_fsdp2_x_tp_on_4_ranks_equal_one_process(tmp_path):
