@@ -177,6 +177,25 @@ def test_fsdp2_user_cases_equal_one_process(fsdp2_run, name):
             assert (sent, received) == (want_sent, want_received) and sent > 0
 
 
+def test_fsdp2_pure_bf16_parameters_equal_one_process_in_bf16(fsdp2_run):
+    """bf16 sharded parameters (momentum and exchange in bf16): as close to one bf16 process as two bf16
+    runs of the same training are, 2λ·e₁₆ with e₁₆ the one bf16 process's distance from its fp32 twin
+    (test_deepspeed_zero3's bf16 bound); the bytes moved equal the plan's, at 2 bytes an element (the plan
+    predicted 4 before the exchange's element size was passed to it)."""
+    tmp_path, reports = fsdp2_run
+    bf16, ortho = user_oracle("bf16")
+    fp32, _ = user_oracle("fp32")
+    e16 = tol.distance(bf16, fp32, ortho)
+    got = torch.load(tmp_path / "user-bf16.pt")
+    assert all(w.dtype == torch.bfloat16 for w in got.values())
+    assert tol.distance(got, bf16, ortho) <= 2 * tol.LAMBDA * e16
+    for report in reports:
+        stats = report["user"]["bf16"]["stats"]
+        fp32_stats = report["user"]["mp"]["stats"]  # the same model and plan with fp32 shards
+        for (sent, received, want_sent, want_received), fp32_step in zip(stats, fp32_stats):
+            assert (sent, received) == (want_sent, want_received) and 2 * sent == fp32_step[0] > 0
+
+
 def test_fsdp2_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(fsdp2_run):
     """A NaN in one rank's gradient chunk only: both ranks skip (warned), weights and state unchanged,
     and the next step runs on both (no rank left in the exchange)."""

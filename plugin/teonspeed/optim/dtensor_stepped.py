@@ -129,7 +129,12 @@ def attach_dtensor_layout(opt) -> None:
         moved += sharded_adamw_bytes(numel, layout.fsdp_size, size, size, replicas)
         device = local(p).device
     pieces = PieceLayout(holds, shapes, ctx.dp_group, dist.get_rank(ctx.dp_group), len(dp_ranks))
-    opt.attach_layouts({"fsdp2": pieces}, opt._tensors, device=device, adamw_bytes=moved)
+    # The exchange moves the stepped directions (the momentum, kept in the parameters' dtype: 2 bytes for
+    # pure-bf16 sharded parameters, 4 under MixedPrecisionPolicy's fp32 shards) in the first one's dtype
+    itemsize = opt._params_by_name[ortho[0]].element_size()
+    opt.attach_layouts(
+        {"fsdp2": pieces}, opt._tensors, device=device, adamw_bytes=moved, itemsize=itemsize
+    )
 
 
 def _holders(p: torch.Tensor, layout, dp_ranks: List[int]) -> List[List[int]]:
