@@ -309,7 +309,35 @@ def user_grads(model, step, name, sharded=True):
             p.grad = g
 
 
+def accumulated_step(model, opt, step, sharded):
+    """Gradient accumulation as FSDP2 users write it: a micro-batch without gradient sync, then the last
+    one with it. Every rank runs the same micro-batches (replicated data), so FSDP2's average over the
+    ranks of identical sums is exact: the gradients are one process's, bit for bit (returned: the largest
+    difference from one process's two backwards, computed here)."""
+    micro = [batch(step + 10), batch(step)]
+    if sharded:
+        model.set_requires_gradient_sync(False)
+        model(*micro[0]).backward()
+        model.set_requires_gradient_sync(True)
+        model(*micro[1]).backward()
+        ref = tiny("fsdp2")
+        with torch.no_grad():
+            for (_, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+                r.copy_(p.full_tensor())
+    for tokens, labels in micro:
+        (ref if sharded else model)(tokens, labels).backward()
+    diff = 0.0
+    if sharded:
+        for (_, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+            diff = max(diff, float((p.grad.full_tensor() - r.grad).abs().max()))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return diff
+
+
 def user_step(model, opt, step, name, sharded=True):
+    if name == "accum":
+        return accumulated_step(model, opt, step, sharded)
     if sharded:
         model(*batch(step)).float().backward()
     else:
@@ -333,17 +361,17 @@ def user_cases(mesh, out_dir, rank):
     from support import tolerance as tol
 
     out = {}
-    for name in ("mp", "clip", "frozen_tied", "bf16"):
+    for name in ("mp", "clip", "frozen_tied", "bf16", "accum"):
         model = variant(name)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         fully_shard(model, mesh=mesh, **({"mp_policy": policy} if name == "mp" else {}))
         opt = make_optimizer("TEON", variant_params(name, model))
         budget = tol.RoundingBudget(opt)
-        stats = []
+        stats, grad_diff = [], 0.0
         for step in range(1, STEPS + 1):
-            user_step(model, opt, step, name)
+            grad_diff = max(grad_diff, user_step(model, opt, step, name) or 0.0)
             stats.append([opt.comm_stats.sent, opt.comm_stats.received, *opt.zero_expected_bytes()])
-        out[name] = {"bound": budget.weights(LR), "stats": stats}
+        out[name] = {"bound": budget.weights(LR), "stats": stats, "grad_diff": grad_diff}
         weights = full_weights(model)
         if rank == 0:
             torch.save(weights, os.path.join(out_dir, f"user-{name}.pt"))

@@ -159,11 +159,13 @@ def user_oracle(name):
     return weights(model), opt.grouping.ortho_names()
 
 
-@pytest.mark.parametrize("name", ["mp", "clip", "frozen_tied"])
+@pytest.mark.parametrize("name", ["mp", "clip", "frozen_tied", "accum"])
 def test_fsdp2_user_cases_equal_one_process(fsdp2_run, name):
     """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (fp32 shards, the step sees fp32
     gradients); torch.nn.utils.clip_grad_norm_ on the DTensor gradients before step(); a frozen matrix,
-    tied embeddings and three param groups (weight_decay, lr, adamw_lr of their own): each equals one
+    tied embeddings and three param groups (weight_decay, lr, adamw_lr of their own); gradient accumulation
+    with model.set_requires_gradient_sync(False) on the first micro-batch (real gradients, exactly one
+    process's: fsdp2_ranks.accumulated_step; checked here to the bit): each equals one
     process stepping the same gradients, within the module docstring's bound (the same arithmetic). As
     everywhere here the gradients are set to one process's fp32 gradients: under the policy this checks
     the step on fp32 shards beside bf16 compute copies, not the bf16 forward (FSDP2's own business)."""
@@ -171,6 +173,7 @@ def test_fsdp2_user_cases_equal_one_process(fsdp2_run, name):
     want, ortho = user_oracle(name)
     got = torch.load(tmp_path / f"user-{name}.pt")
     assert sorted(got) == sorted(want)
+    assert all(r["user"][name]["grad_diff"] == 0.0 for r in reports)
     check_equal(got, want, sum(r["user"][name]["bound"] for r in reports), ortho)
     for report in reports:
         for sent, received, want_sent, want_received in report["user"][name]["stats"]:
