@@ -6,6 +6,7 @@ several sub-groups, bf16; checkpoints resume exactly; another DP size and offloa
 the bytes each rank moves equal the plan's prediction."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -100,13 +101,17 @@ def test_zero3_offload_is_refused_naming_the_option_and_the_fix(option):
         assert f"Remove zero_optimization.{option}" in text
 
 
-def test_a_teon_stack_split_over_sub_groups_is_refused_naming_sub_group_size():
-    with pytest.raises(
-        RankError,
-        match="under ZeRO-3 the members of a TEON group must be in the same sub-group"
-        "(.|\n)*Raise zero_optimization.sub_group_size",
-    ):
+def test_a_teon_stack_split_over_sub_groups_is_refused_naming_the_sub_group_size_to_use():
+    """The line names the value that keeps the stack's param group in one sub-group, and that value
+    trains as ZeRO-0 does."""
+    with pytest.raises(RankError) as err:
         run_ranks(h.train, 2, zero3("TEON", zero={"sub_group_size": 200}), steps=1, timeout=120)
+    text = str(err.value)
+    assert "under ZeRO-3 the members of a TEON group must be in the same sub-group" in text
+    found = re.search(r"Set zero_optimization.sub_group_size to at least (\d+) \(now 200;", text)
+    assert found, text[-2000:]
+    result = run(zero3("TEON", zero={"sub_group_size": int(found.group(1))}))
+    assert_same_training(result, run(h.ds_config("TEON", stage=0)), *oracle("TEON"))
 
 
 def zero_init_model():

@@ -89,10 +89,7 @@ def attach_zero_stage_3(zero3) -> None:
             even_split_holds(entries, size, key=id(flat)), dict(entries), group, rank, size
         )
     check_groups_within_partitions(
-        layouts,
-        opt.grouping.groups,
-        where="ZeRO-3",
-        fix="Raise zero_optimization.sub_group_size above the param group's elements per rank",
+        layouts, opt.grouping.groups, where="ZeRO-3", fix=lambda keys: _sub_group_fix(zero3, keys)
     )
     comm_itemsize = torch.empty(0, dtype=zero3.communication_data_type).element_size()
     opt.attach_layouts(
@@ -100,6 +97,23 @@ def attach_zero_stage_3(zero3) -> None:
         FlatTensors(layouts),
         device=zero3.fp32_partitioned_groups_flat[0].device,
         adamw_bytes=_adamw_bytes(opt, zero3.fp16_groups, zero3, comm_itemsize),
+    )
+
+
+def _sub_group_fix(zero3, keys) -> str:
+    """The sub_group_size that keeps the param groups of the sub-groups `keys` (ids of their flat fp32
+    partitions) whole: DeepSpeed cuts a param group into sub-groups only when sub_group_size is below the
+    group's elements per rank (stage3._create_fp16_sub_groups)."""
+    flats = [id(f) for f in zero3.fp32_partitioned_groups_flat]
+    group_of = zero3.sub_group_to_group_id
+    ids = {group_of[flats.index(k)] for k in keys}
+    per_group: Dict[int, int] = {}
+    for i, params in enumerate(zero3.fp16_groups):
+        per_group[group_of[i]] = per_group.get(group_of[i], 0) + sum(p.partition_numel() for p in params)
+    need = max(per_group[g] for g in ids)
+    return (
+        f"Set zero_optimization.sub_group_size to at least {need} (now {zero3.sub_group_size}; the param "
+        f"group's elements per rank, so that DeepSpeed keeps it in one sub-group)"
     )
 
 

@@ -31,17 +31,23 @@ Layout = Union[FlatPartition, PieceLayout]  # what a partition runner plans over
 
 
 def check_groups_within_partitions(
-    partitions: Mapping[Key, Layout], groups: Sequence[OrthoGroup], where: str = "", fix: str = ""
+    partitions: Mapping[Key, Layout],
+    groups: Sequence[OrthoGroup],
+    where: str = "",
+    fix: Union[str, Callable[[Sequence[Key]], str]] = "",
 ) -> None:
-    """A TEON group must live inside one partition (the partitions are planned one at a time)."""
+    """A TEON group must live inside one partition (the partitions are planned one at a time). `fix`: what
+    to do, or a function of the partitions' keys the group's members are in that says it."""
     owner = {name: key for key, fp in partitions.items() for name in fp.names()}
     for g in groups:
-        if len({owner.get(m.name) for m in g.members}) > 1:
+        keys = list(dict.fromkeys(owner.get(m.name) for m in g.members))
+        if len(keys) > 1:
+            what = fix(keys) if callable(fix) else fix
             raise ValueError(
                 f"teonspeed: under {where or 'ZeRO-1/2'} the members of a TEON group must be in the same "
                 f"{'sub-group' if where else 'param group'}; "
                 + " + ".join(m.label for m in g.members)
-                + f" are not. {fix or 'Put them in one group'} or set teon_k=1"
+                + f" are not. {what or 'Put them in one group'} or set teon_k=1"
             )
 
 
