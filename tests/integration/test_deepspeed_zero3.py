@@ -160,3 +160,51 @@ def test_zero3_bytes_per_rank_equal_the_plans_prediction():
     # each matrix's non-owner slice travels twice (there and back): the ranks' sent bytes add up to
     # 2 x 4 bytes x the elements of the matrices outside their owner's slice
     assert sum(r[0][0] for r in results) == sum(r[0][1] for r in results)
+
+
+def test_zero3_with_some_parameters_persisted_equals_zero0():
+    """stage3_param_persistence_threshold=300: the tiny model's q/k/v/o (128-256 elements) and norms are
+    persisted (kept whole between forwards, numel < threshold), the FFN matrices and embeddings
+    partitioned: a mix of both in one step, as with DeepSpeed's default threshold on a real model."""
+    result = run(zero3("TEON", zero={"stage3_param_persistence_threshold": 300}))
+    assert_same_training(result, run(h.ds_config("TEON", stage=0)), *oracle("TEON"))
+
+
+def _nan_on_one_rank(rank, world_size, config, steps=3):
+    """Step 2's gradient gets a NaN on rank 1 only (a hook on one matrix's gradient, before DeepSpeed's
+    reduce-scatter puts it in one rank's partition): which parameters each step changed, on this rank."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = h.TinyLM()
+    poisoned = {"step": None}
+
+    def poison(grad):
+        if poisoned["step"] == 1 and dist.get_rank() == 1:
+            grad = grad.clone()
+            grad[0, 0] = float("nan")
+        return grad
+
+    model.layers[0].mlp.gate_proj.weight.register_hook(poison)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=copy.deepcopy(config)
+    )
+    changed = []
+    for step in range(steps):
+        poisoned["step"] = step
+        before = h.gathered_params(engine)
+        engine.backward(engine(*h.batch(step, dist.get_rank())))
+        engine.step()
+        after = h.gathered_params(engine)
+        changed.append(sum(not torch.equal(after[n], before[n]) for n in after))
+    return changed, len(before)
+
+
+def test_zero3_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank():
+    """Muon with several sub-groups (DeepSpeed steps them one at a time) and no clipping: DeepSpeed's
+    global gradient norm is non-finite, so it skips the whole step on every rank before the optimizer
+    (no sub-group stepped alone, no rank left waiting); the next step runs."""
+    config = zero3("TeonspeedMuon", zero={"sub_group_size": 200}, gradient_clipping=0.0)
+    for changed, total in run_ranks(_nan_on_one_rank, 2, config, timeout=120):
+        assert changed == [total, 0, total]
