@@ -208,3 +208,38 @@ def test_zero3_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank():
     config = zero3("TeonspeedMuon", zero={"sub_group_size": 200}, gradient_clipping=0.0)
     for changed, total in run_ranks(_nan_on_one_rank, 2, config, timeout=120):
         assert changed == [total, 0, total]
+
+
+def frozen_tied_lm():
+    """TinyLM with a frozen matrix (requires_grad=False) and tied input/output embeddings."""
+    model = h.TinyLM()
+    model.layers[0].mlp.gate_proj.weight.requires_grad_(False)
+    model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def _plain_frozen_tied(dtype, steps=5, world_size=2):
+    """The one-process oracle of ds_helpers.train on frozen_tied_lm (test_deepspeed.plain_run's loop,
+    whose norm reads every parameter's gradient): rank-averaged gradients, clipped at 1.0."""
+    model = frozen_tied_lm().to(dtype)
+    opt = TYPES["TEON"](model.named_parameters(), lr=0.02, adamw_lr=3e-3)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for step in range(steps):
+        opt.zero_grad()
+        for rank in range(world_size):
+            (model(*h.batch(step, rank)) / world_size).backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_zero3_with_a_frozen_matrix_and_tied_embeddings_equals_zero0():
+    """Both within 2λ·e of each other (e: the fp32 oracle's distance from its fp64 twin, the bound of
+    assert_same_training); the frozen matrix is unchanged and the tied embedding is one parameter."""
+    three = run(zero3("TEON"), model_fn=frozen_tied_lm)
+    zero = run(h.ds_config("TEON", stage=0), model_fn=frozen_tied_lm)
+    bound = tol.oracle_bound(_plain_frozen_tied(torch.float32), _plain_frozen_tied(torch.float64), False)
+    assert tol.distance(three[1], zero[1]) <= bound, (tol.distance(three[1], zero[1]), bound)
+    frozen = frozen_tied_lm().layers[0].mlp.gate_proj.weight
+    assert torch.equal(three[1]["layers.0.mlp.gate_proj.weight"], frozen.detach())
+    assert "lm_head.weight" not in three[1]
