@@ -245,6 +245,19 @@ def refusals(mesh):
             out[case] = None
         except ValueError as err:
             out[case] = str(err)
+    # matrices of two dtypes (a bf16 block beside fp32 ones, each its own FSDP unit): the exchange moves one
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny("fsdp2")
+    model.layers[0].to(torch.bfloat16)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    try:
+        make_optimizer("TEON", model)
+        out["mixed_dtype"] = None
+    except ValueError as err:
+        out["mixed_dtype"] = str(err)
     # a step where one sharded matrix has no gradient (the exchange plans all of them): refused before
     # anything changes
     model = sharded_model("fsdp2", mesh)

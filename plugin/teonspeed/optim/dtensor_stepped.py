@@ -113,6 +113,7 @@ def attach_dtensor_layout(opt) -> None:
     if not (ctx.distributed and ortho):
         opt._runner = opt._make_runner()
         return
+    _check_one_dtype(opt, ortho)
     ctx.dp_group = _replicas_and_shards_group(opt, ortho) or ctx.dp_group
     dp_ranks = dist.get_process_group_ranks(ctx.dp_group)
     holds, shapes, moved, device = {}, {}, 0, None
@@ -135,6 +136,20 @@ def attach_dtensor_layout(opt) -> None:
     opt.attach_layouts(
         {"fsdp2": pieces}, opt._tensors, device=device, adamw_bytes=moved, itemsize=itemsize
     )
+
+
+def _check_one_dtype(opt, ortho: List[str]) -> None:
+    """The exchange sends every piece in one dtype (the stepped momenta's; a mixed buffer aborted gloo at
+    the first step): refused here, on every rank before any collective."""
+    first = opt._params_by_name[ortho[0]]
+    for name in ortho:
+        p = opt._params_by_name[name]
+        if p.dtype != first.dtype:
+            raise ValueError(
+                f"teonspeed: FSDP-sharded matrices {ortho[0]!r} ({first.dtype}) and {name!r} ({p.dtype}) "
+                f"have different dtypes; the exchange moves one: shard the model in one dtype (bf16 "
+                f"compute with fp32 shards is MixedPrecisionPolicy(param_dtype=torch.bfloat16))"
+            )
 
 
 def _holders(p: torch.Tensor, layout, dp_ranks: List[int]) -> List[List[int]]:
