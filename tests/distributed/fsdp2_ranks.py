@@ -258,6 +258,16 @@ def refusals(mesh):
         out["mixed_dtype"] = None
     except ValueError as err:
         out["mixed_dtype"] = str(err)
+    # the optimizer built before fully_shard (which re-creates the parameters): its step would change nothing
+    model = tiny("fsdp2")
+    opt = make_optimizer("TEON", model)
+    fully_shard(model, mesh=mesh)
+    model(*batch(1)).backward()
+    try:
+        opt.step()
+        out["built_before_sharding"] = None
+    except ValueError as err:
+        out["built_before_sharding"] = str(err)
     # a step where one sharded matrix has no gradient (the exchange plans all of them): refused before
     # anything changes
     model = sharded_model("fsdp2", mesh)

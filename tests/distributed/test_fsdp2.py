@@ -132,6 +132,8 @@ def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(fsdp2_r
         # on the old code construction passed and the first step aborted gloo (a mixed-dtype buffer)
         assert "'layers.0.self_attn.q_proj.weight' (torch.bfloat16) and 'layers.1" in refusals["mixed_dtype"]
         assert "(torch.float32) have different dtypes" in refusals["mixed_dtype"]
+        # on the old code that step silently changed nothing
+        assert "parameters were replaced after the optimizer was built" in refusals["built_before_sharding"]
         assert all("\n" not in text for text in refusals.values())
     # 1 -> 2 ranks: one process's save after step 1, loaded and stepped on 2 ranks == one process's step 2
     bound = sum(r["checkpoints"]["bound"] for r in reports)

@@ -14,6 +14,7 @@ matrices), never a step path of its own.
 
 from __future__ import annotations
 
+import weakref
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -63,6 +64,8 @@ class OrthoOptimizer(CheckpointState, torch.optim.Optimizer):
         with agreed_construction():
             named = self._construct(params, parallel, options)
         self._params_by_name = {n: p for n, p in named}
+        # the model it was built from, if any (a step on parameters the model no longer has is refused)
+        self._model = weakref.ref(params) if isinstance(params, torch.nn.Module) else None
         self._layouts = {n: getattr(p, LAYOUT_ATTR, None) for n, p in named}
         self._tensors: ParamTensors = ParamTensors()  # what the step updates: the parameters, until attached
         if isinstance(self.parallel, DTensorContext):  # FSDP2, HSDP, FSDP2 x TP: local tensors, FSDP chunks

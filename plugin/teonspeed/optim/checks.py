@@ -147,3 +147,22 @@ def check_same_layout(saved: Dict, current: Dict) -> None:
                     f"local shape {x} in the checkpoint, {y} here (another model size, or "
                     f"another DP/TP size: saved with {saved['sizes']}); {fix}"
                 )
+
+
+def replaced_parameters(opt) -> Optional[str]:
+    """A step where no parameter the optimizer holds has a gradient while the model it was built from
+    has gradients on parameters it does not hold: the model's parameters were re-created after the
+    optimizer was built (FSDP2's fully_shard, parallelize_module and FSDP1 replace them), so the step would
+    silently change nothing. Host-only; called only on a step without gradients."""
+    model = opt._model() if opt._model is not None else None
+    if model is None:
+        return None
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    stray = next((n for n, p in model.named_parameters() if p.grad is not None and id(p) not in held), None)
+    if stray is None:
+        return None
+    return (
+        f"teonspeed: the model's parameter {stray!r} has a gradient but is not one this optimizer holds, "
+        f"and none it holds has one: the model's parameters were replaced after the optimizer was built "
+        f"(fully_shard / parallelize_module / FSDP re-create them); build the optimizer after sharding"
+    )

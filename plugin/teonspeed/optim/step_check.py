@@ -11,7 +11,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..parallel.runner import StepCheck
-from .checks import GradientError, gradient_problem, mark_plan
+from .checks import GradientError, gradient_problem, mark_plan, replaced_parameters
 from .stepped import digest
 
 
@@ -23,6 +23,10 @@ def check_step(opt) -> bool:
     if problem is not None and opt._runner.stats is None:  # no collective to pass through first
         raise GradientError(problem)
     grads = opt._tensors.grads(opt)
+    if not grads:
+        stale = replaced_parameters(opt)
+        if stale is not None:
+            raise ValueError(stale)
     norm_sq = opt._tensors.norm_sq()
     opt.grad_norm = None
     # A single process (a runner without counters has no collective) needs the check only to skip or clip.
