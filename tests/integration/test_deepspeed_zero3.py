@@ -243,3 +243,21 @@ def test_zero3_with_a_frozen_matrix_and_tied_embeddings_equals_zero0():
     frozen = frozen_tied_lm().layers[0].mlp.gate_proj.weight
     assert torch.equal(three[1]["layers.0.mlp.gate_proj.weight"], frozen.detach())
     assert "lm_head.weight" not in three[1]
+
+
+def test_zero3_checkpoint_with_gradient_accumulation_resumes_exactly(tmp_path):
+    """HTMuon (heavy-tail every 2nd step: the step counter must survive) with 2 micro-batches a step and
+    several sub-groups, saved after step 3 (an odd step: the next one is heavy-tailed), resumed: the same
+    losses and weights to the last bit as the run that never stopped."""
+    config = zero3(
+        "TeonspeedHTMuon",
+        params={"lr": 0.02, "adamw_lr": 3e-3, "ht_interval": 2},
+        zero={"sub_group_size": 200},
+        gradient_accumulation_steps=2,
+    )
+    full = run(config, steps=5)
+    run(config, steps=3, checkpoint={"dir": str(tmp_path), "save_at": 3})
+    resumed = run(config, steps=5, checkpoint={"dir": str(tmp_path), "load": True, "start": 3})
+    assert resumed[0] == full[0][3:]
+    for n, p in resumed[1].items():
+        assert torch.equal(p, full[1][n]), n
