@@ -218,11 +218,13 @@ def frozen_tied_lm():
     return model
 
 
-def _plain_frozen_tied(dtype, steps=5, world_size=2):
-    """The one-process oracle of ds_helpers.train on frozen_tied_lm (test_deepspeed.plain_run's loop,
-    whose norm reads every parameter's gradient): rank-averaged gradients, clipped at 1.0."""
-    model = frozen_tied_lm().to(dtype)
-    opt = TYPES["TEON"](model.named_parameters(), lr=0.02, adamw_lr=3e-3)
+def _plain_frozen_tied(dtype, steps=5, world_size=2, optimizer="TEON", groups=None):
+    """The one-process oracle of ds_helpers.train on frozen_tied_lm, or of _train_groups on TinyLM with
+    `groups` (test_deepspeed.plain_run's loop, whose norm reads every parameter's gradient):
+    rank-averaged gradients, clipped at 1.0."""
+    model = (h.TinyLM() if groups else frozen_tied_lm()).to(dtype)
+    params = groups(model, named=True) if groups else model.named_parameters()
+    opt = TYPES[optimizer](params, lr=0.02, adamw_lr=3e-3)
     trained = [p for p in model.parameters() if p.requires_grad]
     for step in range(steps):
         opt.zero_grad()
@@ -261,3 +263,52 @@ def test_zero3_checkpoint_with_gradient_accumulation_resumes_exactly(tmp_path):
     assert resumed[0] == full[0][3:]
     for n, p in resumed[1].items():
         assert torch.equal(p, full[1][n]), n
+
+
+def param_groups(model, named=False):
+    """Three param groups as users pass them to deepspeed.initialize(model_parameters=...): FFN matrices
+    with weight decay, attention matrices at half the lr, everything else (embeddings, norms: AdamW) at
+    its own adamw_lr. `named`: (name, parameter) pairs, for the one-process oracle (DeepSpeed's entry
+    names the tensors from the module: the embeddings are AdamW's by name)."""
+    items = list(model.named_parameters())
+
+    def pick(keep):
+        return [(n, p) if named else p for n, p in items if keep(n, p)]
+
+    return [
+        {"params": pick(lambda n, p: p.ndim >= 2 and "mlp" in n), "weight_decay": 0.1},
+        {"params": pick(lambda n, p: p.ndim >= 2 and "self_attn" in n), "lr": 0.01},
+        {"params": pick(lambda n, p: "mlp" not in n and "self_attn" not in n), "adamw_lr": 1e-2},
+    ]
+
+
+def _train_groups(rank, world_size, config, steps=5):
+    """ds_helpers.train with param_groups(model) as DeepSpeed's model_parameters."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = h.TinyLM()
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model), config=copy.deepcopy(config)
+    )
+    for step in range(steps):
+        engine.backward(engine(*h.batch(step, dist.get_rank())))
+        engine.step()
+    return h.gathered_params(engine), [g.get("weight_decay") for g in engine.basic_optimizer.param_groups]
+
+
+def test_zero3_with_param_groups_of_their_own_lr_and_weight_decay_equals_zero0():
+    """Muon through the JSON type with three user param groups (own weight_decay, lr, adamw_lr): ZeRO-3
+    and ZeRO-0 within 2λ·e of the one-process fp32/fp64 oracle of the same groups, and the groups' own
+    values reach the optimizer."""
+    three, wd = run_ranks(_train_groups, 2, zero3("TeonspeedMuon"), timeout=120)[0]
+    zero, _ = run_ranks(_train_groups, 2, h.ds_config("TeonspeedMuon", stage=0), timeout=120)[0]
+    oracle32, oracle64 = (
+        _plain_frozen_tied(dtype, optimizer="TeonspeedMuon", groups=param_groups)
+        for dtype in (torch.float32, torch.float64)
+    )
+    bound = tol.oracle_bound(oracle32, oracle64, False)
+    assert tol.distance(three, zero) <= bound, (tol.distance(three, zero), bound)
+    assert tol.distance(zero, oracle32) <= tol.oracle_bound(oracle32, oracle64, False)
+    assert 0.1 in wd
