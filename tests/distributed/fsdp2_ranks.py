@@ -168,6 +168,8 @@ def run(rank, world_size, port, out_dir, scenario):
             weights = full_weights(model)
             if rank == 0:
                 torch.save(weights, os.path.join(out_dir, f"{key}.pt"))
+            if scenario != "fsdp2" and kind == "TEON":
+                report[f"nan-{layout}"] = nan_on_one_rank(layout, mesh, rank, 3)
             if scenario == "fsdp2" and kind == "TEON":
                 report["checkpoints"] = checkpoints(mesh, out_dir, rank)
                 report["refusals"] = refusals(mesh)
@@ -378,8 +380,6 @@ def user_step(model, opt, step, name, sharded=True):
 def user_cases(mesh, out_dir, rank):
     """Each case's weights after STEPS (rank 0 writes them; the parent compares with one process) and
     what else the case checks; on 2 ranks."""
-    import warnings
-
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from support import tolerance as tol
 
@@ -398,12 +398,25 @@ def user_cases(mesh, out_dir, rank):
         weights = full_weights(model)
         if rank == 0:
             torch.save(weights, os.path.join(out_dir, f"user-{name}.pt"))
-    # a non-finite gradient in one rank's chunk only: every rank skips (no rank waits in the exchange)
-    model = sharded_model("fsdp2", mesh)
+    out["nan"] = nan_on_one_rank("fsdp2", mesh, rank, 1)
+    out["htmuon"] = htmuon_round_trips(mesh, out_dir)
+    return out
+
+
+def nan_on_one_rank(layout, mesh, rank, bad):
+    """A non-finite gradient in rank `bad`'s local chunk only (gate_proj: sharded by FSDP, and by TP in
+    fsdp2_tp): every rank skips, weights and state unchanged; the next step runs on every rank."""
+    import warnings
+
+    model = sharded_model(layout, mesh)
     opt = make_optimizer("TEON", model)
-    user_step(model, opt, 1, "fp32")
+    model(*batch(1)).backward()
+    set_reference_grads(model, 1, layout)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
     model(*batch(2)).backward()
-    if rank == 1:
+    set_reference_grads(model, 2, layout)
+    if rank == bad:
         model.layers[0].mlp.gate_proj.weight.grad.to_local()[0, 0] = float("nan")
     before = {n: p.to_local().clone() for n, p in model.named_parameters()}
     state = {
@@ -419,12 +432,12 @@ def user_cases(mesh, out_dir, rank):
         for n, p in model.named_parameters()
         for k, v in opt.state[p].items()
     )
-    out["nan"] = {"warned": [str(w.message) for w in caught], "unchanged": same and same_state}
     opt.zero_grad(set_to_none=True)
-    user_step(model, opt, 2, "fp32")  # the next step runs on every rank (no rank left behind)
-    out["nan"]["next_step"] = "ran"
-    out["htmuon"] = htmuon_round_trips(mesh, out_dir)
-    return out
+    model(*batch(3)).backward()
+    opt.step()  # the next step runs on every rank (no rank left in the exchange)
+    moved = not all(torch.equal(before[n], p.to_local()) for n, p in model.named_parameters())
+    warned = [str(w.message) for w in caught]
+    return {"warned": warned, "unchanged": same and same_state, "next_step": "ran" if moved else "no"}
 
 
 def local(t):

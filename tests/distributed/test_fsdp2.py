@@ -239,3 +239,10 @@ def test_hsdp_and_fsdp2_x_tp_on_4_ranks_equal_one_process(tmp_path):
         assert sum(r[key]["flops"][0] for r in reports) == reports[0][key]["flops"][1] > 0
         if layout == "hsdp":
             assert all(r[key]["flops"][0] > 0 for r in reports)  # owners on both replicas
+    # a NaN in rank 3's chunk only: every rank skips (weights and state unchanged), the next step runs
+    for layout in ("hsdp", "fsdp2_tp"):
+        for rank, report in enumerate(reports):
+            nan = report[f"nan-{layout}"]
+            assert nan["unchanged"] and nan["next_step"] == "ran", (layout, rank)
+            where = "layers.0.mlp.gate_proj.weight" if rank == 3 else "another rank's parameters"
+            assert any(f"non-finite gradient in {where}; step skipped" in w for w in nan["warned"])
