@@ -312,3 +312,40 @@ def test_zero3_with_param_groups_of_their_own_lr_and_weight_decay_equals_zero0()
     assert tol.distance(three, zero) <= bound, (tol.distance(three, zero), bound)
     assert tol.distance(zero, oracle32) <= tol.oracle_bound(oracle32, oracle64, False)
     assert 0.1 in wd
+
+
+class BranchNotTaken(torch.nn.Module):
+    """TinyLM whose 2nd forward leaves layers.1's MLP out (a branch not taken: its two matrices get no
+    gradient that step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.calls = h.TinyLM(), 0
+
+    def forward(self, tokens, labels):
+        self.calls += 1
+        down = self.inner.layers[1].mlp.down_proj
+        if self.calls != 2:
+            return self.inner(tokens, labels)
+        down.forward = lambda x: x.new_zeros(x.shape[:-1] + (down.out_features,))
+        try:
+            return self.inner(tokens, labels)
+        finally:
+            del down.forward
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DeepSpeed ZeRO-3 itself: on a step where a parameter gets no gradient, ZeRO-0/2 step it with "
+    "a zero gradient (bit-equal to one process filling zeros) and ZeRO-3 matches neither that nor skipping "
+    "it (DeepSpeed's own AdamW differs the same way: 2.1e-3 on those matrices, ~4e-5 elsewhere after 3 "
+    "steps); teonspeed sees only ZeRO-3's flat partitions and cannot tell",
+)
+def test_zero3_with_a_branch_not_taken_equals_zero0():
+    """Known divergence, kept failing on purpose (strict xfail): ZeRO-0 equals one process that fills the
+    missing gradients with zeros (DeepSpeed's all-reduce does), ZeRO-3 does not."""
+    three = run(zero3("TeonspeedMuon"), model_fn=BranchNotTaken, steps=3)
+    zero = run(h.ds_config("TeonspeedMuon", stage=0), model_fn=BranchNotTaken, steps=3)
+    for n in ("inner.layers.1.mlp.gate_proj.weight", "inner.layers.1.mlp.down_proj.weight"):
+        # tol.oracle_bound of the same training without the branch is ~1e-5 (test_zero3_equals_zero0)
+        assert float((three[1][n] - zero[1][n]).abs().max()) < 1e-4, n
