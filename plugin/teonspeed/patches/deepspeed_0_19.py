@@ -14,6 +14,13 @@
    universal checkpoints)
    raises one line on every rank, and the process group is torn down at exit so that the failing ranks
    exit cleanly; `"type": "Muon"` logs one warning line (rank 0) naming "TeonspeedMuon".
+5. ZeRO-3's gradient partitions are zeroed after each step (with our optimizer). DeepSpeed fills
+   `grad_partitions_flat_buffer` with zeros once, at init, and afterwards only writes the partitions of
+   parameters whose backward hook fired (`partition_grads`: copy on a window's first micro-step, add
+   after). A parameter with no gradient in a step (a branch not taken) keeps the partition of the last
+   step that had one, and `independent_gradient_partition_epilogue` hands that stale gradient to the
+   optimizer, where ZeRO-0/1/2 step it with a zero gradient. Zeroing after the step (also after a step
+   skipped for overflow) makes a missing gradient zero, as at the other stages.
 """
 
 from __future__ import annotations
@@ -92,6 +99,7 @@ def apply() -> None:
     after_init(DeepSpeedZeroOptimizer, integration.attach_zero_stage_1_2)
     after_init(BF16_Optimizer, integration.attach_bf16_optimizer)
     after_init(DeepSpeedZeroOptimizer_Stage3, integration.attach_zero_stage_3)
+    _zero_stage3_grad_partitions_after_step(DeepSpeedZeroOptimizer_Stage3, OrthoOptimizer)
 
     # FP16_UnfusedOptimizer builds optimizer state with a zero-gradient step() inside __init__. For us that
     # would be a real step (decoupled weight decay, a step count): tell the optimizer about its fp32 masters
@@ -125,6 +133,23 @@ def apply() -> None:
 
     Engine._do_sanity_check = _do_sanity_check
     _APPLIED = True
+
+
+def _zero_stage3_grad_partitions_after_step(Stage3, OrthoOptimizer) -> None:
+    """Change 5 above. After step() the partitions have been consumed: `_prepare_fp32_grad_for_sub_group`
+    flattens them into a copy (the fp32 `.grad`), and the next window's first micro-step overwrites them.
+    Not with ZeRO-Offload, where DeepSpeed moves only the parameters used in the window (teonspeed refuses
+    offload at stage 3 anyway). Not after a step that raised: its state stays as it was."""
+    original_step = Stage3.step
+
+    @functools.wraps(original_step)
+    def step(self, *args, **kwargs):
+        result = original_step(self, *args, **kwargs)
+        if isinstance(self.optimizer, OrthoOptimizer) and not self.offload_optimizer:
+            self.grad_partitions_flat_buffer.zero_()
+        return result
+
+    Stage3.step = step
 
 
 def _tear_down_at_exit() -> None:
