@@ -1,15 +1,19 @@
 """Fork-based multi-process runner for CPU (gloo) tests and benchmarks.
 
 Forking ranks from a parent that has already imported torch/DeepSpeed/Megatron costs ~0.1 s per run
-instead of ~5-20 s per spawned process. The parent must be single-threaded (torch.set_num_threads(1)
-before any tensor op): a child forked after OpenMP threads were started can hang forever.
+instead of ~5-20 s per spawned process. The parent must be single-threaded: a child gets a copy of every
+lock, queue and event loop of the parent but none of its threads, so a child forked after OpenMP threads
+or a live gloo process group (its tcp loop, run loops and TCPStore server threads) can hang forever.
+run_ranks refuses such a parent in one line naming the threads; `destroy_parallel_state()` tears down
+what a test initialised in the parent (Megatron's parallel state, every process group).
 
     results = run_ranks(fn, world_size=4, timeout=60)   # fn(rank, world_size) -> picklable
 
-Each child gets a fresh loopback port, RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* in its environment and an
-initialised gloo default group; whatever happens, Megatron's parallel state and every process group are
-destroyed before it exits. A child's exception is re-raised in the parent with its traceback; a run
-that outlives `timeout` is killed and reported.
+Rank 0 serves the TCPStore on a port the kernel picks (port 0) and passes it to the other ranks through
+a pipe, so no other process can take the port between choosing and binding it. Each child gets
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* in its environment and an initialised gloo default group; whatever
+happens, Megatron's parallel state and every process group are destroyed before it exits. A child's
+exception is re-raised in the parent with its traceback; a run that outlives `timeout` is killed and reported.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -39,6 +44,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def other_threads() -> List[str]:
+    """Names of this process's native threads other than the calling one (Linux: /proc/self/task;
+    elsewhere an empty list)."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for tid in tids:
+        if int(tid) == threading.get_native_id():
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
+
+
+def destroy_parallel_state() -> None:
+    """Undo what a test initialised in this process: Megatron's parallel state and every process group,
+    so that their gloo/TCPStore threads end. Megatron-core 0.16's destroy_model_parallel forgets some
+    groups (_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP and its gloo twin); a group still referenced
+    keeps its threads alive after dist.destroy_process_group(), so every group the module holds is
+    dropped here."""
+    import torch.distributed as dist
+
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None:
+        try:
+            ps.destroy_model_parallel()
+        except Exception:  # noqa: BLE001 - tearing down whatever was initialised
+            pass
+        for name, value in list(vars(ps).items()):
+            if isinstance(value, dist.ProcessGroup):
+                setattr(ps, name, None)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -54,22 +99,59 @@ def run_ranks(
             "run_ranks: call torch.set_num_threads(1) in the parent before any tensor op; "
             "forking a process that has started OpenMP threads can deadlock the children"
         )
-    port = free_port()
+    threads = other_threads()
+    if threads:
+        counts = ", ".join(f"{n} x{threads.count(n)}" for n in sorted(set(threads)))
+        raise RuntimeError(
+            f"run_ranks: the parent has {len(threads)} other threads running ({counts}); a forked child "
+            "inherits their locks and loops without them and can hang: destroy what started them in the "
+            "parent first (support.harness.destroy_parallel_state() for process groups and Megatron)"
+        )
+    port_read, port_write = os.pipe()  # rank 0 -> the other ranks: the TCPStore's port
     children = []
     for rank in range(world_size):
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
             os.close(read_fd)
-            _child(rank, world_size, port, backend, env or {}, write_fd, fn, args, kwargs, timeout)
+            ports = (port_read, port_write)
+            _child(rank, world_size, ports, backend, env or {}, write_fd, fn, args, kwargs, timeout)
         os.close(write_fd)
         children.append((rank, pid, read_fd))
+    os.close(port_read)
+    os.close(port_write)
     return _collect(children, timeout)
 
 
-def _child(rank, world_size, port, backend, env, write_fd, fn, args, kwargs, timeout) -> None:
+def _store(rank, world_size, ports, timeout):
+    """Rank 0 serves the TCPStore on a port the kernel picks and writes it once per other rank into the
+    pipe (2-byte writes are atomic, so each reader gets one whole port); the others connect to it."""
+    import torch.distributed as dist
+
+    port_read, port_write = ports
+    wait = timedelta(seconds=timeout)
+    if rank == 0:
+        os.close(port_read)
+        store = dist.TCPStore("127.0.0.1", 0, world_size, True, wait, wait_for_workers=False)
+        _write_all(port_write, struct.pack("!H", store.port) * (world_size - 1))
+        os.close(port_write)
+        return store
+    os.close(port_write)
+    raw = b""
+    while len(raw) < 2:
+        chunk = os.read(port_read, 2 - len(raw))
+        if not chunk:
+            raise RuntimeError("rank 0 exited before publishing its TCPStore port")
+        raw += chunk
+    os.close(port_read)
+    return dist.TCPStore("127.0.0.1", struct.unpack("!H", raw)[0], world_size, False, wait)
+
+
+def _child(rank, world_size, ports, backend, env, write_fd, fn, args, kwargs, timeout) -> None:
     status = 1
     try:
+        store = _store(rank, world_size, ports, timeout)
+        port = store.port
         os.environ.update(
             {
                 "RANK": str(rank),
@@ -86,7 +168,7 @@ def _child(rank, world_size, port, backend, env, write_fd, fn, args, kwargs, tim
 
         dist.init_process_group(
             backend,
-            init_method=f"tcp://127.0.0.1:{port}",
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout),
@@ -99,7 +181,7 @@ def _child(rank, world_size, port, backend, env, write_fd, fn, args, kwargs, tim
         data = pickle.dumps(payload)
         _write_all(write_fd, struct.pack("!Q", len(data)) + data)
         os.close(write_fd)
-        _teardown()
+        destroy_parallel_state()
         status = 0
     except BaseException:  # noqa: BLE001 - e.g. init_process_group failed: report it if the pipe is open
         try:
@@ -111,18 +193,6 @@ def _child(rank, world_size, port, backend, env, write_fd, fn, args, kwargs, tim
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
-
-
-def _teardown() -> None:
-    import torch.distributed as dist
-
-    if "megatron.core.parallel_state" in sys.modules:
-        try:
-            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
-        except Exception:  # noqa: BLE001
-            pass
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _write_all(fd: int, data: bytes) -> None:

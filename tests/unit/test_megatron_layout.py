@@ -21,13 +21,13 @@ def assert_same_product(got, x, w):
 def parallel_state():
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from support.harness import free_port
+    from support.harness import destroy_parallel_state, free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     ps.initialize_model_parallel(1, 1)
     yield ps
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    # every group and its gloo threads: forked test ranks later in this process would hang on them
+    destroy_parallel_state()
 
 
 def test_qkv_split_matches_megatrons_query_key_value(parallel_state):
