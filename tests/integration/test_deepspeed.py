@@ -3,7 +3,6 @@ optimizer exactly as a plain loop would, DeepSpeed's own Muon is an external ora
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import ds_helpers as h
 import teonspeed
 from support import tolerance as tol
 from support.harness import RankError, free_port, run_ranks
+from support.launcher import run_deepspeed, script_env
 
 TYPES = {"TEON": teonspeed.TEON, "TeonspeedMuon": teonspeed.Muon, "TeonspeedHTMuon": teonspeed.HTMuon}
 REPO = Path(__file__).resolve().parents[2]
@@ -348,15 +348,7 @@ def test_a_refused_engine_exits_without_the_process_group_alive():
     """A rank that exits by an uncaught refusal with its gloo group alive can abort in the group's teardown
     ("terminate called without an active exception", exit -6; about one exit in twelve here). The refusal
     tears the group down at exit; the script's own atexit hook, registered first, runs last and sees it."""
-    env = dict(
-        os.environ,
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
-        ),
-    )
+    env = script_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     refused = h.ds_config("TEON", stage=3)
     refused["zero_optimization"]["offload_param"] = {"device": "cpu"}
     config = json.dumps(refused)
@@ -430,26 +422,8 @@ def test_deepspeed_launcher_trains_from_a_json_config(tmp_path):
     config = h.ds_config("TEON", stage=2)
     (tmp_path / "ds_config.json").write_text(json.dumps(config))
     out = tmp_path / "losses.json"
-    env = dict(
-        os.environ,
-        TORCHDYNAMO_DISABLE="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
-        ),
-    )
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus=2",
-        "--no_local_rank",
-        "--master_port",
-        str(free_port()),
-        str(Path(__file__).parent / "ds_launch_script.py"),
-        str(tmp_path / "ds_config.json"),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    script = Path(__file__).parent / "ds_launch_script.py"
+    run_deepspeed(script, str(tmp_path / "ds_config.json"), str(out), timeout=240)
     result = json.loads(out.read_text())
     assert result["optimizer"] == "DeepSpeedZeroOptimizer" and result["basic"] == "TEON"
     assert result["world_size"] == 2 and len(result["losses"]) == 4

@@ -4,9 +4,6 @@ ranks: ZeRO stages 0, 1, 2 and 3 give the same losses and weights, and the "auto
 optimizer."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,33 +12,13 @@ import torch
 import teonspeed
 from support import tolerance as tol
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def test_hf_trainer_with_auto_params_agrees_across_zero_stages(tmp_path):
     import transformers  # noqa: F401  (a dev requirement: missing, this test fails rather than skips)
-    from support.harness import free_port
+    from support.launcher import run_deepspeed
 
     out = tmp_path / "results.json"
-    env = dict(
-        os.environ,
-        TORCHDYNAMO_DISABLE="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
-        ),
-    )
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus=2",
-        "--no_local_rank",
-        "--master_port",
-        str(free_port()),
-        str(Path(__file__).parent / "hf_trainer_script.py"),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_deepspeed(Path(__file__).parent / "hf_trainer_script.py", str(out), timeout=300)
     result = json.loads(out.read_text())
     assert result["world_size"] == 2
     runs = [result["results"][str(stage)] for stage in (0, 1, 2, 3)]
