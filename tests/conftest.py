@@ -7,5 +7,5 @@ os.environ.setdefault("TEONSPEED_CPU_BF16", "0")
 import torch  # noqa: E402
 
 # Forked test ranks hang if the parent has started OpenMP threads (or left a process group alive): stay
-# single-threaded. support.harness.run_ranks refuses a parent with other threads running.
+# single-threaded. support.harness.run_ranks refuses a parent with a process group's threads running.
 torch.set_num_threads(1)

@@ -84,7 +84,9 @@ def test_a_parent_with_a_live_process_group_is_refused_in_one_line():
     from it inherit their state without them and used to hang until the timeout."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        with pytest.raises(RuntimeError, match="other threads running .*gloo.*destroy_parallel_state"):
+        with pytest.raises(
+            RuntimeError, match="torch.distributed threads running .*gloo.*destroy_parallel_state"
+        ):
             run_ranks(_all_reduce, 2, timeout=20)
     finally:
         destroy_parallel_state()

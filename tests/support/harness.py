@@ -4,8 +4,8 @@ Forking ranks from a parent that has already imported torch/DeepSpeed/Megatron c
 instead of ~5-20 s per spawned process. The parent must be single-threaded: a child gets a copy of every
 lock, queue and event loop of the parent but none of its threads, so a child forked after OpenMP threads
 or a live gloo process group (its tcp loop, run loops and TCPStore server threads) can hang forever.
-run_ranks refuses such a parent in one line naming the threads; `destroy_parallel_state()` tears down
-what a test initialised in the parent (Megatron's parallel state, every process group).
+run_ranks refuses both in one line; `destroy_parallel_state()` tears down what a test initialised in the
+parent (Megatron's parallel state, every process group).
 
     results = run_ranks(fn, world_size=4, timeout=60)   # fn(rank, world_size) -> picklable
 
@@ -25,7 +25,6 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
 import traceback
 from datetime import timedelta
@@ -44,22 +43,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def other_threads() -> List[str]:
-    """Names of this process's native threads other than the calling one (Linux: /proc/self/task;
-    elsewhere an empty list)."""
+# Threads of torch.distributed (gloo's tcp loop and run loops, the TCPStore server, ...): alive at a fork,
+# they leave the child a copy of their loops and locks that nothing serves. Other libraries' pools (the
+# tokenizers library's, which disables itself in a forked child) are not refused.
+DISTRIBUTED_THREAD_PREFIXES = ("gloo", "pt_")
+
+
+def distributed_threads() -> List[str]:
+    """Names of this process's live torch.distributed threads (Linux: /proc/self/task; elsewhere none)."""
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return []
     names = []
     for tid in tids:
-        if int(tid) == threading.get_native_id():
-            continue
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
-                names.append(f.read().strip())
+                name = f.read().strip()
         except OSError:  # the thread ended meanwhile
-            pass
+            continue
+        if name.startswith(DISTRIBUTED_THREAD_PREFIXES):
+            names.append(name)
     return names
 
 
@@ -99,13 +103,13 @@ def run_ranks(
             "run_ranks: call torch.set_num_threads(1) in the parent before any tensor op; "
             "forking a process that has started OpenMP threads can deadlock the children"
         )
-    threads = other_threads()
+    threads = distributed_threads()
     if threads:
         counts = ", ".join(f"{n} x{threads.count(n)}" for n in sorted(set(threads)))
         raise RuntimeError(
-            f"run_ranks: the parent has {len(threads)} other threads running ({counts}); a forked child "
-            "inherits their locks and loops without them and can hang: destroy what started them in the "
-            "parent first (support.harness.destroy_parallel_state() for process groups and Megatron)"
+            f"run_ranks: the parent has {len(threads)} torch.distributed threads running ({counts}), "
+            "a process group still alive; forked children inherit its loops without the threads and hang: "
+            "call support.harness.destroy_parallel_state() in the parent first"
         )
     port_read, port_write = os.pipe()  # rank 0 -> the other ranks: the TCPStore's port
     children = []
