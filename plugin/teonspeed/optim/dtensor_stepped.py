@@ -133,9 +133,7 @@ def attach_dtensor_layout(opt) -> None:
     # The exchange moves the stepped directions (the momentum, kept in the parameters' dtype: 2 bytes for
     # pure-bf16 sharded parameters, 4 under MixedPrecisionPolicy's fp32 shards) in the first one's dtype
     itemsize = opt._params_by_name[ortho[0]].element_size()
-    opt.attach_layouts(
-        {"fsdp2": pieces}, opt._tensors, device=device, adamw_bytes=moved, itemsize=itemsize
-    )
+    opt.attach_layouts({"fsdp2": pieces}, opt._tensors, device=device, adamw_bytes=moved, itemsize=itemsize)
 
 
 def _check_one_dtype(opt, ortho: List[str]) -> None:
