@@ -68,8 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--zero-stage",
         type=int,
         default=None,
-        choices=[0, 1, 2],
-        help=f"DeepSpeed ZeRO stage, --pp 1 and --ep 1 only ({layout_or} launch.pretrain's)",
+        choices=[0, 1, 2, 3],
+        help=f"DeepSpeed ZeRO stage, the DeepSpeed backend only: --pp 1 and --ep 1 ({layout_or} "
+        "launch.pretrain's)",
     )
     cli.refuse_old_spelling(p, "--zero", "--zero-stage")
     p.add_argument(

@@ -12,7 +12,7 @@ from launch.configs import LAYOUTS_DIR, REPO, ConfigError, read_yaml, resolve_co
 from launch.estimator.activations import Training
 from launch.estimator.params import ModelSpec, Parallel
 from launch.estimator.peak import GIB, estimate
-from launch.options import check
+from launch.options import check, zero_stage
 
 
 LAYOUT_HEADER = """\
@@ -95,7 +95,7 @@ def setup_from_launch(
         seq_length=args.seq,
         num_microbatches=args.grad_accum,
         optimizer=args.optimizer,
-        zero_stage=args.zero_stage if deepspeed else int(args.distributed_optimizer),
+        zero_stage=zero_stage(args) if deepspeed else int(args.distributed_optimizer),
         recompute=granularity or "none",
         flash_attention=False,
         teon_k=args.teon_k,

@@ -18,6 +18,7 @@ from launch.estimator.params import (
     params_per_rank,
 )
 from launch.estimator.workspace import ortho_workspace_bytes
+from launch.estimator.zero3 import zero3_param_bytes
 
 GIB = 1024**3
 
@@ -93,10 +94,15 @@ def estimate(spec: ModelSpec, par: Parallel = Parallel(), train: Training = Trai
         b["logits"] = act["logits"]
         workspace = ortho_workspace_bytes(spec, par, train, stage)
         b["ortho_step_workspace"] = workspace
+        if z >= 3:  # the rows ZeRO-3 adds (absent below it, so the other stages' tables are unchanged)
+            b.update(zero3_param_bytes(spec, par, train, stage))
         b["overhead"] = train.overhead_gib * GIB
         static = b["weights"] + b["gradients"] + b["master_weights"] + b["optimizer_states"] + b["overhead"]
-        # The optimizer step runs after backward has freed the activations: the peak is the larger one.
-        b["total"] = static + max(b["activations"] + b["logits"], workspace)
+        static += b.get("persistent_params", 0.0)
+        # The optimizer step runs after backward has freed the activations (and ZeRO-3 has released the
+        # parameters it gathered for them): the peak is the larger one.
+        forward_backward = b["activations"] + b["logits"] + b.get("gathered_params", 0.0)
+        b["total"] = static + max(forward_backward, workspace)
         if best is None or b["total"] > best.bytes["total"]:
             best = Estimate(
                 model=spec.name,

@@ -1,5 +1,10 @@
 """Transient memory of the Muon / TEON / HTMuon step: the full (stacked) matrices each rank owns and the
-Newton-Schulz buffers of its largest shape batch, in fp32."""
+Newton-Schulz buffers of its largest shape batch, in fp32.
+
+ZeRO-3 (integrations/deepspeed_zero3.py) steps the same way, one DeepSpeed sub-group at a time: each owner
+assembles the whole matrices / TEON stacks of the sub-group it owns from the ranks' pieces. Counted here
+for the whole stage at once, which is exact while the stage's parameters fit one sub-group (DeepSpeed
+0.19.8's sub_group_size default: 1e9 elements) and an upper bound beyond it."""
 
 from __future__ import annotations
 
