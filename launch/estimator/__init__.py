@@ -14,7 +14,8 @@ What is counted, per GPU, for the pipeline stage that needs the most (the answer
   biases, router: teonspeed's routing);
 - ZeRO over data parallelism: stage 1 (= Megatron's distributed optimizer) shards master weights and
   optimizer states, stage 2 also gradients, stage 3 also weights; expert parameters over the expert-DP
-  group (TP x DP / (ETP x EP));
+  group (TP x DP / (ETP x EP)); ZeRO-3 adds the tensors DeepSpeed keeps whole and the working set it
+  gathers for forward/backward, at DeepSpeed 0.19.8's stage3_* defaults (zero3);
 - activations (16-bit) per layer and micro-batch, Korthikanti et al. 2022 ("Reducing Activation
   Recomputation"): s*b*h*(34 + 5*a*s/h) for a GPT-2 layer with dropout, divided by TP with sequence
   parallelism (sbh*(10 + 24/t + 5as/(ht)) without it); the terms are derived for the actual widths
@@ -29,7 +30,8 @@ What is counted, per GPU, for the pipeline stage that needs the most (the answer
 Not counted: allocator fragmentation, communication buffers, interleaved-schedule extras, KV caches.
 
 Modules: params (the tensors and their splits), activations (and the `Training` setup), workspace (the
-orthogonalizing step), peak (the estimate), layouts (launcher command lines and the layout configs).
+orthogonalizing step), zero3 (ZeRO-3's unsharded parameters), peak (the estimate), layouts (launcher
+command lines and the layout configs).
 """
 
 from launch.estimator.activations import Training, activation_bytes, layer_activation_bytes

@@ -314,3 +314,75 @@ def test_layout_estimates_are_generated_and_current():
         assert (
             block["total_gib_per_gpu_by_optimizer"]["teon"] < block["total_gib_per_gpu_by_optimizer"]["adamw"]
         )
+
+
+def test_zero3_shards_weights_and_adds_the_gathered_working_set():
+    """ZeRO-3 (DeepSpeed backend) = ZeRO-2 with the weights sharded over DP, plus what DeepSpeed keeps
+    unsharded: the small (persistent) tensors whole, and during forward/backward the largest tensor gathered
+    whole plus one prefetch bucket, capped by max_live_parameters (DeepSpeed 0.19.8's defaults)."""
+    from launch.estimator import zero3
+
+    dp = 8
+    spec = mem.ModelSpec.from_config(configs.load_model_config("llama_350m"))
+    z2, z3 = (est(par=mem.Parallel(dp=dp), optimizer="teon", zero_stage=z) for z in (2, 3))
+    wb = mem.Training().weight_bytes
+    assert z3.bytes["weights"] == pytest.approx(z2.bytes["weights"] / dp, rel=1e-12)
+    for key in ("gradients", "master_weights", "optimizer_states", "activations", "logits"):
+        assert z3.bytes[key] == z2.bytes[key], key
+    # teonspeed's ZeRO-3 step assembles the same owned matrices as ZeRO-1/2's (one sub-group: 368 M < 1e9)
+    assert z3.bytes["ortho_step_workspace"] == z2.bytes["ortho_step_workspace"] > 0
+    assert "gathered_params" not in z2.bytes and "persistent_params" not in z2.bytes
+    # llama_350m, untied: the largest tensor is the (padded) embedding or output layer, vocab x h; the rest
+    # of the model is far more than one prefetch bucket; the only tensors under the persistence
+    # threshold are the norms (h each: two per layer and the final one).
+    h, layers = spec.hidden_size, spec.num_layers
+    largest = spec.padded_vocab(1) * h
+    assert largest > zero3.PARAM_PERSISTENCE_THRESHOLD >= h
+    assert z3.bytes["gathered_params"] == (largest + zero3.PREFETCH_BUCKET_SIZE) * wb
+    assert 0 < z3.bytes["gathered_params"] <= zero3.MAX_LIVE_PARAMETERS * wb
+    assert z3.bytes["persistent_params"] == (2 * layers + 1) * h * wb
+    # forward/backward (activations dominate the step here) holds the gathered set; the persistent copy
+    # is held throughout
+    assert z3.bytes["activations"] + z3.bytes["logits"] > z3.bytes["ortho_step_workspace"]
+    assert z3.total_bytes - z2.total_bytes == pytest.approx(
+        z3.bytes["weights"]
+        - z2.bytes["weights"]
+        + z3.bytes["persistent_params"]
+        + z3.bytes["gathered_params"],
+        rel=1e-12,
+    )
+
+
+def test_zero3_gathered_set_is_capped_by_max_live_parameters(monkeypatch):
+    from launch.estimator import zero3
+
+    cap = 1_000_000  # below the largest tensor: DeepSpeed releases down to max_live_parameters
+    monkeypatch.setattr(zero3, "MAX_LIVE_PARAMETERS", cap)
+    z3 = est(par=mem.Parallel(dp=4), zero_stage=3)
+    assert z3.bytes["gathered_params"] == cap * mem.Training().weight_bytes
+
+
+def test_memory_cli_takes_zero3_with_the_deepspeed_backend_only(capsys):
+    from launch import memory
+    from launch.configs import ConfigError
+
+    assert memory.main(["llama_350m", "--dp", "4", "--zero-stage", "3", "--optimizer", "teon"]) == 0
+    assert "ZeRO-3" in capsys.readouterr().out
+    # --pp > 1 is the Megatron backend: no ZeRO stages (the launcher's validator refuses it)
+    with pytest.raises(ConfigError, match=r"--zero-stage 3 is DeepSpeed's"):
+        memory.main(["llama_350m", "--dp", "4", "--pp", "2", "--zero-stage", "3"])
+    # teonspeed's ZeRO-3 refusals are the launcher's (launch/options.py check_zero3)
+    with pytest.raises(ConfigError, match=r"--zero-stage 3 with --tp 2"):
+        memory.main(["llama_350m", "--dp", "2", "--tp", "2", "--zero-stage", "3", "--optimizer", "teon"])
+
+
+def test_zero_stage_from_the_ds_config_as_the_launcher_reads_it(tmp_path):
+    """No --zero-stage: the stage is the --ds-config block's (launch/options.py zero_stage), as the engine
+    would run it."""
+    import json
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    argv = mem.launch_argv("llama_350m", dp=4, optimizer="teon", ds_config=str(ds))
+    _, _, train = mem.setup_from_launch(argv, 4, 1.0)
+    assert train.zero_stage == 3
