@@ -104,4 +104,4 @@ def test_memory_help_is_one_screen_of_flags_with_their_defaults():
         text=True,
         timeout=60,
     ).stdout
-    assert "--zero-stage {0,1,2}" in out and "--zero " not in out and "(default: 1.0)" in out
+    assert "--zero-stage {0,1,2,3}" in out and "--zero " not in out and "(default: 1.0)" in out
