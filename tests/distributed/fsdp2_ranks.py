@@ -32,7 +32,7 @@ TP_PLAN = {
 
 # gate_proj's rows: FSDP2 and HSDP cut 25 into chunks of 13 and 12; TP cuts 22 into 11s, FSDP those into 6
 # and 5 (uneven chunks through the whole step, not only in the layout's unit test)
-FFN = {"fsdp2": 25, "hsdp": 25, "fsdp2_tp": 22}
+FFN = {"fsdp2": 25, "hsdp": 25, "fsdp2_tp": 22, "fsdp2_tp_mp": 22}  # _mp: FSDP2 x TP, MixedPrecisionPolicy
 
 
 def tiny(layout):
@@ -64,10 +64,10 @@ def make_optimizer(kind, params):
 
 
 def sharded_model(layout, mesh):
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = tiny(layout)
-    if layout == "fsdp2_tp":
+    if layout.startswith("fsdp2_tp"):
         from torch.distributed.tensor.parallel import (
             ColwiseParallel,
             RowwiseParallel,
@@ -79,7 +79,8 @@ def sharded_model(layout, mesh):
         parallelize_module(model, mesh["tp"], plan)
         mesh = mesh["dp"]
     # TinyLlama's forward calls its blocks' parts, not the blocks: one FSDP unit at the root
-    fully_shard(model, mesh=mesh)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard(model, mesh=mesh, **({"mp_policy": policy} if layout.endswith("_mp") else {}))
     return model
 
 
@@ -148,13 +149,20 @@ def run(rank, world_size, port, out_dir, scenario):
         else:
             cases = [("hsdp", "TEON", "model"), ("fsdp2_tp", "TEON", "model")]
             cases.append(("fsdp2_tp", "Muon", "named_parameters"))
+            cases.append(("fsdp2_tp_mp", "TEON", "model"))
         for layout, kind, entry in cases:
             if layout != "fsdp2":
                 names = ("replicate", "shard") if layout == "hsdp" else ("dp", "tp")
                 mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
             model = sharded_model(layout, mesh)
             opt = make_optimizer(kind, entry_params(model, entry))
-            bound, stats = train(model, opt, STEPS, layout)
+            if layout == "hsdp":  # a DCP save after step 1: the parent loads it in one process
+                bound, stats = train(model, opt, 1, layout)
+                dcp_save(model, opt, os.path.join(out_dir, "dcp-hsdp"))
+                more = train(model, opt, STEPS - 1, layout, first=2)
+                bound, stats = bound + more[0], stats + more[1]
+            else:
+                bound, stats = train(model, opt, STEPS, layout)
             key = f"{layout}-{kind}-{entry}"
             report[key] = {"bound": bound, "stats": stats, "runner": type(opt.runner).__name__}
             report[key]["plan"] = str(opt.plan)
@@ -168,7 +176,7 @@ def run(rank, world_size, port, out_dir, scenario):
             weights = full_weights(model)
             if rank == 0:
                 torch.save(weights, os.path.join(out_dir, f"{key}.pt"))
-            if scenario != "fsdp2" and kind == "TEON":
+            if layout in ("hsdp", "fsdp2_tp") and kind == "TEON":
                 report[f"nan-{layout}"] = nan_on_one_rank(layout, mesh, rank, 3)
             if scenario == "fsdp2" and kind == "TEON":
                 report["checkpoints"] = checkpoints(mesh, out_dir, rank)
@@ -186,6 +194,16 @@ def run(rank, world_size, port, out_dir, scenario):
     os._exit(0)
 
 
+def dcp_save(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=path,
+    )
+
+
 def checkpoints(mesh, out_dir, rank):
     """torch.distributed.checkpoint, as users save and load: (a) step 1, save, step 2, against a fresh
     model and optimizer loading that save and taking step 2 (the same 2 ranks: exact); (b) a save made by
@@ -199,12 +217,6 @@ def checkpoints(mesh, out_dir, rank):
         set_optimizer_state_dict,
     )
 
-    def save(model, opt, path):
-        dcp.save(
-            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-            checkpoint_id=path,
-        )
-
     def load(path):
         model = sharded_model("fsdp2", mesh)
         opt = make_optimizer("TEON", model)
@@ -217,7 +229,7 @@ def checkpoints(mesh, out_dir, rank):
     model = sharded_model("fsdp2", mesh)
     opt = make_optimizer("TEON", model)
     budget = train(model, opt, 1, "fsdp2")[0]
-    save(model, opt, os.path.join(out_dir, "dcp-2ranks"))
+    dcp_save(model, opt, os.path.join(out_dir, "dcp-2ranks"))
     budget += train(model, opt, 1, "fsdp2", first=2)[0]
     straight = full_weights(model)
     resumed_model, resumed_opt = load(os.path.join(out_dir, "dcp-2ranks"))
@@ -297,9 +309,14 @@ def variant(name):
     if name == "frozen_tied":  # a frozen matrix and tied embeddings, as HF's tie_word_embeddings
         model.layers[0].mlp.gate_proj.weight.requires_grad_(False)
         model.lm_head.weight = model.embed_tokens.weight
-    if name == "bf16":
+    if name.startswith("bf16"):
         model = model.to(torch.bfloat16)
     return model
+
+
+def kind_of(name):
+    """The optimizer of a user case: "bf16_Muon" and its fp32 twin "fp32_Muon" step Muon; others TEON."""
+    return name.split("_")[1] if name.startswith(("bf16_", "fp32_")) else "TEON"
 
 
 def variant_params(name, model):
@@ -384,11 +401,11 @@ def user_cases(mesh, out_dir, rank):
     from support import tolerance as tol
 
     out = {}
-    for name in ("mp", "clip", "frozen_tied", "bf16", "accum"):
+    for name in ("mp", "clip", "frozen_tied", "bf16", "bf16_Muon", "bf16_HTMuon", "accum"):
         model = variant(name)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         fully_shard(model, mesh=mesh, **({"mp_policy": policy} if name == "mp" else {}))
-        opt = make_optimizer("TEON", variant_params(name, model))
+        opt = make_optimizer(kind_of(name), variant_params(name, model))
         budget = tol.RoundingBudget(opt)
         stats, grad_diff = [], 0.0
         for step in range(1, STEPS + 1):

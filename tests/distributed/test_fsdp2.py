@@ -158,7 +158,7 @@ def test_fsdp2_on_2_ranks_equals_one_process_and_its_checkpoints_reshard(fsdp2_r
 def user_oracle(name):
     """One process stepping `fsdp2_ranks.variant(name)` with the same gradients: weights, matrices."""
     model = fr.variant(name)
-    opt = fr.make_optimizer("TEON", fr.variant_params(name, model))
+    opt = fr.make_optimizer(fr.kind_of(name), fr.variant_params(name, model))
     for step in range(1, fr.STEPS + 1):
         fr.user_step(model, opt, step, name, sharded=False)
     return weights(model), opt.grouping.ortho_names()
@@ -185,23 +185,27 @@ def test_fsdp2_user_cases_equal_one_process(fsdp2_run, name):
             assert (sent, received) == (want_sent, want_received) and sent > 0
 
 
-def test_fsdp2_pure_bf16_parameters_equal_one_process_in_bf16(fsdp2_run):
-    """bf16 sharded parameters (momentum and exchange in bf16): as close to one bf16 process as two bf16
-    runs of the same training are, 2λ·e₁₆ with e₁₆ the one bf16 process's distance from its fp32 twin
-    (test_deepspeed_zero3's bf16 bound); the bytes moved equal the plan's, at 2 bytes an element (the plan
-    predicted 4 before the exchange's element size was passed to it)."""
+@pytest.mark.parametrize("name", ["bf16", "bf16_Muon", "bf16_HTMuon"])
+def test_fsdp2_pure_bf16_parameters_equal_one_process_in_bf16(fsdp2_run, name):
+    """bf16 sharded parameters (momentum and exchange in bf16), TEON, Muon and HTMuon: as close to one
+    bf16 process as two bf16 runs of the same training are, 2λ·e₁₆ with e₁₆ the one bf16 process's
+    distance from its fp32 twin of the same optimizer (test_deepspeed_zero3's bf16 bound); the bytes moved
+    equal the plan's, and for TEON 2 bytes an element (the plan predicted 4 before the exchange's element
+    size was passed to it)."""
     tmp_path, reports = fsdp2_run
-    bf16, ortho = user_oracle("bf16")
-    fp32, _ = user_oracle("fp32")
+    bf16, ortho = user_oracle(name)
+    fp32, _ = user_oracle(name.replace("bf16", "fp32"))
     e16 = tol.distance(bf16, fp32, ortho)
-    got = torch.load(tmp_path / "user-bf16.pt")
+    assert e16 > 0  # the bound is not vacuous: bf16 rounds away from the fp32 twin
+    got = torch.load(tmp_path / f"user-{name}.pt")
     assert all(w.dtype == torch.bfloat16 for w in got.values())
     assert tol.distance(got, bf16, ortho) <= 2 * tol.LAMBDA * e16
     for report in reports:
-        stats = report["user"]["bf16"]["stats"]
-        fp32_stats = report["user"]["mp"]["stats"]  # the same model and plan with fp32 shards
+        stats = report["user"][name]["stats"]
+        fp32_stats = report["user"]["mp"]["stats"]  # TEON's model and plan with fp32 shards
         for (sent, received, want_sent, want_received), fp32_step in zip(stats, fp32_stats):
-            assert (sent, received) == (want_sent, want_received) and 2 * sent == fp32_step[0] > 0
+            assert (sent, received) == (want_sent, want_received) and sent > 0
+            assert name != "bf16" or 2 * sent == fp32_step[0]
 
 
 def test_fsdp2_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(fsdp2_run):
@@ -227,7 +231,10 @@ def test_fsdp2_htmuon_state_round_trips_resume_exactly(fsdp2_run):
 def test_hsdp_and_fsdp2_x_tp_on_4_ranks_equal_one_process(tmp_path):
     torch.set_num_threads(1)
     reports = spawn("mesh2d", 4, tmp_path)
-    for key in ("hsdp-TEON-model", "fsdp2_tp-TEON-model", "fsdp2_tp-Muon-named_parameters"):
+    keys = ("hsdp-TEON-model", "fsdp2_tp-TEON-model", "fsdp2_tp-Muon-named_parameters")
+    # fsdp2_tp_mp: FSDP2 x TP under MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards,
+    # the step on one process's fp32 gradients (as the 2-rank "mp" case), so the same fp32 bound
+    for key in (*keys, "fsdp2_tp_mp-TEON-model"):
         layout, kind, entry = key.split("-")
         want, ortho = oracle(kind, entry, layout)
         check_equal(torch.load(tmp_path / f"{key}.pt"), want, model_bound(reports, key), ortho)
@@ -239,6 +246,26 @@ def test_hsdp_and_fsdp2_x_tp_on_4_ranks_equal_one_process(tmp_path):
         assert sum(r[key]["flops"][0] for r in reports) == reports[0][key]["flops"][1] > 0
         if layout == "hsdp":
             assert all(r[key]["flops"][0] > 0 for r in reports)  # owners on both replicas
+    # HSDP 2x2 -> one process: the HSDP ranks' DCP save after step 1 (each shard's 2 replicas saved once),
+    # loaded and stepped in one process == the HSDP ranks' step 2, within their 2 steps' rounding budget
+    # (the same argument as the 2 -> 1 reshard of the 2-rank run)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model = fr.tiny("hsdp")
+    opt = fr.make_optimizer("TEON", model)
+    state = dcp_state(model, opt)
+    dcp.load(state, checkpoint_id=str(tmp_path / "dcp-hsdp"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    assert len(opt.state) == len(list(model.parameters()))  # the momentum came back, not a fresh state
+    reference("TEON", "model", 1, first=2, model=model, opt=opt)
+    check_equal(
+        weights(model),
+        torch.load(tmp_path / "hsdp-TEON-model.pt"),
+        model_bound(reports, "hsdp-TEON-model"),
+        ortho,
+    )
     # a NaN in rank 3's chunk only: every rank skips (weights and state unchanged), the next step runs
     for layout in ("hsdp", "fsdp2_tp"):
         for rank, report in enumerate(reports):

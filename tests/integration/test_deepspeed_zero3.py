@@ -59,14 +59,19 @@ def test_zero3_with_accumulation_clipping_and_several_sub_groups_equals_zero0():
 
 def test_zero3_in_bf16_is_as_close_to_the_fp64_oracle_as_zero0_in_bf16():
     """bf16 training at stage 0 measured against the fp64 oracle (e₁₆); stage 3 is within 2λ·e₁₆ of it
-    (two runs neither of which is exact), as test_deepspeed's bf16 wrappers are."""
+    (two runs neither of which is exact), as test_deepspeed's bf16 wrappers are: with every parameter
+    partitioned, and with stage3_param_persistence_threshold=300 (q/k/v/o and the norms kept whole in
+    bf16 beside partitioned FFN matrices and embeddings, the mix of a real model at DeepSpeed's default)."""
     rounding = tol.sums(torch.bfloat16, h.HIDDEN)
     zero0 = run(h.ds_config("TEON", stage=0, bf16=True), rounding=rounding)
-    three = run(zero3("TEON", bf16=True), rounding=rounding)
-    assert three[2:4] == ("DeepSpeedZeroOptimizer_Stage3", "TEON")
     _, exact = oracle("TEON")
     e16 = tol.distance(zero0[1], exact.weights)
-    assert tol.distance(three[1], zero0[1]) <= 2 * tol.LAMBDA * e16
+    assert e16 > 0
+    for persistence in (0, 300):
+        config = zero3("TEON", bf16=True, zero={"stage3_param_persistence_threshold": persistence})
+        three = run(config, rounding=rounding)
+        assert three[2:4] == ("DeepSpeedZeroOptimizer_Stage3", "TEON")
+        assert tol.distance(three[1], zero0[1]) <= 2 * tol.LAMBDA * e16, persistence
 
 
 def test_zero3_checkpoint_resumes_exactly(tmp_path):
