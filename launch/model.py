@@ -8,6 +8,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+from teonspeed.patches import cpu_shims
+
 ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
 
 
@@ -65,23 +67,14 @@ def build_model(args, vocab_size: int) -> GPTModel:
         pipeline_model_parallel_size=args.pp,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        # Full weights are built on the CPU and sliced (the same init at any TP); no fused kernels, which
-        # need Transformer Engine or apex.
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        batch_p2p_comm=False,
+        # Full weights built on the CPU and sliced (the same init at any TP); no fused kernels (no TE/apex).
+        **cpu_shims.local_transformer_options(),
     )
     if args.device == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(args.seed)
     else:
-        from teonspeed.patches import cpu_shims
-
         cpu_shims.megatron_seed(args.seed)  # model_parallel_cuda_manual_seed without CUDA
     # One spec per layer: dense, MoE (moe_layer_freq) or MLA, all with megatron-core's local modules.
     spec = get_gpt_decoder_block_spec(

@@ -25,16 +25,10 @@ MODELS = sorted(p.stem for p in configs.MODELS_DIR.glob("*.yaml"))
 # (weights are allocated, not initialised). The tiny models are built whole.
 SHRINK = {"num_layers": 2, "vocab_size": 1000}
 CPU = dict(
-    use_cpu_initialization=True,
     perform_initialization=False,
     params_dtype=torch.float32,
     pipeline_dtype=torch.float32,
-    gradient_accumulation_fusion=False,
-    masked_softmax_fusion=False,
-    bias_activation_fusion=False,
-    bias_dropout_fusion=False,
-    apply_rope_fusion=False,
-    batch_p2p_comm=False,
+    **cpu_shims.local_transformer_options(),
 )
 
 

@@ -178,6 +178,22 @@ def megatron_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
 
 
+def local_transformer_options() -> dict:
+    """TransformerConfig options for a megatron-core model built from its local modules (no Transformer
+    Engine or apex), as the tests, bench/ and launch/ build theirs, on the CPU and on CUDA: the full
+    weights are initialised on the CPU and sliced (the same numbers at any TP/PP), none of the fused kernels
+    (they need Transformer Engine or apex), and pipeline sends one at a time. A new dict each call."""
+    return dict(
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        batch_p2p_comm=False,
+    )
+
+
 class _CpuTorchProxy(types.ModuleType):
     """`torch` as seen by one Megatron module, with device="cuda" sent to the CPU and no CUDA syncs."""
 
@@ -212,4 +228,4 @@ class _CpuCuda:
         return getattr(self._real, name)
 
 
-__all__ = ["apply", "megatron_seed"]
+__all__ = ["apply", "local_transformer_options", "megatron_seed"]
