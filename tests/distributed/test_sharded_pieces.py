@@ -40,6 +40,7 @@ class Case:
     shards: int
     replicas: int = 1
     kind: str = "fsdp2"  # or "zero3"
+    relay: Optional[bool] = None  # replicated pieces: slices back via the holders the owner read (HSDP)
 
     @property
     def dp(self) -> int:
@@ -121,7 +122,9 @@ def step(rank, world_size, case):
         work_rank,
         cost=lambda g: ns_flops(g.stacked_shape, 5),
         tp_sharded=lambda m: case.matrices[m.name][1] is not None and case.tp > 1,
+        relay=case.relay,
     )
+    assert plan.relay == bool(case.relay)  # unforced: one node, where a relay round only adds latency
     runner = FlatStep(plan, d, rank, dist.group.WORLD)
     direction = case.mine(case.local(fulls(case), t), d)
     update, stats = {k: torch.zeros_like(v) for k, v in direction.items()}, CommStats()
@@ -190,6 +193,8 @@ TP_MATRICES = {
 CASES = {
     "fsdp2_uneven_dp3": Case(MATRICES_3D, tp=1, shards=3),
     "hsdp_2x2": Case(MATRICES_3D, tp=1, shards=2, replicas=2),
+    "hsdp_2x2_relay": Case(MATRICES_3D, tp=1, shards=2, replicas=2, relay=True),
+    "hsdp_3x1_relay": Case(MATRICES_3D, tp=1, shards=1, replicas=3, relay=True),  # two hops around the ring
     "fsdp2_tp2_dp2": Case(TP_MATRICES, tp=2, shards=2),
     "zero3_dp3": Case(MATRICES_3D, tp=1, shards=3, kind="zero3"),
 }

@@ -2,7 +2,8 @@
 pieces of the momentum go to its owner, which assembles every member whole (after a TP gather where the
 members are TP-sharded), transforms the groups (`runner.transform_stacks`), and sends each holder its slice
 of the update back: two rounds of batched point-to-point in the tp × dp work group, skipped when nothing
-moves. The layouts differ only in their holds (`sharded.py`): ZeRO-1/2 and Megatron's flat partitions,
+moves; with replicated pieces and `plan.relay` (HSDP), the slices go back to the holders the owner read only,
+which pass them on round by round to the other replicas of their range (a ring all-gather). The layouts differ only in their holds (`sharded.py`): ZeRO-1/2 and Megatron's flat partitions,
 ZeRO-3's even splits, FSDP2's dim-0 chunks.
 """
 
@@ -38,6 +39,7 @@ class FlatStep:
         self.moves = bool(plan.exchanged_jobs())
         # What this rank receives from each rank in the two rounds: fixed by the plan, so counted once here.
         self.piece_sizes, self.update_sizes = self._incoming_sizes(), self._incoming_update_sizes()
+        self.relays = [self._relay_moves(moves) for moves in plan.relay_rounds()]
 
     def expected_bytes(self, itemsize: int) -> Tuple[int, int]:
         """(sent, received) bytes of one step on this rank, from the plan alone."""
@@ -72,6 +74,15 @@ class FlatStep:
             self._outgoing_updates(mine, updates) if self.moves else [], self.update_sizes, like
         )
         self._write_local(out, updates, back)
+        for sends, receives in self.relays:  # relayed slices on to the other replicas (HSDP, `plan.relay`)
+            parts = [[self._held(out, h) for h in holds] for holds in sends]
+            got, s3, r3 = self._exchange(parts, [sum(h.numel for h in hs) for hs in receives], like)
+            for peer, holds in enumerate(receives):
+                at = 0
+                for h in holds:
+                    self._held(out, h).copy_(got[peer][at : at + h.numel])
+                    at += h.numel
+            s2, r2 = s2 + s3, r2 + r3
         stats.add(sent_bytes + s2, recv_bytes + r2)
         stats.flops += sum(job.flops for job in mine)
 
@@ -192,6 +203,22 @@ class FlatStep:
                     value = back[r][offsets[r] : offsets[r] + h.numel]
                     offsets[r] += h.numel
                 out[h.key].view(-1)[h.at : h.at + h.numel].copy_(value)
+
+    # -- relayed slices (replicated pieces) -------------------------------------------------------------
+    def _relay_moves(self, moves):
+        """One relay round's holds this rank sends to and receives from each rank, in the plan's order."""
+        sends: List[List[Hold]] = [[] for _ in range(self.plan.work_size)]
+        receives: List[List[Hold]] = [[] for _ in range(self.plan.work_size)]
+        for src, dst, mine, theirs in moves:
+            if src == self.me:
+                sends[dst].append(mine)
+            if dst == self.me:
+                receives[src].append(theirs)
+        return sends, receives
+
+    @staticmethod
+    def _held(tensors, h: Hold) -> torch.Tensor:
+        return tensors[h.key].view(-1)[h.at : h.at + h.numel]
 
     # -- the exchange ---------------------------------------------------------------------------------
     def _exchange(self, send: List[List[torch.Tensor]], recv_sizes: List[int], like: torch.Tensor):

@@ -102,6 +102,9 @@ class ZeroPlan:
     loads: List[float] = field(default_factory=list)  # NS FLOPs per work rank after balancing
     placed_loads: List[float] = field(default_factory=list)  # ... before: every job where it was placed first
     moved: List[ZeroJob] = field(default_factory=list)  # jobs balancing moved off the rank first chosen
+    # Replicated pieces (HSDP): the owner sends the update's slices only to the holders it read (its own
+    # replica's, mostly) and those pass them on to the other replicas of their range (`relay_rounds`)
+    relay: bool = False
 
     _memo: Dict[Tuple, object] = field(default_factory=dict, repr=False, compare=False)  # layout-only lookups
 
@@ -180,10 +183,39 @@ class ZeroPlan:
         """The work ranks holding some of the job's elements (every TP peer of its holders), ascending."""
         return sorted(self.work_rank[(t, d)] for t in range(self.tp_size) for d in job.partitions)
 
-    def targets(self, job: ZeroJob) -> List[Tuple[int, int, WorkRank]]:
-        """(tp rank, data-parallel index, work rank) of every rank that keeps a slice of the update
-        (replicas included)."""
-        return [(t, d, self.work_rank[(t, d)]) for t in range(self.tp_size) for d in job.partitions]
+    def targets(self, job: ZeroJob, owner: Optional[WorkRank] = None) -> List[Tuple[int, int, WorkRank]]:
+        """(tp rank, data-parallel index, work rank) of every rank the owner (`job.owner` unless given)
+        sends a slice of the update: every holder (replicas included), or with `relay` the ones it read."""
+        if self.relay:
+            ds = sorted({h.holder for _, hs in self.reads(job, owner) for h in hs})
+        else:
+            ds = list(job.partitions)
+        return [(t, d, self.work_rank[(t, d)]) for t in range(self.tp_size) for d in ds]
+
+    def relay_rounds(self) -> List[List[Tuple[WorkRank, WorkRank, Hold, Hold]]]:
+        """With `relay`, the rounds after the slices went back: per distinct range the holders form a ring
+        (ascending data-parallel index) and the slice travels on from the holder the owner read, one hop a
+        round, R - 1 rounds for R replicas (a ring all-gather: each round a rank passes on what it got the
+        round before). Each move: (from, to, the sender's hold, the receiver's hold); the order is the
+        plan's, so sender and receiver agree. Empty without `relay`."""
+        if ("relay",) in self._memo:
+            return self._memo[("relay",)]
+        rounds: List[List[Tuple[WorkRank, WorkRank, Hold, Hold]]] = []
+        for job in self.jobs if self.relay else []:
+            for u, read in self.reads(job):
+                for first in read:
+                    ring = sorted((h for h in u.holds if (h.lo, h.hi) == (first.lo, first.hi)),
+                                  key=lambda h: h.holder)
+                    o = ring.index(first)
+                    for k in range(len(ring) - 1):
+                        if len(rounds) <= k:
+                            rounds.append([])
+                        src, dst = ring[(o + k) % len(ring)], ring[(o + k + 1) % len(ring)]
+                        for t in range(self.tp_size):
+                            rounds[k].append((self.work_rank[(t, src.holder)], self.work_rank[(t, dst.holder)],
+                                              src, dst))
+        self._memo[("relay",)] = rounds
+        return rounds
 
     def piece_numel(self, job: ZeroJob, holder: int) -> int:
         """The elements of the job that `holder` holds (what it gets back of the update)."""
@@ -199,7 +231,7 @@ class ZeroPlan:
         return sum(h.numel for _, hs in self.reads(job, owner) for h in hs if h.holder == holder)
 
     def bytes_per_rank(self, itemsize: int) -> Tuple[List[int], List[int]]:
-        """(sent, received) bytes of one step, per work rank: pieces to owners, then slices back."""
+        """(sent, received) bytes of one step, per work rank: pieces to owners, slices back, relayed ones."""
         sent, received = [0] * self.work_size, [0] * self.work_size
         for job in self.jobs:
             for _, d, r in self.sources(job):  # pieces of the momentum to the owner
@@ -212,11 +244,15 @@ class ZeroPlan:
                     n = self.piece_numel(job, d) * itemsize
                     sent[job.owner] += n
                     received[r] += n
+        for moves in self.relay_rounds():  # relayed slices on to the other replicas
+            for src, dst, h, _ in moves:
+                sent[src] += h.numel * itemsize
+                received[dst] += h.numel * itemsize
         return sent, received
 
     def exchanged_jobs(self) -> List[ZeroJob]:
         """The jobs whose data moves at all (cut jobs, and TP-sharded local ones)."""
-        return [j for j in self.jobs if any(r != j.owner for _, _, r in self.targets(j))]
+        return [j for j in self.jobs if (self.relay and j.cut) or any(r != j.owner for *_, r in self.targets(j))]
 
     def partition_flops(self) -> List[float]:
         """NS FLOPs per partition if each job were computed where most of its bytes live (what

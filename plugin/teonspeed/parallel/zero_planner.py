@@ -8,6 +8,7 @@ every rank derives the same plan.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..grouping import MatrixRef, OrthoGroup
@@ -96,12 +97,15 @@ def plan_pieces(
     itemsize: int = 4,
     partition_sizes: Tuple[int, ...] = (),
     places: Optional[Dict[str, Tuple[int, int]]] = None,
+    relay: Optional[bool] = None,
 ) -> ZeroPlan:
     """Jobs and owners for any layout of sharded pieces: `holds` gives, per parameter, which
     data-parallel index holds which range of its flattened local (TP-shard) elements, and where
     (`zero_partition.Hold`); shapes: the local shapes. One job per set of groups reading the same unit;
     owners by Newton–Schulz FLOPs, then balancing (see the module docstrings). Flat layouts also pass
-    their partition sizes and each parameter's (bucket, offset)."""
+    their partition sizes and each parameter's (bucket, offset). Pieces with replicas (HSDP): `relay`
+    (`ZeroPlan.relay`) or not, by default whichever plan's busiest rank is predicted to finish first
+    (`plan_seconds`; without relay on a tie)."""
     units = units_of(groups, holds, shapes, places)
     for u in units.values():
         check_tiles(u)
@@ -125,9 +129,52 @@ def plan_pieces(
                 sum(cost(g) for g in job_groups),
             )
         )
-    _assign_owners(plan, cluster, itemsize)
-    _balance(plan, cluster, itemsize)
-    return plan
+    replicated = any(len(u.holds) > len({(h.lo, h.hi) for h in u.holds}) for u in units.values())
+    if not replicated or relay is not None:
+        plan.relay = bool(relay) and replicated
+        _assign_owners(plan, cluster, itemsize)
+        _balance(plan, cluster, itemsize)
+        return plan
+    flat = _place(plan, cluster, itemsize, False)
+    relayed = _place(plan, cluster, itemsize, True)
+    return relayed if plan_seconds(relayed, cluster, itemsize) < plan_seconds(flat, cluster, itemsize) else flat
+
+
+def _place(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int, relay: bool) -> ZeroPlan:
+    """A copy of `plan` (its jobs unplaced) with owners assigned and balanced."""
+    placed = ZeroPlan(
+        [replace(job, owner=-1) for job in plan.jobs],
+        plan.partition_sizes,
+        plan.dp_size,
+        plan.tp_size,
+        dict(plan.work_rank),
+        relay=relay,
+    )
+    _assign_owners(placed, cluster, itemsize)
+    _balance(placed, cluster, itemsize)
+    return placed
+
+
+def plan_seconds(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int) -> float:
+    """Predicted seconds of the busiest rank's step: its Newton-Schulz FLOPs, and per exchange round the
+    larger of what it sends and receives (NVLink within its node, InfiniBand beyond) plus one latency."""
+    rounds: List[List[Tuple[WorkRank, WorkRank, int]]] = [[], []]
+    for job in plan.jobs:
+        rounds[0] += [(r, job.owner, plan.source_numel(job, d)) for _, d, r in plan.sources(job)]
+        rounds[1] += [(job.owner, r, plan.piece_numel(job, d)) for _, d, r in plan.targets(job)]
+    rounds += [[(a, b, h.numel) for a, b, h, _ in moves] for moves in plan.relay_rounds()]
+    seconds = [cluster.ns_seconds(load) for load in plan.loads]
+    for moves in rounds:
+        out, into = [0.0] * plan.work_size, [0.0] * plan.work_size
+        for a, b, numel in moves:
+            if a != b:
+                link = cluster.bandwidth(1 if a // cluster.gpus_per_node == b // cluster.gpus_per_node else 2)
+                out[a] += numel * itemsize / link
+                into[b] += numel * itemsize / link
+        for r in range(plan.work_size):
+            if out[r] or into[r]:
+                seconds[r] += max(out[r], into[r]) + cluster.latency(plan.work_size)
+    return max(seconds)
 
 
 def check_tiles(u: Unit) -> None:
@@ -185,7 +232,7 @@ def exchange_seconds(
     node = owner // cluster.gpus_per_node
     seconds = 0.0
     moves = [(r, plan.source_numel(job, d, owner)) for _, d, r in plan.sources(job, owner)]
-    moves += [(r, plan.piece_numel(job, d)) for _, d, r in plan.targets(job)]
+    moves += [(r, plan.piece_numel(job, d)) for _, d, r in plan.targets(job, owner)]
     for r, numel in moves:
         if r != owner:
             seconds += numel * itemsize / cluster.bandwidth(1 if r // cluster.gpus_per_node == node else 2)
