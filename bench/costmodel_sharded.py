@@ -151,7 +151,7 @@ def teonspeed_cost(
     shard group (the nearest holder of each chunk, as the planner reads) and sends the update's slice to
     the holders of every replica (as the implementation does);
     `hierarchical`: only to its own replica's, then a third round, per shard index an all-gather over the
-    replicas, brings every replica the slices the others owned."""
+    replicas (ring, R - 1 rounds), brings every replica the slices the others got."""
     flops = [ns_flops(stacked, a.ns_steps) for _, stacked in jobs]
     owners = assign_owners(flops, gpus)
     node = np.arange(gpus) // a.gpus_per_node
@@ -170,8 +170,8 @@ def teonspeed_cost(
         if layout == "hsdp":  # each piece from one replica; the slices to every replica's holders
             sources = np.zeros(gpus)
             sources[_nearest_holders(o, gpus, shard)] = held[:shard]
-            if hierarchical:  # or to its own replica's, the others getting theirs in round c
-                own_replica[replica[o]] += held[:shard]
+            if hierarchical:  # or to the holders it read, which pass them on in round c
+                own_replica[replica[_nearest_holders(o, gpus, shard)], np.arange(shard)] += held[:shard]
                 targets = sources.copy()
         for ph, pieces in (("a", sources), ("b", targets)):
             pieces[o] = 0.0
@@ -198,13 +198,17 @@ def teonspeed_cost(
     sent = sum(out.values())
     received = sum(into.values())
     if layout == "hsdp" and hierarchical and gpus > shard:
-        # round c: per shard index, an all-gather over the replicas of the updates each replica owned
-        # (ring: a rank receives, and forwards, every other replica's part of its chunk)
+        # round c: per shard index, a ring all-gather over the replicas (ascending) of the slices each
+        # replica got back: replica i receives every part but its own and passes on every part but its
+        # successor's; R - 1 point-to-point rounds, each one latency and two peers (the implementation's
+        # `ZeroPlan.relay_rounds`)
         replicas = gpus // shard
-        other = (own_replica.sum(axis=0)[None, :] - own_replica).reshape(-1)
-        comm = comm + other * item / a.ib_bw
-        latency = latency + a.cluster.collective_latency(replicas, replicas)
-        sent, received = sent + other, received + other
+        total = own_replica.sum(axis=0)[None, :]
+        other = (total - own_replica).reshape(-1)
+        passed = (total - np.roll(own_replica, -1, axis=0)).reshape(-1)
+        comm = comm + np.maximum(other, passed) * item / a.ib_bw
+        latency = latency + (replicas - 1) * (a.latency_inter + 2 * a.latency_per_peer)
+        sent, received = sent + passed, received + other
     rate = a.peak_flops * a.ns_efficiency
     total = load / rate + comm + latency
     q = int(np.argmax(total))

@@ -18,8 +18,14 @@ from tiny_models import TinyLlama  # noqa: E402
 SHAPE = dict(layers=2, d=32, kv=16, ffn=85, vocab=256)
 
 
-def _fsdp2_step(rank, world_size, optimizer, replicas):
+def _fsdp2_step(rank, world_size, optimizer, replicas, relay=None):
+    import functools
+
     import teonspeed
+    import teonspeed.parallel.flat as flat
+
+    if relay is not None:  # the plan's choice forced (by default one node picks the flat plan)
+        flat.plan_pieces = functools.partial(flat.plan_pieces, relay=relay)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -45,15 +51,16 @@ def _fsdp2_step(rank, world_size, optimizer, replicas):
     return ("ok", out)
 
 
-@pytest.mark.parametrize("world_size,replicas", [(2, 1), (4, 1), (4, 2)])
+@pytest.mark.parametrize("world_size,replicas,relay", [(2, 1, None), (4, 1, None), (4, 2, None), (4, 2, True)])
 @pytest.mark.parametrize("optimizer,key", [("Muon", "muon"), ("TEON", "teon")])
-def test_fsdp2_bytes_and_flops_equal_the_cost_model(world_size, replicas, optimizer, key):
+def test_fsdp2_bytes_and_flops_equal_the_cost_model(world_size, replicas, relay, optimizer, key):
     """(4, 2): HSDP, 2 replicas x 2 shards: each piece read from the nearest holder, each slice sent to
-    every replica's holder."""
+    every replica's holder (the plan chosen on one node); relayed: the slices sent to the holders read,
+    then a ring round to the other replica (the cost model's `hierarchical`)."""
     import costmodel_sharded as cs
 
     torch.set_num_threads(1)
-    results = run_ranks(_fsdp2_step, world_size, optimizer, replicas, timeout=600)
+    results = run_ranks(_fsdp2_step, world_size, optimizer, replicas, relay, timeout=600)
     if results[0][0] == "refused":
         pytest.skip(f"FSDP2 refused here: {results[0][1]}")
     model = TinyLlama(**SHAPE)
@@ -64,7 +71,8 @@ def test_fsdp2_bytes_and_flops_equal_the_cost_model(world_size, replicas, optimi
     ]
     a = cs.Assumptions()
     layout, shard = ("hsdp", world_size // replicas) if replicas > 1 else ("fsdp2", world_size)
-    cost = cs.teonspeed_cost(cs.jobs_of(matrices, key, a), layout, world_size, a, shard=shard)
+    jobs = cs.jobs_of(matrices, key, a)
+    cost = cs.teonspeed_cost(jobs, layout, world_size, a, shard=shard, hierarchical=bool(relay))
     steps = [s for _, rank_steps in results for s in rank_steps]
     assert max(max(sent, received) for sent, received, _ in steps) == cost.bytes_max
     assert max(flops for _, _, flops in steps) == cost.flops_max
