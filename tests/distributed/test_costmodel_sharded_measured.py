@@ -51,7 +51,9 @@ def _fsdp2_step(rank, world_size, optimizer, replicas, relay=None):
     return ("ok", out)
 
 
-@pytest.mark.parametrize("world_size,replicas,relay", [(2, 1, None), (4, 1, None), (4, 2, None), (4, 2, True)])
+@pytest.mark.parametrize(
+    "world_size,replicas,relay", [(2, 1, None), (4, 1, None), (4, 2, None), (4, 2, True)]
+)
 @pytest.mark.parametrize("optimizer,key", [("Muon", "muon"), ("TEON", "teon")])
 def test_fsdp2_bytes_and_flops_equal_the_cost_model(world_size, replicas, relay, optimizer, key):
     """(4, 2): HSDP, 2 replicas x 2 shards: each piece read from the nearest holder, each slice sent to

@@ -3,7 +3,8 @@ pieces of the momentum go to its owner, which assembles every member whole (afte
 members are TP-sharded), transforms the groups (`runner.transform_stacks`), and sends each holder its slice
 of the update back: two rounds of batched point-to-point in the tp × dp work group, skipped when nothing
 moves; with replicated pieces and `plan.relay` (HSDP), the slices go back to the holders the owner read only,
-which pass them on round by round to the other replicas of their range (a ring all-gather). The layouts differ only in their holds (`sharded.py`): ZeRO-1/2 and Megatron's flat partitions,
+which pass them on round by round to the other replicas of their range (a ring all-gather).
+The layouts differ only in their holds (`sharded.py`): ZeRO-1/2 and Megatron's flat partitions,
 ZeRO-3's even splits, FSDP2's dim-0 chunks.
 """
 

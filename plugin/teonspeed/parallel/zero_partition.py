@@ -204,16 +204,18 @@ class ZeroPlan:
         for job in self.jobs if self.relay else []:
             for u, read in self.reads(job):
                 for first in read:
-                    ring = sorted((h for h in u.holds if (h.lo, h.hi) == (first.lo, first.hi)),
-                                  key=lambda h: h.holder)
+                    ring = sorted(
+                        (h for h in u.holds if (h.lo, h.hi) == (first.lo, first.hi)), key=lambda h: h.holder
+                    )
                     o = ring.index(first)
                     for k in range(len(ring) - 1):
                         if len(rounds) <= k:
                             rounds.append([])
                         src, dst = ring[(o + k) % len(ring)], ring[(o + k + 1) % len(ring)]
                         for t in range(self.tp_size):
-                            rounds[k].append((self.work_rank[(t, src.holder)], self.work_rank[(t, dst.holder)],
-                                              src, dst))
+                            rounds[k].append(
+                                (self.work_rank[(t, src.holder)], self.work_rank[(t, dst.holder)], src, dst)
+                            )
         self._memo[("relay",)] = rounds
         return rounds
 
@@ -252,7 +254,9 @@ class ZeroPlan:
 
     def exchanged_jobs(self) -> List[ZeroJob]:
         """The jobs whose data moves at all (cut jobs, and TP-sharded local ones)."""
-        return [j for j in self.jobs if (self.relay and j.cut) or any(r != j.owner for *_, r in self.targets(j))]
+        return [
+            j for j in self.jobs if (self.relay and j.cut) or any(r != j.owner for *_, r in self.targets(j))
+        ]
 
     def partition_flops(self) -> List[float]:
         """NS FLOPs per partition if each job were computed where most of its bytes live (what

@@ -137,7 +137,9 @@ def plan_pieces(
         return plan
     flat = _place(plan, cluster, itemsize, False)
     relayed = _place(plan, cluster, itemsize, True)
-    return relayed if plan_seconds(relayed, cluster, itemsize) < plan_seconds(flat, cluster, itemsize) else flat
+    return (
+        relayed if plan_seconds(relayed, cluster, itemsize) < plan_seconds(flat, cluster, itemsize) else flat
+    )
 
 
 def _place(plan: ZeroPlan, cluster: ClusterProfile, itemsize: int, relay: bool) -> ZeroPlan:
