@@ -55,10 +55,11 @@ def test_hsdp_reads_the_nearest_holder_and_sends_every_replica_its_slice():
     # the 7 other chunks come from its own replica (nearer than the other's), and the update's slice goes
     # to all 15 other holders: sent 15*4, received 7*4
     assert direct.bytes_max == 15 * 4 * ITEM
-    # hierarchical: slices to its own replica only (7*4 out, 7*4 in); round C, the all-gather over the
-    # replicas, brings replica 1's holders their 4-element slices (ring: in and on)
+    # hierarchical: slices to its own replica only (7*4 out, 7*4 in); round C, the ring over the 2
+    # replicas, has each of replica 0's holders pass its 4-element slice on to replica 1's: rank 0 sends
+    # 7*4 + 4 (its own slice too), replica 1's ranks receive 4 each
     tree = cs.teonspeed_cost(job, "hsdp", 16, A, hierarchical=True)
-    assert tree.bytes_max == 7 * 4 * ITEM
+    assert tree.bytes_max == (7 * 4 + 4) * ITEM
     # the nearest holder: a tie (as far in each replica) goes to the lower rank
     assert cs._nearest_holders(2, 4, 2).tolist() == [2, 1]
     assert cs._nearest_holders(1, 4, 2).tolist() == [0, 1]
