@@ -238,3 +238,43 @@ def test_balancing_never_moves_a_job_when_moving_costs_more_than_it_saves(link):
     assert (
         by_label(uneven_plan(ClusterProfile()))["s1"].owner == 0
     )  # H100 rates: microseconds of NS, not worth it
+
+
+def _replicated_plan(replicas, shards, gpus_per_node, relay=None, shape=(2048, 2048)):
+    from teonspeed.grouping import LayerRef, MatrixRef, OrthoGroup
+    from teonspeed.parallel.cost import ClusterProfile
+    from teonspeed.parallel.owners import ns_flops
+    from teonspeed.parallel.sharded import dim0_chunk_holds
+    from teonspeed.parallel.zero_planner import plan_pieces
+
+    holders = [[r * shards + s for r in range(replicas)] for s in range(shards)]
+    dp = replicas * shards
+    return plan_pieces(
+        [OrthoGroup((MatrixRef("w", LayerRef("other", None), shape),))],
+        dim0_chunk_holds("w", shape, holders),
+        {"w": shape},
+        dp,
+        1,
+        {(0, d): d for d in range(dp)},
+        cost=lambda g: ns_flops(g.stacked_shape, 5),
+        tp_sharded=lambda m: False,
+        cluster=ClusterProfile(gpus_per_node=gpus_per_node),
+        relay=relay,
+    )
+
+
+def test_hsdp_relays_the_update_when_the_cluster_constants_predict_it_faster():
+    # one 2048x2048 fp32 matrix (16 MiB), 8 replicas x 2 shards, one replica per node: each holder keeps
+    # 8 MiB. Flat: the owner sends its 8 MiB slice to each of the 15 other holders (120 MiB); relayed: to its
+    # shard partner only, and every rank passes 8 MiB on around its ring of 8 replicas (owner: 8 + 8 MiB)
+    mib = 2**20
+    flat = _replicated_plan(8, 2, 2, relay=False)
+    chosen = _replicated_plan(8, 2, 2)
+    assert not flat.relay and chosen.relay
+    assert max(flat.bytes_per_rank(4)[0]) == 15 * 8 * mib
+    assert max(chosen.bytes_per_rank(4)[0]) == 16 * mib
+    assert len(chosen.relay_rounds()) == 7  # R - 1 hops
+    # tiny matrices: the 7 extra rounds' latency outweighs the bytes saved, so the flat plan is kept
+    assert not _replicated_plan(8, 2, 2, shape=(64, 64)).relay
+    # no replicas (FSDP2): nothing to relay, whatever is asked
+    assert not _replicated_plan(1, 4, 2, relay=True).relay
