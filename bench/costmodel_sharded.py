@@ -33,9 +33,10 @@ TEON stack of q/k/v over `teon_k` layers, teonspeed.plan's groups):
 Layouts: ZeRO-3 and FSDP2 shard every parameter over all GPUs (ZeRO-3: flat chunks of ceil(n/W) elements;
 FSDP2: dim-0 chunks of ceil(rows/W) rows); HSDP shards over the 8 GPUs of a node and replicates across nodes:
 teonspeed owns each job once over all GPUs, takes each piece from the holder nearest the owner (its own
-replica's, but for ties) and sends each holder of every replica its slice (as the implementation does: the
-owner sends R × the job); *hierarchical*: slices back to the owner's replica only, then per shard index one
-all-gather over the replicas of the slices each replica owned (modelled, not implemented); dion works in the
+replica's, but for ties) and sends each holder of every replica its slice (the implementation's flat plan:
+the owner sends R × the job); *hierarchical*: slices back to the owner's replica only, then per shard index a
+ring over the replicas passes each replica's slices on (the implementation's relay plan, R−1 point-to-point
+rounds; the planner takes it where its constants predict the busiest rank finishes sooner); dion works in the
 shard group and its replicas compute the same matrices (*replica-local*: teonspeed planned that way too, for
 reference); FSDP2 × TP: TP 8 inside a node (q/k/v/gate/up split on dim 0, o/down on dim 1), FSDP2 over the
 nodes on dim 0 of each TP shard; teonspeed's jobs are owned over all TP × DP ranks and orthogonalized whole.
