@@ -27,6 +27,8 @@ from teonspeed.patches import cpu_shims  # noqa: E402
 cpu_shims.apply()  # what pretrain.main does under --device cpu; the forked ranks inherit the imports
 from launch import train as _train  # noqa: E402,F401  (megatron, deepspeed: imported once in the parent)
 
+# the loss-goes-down runs: 8 steps at lrs where the tiny models drop by > 0.5 nats in them
+SHORT_RUN = ["--steps", "8", "--warmup", "1", "--lr", "0.03", "--adamw-lr", "1e-2"]
 TINY = [
     "--micro-batch",
     "4",
@@ -113,14 +115,7 @@ def test_tiny_configs_train_and_the_loss_goes_down(config, data_dir, tmp_path):
             str(tmp_path),
             "--name",
             config,
-            "--steps",
-            "8",
-            "--warmup",
-            "1",
-            "--lr",
-            "0.03",
-            "--adamw-lr",
-            "1e-2",
+            *SHORT_RUN,
             "--zero-stage",
             "2",
             *TINY,
@@ -140,19 +135,7 @@ def test_tiny_configs_train_and_the_loss_goes_down(config, data_dir, tmp_path):
 
 def test_zero_stage_3_trains_and_the_loss_goes_down(data_dir, tmp_path):
     argv = ["--model-config", "llama_tiny", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path)]
-    argv += [
-        "--steps",
-        "8",
-        "--warmup",
-        "1",
-        "--lr",
-        "0.03",
-        "--adamw-lr",
-        "1e-2",
-        "--zero-stage",
-        "3",
-        *TINY,
-    ]
+    argv += [*SHORT_RUN, "--zero-stage", "3", *TINY]
     out = train(argv)
     assert (out["wrapper"], out["optimizer"]) == ("DeepSpeedZeroOptimizer_Stage3", "TEON")
     assert out["losses"][-1] < out["losses"][0] - 0.5, out["losses"]
@@ -239,14 +222,7 @@ def test_megatron_backend_pipeline_parallel_2_trains(data_dir, tmp_path):
             str(tmp_path),
             "--name",
             "pp2",
-            "--steps",
-            "8",
-            "--warmup",
-            "1",
-            "--lr",
-            "0.03",
-            "--adamw-lr",
-            "1e-2",
+            *SHORT_RUN,
             "--save-every",
             "4",
             "--keep-last",
