@@ -91,15 +91,10 @@ class DTensorTensors(ParamTensors):
                 f"matrices have; the FSDP2 exchange plans every matrix each step: give it "
                 f"requires_grad=False before building the optimizer, or leave it out of the params"
             )
-        return [local(p.grad) for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        return super().grads(opt)
 
-    def nonfinite(self, opt) -> List[str]:
-        return [
-            opt._names[id(p)]
-            for g in opt.param_groups
-            for p in g["params"]
-            if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())
-        ]
+    def local_grad(self, p: torch.Tensor) -> torch.Tensor:
+        return local(p.grad)
 
 
 def attach_dtensor_layout(opt) -> None:

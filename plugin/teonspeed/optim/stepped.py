@@ -73,11 +73,15 @@ class ParamTensors:
 
     def grads(self, opt) -> List[torch.Tensor]:
         """The gradients the step check reads."""
-        return [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        return [self.local_grad(p) for g in opt.param_groups for p in g["params"] if p.grad is not None]
 
     def norm_sq(self) -> Optional[torch.Tensor]:
         """This rank's share of the squared global gradient norm, where the step clips."""
         return None
+
+    def local_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """The gradient of `p` as this rank holds it (the step never reads a DTensor through dispatch)."""
+        return p.grad
 
     def nonfinite(self, opt) -> List[str]:
         """What holds a non-finite gradient (the skip path only: one host read per gradient)."""
@@ -85,7 +89,7 @@ class ParamTensors:
             opt._names.get(id(p), "a flat ZeRO partition")
             for g in opt.param_groups
             for p in g["params"]
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            if p.grad is not None and not bool(torch.isfinite(self.local_grad(p)).all())
         ]
 
     def plan_lines(self, opt, lines: Dict[str, List[str]]) -> None:
